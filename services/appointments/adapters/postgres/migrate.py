@@ -1,0 +1,56 @@
+"""Plain-SQL migrations, applied in order under an advisory lock (safe to run concurrently)."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+#: Any constant shared by every migrator; serialises concurrent ``clinic migrate`` runs.
+MIGRATION_LOCK_ID = 0x636C696E6963  # "clinic"
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(name, sql) of every migration, in the order they apply."""
+    folder = resources.files("services.appointments.adapters.postgres.migrations")
+    files = sorted(
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    )
+    return files
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not yet applied to the database at ``dsn``; return their names."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            return await _apply_pending(conn)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+
+
+async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
+    await conn.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+               name text PRIMARY KEY,
+               applied_at timestamptz NOT NULL DEFAULT now())"""
+    )
+    done = {row["name"] for row in await conn.fetch("SELECT name FROM schema_migrations")}
+    applied: list[str] = []
+    for name, sql in migration_files():
+        if name in done:
+            continue
+        async with conn.transaction():
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        log.info("migration applied", extra={"migration": name})
+        applied.append(name)
+    return applied

@@ -1,0 +1,1 @@
+"""The appointment aggregate: pure state, rules and decisions. No I/O, no clock, no ids."""

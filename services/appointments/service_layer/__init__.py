@@ -1,0 +1,1 @@
+"""Application layer: ports, and the handlers every entrypoint (HTTP, NATS) calls."""

@@ -1,0 +1,102 @@
+"""The ports the application layer needs; adapters implement them, tests fake them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+import msgspec
+
+from contracts.events import Event, EventEnvelope
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event decided but not yet stored."""
+
+    event_id: UUID
+    event: Event
+    occurred_at: datetime
+    correlation_id: UUID | None = None
+    causation_id: UUID | None = None
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored event: its envelope and its decoded (upcast) payload."""
+
+    envelope: EventEnvelope
+    event: Event
+
+
+class StoredAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The first answer to an idempotent request, kept to answer its retries."""
+
+    fingerprint: str
+    status: int
+    body: bytes
+    consistency_token: str
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """An answer to store under (principal, key), written with the events it answers."""
+
+    principal_id: UUID
+    key: str
+    answer: StoredAnswer
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    stream_version: int
+    global_position: int
+
+
+class StreamVersionConflict(Exception):
+    """The stream is no longer at the expected version: re-decide on fresh state."""
+
+
+class IdempotencyKeyTaken(Exception):
+    """Another request stored an answer under the same key first."""
+
+
+class EventStore(Protocol):
+    """Append-only streams of appointment events, with the outbox written alongside."""
+
+    async def load(self, stream_id: UUID) -> list[RecordedEvent]:
+        """All events of the stream in ``stream_version`` order (empty if none)."""
+        ...
+
+    async def append(
+        self,
+        stream_id: UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        """Append ``events`` if the stream is at ``expected_version``, atomically with the
+        outbox rows, the provider-booking guard and ``idempotency``.
+
+        Raises :class:`StreamVersionConflict`, :class:`services.errors.SlotTaken`,
+        :class:`IdempotencyKeyTaken`, or :class:`services.errors.Unavailable`.
+        """
+        ...
+
+
+class IdempotencyStore(Protocol):
+    """Answers of idempotent requests, keyed by (principal, key)."""
+
+    async def find_answer(self, principal_id: UUID, key: str) -> StoredAnswer | None:
+        """The stored answer for this key, if any."""
+        ...
+
+    async def save_answer(self, record: IdempotencyRecord) -> StoredAnswer:
+        """Store ``record`` unless one exists; return whichever is stored."""
+        ...
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime: ...
+
+
+class IdFactory(Protocol):
+    def __call__(self) -> UUID: ...
