@@ -1,0 +1,30 @@
+"""Turning driver failures into the errors the application understands."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+
+from services.errors import Unavailable
+
+#: Failures that mean "PostgreSQL is not reachable right now", not "the request is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Re-raise connection-level failures as :class:`Unavailable` (HTTP 503)."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable("The database is unreachable; retry shortly.") from exc

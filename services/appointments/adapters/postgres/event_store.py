@@ -1,0 +1,217 @@
+"""The event store on PostgreSQL: streams, outbox, booking guard and idempotent answers.
+
+An append is one SQL statement (one round trip, one implicit transaction): the events,
+their outbox rows, the provider's booked range (or its release on cancel) and the stored
+answer of an idempotent request commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from contracts.events import (
+    SCHEMA_VERSIONS,
+    AppointmentCancelled,
+    AppointmentScheduled,
+    EventEnvelope,
+    decode_event,
+    event_type,
+)
+from services.appointments.adapters.postgres.errors import database_errors
+from services.appointments.service_layer.ports import (
+    AppendResult,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    NewEvent,
+    RecordedEvent,
+    StoredAnswer,
+    StreamVersionConflict,
+)
+from services.errors import SlotTaken
+
+_APPEND = """
+WITH new_events AS (
+    INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
+                        data, occurred_at, correlation_id, causation_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
+                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[])
+    RETURNING global_position, stream_version
+), queued AS (
+    INSERT INTO outbox (global_position) SELECT global_position FROM new_events
+), booked AS (
+    INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
+    SELECT $11::uuid, $12::uuid, $13::uuid, tstzrange($14::timestamptz, $15::timestamptz, '[)')
+    WHERE $14::timestamptz IS NOT NULL
+), freed AS (
+    DELETE FROM provider_bookings WHERE $16::bool AND appointment_id = $11::uuid
+), remembered AS (
+    INSERT INTO idempotency_keys (principal_id, key, fingerprint, status, body, consistency_token)
+    SELECT $17::uuid, $18::text, $19::text, $20::smallint, $21::bytea, $22::text
+    WHERE $17::uuid IS NOT NULL
+)
+SELECT max(stream_version) AS stream_version, max(global_position) AS global_position
+FROM new_events
+"""
+
+_LOAD = """
+SELECT global_position, event_id, stream_id, stream_version, type, schema_version, data,
+       occurred_at, correlation_id, causation_id
+FROM events WHERE stream_id = $1 ORDER BY stream_version
+"""
+
+
+def envelope_from_row(row: asyncpg.Record) -> EventEnvelope:
+    """The wire envelope of an ``events`` row (``data`` as stored, not upcast)."""
+    return EventEnvelope(
+        event_id=row["event_id"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        global_position=row["global_position"],
+        occurred_at=row["occurred_at"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        data=msgspec.json.decode(row["data"]),
+    )
+
+
+class PostgresEventStore:
+    """:class:`~services.appointments.service_layer.ports.EventStore` and
+    :class:`~services.appointments.service_layer.ports.IdempotencyStore` on PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load(self, stream_id: UUID) -> list[RecordedEvent]:
+        """All events of the stream, upcast to the current schema, in version order."""
+        with database_errors():
+            rows = await self._pool.fetch(_LOAD, stream_id)
+        recorded = []
+        for row in rows:
+            envelope = envelope_from_row(row)
+            event = decode_event(envelope.type, envelope.schema_version, envelope.data)
+            recorded.append(RecordedEvent(envelope=envelope, event=event))
+        return recorded
+
+    async def append(
+        self,
+        stream_id: UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        """Append atomically; see the port for the errors raised."""
+        args = _append_args(stream_id, expected_version, events, idempotency)
+        try:
+            with database_errors():
+                row = await self._pool.fetchrow(_APPEND, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "idempotency_keys_pkey":
+                raise IdempotencyKeyTaken() from exc
+            if exc.constraint_name in ("events_stream_version_key", "provider_bookings_pkey"):
+                raise StreamVersionConflict() from exc
+            raise
+        except asyncpg.ExclusionViolationError as exc:
+            raise SlotTaken("The provider already has an appointment at that time.") from exc
+        assert row is not None
+        return AppendResult(
+            stream_version=row["stream_version"], global_position=row["global_position"]
+        )
+
+    async def find_answer(self, principal_id: UUID, key: str) -> StoredAnswer | None:
+        """The answer stored under (principal, key), if any."""
+        with database_errors():
+            row = await self._pool.fetchrow(
+                "SELECT fingerprint, status, body, consistency_token FROM idempotency_keys"
+                " WHERE principal_id = $1 AND key = $2",
+                principal_id,
+                key,
+            )
+        return None if row is None else _answer_from_row(row)
+
+    async def save_answer(self, record: IdempotencyRecord) -> StoredAnswer:
+        """Store the answer unless the key is taken; return whichever answer is stored."""
+        answer = record.answer
+        with database_errors():
+            row = await self._pool.fetchrow(
+                """WITH inserted AS (
+                       INSERT INTO idempotency_keys
+                           (principal_id, key, fingerprint, status, body, consistency_token)
+                       VALUES ($1, $2, $3, $4, $5, $6)
+                       ON CONFLICT (principal_id, key) DO NOTHING
+                       RETURNING fingerprint, status, body, consistency_token)
+                   SELECT * FROM inserted
+                   UNION ALL
+                   SELECT fingerprint, status, body, consistency_token FROM idempotency_keys
+                   WHERE principal_id = $1 AND key = $2 AND NOT EXISTS (SELECT FROM inserted)""",
+                record.principal_id,
+                record.key,
+                answer.fingerprint,
+                answer.status,
+                answer.body,
+                answer.consistency_token,
+            )
+        return answer if row is None else _answer_from_row(row)
+
+
+def _answer_from_row(row: asyncpg.Record) -> StoredAnswer:
+    return StoredAnswer(
+        fingerprint=row["fingerprint"],
+        status=row["status"],
+        body=bytes(row["body"]),
+        consistency_token=row["consistency_token"],
+    )
+
+
+def _append_args(
+    stream_id: UUID,
+    expected_version: int,
+    events: Sequence[NewEvent],
+    idempotency: IdempotencyRecord | None,
+) -> list[Any]:
+    columns: list[list[Any]] = [[] for _ in range(10)]
+    booking: AppointmentScheduled | None = None
+    frees = False
+    for offset, new in enumerate(events, start=1):
+        type_ = event_type(new.event)
+        row = (
+            new.event_id,
+            stream_id,
+            expected_version + offset,
+            new.event.clinic_id,
+            type_,
+            SCHEMA_VERSIONS[type_],
+            msgspec.json.encode(new.event).decode(),
+            new.occurred_at,
+            new.correlation_id,
+            new.causation_id,
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+        if isinstance(new.event, AppointmentScheduled):
+            booking = new.event
+        elif isinstance(new.event, AppointmentCancelled):
+            frees = True
+    answer = idempotency.answer if idempotency else None
+    return [
+        *columns,
+        stream_id,
+        booking.clinic_id if booking else None,
+        booking.provider_id if booking else None,
+        booking.starts_at if booking else None,
+        booking.starts_at + timedelta(minutes=booking.duration_minutes) if booking else None,
+        frees,
+        idempotency.principal_id if idempotency else None,
+        idempotency.key if idempotency else None,
+        answer.fingerprint if answer else None,
+        answer.status if answer else None,
+        answer.body if answer else None,
+        answer.consistency_token if answer else None,
+    ]
