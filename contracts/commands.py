@@ -15,9 +15,7 @@ from contracts.common import AwareDatetime, FreeText, Principal
 
 MIN_DURATION_MINUTES = 5
 MAX_DURATION_MINUTES = 240
-DurationMinutes = Annotated[
-    int, msgspec.Meta(ge=MIN_DURATION_MINUTES, le=MAX_DURATION_MINUTES)
-]
+DurationMinutes = Annotated[int, msgspec.Meta(ge=MIN_DURATION_MINUTES, le=MAX_DURATION_MINUTES)]
 TimezoneName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 VisitsTab = Literal["upcoming", "past"]
 PageLimit = Annotated[int, msgspec.Meta(ge=1, le=100)]

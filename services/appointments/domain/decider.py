@@ -36,15 +36,21 @@ from services.errors import (
     AlreadyExists,
     AppointmentIsCancelled,
     AppointmentPast,
-    AppointmentStarted as AppointmentAlreadyStarted,
     Forbidden,
     InvalidRequest,
     NotFound,
     TooEarly,
 )
+from services.errors import (
+    AppointmentStarted as AppointmentAlreadyStarted,
+)
+
+DEFAULT_RULES = Rules()
 
 
-def decide(state: State, command: Command, now: datetime, rules: Rules = Rules()) -> list[Event]:
+def decide(
+    state: State, command: Command, now: datetime, rules: Rules = DEFAULT_RULES
+) -> list[Event]:
     """The events ``command`` produces in ``state`` at ``now`` (empty: nothing to change)."""
     match command:
         case ScheduleAppointment():

@@ -1,0 +1,79 @@
+"""The composition root of the appointments service: the only place adapters are chosen."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import nats
+from nats.aio.client import Client as NATS
+
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.system import new_uuid, utc_now
+from services.appointments.service_layer.handlers import Appointments
+from services.appointments.service_layer.ports import Clock
+from services.auth import TokenVerifier
+from services.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Container:
+    """Everything a process of the appointments service runs on."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    nats: NATS | None
+    appointments: Appointments
+    verifier: TokenVerifier
+
+
+async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
+    """A connection pool that starts even while PostgreSQL is down (readiness says so)."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    """A NATS connection that keeps reconnecting forever, also when NATS is down at start."""
+    return await nats.connect(
+        servers=settings.nats_urls,
+        name=name,
+        connect_timeout=2,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        retry_on_failed_connect=True,
+    )
+
+
+@asynccontextmanager
+async def appointments_container(
+    settings: Settings,
+    clock: Clock = utc_now,
+    with_nats: bool = True,
+    pool_size: int = 10,
+) -> AsyncIterator[Container]:
+    """Build the container, and close its pool and NATS connection on exit."""
+    pool = await create_pool(settings.require_database_url(), pool_size)
+    nc = await connect_nats(settings, "appointments") if with_nats else None
+    store = PostgresEventStore(pool)
+    try:
+        yield Container(
+            settings=settings,
+            pool=pool,
+            nats=nc,
+            appointments=Appointments(store, store, clock, new_uuid, settings.rules),
+            verifier=TokenVerifier.from_settings(settings),
+        )
+    finally:
+        if nc is not None:
+            await nc.drain()
+        await pool.close()

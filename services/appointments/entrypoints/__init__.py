@@ -1,0 +1,1 @@
+"""Entrypoints: HTTP for the mobile gateway, NATS for the clinic services."""

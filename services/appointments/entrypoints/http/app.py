@@ -1,0 +1,33 @@
+"""``create_app``: the Litestar application of the appointments API."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+
+from services.appointments.bootstrap import Container
+from services.appointments.entrypoints.http.appointments import AppointmentsController
+from services.appointments.entrypoints.http.health import HealthController
+from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(container: Container) -> Litestar:
+    """The HTTP API over an already-built container (its lifespan is the caller's)."""
+    return Litestar(
+        route_handlers=[AppointmentsController, HealthController],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="Clinic appointments",
+            version="1.0.0",
+            description="Appointments and visits of a telehealth clinic, for the mobile gateway.",
+            path="/schema",
+            render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
+        ),
+        state=State({"container": container}),
+        debug=False,
+    )

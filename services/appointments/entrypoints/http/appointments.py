@@ -1,0 +1,129 @@
+"""``/v1/appointments``: schedule, read, cancel, start, history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from contracts.commands import CancelBody, ScheduleBody
+from contracts.views import AppointmentView, History
+from services.appointments.entrypoints.http.dependencies import (
+    container_of,
+    parse_if_match,
+    request_context,
+)
+from services.appointments.entrypoints.http.openapi import problem_responses
+from services.appointments.service_layer.handlers import CommandOutcome
+
+IfMatch = Annotated[
+    str | None,
+    Parameter(header="If-Match", description='Refuse with 412 unless at this version: "3"'),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        description="Retries with the same key and body get the first answer",
+    ),
+]
+
+
+def _answer(outcome: CommandOutcome, status: int) -> Response[AppointmentView]:
+    headers = {
+        "ETag": f'"{outcome.view.version}"',
+        "X-Consistency-Token": outcome.consistency_token,
+    }
+    if outcome.created:
+        headers["Location"] = f"/v1/appointments/{outcome.view.appointment_id}"
+    return Response(outcome.view, status_code=status, headers=headers)
+
+
+class AppointmentsController(Controller):
+    path = "/v1/appointments"
+    tags = ["appointments"]
+
+    @post(
+        "/",
+        status_code=201,
+        summary="Schedule an appointment",
+        responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+    )
+    async def schedule(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        data: ScheduleBody,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[AppointmentView]:
+        ctx = request_context(request, state)
+        outcome = await container_of(state).appointments.schedule(ctx, data)
+        return _answer(outcome, 201 if outcome.created else 200)
+
+    @get(
+        "/{appointment_id:uuid}",
+        summary="Read an appointment (strongly consistent)",
+        responses=problem_responses(401, 404, 503),
+    )
+    async def read(
+        self, request: Request[Any, Any, Any], state: State, appointment_id: UUID
+    ) -> Response[AppointmentView]:
+        ctx = request_context(request, state)
+        view = await container_of(state).appointments.get(ctx.principal, appointment_id)
+        return Response(view, headers={"ETag": f'"{view.version}"'})
+
+    @post(
+        "/{appointment_id:uuid}/cancel",
+        status_code=200,
+        summary="Cancel an appointment",
+        responses=problem_responses(400, 401, 404, 409, 412, 413, 422, 503),
+    )
+    async def cancel(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        appointment_id: UUID,
+        data: CancelBody | None = None,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[AppointmentView]:
+        ctx = request_context(request, state)
+        body = data or CancelBody()
+        outcome = await container_of(state).appointments.cancel(
+            ctx, appointment_id, body.reason, parse_if_match(if_match)
+        )
+        return _answer(outcome, 200)
+
+    @post(
+        "/{appointment_id:uuid}/start",
+        status_code=200,
+        summary="Start a visit (inside its start window)",
+        responses=problem_responses(400, 401, 404, 409, 412, 422, 503),
+    )
+    async def start(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        appointment_id: UUID,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[AppointmentView]:
+        ctx = request_context(request, state)
+        outcome = await container_of(state).appointments.start(
+            ctx, appointment_id, parse_if_match(if_match)
+        )
+        return _answer(outcome, 200)
+
+    @get(
+        "/{appointment_id:uuid}/history",
+        summary="The appointment's events in order (staff and its provider)",
+        responses=problem_responses(401, 403, 404, 503),
+    )
+    async def history(
+        self, request: Request[Any, Any, Any], state: State, appointment_id: UUID
+    ) -> History:
+        ctx = request_context(request, state)
+        return await container_of(state).appointments.history(ctx.principal, appointment_id)

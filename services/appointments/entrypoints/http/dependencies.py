@@ -1,0 +1,52 @@
+"""Request-scoped values the controllers receive: the principal, the request context."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from litestar import Request
+from litestar.datastructures import State
+
+from services.appointments.bootstrap import Container
+from services.appointments.service_layer.handlers import RequestContext
+from services.errors import InvalidRequest
+
+
+def container_of(state: State) -> Container:
+    """The process's composition root, put on the app state by ``create_app``."""
+    container: Container = state.container
+    return container
+
+
+def request_context(request: Request[Any, Any, Any], state: State) -> RequestContext:
+    """The verified principal, correlation id and idempotency key of this request."""
+    container = container_of(state)
+    principal = container.verifier.principal_from_header(request.headers.get("authorization"))
+    correlation = _uuid_header(request, "x-correlation-id") or uuid.uuid4()
+    return RequestContext(
+        principal=principal,
+        correlation_id=correlation,
+        request_id=uuid.uuid4(),
+        idempotency_key=request.headers.get("idempotency-key"),
+    )
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """The version of an ``If-Match: "<version>"`` header (weak tags accepted)."""
+    if value is None:
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 9:
+        raise InvalidRequest('If-Match must be an ETag of this API, e.g. "3".')
+    return int(tag)
+
+
+def _uuid_header(request: Request[Any, Any, Any], name: str) -> uuid.UUID | None:
+    value = request.headers.get(name)
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None

@@ -1,0 +1,95 @@
+"""Every error answered over HTTP as ``application/problem+json``, mapped in one place.
+
+No request, however malformed, gets a 500: anything unexpected is logged with its stack
+and answered ``503 unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.types import ExceptionHandlersMap
+
+from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
+from services.errors import ClinicError, Unavailable
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.UNAUTHENTICATED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+}
+
+
+def problem_response(doc: Problem, headers: dict[str, str] | None = None) -> Response[bytes]:
+    """The HTTP response carrying ``doc``."""
+    return Response(
+        content=msgspec.json.encode(doc),
+        status_code=doc.status,
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+def _clinic_error(_: Request[Any, Any, Any], exc: ClinicError) -> Response[bytes]:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return problem_response(exc.to_problem(), headers)
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    reasons = [
+        str(item.get("message", item)) if isinstance(item, dict) else str(item)
+        for item in (exc.extra if isinstance(exc.extra, list) else [])
+    ]
+    detail = "; ".join(reasons) or exc.detail or "The request is malformed."
+    return problem_response(problem(ErrorCode.INVALID_REQUEST, detail))
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    code = _STATUS_CODES.get(exc.status_code)
+    if code is not None:
+        return problem_response(problem(code, exc.detail or "The request was refused."))
+    # Statuses without a domain code (405, 406, 415…) keep their status, in problem form.
+    body = {
+        "type": "about:blank",
+        "title": exc.detail or "Request refused",
+        "status": exc.status_code,
+        "detail": exc.detail or "The request was refused.",
+        "code": "invalid-request",
+    }
+    return Response(
+        content=msgspec.json.encode(body),
+        status_code=exc.status_code,
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=exc.headers,
+    )
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return problem_response(
+        problem(ErrorCode.UNAVAILABLE, "The request could not be completed; retry shortly."),
+        {"Retry-After": "1"},
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ClinicError: _clinic_error,
+    ValidationException: _validation_error,
+    NotFoundException: _http_error,
+    NotAuthorizedException: _http_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}

@@ -1,0 +1,81 @@
+"""Running the appointments service's roles (api, relay, projector) in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
+
+import uvicorn
+
+from services.appointments.bootstrap import Container, appointments_container
+from services.appointments.entrypoints.http.app import create_app
+from services.config import Settings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("api", "relay", "projector")
+SHUTDOWN_GRACE_SECONDS = 8.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's stop event rules."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def parse_roles(value: str) -> list[str]:
+    """``api,relay`` -> ``["api", "relay"]``; unknown roles are an error."""
+    roles = [role.strip() for role in value.split(",") if role.strip()]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise ValueError(f"unknown roles {unknown}; choose from {', '.join(ROLES)}")
+    return roles
+
+
+async def serve_http(container: Container, stop: asyncio.Event) -> None:
+    """Serve the HTTP API until ``stop`` is set, then drain in-flight requests."""
+    settings = container.settings
+    config = uvicorn.Config(
+        create_app(container),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve())
+    await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
+    server.should_exit = True
+    await serving
+
+
+RoleRunner = Callable[[Container, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def _role_runners() -> dict[str, RoleRunner]:
+    runners: dict[str, RoleRunner] = {"api": serve_http}
+    return runners
+
+
+async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
+    """Run ``roles`` until ``stop`` is set or one of them fails."""
+    runners = _role_runners()
+    async with appointments_container(settings) as container:
+        tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
+        log.info("appointments service running", extra={"roles": list(roles)})
+        done, _ = await asyncio.wait(tasks, return_when="FIRST_EXCEPTION")
+        stop.set()
+        await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

@@ -1,0 +1,265 @@
+"""The application service: the one place HTTP and NATS hand commands and queries to.
+
+Each command is handled the same way (Emmett's ``handle``): load the stream, fold it,
+``decide``, append with optimistic concurrency; on a version conflict decide again on fresh
+state, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from uuid import UUID
+
+import msgspec
+
+from contracts.commands import ScheduleBody
+from contracts.common import Principal
+from contracts.events import EventEnvelope
+from contracts.views import AppointmentView, History
+from services.appointments.domain.commands import (
+    CancelAppointment,
+    Command,
+    ScheduleAppointment,
+    StartAppointment,
+)
+from services.appointments.domain.decider import decide, visible_booking
+from services.appointments.domain.rules import Rules
+from services.appointments.domain.state import NotScheduled, State, fold
+from services.appointments.domain.view import appointment_view
+from services.appointments.service_layer.consistency import make_token
+from services.appointments.service_layer.ports import (
+    Clock,
+    EventStore,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    IdempotencyStore,
+    IdFactory,
+    NewEvent,
+    StoredAnswer,
+    StreamVersionConflict,
+)
+from services.errors import (
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    SlotTaken,
+    Unavailable,
+    VersionConflict,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
+    """Who asks, and how to trace and de-duplicate the request."""
+
+    principal: Principal
+    correlation_id: UUID | None = None
+    request_id: UUID | None = None
+    idempotency_key: str | None = None
+
+
+class CommandOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """A command's answer: the appointment after it, and the write's consistency token."""
+
+    view: AppointmentView
+    consistency_token: str
+    created: bool = False
+    appended: bool = False
+    """Whether this request wrote events (a no-op retry or double tap writes none)."""
+    replayed: bool = False
+
+
+class Appointments:
+    """Schedule, cancel, start, and read appointments on behalf of a principal."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        idempotency: IdempotencyStore,
+        clock: Clock,
+        new_id: IdFactory,
+        rules: Rules,
+        max_attempts: int = 8,
+    ) -> None:
+        self._store = store
+        self._idempotency = idempotency
+        self._clock = clock
+        self._new_id = new_id
+        self._rules = rules
+        self._max_attempts = max_attempts
+
+    async def schedule(self, ctx: RequestContext, body: ScheduleBody) -> CommandOutcome:
+        """Book an appointment (``appointment_id`` chosen by the client makes retries safe)."""
+        appointment_id = body.appointment_id or self._new_id()
+        command = ScheduleAppointment(
+            appointment_id=appointment_id,
+            actor=ctx.principal,
+            patient_id=body.patient_id,
+            provider_id=body.provider_id,
+            starts_at=body.starts_at,
+            duration_minutes=body.duration_minutes,
+            timezone=body.timezone,
+            visit_reason=body.visit_reason,
+        )
+        fingerprint = _fingerprint("schedule", body)
+        return await self._idempotent(ctx, fingerprint, command, None)
+
+    async def cancel(
+        self,
+        ctx: RequestContext,
+        appointment_id: UUID,
+        reason: str | None = None,
+        expected_version: int | None = None,
+    ) -> CommandOutcome:
+        """Cancel; cancelling a cancelled appointment succeeds without a new event."""
+        command = CancelAppointment(
+            appointment_id=appointment_id, actor=ctx.principal, reason=reason
+        )
+        fingerprint = _fingerprint("cancel", [appointment_id, reason, expected_version])
+        return await self._idempotent(ctx, fingerprint, command, expected_version)
+
+    async def start(
+        self, ctx: RequestContext, appointment_id: UUID, expected_version: int | None = None
+    ) -> CommandOutcome:
+        """Start inside the start window; starting a started visit succeeds again."""
+        command = StartAppointment(appointment_id=appointment_id, actor=ctx.principal)
+        fingerprint = _fingerprint("start", [appointment_id, expected_version])
+        return await self._idempotent(ctx, fingerprint, command, expected_version)
+
+    async def get(self, principal: Principal, appointment_id: UUID) -> AppointmentView:
+        """The appointment, read from the event store (strongly consistent)."""
+        state, version, _ = await self._load(appointment_id)
+        visible_booking(state, principal)
+        return appointment_view(appointment_id, state, version, self._clock(), self._rules)
+
+    async def history(self, principal: Principal, appointment_id: UUID) -> History:
+        """The appointment's events in order: for staff and the provider who holds it."""
+        state, _, envelopes = await self._load(appointment_id)
+        booking = visible_booking(state, principal)
+        if principal.role == "patient":
+            raise Forbidden("Only staff and the appointment's provider can read its history.")
+        assert principal.role == "staff" or booking.provider_id == principal.id
+        return History(events=envelopes)
+
+    async def _load(self, stream_id: UUID) -> tuple[State, int, list[EventEnvelope]]:
+        recorded = await self._store.load(stream_id)
+        state = fold(r.event for r in recorded)
+        return state, len(recorded), [r.envelope for r in recorded]
+
+    async def _idempotent(
+        self,
+        ctx: RequestContext,
+        fingerprint: str,
+        command: Command,
+        expected_version: int | None,
+    ) -> CommandOutcome:
+        key = ctx.idempotency_key
+        if key is None:
+            return await self._execute(ctx, command, expected_version, None)
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise InvalidRequest(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters."
+            )
+        stored = await self._idempotency.find_answer(ctx.principal.id, key)
+        if stored is not None:
+            return _replay(stored, fingerprint)
+
+        def remember(outcome: CommandOutcome) -> IdempotencyRecord:
+            answer = StoredAnswer(
+                fingerprint=fingerprint,
+                status=201 if outcome.created else 200,
+                body=msgspec.json.encode(outcome.view),
+                consistency_token=outcome.consistency_token,
+            )
+            return IdempotencyRecord(principal_id=ctx.principal.id, key=key, answer=answer)
+
+        try:
+            outcome = await self._execute(ctx, command, expected_version, remember)
+        except IdempotencyKeyTaken:
+            # A concurrent request with the same key committed first: answer as it did.
+            stored = await self._idempotency.find_answer(ctx.principal.id, key)
+            assert stored is not None
+            return _replay(stored, fingerprint)
+        if not outcome.appended:
+            # A no-op answer wrote nothing with the events: remember it on its own.
+            stored = await self._idempotency.save_answer(remember(outcome))
+            if stored.fingerprint != fingerprint:
+                raise IdempotencyKeyReused("This Idempotency-Key was used for another request.")
+        return outcome
+
+    async def _execute(
+        self,
+        ctx: RequestContext,
+        command: Command,
+        expected_version: int | None,
+        remember: Callable[[CommandOutcome], IdempotencyRecord] | None,
+    ) -> CommandOutcome:
+        stream_id = command.appointment_id
+        for _ in range(self._max_attempts):
+            state, version, _ = await self._load(stream_id)
+            if expected_version is not None:
+                visible_booking(state, ctx.principal)  # never reveal a version to outsiders
+                if expected_version != version:
+                    raise VersionConflict(
+                        f"The appointment is at version {version}, not {expected_version}."
+                    )
+            now = self._clock()
+            events = decide(state, command, now, self._rules)
+            if not events:
+                view = appointment_view(stream_id, state, version, now, self._rules)
+                return CommandOutcome(view=view, consistency_token=make_token(stream_id, version))
+            new_version = version + len(events)
+            view = appointment_view(stream_id, fold(events, state), new_version, now, self._rules)
+            outcome = CommandOutcome(
+                view=view,
+                consistency_token=make_token(stream_id, new_version),
+                created=isinstance(state, NotScheduled),
+                appended=True,
+            )
+            new_events = [
+                NewEvent(
+                    event_id=self._new_id(),
+                    event=event,
+                    occurred_at=now,
+                    correlation_id=ctx.correlation_id,
+                    causation_id=ctx.request_id,
+                )
+                for event in events
+            ]
+            record = remember(outcome) if remember else None
+            try:
+                await self._store.append(stream_id, version, new_events, record)
+            except StreamVersionConflict:
+                if expected_version is not None:
+                    raise VersionConflict("The appointment changed meanwhile.") from None
+                continue
+            except SlotTaken:
+                # The same id may have been booked concurrently (it collides with itself):
+                # decide again, which answers "retry" or "already-exists" if so.
+                if version == 0 and (await self._store.load(stream_id)):
+                    continue
+                raise
+            return outcome
+        log.warning("command gave up after %d conflicts", self._max_attempts)
+        raise Unavailable("The appointment is too busy right now; retry shortly.")
+
+
+def _fingerprint(operation: str, payload: object) -> str:
+    encoded = msgspec.json.encode([operation, payload])
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _replay(stored: StoredAnswer, fingerprint: str) -> CommandOutcome:
+    if stored.fingerprint != fingerprint:
+        raise IdempotencyKeyReused("This Idempotency-Key was used for another request.")
+    return CommandOutcome(
+        view=msgspec.json.decode(stored.body, type=AppointmentView),
+        consistency_token=stored.consistency_token,
+        created=stored.status == 201,
+        replayed=True,
+    )

@@ -1,0 +1,132 @@
+"""JWT bearer tokens: verifying them (HS256 secret or a PEM public key) and minting them.
+
+A token must carry ``sub`` (user UUID), ``role`` (patient | provider | staff),
+``clinic_id`` (UUID) and ``exp``; anything else about it that is off is ``unauthenticated``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import jwt
+import msgspec
+
+from contracts.common import Principal, Role
+from services.config import Settings
+from services.errors import Unauthenticated
+
+ASYMMETRIC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+MAX_TOKEN_LENGTH = 8192
+
+
+class _Claims(msgspec.Struct):
+    sub: UUID
+    role: Role
+    clinic_id: UUID
+
+
+class TokenVerifier:
+    """Turns an ``Authorization`` header into a :class:`Principal`, or refuses it."""
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        public_key: str | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_seconds: int = 30,
+    ) -> None:
+        self._keys: list[tuple[str, list[str]]] = []
+        if secret:
+            self._keys.append((secret, ["HS256"]))
+        if public_key:
+            self._keys.append((public_key, ASYMMETRIC_ALGORITHMS))
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        """A verifier with the keys and checks the ``CLINIC_JWT_*`` variables configure."""
+        public_key = None
+        if settings.jwt_public_key_file:
+            public_key = Path(settings.jwt_public_key_file).read_text(encoding="utf-8")
+        return cls(
+            secret=settings.jwt_secret,
+            public_key=public_key,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+
+    def principal_from_header(self, authorization: str | None) -> Principal:
+        """The principal of ``Authorization: Bearer <JWT>``; raises :class:`Unauthenticated`."""
+        if not authorization:
+            raise Unauthenticated("An Authorization: Bearer token is required.")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("The Authorization header must be 'Bearer <token>'.")
+        return self.verify(token.strip())
+
+    def verify(self, token: str) -> Principal:
+        """The principal of a JWT; raises :class:`Unauthenticated`."""
+        if not self._keys:
+            raise Unauthenticated("No token key is configured; tokens are refused.")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise Unauthenticated("The token is too long.")
+        claims = self._decode(token)
+        try:
+            parsed = msgspec.convert(claims, _Claims)
+        except msgspec.ValidationError as exc:
+            raise Unauthenticated(f"The token's claims are not valid: {exc}") from None
+        return Principal(id=parsed.sub, role=parsed.role, clinic_id=parsed.clinic_id)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        failure = "The token is not valid."
+        for key, algorithms in self._keys:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=algorithms,
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    leeway=self._leeway,
+                    options={
+                        "require": ["exp", "sub"],
+                        "verify_aud": self._audience is not None,
+                    },
+                )
+                return claims
+            except jwt.ExpiredSignatureError:
+                raise Unauthenticated("The token has expired.") from None
+            except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+                failure = f"The token is not valid: {exc}."
+        raise Unauthenticated(failure)
+
+
+def mint_token(
+    secret: str,
+    role: Role,
+    sub: UUID,
+    clinic_id: UUID,
+    ttl_seconds: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """An HS256 token for development and tests."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": str(sub),
+        "role": role,
+        "clinic_id": str(clinic_id),
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,132 @@
+"""The ``clinic`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from services.config import ConfigError, Settings, load_settings, variables_help
+from services.logs import configure_logging
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a UUID") from None
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                raise SystemExit(130)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
+    from services.appointments.adapters.postgres.migrate import migrate
+
+    applied = asyncio.run(migrate(settings.require_database_url()))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+
+
+def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
+    from services.appointments.main import parse_roles, run_appointments
+
+    try:
+        roles = parse_roles(args.roles)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    settings.require_database_url()
+    run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> None:
+    from services.auth import mint_token
+
+    if not settings.jwt_secret:
+        raise ConfigError("CLINIC_JWT_SECRET must be set to mint tokens.")
+    print(
+        mint_token(
+            settings.jwt_secret,
+            args.role,
+            args.sub,
+            args.clinic,
+            args.ttl,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``clinic`` subcommand."""
+    epilog = variables_help()
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="clinic",
+        description="Clinic appointments backend.",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, help_: str, handler: Callable[[Settings, argparse.Namespace], None]
+    ) -> argparse.ArgumentParser:
+        command = sub.add_parser(
+            name, help=help_, description=help_, epilog=epilog, formatter_class=formatter
+        )
+        command.set_defaults(handler=handler)
+        return command
+
+    add(
+        "migrate",
+        "apply database migrations (safe to run concurrently and repeatedly)",
+        cmd_migrate,
+    )
+    appointments = add("appointments", "run the appointments service", cmd_appointments)
+    appointments.add_argument(
+        "--roles",
+        default="api,relay,projector",
+        help="comma-separated subset of api,relay,projector (default: all)",
+    )
+    token = add(
+        "token", "mint an HS256 token with CLINIC_JWT_SECRET (development and tests)", cmd_token
+    )
+    token.add_argument("--role", required=True, choices=["patient", "provider", "staff"])
+    token.add_argument("--sub", required=True, type=_uuid, help="user id")
+    token.add_argument("--clinic", required=True, type=_uuid, help="clinic id")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``clinic`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        args.handler(settings, args)
+    except ConfigError as exc:
+        print(f"clinic: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
