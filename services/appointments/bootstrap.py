@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,16 +43,35 @@ async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
-    """A NATS connection that keeps reconnecting forever, also when NATS is down at start."""
-    return await nats.connect(
-        servers=settings.nats_urls,
-        name=name,
-        connect_timeout=2,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        retry_on_failed_connect=True,
-    )
+    """A NATS connection that reconnects forever; waits (logging) while NATS is down at start."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                servers=settings.nats_urls,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+        except Exception as exc:  # nats-py raises several unrelated types here
+            log.warning("nats unreachable, retrying in %.1fs: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @asynccontextmanager

@@ -66,16 +66,25 @@ def _role_runners() -> dict[str, RoleRunner]:
 
 async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` until ``stop`` is set or one of them fails."""
-    runners = _role_runners()
     async with appointments_container(settings) as container:
-        tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
-        log.info("appointments service running", extra={"roles": list(roles)})
+        await run_roles(container, roles, stop)
+
+
+async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Event) -> None:
+    """Run ``roles`` on ``container`` until ``stop`` is set; a failing role stops them all."""
+    runners = _role_runners()
+    tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
+    log.info("appointments service running", extra={"roles": list(roles)})
+    try:
         done, _ = await asyncio.wait(tasks, return_when="FIRST_EXCEPTION")
+    finally:
         stop.set()
         await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
         for task in tasks:
             if not task.done():
                 task.cancel()
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("role %s failed", task.get_name(), exc_info=error)
+            raise error

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from contracts.commands import CancelBody, ScheduleBody
 from contracts.views import AppointmentView, History
@@ -15,18 +15,19 @@ from services.appointments.entrypoints.http.dependencies import (
     container_of,
     parse_if_match,
     request_context,
+    strict_body,
 )
 from services.appointments.entrypoints.http.openapi import problem_responses
 from services.appointments.service_layer.handlers import CommandOutcome
 
 IfMatch = Annotated[
     str | None,
-    Parameter(header="If-Match", description='Refuse with 412 unless at this version: "3"'),
+    HeaderParameter(name="If-Match", description='Refuse with 412 unless at this version: "3"'),
 ]
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         description="Retries with the same key and body get the first answer",
     ),
 ]
@@ -56,11 +57,12 @@ class AppointmentsController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        data: ScheduleBody,
+        data: JSONBody[ScheduleBody],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[AppointmentView]:
         ctx = request_context(request, state)
-        outcome = await container_of(state).appointments.schedule(ctx, data)
+        body = await strict_body(request, ScheduleBody)
+        outcome = await container_of(state).appointments.schedule(ctx, body)
         return _answer(outcome, 201 if outcome.created else 200)
 
     @get(
@@ -69,7 +71,7 @@ class AppointmentsController(Controller):
         responses=problem_responses(401, 404, 503),
     )
     async def read(
-        self, request: Request[Any, Any, Any], state: State, appointment_id: UUID
+        self, request: Request[Any, Any, Any], state: State, appointment_id: FromPath[UUID]
     ) -> Response[AppointmentView]:
         ctx = request_context(request, state)
         view = await container_of(state).appointments.get(ctx.principal, appointment_id)
@@ -85,13 +87,13 @@ class AppointmentsController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        appointment_id: UUID,
-        data: CancelBody | None = None,
+        appointment_id: FromPath[UUID],
+        data: JSONBody[CancelBody | None] = None,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[AppointmentView]:
         ctx = request_context(request, state)
-        body = data or CancelBody()
+        body = await strict_body(request, CancelBody, optional=True)
         outcome = await container_of(state).appointments.cancel(
             ctx, appointment_id, body.reason, parse_if_match(if_match)
         )
@@ -107,7 +109,7 @@ class AppointmentsController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        appointment_id: UUID,
+        appointment_id: FromPath[UUID],
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[AppointmentView]:
@@ -123,7 +125,7 @@ class AppointmentsController(Controller):
         responses=problem_responses(401, 403, 404, 503),
     )
     async def history(
-        self, request: Request[Any, Any, Any], state: State, appointment_id: UUID
+        self, request: Request[Any, Any, Any], state: State, appointment_id: FromPath[UUID]
     ) -> History:
         ctx = request_context(request, state)
         return await container_of(state).appointments.history(ctx.principal, appointment_id)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from litestar import Request
 from litestar.datastructures import State
 
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
 from services.errors import InvalidRequest
+
+T = TypeVar("T", bound=msgspec.Struct)
 
 
 def container_of(state: State) -> Container:
@@ -30,6 +33,20 @@ def request_context(request: Request[Any, Any, Any], state: State) -> RequestCon
         request_id=uuid.uuid4(),
         idempotency_key=request.headers.get("idempotency-key"),
     )
+
+
+async def strict_body(request: Request[Any, Any, Any], type_: type[T], optional: bool = False) -> T:
+    """The JSON body decoded strictly (no "30" for 30); ``optional``: empty means defaults.
+
+    Litestar converts bodies leniently, so the raw body is decoded once more here.
+    """
+    raw = await request.body()
+    if optional and not raw.strip():
+        return type_()
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidRequest(f"The body is not valid: {exc}") from None
 
 
 def parse_if_match(value: str | None) -> int | None:

@@ -1,0 +1,389 @@
+"""The appointments HTTP API, end to end: every endpoint, every error code, the tenancy matrix."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from contracts.common import Principal
+from services.auth import mint_token
+from tests.e2e.conftest import JWT_SECRET, Api
+
+
+def body_for(api: Api, patient: uuid.UUID, provider: uuid.UUID, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "patient_id": str(patient),
+        "provider_id": str(provider),
+        "starts_at": (api.clock.now + timedelta(hours=2)).isoformat(),
+        "duration_minutes": 30,
+        "timezone": "America/New_York",
+        "visit_reason": "Follow-up on blood pressure",
+    }
+    body.update(changes)
+    return body
+
+
+async def schedule(
+    api: Api, who: Principal, patient: Principal | None = None, **changes: Any
+) -> httpx.Response:
+    patient_id = patient.id if patient else (who.id if who.role == "patient" else uuid.uuid4())
+    provider_id = who.id if who.role == "provider" else uuid.uuid4()
+    return await api.client.post(
+        "/v1/appointments",
+        json=body_for(api, patient_id, provider_id, **changes),
+        headers=api.auth(who),
+    )
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    doc: dict[str, Any] = response.json()
+    assert doc["status"] == status
+    assert doc["code"] == code
+    assert doc["type"].endswith(code) and doc["title"] and doc["detail"]
+    return doc
+
+
+async def test_patient_schedules_reads_and_cancels_their_appointment(api: Api) -> None:
+    patient = api.principal("patient")
+    created = await schedule(
+        api, patient, starts_at=(api.clock.now + timedelta(hours=3)).isoformat()
+    )
+    assert created.status_code == 201, created.text
+    view = created.json()
+    assert created.headers["location"] == f"/v1/appointments/{view['appointment_id']}"
+    assert created.headers["etag"] == '"1"'
+    assert created.headers["x-consistency-token"]
+    assert view["status"] == "scheduled" and view["version"] == 1
+    assert view["patient_id"] == str(patient.id) and view["clinic_id"] == str(patient.clinic_id)
+    assert view["starts_at"].endswith("Z") and view["ends_at"].endswith("Z")
+    assert view["can_cancel"] is True and view["can_start"] is False
+
+    read = await api.client.get(created.headers["location"], headers=api.auth(patient))
+    assert read.status_code == 200 and read.json() == view and read.headers["etag"] == '"1"'
+
+    cancelled = await api.client.post(
+        f"{created.headers['location']}/cancel",
+        json={"reason": "Feeling better"},
+        headers=api.auth(patient),
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    after = cancelled.json()
+    assert after["status"] == "cancelled" and after["version"] == 2
+    assert after["cancelled_by"] == {"id": str(patient.id), "role": "patient"}
+    assert after["cancellation_reason"] == "Feeling better" and after["cancelled_at"].endswith("Z")
+    assert after["can_cancel"] is False and after["can_start"] is False
+    assert cancelled.headers["etag"] == '"2"'
+
+
+async def test_double_tap_on_cancel_is_a_quiet_success(api: Api) -> None:
+    patient = api.principal("patient")
+    location = (await schedule(api, patient)).headers["location"]
+    first = await api.client.post(f"{location}/cancel", headers=api.auth(patient))
+    second = await api.client.post(f"{location}/cancel", headers=api.auth(patient))
+    assert first.status_code == second.status_code == 200
+    assert second.json()["version"] == 2
+
+
+async def test_start_inside_the_window_and_again(api: Api) -> None:
+    patient = api.principal("patient")
+    soon = (api.clock.now + timedelta(minutes=14)).isoformat()
+    created = await schedule(api, patient, starts_at=soon)
+    assert created.json()["can_start"] is True
+    location = created.headers["location"]
+    started = await api.client.post(f"{location}/start", headers=api.auth(patient))
+    assert started.status_code == 200
+    assert started.json()["status"] == "started" and started.json()["started_at"].endswith("Z")
+    again = await api.client.post(f"{location}/start", headers=api.auth(patient))
+    assert again.status_code == 200 and again.json() == started.json()
+    assert_problem(
+        await api.client.post(f"{location}/cancel", headers=api.auth(patient)),
+        409,
+        "appointment-started",
+    )
+
+
+async def test_start_before_the_window_is_too_early_and_says_when(api: Api) -> None:
+    patient = api.principal("patient")
+    starts_at = api.clock.now + timedelta(minutes=16)
+    created = await schedule(api, patient, starts_at=starts_at.isoformat())
+    doc = assert_problem(
+        await api.client.post(f"{created.headers['location']}/start", headers=api.auth(patient)),
+        409,
+        "too-early",
+    )
+    assert doc["opens_at"] == created.json()["start_window_opens_at"]
+    api.clock.advance(minutes=1)
+    started = await api.client.post(
+        f"{created.headers['location']}/start", headers=api.auth(patient)
+    )
+    assert started.status_code == 200
+
+
+async def test_after_the_end_cancel_and_start_are_past(api: Api) -> None:
+    patient = api.principal("patient")
+    location = (await schedule(api, patient, duration_minutes=30)).headers["location"]
+    api.clock.advance(hours=2, minutes=30)
+    for action in ("cancel", "start"):
+        assert_problem(
+            await api.client.post(f"{location}/{action}", headers=api.auth(patient)),
+            409,
+            "appointment-past",
+        )
+
+
+async def test_starting_a_cancelled_appointment_is_refused(api: Api) -> None:
+    staff = api.principal("staff")
+    location = (
+        await schedule(api, staff, starts_at=(api.clock.now + timedelta(minutes=5)).isoformat())
+    ).headers["location"]
+    await api.client.post(f"{location}/cancel", headers=api.auth(staff))
+    assert_problem(
+        await api.client.post(f"{location}/start", headers=api.auth(staff)),
+        409,
+        "appointment-cancelled",
+    )
+
+
+async def test_double_booking_a_provider_is_slot_taken(api: Api) -> None:
+    provider = api.principal("provider")
+    assert (await schedule(api, provider)).status_code == 201
+    assert_problem(await schedule(api, provider), 409, "slot-taken")
+
+
+async def test_same_appointment_id_is_a_retry_or_already_exists(api: Api) -> None:
+    staff = api.principal("staff")
+    body = body_for(api, uuid.uuid4(), uuid.uuid4(), appointment_id=str(uuid.uuid4()))
+    first = await api.client.post("/v1/appointments", json=body, headers=api.auth(staff))
+    retry = await api.client.post("/v1/appointments", json=body, headers=api.auth(staff))
+    assert first.status_code == 201
+    assert retry.status_code == 200 and retry.json() == first.json()
+    other = {**body, "duration_minutes": 45}
+    assert_problem(
+        await api.client.post("/v1/appointments", json=other, headers=api.auth(staff)),
+        409,
+        "already-exists",
+    )
+
+
+async def test_if_match_with_a_stale_version_is_412(api: Api) -> None:
+    staff = api.principal("staff")
+    location = (await schedule(api, staff)).headers["location"]
+    assert_problem(
+        await api.client.post(f"{location}/cancel", headers=api.auth(staff, **{"If-Match": '"7"'})),
+        412,
+        "version-conflict",
+    )
+    ok = await api.client.post(f"{location}/cancel", headers=api.auth(staff, **{"If-Match": '"1"'}))
+    assert ok.status_code == 200
+
+
+async def test_idempotency_key_replays_the_first_answer_and_refuses_another_body(api: Api) -> None:
+    staff = api.principal("staff")
+    headers = api.auth(staff, **{"Idempotency-Key": "booking-42"})
+    body = body_for(api, uuid.uuid4(), uuid.uuid4())
+    first = await api.client.post("/v1/appointments", json=body, headers=headers)
+    again = await api.client.post("/v1/appointments", json=body, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["x-consistency-token"] == first.headers["x-consistency-token"]
+    changed = {**body, "duration_minutes": 20}
+    assert_problem(
+        await api.client.post("/v1/appointments", json=changed, headers=headers),
+        422,
+        "idempotency-key-reused",
+    )
+
+
+async def test_history_lists_the_events_for_staff_and_the_provider_only(api: Api) -> None:
+    provider = api.principal("provider")
+    patient = api.principal("patient")
+    location = (await schedule(api, provider, patient=patient)).headers["location"]
+    await api.client.post(f"{location}/cancel", headers=api.auth(patient))
+    for who in (provider, api.principal("staff")):
+        history = await api.client.get(f"{location}/history", headers=api.auth(who))
+        assert history.status_code == 200
+        events = history.json()["events"]
+        assert [e["type"] for e in events] == ["AppointmentScheduled", "AppointmentCancelled"]
+        assert [e["stream_version"] for e in events] == [1, 2]
+        assert events[1]["data"]["cancelled_by"]["id"] == str(patient.id)
+        assert {
+            "event_id",
+            "schema_version",
+            "global_position",
+            "occurred_at",
+            "correlation_id",
+        } <= set(events[0])
+    assert_problem(
+        await api.client.get(f"{location}/history", headers=api.auth(patient)), 403, "forbidden"
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"duration_minutes": 4},
+        {"duration_minutes": 241},
+        {"duration_minutes": "30"},
+        {"timezone": "Mars/Olympus_Mons"},
+        {"starts_at": "2030-01-01T10:00:00"},
+        {"starts_at": "yesterday"},
+        {"visit_reason": "x" * 501},
+        {"patient_id": "not-a-uuid"},
+        {"unexpected": True},
+    ],
+)
+async def test_invalid_schedule_bodies_are_400(api: Api, changes: dict[str, Any]) -> None:
+    staff = api.principal("staff")
+    body = body_for(api, uuid.uuid4(), uuid.uuid4(), **changes)
+    assert_problem(
+        await api.client.post("/v1/appointments", json=body, headers=api.auth(staff)),
+        400,
+        "invalid-request",
+    )
+
+
+async def test_starts_at_in_the_past_or_beyond_a_year_is_400(api: Api) -> None:
+    staff = api.principal("staff")
+    for when in (api.clock.now - timedelta(minutes=1), api.clock.now + timedelta(days=366)):
+        body = body_for(api, uuid.uuid4(), uuid.uuid4(), starts_at=when.isoformat())
+        assert_problem(
+            await api.client.post("/v1/appointments", json=body, headers=api.auth(staff)),
+            400,
+            "invalid-request",
+        )
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[]", b"null", b'{"patient_id": 1}', b"\xff\xfe"])
+async def test_malformed_json_is_400(api: Api, raw: bytes) -> None:
+    headers = api.auth(api.principal("staff"), **{"Content-Type": "application/json"})
+    assert_problem(
+        await api.client.post("/v1/appointments", content=raw, headers=headers),
+        400,
+        "invalid-request",
+    )
+
+
+async def test_bodies_over_64_kib_are_413(api: Api) -> None:
+    headers = api.auth(api.principal("staff"), **{"Content-Type": "application/json"})
+    big = b'{"visit_reason": "' + b"x" * (65 * 1024) + b'"}'
+    assert_problem(
+        await api.client.post("/v1/appointments", content=big, headers=headers),
+        413,
+        "payload-too-large",
+    )
+
+
+def forged_tokens(who: Principal) -> dict[str, str | None]:
+    claims = {
+        "sub": str(who.id),
+        "role": who.role,
+        "clinic_id": str(who.clinic_id),
+        "exp": 4102444800,
+    }
+    return {
+        "missing": None,
+        "not bearer": "Basic abc",
+        "garbage": "Bearer not.a.jwt",
+        "other key": "Bearer "
+        + jwt.encode(claims, "another-secret-another-secret-123", algorithm="HS256"),
+        "expired": "Bearer "
+        + mint_token(JWT_SECRET, who.role, who.id, who.clinic_id, ttl_seconds=-120),
+        "no clinic": "Bearer "
+        + jwt.encode(
+            {k: v for k, v in claims.items() if k != "clinic_id"}, JWT_SECRET, algorithm="HS256"
+        ),
+        "other role": "Bearer "
+        + jwt.encode({**claims, "role": "admin"}, JWT_SECRET, algorithm="HS256"),
+        "no exp": "Bearer "
+        + jwt.encode(
+            {k: v for k, v in claims.items() if k != "exp"}, JWT_SECRET, algorithm="HS256"
+        ),
+        "alg none": "Bearer " + jwt.encode(claims, None, algorithm="none"),
+    }
+
+
+async def test_missing_forged_or_expired_tokens_are_401(api: Api) -> None:
+    staff = api.principal("staff")
+    location = (await schedule(api, staff)).headers["location"]
+    for name, header in forged_tokens(staff).items():
+        headers = {"Authorization": header} if header else {}
+        response = await api.client.get(location, headers=headers)
+        assert response.status_code == 401, name
+        assert_problem(response, 401, "unauthenticated")
+
+
+async def test_patient_cannot_schedule_for_someone_else(api: Api) -> None:
+    patient = api.principal("patient")
+    other = api.principal("patient")
+    assert_problem(await schedule(api, patient, patient=other), 403, "forbidden")
+    provider = api.principal("provider")
+    body = body_for(api, uuid.uuid4(), uuid.uuid4())
+    assert_problem(
+        await api.client.post("/v1/appointments", json=body, headers=api.auth(provider)),
+        403,
+        "forbidden",
+    )
+
+
+async def test_tenancy_matrix_for_reading_cancelling_and_starting(api: Api) -> None:
+    patient = api.principal("patient")
+    provider = api.principal("provider")
+    starts = (api.clock.now + timedelta(minutes=10)).isoformat()
+    body = body_for(api, patient.id, provider.id, starts_at=starts)
+    location = (
+        await api.client.post("/v1/appointments", json=body, headers=api.auth(provider))
+    ).headers["location"]
+    other_clinic = uuid.uuid4()
+    outsiders = [
+        api.principal("patient"),
+        api.principal("provider"),
+        Principal(id=patient.id, role="patient", clinic_id=other_clinic),
+        api.principal("staff", other_clinic),
+    ]
+    for who in outsiders:
+        for method, suffix in (
+            ("GET", ""),
+            ("POST", "/cancel"),
+            ("POST", "/start"),
+            ("GET", "/history"),
+        ):
+            response = await api.client.request(
+                method, f"{location}{suffix}", headers=api.auth(who)
+            )
+            assert_problem(response, 404, "not-found")
+    for who in (patient, provider, api.principal("staff")):
+        assert (await api.client.get(location, headers=api.auth(who))).status_code == 200
+    assert (
+        await api.client.post(f"{location}/start", headers=api.auth(patient))
+    ).status_code == 200
+
+
+async def test_unknown_appointment_is_404(api: Api) -> None:
+    staff = api.principal("staff")
+    assert_problem(
+        await api.client.get(f"/v1/appointments/{uuid.uuid4()}", headers=api.auth(staff)),
+        404,
+        "not-found",
+    )
+    assert_problem(
+        await api.client.get("/v1/appointments/not-a-uuid", headers=api.auth(staff)),
+        404,
+        "not-found",
+    )
+
+
+async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
+    assert (await api.client.get("/health/live")).status_code == 200
+    assert (await api.client.get("/health/ready")).status_code == 200
+    metrics = await api.client.get("/metrics")
+    assert metrics.status_code == 200 and "python_info" in metrics.text
+    schema = await api.client.get("/schema/openapi.json")
+    assert schema.status_code == 200
+    assert "/v1/appointments/{appointment_id}/cancel" in schema.json()["paths"]

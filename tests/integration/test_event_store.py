@@ -1,0 +1,220 @@
+"""The PostgreSQL event store and the application service on it, against real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from contracts.common import Actor
+from contracts.events import AppointmentCancelled, AppointmentScheduled
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.migrate import migrate
+from services.appointments.adapters.system import new_uuid
+from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.ports import NewEvent, StreamVersionConflict
+from services.errors import ClinicError, SlotTaken
+from tests.support.builders import principal, schedule_body
+from tests.support.clock import ManualClock
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> PostgresEventStore:
+    return PostgresEventStore(pool)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def app(store: PostgresEventStore, clock: ManualClock) -> Appointments:
+    return Appointments(store, store, clock, new_uuid, Rules())
+
+
+def scheduled(now: datetime, provider_id: uuid.UUID | None = None) -> AppointmentScheduled:
+    return AppointmentScheduled(
+        clinic_id=uuid.uuid4(),
+        patient_id=uuid.uuid4(),
+        provider_id=provider_id or uuid.uuid4(),
+        starts_at=now + timedelta(hours=1),
+        duration_minutes=30,
+        timezone="UTC",
+        scheduled_by=Actor(id=uuid.uuid4(), role="staff"),
+    )
+
+
+def new(event: AppointmentScheduled | AppointmentCancelled) -> NewEvent:
+    return NewEvent(event_id=uuid.uuid4(), event=event, occurred_at=datetime.now(UTC))
+
+
+async def test_appended_events_load_back_in_order_with_envelopes(store: PostgresEventStore) -> None:
+    stream = uuid.uuid4()
+    first = scheduled(datetime.now(UTC))
+    cancel = AppointmentCancelled(
+        clinic_id=first.clinic_id, cancelled_by=first.scheduled_by, cancelled_at=datetime.now(UTC)
+    )
+    await store.append(stream, 0, [new(first)])
+    result = await store.append(stream, 1, [new(cancel)])
+    loaded = await store.load(stream)
+    assert [r.event for r in loaded] == [first, cancel]
+    assert [r.envelope.stream_version for r in loaded] == [1, 2]
+    assert loaded[1].envelope.global_position == result.global_position
+    assert loaded[0].envelope.global_position < loaded[1].envelope.global_position
+    assert await store.load(uuid.uuid4()) == []
+
+
+async def test_append_at_a_stale_version_is_a_conflict(store: PostgresEventStore) -> None:
+    stream = uuid.uuid4()
+    await store.append(stream, 0, [new(scheduled(datetime.now(UTC)))])
+    with pytest.raises(StreamVersionConflict):
+        await store.append(stream, 0, [new(scheduled(datetime.now(UTC)))])
+    assert len(await store.load(stream)) == 1
+
+
+async def test_every_append_writes_its_outbox_rows_in_the_same_transaction(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    for _ in range(3):
+        await store.append(uuid.uuid4(), 0, [new(scheduled(datetime.now(UTC)))])
+    positions = await pool.fetch("SELECT global_position FROM events ORDER BY 1")
+    queued = await pool.fetch("SELECT global_position FROM outbox ORDER BY 1")
+    assert positions == queued
+
+
+async def test_overlapping_booking_of_one_provider_is_slot_taken(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    now = datetime.now(UTC)
+    provider = uuid.uuid4()
+    first = scheduled(now, provider)
+    await store.append(uuid.uuid4(), 0, [new(first)])
+    clash = msgspec_replace(first, starts_at=first.starts_at + timedelta(minutes=29))
+    with pytest.raises(SlotTaken):
+        await store.append(uuid.uuid4(), 0, [new(clash)])
+    # Back to back is fine: the range is half-open.
+    after = msgspec_replace(first, starts_at=first.starts_at + timedelta(minutes=30))
+    await store.append(uuid.uuid4(), 0, [new(after)])
+    assert await pool.fetchval("SELECT count(*) FROM events") == 2
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
+
+
+async def test_cancel_frees_the_providers_slot(app: Appointments, clock: ManualClock) -> None:
+    staff = principal("staff")
+    ctx = RequestContext(principal=staff)
+    body = schedule_body(clock.now)
+    first = await app.schedule(ctx, body)
+    with pytest.raises(SlotTaken):
+        await app.schedule(ctx, schedule_body(clock.now, provider_id=body.provider_id))
+    await app.cancel(ctx, first.view.appointment_id)
+    again = await app.schedule(ctx, schedule_body(clock.now, provider_id=body.provider_id))
+    assert again.created
+
+
+async def test_migrations_are_safe_to_run_concurrently_and_again(database_url: str) -> None:
+    results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
+    assert results == [[], [], [], []]  # the fixture's database is migrated already
+
+
+async def test_old_schema_version_events_are_upcast_on_load(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    stream, clinic = uuid.uuid4(), uuid.uuid4()
+    v1 = (
+        '{"clinic_id": "%s", "patient_id": "%s", "provider_id": "%s",'
+        ' "starts_at": "2030-01-01T10:00:00Z", "duration_minutes": 20, "timezone": "UTC",'
+        ' "scheduled_by": {"id": "%s", "role": "staff"}}'
+    ) % (clinic, uuid.uuid4(), uuid.uuid4(), uuid.uuid4())
+    await pool.execute(
+        """INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type,
+                               schema_version, data, occurred_at)
+           VALUES ($1, $2, 1, $3, 'AppointmentScheduled', 1, $4::jsonb, now())""",
+        uuid.uuid4(),
+        stream,
+        clinic,
+        v1,
+    )
+    [recorded] = await store.load(stream)
+    assert isinstance(recorded.event, AppointmentScheduled)
+    assert recorded.event.visit_reason is None
+    assert recorded.event.duration_minutes == 20
+
+
+async def test_100_concurrent_cancels_record_exactly_one_cancellation(
+    app: Appointments, pool: asyncpg.Pool, clock: ManualClock
+) -> None:
+    staff = principal("staff")
+    ctx = RequestContext(principal=staff)
+    created = await app.schedule(ctx, schedule_body(clock.now))
+    appointment_id = created.view.appointment_id
+
+    results = await asyncio.gather(
+        *(app.cancel(ctx, appointment_id, reason=f"r{i}") for i in range(100)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == []
+    assert all(r.view.status == "cancelled" for r in results if not isinstance(r, BaseException))
+    count = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE stream_id = $1 AND type = 'AppointmentCancelled'",
+        appointment_id,
+    )
+    assert count == 1
+
+
+async def test_concurrent_cancels_and_starts_produce_one_terminal_event(
+    app: Appointments, pool: asyncpg.Pool, clock: ManualClock
+) -> None:
+    ctx = RequestContext(principal=principal("staff"))
+    created = await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(minutes=5)))
+    appointment_id = created.view.appointment_id
+    commands = [
+        app.cancel(ctx, appointment_id) if i % 2 else app.start(ctx, appointment_id)
+        for i in range(60)
+    ]
+    results = await asyncio.gather(*commands, return_exceptions=True)
+    assert all(isinstance(r, ClinicError) or not isinstance(r, BaseException) for r in results)
+    terminal = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE stream_id = $1 AND stream_version > 1", appointment_id
+    )
+    assert terminal == 1
+
+
+async def test_25_concurrent_bookings_of_one_slot_have_exactly_one_winner(
+    app: Appointments, pool: asyncpg.Pool, clock: ManualClock
+) -> None:
+    clinic = uuid.uuid4()
+    provider = uuid.uuid4()
+    ctx = RequestContext(principal=principal("staff", clinic))
+    bodies = [
+        schedule_body(clock.now, provider_id=provider, starts_in=timedelta(hours=3, minutes=i))
+        for i in range(25)
+    ]
+    results = await asyncio.gather(
+        *(app.schedule(ctx, body) for body in bodies), return_exceptions=True
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, SlotTaken) for r in losers)
+    assert await pool.fetchval("SELECT count(*) FROM events") == 1
+
+
+def msgspec_replace(event: AppointmentScheduled, **changes: object) -> AppointmentScheduled:
+    import msgspec
+
+    return msgspec.structs.replace(event, **changes)

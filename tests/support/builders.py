@@ -1,0 +1,35 @@
+"""Builders of principals, requests and events with sensible defaults."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from contracts.commands import ScheduleBody
+from contracts.common import Principal, Role
+
+
+def principal(role: Role = "staff", clinic_id: uuid.UUID | None = None) -> Principal:
+    return Principal(id=uuid.uuid4(), role=role, clinic_id=clinic_id or uuid.uuid4())
+
+
+def schedule_body(
+    now: datetime,
+    *,
+    patient_id: uuid.UUID | None = None,
+    provider_id: uuid.UUID | None = None,
+    starts_in: timedelta = timedelta(hours=2),
+    duration_minutes: int = 30,
+    appointment_id: uuid.UUID | None = None,
+    timezone: str = "Europe/Berlin",
+    visit_reason: str | None = None,
+) -> ScheduleBody:
+    return ScheduleBody(
+        appointment_id=appointment_id,
+        patient_id=patient_id or uuid.uuid4(),
+        provider_id=provider_id or uuid.uuid4(),
+        starts_at=now + starts_in,
+        duration_minutes=duration_minutes,
+        timezone=timezone,
+        visit_reason=visit_reason,
+    )
