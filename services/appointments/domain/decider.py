@@ -5,7 +5,7 @@ Pure: time comes in as ``now``, ids come in with the command.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import assert_never
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -126,11 +126,15 @@ def _authorize_schedule(command: ScheduleAppointment) -> None:
 
 def _schedule(state: State, command: ScheduleAppointment, now: datetime) -> list[Event]:
     _authorize_schedule(command)
+    starts_at = command.starts_at
+    if starts_at.utcoffset() is not None:
+        # Stored in UTC, so that durations are elapsed time even across a DST change.
+        starts_at = starts_at.astimezone(UTC)
     event = AppointmentScheduled(
         clinic_id=command.actor.clinic_id,
         patient_id=command.patient_id,
         provider_id=command.provider_id,
-        starts_at=command.starts_at,
+        starts_at=starts_at,
         duration_minutes=command.duration_minutes,
         timezone=command.timezone,
         visit_reason=command.visit_reason,
@@ -140,9 +144,6 @@ def _schedule(state: State, command: ScheduleAppointment, now: datetime) -> list
     if booking is not None:
         if _is_retry_of(booking, event):
             return []
-        if not may_see(command.actor, booking):
-            # Another clinic's id, or not the actor's: say nothing about it.
-            raise AlreadyExists("This appointment id cannot be used.")
         raise AlreadyExists("An appointment with this id already exists.")
     _validate_schedule(command, now)
     return [event]
