@@ -1,0 +1,96 @@
+"""In-memory fakes of our own ports, for unit tests of the application layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from uuid import UUID
+
+from contracts.events import (
+    SCHEMA_VERSIONS,
+    AppointmentCancelled,
+    AppointmentScheduled,
+    EventEnvelope,
+    event_data,
+    event_type,
+)
+from services.appointments.service_layer.ports import (
+    AppendResult,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    NewEvent,
+    RecordedEvent,
+    StoredAnswer,
+    StreamVersionConflict,
+)
+from services.errors import SlotTaken
+
+
+class FakeEventStore:
+    """EventStore and IdempotencyStore in memory, with the same guarantees as PostgreSQL."""
+
+    def __init__(self) -> None:
+        self.streams: dict[UUID, list[RecordedEvent]] = {}
+        self.bookings: dict[UUID, tuple[UUID, UUID, object, object]] = {}
+        self.answers: dict[tuple[UUID, str], StoredAnswer] = {}
+        self.outbox: list[int] = []
+        self.position = 0
+        self.appends = 0
+
+    async def load(self, stream_id: UUID) -> list[RecordedEvent]:
+        return list(self.streams.get(stream_id, []))
+
+    async def append(
+        self,
+        stream_id: UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        self.appends += 1
+        stream = self.streams.setdefault(stream_id, [])
+        if len(stream) != expected_version:
+            raise StreamVersionConflict()
+        if idempotency and (idempotency.principal_id, idempotency.key) in self.answers:
+            raise IdempotencyKeyTaken()
+        for new in events:
+            self._guard_booking(stream_id, new)
+        for new in events:
+            self.position += 1
+            type_ = event_type(new.event)
+            envelope = EventEnvelope(
+                event_id=new.event_id,
+                type=type_,
+                schema_version=SCHEMA_VERSIONS[type_],
+                stream_id=stream_id,
+                stream_version=len(stream) + 1,
+                global_position=self.position,
+                occurred_at=new.occurred_at,
+                correlation_id=new.correlation_id,
+                causation_id=new.causation_id,
+                data=event_data(new.event),
+            )
+            stream.append(RecordedEvent(envelope=envelope, event=new.event))
+            self.outbox.append(self.position)
+        if idempotency:
+            self.answers[(idempotency.principal_id, idempotency.key)] = idempotency.answer
+        return AppendResult(stream_version=len(stream), global_position=self.position)
+
+    def _guard_booking(self, stream_id: UUID, new: NewEvent) -> None:
+        event = new.event
+        if isinstance(event, AppointmentCancelled):
+            self.bookings.pop(stream_id, None)
+        elif isinstance(event, AppointmentScheduled):
+            ends = event.starts_at + timedelta(minutes=event.duration_minutes)
+            for clinic, provider, starts, other_ends in self.bookings.values():
+                if (clinic, provider) == (event.clinic_id, event.provider_id) and (
+                    starts < ends and event.starts_at < other_ends  # type: ignore[operator]
+                ):
+                    raise SlotTaken("The provider already has an appointment at that time.")
+            self.bookings[stream_id] = (event.clinic_id, event.provider_id, event.starts_at, ends)
+
+    async def find_answer(self, principal_id: UUID, key: str) -> StoredAnswer | None:
+        return self.answers.get((principal_id, key))
+
+    async def save_answer(self, record: IdempotencyRecord) -> StoredAnswer:
+        return self.answers.setdefault((record.principal_id, record.key), record.answer)
