@@ -30,4 +30,5 @@ def create_app(container: Container) -> Litestar:
         ),
         state=State({"container": container}),
         debug=False,
+        logging_config=None,
     )
