@@ -1,0 +1,43 @@
+"""Notifications as published on ``notifications.v1.sent.<kind>``, and the directory's reply."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final, Literal
+from uuid import UUID
+
+import msgspec
+
+from contracts.common import Role
+
+NotificationKind = Literal[
+    "appointment-confirmed", "appointment-cancelled", "reminder-24h", "visit-ready"
+]
+NOTIFICATION_KINDS: Final[tuple[NotificationKind, ...]] = (
+    "appointment-confirmed",
+    "appointment-cancelled",
+    "reminder-24h",
+    "visit-ready",
+)
+
+
+class Notification(msgspec.Struct, frozen=True, kw_only=True):
+    """One notification sent to one person (the mobile gateway's push source)."""
+
+    notification_id: UUID
+    kind: NotificationKind
+    recipient_id: UUID
+    recipient_role: Role
+    appointment_id: UUID
+    clinic_id: UUID
+    cause_event_id: UUID
+    title: str
+    body: str
+    sent_at: datetime
+
+
+class DirectoryContactReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The clinic directory's answer on ``directory.v1.contact.<user_id>``."""
+
+    email: str | None = None
+    locale: str | None = None
