@@ -1,0 +1,1 @@
+"""NATS JetStream adapters: stream definitions and their create-or-update from code."""

@@ -1,0 +1,97 @@
+"""JetStream streams are configured in code and created or updated when a service starts.
+
+Only what JetStream servers since 2.9 understand is set, so the same code runs against
+every server the system supports. Settings an operator changed that the code does not
+manage (limits, placement…) are kept on update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Final
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+
+log = logging.getLogger(__name__)
+
+#: How long JetStream remembers a ``Nats-Msg-Id``: a relay that crashed between
+#: publishing and deleting its outbox rows republishes within seconds, well inside it.
+DUPLICATE_WINDOW_SECONDS: Final = 300.0
+
+
+class StreamConfigConflict(Exception):
+    """The stream exists with a setting that cannot change in place (e.g. its storage)."""
+
+
+def events_stream_config(replicas: int = 1) -> StreamConfig:
+    """``APPOINTMENTS``: every appointment event, kept (the stream is the consumers' replay
+    log), file storage, de-duplicated by ``Nats-Msg-Id`` = ``event_id``."""
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        description="Appointment events, published from the event store's outbox.",
+        subjects=[EVENTS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+
+
+def _differences(current: StreamConfig, wanted: StreamConfig) -> dict[str, object]:
+    """The managed settings of ``wanted`` that ``current`` does not have."""
+    changes: dict[str, object] = {}
+    if sorted(current.subjects or []) != sorted(wanted.subjects or []):
+        changes["subjects"] = wanted.subjects
+    if not math.isclose(current.duplicate_window or 0, wanted.duplicate_window or 0):
+        changes["duplicate_window"] = wanted.duplicate_window
+    for name in ("description", "num_replicas", "discard"):
+        if getattr(wanted, name) is not None and getattr(current, name) != getattr(wanted, name):
+            changes[name] = getattr(wanted, name)
+    for name in ("storage", "retention"):
+        if getattr(current, name) != getattr(wanted, name):
+            raise StreamConfigConflict(
+                f"stream {wanted.name} has {name}={getattr(current, name)}, the code wants"
+                f" {getattr(wanted, name)}: this cannot change in place; migrate the stream."
+            )
+    return changes
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """Create the stream ``config`` names, or update it to ``config``'s managed settings.
+
+    Safe to call from every process at start, concurrently.
+    """
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            created = await js.add_stream(config)
+            log.info("stream created", extra={"stream": config.name})
+            return created
+        except BadRequestError:
+            # Another process created it first (with another config, else this succeeds).
+            info = await js.stream_info(config.name)
+    changes = _differences(info.config, config)
+    if not changes:
+        return info
+    updated = await js.update_stream(info.config.evolve(**changes))
+    log.info("stream updated", extra={"stream": config.name, "changed": sorted(changes)})
+    return updated
+
+
+async def ensure_events_stream(js: JetStreamContext, replicas: int = 1) -> StreamInfo:
+    """Create or update ``APPOINTMENTS``; every service that reads it calls this at start."""
+    return await ensure_stream(js, events_stream_config(replicas))

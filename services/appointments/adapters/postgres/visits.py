@@ -1,0 +1,222 @@
+"""The visits view on PostgreSQL: applying events, paging Upcoming/Past, read-your-writes.
+
+Applying is idempotent and ordered per appointment: a batch locks its rows, folds its
+events with :func:`~services.appointments.service_layer.visits.project`, upserts only rows
+whose version grew, and moves the projection's checkpoint, all in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from contracts.commands import VisitsTab
+from contracts.events import EventEnvelope
+from services.appointments.adapters.postgres.errors import database_errors
+from services.appointments.service_layer.visits import (
+    LONGEST_VISIT,
+    Outcome,
+    PageKey,
+    Scope,
+    VisitRow,
+    project,
+)
+
+#: Columns of a :class:`VisitRow`, in its field order.
+COLUMNS: Final = VisitRow.__struct_fields__
+_SELECT = ", ".join(COLUMNS)
+_TYPES: Final = (
+    "uuid[], uuid[], uuid[], uuid[], timestamptz[], timestamptz[], int[], text[], text[], "
+    "text[], int[]"
+)
+_UPSERT = f"""
+INSERT INTO {{table}} ({_SELECT})
+SELECT * FROM unnest({", ".join(f"${i}::{t}" for i, t in enumerate(_TYPES.split(", "), 1))})
+ON CONFLICT (appointment_id) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])}
+WHERE {{table}}.version < EXCLUDED.version
+"""
+
+_MIN_UUID: Final = UUID(int=0)
+_MAX_UUID: Final = UUID(int=(1 << 128) - 1)
+_END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
+
+#: How often a read-your-writes wait looks at the view (seconds: first, then at most).
+_WAIT_POLL_FIRST = 0.005
+_WAIT_POLL_MAX = 0.05
+
+
+def row_of(record: asyncpg.Record) -> VisitRow:
+    """A :class:`VisitRow` from a selected row."""
+    return VisitRow(**{column: record[column] for column in COLUMNS})
+
+
+def upsert_statement(table: str) -> str:
+    """The version-guarded upsert of rows into ``table`` (``visits`` or its rebuild)."""
+    return _UPSERT.format(table=table)
+
+
+def upsert_args(rows: Iterable[VisitRow]) -> list[list[Any]]:
+    """The column arrays :func:`upsert_statement` takes."""
+    columns: list[list[Any]] = [[] for _ in COLUMNS]
+    for row in rows:
+        for column, value in zip(columns, msgspec.structs.astuple(row), strict=True):
+            column.append(value)
+    return columns
+
+
+class PostgresVisits:
+    """The visits view: written by the projector, read by :class:`VisitsQuery`."""
+
+    def __init__(self, pool: asyncpg.Pool, projection: str = "visits") -> None:
+        self._pool = pool
+        self._projection = projection
+
+    async def apply(
+        self, envelopes: Sequence[EventEnvelope], stream_sequence: int | None = None
+    ) -> list[Outcome]:
+        """Fold ``envelopes`` (in stream order) into the view and move the checkpoint to
+        ``stream_sequence``, in one transaction; the outcome of each envelope."""
+        ids = list({envelope.stream_id for envelope in envelopes})
+        with database_errors():
+            async with self._pool.acquire() as conn, conn.transaction():
+                records = await conn.fetch(
+                    f"SELECT {_SELECT} FROM visits WHERE appointment_id = ANY($1::uuid[])"
+                    " ORDER BY appointment_id FOR UPDATE",
+                    ids,
+                )
+                current: dict[UUID, VisitRow | None] = {
+                    r["appointment_id"]: row_of(r) for r in records
+                }
+                changed: dict[UUID, VisitRow] = {}
+                outcomes = []
+                for envelope in envelopes:
+                    outcome, row = project(current.get(envelope.stream_id), envelope)
+                    outcomes.append(outcome)
+                    if row is not None and outcome in (Outcome.APPLIED, Outcome.SKIPPED):
+                        current[envelope.stream_id] = changed[envelope.stream_id] = row
+                if changed:
+                    await conn.execute(upsert_statement("visits"), *upsert_args(changed.values()))
+                if stream_sequence is not None:
+                    await conn.execute(
+                        """INSERT INTO projection_checkpoints (projection, stream_sequence)
+                           VALUES ($1, $2) ON CONFLICT (projection) DO UPDATE
+                           SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence,
+                                                          EXCLUDED.stream_sequence),
+                               updated_at = now()""",
+                        self._projection,
+                        stream_sequence,
+                    )
+        return outcomes
+
+    async def park(
+        self, stream_sequence: int, subject: str, data: bytes, reason: str, deliveries: int
+    ) -> None:
+        """Keep a message the projection cannot apply, for an operator (idempotent)."""
+        with database_errors():
+            await self._pool.execute(
+                """INSERT INTO parked_messages
+                       (projection, stream_sequence, subject, data, reason, deliveries)
+                   VALUES ($1, $2, $3, $4, $5, $6)
+                   ON CONFLICT (projection, stream_sequence) DO NOTHING""",
+                self._projection,
+                stream_sequence,
+                subject,
+                data,
+                reason,
+                deliveries,
+            )
+
+    async def checkpoint(self) -> int:
+        """The last stream sequence the projection applied (0 before the first)."""
+        with database_errors():
+            value = await self._pool.fetchval(
+                "SELECT stream_sequence FROM projection_checkpoints WHERE projection = $1",
+                self._projection,
+            )
+        return int(value or 0)
+
+    async def get(self, appointment_id: UUID) -> VisitRow | None:
+        """The stored row of one appointment."""
+        with database_errors():
+            record = await self._pool.fetchrow(
+                f"SELECT {_SELECT} FROM visits WHERE appointment_id = $1", appointment_id
+            )
+        return None if record is None else row_of(record)
+
+    async def page(
+        self, scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
+    ) -> list[VisitRow]:
+        """Up to ``limit`` rows of ``tab`` at ``now``, after ``after``, in the tab's order."""
+        where, args = _scope_filter(scope)
+        if tab == "upcoming":
+            # Ended rows are excluded by ends_at; the lower bound on starts_at (implied by
+            # it) is what lets the index range start at the first candidate.
+            low = (now - LONGEST_VISIT, _MIN_UUID)
+            if after is not None and (after.starts_at, after.appointment_id) > low:
+                low = (after.starts_at, after.appointment_id)
+            n = len(args)
+            sql = (
+                f"SELECT {_SELECT} FROM visits WHERE {where} AND active AND ends_at > ${n + 1}"
+                f" AND (starts_at, appointment_id) > (${n + 2}, ${n + 3})"
+                f" ORDER BY starts_at, appointment_id LIMIT ${n + 4}"
+            )
+            args += [now, *low, limit]
+        else:
+            high = (_END_OF_TIME, _MAX_UUID)
+            if after is not None:
+                high = (after.starts_at, after.appointment_id)
+            ended_high = min(high, (now, _MIN_UUID))
+            n = len(args)
+            order = "ORDER BY starts_at DESC, appointment_id DESC"
+            sql = (
+                f"SELECT * FROM ((SELECT {_SELECT} FROM visits WHERE {where} AND NOT active"
+                f" AND (starts_at, appointment_id) < (${n + 1}, ${n + 2}) {order}"
+                f" LIMIT ${n + 6}) UNION ALL (SELECT {_SELECT} FROM visits WHERE {where}"
+                f" AND active AND ends_at <= ${n + 3}"
+                f" AND (starts_at, appointment_id) < (${n + 4}, ${n + 5}) {order}"
+                f" LIMIT ${n + 6})) AS past {order} LIMIT ${n + 6}"
+            )
+            args += [*high, now, *ended_high, limit]
+        with database_errors():
+            records = await self._pool.fetch(sql, *args)
+        return [row_of(record) for record in records]
+
+    async def wait_for_version(
+        self, appointment_id: UUID, version: int, wait_seconds: float
+    ) -> bool:
+        """Poll the row until it reflects ``version`` or ``wait_seconds`` pass.
+
+        Polling a primary key costs a fraction of a millisecond; waiting readers are few
+        and short-lived, so no notification channel is worth its commit-time cost here.
+        """
+        deadline = time.monotonic() + wait_seconds
+        pause = _WAIT_POLL_FIRST
+        while True:
+            with database_errors():
+                stored = await self._pool.fetchval(
+                    "SELECT version FROM visits WHERE appointment_id = $1", appointment_id
+                )
+            if version <= 0 or (stored is not None and stored >= version):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _WAIT_POLL_MAX)
+
+
+def _scope_filter(scope: Scope) -> tuple[str, list[Any]]:
+    # One statement per scope column (never "$2 IS NULL OR ..."), so each plan uses its index.
+    if scope.patient_id is not None:
+        return "clinic_id = $1 AND patient_id = $2", [scope.clinic_id, scope.patient_id]
+    if scope.provider_id is not None:
+        return "clinic_id = $1 AND provider_id = $2", [scope.clinic_id, scope.provider_id]
+    return "clinic_id = $1", [scope.clinic_id]

@@ -1,0 +1,186 @@
+"""The visits projector: a durable JetStream pull consumer that maintains the visits view.
+
+Each fetched batch is applied in one PostgreSQL transaction together with the
+projection's checkpoint; messages are acked only after that commit. Re-applying is
+harmless (an event at a version the row already has is skipped), so a crash between
+commit and ack, a redelivery or a replay of the whole stream changes nothing.
+
+Per message, after the commit:
+
+* applied, already applied, or of an unknown type → ``ack``;
+* early (an earlier event of the appointment has not arrived) → ``nak`` with a growing
+  delay, parked once it was delivered :data:`PARK_AFTER` times;
+* undecodable → parked in ``parked_messages`` and ``term``-inated, never blocking.
+
+While PostgreSQL is down the batch is retried in place (keeping the messages in progress),
+so an outage does not use up deliveries; ``max_deliver`` only bounds messages that keep
+failing for another reason, and they are parked before the server gives up on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from contracts.events import EventEnvelope
+from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.postgres.visits import PostgresVisits
+from services.appointments.service_layer.visits import Outcome
+from services.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+CONSUMER: Final = "visits-projector"
+#: Redelivery delays of unacked messages; the first is the ack wait.
+BACKOFF: Final = (10.0, 20.0, 40.0, 60.0, 120.0)
+MAX_DELIVER: Final = 20
+#: Deliveries after which a message that still cannot be applied is parked.
+PARK_AFTER: Final = 10
+_RETRY_MAX = 5.0
+
+
+def consumer_config() -> ConsumerConfig:
+    """The durable consumer of the visits projection (created or updated at start)."""
+    return ConsumerConfig(
+        durable_name=CONSUMER,
+        description="Maintains the visits view in PostgreSQL.",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=BACKOFF[0],
+        backoff=list(BACKOFF),
+        max_deliver=MAX_DELIVER,
+        max_ack_pending=1000,
+        filter_subject=EVENTS_SUBJECTS,
+    )
+
+
+def _deliveries(msg: Msg) -> int:
+    return int(msg.metadata.num_delivered or 1)
+
+
+class VisitsProjector:
+    """Runs the fetch loop of the visits projection."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        nc: NATS,
+        *,
+        batch_size: int = 256,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self._js: JetStreamContext = nc.jetstream()
+        self._visits = PostgresVisits(pool, projection=CONSUMER)
+        self._batch_size = batch_size
+        self._fetch_timeout = fetch_timeout
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await ensure_events_stream(self._js)
+                await self._js.add_consumer(EVENTS_STREAM, consumer_config())
+                subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
+                try:
+                    await self._consume(subscription, stop)
+                finally:
+                    await subscription.unsubscribe()
+            except Exception as exc:  # asyncpg, nats and OS errors share no base
+                log.warning("projector interrupted, retrying in %.1fs: %r", delay, exc)
+                await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _consume(
+        self, subscription: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            try:
+                msgs = await subscription.fetch(self._batch_size, timeout=self._fetch_timeout)
+            except TimeoutError:
+                continue
+            await self.handle(msgs, stop)
+
+    async def handle(self, msgs: Sequence[Msg], stop: asyncio.Event) -> None:
+        """Apply one fetched batch, then settle every message (ack, nak or park)."""
+        batch: list[tuple[Msg, EventEnvelope]] = []
+        for msg in msgs:
+            try:
+                batch.append((msg, msgspec.json.decode(msg.data, type=EventEnvelope)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self._park(msg, f"undecodable envelope: {exc}")
+        if not batch:
+            return
+        outcomes = await self._apply(batch, stop)
+        if outcomes is None:  # stopping while PostgreSQL is down: let another take them
+            for msg, _ in batch:
+                await msg.nak()
+            return
+        for (msg, envelope), outcome in zip(batch, outcomes, strict=True):
+            await self._settle(msg, envelope, outcome)
+
+    async def _apply(
+        self, batch: list[tuple[Msg, EventEnvelope]], stop: asyncio.Event
+    ) -> list[Outcome | None] | None:
+        """Outcomes of the batch (None: failed alone); None when stopped before applying."""
+        envelopes = [envelope for _, envelope in batch]
+        sequence = max(msg.metadata.sequence.stream for msg, _ in batch)
+        delay = 0.1
+        while True:
+            try:
+                return list(await self._visits.apply(envelopes, sequence))
+            except Unavailable as exc:
+                if stop.is_set():
+                    return None
+                log.warning("projector: database unavailable, retrying: %r", exc)
+                for msg, _ in batch:
+                    await msg.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            except asyncpg.PostgresError as exc:
+                if len(batch) == 1:
+                    log.error("projector: cannot apply %s: %r", batch[0][0].subject, exc)
+                    return [None]
+                # Find the one that fails; the others go through.
+                results: list[Outcome | None] = []
+                for item in batch:
+                    single = await self._apply([item], stop)
+                    if single is None:
+                        return None
+                    results.extend(single)
+                return results
+
+    async def _settle(self, msg: Msg, envelope: EventEnvelope, outcome: Outcome | None) -> None:
+        match outcome:
+            case Outcome.APPLIED | Outcome.DUPLICATE | Outcome.SKIPPED:
+                await msg.ack()
+            case Outcome.POISON:
+                await self._park(msg, f"{envelope.type} v{envelope.schema_version} unreadable")
+            case Outcome.GAP | None if _deliveries(msg) >= PARK_AFTER:
+                reason = "never applicable" if outcome is None else "earlier event never came"
+                await self._park(msg, f"{reason} (stream_version {envelope.stream_version})")
+            case Outcome.GAP | None:
+                await msg.nak(delay=min(0.5 * 2 ** (_deliveries(msg) - 1), 30.0))
+
+    async def _park(self, msg: Msg, reason: str) -> None:
+        """Keep the message in ``parked_messages`` and terminate it on the stream."""
+        log.error("projector: parking message %s: %s", msg.subject, reason)
+        await self._visits.park(
+            msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
+        )
+        await msg.term()
+
+
+async def run_projector(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event) -> None:
+    """The ``projector`` role of ``clinic appointments``: run a :class:`VisitsProjector`."""
+    await VisitsProjector(pool, nc).run(stop)

@@ -1,0 +1,216 @@
+"""``clinic rebuild-visits``: rebuild the visits view from the event store, live.
+
+1. Build aside: every event of one snapshot is folded per appointment with the
+   projector's own :func:`~services.appointments.service_layer.visits.project` and copied
+   into ``visits_rebuild``, which then gets the live table's indexes (read from the
+   catalog, so the migrations stay their only definition).
+2. Catch up: appointments the running projector moved past the snapshot (or created
+   after it) are folded again from their streams — once without a lock, then again
+   while ``visits`` is locked for the swap.
+3. Swap: the old table is dropped and the new one takes its name and index names, in one
+   short transaction. Events the projector has not applied yet it applies to the new
+   table as usual (its version check makes that exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+from contracts.events import EventEnvelope
+from services.appointments.adapters.postgres.event_store import envelope_from_row
+from services.appointments.adapters.postgres.visits import (
+    COLUMNS,
+    upsert_args,
+    upsert_statement,
+)
+from services.appointments.service_layer.visits import Outcome, VisitRow, project
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+#: (events folded, events in the snapshot)
+Progress = Callable[[int, int], None]
+
+REBUILD_LOCK_ID: Final = 0x72656275696C64  # "rebuild"
+ASIDE: Final = "visits_rebuild"
+_SUFFIX: Final = "__rebuild"
+_EVENTS = """SELECT global_position, event_id, stream_id, stream_version, type, schema_version,
+       data, occurred_at, correlation_id, causation_id FROM events"""
+_INDEXDEF = re.compile(
+    r"^(CREATE (?:UNIQUE )?INDEX )(\S+)( ON (?:ONLY )?)(\S+?)(visits)( USING .*)$"
+)
+_SWAP_LOCK_TIMEOUT = "3s"
+_SWAP_ATTEMPTS = 20
+
+
+class RebuildAlreadyRunning(Exception):
+    """Another ``rebuild-visits`` holds the rebuild lock."""
+
+
+class StderrProgress:
+    """A one-line progress bar on stderr: ``[#####-----]  50% 5,000/10,000 events``."""
+
+    def __init__(self, width: int = 30) -> None:
+        self._width = width
+        self._shown = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        """Redraw the bar (at most every 0.1 s, and always at the end)."""
+        now = time.monotonic()
+        if done < total and now - self._shown < 0.1:
+            return
+        self._shown = now
+        ratio = done / total if total else 1.0
+        filled = int(ratio * self._width)
+        bar = "#" * filled + "-" * (self._width - filled)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r[{bar}] {ratio:4.0%} {done:,}/{total:,} events{end}")
+        sys.stderr.flush()
+
+
+@asynccontextmanager
+async def _connection(target: str | asyncpg.Pool) -> AsyncIterator[Connection]:
+    if isinstance(target, str):
+        conn = await asyncpg.connect(target)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    else:
+        async with target.acquire() as pooled:
+            yield pooled
+
+
+async def rebuild_visits(
+    target: str | asyncpg.Pool, *, progress: Progress | None = None, batch_size: int = 5000
+) -> int:
+    """Rebuild the visits view from the event store while the service runs; the number
+    of visits in the new view. ``target`` is a DSN or a pool."""
+    async with _connection(target) as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_ID):
+            raise RebuildAlreadyRunning("another rebuild-visits is running")
+        try:
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {ASIDE}; CREATE TABLE {ASIDE} (LIKE visits"
+                " INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING CONSTRAINTS)"
+            )
+            await _build(conn, progress, batch_size)
+            indexes = await _copy_indexes(conn)
+            await conn.execute(f"ANALYZE {ASIDE}")
+            await _catch_up(conn)
+            await _swap(conn, indexes)
+            return int(await conn.fetchval("SELECT count(*) FROM visits"))
+        finally:
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                await conn.execute(f"DROP TABLE IF EXISTS {ASIDE}")
+                await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+
+
+async def _build(conn: Connection, progress: Progress | None, batch_size: int) -> None:
+    """Fold one snapshot of every stream into the aside table."""
+    async with conn.transaction(isolation="repeatable_read"):
+        total = int(await conn.fetchval("SELECT count(*) FROM events"))
+        done = 0
+        pending: list[VisitRow] = []
+        row: VisitRow | None = None
+        cursor = conn.cursor(f"{_EVENTS} ORDER BY stream_id, stream_version", prefetch=batch_size)
+        async for record in cursor:
+            envelope = envelope_from_row(record)
+            if row is not None and row.appointment_id != envelope.stream_id:
+                pending.append(row)
+                row = None
+            row = _fold(row, envelope)
+            done += 1
+            if len(pending) >= batch_size:
+                await _copy(conn, pending)
+                pending.clear()
+            if progress is not None and done % batch_size == 0:
+                progress(done, total)
+        if row is not None:
+            pending.append(row)
+        await _copy(conn, pending)
+        if progress is not None:
+            progress(done, max(total, done))
+
+
+def _fold(row: VisitRow | None, envelope: EventEnvelope) -> VisitRow | None:
+    outcome, folded = project(row, envelope)
+    return folded if outcome in (Outcome.APPLIED, Outcome.SKIPPED) else row
+
+
+async def _copy(conn: Connection, rows: list[VisitRow]) -> None:
+    if rows:
+        records = [msgspec.structs.astuple(row) for row in rows]
+        await conn.copy_records_to_table(ASIDE, records=records, columns=list(COLUMNS))
+
+
+async def _copy_indexes(conn: Connection) -> list[str]:
+    """Give the aside table the live table's indexes; their names."""
+    records = await conn.fetch(
+        """SELECT i.relname AS name, pg_get_indexdef(i.oid) AS definition, x.indisprimary
+           FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+           WHERE x.indrelid = 'visits'::regclass ORDER BY x.indisprimary DESC, i.relname"""
+    )
+    for record in records:
+        name, match = record["name"], _INDEXDEF.match(record["definition"])
+        if match is None:
+            raise RuntimeError(f"unexpected index definition: {record['definition']}")
+        start, _, on, schema, _, rest = match.groups()
+        await conn.execute(f"{start}{name}{_SUFFIX}{on}{schema}{ASIDE}{rest}")
+        if record["indisprimary"]:
+            await conn.execute(
+                f"ALTER TABLE {ASIDE} ADD CONSTRAINT {name}{_SUFFIX}"
+                f" PRIMARY KEY USING INDEX {name}{_SUFFIX}"
+            )
+    return [record["name"] for record in records]
+
+
+async def _catch_up(conn: Connection) -> int:
+    """Fold again every appointment the live view has further than the aside table."""
+    ids: list[UUID] = [
+        record["appointment_id"]
+        for record in await conn.fetch(
+            f"""SELECT v.appointment_id FROM visits v
+                LEFT JOIN {ASIDE} r USING (appointment_id)
+                WHERE r.appointment_id IS NULL OR v.version > r.version"""
+        )
+    ]
+    if not ids:
+        return 0
+    rows: dict[UUID, VisitRow | None] = {}
+    for record in await conn.fetch(
+        f"{_EVENTS} WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version", ids
+    ):
+        envelope = envelope_from_row(record)
+        rows[envelope.stream_id] = _fold(rows.get(envelope.stream_id), envelope)
+    folded = [row for row in rows.values() if row is not None]
+    await conn.execute(upsert_statement(ASIDE), *upsert_args(folded))
+    return len(folded)
+
+
+async def _swap(conn: Connection, indexes: list[str]) -> None:
+    """Replace ``visits`` by the aside table, after a last catch-up under the lock."""
+    for attempt in range(_SWAP_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                # Readers queue behind a waiting exclusive lock: wait briefly, then retry.
+                await conn.execute(f"SET LOCAL lock_timeout = '{_SWAP_LOCK_TIMEOUT}'")
+                await conn.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
+                await _catch_up(conn)
+                await conn.execute(f"DROP TABLE visits; ALTER TABLE {ASIDE} RENAME TO visits")
+                for name in indexes:
+                    await conn.execute(f"ALTER INDEX {name}{_SUFFIX} RENAME TO {name}")
+                return
+        except asyncpg.LockNotAvailableError:
+            await asyncio.sleep(0.1 * (attempt + 1))
+    raise TimeoutError("could not lock the visits table to swap it in; nothing was changed")

@@ -1,0 +1,223 @@
+"""The outbox relay: publishes every committed event to JetStream, in commit order.
+
+How it keeps its promises:
+
+* **Nothing skipped.** It drains the ``outbox`` table (rows are deleted once JetStream
+  acked them) instead of following a position: a transaction that commits late is
+  simply invisible until it commits, then drained like any other row.
+* **Nothing duplicated.** Each message carries ``Nats-Msg-Id`` = ``event_id``; a batch
+  republished after a crash between ack and delete is dropped by the stream's duplicate
+  window (consumers also skip versions they have seen).
+* **One appointment in order.** One relay is active at a time: it holds a session-level
+  ``pg_try_advisory_lock`` on the connection it drains with. The others stand by and
+  retry the lock every second; when the active one dies, its session and lock go with it.
+  A batch is published pipelined on one connection, so JetStream stores it in order.
+
+Wake-up (measured, 2 cores, PostgreSQL 15, ``synchronous_commit=on``, 8 s per run):
+
+=====================================  ==========  ==========
+appends/s (p99 ms)                      8 writers   32 writers
+=====================================  ==========  ==========
+no NOTIFY                               4000-5300   3500-5400
+NOTIFY inside the append statement      2000-2350   1850-2200
+coalesced NOTIFY after the commit       3100-3850   3900-4900
+=====================================  ==========  ==========
+
+``NOTIFY`` inside the append halves the append rate (its commit takes the cluster-wide
+notify lock in ``PreCommit_Notify``, with p99 rising to 50-60 ms), so the append statement
+does not notify. The relay polls the outbox every ``poll_interval`` (an index probe of an
+almost empty table) and also ``LISTEN``\\s on :data:`CHANNEL`; an :class:`OutboxDoorbell`
+rung after appends sends one ``NOTIFY`` outside any append transaction, coalescing every
+ring that arrives while one is in flight, which wakes the relay at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from contracts.events import UnknownEventType, event_kind
+from contracts.subjects import EVENTS_STREAM, event_subject
+from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.postgres.event_store import envelope_from_row
+
+log = logging.getLogger(__name__)
+
+#: The advisory lock the active relay holds ("relay").
+RELAY_LOCK_ID: Final = 0x72656C6179
+#: The channel :class:`OutboxDoorbell` notifies and the relay listens on.
+CHANNEL: Final = "clinic_outbox"
+
+_BATCH = """
+SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
+       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
+FROM outbox o JOIN events e USING (global_position)
+ORDER BY o.global_position
+LIMIT $1
+"""
+_DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
+_RETRY_MAX = 5.0
+
+
+def subject_of(row: asyncpg.Record) -> str:
+    """The subject of an ``events`` row; a type this release does not know still gets one."""
+    try:
+        kind: str = event_kind(row["type"])
+    except UnknownEventType:
+        kind = re.sub(r"[^a-z0-9_-]", "", row["type"].removeprefix("Appointment").lower())
+    return event_subject(row["clinic_id"], row["stream_id"], kind or "unknown")
+
+
+async def _pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+class OutboxRelay:
+    """Drains the outbox into the ``APPOINTMENTS`` stream while it holds the relay lock."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        nc: NATS,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 0.05,
+        standby_interval: float = 1.0,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._js: JetStreamContext = nc.jetstream()
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._standby_interval = standby_interval
+        self._ack_timeout = ack_timeout
+        self.published = 0
+        """Events this relay published and deleted from the outbox (for tests and logs)."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
+        delay = 0.1
+        stream_ready = False
+        while not stop.is_set():
+            try:
+                if not stream_ready:
+                    await ensure_events_stream(self._js)
+                    stream_ready = True
+                async with self._pool.acquire() as conn:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID):
+                        log.info("relay active")
+                        delay = 0.1
+                        await self._lead(conn, stop)
+                        await conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_ID)
+                        continue
+                await _pause(stop, self._standby_interval)
+            except Exception as exc:  # asyncpg, nats and OS errors share no base
+                log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
+                await _pause(stop, delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _lead(self, conn: PoolConnectionProxy, stop: asyncio.Event) -> None:
+        wake = asyncio.Event()
+
+        def on_notify(*_: Any) -> None:
+            wake.set()
+
+        await conn.add_listener(CHANNEL, on_notify)
+        try:
+            failures = 0
+            while not stop.is_set():
+                wake.clear()
+                fetched, failed = await self._drain_batch(conn)
+                if failed:
+                    failures += 1
+                    await _pause(stop, min(0.1 * 2**failures, _RETRY_MAX))
+                elif fetched < self._batch_size:
+                    failures = 0
+                    await _pause(stop, self._poll_interval, wake)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(CHANNEL, on_notify)
+
+    async def _drain_batch(self, conn: PoolConnectionProxy) -> tuple[int, int]:
+        """Publish one batch and delete what was acked; (rows fetched, publishes failed)."""
+        rows = await conn.fetch(_BATCH, self._batch_size)
+        if not rows:
+            return 0, 0
+        futures: list[asyncio.Future[PubAck]] = []
+        try:
+            for row in rows:
+                futures.append(
+                    await self._js.publish_async(
+                        subject_of(row),
+                        msgspec.json.encode(envelope_from_row(row)),
+                        headers={"Nats-Msg-Id": str(row["event_id"])},
+                        stream=EVENTS_STREAM,
+                    )
+                )
+            await asyncio.wait(futures, timeout=self._ack_timeout)
+        finally:
+            for future in futures:
+                future.cancel()  # no-op once done; frees the pending slot otherwise
+        acked = [
+            row["global_position"]
+            for row, future in zip(rows, futures, strict=True)
+            if not future.cancelled() and future.exception() is None
+        ]
+        if acked:
+            await conn.execute(_DELETE, acked)
+            self.published += len(acked)
+        failed = len(rows) - len(acked)
+        if failed:
+            errors = {repr(f.exception()) for f in futures if not f.cancelled() and f.exception()}
+            log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
+        return len(rows), failed
+
+
+async def run_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event) -> None:
+    """The ``relay`` role of ``clinic appointments``: run an :class:`OutboxRelay`."""
+    await OutboxRelay(pool, nc).run(stop)
+
+
+class OutboxDoorbell:
+    """Wakes the relay right after an append, outside the append's transaction.
+
+    :meth:`ring` never waits: it sends one ``NOTIFY`` at a time, and every ring during a
+    send is folded into one more send. A lost ring only costs the relay's poll interval.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._rung = False
+        self._sending: asyncio.Task[None] | None = None
+
+    def ring(self) -> None:
+        """Ask for a wake-up of the relay (call after a successful append)."""
+        self._rung = True
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._rung:
+            self._rung = False
+            try:
+                await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
+            except Exception as exc:  # the relay polls anyway
+                log.debug("outbox doorbell failed: %r", exc)
+                return

@@ -1,0 +1,238 @@
+"""The visits read model: how an event changes a visit row, and the Upcoming/Past query.
+
+A row stores only facts (times, appointment status, the stream version it reflects);
+everything that depends on the clock — the tab, the visit status, ``can_cancel``,
+``can_start`` — is computed at read time by :mod:`services.appointments.domain.rules`, the
+same functions the commands use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Protocol
+from uuid import UUID
+
+import msgspec
+
+from contracts.commands import MAX_DURATION_MINUTES, VisitsTab
+from contracts.common import Principal
+from contracts.events import (
+    AppointmentCancelled,
+    AppointmentScheduled,
+    AppointmentStarted,
+    EventEnvelope,
+    UnknownEventType,
+    decode_event,
+)
+from contracts.views import AppointmentStatus, VisitsPage, VisitView
+from services.appointments.domain.rules import (
+    Rules,
+    can_cancel,
+    can_start,
+    ends_at,
+    is_upcoming,
+    start_window_opens_at,
+    visit_status,
+)
+from services.appointments.service_layer.consistency import parse_token
+from services.appointments.service_layer.ports import Clock
+from services.errors import InvalidRequest
+
+#: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
+#: which bounds the Upcoming index range from below.
+LONGEST_VISIT = timedelta(minutes=MAX_DURATION_MINUTES)
+
+
+class VisitRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One appointment as the visits table stores it."""
+
+    appointment_id: UUID
+    clinic_id: UUID
+    patient_id: UUID
+    provider_id: UUID
+    starts_at: datetime
+    ends_at: datetime
+    duration_minutes: int
+    timezone: str
+    visit_reason: str | None
+    status: AppointmentStatus
+    version: int
+
+
+class Outcome(Enum):
+    """What projecting one event did."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    """Already reflected (version <= the row's): a redelivery or a replay."""
+    GAP = "gap"
+    """An earlier event of the appointment is missing: retry later."""
+    SKIPPED = "skipped"
+    """An event type this release does not know: the version moves, nothing else."""
+    POISON = "poison"
+    """A known type whose data cannot be read: park it."""
+
+
+def project(row: VisitRow | None, envelope: EventEnvelope) -> tuple[Outcome, VisitRow | None]:
+    """The row after ``envelope``, and what happened; pure, so replays agree with rebuilds."""
+    version = envelope.stream_version
+    stored = row.version if row is not None else 0
+    if version <= stored:
+        return Outcome.DUPLICATE, row
+    if version > stored + 1:
+        return Outcome.GAP, row
+    try:
+        event = decode_event(envelope.type, envelope.schema_version, envelope.data)
+    except UnknownEventType:
+        moved = None if row is None else msgspec.structs.replace(row, version=version)
+        return Outcome.SKIPPED, moved
+    except (msgspec.ValidationError, KeyError, ValueError, TypeError):
+        return Outcome.POISON, row
+    match event:
+        case AppointmentScheduled() if row is None:
+            starts_at = event.starts_at.astimezone(UTC)
+            return Outcome.APPLIED, VisitRow(
+                appointment_id=envelope.stream_id,
+                clinic_id=event.clinic_id,
+                patient_id=event.patient_id,
+                provider_id=event.provider_id,
+                starts_at=starts_at,
+                ends_at=ends_at(starts_at, event.duration_minutes),
+                duration_minutes=event.duration_minutes,
+                timezone=event.timezone,
+                visit_reason=event.visit_reason,
+                status="scheduled",
+                version=version,
+            )
+        case AppointmentCancelled() if row is not None:
+            return Outcome.APPLIED, msgspec.structs.replace(
+                row, status="cancelled", version=version
+            )
+        case AppointmentStarted() if row is not None:
+            return Outcome.APPLIED, msgspec.structs.replace(row, status="started", version=version)
+        case _:
+            # The write side never stores this (e.g. a second "scheduled").
+            return Outcome.POISON, row
+
+
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """The visits a principal may list: a clinic's, narrowed to a patient or a provider."""
+
+    clinic_id: UUID
+    patient_id: UUID | None = None
+    provider_id: UUID | None = None
+
+    @classmethod
+    def of(cls, principal: Principal) -> Scope:
+        """Patients see their own visits, providers those they hold, staff the clinic's."""
+        if principal.role == "patient":
+            return cls(clinic_id=principal.clinic_id, patient_id=principal.id)
+        if principal.role == "provider":
+            return cls(clinic_id=principal.clinic_id, provider_id=principal.id)
+        return cls(clinic_id=principal.clinic_id)
+
+
+class PageKey(msgspec.Struct, frozen=True, array_like=True):
+    """Where a page ends: the sort key of its last visit (keyset pagination)."""
+
+    tab: VisitsTab
+    starts_at: datetime
+    appointment_id: UUID
+
+
+def encode_cursor(key: PageKey) -> str:
+    """An opaque cursor for ``key``."""
+    return base64.urlsafe_b64encode(msgspec.json.encode(key)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, tab: VisitsTab) -> PageKey:
+    """The key of a cursor of ``tab``; ``invalid-request`` for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = msgspec.json.decode(raw, type=PageKey)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidRequest("cursor is not a cursor this service issued.") from None
+    if key.tab != tab or key.starts_at.tzinfo is None:
+        raise InvalidRequest(f"cursor does not belong to the {tab} tab.")
+    return key
+
+
+class VisitsReader(Protocol):
+    """The visits table, as the query service reads it."""
+
+    async def page(
+        self, scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
+    ) -> list[VisitRow]:
+        """Up to ``limit`` rows of ``tab`` at ``now`` in ``scope``, in the tab's order,
+        strictly after ``after``. Upcoming: soonest first; Past: most recent first."""
+        ...
+
+    async def wait_for_version(
+        self, appointment_id: UUID, version: int, wait_seconds: float
+    ) -> bool:
+        """Wait up to ``wait_seconds`` until the view reflects ``version`` of the
+        appointment; whether it does."""
+        ...
+
+
+def visit_view(row: VisitRow, now: datetime, rules: Rules) -> VisitView:
+    """The visit as listed at ``now``: status and flags from the commands' own rules."""
+    return VisitView(
+        appointment_id=row.appointment_id,
+        clinic_id=row.clinic_id,
+        patient_id=row.patient_id,
+        provider_id=row.provider_id,
+        starts_at=row.starts_at,
+        ends_at=row.ends_at,
+        timezone=row.timezone,
+        visit_reason=row.visit_reason,
+        status=visit_status(row.status, row.ends_at, now),
+        can_cancel=can_cancel(row.status, row.ends_at, now),
+        can_start=can_start(row.status, row.starts_at, row.ends_at, now, rules),
+        start_window_opens_at=start_window_opens_at(row.starts_at, rules),
+    )
+
+
+class VisitsQuery:
+    """``GET /v1/visits`` and ``appointments.v1.query.visits``."""
+
+    def __init__(
+        self, reader: VisitsReader, clock: Clock, rules: Rules, consistency_wait: timedelta
+    ) -> None:
+        self._reader = reader
+        self._clock = clock
+        self._rules = rules
+        self._wait = consistency_wait
+
+    async def list_visits(
+        self,
+        principal: Principal,
+        tab: VisitsTab = "upcoming",
+        limit: int = 20,
+        cursor: str | None = None,
+        consistency_token: str | None = None,
+    ) -> tuple[VisitsPage, bool]:
+        """One page of the principal's visits, and whether it is stale: the view had not
+        caught up with ``consistency_token`` within the configured wait."""
+        if not 1 <= limit <= 100:
+            raise InvalidRequest("limit must be between 1 and 100.")
+        after = decode_cursor(cursor, tab) if cursor else None
+        stale = False
+        if consistency_token:
+            stream_id, version = parse_token(consistency_token)
+            seconds = self._wait.total_seconds()
+            stale = not await self._reader.wait_for_version(stream_id, version, seconds)
+        now = self._clock()
+        rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
+        # The SQL already filters by tab; the rules stay the authority.
+        upcoming = tab == "upcoming"
+        rows = [r for r in rows if is_upcoming(r.status, r.ends_at, now) == upcoming]
+        items = [visit_view(row, now, self._rules) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
+        return VisitsPage(items=items, next_cursor=next_cursor), stale
