@@ -1,0 +1,265 @@
+"""The outbox relay against real PostgreSQL and NATS: every committed event reaches the
+``APPOINTMENTS`` stream exactly once, in order per appointment, whatever the commit order
+and however many relays run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType
+
+from contracts.common import Actor
+from contracts.events import AppointmentCancelled, AppointmentScheduled, EventEnvelope
+from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS, event_subject
+from services.appointments.adapters.nats.streams import (
+    DUPLICATE_WINDOW_SECONDS,
+    ensure_events_stream,
+    events_stream_config,
+)
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.relay import OutboxDoorbell, OutboxRelay
+from services.appointments.service_layer.ports import NewEvent
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(relay: OutboxRelay) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def booking(clinic_id: uuid.UUID) -> AppointmentScheduled:
+    return AppointmentScheduled(
+        clinic_id=clinic_id,
+        patient_id=uuid.uuid4(),
+        provider_id=uuid.uuid4(),
+        starts_at=datetime.now(UTC) + timedelta(days=1),
+        duration_minutes=30,
+        timezone="Europe/Berlin",
+        scheduled_by=Actor(id=uuid.uuid4(), role="staff"),
+    )
+
+
+async def append_lifecycle(store: PostgresEventStore, clinic_id: uuid.UUID) -> list[uuid.UUID]:
+    """Schedule then cancel one appointment; the two event ids."""
+    stream = uuid.uuid4()
+    scheduled = NewEvent(
+        event_id=uuid.uuid4(), event=booking(clinic_id), occurred_at=datetime.now(UTC)
+    )
+    cancelled = NewEvent(
+        event_id=uuid.uuid4(),
+        event=AppointmentCancelled(
+            clinic_id=clinic_id,
+            cancelled_by=Actor(id=uuid.uuid4(), role="patient"),
+            cancelled_at=datetime.now(UTC),
+        ),
+        occurred_at=datetime.now(UTC),
+    )
+    await store.append(stream, 0, [scheduled])
+    await store.append(stream, 1, [cancelled])
+    return [scheduled.event_id, cancelled.event_id]
+
+
+async def append_many(
+    store: PostgresEventStore, appointments: int, writers: int = 16
+) -> list[uuid.UUID]:
+    clinic_id = uuid.uuid4()
+    ids: list[uuid.UUID] = []
+
+    async def writer(count: int) -> None:
+        for _ in range(count):
+            ids.extend(await append_lifecycle(store, clinic_id))
+
+    share, extra = divmod(appointments, writers)
+    await asyncio.gather(*(writer(share + (i < extra)) for i in range(writers)))
+    return ids
+
+
+async def stream_messages(nc: NATS) -> list[nats.aio.msg.Msg]:
+    """Every message of the stream, in stream order, read back with a throwaway consumer."""
+    js = nc.jetstream()
+    total = (await js.stream_info(EVENTS_STREAM)).state.messages
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, filter_subject=EVENTS_SUBJECTS)
+    sub = await js.pull_subscribe(EVENTS_SUBJECTS, stream=EVENTS_STREAM, config=config)
+    messages: list[nats.aio.msg.Msg] = []
+    try:
+        while len(messages) < total:
+            messages.extend(await sub.fetch(min(500, total - len(messages)), timeout=5))
+    finally:
+        await sub.unsubscribe()
+    return messages
+
+
+async def outbox_empty(pool: asyncpg.Pool) -> bool:
+    return not await pool.fetchval("SELECT EXISTS (SELECT FROM outbox)")
+
+
+async def published(relay: OutboxRelay, count: int) -> bool:
+    return relay.published >= count
+
+
+def event_ids(messages: list[nats.aio.msg.Msg]) -> list[str]:
+    return [msg.headers["Nats-Msg-Id"] for msg in messages if msg.headers]
+
+
+async def test_every_committed_event_arrives_once_with_its_envelope_and_subject(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    relay = OutboxRelay(pool, nc)
+    async with running(relay):
+        appended = await append_many(store, 1500)
+        await eventually(lambda: outbox_empty(pool))
+    messages = await stream_messages(nc)
+    assert len(messages) == len(appended) == 3000
+    assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
+    assert relay.published == 3000
+    stored = {
+        row["event_id"]: row
+        for row in await pool.fetch(
+            "SELECT event_id, stream_id, stream_version, clinic_id, type FROM events"
+        )
+    }
+    last_version: dict[uuid.UUID, int] = {}
+    for msg in messages:
+        envelope = msgspec.json.decode(msg.data, type=EventEnvelope)
+        row = stored[envelope.event_id]
+        kind = "scheduled" if envelope.type == "AppointmentScheduled" else "cancelled"
+        assert msg.subject == event_subject(row["clinic_id"], envelope.stream_id, kind)
+        assert envelope.stream_version == row["stream_version"]
+        assert envelope.data["clinic_id"] == str(row["clinic_id"])
+        # Within one appointment, the stream holds its events in version order.
+        assert envelope.stream_version == last_version.get(envelope.stream_id, 0) + 1
+        last_version[envelope.stream_id] = envelope.stream_version
+
+
+async def test_a_transaction_committing_late_is_published_after_it_commits(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    async with pool.acquire() as conn, running(OutboxRelay(pool, nc, poll_interval=0.01)):
+        held = conn.transaction()
+        await held.start()
+        # Takes its global position now, before every event appended below.
+        late_ids = await append_lifecycle(PostgresEventStore(conn), uuid.uuid4())
+        late_positions = await conn.fetch("SELECT global_position FROM events")
+        early_ids = await append_many(store, 100, writers=4)
+        early_positions = await pool.fetch("SELECT global_position FROM events")
+        assert max(late_positions) < min(early_positions)
+
+        async def early_published() -> bool:
+            return len(await stream_messages(nc)) == len(early_ids)
+
+        await eventually(early_published)
+        assert not set(map(str, late_ids)) & set(event_ids(await stream_messages(nc)))
+        await held.commit()
+        await eventually(lambda: outbox_empty(pool))
+    published = event_ids(await stream_messages(nc))
+    assert sorted(published) == sorted(str(i) for i in early_ids + late_ids)
+    assert published[-2:] == [str(i) for i in late_ids]
+
+
+async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_over(
+    pool: asyncpg.Pool, database_url: str, nats_url: str, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    other_pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    other_nc = await nats.connect(nats_url)
+    first = OutboxRelay(pool, nc, batch_size=50)
+    second = OutboxRelay(other_pool, other_nc, batch_size=50, standby_interval=0.05)
+    try:
+        async with running(first) as stop_first:
+            appended = await append_many(store, 10)
+            await eventually(lambda: published(first, 20))  # the first one is active
+            async with running(second):
+                appended += await append_many(store, 500)
+                await eventually(lambda: outbox_empty(pool))
+                assert second.published == 0  # a standby publishes nothing
+                stop_first.set()
+                appended += await append_many(store, 500)
+                await eventually(lambda: outbox_empty(pool))
+    finally:
+        await other_nc.close()
+        await other_pool.close()
+    messages = await stream_messages(nc)
+    assert len(messages) == len(appended) == 2020
+    assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
+    # Each outbox row was published (and deleted) by exactly one relay.
+    assert first.published + second.published == 2020
+    assert second.published >= 1000
+
+
+async def test_the_doorbell_wakes_the_relay_before_its_poll(pool: asyncpg.Pool, nc: NATS) -> None:
+    store = PostgresEventStore(pool)
+    bell = OutboxDoorbell(pool)
+    async with running(OutboxRelay(pool, nc, poll_interval=30.0)):
+        await asyncio.sleep(0.3)  # the relay is now waiting out its (long) poll interval
+        ids = await append_lifecycle(store, uuid.uuid4())
+        bell.ring()
+        bell.ring()
+        started = time.monotonic()
+        await eventually(lambda: outbox_empty(pool), within=10)
+        assert time.monotonic() - started < 5
+    assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
+
+
+async def test_a_republished_event_is_dropped_by_the_duplicate_window(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    async with running(OutboxRelay(pool, nc)):
+        ids = await append_lifecycle(store, uuid.uuid4())
+        await eventually(lambda: outbox_empty(pool))
+    # As if the relay had crashed after the acks, before deleting its outbox rows.
+    await pool.execute("INSERT INTO outbox SELECT global_position FROM events")
+    async with running(OutboxRelay(pool, nc)):
+        await eventually(lambda: outbox_empty(pool))
+    assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
+
+
+async def test_the_stream_is_created_and_updated_from_code(nc: NATS) -> None:
+    js = nc.jetstream()
+    info = await ensure_events_stream(js)
+    assert info.config.subjects == [EVENTS_SUBJECTS]
+    assert info.config.storage == StorageType.FILE
+    assert info.config.duplicate_window == pytest.approx(DUPLICATE_WINDOW_SECONDS)
+    await js.update_stream(events_stream_config().evolve(duplicate_window=10.0, max_msgs=10_000))
+    info = await ensure_events_stream(js)
+    assert info.config.duplicate_window == pytest.approx(DUPLICATE_WINDOW_SECONDS)
+    assert info.config.max_msgs == 10_000  # an operator's setting the code does not manage
+    assert (await ensure_events_stream(js)).config == info.config
