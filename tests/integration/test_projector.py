@@ -1,0 +1,264 @@
+"""The visits projector against real PostgreSQL and NATS: the view follows the stream,
+redeliveries change nothing, early events wait, unknown ones are skipped, poison is parked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from contracts.common import Actor
+from contracts.events import (
+    AppointmentCancelled,
+    AppointmentScheduled,
+    AppointmentStarted,
+    Event,
+    EventEnvelope,
+    event_data,
+)
+from contracts.subjects import EVENTS_STREAM, event_subject
+from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.visits import PostgresVisits
+from services.appointments.projector import CONSUMER, run_projector
+from services.appointments.rebuild import rebuild_visits
+from services.appointments.relay import run_relay
+from services.appointments.service_layer.ports import NewEvent
+from services.appointments.service_layer.visits import Outcome
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+STAFF = Actor(id=uuid.uuid4(), role="staff")
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_url)
+    await ensure_events_stream(conn.jetstream())
+    yield conn
+    await conn.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(pool: asyncpg.Pool, nc: NATS, *roles: Any) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(role(pool, nc, stop)) for role in roles]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+def scheduled(clinic_id: uuid.UUID, hours: float = 2) -> AppointmentScheduled:
+    return AppointmentScheduled(
+        clinic_id=clinic_id,
+        patient_id=uuid.uuid4(),
+        provider_id=uuid.uuid4(),
+        starts_at=NOW + timedelta(hours=hours),
+        duration_minutes=30,
+        timezone="America/New_York",
+        visit_reason="check-up",
+        scheduled_by=STAFF,
+    )
+
+
+def envelope(stream_id: uuid.UUID, version: int, type_: str, data: dict[str, Any]) -> EventEnvelope:
+    return EventEnvelope(
+        event_id=uuid.uuid4(),
+        type=type_,
+        schema_version=1 if type_ != "AppointmentScheduled" else 2,
+        stream_id=stream_id,
+        stream_version=version,
+        global_position=0,
+        occurred_at=NOW,
+        data=data,
+    )
+
+
+def of(stream_id: uuid.UUID, version: int, event: Event) -> EventEnvelope:
+    return envelope(stream_id, version, type(event).__name__, event_data(event))
+
+
+async def publish(
+    nc: NATS, clinic_id: uuid.UUID, item: EventEnvelope | bytes, kind: str = "scheduled"
+) -> None:
+    body = item if isinstance(item, bytes) else msgspec.json.encode(item)
+    stream_id = uuid.uuid4() if isinstance(item, bytes) else item.stream_id
+    await nc.jetstream().publish(event_subject(clinic_id, stream_id, kind), body)
+
+
+async def view(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM visits ORDER BY appointment_id")
+
+
+async def consumer_idle(nc: NATS) -> bool:
+    try:
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, CONSUMER)
+    except NotFoundError:  # not created yet
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def append_workload(
+    pool: asyncpg.Pool, clinic_id: uuid.UUID, count: int
+) -> dict[uuid.UUID, str]:
+    """Schedule ``count`` appointments, cancel every third, start every third; statuses."""
+    store = PostgresEventStore(pool)
+    expected: dict[uuid.UUID, str] = {}
+
+    async def one(i: int) -> None:
+        stream = uuid.uuid4()
+        await store.append(
+            stream,
+            0,
+            [NewEvent(event_id=uuid.uuid4(), event=scheduled(clinic_id, 1 + i), occurred_at=NOW)],
+        )
+        expected[stream] = "scheduled"
+        then: Event | None = None
+        if i % 3 == 1:
+            then = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+        elif i % 3 == 2:
+            then = AppointmentStarted(clinic_id=clinic_id, started_by=STAFF, started_at=NOW)
+        if then is not None:
+            await store.append(
+                stream, 1, [NewEvent(event_id=uuid.uuid4(), event=then, occurred_at=NOW)]
+            )
+            expected[stream] = "cancelled" if i % 3 == 1 else "started"
+
+    for start in range(0, count, 50):
+        await asyncio.gather(*(one(i) for i in range(start, min(start + 50, count))))
+    return expected
+
+
+async def test_the_view_follows_the_stream_and_equals_a_rebuild(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    clinic_id = uuid.uuid4()
+    async with running(pool, nc, run_relay, run_projector):
+        expected = await append_workload(pool, clinic_id, 600)
+
+        async def caught_up() -> bool:
+            return await pool.fetchval("SELECT sum(version) FROM visits") == 600 + 400
+
+        await eventually(caught_up)
+    rows = await view(pool)
+    assert {row["appointment_id"]: row["status"] for row in rows} == expected
+    assert all(
+        row["clinic_id"] == clinic_id and row["timezone"] == "America/New_York" for row in rows
+    )
+    assert all(row["ends_at"] - row["starts_at"] == timedelta(minutes=30) for row in rows)
+    assert await PostgresVisits(pool, CONSUMER).checkpoint() == 1000
+    assert await rebuild_visits(pool) == 600
+    assert await view(pool) == rows
+
+
+async def test_a_redelivered_or_replayed_stream_changes_nothing(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    async with running(pool, nc, run_relay, run_projector):
+        await append_workload(pool, uuid.uuid4(), 90)
+        await eventually(lambda: consumer_idle(nc))
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 90 FROM visits"))
+    before = await view(pool)
+    # A new consumer with the same name delivers the whole stream again.
+    await nc.jetstream().delete_consumer(EVENTS_STREAM, CONSUMER)
+    async with running(pool, nc, run_projector):
+        await eventually(lambda: consumer_idle(nc))
+    assert await view(pool) == before
+
+
+async def test_applying_the_same_events_twice_changes_nothing(pool: asyncpg.Pool) -> None:
+    visits = PostgresVisits(pool)
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    events = [
+        of(stream, 1, scheduled(clinic_id)),
+        of(
+            stream,
+            2,
+            AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW),
+        ),
+    ]
+    assert await visits.apply(events, 2) == [Outcome.APPLIED, Outcome.APPLIED]
+    before = await view(pool)
+    assert await visits.apply(events, 2) == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert await visits.apply(events[:1], 1) == [Outcome.DUPLICATE]
+    assert await view(pool) == before
+    assert await visits.checkpoint() == 2
+
+
+async def test_an_early_event_waits_for_the_one_before_it(pool: asyncpg.Pool, nc: NATS) -> None:
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await publish(nc, clinic_id, of(stream, 2, cancel), "cancelled")
+    await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+    async with running(pool, nc, run_projector):
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT version = 2 FROM visits WHERE appointment_id = $1", stream
+            )
+        )
+        await eventually(lambda: consumer_idle(nc))
+    assert await pool.fetchval("SELECT status FROM visits") == "cancelled"
+    assert await pool.fetchval("SELECT count(*) FROM parked_messages") == 0
+
+
+async def test_unknown_event_types_are_skipped(pool: asyncpg.Pool, nc: NATS) -> None:
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+    await publish(
+        nc, clinic_id, envelope(stream, 2, "AppointmentRescheduled", {"x": 1}), "rescheduled"
+    )
+    await publish(nc, clinic_id, envelope(uuid.uuid4(), 1, "PatientMoved", {}), "moved")
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await publish(nc, clinic_id, of(stream, 3, cancel), "cancelled")
+    async with running(pool, nc, run_projector):
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT version = 3 FROM visits WHERE appointment_id = $1", stream
+            )
+        )
+        await eventually(lambda: consumer_idle(nc))
+    assert await pool.fetchval("SELECT status FROM visits") == "cancelled"
+    assert await pool.fetchval("SELECT count(*) FROM visits") == 1
+
+
+async def test_poison_messages_are_parked_and_never_block(pool: asyncpg.Pool, nc: NATS) -> None:
+    clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+    await publish(nc, clinic_id, b"\xff not json")
+    await publish(
+        nc, clinic_id, envelope(uuid.uuid4(), 1, "AppointmentScheduled", {"clinic_id": "nope"})
+    )
+    await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+    async with running(pool, nc, run_projector):
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM visits"))
+        await eventually(lambda: consumer_idle(nc))
+    parked = await pool.fetch("SELECT stream_sequence, reason FROM parked_messages ORDER BY 1")
+    assert [row["stream_sequence"] for row in parked] == [1, 2]
+    assert "undecodable" in parked[0]["reason"]
+    assert "unreadable" in parked[1]["reason"]
+    assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
