@@ -1,0 +1,1 @@
+"""The NATS service API (``appointments`` micro service) for the other clinic services."""

@@ -1,0 +1,226 @@
+"""``serve_nats``: the ``appointments`` NATS micro service, for the other clinic services.
+
+A service-API micro service (``$SRV.PING|INFO|STATS`` discovery) whose endpoints listen
+as one queue group, so every instance of the ``api`` role shares the load. nats-py runs a
+subscription's callback one message at a time, so each request runs in a task of its own
+(bounded): a visits query waiting for its consistency token never holds up a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Final
+
+from nats.aio.client import Client as NATS
+from nats.micro.request import Handler, Request
+from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
+from prometheus_client import Histogram
+
+from contracts.errors import ErrorCode, problem
+from contracts.json_schema import SCHEMA_ID_BASE
+from contracts.service_api import ENDPOINTS, Endpoint
+from contracts.subjects import SERVICE_NAME
+from services.appointments.bootstrap import Container
+from services.appointments.entrypoints.nats.handlers import ServiceApi
+from services.appointments.entrypoints.nats.replies import Reply, failure
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP: Final = SERVICE_NAME
+#: Requests handed to the application layer at once (the pool bounds it further).
+MAX_IN_FLIGHT: Final = 64
+#: Requests accepted in all (running or waiting); beyond, ``unavailable`` at once.
+MAX_ACCEPTED: Final = 1024
+#: On stop, how long requests already accepted may take to finish and be answered.
+DRAIN_SECONDS: Final = 5.0
+DESCRIPTION: Final = (
+    "Appointments of the telehealth clinic: schedule, cancel, start, read them, and list "
+    "visits. Requests and replies: contracts/schemas (AsyncAPI: asyncapi.json)."
+)
+
+REQUEST_SECONDS = Histogram(
+    "clinic_nats_request_duration_seconds",
+    "NATS service-API requests by endpoint and status (the HTTP status of the reply).",
+    ["endpoint", "status"],
+)
+
+
+def service_version() -> str:
+    """The installed distribution's version (a semantic version, as micro requires)."""
+    try:
+        return metadata.version("clinic-appointments")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def endpoint_metadata(endpoint: Endpoint) -> dict[str, str]:
+    """What ``$SRV.INFO`` tells about an endpoint: its schemas, by name."""
+    return {
+        "kind": "command" if endpoint.command else "query",
+        "request_schema": endpoint.request.__name__,
+        "reply_schema": endpoint.reply.__name__,
+        "error_schema": "Problem",
+        "summary": endpoint.summary,
+    }
+
+
+@dataclass
+class _Counters:
+    error_replies: int = 0
+    last_error: str = ""
+    answered: int = 0
+    processing_ns: int = 0
+
+
+class Dispatcher:
+    """Runs each request of the micro service's endpoints in a bounded task of its own."""
+
+    def __init__(
+        self, api: ServiceApi, max_in_flight: int = MAX_IN_FLIGHT, max_accepted: int = MAX_ACCEPTED
+    ) -> None:
+        self._api = api
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_accepted = max_accepted
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counters = {endpoint.name: _Counters() for endpoint in ENDPOINTS}
+
+    def handler(self, endpoint: str) -> Handler:
+        """The micro handler of ``endpoint``: accept the request, answer it in a task."""
+
+        async def accept(request: Request) -> None:
+            if len(self._tasks) >= self._max_accepted:
+                doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
+                await self._respond(endpoint, request, failure(doc, retry_after=1), 0)
+                return
+            task = asyncio.create_task(self._run(endpoint, request), name=f"nats-{endpoint}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return accept
+
+    async def _run(self, endpoint: str, request: Request) -> None:
+        async with self._slots:
+            started = time.perf_counter_ns()
+            reply = await self._api.answer(endpoint, request.data, request.headers)
+            await self._respond(endpoint, request, reply, time.perf_counter_ns() - started)
+
+    async def _respond(self, endpoint: str, request: Request, reply: Reply, elapsed: int) -> None:
+        counters = self._counters[endpoint]
+        counters.answered += 1
+        counters.processing_ns += elapsed
+        status = reply.error_code or "200"
+        if reply.error_code is not None:
+            counters.error_replies += 1
+            counters.last_error = status
+        REQUEST_SECONDS.labels(endpoint, status).observe(elapsed / 1e9)
+        try:
+            await request.respond(reply.data, headers=reply.headers)
+        except ValueError:
+            log.warning("a %s request without a reply subject was handled unanswered", endpoint)
+        except Exception as exc:  # the connection closed or broke meanwhile
+            log.warning("could not reply to a %s request: %s", endpoint, exc)
+
+    def stats(self, endpoint: EndpointStats) -> dict[str, Any]:
+        """The ``data`` of an endpoint in ``$SRV.STATS`` (error replies are not exceptions,
+        so micro's own ``num_errors`` stays 0)."""
+        counters = self._counters.get(endpoint.name, _Counters())
+        average = counters.processing_ns // counters.answered if counters.answered else 0
+        return {
+            "error_replies": counters.error_replies,
+            "last_error_status": counters.last_error,
+            "average_processing_time": average,
+            "in_flight": len(self._tasks),
+        }
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` s for accepted requests to be answered; how many were not."""
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+            for task in pending:
+                task.cancel()
+        return len(pending)
+
+
+def service_config(dispatcher: Dispatcher) -> ServiceConfig:
+    """The micro service's identity, as ``$SRV.PING|INFO`` report it."""
+    return ServiceConfig(
+        name=SERVICE_NAME,
+        version=service_version(),
+        description=DESCRIPTION,
+        metadata={"api": "v1", "schema_id_base": SCHEMA_ID_BASE},
+        queue_group=QUEUE_GROUP,
+        stats_handler=dispatcher.stats,
+    )
+
+
+async def _stop_service(service: Service) -> None:
+    try:
+        await service.stop()
+    except Exception as exc:  # the connection is closed: nothing left to unsubscribe
+        log.warning("NATS service API did not stop cleanly: %s", exc)
+
+
+async def start_service(nc: NATS, dispatcher: Dispatcher, stop: asyncio.Event) -> Service | None:
+    """Start the micro service with every endpoint; retried while NATS is unreachable.
+
+    ``None`` when ``stop`` was set first.
+    """
+    delay = 0.2
+    while not stop.is_set():
+        service = Service(nc, service_config(dispatcher))
+        try:
+            await service.start()
+            for endpoint in ENDPOINTS:
+                await service.add_endpoint(
+                    EndpointConfig(
+                        name=endpoint.name,
+                        subject=endpoint.subject,
+                        handler=dispatcher.handler(endpoint.name),
+                        metadata=endpoint_metadata(endpoint),
+                    )
+                )
+            await nc.flush()
+        except Exception as exc:  # nats-py raises several unrelated types here
+            log.warning("NATS service API not started, retrying in %.1fs: %s", delay, exc)
+            await _stop_service(service)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            delay = min(delay * 2, 5.0)
+            continue
+        log.info("NATS service API started", extra={"service_id": service.id})
+        return service
+    return None
+
+
+async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
+    """Serve ``api`` on ``nc`` until ``stop`` is set, then stop taking requests and answer
+    the ones already accepted (for at most :data:`DRAIN_SECONDS`)."""
+    dispatcher = Dispatcher(api)
+    service = await start_service(nc, dispatcher, stop)
+    if service is None:
+        return
+    try:
+        await stop.wait()
+    finally:
+        await _stop_service(service)
+        unanswered = await dispatcher.drain(DRAIN_SECONDS)
+        if unanswered:
+            log.warning("stopped with %d NATS requests unanswered", unanswered)
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        log.info("NATS service API stopped")
+
+
+async def serve_nats(container: Container, stop: asyncio.Event) -> None:
+    """The ``api`` role's NATS service API, until ``stop`` is set (then drained)."""
+    if container.nats is None:
+        raise RuntimeError("The NATS service API needs a NATS connection.")
+    visits = getattr(container, "visits", None)
+    await serve(container.nats, ServiceApi(container.appointments, visits), stop)
