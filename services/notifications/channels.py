@@ -1,0 +1,96 @@
+"""Delivery channels: push (a message on the NOTIFICATIONS stream) and what they share.
+
+A channel's ``send`` returns None once the notification is out, a reason when it is not
+to be sent on this channel (e.g. no email address), and raises :class:`DeliveryFailed`
+otherwise, saying whether trying again can help.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol
+
+import msgspec
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError
+
+from contracts.notifications import Notification
+from contracts.subjects import NOTIFICATIONS_STREAM, NOTIFICATIONS_SUBJECTS, notification_subject
+
+log = logging.getLogger(__name__)
+
+#: How long JetStream remembers a ``Nats-Msg-Id``: a push resent after a crash within it
+#: is dropped as a duplicate. Workers resend an in-doubt push only inside this window.
+PUSH_DUPLICATE_WINDOW_SECONDS: Final = 3600.0
+#: What the mobile gateway can still catch up on after an outage of its own.
+PUSH_RETENTION_SECONDS: Final = 14 * 24 * 3600.0
+PUBLISH_TIMEOUT_SECONDS: Final = 5.0
+
+
+class DeliveryFailed(Exception):
+    """A send failed; ``permanent`` when trying again cannot help."""
+
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+class DeliveryChannel(Protocol):
+    """Sends notifications one way (push, email…)."""
+
+    name: str
+
+    async def send(self, notification: Notification) -> str | None:
+        """Send; None when sent, else why it is not sent on this channel (for good)."""
+        ...
+
+
+def notifications_stream_config() -> StreamConfig:
+    """``NOTIFICATIONS``: every notification sent, de-duplicated by ``notification_id``."""
+    return StreamConfig(
+        name=NOTIFICATIONS_STREAM,
+        description="Notifications sent, the mobile gateway's push source.",
+        subjects=[NOTIFICATIONS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        max_age=PUSH_RETENTION_SECONDS,
+        duplicate_window=PUSH_DUPLICATE_WINDOW_SECONDS,
+    )
+
+
+class PushChannel:
+    """Publishes each notification on ``notifications.v1.sent.<kind>``, with
+    ``Nats-Msg-Id`` = ``notification_id`` so a resend is de-duplicated by JetStream."""
+
+    name = "push"
+
+    def __init__(self, js: JetStreamContext, timeout: float = PUBLISH_TIMEOUT_SECONDS) -> None:
+        self._js = js
+        self._timeout = timeout
+
+    async def send(self, notification: Notification) -> str | None:
+        """Publish and wait for the stream's acknowledgement."""
+        try:
+            ack = await self._js.publish(
+                notification_subject(notification.kind),
+                msgspec.json.encode(notification),
+                timeout=self._timeout,
+                stream=NOTIFICATIONS_STREAM,
+                headers={"Nats-Msg-Id": str(notification.notification_id)},
+            )
+        except APIError as exc:
+            # 503 (no JetStream leader yet) passes; any other refusal will not change.
+            permanent = exc.code is not None and exc.code != 503
+            raise DeliveryFailed(f"publish refused: {exc}", permanent=permanent) from exc
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise DeliveryFailed(f"publish failed: {exc!r}", permanent=False) from exc
+        if ack.duplicate:
+            log.info(
+                "push was already sent",
+                extra={"notification_id": str(notification.notification_id)},
+            )
+        return None

@@ -1,0 +1,195 @@
+"""The notification service's own durable pull consumer of the ``APPOINTMENTS`` stream.
+
+An event is acknowledged only after its transaction has committed; a redelivery of a
+committed event finds its processed mark and is acknowledged again. Unknown event types
+are acknowledged and skipped; undecodable messages, and events that cannot apply after
+``max_deliver`` deliveries, are parked in PostgreSQL and terminated on the stream, so
+they never block it. While PostgreSQL is down the consumer holds its message (telling
+JetStream it is still in progress) and retries, so an outage never uses up deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+
+from contracts.events import EventEnvelope, UnknownEventType, decode_event
+from contracts.subjects import EVENTS_STREAM
+from services.notifications.handlers import EventHandler, Outcome
+from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
+from services.notifications.store import NotificationStore, is_transient_db_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_envelope_decoder: Final = msgspec.json.Decoder(EventEnvelope)
+
+
+class _Stopping(Exception):
+    """The service stops while waiting for PostgreSQL: leave the message unacknowledged."""
+
+
+def consumer_config(tuning: Tuning) -> ConsumerConfig:
+    """The durable consumer: explicit acks, redelivery backoff, bounded deliveries."""
+    return ConsumerConfig(
+        name=tuning.consumer_name,
+        durable_name=tuning.consumer_name,
+        description="Notification service: confirmations, cancellations, reminders.",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        # JetStream takes the first backoff step as the ack wait; say so explicitly.
+        ack_wait=tuning.redelivery_backoff[0],
+        backoff=list(tuning.redelivery_backoff),
+        max_deliver=tuning.max_deliver,
+        max_ack_pending=tuning.max_ack_pending,
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, tuning: Tuning) -> ConsumerInfo:
+    """Create the durable consumer, or update it to the configuration in code."""
+    return await js.add_consumer(EVENTS_STREAM, consumer_config(tuning))
+
+
+class EventConsumer:
+    """Fetches appointment events and applies them, one at a time, in stream order."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        handler: EventHandler,
+        store: NotificationStore,
+        tuning: Tuning,
+        hooks: Hooks,
+        on_new_work: Callable[[], None],
+    ) -> None:
+        self._js = js
+        self._handler = handler
+        self._store = store
+        self._tuning = tuning
+        self._hooks = hooks
+        self._on_new_work = on_new_work
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; messages fetched but not handled are handed back."""
+        sub = await self._js.pull_subscribe_bind(
+            durable=self._tuning.consumer_name, stream=EVENTS_STREAM
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await sub.fetch(
+                        self._tuning.fetch_batch, timeout=self._tuning.fetch_timeout
+                    )
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("fetching events failed: %r", exc)
+                    await sleep_unless_stopped(stop, 1.0)
+                    continue
+                for index, msg in enumerate(messages):
+                    if stop.is_set():
+                        for unhandled in messages[index:]:
+                            await _quietly(unhandled.nak())
+                        break
+                    await self.handle(msg, stop)
+        finally:
+            await _quietly(sub.unsubscribe())
+
+    async def handle(self, msg: Msg, stop: asyncio.Event) -> None:
+        """Apply one message and acknowledge, retry, skip or park it."""
+        try:
+            envelope = _envelope_decoder.decode(msg.data)
+            event = decode_event(envelope.type, envelope.schema_version, envelope.data)
+        except UnknownEventType:
+            log.info("unknown event type skipped", extra={"subject": msg.subject})
+            await _quietly(msg.ack())
+            return
+        except Exception as exc:  # anything a malformed message makes the decoders raise
+            await self._park(msg, f"undecodable: {exc}", stop)
+            return
+        sequence = msg.metadata.sequence.stream
+        try:
+            outcome = await self._with_database(
+                lambda: self._handler.apply(envelope, event, sequence), msg, stop
+            )
+        except _Stopping:
+            return
+        except Exception as exc:
+            log.exception("applying an event failed", extra={"event_id": str(envelope.event_id)})
+            await self._retry_or_park(msg, f"failed: {exc!r}", stop)
+            return
+        if outcome is Outcome.NOT_READY:
+            await self._retry_or_park(
+                msg, "appointment unknown: its scheduling never arrived", stop
+            )
+            return
+        await self._hooks.after_commit(envelope.event_id)
+        await _quietly(msg.ack())
+        if outcome is Outcome.APPLIED:
+            self._on_new_work()
+
+    async def _retry_or_park(self, msg: Msg, reason: str, stop: asyncio.Event) -> None:
+        if msg.metadata.num_delivered >= self._tuning.max_deliver:
+            await self._park(msg, reason, stop)
+        else:
+            await _quietly(msg.nak(delay=self._tuning.not_ready_delay))
+
+    async def _park(self, msg: Msg, reason: str, stop: asyncio.Event) -> None:
+        meta = msg.metadata
+        log.warning(
+            "message parked",
+            extra={
+                "stream_sequence": meta.sequence.stream,
+                "subject": msg.subject,
+                "reason": reason,
+            },
+        )
+        try:
+            await self._with_database(
+                lambda: self._store.park(
+                    meta.sequence.stream, msg.subject, msg.data, reason, meta.num_delivered
+                ),
+                msg,
+                stop,
+            )
+        except _Stopping:
+            return
+        except Exception:
+            log.exception("parking a message failed")
+            await _quietly(msg.nak(delay=self._tuning.not_ready_delay))
+            return
+        await _quietly(msg.term())
+
+    async def _with_database(
+        self, operation: Callable[[], Awaitable[T]], msg: Msg, stop: asyncio.Event
+    ) -> T:
+        """Run ``operation``, retrying while PostgreSQL is unavailable."""
+        delay = 0.2
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
+            await _quietly(msg.in_progress())
+            if await sleep_unless_stopped(stop, delay):
+                raise _Stopping
+            delay = min(delay * 2, 5.0)
+
+
+async def _quietly(operation: Awaitable[object]) -> None:
+    """Acks, naks and unsubscribes that fail (NATS gone) are redone by redelivery."""
+    try:
+        await operation
+    except (nats.errors.Error, OSError) as exc:
+        log.warning("nats operation failed: %r", exc)

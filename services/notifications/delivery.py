@@ -1,0 +1,149 @@
+"""Delivery workers: one per channel, draining the deliveries outbox.
+
+Transient failures are retried with exponential backoff up to a limit; a permanent one is
+recorded as ``failed`` and never holds up the others. A delivery whose worker vanished
+mid-send is resent only where the channel de-duplicates (push, within JetStream's window);
+otherwise it is recorded as failed: sent at most once beats sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from services.notifications.channels import DeliveryChannel, DeliveryFailed
+from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
+from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
+from services.notifications.store import is_transient_db_error
+
+log = logging.getLogger(__name__)
+
+_RECORD_ATTEMPTS = 4
+
+
+class DeliveryWorker:
+    """Sends the pending deliveries of one channel."""
+
+    def __init__(
+        self,
+        store: DeliveryStore,
+        channel: DeliveryChannel,
+        clock: Clock,
+        tuning: Tuning,
+        hooks: Hooks,
+        resend_window: timedelta | None,
+    ) -> None:
+        """``resend_window``: how long after a send that may have happened a resend is
+        de-duplicated by the channel (None: never)."""
+        self._store = store
+        self._channel = channel
+        self._clock = clock
+        self._tuning = tuning
+        self._hooks = hooks
+        self._resend_window = resend_window
+        self._stop = asyncio.Event()
+
+    @property
+    def channel(self) -> str:
+        return self._channel.name
+
+    async def deliver_due(self) -> int:
+        """Send the deliveries due now (up to a batch, concurrently); return how many."""
+        now = self._clock()
+        batch = await self._store.claim(
+            self.channel, now, now + self._tuning.lease, self._tuning.delivery_batch
+        )
+        results = await asyncio.gather(
+            *(self._deliver(claimed) for claimed in batch), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                # Not recorded: the lease runs out and the delivery comes back in doubt.
+                log.warning("%s: could not record a delivery: %r", self.channel, result)
+        return len(batch)
+
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        """Deliver until ``stop`` is set."""
+        self._stop = stop
+        await run_loop(
+            f"{self.channel} delivery", self.deliver_due, stop, wake, self._tuning.poll_interval
+        )
+
+    def _may_resend(self, claimed: ClaimedDelivery, now: datetime) -> bool:
+        if self._resend_window is None or claimed.previous_claimed_at is None:
+            return False
+        return now - claimed.previous_claimed_at < self._resend_window
+
+    async def _deliver(self, claimed: ClaimedDelivery) -> None:
+        n = claimed.notification
+        now = self._clock()
+        if claimed.in_doubt and not self._may_resend(claimed, now):
+            await self._record(
+                self._store.finish,
+                n.notification_id,
+                self.channel,
+                "failed",
+                "in doubt: a worker stopped while sending it; not resent, to send at most once",
+            )
+            return
+        try:
+            skipped = await self._channel.send(n.sent(now))
+        except DeliveryFailed as exc:
+            await self._failed(claimed, exc.reason, permanent=exc.permanent)
+            return
+        except Exception as exc:
+            log.exception("%s delivery crashed", self.channel)
+            await self._failed(claimed, repr(exc), permanent=False)
+            return
+        await self._hooks.after_send(self.channel, n.notification_id)
+        if skipped is not None:
+            await self._record(
+                self._store.finish, n.notification_id, self.channel, "skipped", skipped
+            )
+        else:
+            await self._record(self._store.sent, n.notification_id, self.channel, now)
+        log.info(
+            "notification %s",
+            "skipped" if skipped else "sent",
+            extra={
+                "notification_id": str(n.notification_id),
+                "channel": self.channel,
+                "kind": n.kind,
+            },
+        )
+
+    async def _failed(self, claimed: ClaimedDelivery, reason: str, *, permanent: bool) -> None:
+        n = claimed.notification
+        extra = {
+            "notification_id": str(n.notification_id),
+            "channel": self.channel,
+            "attempts": claimed.attempts,
+            "reason": reason,
+        }
+        if permanent or claimed.attempts >= self._tuning.max_attempts:
+            log.warning("delivery failed for good", extra=extra)
+            await self._record(
+                self._store.finish, n.notification_id, self.channel, "failed", reason
+            )
+            return
+        log.info("delivery failed, will retry", extra=extra)
+        retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
+        await self._record(self._store.retry, n.notification_id, self.channel, retry_at, reason)
+
+    async def _record(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Write an outcome, riding out a short database outage; if it stays down, the
+        lease runs out and the delivery comes back in doubt."""
+        delay = 0.5
+        for attempt in range(_RECORD_ATTEMPTS):
+            try:
+                await write(*args)
+                return
+            except Exception as exc:
+                if not is_transient_db_error(exc) or attempt == _RECORD_ATTEMPTS - 1:
+                    raise
+                log.warning("could not record a delivery outcome, retrying: %r", exc)
+                if await sleep_unless_stopped(self._stop, delay):
+                    raise
+                delay *= 2

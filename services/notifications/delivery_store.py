@@ -1,0 +1,121 @@
+"""PostgreSQL: the deliveries outbox the delivery workers drain, one channel each.
+
+A worker claims due rows with ``FOR UPDATE SKIP LOCKED`` (so any number of workers can
+run) and marks them ``sending`` until a lease runs out, commits, sends, then records the
+outcome. A row still ``sending`` after its lease is one whose worker died mid-send: it comes
+back marked ``in_doubt``, for the worker to decide whether resending is safe.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from services.notifications.domain import PlannedNotification
+from services.notifications.store import Channel
+
+_CLAIM: Final = """
+WITH due AS (
+    SELECT notification_id, channel, status AS previous_status,
+           claimed_at AS previous_claimed_at
+    FROM notification_deliveries
+    WHERE channel = $1 AND status IN ('pending', 'sending') AND next_attempt_at <= $2
+    ORDER BY next_attempt_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notification_deliveries d
+SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2
+FROM due JOIN notifications n ON n.notification_id = due.notification_id
+WHERE d.notification_id = due.notification_id AND d.channel = due.channel
+RETURNING d.attempts, due.previous_status, due.previous_claimed_at,
+          n.notification_id, n.kind, n.recipient_id, n.recipient_role, n.appointment_id,
+          n.clinic_id, n.cause_event_id, n.title, n.body
+"""
+
+
+class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A delivery this worker holds until ``lease_until``."""
+
+    notification: PlannedNotification
+    channel: Channel
+    attempts: int
+    """Including this one."""
+    in_doubt: bool
+    """A previous worker claimed it and vanished: it may have been sent."""
+    previous_claimed_at: datetime | None
+
+
+class DeliveryStore:
+    """The ``notification_deliveries`` outbox."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def claim(
+        self, channel: Channel, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ClaimedDelivery]:
+        """Claim up to ``limit`` deliveries of ``channel`` due at ``now``."""
+        rows = await self._pool.fetch(_CLAIM, channel, now, lease_until, limit)
+        return [
+            ClaimedDelivery(
+                notification=PlannedNotification(
+                    notification_id=row["notification_id"],
+                    kind=row["kind"],
+                    recipient_id=row["recipient_id"],
+                    recipient_role=row["recipient_role"],
+                    appointment_id=row["appointment_id"],
+                    clinic_id=row["clinic_id"],
+                    cause_event_id=row["cause_event_id"],
+                    title=row["title"],
+                    body=row["body"],
+                ),
+                channel=channel,
+                attempts=row["attempts"],
+                in_doubt=row["previous_status"] == "sending",
+                previous_claimed_at=row["previous_claimed_at"],
+            )
+            for row in rows
+        ]
+
+    async def sent(self, notification_id: UUID, channel: Channel, at: datetime) -> None:
+        """The notification went out on ``channel``."""
+        await self._pool.execute(
+            """UPDATE notification_deliveries
+               SET status = 'sent', sent_at = $3, last_error = NULL
+               WHERE notification_id = $1 AND channel = $2""",
+            notification_id,
+            channel,
+            at,
+        )
+
+    async def retry(
+        self, notification_id: UUID, channel: Channel, at: datetime, error: str
+    ) -> None:
+        """A transient failure: try again at ``at``."""
+        await self._pool.execute(
+            """UPDATE notification_deliveries
+               SET status = 'pending', next_attempt_at = $3, last_error = $4
+               WHERE notification_id = $1 AND channel = $2""",
+            notification_id,
+            channel,
+            at,
+            error,
+        )
+
+    async def finish(
+        self, notification_id: UUID, channel: Channel, status: str, reason: str
+    ) -> None:
+        """Give up on the delivery for good: ``failed`` or ``skipped``, saying why."""
+        await self._pool.execute(
+            """UPDATE notification_deliveries SET status = $3, last_error = $4
+               WHERE notification_id = $1 AND channel = $2""",
+            notification_id,
+            channel,
+            status,
+            reason,
+        )

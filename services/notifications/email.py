@@ -1,0 +1,128 @@
+"""Email over SMTP, to the address the clinic directory knows for the recipient.
+
+``CLINIC_SMTP_URL``: ``smtp://[user:password@]host[:port][?from=addr&starttls=true]``, or
+``smtps://…`` for TLS from the first byte. smtplib runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from typing import Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import msgspec
+
+from contracts.notifications import Notification
+from services.config import ConfigError
+from services.notifications.channels import DeliveryFailed
+from services.notifications.directory import Directory
+
+DEFAULT_SENDER: Final = "Clinic <no-reply@localhost>"
+SMTP_TIMEOUT_SECONDS: Final = 10.0
+
+
+class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how to hand mail over."""
+
+    host: str
+    port: int
+    tls: bool = False
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    sender: str = DEFAULT_SENDER
+
+    @classmethod
+    def from_url(cls, url: str) -> SmtpConfig:
+        """Read ``smtp://…`` or ``smtps://…``; a malformed URL is a configuration error."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ConfigError(
+                f"CLINIC_SMTP_URL must be smtp://host[:port] or smtps://…, not {url!r}."
+            )
+        query = parse_qs(parts.query)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"CLINIC_SMTP_URL has an invalid port: {url!r}.") from None
+        tls = parts.scheme == "smtps"
+        return cls(
+            host=parts.hostname,
+            port=port or (465 if tls else 25),
+            tls=tls,
+            starttls=query.get("starttls", ["false"])[0].lower() in ("1", "true", "yes"),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            sender=query.get("from", [DEFAULT_SENDER])[0],
+        )
+
+
+def email_message(notification: Notification, to: str, sender: str) -> EmailMessage:
+    """The mail of a notification. Its Message-ID derives from the notification id, so a
+    receiving system can tell a copy."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = notification.title
+    message["Date"] = format_datetime(notification.sent_at)
+    message["Message-ID"] = make_msgid(idstring=str(notification.notification_id), domain="clinic")
+    message["X-Clinic-Notification-Id"] = str(notification.notification_id)
+    message.set_content(notification.body)
+    return message
+
+
+def _send_blocking(config: SmtpConfig, message: EmailMessage) -> None:
+    smtp: smtplib.SMTP
+    if config.tls:
+        smtp = smtplib.SMTP_SSL(
+            config.host,
+            config.port,
+            timeout=SMTP_TIMEOUT_SECONDS,
+            context=ssl.create_default_context(),
+        )
+    else:
+        smtp = smtplib.SMTP(config.host, config.port, timeout=SMTP_TIMEOUT_SECONDS)
+    with smtp:
+        if config.starttls:
+            smtp.starttls(context=ssl.create_default_context())
+        if config.username:
+            smtp.login(config.username, config.password or "")
+        smtp.send_message(message)
+
+
+def _failure(exc: Exception) -> DeliveryFailed:
+    """SMTP 5xx replies are final; 4xx replies and broken connections are worth a retry."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return DeliveryFailed(f"recipient refused: {exc.recipients}", permanent=min(codes) >= 500)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return DeliveryFailed(
+            f"smtp {exc.smtp_code}: {exc.smtp_error!r}", permanent=exc.smtp_code >= 500
+        )
+    return DeliveryFailed(f"smtp: {exc!r}", permanent=False)
+
+
+class EmailChannel:
+    """Asks the directory for the recipient's address and mails the notification there."""
+
+    name = "email"
+
+    def __init__(self, directory: Directory, config: SmtpConfig) -> None:
+        self._directory = directory
+        self._config = config
+
+    async def send(self, notification: Notification) -> str | None:
+        """Mail the notification; a recipient the directory has no address for gets none."""
+        contact = await self._directory.contact(notification.recipient_id)
+        if contact is None or not contact.email:
+            return "no email address known"
+        message = email_message(notification, contact.email, self._config.sender)
+        try:
+            await asyncio.to_thread(_send_blocking, self._config, message)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _failure(exc) from exc
+        return None

@@ -1,0 +1,105 @@
+"""What the consumer and the workers share: the clock, their tuning, test hooks, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from services.notifications.store import is_transient_db_error
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+"""Returns the current time, timezone-aware (UTC)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tuning:
+    """Timings and sizes; the defaults are for production, tests shorten them."""
+
+    consumer_name: str = "notifications"
+    #: Redelivery delays of an unacknowledged event, in seconds; the first is the ack wait.
+    redelivery_backoff: tuple[float, ...] = (30.0, 60.0, 300.0, 900.0)
+    #: Deliveries of one event before it is parked (must exceed len(redelivery_backoff)).
+    max_deliver: int = 10
+    max_ack_pending: int = 1000
+    fetch_batch: int = 32
+    fetch_timeout: float = 2.0
+    #: An event for an appointment not seen yet is retried after this (seconds).
+    not_ready_delay: float = 2.0
+    #: Confirmations and cancellation notices of older events are not sent (a first start
+    #: on a long history must not confirm every booking ever made).
+    stale_after: timedelta = timedelta(hours=24)
+    #: How often idle workers look for due timers and deliveries (seconds).
+    poll_interval: float = 1.0
+    timer_batch: int = 100
+    delivery_batch: int = 20
+    #: How long a claimed delivery stays with its worker before it counts as abandoned.
+    lease: timedelta = timedelta(seconds=60)
+    retry_base: timedelta = timedelta(seconds=5)
+    retry_cap: timedelta = timedelta(minutes=15)
+    max_attempts: int = 8
+    directory_timeout: float = 1.0
+
+    def retry_delay(self, attempts: int) -> timedelta:
+        """Exponential backoff after the ``attempts``-th failed attempt."""
+        return min(self.retry_cap, self.retry_base * (1 << min(max(attempts - 1, 0), 30)))
+
+
+async def _nothing(*_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Exact moments a test can stop the service at (crash tests); no-ops by default."""
+
+    #: An event's transaction committed, it is not acknowledged yet.
+    after_commit: Callable[[UUID], Awaitable[None]] = field(default=_nothing)
+    #: A channel sent a notification, the outbox does not record it yet.
+    after_send: Callable[[str, UUID], Awaitable[None]] = field(default=_nothing)
+
+
+async def wait_for_wakeup(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    """Wait until ``stop`` or ``wake`` is set, or ``seconds`` pass; clear ``wake``."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        wake.clear()
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds``; True if ``stop`` was set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+async def run_loop(
+    name: str,
+    step: Callable[[], Awaitable[int]],
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    interval: float,
+) -> None:
+    """Run ``step`` until ``stop``: again at once while it finds work, else after a wakeup or
+    ``interval``. A failing step is logged and retried; it never ends the loop."""
+    while not stop.is_set():
+        try:
+            worked = await step()
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                log.warning("%s: database unavailable: %r", name, exc)
+            else:
+                log.exception("%s failed", name)
+            worked = 0
+        if not worked:
+            await wait_for_wakeup(stop, wake, interval)

@@ -1,0 +1,243 @@
+"""PostgreSQL: the consumer's and the reminder scheduler's transactions, and parked messages.
+
+A consumer transaction writes the notifications an event causes, their deliveries, the
+reminder timers and the event's processed mark together, so an event is either wholly
+applied or not at all, and a redelivered one finds its mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Final
+from uuid import UUID
+
+import asyncpg
+
+from contracts.views import AppointmentStatus
+from services.notifications.domain import Appointment, PlannedNotification, Timer
+
+Channel = str
+"""``push`` or ``email``."""
+
+_APPOINTMENT_COLUMNS: Final = (
+    "a.appointment_id, a.clinic_id, a.patient_id, a.provider_id, a.starts_at,"
+    " a.duration_minutes, a.timezone, a.status, a.scheduled_event_id"
+)
+
+#: Errors after which the same transaction, tried again later, can succeed.
+TRANSIENT_DB_ERRORS: Final = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL is (briefly) unavailable rather than that we erred."""
+    return isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
+def _appointment(row: asyncpg.Record) -> Appointment:
+    return Appointment(
+        appointment_id=row["appointment_id"],
+        clinic_id=row["clinic_id"],
+        patient_id=row["patient_id"],
+        provider_id=row["provider_id"],
+        starts_at=row["starts_at"],
+        duration_minutes=row["duration_minutes"],
+        timezone=row["timezone"],
+        status=row["status"],
+        scheduled_event_id=row["scheduled_event_id"],
+    )
+
+
+class StoreTransaction:
+    """The statements of one consumer or scheduler transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def mark_processed(
+        self, event_id: UUID, appointment_id: UUID, stream_sequence: int
+    ) -> bool:
+        """Record ``event_id`` as processed; False when it already was (a redelivery)."""
+        inserted = await self._conn.fetchval(
+            """INSERT INTO notification_processed_events
+                   (event_id, appointment_id, stream_sequence)
+               VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING RETURNING true""",
+            event_id,
+            appointment_id,
+            stream_sequence,
+        )
+        return bool(inserted)
+
+    async def locked_appointment(self, appointment_id: UUID) -> Appointment | None:
+        """The appointment, locked until commit (its events apply one at a time)."""
+        row = await self._conn.fetchrow(
+            f"""SELECT {_APPOINTMENT_COLUMNS} FROM notification_appointments a
+                WHERE a.appointment_id = $1 FOR UPDATE""",
+            appointment_id,
+        )
+        return None if row is None else _appointment(row)
+
+    async def add_appointment(self, a: Appointment) -> None:
+        """Remember a newly scheduled appointment."""
+        await self._conn.execute(
+            """INSERT INTO notification_appointments (appointment_id, clinic_id, patient_id,
+                   provider_id, starts_at, duration_minutes, timezone, status,
+                   scheduled_event_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (appointment_id) DO NOTHING""",
+            a.appointment_id,
+            a.clinic_id,
+            a.patient_id,
+            a.provider_id,
+            a.starts_at,
+            a.duration_minutes,
+            a.timezone,
+            a.status,
+            a.scheduled_event_id,
+        )
+
+    async def set_status(self, appointment_id: UUID, status: AppointmentStatus) -> None:
+        """Record that the appointment was cancelled or started."""
+        await self._conn.execute(
+            "UPDATE notification_appointments SET status = $2 WHERE appointment_id = $1",
+            appointment_id,
+            status,
+        )
+
+    async def add_notifications(
+        self,
+        notifications: Sequence[PlannedNotification],
+        channels: Sequence[Channel],
+        now: datetime,
+    ) -> int:
+        """Store notifications not stored before, each with a pending delivery per channel;
+        return how many were new."""
+        added = 0
+        for n in notifications:
+            new = await self._conn.fetchval(
+                """INSERT INTO notifications (notification_id, kind, recipient_id,
+                       recipient_role, appointment_id, clinic_id, cause_event_id, title, body,
+                       created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                   ON CONFLICT DO NOTHING RETURNING true""",
+                n.notification_id,
+                n.kind,
+                n.recipient_id,
+                n.recipient_role,
+                n.appointment_id,
+                n.clinic_id,
+                n.cause_event_id,
+                n.title,
+                n.body,
+                now,
+            )
+            if not new:
+                continue
+            added += 1
+            await self._conn.executemany(
+                """INSERT INTO notification_deliveries (notification_id, channel, next_attempt_at)
+                   VALUES ($1, $2, $3) ON CONFLICT DO NOTHING""",
+                [(n.notification_id, channel, now) for channel in channels],
+            )
+        return added
+
+    async def set_timers(self, timers: Sequence[Timer]) -> None:
+        """Set (or move) the appointment's reminders."""
+        await self._conn.executemany(
+            """INSERT INTO notification_timers
+                   (appointment_id, kind, cause_event_id, due_at, expires_at)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (appointment_id, kind) DO UPDATE SET
+                   cause_event_id = EXCLUDED.cause_event_id, due_at = EXCLUDED.due_at,
+                   expires_at = EXCLUDED.expires_at""",
+            [(t.appointment_id, t.kind, t.cause_event_id, t.due_at, t.expires_at) for t in timers],
+        )
+
+    async def drop_timers(self, appointment_id: UUID) -> None:
+        """Forget the appointment's pending reminders."""
+        await self._conn.execute(
+            "DELETE FROM notification_timers WHERE appointment_id = $1", appointment_id
+        )
+
+    async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
+        """Lock up to ``limit`` timers due at ``now`` with their appointments.
+
+        Skips what another transaction holds: a timer another scheduler is firing, and an
+        appointment the consumer is changing right now (its cancel wins; the timer is
+        deleted with it or fires on the next round).
+        """
+        rows = await self._conn.fetch(
+            f"""SELECT {_APPOINTMENT_COLUMNS}, t.kind, t.cause_event_id, t.due_at, t.expires_at
+                FROM notification_timers t
+                JOIN notification_appointments a ON a.appointment_id = t.appointment_id
+                WHERE t.due_at <= $1
+                ORDER BY t.due_at
+                LIMIT $2
+                FOR UPDATE OF t SKIP LOCKED
+                FOR SHARE OF a SKIP LOCKED""",
+            now,
+            limit,
+        )
+        return [(_appointment(row), _timer(row)) for row in rows]
+
+    async def delete_timer(self, timer: Timer) -> None:
+        """The timer fired (or expired): forget it."""
+        await self._conn.execute(
+            "DELETE FROM notification_timers WHERE appointment_id = $1 AND kind = $2",
+            timer.appointment_id,
+            timer.kind,
+        )
+
+
+def _timer(row: asyncpg.Record) -> Timer:
+    return Timer(
+        appointment_id=row["appointment_id"],
+        kind=row["kind"],
+        cause_event_id=row["cause_event_id"],
+        due_at=row["due_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+class NotificationStore:
+    """The notification service's tables in PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        conn: Any
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield StoreTransaction(conn)
+
+    async def park(
+        self, stream_sequence: int, subject: str, data: bytes, reason: str, deliveries: int
+    ) -> None:
+        """Keep a message the consumer gives up on, for an operator."""
+        await self._pool.execute(
+            """INSERT INTO notification_parked_messages
+                   (stream_sequence, subject, data, reason, deliveries)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (stream_sequence) DO UPDATE SET
+                   reason = EXCLUDED.reason, deliveries = EXCLUDED.deliveries""",
+            stream_sequence,
+            subject,
+            data,
+            reason,
+            deliveries,
+        )
