@@ -155,36 +155,7 @@ class PostgresVisits:
         self, scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
     ) -> list[VisitRow]:
         """Up to ``limit`` rows of ``tab`` at ``now``, after ``after``, in the tab's order."""
-        where, args = _scope_filter(scope)
-        if tab == "upcoming":
-            # Ended rows are excluded by ends_at; the lower bound on starts_at (implied by
-            # it) is what lets the index range start at the first candidate.
-            low = (now - LONGEST_VISIT, _MIN_UUID)
-            if after is not None and (after.starts_at, after.appointment_id) > low:
-                low = (after.starts_at, after.appointment_id)
-            n = len(args)
-            sql = (
-                f"SELECT {_SELECT} FROM visits WHERE {where} AND active AND ends_at > ${n + 1}"
-                f" AND (starts_at, appointment_id) > (${n + 2}, ${n + 3})"
-                f" ORDER BY starts_at, appointment_id LIMIT ${n + 4}"
-            )
-            args += [now, *low, limit]
-        else:
-            high = (_END_OF_TIME, _MAX_UUID)
-            if after is not None:
-                high = (after.starts_at, after.appointment_id)
-            ended_high = min(high, (now, _MIN_UUID))
-            n = len(args)
-            order = "ORDER BY starts_at DESC, appointment_id DESC"
-            sql = (
-                f"SELECT * FROM ((SELECT {_SELECT} FROM visits WHERE {where} AND NOT active"
-                f" AND (starts_at, appointment_id) < (${n + 1}, ${n + 2}) {order}"
-                f" LIMIT ${n + 6}) UNION ALL (SELECT {_SELECT} FROM visits WHERE {where}"
-                f" AND active AND ends_at <= ${n + 3}"
-                f" AND (starts_at, appointment_id) < (${n + 4}, ${n + 5}) {order}"
-                f" LIMIT ${n + 6})) AS past {order} LIMIT ${n + 6}"
-            )
-            args += [*high, now, *ended_high, limit]
+        sql, args = page_query(scope, tab, now, after, limit)
         with database_errors():
             records = await self._pool.fetch(sql, *args)
         return [row_of(record) for record in records]
@@ -211,6 +182,38 @@ class PostgresVisits:
                 return False
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, _WAIT_POLL_MAX)
+
+
+def page_query(
+    scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The statement (and its arguments) of one page: each branch is one index range."""
+    where, args = _scope_filter(scope)
+    n = len(args)
+    if tab == "upcoming":
+        # Ended rows are excluded by ends_at; the lower bound on starts_at (implied by it)
+        # is what lets the index range start at the first candidate.
+        low = (now - LONGEST_VISIT, _MIN_UUID)
+        if after is not None and (after.starts_at, after.appointment_id) > low:
+            low = (after.starts_at, after.appointment_id)
+        sql = (
+            f"SELECT {_SELECT} FROM visits WHERE {where} AND active AND ends_at > ${n + 1}"
+            f" AND (starts_at, appointment_id) > (${n + 2}, ${n + 3})"
+            f" ORDER BY starts_at, appointment_id LIMIT ${n + 4}"
+        )
+        return sql, [*args, now, *low, limit]
+    # Past = cancelled rows, merged with active rows that ended (so started before now).
+    high = (_END_OF_TIME, _MAX_UUID) if after is None else (after.starts_at, after.appointment_id)
+    ended_high = min(high, (now, _MIN_UUID))
+    order = "ORDER BY starts_at DESC, appointment_id DESC"
+    sql = (
+        f"SELECT * FROM ((SELECT {_SELECT} FROM visits WHERE {where} AND NOT active"
+        f" AND (starts_at, appointment_id) < (${n + 1}, ${n + 2}) {order} LIMIT ${n + 6})"
+        f" UNION ALL (SELECT {_SELECT} FROM visits WHERE {where} AND active"
+        f" AND ends_at <= ${n + 3} AND (starts_at, appointment_id) < (${n + 4}, ${n + 5})"
+        f" {order} LIMIT ${n + 6})) AS past {order} LIMIT ${n + 6}"
+    )
+    return sql, [*args, *high, now, *ended_high, limit]
 
 
 def _scope_filter(scope: Scope) -> tuple[str, list[Any]]:

@@ -1,0 +1,322 @@
+"""The visits query against real PostgreSQL: Upcoming and Past at the clock's now, statuses
+and flags from the commands' rules, role scoping, keyset pages, read-your-writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from contracts.commands import VisitsTab
+from contracts.common import Actor, Principal
+from contracts.events import (
+    AppointmentCancelled,
+    AppointmentScheduled,
+    AppointmentStarted,
+    Event,
+    EventEnvelope,
+    event_data,
+    event_type,
+)
+from contracts.views import VisitView
+from services.appointments.adapters.postgres.visits import PostgresVisits, page_query
+from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.visits import PageKey, Scope, VisitsQuery
+from services.errors import InvalidRequest
+from tests.support.clock import ManualClock
+
+NOW = datetime(2030, 3, 14, 15, 0, tzinfo=UTC)
+STAFF = Actor(id=uuid.uuid4(), role="staff")
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def visits(pool: asyncpg.Pool) -> PostgresVisits:
+    return PostgresVisits(pool)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture
+def query(visits: PostgresVisits, clock: ManualClock) -> VisitsQuery:
+    return VisitsQuery(visits, clock, Rules(), timedelta(seconds=5))
+
+
+CLINIC = uuid.uuid4()
+PATIENT = Principal(id=uuid.uuid4(), role="patient", clinic_id=CLINIC)
+PROVIDER = Principal(id=uuid.uuid4(), role="provider", clinic_id=CLINIC)
+
+
+def env(stream: uuid.UUID, version: int, event: Event) -> EventEnvelope:
+    type_ = event_type(event)
+    return EventEnvelope(
+        event_id=uuid.uuid4(),
+        type=type_,
+        schema_version=2 if type_ == "AppointmentScheduled" else 1,
+        stream_id=stream,
+        stream_version=version,
+        global_position=0,
+        occurred_at=NOW,
+        data=event_data(event),
+    )
+
+
+async def book(
+    visits: PostgresVisits,
+    starts_in: timedelta,
+    then: str | None = None,
+    patient: uuid.UUID = PATIENT.id,
+    provider: uuid.UUID = PROVIDER.id,
+    clinic: uuid.UUID = CLINIC,
+    minutes: int = 30,
+) -> uuid.UUID:
+    """Project a scheduled visit (then cancelled or started); its appointment id."""
+    stream = uuid.uuid4()
+    booked = AppointmentScheduled(
+        clinic_id=clinic,
+        patient_id=patient,
+        provider_id=provider,
+        starts_at=NOW + starts_in,
+        duration_minutes=minutes,
+        timezone="Europe/Berlin",
+        visit_reason="follow-up",
+        scheduled_by=STAFF,
+    )
+    events = [env(stream, 1, booked)]
+    if then == "cancelled":
+        events.append(
+            env(
+                stream,
+                2,
+                AppointmentCancelled(clinic_id=clinic, cancelled_by=STAFF, cancelled_at=NOW),
+            )
+        )
+    elif then == "started":
+        events.append(
+            env(stream, 2, AppointmentStarted(clinic_id=clinic, started_by=STAFF, started_at=NOW))
+        )
+    await visits.apply(events)
+    return stream
+
+
+async def ids(query: VisitsQuery, who: Principal, tab: VisitsTab = "upcoming") -> list[uuid.UUID]:
+    page, _ = await query.list_visits(who, tab, limit=100)
+    return [item.appointment_id for item in page.items]
+
+
+async def test_upcoming_is_soonest_first_and_past_most_recent_first_with_statuses(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    later = await book(visits, timedelta(hours=1))
+    soon = await book(visits, timedelta(minutes=10))
+    ongoing = await book(visits, timedelta(minutes=-10), "started")
+    missed = await book(visits, timedelta(hours=-2))
+    completed = await book(visits, timedelta(hours=-3), "started")
+    cancelled_ahead = await book(visits, timedelta(hours=2), "cancelled")
+    cancelled_before = await book(visits, timedelta(days=-1), "cancelled")
+
+    upcoming, stale = await query.list_visits(PATIENT, "upcoming")
+    assert not stale
+    assert [v.appointment_id for v in upcoming.items] == [ongoing, soon, later]
+    assert [v.status for v in upcoming.items] == ["started", "scheduled", "scheduled"]
+    past, _ = await query.list_visits(PATIENT, "past")
+    assert [v.appointment_id for v in past.items] == [
+        cancelled_ahead,
+        missed,
+        completed,
+        cancelled_before,
+    ]
+    assert [v.status for v in past.items] == ["cancelled", "missed", "completed", "cancelled"]
+    assert upcoming.next_cursor is None and past.next_cursor is None
+
+
+async def test_flags_follow_the_rules_of_the_commands(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    later = await book(visits, timedelta(hours=1))
+    soon = await book(visits, timedelta(minutes=10))
+    ongoing = await book(visits, timedelta(minutes=-10), "started")
+    page, _ = await query.list_visits(PATIENT)
+    flags = {v.appointment_id: (v.can_cancel, v.can_start) for v in page.items}
+    assert flags == {later: (True, False), soon: (True, True), ongoing: (False, False)}
+    first: VisitView = page.items[-1]
+    assert first.start_window_opens_at == NOW + timedelta(minutes=45)
+    assert first.ends_at == NOW + timedelta(hours=1, minutes=30)
+    assert (first.timezone, first.visit_reason) == ("Europe/Berlin", "follow-up")
+
+
+async def test_a_visit_moves_to_past_when_it_ends_or_is_cancelled(
+    visits: PostgresVisits, query: VisitsQuery, clock: ManualClock
+) -> None:
+    visit = await book(visits, timedelta(minutes=10))
+    clock.advance(minutes=39)
+    assert await ids(query, PATIENT) == [visit]
+    clock.advance(minutes=1)  # its end: not upcoming any more
+    assert await ids(query, PATIENT) == []
+    page, _ = await query.list_visits(PATIENT, "past")
+    assert [(v.appointment_id, v.status) for v in page.items] == [(visit, "missed")]
+
+
+async def test_each_role_sees_only_its_scope(visits: PostgresVisits, query: VisitsQuery) -> None:
+    mine = await book(visits, timedelta(hours=1))
+    other_patient = await book(visits, timedelta(hours=2), patient=uuid.uuid4())
+    other_provider = await book(visits, timedelta(hours=3), provider=uuid.uuid4())
+    await book(
+        visits, timedelta(hours=4), clinic=uuid.uuid4(), patient=PATIENT.id, provider=PROVIDER.id
+    )
+    staff = Principal(id=uuid.uuid4(), role="staff", clinic_id=CLINIC)
+    assert await ids(query, PATIENT) == [mine, other_provider]
+    assert await ids(query, PROVIDER) == [mine, other_patient]
+    assert await ids(query, staff) == [mine, other_patient, other_provider]
+    stranger = Principal(id=uuid.uuid4(), role="staff", clinic_id=uuid.uuid4())
+    assert await ids(query, stranger) == []
+
+
+async def walk(
+    query: VisitsQuery, tab: VisitsTab, limit: int, between: object = None
+) -> list[uuid.UUID]:
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        page, _ = await query.list_visits(PATIENT, tab, limit=limit, cursor=cursor)
+        assert len(page.items) <= limit
+        seen += [item.appointment_id for item in page.items]
+        if page.next_cursor is None:
+            return seen
+        cursor = page.next_cursor
+        if callable(between):
+            await between()
+
+
+@pytest.mark.parametrize("tab", ["upcoming", "past"])
+async def test_pages_cover_the_tab_once_even_with_equal_start_times(
+    visits: PostgresVisits, query: VisitsQuery, tab: VisitsTab
+) -> None:
+    for i in range(24):
+        sign = 1 if tab == "upcoming" else -1
+        await book(
+            visits,
+            sign * timedelta(hours=1 + i // 3),
+            "cancelled" if tab == "past" and i % 2 else None,
+        )
+    everything = await ids(query, PATIENT, tab)
+    assert len(everything) == 24
+    for limit in (1, 5, 7, 24, 100):
+        assert await walk(query, tab, limit) == everything
+
+
+async def test_pages_stay_stable_while_visits_are_added(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    for hours in range(1, 11):
+        await book(visits, timedelta(hours=hours))
+    before = await ids(query, PATIENT)
+    added: list[uuid.UUID] = []
+
+    async def insert_both_sides() -> None:
+        added.append(await book(visits, timedelta(minutes=30)))  # before any cursor
+        added.append(await book(visits, timedelta(hours=20)))  # after every cursor
+
+    seen = await walk(query, "upcoming", 3, insert_both_sides)
+    assert len(seen) == len(set(seen))
+    assert set(before) <= set(seen)
+    assert [visit for visit in seen if visit in before] == before
+    assert added[0] not in seen and added[1] in seen
+
+
+async def test_bad_cursors_and_limits_are_invalid_requests(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    for _ in range(3):
+        await book(visits, timedelta(hours=1))
+    page, _ = await query.list_visits(PATIENT, "upcoming", limit=1)
+    assert page.next_cursor is not None
+    for cursor in ("not-a-cursor", "e30", page.next_cursor[:-3]):
+        with pytest.raises(InvalidRequest):
+            await query.list_visits(PATIENT, "upcoming", cursor=cursor)
+    with pytest.raises(InvalidRequest):
+        await query.list_visits(PATIENT, "past", cursor=page.next_cursor)
+    for limit in (0, 101):
+        with pytest.raises(InvalidRequest):
+            await query.list_visits(PATIENT, limit=limit)
+    with pytest.raises(InvalidRequest):
+        await query.list_visits(PATIENT, consistency_token="garbage")
+
+
+async def test_a_consistency_token_waits_for_the_write(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    stream = await book(visits, timedelta(hours=1))
+    cancel = env(
+        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
+    )
+
+    async def project_later() -> None:
+        await asyncio.sleep(0.3)
+        await visits.apply([cancel])
+
+    later = asyncio.create_task(project_later())
+    page, stale = await query.list_visits(PATIENT, "upcoming", consistency_token=f"{stream}.2")
+    await later
+    assert not stale
+    assert page.items == []
+    past, stale = await query.list_visits(PATIENT, "past", consistency_token=f"{stream}.2")
+    assert not stale and [v.status for v in past.items] == ["cancelled"]
+
+
+async def test_a_consistency_token_not_reached_in_time_answers_stale(
+    visits: PostgresVisits, clock: ManualClock
+) -> None:
+    stream = await book(visits, timedelta(hours=1))
+    query = VisitsQuery(visits, clock, Rules(), timedelta(milliseconds=200))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    page, stale = await query.list_visits(PATIENT, consistency_token=f"{stream}.2")
+    assert stale
+    assert 0.2 <= loop.time() - started < 2
+    assert [v.appointment_id for v in page.items] == [stream]
+    _, stale = await query.list_visits(PATIENT, consistency_token=f"{uuid.uuid4()}.1")
+    assert stale
+
+
+async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Pool) -> None:
+    # 200,000 visits in one clinic: 2,000 patients with 100 visits each over two years.
+    await pool.execute(
+        """INSERT INTO visits (appointment_id, clinic_id, patient_id, provider_id, starts_at,
+               ends_at, duration_minutes, timezone, status, version)
+           SELECT gen_random_uuid(), $1, lpad(to_hex(p), 32, '0')::uuid,
+                  gen_random_uuid(), $2::timestamptz + (v * 7 - 350) * interval '1 day' + p * interval '1 min',
+                  $2::timestamptz + (v * 7 - 350) * interval '1 day' + (p + 30) * interval '1 min', 30, 'UTC',
+                  CASE WHEN v % 5 = 0 THEN 'cancelled' ELSE 'scheduled' END, 1
+           FROM generate_series(1, 2000) p, generate_series(1, 100) v""",
+        CLINIC,
+        NOW,
+    )
+    await pool.execute("ANALYZE visits")
+    patient = uuid.UUID(int=42)
+    scopes = [Scope(clinic_id=CLINIC, patient_id=patient), Scope(clinic_id=CLINIC)]
+    for scope in scopes:
+        for tab in ("upcoming", "past"):
+            for after in (None, PageKey(tab, NOW, uuid.UUID(int=0))):
+                sql, args = page_query(scope, tab, NOW, after, 21)  # type: ignore[arg-type]
+                plan = json.loads(
+                    await pool.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+                )
+                top = plan[0]["Plan"]
+                assert "Seq Scan" not in json.dumps(plan), (scope, tab)
+                assert top["Actual Rows"] == 21
+                assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] < 150, (scope, tab, top)
