@@ -1,0 +1,179 @@
+"""Rebuilding the visits view from the event store, while the relay and projector run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import nats
+import pytest
+
+from contracts.common import Actor
+from contracts.events import AppointmentCancelled, AppointmentScheduled, AppointmentStarted, Event
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.visits import PostgresVisits
+from services.appointments.projector import run_projector
+from services.appointments.rebuild import (
+    REBUILD_LOCK_ID,
+    RebuildAlreadyRunning,
+    StderrProgress,
+    rebuild_visits,
+)
+from services.appointments.relay import run_relay
+from services.appointments.service_layer.ports import NewEvent
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+STAFF = Actor(id=uuid.uuid4(), role="staff")
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+    yield pool
+    await pool.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 90.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def lifecycle(store: PostgresEventStore, clinic_id: uuid.UUID, i: int) -> uuid.UUID:
+    """Schedule one appointment, then cancel or start it for two in three; its id."""
+    stream = uuid.uuid4()
+    booked = AppointmentScheduled(
+        clinic_id=clinic_id,
+        patient_id=uuid.uuid4(),
+        provider_id=uuid.uuid4(),
+        starts_at=NOW + timedelta(hours=1 + i),
+        duration_minutes=45,
+        timezone="Asia/Tokyo",
+        scheduled_by=STAFF,
+    )
+    await store.append(stream, 0, [NewEvent(event_id=uuid.uuid4(), event=booked, occurred_at=NOW)])
+    then: Event | None = None
+    if i % 3 == 1:
+        then = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    elif i % 3 == 2:
+        then = AppointmentStarted(clinic_id=clinic_id, started_by=STAFF, started_at=NOW)
+    if then is not None:
+        await store.append(
+            stream, 1, [NewEvent(event_id=uuid.uuid4(), event=then, occurred_at=NOW)]
+        )
+    return stream
+
+
+async def view(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM visits ORDER BY appointment_id")
+
+
+async def project_directly(pool: asyncpg.Pool, streams: list[uuid.UUID]) -> None:
+    """Apply the streams' events the way the projector would (without NATS)."""
+    store, visits = PostgresEventStore(pool), PostgresVisits(pool)
+    for stream in streams:
+        await visits.apply([recorded.envelope for recorded in await store.load(stream)])
+
+
+async def caught_up(pool: asyncpg.Pool) -> bool:
+    return bool(
+        await pool.fetchval(
+            "SELECT (SELECT coalesce(sum(version), 0) FROM visits) = (SELECT count(*) FROM events)"
+        )
+    )
+
+
+async def test_a_rebuild_during_load_leaves_the_view_equal_to_a_quiet_rebuild(
+    pool: asyncpg.Pool, nats_url: str
+) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    nc = await nats.connect(nats_url)
+    stop, writing = asyncio.Event(), asyncio.Event()
+    roles = [asyncio.create_task(run(pool, nc, stop)) for run in (run_relay, run_projector)]
+
+    async def writer(offset: int) -> None:
+        i = offset
+        while writing.is_set():
+            await lifecycle(store, clinic_id, i)
+            i += 8
+
+    try:
+        for i in range(400):
+            await lifecycle(store, clinic_id, i)
+        writing.set()
+        writers = [asyncio.create_task(writer(1000 + n)) for n in range(8)]
+        counts = [await rebuild_visits(pool), await rebuild_visits(pool, batch_size=2)]
+        writing.clear()
+        await asyncio.gather(*writers)
+        await eventually(lambda: caught_up(pool))
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*roles), 15)
+        await nc.close()
+    live = await view(pool)
+    appointments = await pool.fetchval("SELECT count(DISTINCT stream_id) FROM events")
+    assert 400 <= counts[0] <= counts[1] <= appointments == len(live)
+    assert await rebuild_visits(pool) == appointments
+    assert await view(pool) == live
+
+
+async def test_a_rebuild_repairs_a_damaged_view(pool: asyncpg.Pool) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    streams = [await lifecycle(store, clinic_id, i) for i in range(30)]
+    await project_directly(pool, streams)
+    healthy = await view(pool)
+    await pool.execute(
+        "UPDATE visits SET status = 'scheduled' WHERE appointment_id = $1", streams[1]
+    )
+    await pool.execute("UPDATE visits SET version = 99 WHERE appointment_id = $1", streams[2])
+    await pool.execute("DELETE FROM visits WHERE appointment_id = $1", streams[3])
+    await pool.execute(
+        "INSERT INTO visits SELECT gen_random_uuid(), clinic_id, patient_id, provider_id,"
+        " starts_at, ends_at, duration_minutes, timezone, visit_reason, status, 1"
+        " FROM visits LIMIT 1"
+    )
+    assert await rebuild_visits(pool) == 30
+    assert await view(pool) == healthy
+
+
+async def test_the_swap_keeps_the_tables_indexes_and_constraints(pool: asyncpg.Pool) -> None:
+    catalog = """SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'visits'
+                 UNION ALL SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+                 WHERE conrelid = 'visits'::regclass ORDER BY 1"""
+    before = await pool.fetch(catalog)
+    await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
+    assert await rebuild_visits(pool) == 1
+    assert await pool.fetch(catalog) == before
+    assert not await pool.fetchval("SELECT to_regclass('visits_rebuild') IS NOT NULL")
+
+
+async def test_progress_is_shown_and_the_count_returned(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = PostgresEventStore(pool)
+    for i in range(12):
+        await lifecycle(store, uuid.uuid4(), i)
+    seen: list[tuple[int, int]] = []
+    assert await rebuild_visits(pool, progress=lambda d, t: seen.append((d, t)), batch_size=5) == 12
+    assert seen[-1] == (20, 20) and seen == sorted(seen)
+    assert await rebuild_visits(database_url, progress=StderrProgress()) == 12
+    assert capsys.readouterr().err.endswith("100% 20/20 events\n")
+
+
+async def test_an_empty_store_rebuilds_an_empty_view(pool: asyncpg.Pool) -> None:
+    assert await rebuild_visits(pool) == 0
+    assert await view(pool) == []
+
+
+async def test_only_one_rebuild_runs_at_a_time(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as other:
+        await other.execute("SELECT pg_advisory_lock($1)", REBUILD_LOCK_ID)
+        with pytest.raises(RebuildAlreadyRunning):
+            await rebuild_visits(pool)
+        await other.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+    assert await rebuild_visits(pool) == 0
