@@ -144,7 +144,7 @@ async def test_a_rebuild_repairs_a_damaged_view(pool: asyncpg.Pool) -> None:
 async def test_the_swap_keeps_the_tables_indexes_and_constraints(pool: asyncpg.Pool) -> None:
     catalog = """SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'visits'
                  UNION ALL SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
-                 WHERE conrelid = 'visits'::regclass ORDER BY 1"""
+                 WHERE conrelid = 'visits'::regclass ORDER BY 1, 2"""
     before = await pool.fetch(catalog)
     await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
     assert await rebuild_visits(pool) == 1

@@ -1,0 +1,165 @@
+"""The pure parts of the visits read model: folding events into rows, cursors, scopes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from contracts.common import Actor, Principal
+from contracts.events import (
+    AppointmentCancelled,
+    AppointmentScheduled,
+    AppointmentStarted,
+    Event,
+    EventEnvelope,
+    event_data,
+    event_type,
+)
+from services.appointments.service_layer.visits import (
+    Outcome,
+    PageKey,
+    Scope,
+    decode_cursor,
+    encode_cursor,
+    project,
+)
+from services.errors import InvalidRequest
+
+NOW = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+STREAM = uuid.uuid4()
+CLINIC = uuid.uuid4()
+STAFF = Actor(id=uuid.uuid4(), role="staff")
+BOOKED = AppointmentScheduled(
+    clinic_id=CLINIC,
+    patient_id=uuid.uuid4(),
+    provider_id=uuid.uuid4(),
+    starts_at=datetime(2030, 1, 2, 10, 0, tzinfo=UTC) + timedelta(hours=1),
+    duration_minutes=20,
+    timezone="Europe/Paris",
+    visit_reason="rash",
+    scheduled_by=STAFF,
+)
+CANCELLED = AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
+STARTED = AppointmentStarted(clinic_id=CLINIC, started_by=STAFF, started_at=NOW)
+
+
+def envelope(
+    version: int, type_: str, data: dict[str, Any], schema_version: int = 1
+) -> EventEnvelope:
+    return EventEnvelope(
+        event_id=uuid.uuid4(),
+        type=type_,
+        schema_version=schema_version,
+        stream_id=STREAM,
+        stream_version=version,
+        global_position=version,
+        occurred_at=NOW,
+        data=data,
+    )
+
+
+def of(version: int, event: Event) -> EventEnvelope:
+    type_ = event_type(event)
+    return envelope(version, type_, event_data(event), 2 if type_ == "AppointmentScheduled" else 1)
+
+
+def test_scheduling_creates_the_row_with_what_the_read_side_needs() -> None:
+    outcome, row = project(None, of(1, BOOKED))
+    assert outcome is Outcome.APPLIED and row is not None
+    assert (row.appointment_id, row.clinic_id, row.status, row.version) == (
+        STREAM,
+        CLINIC,
+        "scheduled",
+        1,
+    )
+    assert row.ends_at - row.starts_at == timedelta(minutes=20)
+    assert (row.timezone, row.visit_reason) == ("Europe/Paris", "rash")
+
+
+@pytest.mark.parametrize(("event", "status"), [(CANCELLED, "cancelled"), (STARTED, "started")])
+def test_a_terminal_event_sets_the_status_and_version(event: Event, status: str) -> None:
+    _, row = project(None, of(1, BOOKED))
+    outcome, after = project(row, of(2, event))
+    assert outcome is Outcome.APPLIED and after is not None
+    assert (after.status, after.version) == (status, 2)
+
+
+def test_an_event_already_reflected_is_a_duplicate_and_changes_nothing() -> None:
+    _, row = project(None, of(1, BOOKED))
+    _, row = project(row, of(2, CANCELLED))
+    assert project(row, of(2, CANCELLED)) == (Outcome.DUPLICATE, row)
+    assert project(row, of(1, BOOKED)) == (Outcome.DUPLICATE, row)
+
+
+def test_an_event_after_a_missing_one_is_a_gap() -> None:
+    assert project(None, of(2, CANCELLED)) == (Outcome.GAP, None)
+    _, row = project(None, of(1, BOOKED))
+    assert project(row, of(3, STARTED)) == (Outcome.GAP, row)
+
+
+def test_an_unknown_type_moves_the_version_and_nothing_else() -> None:
+    _, row = project(None, of(1, BOOKED))
+    outcome, after = project(row, envelope(2, "AppointmentRescheduled", {"whatever": True}))
+    assert outcome is Outcome.SKIPPED and after == msgspec.structs.replace(row, version=2)
+    assert project(None, envelope(1, "SomethingNew", {})) == (Outcome.SKIPPED, None)
+
+
+def test_old_schema_versions_are_upcast() -> None:
+    data = event_data(BOOKED)
+    del data["visit_reason"]
+    outcome, row = project(None, envelope(1, "AppointmentScheduled", data, schema_version=1))
+    assert outcome is Outcome.APPLIED and row is not None and row.visit_reason is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        envelope(1, "AppointmentScheduled", {"clinic_id": "not a uuid"}, 2),
+        envelope(1, "AppointmentCancelled", event_data(CANCELLED)),  # cancels nothing
+    ],
+)
+def test_unreadable_or_impossible_events_are_poison(bad: EventEnvelope) -> None:
+    assert project(None, bad) == (Outcome.POISON, None)
+
+
+def test_a_second_scheduling_is_poison() -> None:
+    _, row = project(None, of(1, BOOKED))
+    assert project(row, of(2, BOOKED)) == (Outcome.POISON, row)
+
+
+def test_a_cursor_round_trips_and_belongs_to_its_tab() -> None:
+    key = PageKey("past", NOW, STREAM)
+    cursor = encode_cursor(key)
+    assert decode_cursor(cursor, "past") == key
+    assert "=" not in cursor
+    with pytest.raises(InvalidRequest):
+        decode_cursor(cursor, "upcoming")
+
+
+@pytest.mark.parametrize(
+    "cursor", ["", "!!!", "bnVsbA", encode_cursor(PageKey("past", NOW, STREAM))[:-4]]
+)
+def test_a_cursor_not_issued_here_is_an_invalid_request(cursor: str) -> None:
+    with pytest.raises(InvalidRequest):
+        decode_cursor(cursor, "past")
+
+
+def test_a_naive_time_in_a_cursor_is_refused() -> None:
+    forged = encode_cursor(PageKey("past", NOW.replace(tzinfo=None), STREAM))
+    with pytest.raises(InvalidRequest):
+        decode_cursor(forged, "past")
+
+
+def test_each_role_gets_its_scope() -> None:
+    me = uuid.uuid4()
+    assert Scope.of(Principal(id=me, role="patient", clinic_id=CLINIC)) == Scope(
+        clinic_id=CLINIC, patient_id=me
+    )
+    assert Scope.of(Principal(id=me, role="provider", clinic_id=CLINIC)) == Scope(
+        clinic_id=CLINIC, provider_id=me
+    )
+    assert Scope.of(Principal(id=me, role="staff", clinic_id=CLINIC)) == Scope(clinic_id=CLINIC)
