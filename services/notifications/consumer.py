@@ -89,9 +89,9 @@ class EventConsumer:
                     messages = await sub.fetch(
                         self._tuning.fetch_batch, timeout=self._tuning.fetch_timeout
                     )
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nothing to fetch (nats-py raises either kind)
                     continue
-                except nats.errors.Error as exc:
+                except Exception as exc:  # NATS reconnecting, consumer deleted…
                     log.warning("fetching events failed: %r", exc)
                     await sleep_unless_stopped(stop, 1.0)
                     continue

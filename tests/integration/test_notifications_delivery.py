@@ -1,0 +1,210 @@
+"""Each kind of notification reaches the right people, by push and by email, with the
+time as their clock shows it; email depends on the directory and never holds up push."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import nats
+import pytest
+
+from contracts.common import Actor
+from services.notifications.directory import Directory
+from tests.integration.test_notifications_harness import (
+    TEST_TUNING,
+    Booking,
+    Clinic,
+    clinic,
+    eventually,
+    smtp,
+)
+
+__all__ = ["clinic", "smtp"]  # fixtures
+
+
+async def test_every_kind_reaches_the_right_recipients_with_the_local_time(clinic: Clinic) -> None:
+    booking = Booking(timezone="America/New_York")  # 14:00 UTC is 09:00 EST
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.now = datetime(2030, 1, 14, 14, 0, tzinfo=UTC)  # 24 h before
+        await eventually(lambda: _count(clinic, "reminder-24h", 1), what="the reminder")
+        clinic.clock.now = datetime(2030, 1, 15, 13, 45, tzinfo=UTC)  # the window opens
+        await eventually(lambda: _count(clinic, "visit-ready", 1), what="visit-ready")
+        await clinic.wait_settled()
+
+    pushes = await clinic.pushes()
+    sent = sorted((p.kind, p.recipient_role, p.recipient_id) for p in pushes)
+    assert sent == sorted(
+        [
+            ("appointment-confirmed", "patient", booking.patient_id),
+            ("appointment-confirmed", "provider", booking.provider_id),
+            ("reminder-24h", "patient", booking.patient_id),
+            ("visit-ready", "patient", booking.patient_id),
+        ]
+    )
+    for push in pushes:
+        assert "Tue 15 Jan 2030 at 09:00 EST" in push.body
+        assert push.appointment_id == booking.appointment_id
+        assert push.clinic_id == booking.clinic_id
+        assert "private" not in push.body
+    patient_mail = clinic.sink.to(booking.email_of("patient"))
+    assert sorted(m["Subject"] for m in patient_mail) == [
+        "Visit confirmed",
+        "Visit tomorrow",
+        "Your visit can start now",
+    ]
+    assert all("09:00 EST" in m.get_content() for m in patient_mail)
+    assert [m["Subject"] for m in clinic.sink.to(booking.email_of("provider"))] == [
+        "New visit booked"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("by", "told"),
+    [
+        (
+            "patient",
+            {
+                "patient": "You cancelled your video visit",
+                "provider": "The patient cancelled the video visit",
+            },
+        ),
+        ("provider", {"patient": "Your provider cancelled your video visit"}),
+        (
+            "staff",
+            {
+                "patient": "The clinic cancelled your video visit",
+                "provider": "The clinic cancelled the video visit",
+            },
+        ),
+    ],
+)
+async def test_a_cancellation_tells_who_did_not_cancel_and_confirms_a_patients_own(
+    clinic: Clinic, by: str, told: dict[str, str]
+) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    actor = {
+        "patient": booking.patient,
+        "provider": booking.provider,
+        "staff": Actor(id=uuid.uuid4(), role="staff"),
+    }[by]
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.publish(booking.cancelled(clinic.clock(), actor), booking.clinic_id)
+        await clinic.wait_settled()
+
+    notices = [p for p in await clinic.pushes() if p.kind == "appointment-cancelled"]
+    assert sorted(p.recipient_role for p in notices) == sorted(told)
+    for notice in notices:
+        assert notice.title == "Visit cancelled"
+        assert notice.body == f"{told[notice.recipient_role]} of Tue 15 Jan 2030 at 15:00 CET."
+    for role in told:
+        assert [m["Subject"] for m in clinic.sink.to(booking.email_of(role))] == [
+            "New visit booked" if role == "provider" else "Visit confirmed",
+            "Visit cancelled",
+        ]
+
+
+async def test_a_directory_reply_with_an_address_leads_to_a_real_email(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.contacts[booking.patient_id] = {"email": "pat@example.test", "locale": None}
+    clinic.contacts[booking.provider_id] = {"email": None, "locale": "de"}
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+
+    (mail,) = clinic.sink.messages
+    assert mail["To"] == "pat@example.test"
+    assert mail["From"] == "clinic@example.test"
+    assert mail["Subject"] == "Visit confirmed"
+    patient_push = next(p for p in await clinic.pushes() if p.recipient_role == "patient")
+    assert mail["X-Clinic-Notification-Id"] == str(patient_push.notification_id)
+    emails = {r["recipient_id"]: r for r in await clinic.deliveries() if r["channel"] == "email"}
+    assert emails[booking.patient_id]["status"] == "sent"
+    assert emails[booking.provider_id]["status"] == "skipped"
+    assert emails[booking.provider_id]["last_error"] == "no email address known"
+
+
+async def test_a_silent_directory_costs_at_most_a_second_and_push_still_goes_out(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()  # the directory does not answer for these users
+    started = time.monotonic()
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await eventually(lambda: _count(clinic, "appointment-confirmed", 2), what="the pushes")
+        await clinic.wait_settled()
+    assert time.monotonic() - started < 5
+
+    assert len(await clinic.pushes()) == 2
+    assert clinic.sink.messages == []
+    statuses = sorted((r["channel"], r["status"]) for r in await clinic.deliveries())
+    assert statuses == [("email", "skipped")] * 2 + [("push", "sent")] * 2
+
+
+async def test_a_directory_request_without_an_answer_gives_up_after_one_second(
+    clinic: Clinic,
+) -> None:
+    directory = Directory(clinic.nc)
+    started = time.monotonic()
+    assert await directory.contact(uuid.uuid4()) is None  # subscribed, never answers
+    assert 0.9 <= time.monotonic() - started <= 1.3
+
+
+async def test_no_directory_at_all_means_no_email_at_once(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        started = time.monotonic()
+        assert await Directory(nc).contact(uuid.uuid4()) is None
+        assert time.monotonic() - started < 1.0
+    finally:
+        await nc.close()
+
+
+async def test_a_refused_recipient_fails_for_good_without_holding_up_the_others(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    clinic.sink.refusals[booking.email_of("patient")] = ["550 5.1.1 no such user"] * 5
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+
+    emails = {r["recipient_id"]: r for r in await clinic.deliveries() if r["channel"] == "email"}
+    assert emails[booking.patient_id]["status"] == "failed"
+    assert emails[booking.patient_id]["attempts"] == 1
+    assert "550" in emails[booking.patient_id]["last_error"]
+    assert emails[booking.provider_id]["status"] == "sent"
+    assert [m["To"] for m in clinic.sink.messages] == [booking.email_of("provider")]
+
+
+async def test_a_transient_smtp_refusal_is_retried_with_backoff(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    clinic.sink.refusals[booking.email_of("patient")] = ["451 4.3.0 try again later"]
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        (retrying,) = await clinic.deliveries("pending")
+        assert retrying["attempts"] == 1
+        assert retrying["next_attempt_at"] == clinic.clock() + TEST_TUNING.retry_base
+        clinic.clock.advance(seconds=31)
+        await eventually(lambda: _mails(clinic, 2), what="the retried email")
+        await clinic.wait_settled()
+    assert sorted(m["To"] for m in clinic.sink.messages) == sorted(
+        [booking.email_of("patient"), booking.email_of("provider")]
+    )
+
+
+async def _count(clinic: Clinic, kind: str, expected: int) -> bool:
+    return sum(p.kind == kind for p in await clinic.pushes()) == expected
+
+
+async def _mails(clinic: Clinic, expected: int) -> bool:
+    return len(clinic.sink.messages) == expected

@@ -1,0 +1,314 @@
+"""Shared fixtures of the notification service's integration tests (no tests here).
+
+A real SMTP server (aiosmtpd) per test, a clinic directory answering on NATS, hand-built
+appointment events published on the APPOINTMENTS stream the way the relay publishes them,
+and the service itself run in-process with a manual clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import itertools
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from contracts.common import Actor
+from contracts.events import (
+    AppointmentCancelled,
+    AppointmentScheduled,
+    AppointmentStarted,
+    Event,
+    EventEnvelope,
+    event_data,
+    event_kind,
+    event_type,
+)
+from contracts.notifications import Notification
+from contracts.subjects import NOTIFICATIONS_STREAM, event_subject
+from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.config import Settings, load_settings
+from services.notifications.main import run_notifications
+from services.notifications.runtime import Hooks, Tuning
+from tests.support.clock import ManualClock
+
+#: Tue 15 Jan 2030, 14:00 UTC: 15:00 in Berlin, 09:00 in New York.
+STARTS_AT = datetime(2030, 1, 15, 14, 0, tzinfo=UTC)
+
+TEST_TUNING = Tuning(
+    redelivery_backoff=(1.0,),
+    max_deliver=3,
+    fetch_timeout=0.5,
+    not_ready_delay=0.2,
+    poll_interval=0.05,
+    lease=timedelta(seconds=30),
+    retry_base=timedelta(seconds=30),
+    max_attempts=3,
+)
+
+_positions = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait until ``check()`` holds (polling), failing the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# -------------------------------------------------------------------------- SMTP
+
+
+class SmtpSink:
+    """An aiosmtpd handler keeping every message; it can refuse chosen recipients."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        #: address -> SMTP replies to give, one per attempt, before accepting it.
+        self.refusals: dict[str, list[str]] = {}
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        replies = self.refusals.get(address)
+        if replies:
+            return replies.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address]
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[SmtpSink, str]]:
+    """A real SMTP server on a free port: (its sink, its ``smtp://`` URL)."""
+    sink = SmtpSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield sink, f"smtp://127.0.0.1:{port}?from=clinic%40example.test"
+    finally:
+        controller.stop()
+
+
+# ---------------------------------------------------------------------- the clinic
+
+
+@dataclass
+class Booking:
+    """One appointment's hand-built events, numbered as the event store numbers them."""
+
+    clinic_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    appointment_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    patient_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    provider_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    starts_at: datetime = STARTS_AT
+    duration_minutes: int = 30
+    timezone: str = "Europe/Berlin"
+    version: int = 0
+
+    @property
+    def patient(self) -> Actor:
+        return Actor(id=self.patient_id, role="patient")
+
+    @property
+    def provider(self) -> Actor:
+        return Actor(id=self.provider_id, role="provider")
+
+    def envelope(self, event: Event, at: datetime) -> EventEnvelope:
+        self.version += 1
+        return EventEnvelope(
+            event_id=uuid.uuid4(),
+            type=event_type(event),
+            schema_version=1 if isinstance(event, AppointmentCancelled | AppointmentStarted) else 2,
+            stream_id=self.appointment_id,
+            stream_version=self.version,
+            global_position=next(_positions),
+            occurred_at=at,
+            correlation_id=uuid.uuid4(),
+            data=event_data(event),
+        )
+
+    def scheduled(self, at: datetime) -> EventEnvelope:
+        return self.envelope(
+            AppointmentScheduled(
+                clinic_id=self.clinic_id,
+                patient_id=self.patient_id,
+                provider_id=self.provider_id,
+                starts_at=self.starts_at,
+                duration_minutes=self.duration_minutes,
+                timezone=self.timezone,
+                visit_reason="private: must never show in a notification",
+                scheduled_by=self.patient,
+            ),
+            at,
+        )
+
+    def cancelled(self, at: datetime, by: Actor) -> EventEnvelope:
+        return self.envelope(
+            AppointmentCancelled(clinic_id=self.clinic_id, cancelled_by=by, cancelled_at=at), at
+        )
+
+    def started(self, at: datetime) -> EventEnvelope:
+        return self.envelope(
+            AppointmentStarted(clinic_id=self.clinic_id, started_by=self.patient, started_at=at),
+            at,
+        )
+
+    def email_of(self, role: str) -> str:
+        return f"{self.patient_id if role == 'patient' else self.provider_id}@example.test"
+
+
+@dataclass
+class Clinic:
+    """The world around the service: NATS, PostgreSQL, SMTP, a directory, a clock."""
+
+    nc: NATS
+    js: JetStreamContext
+    db: asyncpg.Pool
+    sink: SmtpSink
+    settings: Settings
+    clock: ManualClock
+    #: user id -> the directory's reply; unknown users get no answer at all.
+    contacts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+
+    def know(self, booking: Booking) -> None:
+        for role in ("patient", "provider"):
+            user = booking.patient_id if role == "patient" else booking.provider_id
+            self.contacts[user] = {"email": booking.email_of(role), "locale": "en"}
+
+    async def publish(
+        self, envelope: EventEnvelope, clinic_id: uuid.UUID, dedupe: bool = True
+    ) -> None:
+        headers = {"Nats-Msg-Id": str(envelope.event_id)} if dedupe else None
+        subject = event_subject(clinic_id, envelope.stream_id, event_kind(envelope.type))
+        await self.js.publish(subject, msgspec.json.encode(envelope), headers=headers)
+
+    async def publish_raw(self, data: bytes, clinic_id: uuid.UUID) -> None:
+        await self.js.publish(event_subject(clinic_id, uuid.uuid4(), "scheduled"), data)
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self, hooks: Hooks | None = None, tuning: Tuning = TEST_TUNING
+    ) -> AsyncIterator[asyncio.Task[None]]:
+        """The notification service, running until the block ends (or the test kills it)."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_notifications(self.settings, stop, self.clock, tuning=tuning, hooks=hooks)
+        )
+        try:
+            yield task
+        finally:
+            stop.set()
+            if not task.done():
+                await asyncio.wait_for(task, 15)
+            elif not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def pushes(self) -> list[Notification]:
+        """Every message on the NOTIFICATIONS stream."""
+        try:
+            info = await self.js.stream_info(NOTIFICATIONS_STREAM)
+        except nats.js.errors.NotFoundError:
+            return []
+        first, last = info.state.first_seq, info.state.last_seq
+        if not info.state.messages:
+            return []
+        raw = [await self.js.get_msg(NOTIFICATIONS_STREAM, seq) for seq in range(first, last + 1)]
+        return [msgspec.json.decode(m.data or b"", type=Notification) for m in raw]
+
+    async def deliveries(self, status: str | None = None) -> list[asyncpg.Record]:
+        return await self.db.fetch(
+            """SELECT d.*, n.kind, n.recipient_id FROM notification_deliveries d
+               JOIN notifications n USING (notification_id)
+               WHERE $1::text IS NULL OR d.status = $1 ORDER BY n.created_at""",
+            status,
+        )
+
+    async def settled(self) -> bool:
+        """No delivery waiting and the consumer has nothing pending or unacknowledged."""
+        busy = await self.db.fetchval(
+            """SELECT count(*) FROM notification_deliveries
+               WHERE status = 'sending' OR (status = 'pending' AND next_attempt_at <= $1)""",
+            self.clock(),
+        )
+        if busy:
+            return False
+        try:
+            info = await self.js.consumer_info("APPOINTMENTS", TEST_TUNING.consumer_name)
+        except nats.js.errors.NotFoundError:
+            return False
+        return not info.num_pending and not info.num_ack_pending
+
+    async def wait_settled(self, within: float = 15.0) -> None:
+        await eventually(self.settled, within, "the service to settle")
+
+
+@pytest.fixture
+async def clinic(
+    database_url: str, nats_url: str, smtp: tuple[SmtpSink, str]
+) -> AsyncIterator[Clinic]:
+    """The service's surroundings, with a directory answering for the users it knows."""
+    sink, smtp_url = smtp
+    settings = load_settings(
+        {
+            "CLINIC_DATABASE_URL": database_url,
+            "CLINIC_NATS_URL": nats_url,
+            "CLINIC_SMTP_URL": smtp_url,
+        }
+    )
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_events_stream(js)
+    db = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert db is not None
+    world = Clinic(nc, js, db, sink, settings, ManualClock(datetime(2030, 1, 12, 9, 0, tzinfo=UTC)))
+
+    async def directory(msg: Any) -> None:
+        user = uuid.UUID(msg.subject.rsplit(".", 1)[1])
+        if user in world.contacts:
+            await msg.respond(msgspec.json.encode(world.contacts[user]))
+
+    await nc.subscribe("directory.v1.contact.*", cb=directory)
+    try:
+        yield world
+    finally:
+        await nc.close()
+        await db.close()
