@@ -45,6 +45,8 @@ class NatsService:
     nc: NATS
     clock: ManualClock
     http_url: str | None
+    stop: asyncio.Event
+    """Set it to stop the service (as SIGTERM does)."""
     clinic_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def actor(
@@ -120,7 +122,12 @@ async def wait_for_service(nc: NATS, seconds: float = 10.0) -> None:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    database_url: str, nats_url: str, *, instances: int = 1, http: bool = False
+    database_url: str,
+    nats_url: str,
+    *,
+    instances: int = 1,
+    http: bool = False,
+    consistency_wait_ms: int = CONSISTENCY_WAIT_MS,
 ) -> AsyncIterator[NatsService]:
     """The NATS service API (``instances`` of it, each on a connection of its own), the
     relay and the projector on one database and NATS server, and a client."""
@@ -131,7 +138,7 @@ async def running_service(
             "CLINIC_NATS_URL": nats_url,
             "CLINIC_JWT_SECRET": JWT_SECRET,
             "CLINIC_HTTP_PORT": str(port),
-            "CLINIC_CONSISTENCY_WAIT_MS": str(CONSISTENCY_WAIT_MS),
+            "CLINIC_CONSISTENCY_WAIT_MS": str(consistency_wait_ms),
         }
     )
     clock = ManualClock()
@@ -142,7 +149,7 @@ async def running_service(
             PostgresVisits(container.pool),
             clock,
             settings.rules,
-            timedelta(milliseconds=CONSISTENCY_WAIT_MS),
+            timedelta(milliseconds=consistency_wait_ms),
         )
         api = ServiceApi(container.appointments, visits)
         extra = [await nats.connect(nats_url) for _ in range(instances - 1)]
@@ -158,9 +165,8 @@ async def running_service(
         client = await nats.connect(nats_url, name="another-clinic-service")
         try:
             await wait_for_service(client)
-            yield NatsService(
-                nc=client, clock=clock, http_url=f"http://127.0.0.1:{port}" if http else None
-            )
+            http_url = f"http://127.0.0.1:{port}" if http else None
+            yield NatsService(nc=client, clock=clock, http_url=http_url, stop=stop)
         finally:
             stop.set()
             await client.drain()

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from nats.errors import NoRespondersError
 
 from contracts.subjects import CMD_CANCEL, CMD_SCHEDULE, CMD_START, QUERY_GET, QUERY_VISITS
 from services.auth import mint_token
@@ -200,3 +201,29 @@ async def test_replies_are_the_same_json_as_the_http_answers(
             not_found = await http.get(f"/v1/appointments/{uuid.uuid4()}", headers=auth)
         assert answer.status_code == 200 and nats_reply.data == answer.content
         assert json.loads(missing.data) == not_found.json()
+
+
+async def in_flight(service: NatsService) -> int:
+    reply = await service.nc.request("$SRV.STATS.appointments", b"", timeout=2)
+    count: int = json.loads(reply.data)["endpoints"][0]["data"]["in_flight"]
+    return count
+
+
+async def test_stopping_answers_the_requests_already_accepted_then_leaves(
+    database_url: str, nats_url: str
+) -> None:
+    async with running_service(database_url, nats_url, consistency_wait_ms=1500) as service:
+        # A token of a write the view never sees: the query waits for its whole bound.
+        query = {"actor": service.actor("staff"), "consistency_token": f"{uuid.uuid4()}.1"}
+        pending = asyncio.create_task(service.request(QUERY_VISITS, query))
+        async with asyncio.timeout(5):
+            while True:
+                if await in_flight(service):
+                    break
+                await asyncio.sleep(0.01)
+        service.stop.set()
+        reply = await pending
+        assert assert_ok(reply) == {"items": [], "next_cursor": None}
+        assert (reply.headers or {})["X-Consistency"] == "stale"
+        with pytest.raises(NoRespondersError):
+            await service.nc.request(QUERY_GET, b"{}", timeout=2)
