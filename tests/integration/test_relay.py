@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from services.appointments.adapters.nats.streams import (
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.relay import OutboxDoorbell, OutboxRelay
 from services.appointments.service_layer.ports import NewEvent
+from services.embedded import EmbeddedNats
 
 
 @pytest.fixture
@@ -263,3 +265,45 @@ async def test_the_stream_is_created_and_updated_from_code(nc: NATS) -> None:
     assert info.config.duplicate_window == pytest.approx(DUPLICATE_WINDOW_SECONDS)
     assert info.config.max_msgs == 10_000  # an operator's setting the code does not manage
     assert (await ensure_events_stream(js)).config == info.config
+
+
+@pytest.mark.fault
+async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    appending = asyncio.create_task(append_many(store, 1000, writers=8))
+    crashes = 0
+    while not appending.done() or not await outbox_empty(pool):
+        # A cancelled task stops wherever it is: between publish and delete, mid-batch...
+        task = asyncio.create_task(OutboxRelay(pool, nc, batch_size=64).run(asyncio.Event()))
+        await asyncio.sleep(random.uniform(0.01, 0.15))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        crashes += 1
+    appended = await appending
+    async with running(OutboxRelay(pool, nc)):
+        await eventually(lambda: outbox_empty(pool))
+    assert crashes > 5
+    assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
+
+
+@pytest.mark.fault
+async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
+    pool: asyncpg.Pool, nats_server: EmbeddedNats
+) -> None:
+    store = PostgresEventStore(pool)
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        async with running(OutboxRelay(pool, nc, ack_timeout=1.0)):
+            appended = await append_many(store, 200, writers=4)
+            nats_server.stop()
+            appended += await append_many(store, 200, writers=4)  # the outbox buffers them
+            assert not await outbox_empty(pool)
+            nats_server.start()
+            await eventually(lambda: outbox_empty(pool))
+        messages = await stream_messages(nc)
+    finally:
+        await nc.close()
+    assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
