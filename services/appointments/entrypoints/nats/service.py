@@ -83,6 +83,9 @@ class Dispatcher:
     def __init__(
         self, api: ServiceApi, max_in_flight: int = MAX_IN_FLIGHT, max_accepted: int = MAX_ACCEPTED
     ) -> None:
+        missing = {endpoint.name for endpoint in ENDPOINTS} - set(api.calls)
+        if missing:
+            raise ValueError(f"no handler for the endpoints {sorted(missing)}")
         self._api = api
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_accepted = max_accepted
