@@ -1,0 +1,159 @@
+"""Reminders are timers in PostgreSQL, moved by an injected clock: due ones go out once,
+cancelled or started appointments' never do, and none goes out late."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from services.config import load_settings
+from tests.integration.test_notifications_harness import (
+    Booking,
+    Clinic,
+    clinic,
+    eventually,
+    smtp,
+)
+
+__all__ = ["clinic", "smtp"]  # fixtures
+
+DAY_BEFORE = datetime(2030, 1, 14, 14, 0, tzinfo=UTC)
+WINDOW_OPENS = datetime(2030, 1, 15, 13, 45, tzinfo=UTC)
+
+
+async def _kinds(clinic: Clinic) -> list[str]:
+    return sorted(p.kind for p in await clinic.pushes())
+
+
+async def _timers(clinic: Clinic) -> int:
+    count: int = await clinic.db.fetchval("SELECT count(*) FROM notification_timers")
+    return count
+
+
+async def test_reminders_go_out_when_due_and_not_before(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        assert await _timers(clinic) == 2
+        clinic.clock.now = DAY_BEFORE - timedelta(seconds=1)
+        await clinic.wait_settled()
+        assert await _kinds(clinic) == ["appointment-confirmed"] * 2
+        clinic.clock.now = DAY_BEFORE
+        await eventually(lambda: _has(clinic, "reminder-24h"), what="the 24 h reminder")
+        clinic.clock.now = WINDOW_OPENS
+        await eventually(lambda: _has(clinic, "visit-ready"), what="visit-ready")
+        clinic.clock.advance(hours=2)
+        await clinic.wait_settled()
+    assert await _kinds(clinic) == ["appointment-confirmed"] * 2 + ["reminder-24h", "visit-ready"]
+    assert await _timers(clinic) == 0
+
+
+async def test_cancelling_before_a_reminders_time_means_it_never_goes_out(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        clinic.clock.advance(hours=1)
+        await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await clinic.wait_settled()
+        assert await _timers(clinic) == 0
+        clinic.clock.now = WINDOW_OPENS + timedelta(minutes=1)
+        await clinic.wait_settled()
+    assert await _kinds(clinic) == ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+
+
+async def test_a_started_visits_pending_reminders_are_dropped(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.publish(booking.started(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.now = WINDOW_OPENS
+        await clinic.wait_settled()
+    assert await _timers(clinic) == 0
+    assert await _kinds(clinic) == ["appointment-confirmed"] * 2
+
+
+async def test_no_24h_reminder_for_a_visit_booked_2h_ahead(clinic: Clinic) -> None:
+    booking = Booking(starts_at=clinic.clock() + timedelta(hours=2))
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.advance(hours=1, minutes=45)
+        await eventually(lambda: _has(clinic, "visit-ready"), what="visit-ready")
+        await clinic.wait_settled()
+    assert await _kinds(clinic) == ["appointment-confirmed"] * 2 + ["visit-ready"]
+
+
+async def test_a_visit_booked_inside_its_start_window_is_ready_at_once(clinic: Clinic) -> None:
+    booking = Booking(starts_at=clinic.clock() + timedelta(minutes=10))
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await eventually(lambda: _has(clinic, "visit-ready"), what="visit-ready")
+        await clinic.wait_settled()
+    assert await _kinds(clinic) == ["appointment-confirmed"] * 2 + ["visit-ready"]
+
+
+async def test_a_reminder_due_while_the_service_was_down_is_not_sent_late(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+    clinic.clock.now = WINDOW_OPENS + timedelta(minutes=5)  # back up inside the window
+    async with clinic.running():
+        await eventually(lambda: _has(clinic, "visit-ready"), what="visit-ready")
+        await clinic.wait_settled()
+    assert await _kinds(clinic) == ["appointment-confirmed"] * 2 + ["visit-ready"]
+    assert await _timers(clinic) == 0
+
+
+async def test_the_start_window_setting_moves_visit_ready(clinic: Clinic) -> None:
+    clinic.settings = msgspec.structs.replace(clinic.settings, start_window_minutes=30)
+    assert load_settings({"CLINIC_START_WINDOW_MINUTES": "30"}).start_window_minutes == 30
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.now = booking.starts_at - timedelta(minutes=30)
+        await eventually(lambda: _has(clinic, "visit-ready"), what="visit-ready")
+    (ready,) = [p for p in await clinic.pushes() if p.kind == "visit-ready"]
+    assert ready.sent_at == booking.starts_at - timedelta(minutes=30)
+
+
+async def test_two_schedulers_fire_each_reminder_once(clinic: Clinic) -> None:
+    bookings = [Booking(starts_at=DAY_BEFORE + timedelta(days=1, minutes=i)) for i in range(15)]
+    for booking in bookings:
+        clinic.know(booking)
+    async with clinic.running(), clinic.running():
+        for booking in bookings:
+            await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.now = DAY_BEFORE + timedelta(minutes=20)
+        await eventually(lambda: _timers_left(clinic, 15), what="every 24 h reminder to fire")
+        clinic.clock.now = WINDOW_OPENS + timedelta(minutes=20)
+        await eventually(lambda: _timers_left(clinic, 0), what="every visit-ready to fire")
+        await clinic.wait_settled()
+    pushes = await clinic.pushes()
+    assert len(pushes) == len({p.notification_id for p in pushes}) == 15 * 4
+    assert Counter(p.kind for p in pushes) == {
+        "appointment-confirmed": 30,
+        "reminder-24h": 15,
+        "visit-ready": 15,
+    }
+
+
+async def _has(clinic: Clinic, kind: str) -> bool:
+    return kind in await _kinds(clinic)
+
+
+async def _timers_left(clinic: Clinic, count: int) -> bool:
+    return await _timers(clinic) == count
