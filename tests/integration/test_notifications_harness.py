@@ -42,7 +42,7 @@ from contracts.events import (
     event_type,
 )
 from contracts.notifications import Notification
-from contracts.subjects import NOTIFICATIONS_STREAM, event_subject
+from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM, event_subject
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.config import Settings, load_settings
 from services.notifications.main import run_notifications
@@ -215,10 +215,16 @@ class Clinic:
             self.contacts[user] = {"email": booking.email_of(role), "locale": "en"}
 
     async def publish(
-        self, envelope: EventEnvelope, clinic_id: uuid.UUID, dedupe: bool = True
+        self,
+        envelope: EventEnvelope,
+        clinic_id: uuid.UUID,
+        dedupe: bool = True,
+        kind: str | None = None,
     ) -> None:
+        """Publish as the relay does (``kind``: the subject token of a type not known yet)."""
         headers = {"Nats-Msg-Id": str(envelope.event_id)} if dedupe else None
-        subject = event_subject(clinic_id, envelope.stream_id, event_kind(envelope.type))
+        kind = kind or event_kind(envelope.type)
+        subject = event_subject(clinic_id, envelope.stream_id, kind)
         await self.js.publish(subject, msgspec.json.encode(envelope), headers=headers)
 
     async def publish_raw(self, data: bytes, clinic_id: uuid.UUID) -> None:
@@ -234,6 +240,7 @@ class Clinic:
             run_notifications(self.settings, stop, self.clock, tuning=tuning, hooks=hooks)
         )
         try:
+            await eventually(self._consumer_exists, what="the service to start")
             yield task
         finally:
             stop.set()
@@ -241,6 +248,13 @@ class Clinic:
                 await asyncio.wait_for(task, 15)
             elif not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
+
+    async def _consumer_exists(self) -> bool:
+        try:
+            await self.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def pushes(self) -> list[Notification]:
         """Every message on the NOTIFICATIONS stream."""
@@ -272,7 +286,7 @@ class Clinic:
         if busy:
             return False
         try:
-            info = await self.js.consumer_info("APPOINTMENTS", TEST_TUNING.consumer_name)
+            info = await self.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
         except nats.js.errors.NotFoundError:
             return False
         return not info.num_pending and not info.num_ack_pending
