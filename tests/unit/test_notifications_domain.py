@@ -1,0 +1,158 @@
+"""What to notify and when: given an appointment and an event / a time, then notifications."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from contracts.common import Actor, Role
+from contracts.events import AppointmentCancelled, AppointmentScheduled
+from services.appointments.domain.rules import Rules
+from services.notifications.domain import (
+    Appointment,
+    Timer,
+    appointment_of,
+    notification_id,
+    on_cancelled,
+    on_scheduled,
+    on_timer,
+    timers_of,
+)
+
+NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
+STARTS_AT = datetime(2030, 1, 15, 14, 0, tzinfo=UTC)
+RULES = Rules()
+
+
+def appointment(starts_at: datetime = STARTS_AT, timezone: str = "Europe/Berlin") -> Appointment:
+    patient, provider = uuid.uuid4(), uuid.uuid4()
+    event = AppointmentScheduled(
+        clinic_id=uuid.uuid4(),
+        patient_id=patient,
+        provider_id=provider,
+        starts_at=starts_at,
+        duration_minutes=30,
+        timezone=timezone,
+        visit_reason="knee pain",
+        scheduled_by=Actor(id=patient, role="patient"),
+    )
+    return appointment_of(uuid.uuid4(), uuid.uuid4(), event)
+
+
+def cancellation(by: Actor) -> AppointmentCancelled:
+    return AppointmentCancelled(clinic_id=uuid.uuid4(), cancelled_by=by, cancelled_at=NOW)
+
+
+def test_a_notification_id_depends_only_on_cause_kind_and_recipient() -> None:
+    cause, recipient = uuid.uuid4(), uuid.uuid4()
+    same = notification_id(cause, "reminder-24h", recipient)
+    assert same == notification_id(cause, "reminder-24h", recipient)
+    assert same != notification_id(cause, "visit-ready", recipient)
+    assert same != notification_id(cause, "reminder-24h", uuid.uuid4())
+    assert same != notification_id(uuid.uuid4(), "reminder-24h", recipient)
+
+
+def test_deciding_twice_decides_the_same_notifications() -> None:
+    a = appointment()
+    assert on_scheduled(a) == on_scheduled(a)
+
+
+def test_a_booking_is_confirmed_to_the_patient_and_to_the_provider() -> None:
+    a = appointment()
+    confirmations = on_scheduled(a)
+    assert [(n.recipient_id, n.recipient_role) for n in confirmations] == [
+        (a.patient_id, "patient"),
+        (a.provider_id, "provider"),
+    ]
+    assert {n.kind for n in confirmations} == {"appointment-confirmed"}
+    assert {n.cause_event_id for n in confirmations} == {a.scheduled_event_id}
+    assert all("15:00 CET" in n.body for n in confirmations)
+    assert all("knee" not in n.body + n.title for n in confirmations)
+
+
+@pytest.mark.parametrize(
+    ("by_role", "recipients"),
+    [
+        ("patient", ["patient", "provider"]),
+        ("provider", ["patient"]),
+        ("staff", ["patient", "provider"]),
+    ],
+)
+def test_a_cancellation_goes_to_who_did_not_cancel_and_to_a_cancelling_patient(
+    by_role: Role, recipients: list[Role]
+) -> None:
+    a = appointment()
+    by_id = {"patient": a.patient_id, "provider": a.provider_id, "staff": uuid.uuid4()}[by_role]
+    event_id = uuid.uuid4()
+    notices = on_cancelled(a, event_id, cancellation(Actor(id=by_id, role=by_role)))
+    assert [n.recipient_role for n in notices] == recipients
+    assert {n.cause_event_id for n in notices} == {event_id}
+    assert {n.kind for n in notices} == {"appointment-cancelled"}
+
+
+def test_a_visit_booked_days_ahead_gets_a_24h_reminder_and_visit_ready() -> None:
+    a = appointment()
+    reminder, ready = timers_of(a, NOW, RULES)
+    assert (reminder.kind, reminder.due_at) == ("reminder-24h", STARTS_AT - timedelta(hours=24))
+    assert reminder.expires_at == STARTS_AT - timedelta(minutes=15)
+    assert (ready.kind, ready.due_at) == ("visit-ready", STARTS_AT - timedelta(minutes=15))
+    assert ready.expires_at == STARTS_AT + timedelta(minutes=30)
+    assert {reminder.cause_event_id, ready.cause_event_id} == {a.scheduled_event_id}
+
+
+def test_no_24h_reminder_for_a_visit_booked_2h_ahead() -> None:
+    a = appointment(starts_at=NOW + timedelta(hours=2))
+    assert [t.kind for t in timers_of(a, NOW, RULES)] == ["visit-ready"]
+
+
+def test_a_visit_booked_inside_its_start_window_is_ready_at_once() -> None:
+    a = appointment(starts_at=NOW + timedelta(minutes=10))
+    (ready,) = timers_of(a, NOW, RULES)
+    assert (ready.kind, ready.due_at) == ("visit-ready", NOW)
+
+
+def test_the_start_window_setting_moves_visit_ready() -> None:
+    a = appointment()
+    rules = Rules(start_window=timedelta(minutes=45))
+    ready = timers_of(a, NOW, rules)[-1]
+    assert ready.due_at == STARTS_AT - timedelta(minutes=45)
+
+
+def test_a_visit_that_already_ended_gets_no_reminders() -> None:
+    a = appointment(starts_at=NOW - timedelta(hours=1))
+    assert timers_of(a, NOW, RULES) == []
+
+
+def _timer(a: Appointment, kind: str) -> Timer:
+    return next(t for t in timers_of(a, NOW, RULES) if t.kind == kind)
+
+
+def test_a_due_reminder_goes_to_the_patient() -> None:
+    a = appointment()
+    timer = _timer(a, "reminder-24h")
+    (reminder,) = on_timer(a, timer, timer.due_at)
+    assert (reminder.kind, reminder.recipient_id) == ("reminder-24h", a.patient_id)
+    assert reminder.notification_id == notification_id(
+        a.scheduled_event_id, "reminder-24h", a.patient_id
+    )
+
+
+@pytest.mark.parametrize("status", ["cancelled", "started"])
+def test_a_reminder_of_a_cancelled_or_started_appointment_sends_nothing(status: str) -> None:
+    a = appointment()
+    timer = _timer(a, "visit-ready")
+    gone = Appointment(**{**_fields(a), "status": status})
+    assert on_timer(gone, timer, timer.due_at) == []
+
+
+def test_a_reminder_firing_after_it_expired_sends_nothing() -> None:
+    a = appointment()
+    timer = _timer(a, "reminder-24h")
+    assert on_timer(a, timer, timer.expires_at) == []
+    assert on_timer(a, timer, timer.expires_at - timedelta(seconds=1)) != []
+
+
+def _fields(a: Appointment) -> dict[str, object]:
+    return {name: getattr(a, name) for name in a.__struct_fields__}

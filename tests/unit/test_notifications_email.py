@@ -1,0 +1,87 @@
+"""The SMTP URL, the mail of a notification, which SMTP failures are worth a retry, and
+the retry backoff."""
+
+from __future__ import annotations
+
+import smtplib
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from contracts.notifications import Notification
+from services.config import ConfigError
+from services.notifications.email import DEFAULT_SENDER, SmtpConfig, _failure, email_message
+from services.notifications.runtime import Tuning
+
+
+def test_a_plain_smtp_url_names_host_and_port() -> None:
+    assert SmtpConfig.from_url("smtp://127.0.0.1:1025") == SmtpConfig(host="127.0.0.1", port=1025)
+
+
+def test_an_smtps_url_with_credentials_sender_and_default_port() -> None:
+    config = SmtpConfig.from_url("smtps://us%40er:p%3Ass@mail.example:?from=clinic@example.test")
+    assert config == SmtpConfig(
+        host="mail.example",
+        port=465,
+        tls=True,
+        username="us@er",
+        password="p:ss",
+        sender="clinic@example.test",
+    )
+
+
+def test_starttls_is_asked_for_in_the_query() -> None:
+    config = SmtpConfig.from_url("smtp://mail.example?starttls=true")
+    assert (config.port, config.starttls, config.sender) == (25, True, DEFAULT_SENDER)
+
+
+@pytest.mark.parametrize("url", ["http://mail.example", "smtp://", "smtp://host:notaport"])
+def test_a_malformed_smtp_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigError):
+        SmtpConfig.from_url(url)
+
+
+def test_the_mail_carries_the_notification_and_its_id() -> None:
+    notification = Notification(
+        notification_id=uuid.uuid4(),
+        kind="appointment-confirmed",
+        recipient_id=uuid.uuid4(),
+        recipient_role="patient",
+        appointment_id=uuid.uuid4(),
+        clinic_id=uuid.uuid4(),
+        cause_event_id=uuid.uuid4(),
+        title="Visit confirmed",
+        body="Your video visit is booked.",
+        sent_at=datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
+    )
+    mail = email_message(notification, "pat@example.test", "clinic@example.test")
+    assert (mail["To"], mail["From"], mail["Subject"]) == (
+        "pat@example.test",
+        "clinic@example.test",
+        "Visit confirmed",
+    )
+    assert str(notification.notification_id) in mail["Message-ID"]
+    assert mail.get_content().strip() == "Your video visit is booked."
+
+
+@pytest.mark.parametrize(
+    ("exc", "permanent"),
+    [
+        (smtplib.SMTPRecipientsRefused({"a@b": (550, b"no such user")}), True),
+        (smtplib.SMTPRecipientsRefused({"a@b": (451, b"try later")}), False),
+        (smtplib.SMTPSenderRefused(553, b"sender refused", "x@y"), True),
+        (smtplib.SMTPDataError(452, b"insufficient storage"), False),
+        (smtplib.SMTPServerDisconnected("gone"), False),
+        (ConnectionRefusedError(111, "refused"), False),
+    ],
+)
+def test_5xx_replies_are_final_and_the_rest_is_retried(exc: Exception, permanent: bool) -> None:
+    assert _failure(exc).permanent is permanent
+
+
+def test_retries_back_off_exponentially_up_to_a_cap() -> None:
+    tuning = Tuning(retry_base=timedelta(seconds=5), retry_cap=timedelta(minutes=1))
+    delays = [tuning.retry_delay(n).total_seconds() for n in range(1, 7)]
+    assert delays == [5, 10, 20, 40, 60, 60]
+    assert tuning.retry_delay(10_000) == timedelta(minutes=1)
