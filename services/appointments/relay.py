@@ -37,7 +37,9 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any, Final
+from uuid import UUID
 
 import asyncpg
 import msgspec
@@ -50,6 +52,13 @@ from contracts.events import UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.event_store import envelope_from_row
+from services.appointments.service_layer.ports import (
+    AppendResult,
+    EventStore,
+    IdempotencyRecord,
+    NewEvent,
+    RecordedEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,3 +230,27 @@ class OutboxDoorbell:
             except Exception as exc:  # the relay polls anyway
                 log.debug("outbox doorbell failed: %r", exc)
                 return
+
+
+class RingingEventStore:
+    """An :class:`EventStore` that rings an :class:`OutboxDoorbell` after each append."""
+
+    def __init__(self, inner: EventStore, doorbell: OutboxDoorbell) -> None:
+        self._inner = inner
+        self._doorbell = doorbell
+
+    async def load(self, stream_id: UUID) -> list[RecordedEvent]:
+        """The inner store's events of the stream."""
+        return await self._inner.load(stream_id)
+
+    async def append(
+        self,
+        stream_id: UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        """Append through the inner store, then wake the relay."""
+        result = await self._inner.append(stream_id, expected_version, events, idempotency)
+        self._doorbell.ring()
+        return result

@@ -28,7 +28,7 @@ from services.appointments.adapters.nats.streams import (
     events_stream_config,
 )
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
-from services.appointments.relay import OutboxDoorbell, OutboxRelay
+from services.appointments.relay import OutboxDoorbell, OutboxRelay, RingingEventStore
 from services.appointments.service_layer.ports import NewEvent
 from services.embedded import EmbeddedNats
 
@@ -204,18 +204,22 @@ async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_
     other_nc = await nats.connect(nats_url)
     first = OutboxRelay(pool, nc, batch_size=50)
     second = OutboxRelay(other_pool, other_nc, batch_size=50, standby_interval=0.05)
+    stop_first = asyncio.Event()
+    first_task = asyncio.create_task(first.run(stop_first))
     try:
-        async with running(first) as stop_first:
-            appended = await append_many(store, 10)
-            await eventually(lambda: published(first, 20))  # the first one is active
-            async with running(second):
-                appended += await append_many(store, 500)
-                await eventually(lambda: outbox_empty(pool))
-                assert second.published == 0  # a standby publishes nothing
-                stop_first.set()
-                appended += await append_many(store, 500)
-                await eventually(lambda: outbox_empty(pool))
+        appended = await append_many(store, 10)
+        await eventually(lambda: published(first, 20))  # the first one is active
+        async with running(second):
+            appended += await append_many(store, 500)
+            await eventually(lambda: outbox_empty(pool))
+            assert second.published == 0  # a standby publishes nothing
+            stop_first.set()
+            await first_task
+            appended += await append_many(store, 500)
+            await eventually(lambda: outbox_empty(pool))
     finally:
+        stop_first.set()
+        await first_task
         await other_nc.close()
         await other_pool.close()
     messages = await stream_messages(nc)
@@ -223,18 +227,15 @@ async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_
     assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
     # Each outbox row was published (and deleted) by exactly one relay.
     assert first.published + second.published == 2020
-    assert second.published >= 1000
+    assert second.published == 1000
 
 
 async def test_the_doorbell_wakes_the_relay_before_its_poll(pool: asyncpg.Pool, nc: NATS) -> None:
-    store = PostgresEventStore(pool)
-    bell = OutboxDoorbell(pool)
+    store = RingingEventStore(PostgresEventStore(pool), OutboxDoorbell(pool))
     async with running(OutboxRelay(pool, nc, poll_interval=30.0)):
         await asyncio.sleep(0.3)  # the relay is now waiting out its (long) poll interval
-        ids = await append_lifecycle(store, uuid.uuid4())
-        bell.ring()
-        bell.ring()
         started = time.monotonic()
+        ids = await append_lifecycle(store, uuid.uuid4())  # type: ignore[arg-type]
         await eventually(lambda: outbox_empty(pool), within=10)
         assert time.monotonic() - started < 5
     assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
@@ -274,7 +275,7 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
     store = PostgresEventStore(pool)
     appending = asyncio.create_task(append_many(store, 1000, writers=8))
     crashes = 0
-    while not appending.done() or not await outbox_empty(pool):
+    while crashes < 10 or not appending.done() or not await outbox_empty(pool):
         # A cancelled task stops wherever it is: between publish and delete, mid-batch...
         task = asyncio.create_task(OutboxRelay(pool, nc, batch_size=64).run(asyncio.Event()))
         await asyncio.sleep(random.uniform(0.01, 0.15))
@@ -285,7 +286,6 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
     appended = await appending
     async with running(OutboxRelay(pool, nc)):
         await eventually(lambda: outbox_empty(pool))
-    assert crashes > 5
     assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
 
 

@@ -30,7 +30,7 @@ from services.appointments.service_layer.visits import (
 from services.errors import InvalidRequest
 
 NOW = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
-STREAM = uuid.uuid4()
+STREAM = uuid.UUID("5f0c2a52-7a43-4b7e-9d7e-1f6f3c1b2a10")
 CLINIC = uuid.uuid4()
 STAFF = Actor(id=uuid.uuid4(), role="staff")
 BOOKED = AppointmentScheduled(

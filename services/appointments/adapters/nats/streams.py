@@ -34,9 +34,13 @@ class StreamConfigConflict(Exception):
     """The stream exists with a setting that cannot change in place (e.g. its storage)."""
 
 
-def events_stream_config(replicas: int = 1) -> StreamConfig:
+def events_stream_config(replicas: int | None = None) -> StreamConfig:
     """``APPOINTMENTS``: every appointment event, kept (the stream is the consumers' replay
-    log), file storage, de-duplicated by ``Nats-Msg-Id`` = ``event_id``."""
+    log), file storage, de-duplicated by ``Nats-Msg-Id`` = ``event_id``.
+
+    ``replicas=None`` creates it with the server's default (1) and leaves the replica count
+    of an existing stream alone, so services never shrink an R3 stream set up for a cluster.
+    """
     return StreamConfig(
         name=EVENTS_STREAM,
         description="Appointment events, published from the event store's outbox.",
@@ -92,6 +96,6 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInf
     return updated
 
 
-async def ensure_events_stream(js: JetStreamContext, replicas: int = 1) -> StreamInfo:
+async def ensure_events_stream(js: JetStreamContext, replicas: int | None = None) -> StreamInfo:
     """Create or update ``APPOINTMENTS``; every service that reads it calls this at start."""
     return await ensure_stream(js, events_stream_config(replicas))
