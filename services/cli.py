@@ -8,8 +8,10 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
+from contracts.generate import SCHEMAS_DIR
 from services.config import ConfigError, Settings, load_settings, variables_help
 from services.logs import configure_logging
 
@@ -56,6 +58,46 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError(str(exc)) from None
     settings.require_database_url()
     run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from services.dev import DevError, DevOptions, run_dev
+    from services.embedded import ServerStartError
+
+    options = DevOptions(data_dir=Path(args.data_dir), demo=args.demo)
+    try:
+        run_until_signalled(lambda stop: run_dev(settings, options, stop))
+    except (DevError, ServerStartError) as exc:
+        print(f"clinic dev: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_notifications(settings: Settings, _: argparse.Namespace) -> None:
+    from services.notifications.main import run_notifications
+
+    settings.require_database_url()
+    run_until_signalled(lambda stop: run_notifications(settings, stop))
+
+
+def cmd_rebuild_visits(settings: Settings, _: argparse.Namespace) -> None:
+    from services.appointments.rebuild import RebuildAlreadyRunning, StderrProgress, rebuild_visits
+
+    try:
+        count = asyncio.run(
+            rebuild_visits(settings.require_database_url(), progress=StderrProgress())
+        )
+    except RebuildAlreadyRunning as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"rebuilt the visits view: {count} visit(s)")
+
+
+def cmd_contracts(_: Settings, args: argparse.Namespace) -> None:
+    from contracts.generate import write_all
+
+    for path in write_all(Path(args.out)):
+        print(path)
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> None:
@@ -107,6 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--roles",
         default="api,relay,projector",
         help="comma-separated subset of api,relay,projector (default: all)",
+    )
+    dev = add(
+        "dev",
+        "run the whole system on this machine: embedded PostgreSQL and NATS, every service",
+        cmd_dev,
+    )
+    dev.add_argument(
+        "--demo", action="store_true", help="add a demo clinic and print tokens and curl commands"
+    )
+    dev.add_argument(
+        "--data-dir",
+        default=".clinic",
+        help="where the servers keep their data (default ./.clinic)",
+    )
+    add("notifications", "run the notification service", cmd_notifications)
+    add(
+        "rebuild-visits",
+        "rebuild the visits read model from the event store, while the service keeps running",
+        cmd_rebuild_visits,
+    )
+    contracts = add(
+        "contracts", "write the JSON Schemas and the AsyncAPI document of contracts/", cmd_contracts
+    )
+    contracts.add_argument(
+        "--out", default=str(SCHEMAS_DIR), help="folder (default: contracts/schemas)"
     )
     token = add(
         "token", "mint an HS256 token with CLINIC_JWT_SECRET (development and tests)", cmd_token

@@ -7,15 +7,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import nats
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.adapters.system import new_uuid, utc_now
+from services.appointments.relay import OutboxDoorbell, RingingEventStore
 from services.appointments.service_layer.handlers import Appointments
 from services.appointments.service_layer.ports import Clock
+from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
 from services.config import Settings
 
@@ -30,6 +34,7 @@ class Container:
     pool: asyncpg.Pool
     nats: NATS | None
     appointments: Appointments
+    visits: VisitsQuery
     verifier: TokenVerifier
 
 
@@ -85,12 +90,16 @@ async def appointments_container(
     pool = await create_pool(settings.require_database_url(), pool_size)
     nc = await connect_nats(settings, "appointments") if with_nats else None
     store = PostgresEventStore(pool)
+    # Appends ring the relay awake right after they commit (never inside the transaction).
+    ringing = RingingEventStore(store, OutboxDoorbell(pool))
+    wait = timedelta(milliseconds=settings.consistency_wait_ms)
     try:
         yield Container(
             settings=settings,
             pool=pool,
             nats=nc,
-            appointments=Appointments(store, store, clock, new_uuid, settings.rules),
+            appointments=Appointments(ringing, store, clock, new_uuid, settings.rules),
+            visits=VisitsQuery(PostgresVisits(pool), clock, settings.rules, wait),
             verifier=TokenVerifier.from_settings(settings),
         )
     finally:

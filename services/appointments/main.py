@@ -12,6 +12,9 @@ import uvicorn
 
 from services.appointments.bootstrap import Container, appointments_container
 from services.appointments.entrypoints.http.app import create_app
+from services.appointments.entrypoints.nats.service import serve_nats
+from services.appointments.projector import run_projector
+from services.appointments.relay import run_relay
 from services.config import Settings
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,28 @@ async def serve_http(container: Container, stop: asyncio.Event) -> None:
     await serving
 
 
+async def serve_api(container: Container, stop: asyncio.Event) -> None:
+    """The ``api`` role: the HTTP API and the NATS service API side by side."""
+    async with asyncio.TaskGroup() as group:
+        group.create_task(serve_http(container, stop))
+        group.create_task(serve_nats(container, stop))
+
+
+async def _relay(container: Container, stop: asyncio.Event) -> None:
+    assert container.nats is not None
+    await run_relay(container.pool, container.nats, stop)
+
+
+async def _projector(container: Container, stop: asyncio.Event) -> None:
+    assert container.nats is not None
+    await run_projector(container.pool, container.nats, stop)
+
+
 RoleRunner = Callable[[Container, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def _role_runners() -> dict[str, RoleRunner]:
-    runners: dict[str, RoleRunner] = {"api": serve_http}
-    return runners
+    return {"api": serve_api, "relay": _relay, "projector": _projector}
 
 
 async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:

@@ -13,12 +13,11 @@ import pytest
 
 from contracts.common import Principal, Role
 from services.appointments.bootstrap import appointments_container
-from services.appointments.main import run_roles
+from services.appointments.main import ROLES, run_roles
 from services.auth import mint_token
 from services.config import load_settings
 from tests.support.clock import ManualClock
 
-E2E_ROLES = ("api",)
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
 
 
@@ -46,8 +45,8 @@ class Api:
         return {"Authorization": f"Bearer {token}", **extra}
 
 
-async def wait_until_live(client: httpx.AsyncClient, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
+async def wait_until_live(client: httpx.AsyncClient, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
         while True:
             try:
                 if (await client.get("/health/live")).status_code == 200:
@@ -72,7 +71,7 @@ async def api(database_url: str, nats_url: str) -> AsyncIterator[Api]:
     clock = ManualClock()
     stop = asyncio.Event()
     async with appointments_container(settings, clock=clock, pool_size=5) as container:
-        running = asyncio.create_task(run_roles(container, E2E_ROLES, stop))
+        running = asyncio.create_task(run_roles(container, ROLES, stop))
         base_url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
             await wait_until_live(client)

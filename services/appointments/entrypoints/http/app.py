@@ -11,6 +11,7 @@ from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.http.appointments import AppointmentsController
 from services.appointments.entrypoints.http.health import HealthController
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
+from services.appointments.entrypoints.http.visits import VisitsController
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -18,7 +19,7 @@ MAX_BODY_BYTES = 64 * 1024
 def create_app(container: Container) -> Litestar:
     """The HTTP API over an already-built container (its lifespan is the caller's)."""
     return Litestar(
-        route_handlers=[AppointmentsController, HealthController],
+        route_handlers=[AppointmentsController, VisitsController, HealthController],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(

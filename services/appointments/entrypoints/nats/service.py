@@ -225,5 +225,4 @@ async def serve_nats(container: Container, stop: asyncio.Event) -> None:
     """The ``api`` role's NATS service API, until ``stop`` is set (then drained)."""
     if container.nats is None:
         raise RuntimeError("The NATS service API needs a NATS connection.")
-    visits = getattr(container, "visits", None)
-    await serve(container.nats, ServiceApi(container.appointments, visits), stop)
+    await serve(container.nats, ServiceApi(container.appointments, container.visits), stop)

@@ -1,0 +1,52 @@
+"""``GET /v1/visits``: the patient's Upcoming and Past visits, read-your-writes on request."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get
+from litestar.datastructures import State
+from litestar.params import HeaderParameter, QueryParameter
+
+from contracts.commands import VisitsTab
+from contracts.views import VisitsPage
+from services.appointments.entrypoints.http.dependencies import container_of, request_context
+from services.appointments.entrypoints.http.openapi import problem_responses
+from services.errors import InvalidRequest
+
+ConsistencyToken = Annotated[
+    str | None,
+    HeaderParameter(
+        name="X-Consistency-Token",
+        description="From a command answer: wait until the view includes that write",
+        max_length=100,
+    ),
+]
+
+
+class VisitsController(Controller):
+    path = "/v1/visits"
+    tags = ["visits"]
+
+    @get(
+        "/",
+        summary="Upcoming or Past visits of the caller",
+        responses=problem_responses(400, 401, 503),
+    )
+    async def list_visits(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        tab: Annotated[VisitsTab, QueryParameter(description="upcoming or past")] = "upcoming",
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, QueryParameter(max_length=200)] = None,
+        consistency_token: ConsistencyToken = None,
+    ) -> Response[VisitsPage]:
+        ctx = request_context(request, state)
+        if not 1 <= limit <= 100:
+            raise InvalidRequest("limit must be between 1 and 100.")
+        page, stale = await container_of(state).visits.list_visits(
+            ctx.principal, tab, limit, cursor, consistency_token
+        )
+        headers = {"X-Consistency": "stale"} if stale else {"X-Consistency": "fresh"}
+        return Response(page, headers=headers)
