@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from contracts.common import Actor
@@ -134,11 +135,17 @@ async def test_old_schema_version_events_are_upcast_on_load(
     store: PostgresEventStore, pool: asyncpg.Pool
 ) -> None:
     stream, clinic = uuid.uuid4(), uuid.uuid4()
-    v1 = (
-        '{"clinic_id": "%s", "patient_id": "%s", "provider_id": "%s",'
-        ' "starts_at": "2030-01-01T10:00:00Z", "duration_minutes": 20, "timezone": "UTC",'
-        ' "scheduled_by": {"id": "%s", "role": "staff"}}'
-    ) % (clinic, uuid.uuid4(), uuid.uuid4(), uuid.uuid4())
+    v1 = msgspec.json.encode(
+        {  # as written before visit reasons existed: no visit_reason key
+            "clinic_id": str(clinic),
+            "patient_id": str(uuid.uuid4()),
+            "provider_id": str(uuid.uuid4()),
+            "starts_at": "2030-01-01T10:00:00Z",
+            "duration_minutes": 20,
+            "timezone": "UTC",
+            "scheduled_by": {"id": str(uuid.uuid4()), "role": "staff"},
+        }
+    ).decode()
     await pool.execute(
         """INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type,
                                schema_version, data, occurred_at)
@@ -215,6 +222,4 @@ async def test_25_concurrent_bookings_of_one_slot_have_exactly_one_winner(
 
 
 def msgspec_replace(event: AppointmentScheduled, **changes: object) -> AppointmentScheduled:
-    import msgspec
-
     return msgspec.structs.replace(event, **changes)
