@@ -76,6 +76,12 @@ LIMIT $1
 """
 _DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
 _RETRY_MAX = 5.0
+#: Failed batches in a row after which the active relay gives up the lock.
+_STEP_DOWN_AFTER = 5
+
+
+class RelayStalled(Exception):
+    """JetStream has not acked the active relay's batches for a while."""
 
 
 def subject_of(row: asyncpg.Record) -> str:
@@ -139,6 +145,7 @@ class OutboxRelay:
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
+                stream_ready = False  # it may be the stream that went away
                 await _pause(stop, delay)
                 delay = min(delay * 2, _RETRY_MAX)
 
@@ -154,11 +161,13 @@ class OutboxRelay:
             while not stop.is_set():
                 wake.clear()
                 fetched, failed = await self._drain_batch(conn)
+                failures = failures + 1 if failed else 0
+                if failures >= _STEP_DOWN_AFTER:
+                    # Let a relay that reaches NATS take over (and re-check the stream).
+                    raise RelayStalled(f"{failures} batches in a row not acked by JetStream")
                 if failed:
-                    failures += 1
                     await _pause(stop, min(0.1 * 2**failures, _RETRY_MAX))
                 elif fetched < self._batch_size:
-                    failures = 0
                     await _pause(stop, self._poll_interval, wake)
         finally:
             with contextlib.suppress(Exception):

@@ -291,16 +291,24 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
 
 @pytest.mark.fault
 async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
-    pool: asyncpg.Pool, nats_server: EmbeddedNats
+    pool: asyncpg.Pool, nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = PostgresEventStore(pool)
     nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+    async def stepped_down() -> bool:
+        return any(
+            isinstance(r.args, tuple) and "RelayStalled" in str(r.args) for r in caplog.records
+        )
+
     try:
-        async with running(OutboxRelay(pool, nc, ack_timeout=1.0)):
+        async with running(OutboxRelay(pool, nc, ack_timeout=0.2)):
             appended = await append_many(store, 200, writers=4)
             nats_server.stop()
             appended += await append_many(store, 200, writers=4)  # the outbox buffers them
             assert not await outbox_empty(pool)
+            # Unacked for long enough, the active relay gives up its lock and retries.
+            await eventually(stepped_down, within=30)
             nats_server.start()
             await eventually(lambda: outbox_empty(pool))
         messages = await stream_messages(nc)
