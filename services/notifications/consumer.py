@@ -172,7 +172,9 @@ class EventConsumer:
     async def _with_database(
         self, operation: Callable[[], Awaitable[T]], msg: Msg, stop: asyncio.Event
     ) -> T:
-        """Run ``operation``, retrying while PostgreSQL is unavailable."""
+        """Run ``operation``, retrying while PostgreSQL is unavailable, and telling JetStream
+        the message is in progress more often than its ack wait, so it is not redelivered."""
+        heartbeat = self._tuning.redelivery_backoff[0] / 3
         delay = 0.2
         while True:
             try:
@@ -181,9 +183,13 @@ class EventConsumer:
                 if not is_transient_db_error(exc):
                     raise
                 log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
-            await _quietly(msg.in_progress())
-            if await sleep_unless_stopped(stop, delay):
-                raise _Stopping
+            waited = 0.0
+            while waited < delay:
+                await _quietly(msg.in_progress())
+                step = min(delay - waited, heartbeat)
+                if await sleep_unless_stopped(stop, step):
+                    raise _Stopping
+                waited += step
             delay = min(delay * 2, 5.0)
 
 

@@ -14,6 +14,9 @@ from services.notifications.store import is_transient_db_error
 
 log = logging.getLogger(__name__)
 
+#: Longest pause of a worker whose every step fails (database down), in seconds.
+MAX_FAILURE_BACKOFF = 5.0
+
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware (UTC)."""
 
@@ -91,15 +94,20 @@ async def run_loop(
     interval: float,
 ) -> None:
     """Run ``step`` until ``stop``: again at once while it finds work, else after a wakeup or
-    ``interval``. A failing step is logged and retried; it never ends the loop."""
+    ``interval``. A failing step is logged and retried, less often the longer it keeps
+    failing; it never ends the loop."""
+    backoff = 0.0
     while not stop.is_set():
         try:
             worked = await step()
+            backoff = 0.0
         except Exception as exc:
+            backoff = min(max(backoff * 2, interval, 0.2), MAX_FAILURE_BACKOFF)
             if is_transient_db_error(exc):
-                log.warning("%s: database unavailable: %r", name, exc)
+                log.warning("%s: database unavailable, retrying in %.1fs: %r", name, backoff, exc)
             else:
-                log.exception("%s failed", name)
-            worked = 0
+                log.exception("%s failed, retrying in %.1fs", name, backoff)
+            await sleep_unless_stopped(stop, backoff)
+            continue
         if not worked:
             await wait_for_wakeup(stop, wake, interval)

@@ -1,0 +1,98 @@
+"""PostgreSQL going away under the notification service: nothing is lost, nothing parked,
+nothing sent twice, and the service recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import pytest
+
+from contracts.subjects import EVENTS_STREAM
+from tests.integration.test_notifications_harness import (
+    TEST_TUNING,
+    Booking,
+    Clinic,
+    clinic,
+    eventually,
+    free_port,
+    smtp,
+)
+
+__all__ = ["clinic", "smtp"]  # fixtures
+
+pytestmark = pytest.mark.fault
+
+
+class TcpProxy:
+    """Forwards a local port to PostgreSQL; ``cut`` drops every connection and refuses
+    new ones until ``restore``: to the service, the database is down."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def restore(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_database_outage_delays_notifications_but_loses_or_repeats_none(
+    clinic: Clinic,
+) -> None:
+    dsn = urlsplit(clinic.settings.database_url or "")
+    proxy = TcpProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432)
+    await proxy.restore()
+    userinfo = dsn.netloc.rsplit("@", 1)[0] + "@" if "@" in dsn.netloc else ""
+    via_proxy = urlunsplit(dsn._replace(netloc=f"{userinfo}127.0.0.1:{proxy.port}"))
+    clinic.settings = msgspec.structs.replace(clinic.settings, database_url=via_proxy)
+    booking = Booking()
+    clinic.know(booking)
+
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        await proxy.cut()
+        await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await asyncio.sleep(2.5)  # longer than the ack wait: the consumer holds the event
+        assert len(await clinic.pushes()) == 2
+        await proxy.restore()
+        await eventually(lambda: _pushes(clinic, 4), what="the cancellation notices")
+        await clinic.wait_settled()
+
+    assert sorted(p.kind for p in await clinic.pushes()) == (
+        ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+    )
+    assert len(clinic.sink.messages) == 4
+    assert await clinic.db.fetchval("SELECT count(*) FROM notification_parked_messages") == 0
+    info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+    assert info.delivered.consumer_seq == 2  # held in progress, never redelivered
+    await proxy.cut()
+
+
+async def _pushes(clinic: Clinic, count: int) -> bool:
+    return len(await clinic.pushes()) == count
