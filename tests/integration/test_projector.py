@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,3 +263,32 @@ async def test_poison_messages_are_parked_and_never_block(pool: asyncpg.Pool, nc
     assert "undecodable" in parked[0]["reason"]
     assert "unreadable" in parked[1]["reason"]
     assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
+
+
+@pytest.mark.fault
+async def test_projectors_cut_off_at_random_points_leave_the_view_equal_to_a_rebuild(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    async with running(pool, nc, run_relay):
+        writing = asyncio.create_task(append_workload(pool, uuid.uuid4(), 300))
+        for _ in range(8):
+            # A cancelled task stops wherever it is: mid-transaction, between commit and ack...
+            crashed = asyncio.create_task(run_projector(pool, nc, asyncio.Event()))
+            await asyncio.sleep(random.uniform(0.05, 0.3))
+            crashed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await crashed
+        await writing
+        async with running(pool, nc, run_projector):
+            # Messages a crashed projector held come back after the ack wait.
+            await eventually(lambda: consumer_idle(nc))
+            await eventually(
+                lambda: pool.fetchval(
+                    "SELECT (SELECT sum(version) FROM visits) = (SELECT count(*) FROM events)"
+                )
+            )
+    live = await view(pool)
+    assert len(live) == 300
+    assert await rebuild_visits(pool) == 300
+    assert await view(pool) == live
+    assert await pool.fetchval("SELECT count(*) FROM parked_messages") == 0
