@@ -92,6 +92,7 @@ class VisitsProjector:
                 await ensure_events_stream(self._js)
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
+                delay = 0.1
                 try:
                     await self._consume(subscription, stop)
                 finally:
