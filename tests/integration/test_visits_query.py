@@ -298,11 +298,12 @@ async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Poo
     await pool.execute(
         """INSERT INTO visits (appointment_id, clinic_id, patient_id, provider_id, starts_at,
                ends_at, duration_minutes, timezone, status, version)
-           SELECT gen_random_uuid(), $1, lpad(to_hex(p), 32, '0')::uuid,
-                  gen_random_uuid(), $2::timestamptz + (v * 7 - 350) * interval '1 day' + p * interval '1 min',
-                  $2::timestamptz + (v * 7 - 350) * interval '1 day' + (p + 30) * interval '1 min', 30, 'UTC',
+           SELECT gen_random_uuid(), $1, lpad(to_hex(p), 32, '0')::uuid, gen_random_uuid(),
+                  at, at + interval '30 min', 30, 'UTC',
                   CASE WHEN v % 5 = 0 THEN 'cancelled' ELSE 'scheduled' END, 1
-           FROM generate_series(1, 2000) p, generate_series(1, 100) v""",
+           FROM generate_series(1, 2000) p, generate_series(1, 100) v,
+                LATERAL (SELECT $2::timestamptz + (v * 7 - 350) * interval '1 day'
+                                + p * interval '1 min' AS at) AS t""",
         CLINIC,
         NOW,
     )
