@@ -133,12 +133,19 @@ def stop_servers(servers: Servers) -> None:
         thread.join()
 
 
+def dead_server(servers: Servers) -> DevError | None:
+    """The error to report when a server is no longer running, else ``None``."""
+    for name, server in servers.items():
+        if not server.is_running:
+            return DevError(f"{name} exited unexpectedly; its log: {server.log_file}")
+    return None
+
+
 async def watch_servers(servers: Servers, stop: asyncio.Event) -> None:
     """Raise :class:`DevError` as soon as a server exits while it should be running."""
     while not stop.is_set():
-        for name, server in servers.items():
-            if not server.is_running:
-                raise DevError(f"{name} exited unexpectedly; its log: {server.log_file}")
+        if (error := dead_server(servers)) is not None:
+            raise error
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -163,12 +170,14 @@ async def http_ready(host: str, port: int) -> bool:
     return status.split(b" ")[1:2] == [b"200"]
 
 
-async def announce_when_ready(settings: Settings, stop: asyncio.Event, text: str) -> None:
-    """Print ``text`` once the API answers ready."""
+async def announce_when_ready(
+    settings: Settings, stop: asyncio.Event, text: str, started: float
+) -> None:
+    """Print ``text`` once the API answers ready, with the time since ``started``."""
     probe_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
     while not stop.is_set():
         if await http_ready(probe_host, settings.http_port):
-            say(text)
+            say(f"{text}\n(ready in {time.monotonic() - started:.1f}s)")
             return
         await asyncio.sleep(0.1)
 
@@ -253,16 +262,21 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
                 banner += "\n\n" + await _demo_text(settings, api)
             if stop.is_set():
                 return
-            banner += f"\n(ready in {time.monotonic() - started:.1f}s)"
-            await run_until_first_exit(
-                {
-                    "appointments": run_appointments(settings, ROLES, stop),
-                    "notifications": run_notifications(settings, stop),
-                    "servers": watch_servers(servers, stop),
-                    "banner": _forever_after(announce_when_ready(settings, stop, banner), stop),
-                },
-                stop,
-            )
+            services = {
+                "appointments": run_appointments(settings, ROLES, stop),
+                "notifications": run_notifications(settings, stop),
+                "servers": watch_servers(servers, stop),
+                "banner": _forever_after(
+                    announce_when_ready(settings, stop, banner, started), stop
+                ),
+            }
+            try:
+                await run_until_first_exit(services, stop)
+            except Exception as exc:
+                # A server that died is the cause of whatever the services ran into.
+                if (error := dead_server(servers)) is not None:
+                    raise error from exc
+                raise
         finally:
             stop_servers(servers)
             say("clinic dev stopped")
