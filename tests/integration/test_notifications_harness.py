@@ -1,32 +1,26 @@
 """Shared fixtures of the notification service's integration tests (no tests here).
 
-A real SMTP server (aiosmtpd) per test, a clinic directory answering on NATS, hand-built
-appointment events published on the APPOINTMENTS stream the way the relay publishes them,
-and the service itself run in-process with a manual clock.
+A real SMTP server per test (see the mailbox module), a clinic directory answering on
+NATS, hand-built appointment events published on the APPOINTMENTS stream the way the relay
+publishes them, and the service itself run in-process with a manual clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email
-import email.policy
 import itertools
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
 import msgspec
 import nats
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -47,7 +41,10 @@ from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.config import Settings, load_settings
 from services.notifications.main import run_notifications
 from services.notifications.runtime import Hooks, Tuning
+from tests.integration.test_notifications_mailbox import SmtpSink, free_port, smtp
 from tests.support.clock import ManualClock
+
+__all__ = ["SmtpSink", "clinic", "free_port", "smtp"]
 
 #: Tue 15 Jan 2030, 14:00 UTC: 15:00 in Berlin, 09:00 in New York.
 STARTS_AT = datetime(2030, 1, 15, 14, 0, tzinfo=UTC)
@@ -66,13 +63,6 @@ TEST_TUNING = Tuning(
 _positions = itertools.count(1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def eventually(
     check: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition"
 ) -> None:
@@ -82,50 +72,6 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-# -------------------------------------------------------------------------- SMTP
-
-
-class SmtpSink:
-    """An aiosmtpd handler keeping every message; it can refuse chosen recipients."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-        #: address -> SMTP replies to give, one per attempt, before accepting it.
-        self.refusals: dict[str, list[str]] = {}
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
-    ) -> str:
-        replies = self.refusals.get(address)
-        if replies:
-            return replies.pop(0)
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
-        message = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(message, EmailMessage)
-        self.messages.append(message)
-        return "250 Message accepted for delivery"
-
-    def to(self, address: str) -> list[EmailMessage]:
-        return [m for m in self.messages if m["To"] == address]
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[SmtpSink, str]]:
-    """A real SMTP server on a free port: (its sink, its ``smtp://`` URL)."""
-    sink = SmtpSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield sink, f"smtp://127.0.0.1:{port}?from=clinic%40example.test"
-    finally:
-        controller.stop()
 
 
 # ---------------------------------------------------------------------- the clinic
