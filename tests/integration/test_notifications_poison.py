@@ -109,7 +109,8 @@ async def test_an_event_whose_appointment_never_arrives_is_parked_after_bounded_
 
 async def _delivered_at_least(clinic: Clinic, count: int) -> bool:
     info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
-    return info.delivered.consumer_seq >= count
+    delivered: int = info.delivered.consumer_seq
+    return delivered >= count
 
 
 async def _parked_count(clinic: Clinic, count: int) -> bool:
