@@ -134,7 +134,7 @@ async def _build(conn: Connection, progress: Progress | None, batch_size: int) -
             if len(pending) >= batch_size:
                 await _copy(conn, pending)
                 pending.clear()
-            if progress is not None and done % batch_size == 0:
+            if progress is not None and done % batch_size == 0 and done < total:
                 progress(done, total)
         if row is not None:
             pending.append(row)
