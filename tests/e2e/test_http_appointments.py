@@ -382,8 +382,11 @@ async def test_unknown_appointment_is_404(api: Api) -> None:
 async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
     assert (await api.client.get("/health/live")).status_code == 200
     assert (await api.client.get("/health/ready")).status_code == 200
+    await schedule(api, api.principal("staff"))
     metrics = await api.client.get("/metrics")
-    assert metrics.status_code == 200 and "python_info" in metrics.text
+    assert metrics.status_code == 200
+    assert 'clinic_commands_total{command="schedule",outcome="ok"}' in metrics.text
+    assert "clinic_command_duration_seconds_bucket" in metrics.text
     schema = await api.client.get("/schema/openapi.json")
     assert schema.status_code == 200
     assert "/v1/appointments/{appointment_id}/cancel" in schema.json()["paths"]

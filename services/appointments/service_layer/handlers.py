@@ -48,6 +48,7 @@ from services.errors import (
     Unavailable,
     VersionConflict,
 )
+from services.metrics import COMMAND_RETRIES, observe_command
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class Appointments:
             visit_reason=body.visit_reason,
         )
         fingerprint = _fingerprint("schedule", body)
-        return await self._idempotent(ctx, fingerprint, command, None)
+        with observe_command("schedule"):
+            return await self._idempotent(ctx, fingerprint, command, None)
 
     async def cancel(
         self,
@@ -121,7 +123,8 @@ class Appointments:
             appointment_id=appointment_id, actor=ctx.principal, reason=reason
         )
         fingerprint = _fingerprint("cancel", [appointment_id, reason, expected_version])
-        return await self._idempotent(ctx, fingerprint, command, expected_version)
+        with observe_command("cancel"):
+            return await self._idempotent(ctx, fingerprint, command, expected_version)
 
     async def start(
         self, ctx: RequestContext, appointment_id: UUID, expected_version: int | None = None
@@ -129,13 +132,15 @@ class Appointments:
         """Start inside the start window; starting a started visit succeeds again."""
         command = StartAppointment(appointment_id=appointment_id, actor=ctx.principal)
         fingerprint = _fingerprint("start", [appointment_id, expected_version])
-        return await self._idempotent(ctx, fingerprint, command, expected_version)
+        with observe_command("start"):
+            return await self._idempotent(ctx, fingerprint, command, expected_version)
 
     async def get(self, principal: Principal, appointment_id: UUID) -> AppointmentView:
         """The appointment, read from the event store (strongly consistent)."""
-        state, version, _ = await self._load(appointment_id)
-        visible_booking(state, principal)
-        return appointment_view(appointment_id, state, version, self._clock(), self._rules)
+        with observe_command("get"):
+            state, version, _ = await self._load(appointment_id)
+            visible_booking(state, principal)
+            return appointment_view(appointment_id, state, version, self._clock(), self._rules)
 
     async def history(self, principal: Principal, appointment_id: UUID) -> History:
         """The appointment's events in order: for staff and the provider who holds it."""
@@ -237,6 +242,7 @@ class Appointments:
             except StreamVersionConflict:
                 if expected_version is not None:
                     raise VersionConflict("The appointment changed meanwhile.") from None
+                COMMAND_RETRIES.inc()
                 continue
             except SlotTaken:
                 # The same id may have been booked concurrently (it collides with itself):

@@ -1,0 +1,76 @@
+"""Prometheus metrics that matter for running the service (served on ``GET /metrics``).
+
+Defined once here so every module and docs/operations.md use the same names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.errors import ClinicError
+
+COMMANDS = Counter(
+    "clinic_commands_total",
+    "Commands and queries handled, by name and outcome (ok, or the error code).",
+    ["command", "outcome"],
+)
+COMMAND_SECONDS = Histogram(
+    "clinic_command_duration_seconds",
+    "Time to handle a command or query in the application layer.",
+    ["command"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+COMMAND_RETRIES = Counter(
+    "clinic_command_conflict_retries_total",
+    "Commands decided again after losing an optimistic-concurrency race.",
+)
+RELAY_PUBLISHED = Counter(
+    "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
+)
+RELAY_BACKLOG = Gauge(
+    "clinic_relay_backlog_events", "Committed events not yet published (outbox rows)."
+)
+RELAY_LAG_SECONDS = Gauge(
+    "clinic_relay_lag_seconds", "Age of the oldest committed event not yet published."
+)
+PROJECTOR_EVENTS = Counter(
+    "clinic_projector_events_total",
+    "Events the visits projector handled, by outcome.",
+    ["outcome"],
+)
+PROJECTOR_LAG_SECONDS = Gauge(
+    "clinic_projector_lag_seconds",
+    "Time between an event's occurrence and the projector applying it (last event).",
+)
+CONSUMER_REDELIVERIES = Counter(
+    "clinic_consumer_redeliveries_total",
+    "JetStream messages received more than once, by consumer.",
+    ["consumer"],
+)
+NOTIFICATIONS = Counter(
+    "clinic_notifications_total",
+    "Notification deliveries, by kind, channel and result.",
+    ["kind", "channel", "result"],
+)
+
+
+@contextmanager
+def observe_command(name: str) -> Iterator[None]:
+    """Count the outcome and time of one command or query."""
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        yield
+    except ClinicError as exc:
+        outcome = exc.code.value
+        raise
+    except BaseException:
+        outcome = "error"
+        raise
+    finally:
+        COMMAND_SECONDS.labels(name).observe(time.perf_counter() - started)
+        COMMANDS.labels(name, outcome).inc()
