@@ -249,7 +249,10 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
         servers: Servers = {"PostgreSQL": pg, "NATS": nats}
         try:
             say(f"starting PostgreSQL and NATS (data in {data_dir}) ...")
-            await asyncio.gather(pg.astart(), nats.astart())
+            # Both attempts finish before the `finally` stops the servers, failed or not.
+            for outcome in await asyncio.gather(pg.astart(), nats.astart(), return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
             await ensure_database(pg.dsn, DEV_DATABASE)
             applied = await migrate(pg.url(DEV_DATABASE))
             say(f"database ready ({len(applied)} migration(s) applied)")
