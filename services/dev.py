@@ -205,7 +205,7 @@ async def run_until_first_exit(
         raise DevError(f"{', '.join(early)} stopped by itself")
 
 
-def _urls(settings: Settings, pg: EmbeddedPostgres, nats: EmbeddedNats, api: str) -> str:
+def _urls(pg: EmbeddedPostgres, nats: EmbeddedNats, api: str) -> str:
     return "\n".join(
         [
             "",
@@ -260,7 +260,7 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
                 settings, database_url=pg.url(DEV_DATABASE), nats_urls=[nats.url], jwt_secret=secret
             )
             api = f"http://{settings.http_host}:{settings.http_port}"
-            banner = _urls(settings, pg, nats, api)
+            banner = _urls(pg, nats, api)
             if options.demo:
                 banner += "\n\n" + await _demo_text(settings, api)
             if stop.is_set():
