@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
-import nats
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
@@ -54,15 +53,17 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:
-        log.warning("nats disconnected")
+        if not (client.is_closed or client.is_draining):
+            log.warning("nats disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats reconnected")
 
     delay = 0.2
     while True:
+        client = NATS()
         try:
-            return await nats.connect(
+            await client.connect(
                 servers=settings.nats_urls,
                 name=name,
                 connect_timeout=2,
@@ -73,6 +74,7 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
             )
+            return client
         except Exception as exc:  # nats-py raises several unrelated types here
             log.warning("nats unreachable, retrying in %.1fs: %s", delay, exc)
             await asyncio.sleep(delay)
@@ -104,5 +106,14 @@ async def appointments_container(
         )
     finally:
         if nc is not None:
-            await nc.drain()
+            await close_nats(nc)
         await pool.close()
+
+
+async def close_nats(nc: NATS) -> None:
+    """Drain the connection (finishing in-flight work), or just close it if NATS is gone."""
+    try:
+        await nc.drain()
+    except Exception as exc:  # draining needs a live server; closing never does
+        log.info("nats drain failed (%s); closing", exc)
+        await nc.close()
