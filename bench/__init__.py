@@ -1,0 +1,1 @@
+"""Benchmarks (``python -m bench.<name>``): numbers, not asserts; see bench/RESULTS.md."""

@@ -1,0 +1,116 @@
+"""The appointments service in a process of its own, for the HTTP benchmarks.
+
+It is the product's app (``create_app`` over ``appointments_container``) served by uvicorn
+as ``serve_http`` serves it, plus one route the product does not have:
+``POST /bench/noop`` decodes a JSON body and answers a small JSON document without any
+other work (the framework's ceiling on this machine). Other roles (``relay``,
+``projector``) run beside it when asked, as ``clinic appointments`` runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import httpx
+import uvicorn
+from litestar import post
+
+from services.appointments.bootstrap import appointments_container
+from services.appointments.entrypoints.http.app import create_app
+from services.appointments.projector import run_projector
+from services.appointments.relay import run_relay
+from services.config import load_settings
+
+JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256-tokens"
+
+
+@post("/bench/noop", status_code=200, include_in_schema=False)
+async def noop(data: dict[str, Any]) -> dict[str, str]:
+    """The framework's work alone: route, decode the JSON body, encode an answer."""
+    return {"status": "ok"}
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
+    settings = load_settings(env)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    needs_nats = bool({"relay", "projector"} & set(roles))
+    async with appointments_container(settings, with_nats=needs_nats) as container:
+        app = create_app(container)
+        app.register(noop)
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        server = _Server(config)
+        tasks = [asyncio.create_task(server.serve())]
+        if "relay" in roles:
+            assert container.nats is not None
+            tasks.append(asyncio.create_task(run_relay(container.pool, container.nats, stop)))
+        if "projector" in roles:
+            assert container.nats is not None
+            tasks.append(asyncio.create_task(run_projector(container.pool, container.nats, stop)))
+        await stop.wait()
+        server.should_exit = True
+        await asyncio.gather(*tasks)
+
+
+def _main(env: Mapping[str, str], roles: Sequence[str]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(env, roles))
+    else:
+        uvloop.run(_serve(env, roles))
+
+
+@contextlib.contextmanager
+def service_process(
+    dsn: str, nats_url: str | None, port: int, roles: Sequence[str]
+) -> Iterator[str]:
+    """Run the service in a child process until the block ends; yields its base URL."""
+    env = {
+        "CLINIC_DATABASE_URL": dsn,
+        "CLINIC_JWT_SECRET": JWT_SECRET,
+        "CLINIC_HTTP_PORT": str(port),
+        "CLINIC_LOG_LEVEL": "WARNING",
+    }
+    if nats_url:
+        env["CLINIC_NATS_URL"] = nats_url
+    process = multiprocessing.get_context("spawn").Process(
+        target=_main, args=(env, list(roles)), name="clinic-service", daemon=True
+    )
+    process.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base_url}/health/live").status_code == 200:
+                    break
+            if not process.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.05)
+        yield base_url
+    finally:
+        process.terminate()
+        process.join(15)
+        if process.is_alive():
+            process.kill()
+            process.join()
