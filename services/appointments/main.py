@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-
-import uvicorn
 
 from services.appointments.bootstrap import Container, appointments_container
 from services.appointments.entrypoints.http.app import create_app
@@ -16,19 +13,12 @@ from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
 from services.config import Settings
+from services.ops import Probes, serve_asgi, serve_ops
 
 log = logging.getLogger(__name__)
 
 ROLES = ("api", "relay", "projector")
 SHUTDOWN_GRACE_SECONDS = 8.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the process's stop event rules."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def parse_roles(value: str) -> list[str]:
@@ -43,20 +33,14 @@ def parse_roles(value: str) -> list[str]:
 async def serve_http(container: Container, stop: asyncio.Event) -> None:
     """Serve the HTTP API until ``stop`` is set, then drain in-flight requests."""
     settings = container.settings
-    config = uvicorn.Config(
-        create_app(container),
-        host=settings.http_host,
-        port=settings.http_port,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
-    )
-    server = _Server(config)
-    serving = asyncio.create_task(server.serve())
-    await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
-    server.should_exit = True
-    await serving
+    await serve_asgi(create_app(container), settings.http_host, settings.http_port, stop)
+
+
+async def _ops(container: Container, stop: asyncio.Event) -> None:
+    """Health and metrics for a process without the api role."""
+    settings = container.settings
+    probes = Probes(container.pool, container.nats)
+    await serve_ops(probes, settings.http_host, settings.http_port, stop)
 
 
 async def serve_api(container: Container, stop: asyncio.Event) -> None:
@@ -93,6 +77,8 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
     """Run ``roles`` on ``container`` until ``stop`` is set; a failing role stops them all."""
     runners = _role_runners()
     tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
+    if "api" not in roles:
+        tasks.add(asyncio.create_task(_ops(container, stop), name="ops"))
     log.info("appointments service running", extra={"roles": list(roles)})
     try:
         done, _ = await asyncio.wait(tasks, return_when="FIRST_EXCEPTION")

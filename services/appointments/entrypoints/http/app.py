@@ -9,9 +9,9 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.http.appointments import AppointmentsController
-from services.appointments.entrypoints.http.health import HealthController
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.appointments.entrypoints.http.visits import VisitsController
+from services.ops import HealthController, Probes
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -29,7 +29,7 @@ def create_app(container: Container) -> Litestar:
             path="/schema",
             render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
         ),
-        state=State({"container": container}),
+        state=State({"container": container, "probes": Probes(container.pool, container.nats)}),
         debug=False,
         logging_config=None,
     )

@@ -1,0 +1,117 @@
+"""Operations endpoints every process serves: liveness, readiness and Prometheus metrics.
+
+The api role serves them inside the API; a process without it (a relay, a projector, the
+notification service) serves them alone on ``CLINIC_HTTP_PORT`` with :func:`serve_ops`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import uvicorn
+from litestar import Controller, Litestar, Response, get
+from litestar.datastructures import State
+from nats.aio.client import Client as NATS
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, problem
+
+READY_TIMEOUT_SECONDS = 1.0
+SHUTDOWN_GRACE_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What readiness checks: the process's pool and NATS connection."""
+
+    pool: asyncpg.Pool
+    nats: NATS | None
+
+    async def failing(self) -> list[str]:
+        """The dependencies that do not answer right now (empty: ready)."""
+        failing = []
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                await self.pool.fetchval("SELECT 1")
+        except Exception:  # any failure means "not ready", whatever its kind
+            failing.append("postgresql")
+        if self.nats is not None and not self.nats.is_connected:
+            failing.append("nats")
+        return failing
+
+
+class HealthController(Controller):
+    """``/health/live``, ``/health/ready`` and ``/metrics``; needs ``state.probes``."""
+
+    tags = ["operations"]
+
+    @get("/health/live", summary="The process is up")
+    async def live(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/health/ready", summary="PostgreSQL and NATS are reachable (else 503)")
+    async def ready(self, state: State) -> Response[Any]:
+        probes: Probes = state.probes
+        failing = await probes.failing()
+        if failing:
+            doc = problem(ErrorCode.UNAVAILABLE, "Unreachable: " + ", ".join(failing) + ".")
+            return Response(
+                msgspec.json.encode(doc),
+                status_code=503,
+                media_type=PROBLEM_CONTENT_TYPE,
+                headers={"Retry-After": "1"},
+            )
+        return Response({"status": "ready"})
+
+    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self) -> bytes:
+        return generate_latest(REGISTRY)
+
+
+def create_ops_app(probes: Probes) -> Litestar:
+    """An app with only the operations endpoints."""
+    return Litestar(
+        route_handlers=[HealthController],
+        state=State({"probes": probes}),
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's stop event rules."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_asgi(app: Litestar, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve ``app`` until ``stop`` is set, then finish in-flight requests."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve())
+    waiting = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, waiting], return_when="FIRST_COMPLETED")
+    waiting.cancel()
+    server.should_exit = True
+    await serving
+
+
+async def serve_ops(probes: Probes, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve only the operations endpoints until ``stop`` is set."""
+    await serve_asgi(create_ops_app(probes), host, port, stop)
