@@ -153,7 +153,7 @@ async def test_a_directory_request_without_an_answer_gives_up_after_one_second(
     directory = Directory(clinic.nc)
     started = time.monotonic()
     assert await directory.contact(uuid.uuid4()) is None  # subscribed, never answers
-    assert 0.9 <= time.monotonic() - started <= 1.3
+    assert 0.9 <= time.monotonic() - started <= 1.5  # 1 s, and a loaded machine's slack
 
 
 async def test_no_directory_at_all_means_no_email_at_once(nats_url: str) -> None:

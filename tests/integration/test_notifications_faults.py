@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -24,6 +25,9 @@ from tests.integration.test_notifications_harness import (
 __all__ = ["clinic", "smtp"]  # fixtures
 
 pytestmark = pytest.mark.fault
+
+#: An ack wait of 3 s: the consumer's in-progress heartbeats (every second) have slack.
+OUTAGE_TUNING = dataclasses.replace(TEST_TUNING, redelivery_backoff=(3.0,))
 
 
 class TcpProxy:
@@ -73,12 +77,12 @@ async def test_a_database_outage_delays_notifications_but_loses_or_repeats_none(
     booking = Booking()
     clinic.know(booking)
 
-    async with clinic.running():
+    async with clinic.running(tuning=OUTAGE_TUNING):
         await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
         await clinic.wait_settled()
         await proxy.cut()
         await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
-        await asyncio.sleep(2.5)  # longer than the ack wait: the consumer holds the event
+        await asyncio.sleep(3.5)  # longer than the ack wait: the consumer holds the event
         assert len(await clinic.pushes()) == 2
         await proxy.restore()
         await eventually(lambda: _pushes(clinic, 4), what="the cancellation notices")
