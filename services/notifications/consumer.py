@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
@@ -83,6 +84,7 @@ class EventConsumer:
         sub = await self._js.pull_subscribe_bind(
             durable=self._tuning.consumer_name, stream=EVENTS_STREAM
         )
+        checked = time.monotonic()
         try:
             while not stop.is_set():
                 try:
@@ -90,10 +92,15 @@ class EventConsumer:
                         self._tuning.fetch_batch, timeout=self._tuning.fetch_timeout
                     )
                 except TimeoutError:  # nothing to fetch (nats-py raises either kind)
+                    # A deleted consumer looks just like an idle one to some servers.
+                    if time.monotonic() - checked > self._tuning.consumer_check_interval:
+                        checked = time.monotonic()
+                        await _quietly(ensure_consumer(self._js, self._tuning))
                     continue
                 except Exception as exc:  # NATS reconnecting, consumer deleted…
                     log.warning("fetching events failed: %r", exc)
                     await sleep_unless_stopped(stop, 1.0)
+                    await _quietly(ensure_consumer(self._js, self._tuning))
                     continue
                 for index, msg in enumerate(messages):
                     if stop.is_set():
@@ -122,6 +129,7 @@ class EventConsumer:
                 lambda: self._handler.apply(envelope, event, sequence), msg, stop
             )
         except _Stopping:
+            await _quietly(msg.nak())  # for another instance to take at once
             return
         except Exception as exc:
             log.exception("applying an event failed", extra={"event_id": str(envelope.event_id)})
@@ -162,6 +170,7 @@ class EventConsumer:
                 stop,
             )
         except _Stopping:
+            await _quietly(msg.nak())
             return
         except Exception:
             log.exception("parking a message failed")

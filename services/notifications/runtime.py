@@ -33,6 +33,8 @@ class Tuning:
     max_ack_pending: int = 1000
     fetch_batch: int = 32
     fetch_timeout: float = 2.0
+    #: While idle, how often the consumer makes sure its durable still exists (seconds).
+    consumer_check_interval: float = 30.0
     #: An event for an appointment not seen yet is retried after this (seconds).
     not_ready_delay: float = 2.0
     #: Confirmations and cancellation notices of older events are not sent (a first start

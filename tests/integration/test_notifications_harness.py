@@ -53,6 +53,7 @@ TEST_TUNING = Tuning(
     redelivery_backoff=(1.0,),
     max_deliver=3,
     fetch_timeout=0.5,
+    consumer_check_interval=1.0,
     not_ready_delay=0.2,
     poll_interval=0.05,
     lease=timedelta(seconds=30),

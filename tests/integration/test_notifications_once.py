@@ -155,3 +155,18 @@ async def _sent(clinic: Clinic, pushes: int, mails: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_consumer_deleted_under_a_running_service_is_recreated(clinic: Clinic) -> None:
+    first = Booking()
+    clinic.know(first)
+    async with clinic.running():
+        await clinic.publish(first.scheduled(clinic.clock()), first.clinic_id)
+        await clinic.wait_settled()
+        await clinic.js.delete_consumer(EVENTS_STREAM, TEST_TUNING.consumer_name)
+        second = Booking()
+        clinic.know(second)
+        await clinic.publish(second.scheduled(clinic.clock()), second.clinic_id)
+        await eventually(lambda: _sent(clinic, 4, 4), what="the second booking's confirmations")
+        await clinic.wait_settled()
+    await _assert_each_sent_once(clinic, 4)
