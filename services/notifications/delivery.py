@@ -47,6 +47,7 @@ class DeliveryWorker:
 
     @property
     def channel(self) -> str:
+        """The name of the channel this worker sends on."""
         return self._channel.name
 
     async def deliver_due(self) -> int:

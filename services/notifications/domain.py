@@ -46,6 +46,7 @@ class Appointment(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def ends_at(self) -> datetime:
+        """When the visit is over (the end of its start window)."""
         return ends_at(self.starts_at, self.duration_minutes)
 
 

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class Outcome(enum.Enum):
+    """What applying an event did."""
+
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     """Processed before: a redelivery or a replay; nothing changed."""
