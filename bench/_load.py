@@ -34,28 +34,41 @@ STAFF = uuid.UUID("00000000-0000-4000-8000-00000000057a")
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection."""
+    """One keep-alive HTTP/1.1 connection (opened again if the server closed it idle)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
     @classmethod
     async def open(cls, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
+        conn = cls(port)
+        conn.reader, conn.writer = await asyncio.open_connection("127.0.0.1", port)
+        return conn
 
     async def send(self, raw: bytes) -> tuple[int, bytes, bytes]:
         """Send a prebuilt request; (status, head, body) of the answer."""
+        assert self.reader is not None and self.writer is not None
         self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                raise
+            # uvicorn closes keep-alive connections idle for 5 s; nothing was answered.
+            self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.writer.write(raw)
+            head = await self.reader.readuntil(b"\r\n\r\n")
         start = head.lower().find(b"content-length:") + 15
         length = int(head[start : head.index(b"\r\n", start)])
         body = await self.reader.readexactly(length)
         return int(head[9:12]), head, body
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def request(method: str, path: str, token: str, body: bytes = b"", **headers: str) -> bytes:

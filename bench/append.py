@@ -10,7 +10,10 @@ outbox row and the provider's booked range, in one statement), through
   ``LISTEN``-ing as the relay does.
 
 Baseline, in the same run on the same server: ``raw_insert``, single-row INSERT
-transactions through asyncpg into a table of the same shape as ``events``.
+transactions through asyncpg into a table of the same shape as ``events``, each writer on
+a connection of its own (the floor). ``raw_insert_pool`` is the same INSERT through an
+``asyncpg`` pool as the service builds it (whose release resets the connection: one more
+round trip per statement), to show what the pool costs.
 
     python -m bench.append [--writers 1,8,32] [--seconds 5] [--runs 3]
 """
@@ -42,7 +45,9 @@ from bench._common import (
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.relay import CHANNEL, OutboxDoorbell, RingingEventStore
 
-MODES = ("raw_insert", "store", "store_doorbell")
+Operation = Callable[[], Awaitable[Any]]
+
+MODES = ("raw_insert", "raw_insert_pool", "store", "store_doorbell")
 
 _RAW = """
 INSERT INTO raw_events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
@@ -51,12 +56,15 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 
 
-def raw_insert(pool: asyncpg.Pool) -> Callable[[], Awaitable[Any]]:
-    """One single-row INSERT transaction of the same event the store appends."""
+def raw_insert(pool: asyncpg.Pool, connections: list[asyncpg.Connection] | None) -> Operation:
+    """One single-row INSERT transaction of the same event the store appends, on a
+    connection of the writer's own (``connections``) or through ``pool``."""
+    idle = list(connections or [])
 
     async def op() -> None:
         new = scheduled()
-        await pool.execute(
+        conn: Any = idle.pop() if connections else pool
+        await conn.execute(
             _RAW,
             new.event_id,
             new.event_id,
@@ -69,11 +77,13 @@ def raw_insert(pool: asyncpg.Pool) -> Callable[[], Awaitable[Any]]:
             None,
             None,
         )
+        if connections:
+            idle.append(conn)
 
     return op
 
 
-def store_append(pool: asyncpg.Pool, doorbell: bool) -> Callable[[], Awaitable[Any]]:
+def store_append(pool: asyncpg.Pool, doorbell: bool) -> Operation:
     """One ``append`` of a new stream's first event (ringing the relay if ``doorbell``)."""
     store: Any = PostgresEventStore(pool)
     if doorbell:
@@ -91,6 +101,7 @@ async def measure(dsn: str, mode: str, writers: int, seconds: float) -> Sample:
     # The doorbell sends on the pool too: one connection more, as in the service.
     pool = await create_pool(dsn, writers + (1 if mode == "store_doorbell" else 0))
     listener = await asyncpg.connect(dsn)
+    own = [await asyncpg.connect(dsn) for _ in range(writers)] if mode == "raw_insert" else []
     rings = 0
 
     def on_notify(*_: Any) -> None:
@@ -99,7 +110,10 @@ async def measure(dsn: str, mode: str, writers: int, seconds: float) -> Sample:
 
     await listener.add_listener(CHANNEL, on_notify)
     try:
-        op = raw_insert(pool) if mode == "raw_insert" else store_append(pool, mode != "store")
+        if mode.startswith("raw_insert"):
+            op = raw_insert(pool, own if mode == "raw_insert" else None)
+        else:
+            op = store_append(pool, mode == "store_doorbell")
         await closed_loop(op, writers, min(0.5, seconds / 5))  # warm up
         sample = await closed_loop(op, writers, seconds)
         await asyncio.sleep(0.05)  # the last ring
@@ -107,7 +121,8 @@ async def measure(dsn: str, mode: str, writers: int, seconds: float) -> Sample:
             assert rings > 0, "the doorbell never rang"
         return sample
     finally:
-        await listener.close()
+        for conn in [listener, *own]:
+            await conn.close()
         await pool.close()
 
 

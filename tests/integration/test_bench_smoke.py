@@ -18,7 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: The figures each script must report (a key path under "figures").
 EXPECTED: dict[str, list[tuple[str, ...]]] = {
-    "append": [(mode, w) for mode in ("raw_insert", "store", "store_doorbell") for w in "12"],
+    "append": [
+        (mode, w)
+        for mode in ("raw_insert", "raw_insert_pool", "store", "store_doorbell")
+        for w in "12"
+    ],
     "peer": [
         (mode, w)
         for mode in ("store_doorbell", "eventsourcing_db_functions", "eventsourcing_default")
