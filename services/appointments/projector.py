@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
@@ -37,6 +38,7 @@ from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.service_layer.visits import Outcome
 from services.errors import Unavailable
+from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,12 @@ class VisitsProjector:
                 return results
 
     async def _settle(self, msg: Msg, envelope: EventEnvelope, outcome: Outcome | None) -> None:
+        PROJECTOR_EVENTS.labels(outcome.name.lower() if outcome else "failed").inc()
+        if _deliveries(msg) > 1:
+            CONSUMER_REDELIVERIES.labels("projector").inc()
+        if outcome is Outcome.APPLIED:
+            lag = (datetime.now(UTC) - envelope.occurred_at).total_seconds()
+            PROJECTOR_LAG_SECONDS.set(max(lag, 0.0))
         match outcome:
             case Outcome.APPLIED | Outcome.DUPLICATE | Outcome.SKIPPED:
                 await msg.ack()
@@ -176,6 +184,7 @@ class VisitsProjector:
     async def _park(self, msg: Msg, reason: str) -> None:
         """Keep the message in ``parked_messages`` and terminate it on the stream."""
         log.error("projector: parking message %s: %s", msg.subject, reason)
+        PROJECTOR_EVENTS.labels("parked").inc()
         await self._visits.park(
             msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
         )

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 from uuid import UUID
 
@@ -59,6 +60,7 @@ from services.appointments.service_layer.ports import (
     NewEvent,
     RecordedEvent,
 )
+from services.metrics import RELAY_BACKLOG, RELAY_LAG_SECONDS, RELAY_PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,7 @@ class OutboxRelay:
     async def _drain_batch(self, conn: PoolConnectionProxy) -> tuple[int, int]:
         """Publish one batch and delete what was acked; (rows fetched, publishes failed)."""
         rows = await conn.fetch(_BATCH, self._batch_size)
+        _observe_backlog(rows, self._batch_size)
         if not rows:
             return 0, 0
         futures: list[asyncio.Future[PubAck]] = []
@@ -201,11 +204,23 @@ class OutboxRelay:
         if acked:
             await conn.execute(_DELETE, acked)
             self.published += len(acked)
+            RELAY_PUBLISHED.inc(len(acked))
         failed = len(rows) - len(acked)
         if failed:
             errors = {repr(f.exception()) for f in futures if not f.cancelled() and f.exception()}
             log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
         return len(rows), failed
+
+
+def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:
+    """Relay lag: how many events wait (a full batch means at least that many) and how
+    old the oldest one is."""
+    RELAY_BACKLOG.set(len(rows))
+    if rows:
+        age = (datetime.now(UTC) - rows[0]["occurred_at"]).total_seconds()
+        RELAY_LAG_SECONDS.set(max(age, 0.0))
+    else:
+        RELAY_LAG_SECONDS.set(0.0)
 
 
 async def run_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event) -> None:

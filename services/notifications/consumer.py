@@ -24,6 +24,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import EventEnvelope, UnknownEventType, decode_event
 from contracts.subjects import EVENTS_STREAM
+from services.metrics import CONSUMER_REDELIVERIES
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore, is_transient_db_error
@@ -124,6 +125,8 @@ class EventConsumer:
             await self._park(msg, f"undecodable: {exc}", stop)
             return
         sequence = msg.metadata.sequence.stream
+        if msg.metadata.num_delivered > 1:
+            CONSUMER_REDELIVERIES.labels("notifications").inc()
         try:
             outcome = await self._with_database(
                 lambda: self._handler.apply(envelope, event, sequence), msg, stop

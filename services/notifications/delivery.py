@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
 from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
@@ -105,6 +106,7 @@ class DeliveryWorker:
             )
         else:
             await self._record(self._store.sent, n.notification_id, self.channel, now)
+        NOTIFICATIONS.labels(n.kind, self.channel, "skipped" if skipped else "sent").inc()
         log.info(
             "notification %s",
             "skipped" if skipped else "sent",
@@ -125,11 +127,13 @@ class DeliveryWorker:
         }
         if permanent or claimed.attempts >= self._tuning.max_attempts:
             log.warning("delivery failed for good", extra=extra)
+            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             await self._record(
                 self._store.finish, n.notification_id, self.channel, "failed", reason
             )
             return
         log.info("delivery failed, will retry", extra=extra)
+        NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
         retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
         await self._record(self._store.retry, n.notification_id, self.channel, retry_at, reason)
 

@@ -66,6 +66,20 @@ async def test_cancelled_visit_leaves_upcoming_and_shows_in_past(api: Api) -> No
     assert gone["appointment_id"] == appointment_id and gone["status"] == "cancelled"
     assert gone["can_cancel"] is False and gone["can_start"] is False
 
+    # The path it took shows in the metrics: published by the relay, applied by the projector.
+    metrics = (await api.client.get("/metrics")).text
+    assert sample(metrics, "clinic_relay_published_total") >= 2
+    assert sample(metrics, 'clinic_projector_events_total{outcome="applied"}') >= 2
+    assert 'clinic_commands_total{command="cancel",outcome="ok"}' in metrics
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample line of the Prometheus text format."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
 
 async def test_a_new_patient_has_no_upcoming_visits(api: Api) -> None:
     headers = api.auth(api.principal("patient"))
