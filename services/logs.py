@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 
+from services.tracing import current_correlation
+
 #: LogRecord attributes that are not extra fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {
     "message",
@@ -28,6 +30,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        correlation = current_correlation.get()
+        if correlation is not None:
+            entry["correlation_id"] = str(correlation)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

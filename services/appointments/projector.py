@@ -39,6 +39,7 @@ from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.service_layer.visits import Outcome
 from services.errors import Unavailable
 from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
+from services.tracing import correlated
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class VisitsProjector:
                 await msg.nak()
             return
         for (msg, envelope), outcome in zip(batch, outcomes, strict=True):
-            await self._settle(msg, envelope, outcome)
+            with correlated(envelope.correlation_id):
+                await self._settle(msg, envelope, outcome)
 
     async def _apply(
         self, batch: list[tuple[Msg, EventEnvelope]], stop: asyncio.Event

@@ -61,6 +61,7 @@ from services.appointments.service_layer.ports import (
     RecordedEvent,
 )
 from services.metrics import RELAY_BACKLOG, RELAY_LAG_SECONDS, RELAY_PUBLISHED
+from services.tracing import traceparent
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class OutboxRelay:
                     await self._js.publish_async(
                         subject_of(row),
                         msgspec.json.encode(envelope_from_row(row)),
-                        headers={"Nats-Msg-Id": str(row["event_id"])},
+                        headers=_headers(row),
                         stream=EVENTS_STREAM,
                     )
                 )
@@ -210,6 +211,14 @@ class OutboxRelay:
             errors = {repr(f.exception()) for f in futures if not f.cancelled() and f.exception()}
             log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
         return len(rows), failed
+
+
+def _headers(row: asyncpg.Record) -> dict[str, str]:
+    """``Nats-Msg-Id`` (de-duplication) and, for a traced request, ``traceparent``."""
+    headers = {"Nats-Msg-Id": str(row["event_id"])}
+    if row["correlation_id"] is not None:
+        headers["traceparent"] = traceparent(row["correlation_id"], row["event_id"])
+    return headers
 
 
 def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:

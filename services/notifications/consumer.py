@@ -22,12 +22,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
-from contracts.events import EventEnvelope, UnknownEventType, decode_event
+from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
 from contracts.subjects import EVENTS_STREAM
 from services.metrics import CONSUMER_REDELIVERIES
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore, is_transient_db_error
+from services.tracing import correlated
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,12 @@ class EventConsumer:
         except Exception as exc:  # anything a malformed message makes the decoders raise
             await self._park(msg, f"undecodable: {exc}", stop)
             return
+        with correlated(envelope.correlation_id):
+            await self._handle_event(msg, envelope, event, stop)
+
+    async def _handle_event(
+        self, msg: Msg, envelope: EventEnvelope, event: Event, stop: asyncio.Event
+    ) -> None:
         sequence = msg.metadata.sequence.stream
         if msg.metadata.num_delivered > 1:
             CONSUMER_REDELIVERIES.labels("notifications").inc()

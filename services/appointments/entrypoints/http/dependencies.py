@@ -12,6 +12,7 @@ from litestar.datastructures import State
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
 from services.errors import InvalidRequest
+from services.tracing import current_correlation, trace_id_of
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -26,7 +27,13 @@ def request_context(request: Request[Any, Any, Any], state: State) -> RequestCon
     """The verified principal, correlation id and idempotency key of this request."""
     container = container_of(state)
     principal = container.verifier.principal_from_header(request.headers.get("authorization"))
-    correlation = _uuid_header(request, "x-correlation-id") or uuid.uuid4()
+    correlation = (
+        _uuid_header(request, "x-correlation-id")
+        or trace_id_of(request.headers.get("traceparent"))
+        or uuid.uuid4()
+    )
+    # The request's task logs with its correlation id from here on.
+    current_correlation.set(correlation)
     return RequestContext(
         principal=principal,
         correlation_id=correlation,
