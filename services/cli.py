@@ -78,7 +78,7 @@ def cmd_notifications(settings: Settings, _: argparse.Namespace) -> None:
     from services.notifications.main import run_notifications
 
     settings.require_database_url()
-    run_until_signalled(lambda stop: run_notifications(settings, stop))
+    run_until_signalled(lambda stop: run_notifications(settings, stop, serve_ops_http=True))
 
 
 def cmd_rebuild_visits(settings: Settings, _: argparse.Namespace) -> None:

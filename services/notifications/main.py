@@ -9,6 +9,7 @@ from services.appointments.adapters.system import utc_now
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
 from services.notifications.runtime import Clock, Hooks, Tuning
+from services.ops import Probes, serve_ops
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,12 @@ async def run_notifications(
     *,
     tuning: Tuning | None = None,
     hooks: Hooks | None = None,
+    serve_ops_http: bool = False,
 ) -> None:
     """Consume appointment events, fire reminders and deliver notifications until ``stop``
-    is set. ``tuning`` and ``hooks`` are for tests; production uses the defaults."""
+    is set. ``tuning`` and ``hooks`` are for tests; production uses the defaults.
+    ``serve_ops_http``: also serve ``/health/*`` and ``/metrics`` on ``CLINIC_HTTP_PORT``
+    (a process of its own; not inside ``clinic dev``, where the API serves them)."""
     async with notification_service(
         settings, clock, tuning or Tuning(), hooks or Hooks()
     ) as service:
@@ -30,5 +34,11 @@ async def run_notifications(
             "notification service running",
             extra={"channels": [worker.channel for worker in service.workers]},
         )
-        await service.run(stop)
+        if not serve_ops_http:
+            await service.run(stop)
+        else:
+            probes = Probes(service.pool, service.nats)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(service.run(stop))
+                group.create_task(serve_ops(probes, settings.http_host, settings.http_port, stop))
     log.info("notification service stopped")
