@@ -14,6 +14,11 @@ from services.appointments.domain.rules import Rules
 VARIABLES: dict[str, tuple[str | None, str]] = {
     "CLINIC_DATABASE_URL": (None, "PostgreSQL DSN (required outside `clinic dev`)"),
     "CLINIC_NATS_URL": ("nats://127.0.0.1:4222", "NATS server(s), comma-separated"),
+    "CLINIC_NATS_STREAM_REPLICAS": (
+        "1",
+        "replicas of the JetStream streams (3 on a 3-node cluster); an existing stream is"
+        " grown to it, never shrunk",
+    ),
     "CLINIC_HTTP_HOST": ("127.0.0.1", "HTTP listen host"),
     "CLINIC_HTTP_PORT": ("8000", "HTTP listen port"),
     "CLINIC_JWT_SECRET": (None, "HS256 secret; tokens are refused when no key is configured"),
@@ -34,6 +39,7 @@ class ConfigError(Exception):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None
     nats_urls: list[str]
+    nats_stream_replicas: int = 1
     http_host: str
     http_port: int
     jwt_secret: str | None
@@ -80,6 +86,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=_get(env, "CLINIC_DATABASE_URL"),
         nats_urls=[url.strip() for url in nats.split(",") if url.strip()],
+        nats_stream_replicas=_int(env, "CLINIC_NATS_STREAM_REPLICAS", 1, 5),
         http_host=_get(env, "CLINIC_HTTP_HOST") or "127.0.0.1",
         http_port=_int(env, "CLINIC_HTTP_PORT", 0, 65535),
         jwt_secret=_get(env, "CLINIC_JWT_SECRET"),

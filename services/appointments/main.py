@@ -52,12 +52,14 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
 
 async def _relay(container: Container, stop: asyncio.Event) -> None:
     assert container.nats is not None
-    await run_relay(container.pool, container.nats, stop)
+    replicas = container.settings.nats_stream_replicas
+    await run_relay(container.pool, container.nats, stop, replicas)
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:
     assert container.nats is not None
-    await run_projector(container.pool, container.nats, stop)
+    replicas = container.settings.nats_stream_replicas
+    await run_projector(container.pool, container.nats, stop, replicas)
 
 
 RoleRunner = Callable[[Container, asyncio.Event], Coroutine[Any, Any, None]]

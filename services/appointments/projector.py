@@ -81,18 +81,20 @@ class VisitsProjector:
         *,
         batch_size: int = 256,
         fetch_timeout: float = 1.0,
+        stream_replicas: int | None = None,
     ) -> None:
         self._js: JetStreamContext = nc.jetstream()
         self._visits = PostgresVisits(pool, projection=CONSUMER)
         self._batch_size = batch_size
         self._fetch_timeout = fetch_timeout
+        self._stream_replicas = stream_replicas
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
         while not stop.is_set():
             try:
-                await ensure_events_stream(self._js)
+                await ensure_events_stream(self._js, self._stream_replicas)
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
                 delay = 0.1
@@ -193,6 +195,8 @@ class VisitsProjector:
         await msg.term()
 
 
-async def run_projector(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event) -> None:
+async def run_projector(
+    pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, stream_replicas: int | None = None
+) -> None:
     """The ``projector`` role of ``clinic appointments``: run a :class:`VisitsProjector`."""
-    await VisitsProjector(pool, nc).run(stop)
+    await VisitsProjector(pool, nc, stream_replicas=stream_replicas).run(stop)

@@ -119,6 +119,7 @@ class OutboxRelay:
         poll_interval: float = 0.05,
         standby_interval: float = 1.0,
         ack_timeout: float = 5.0,
+        stream_replicas: int | None = None,
     ) -> None:
         self._pool = pool
         self._js: JetStreamContext = nc.jetstream()
@@ -126,6 +127,7 @@ class OutboxRelay:
         self._poll_interval = poll_interval
         self._standby_interval = standby_interval
         self._ack_timeout = ack_timeout
+        self._stream_replicas = stream_replicas
         self.published = 0
         """Events this relay published and deleted from the outbox (for tests and logs)."""
 
@@ -136,7 +138,7 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 if not stream_ready:
-                    await ensure_events_stream(self._js)
+                    await ensure_events_stream(self._js, self._stream_replicas)
                     stream_ready = True
                 async with self._pool.acquire() as conn:
                     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID):
@@ -232,9 +234,11 @@ def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:
         RELAY_LAG_SECONDS.set(0.0)
 
 
-async def run_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event) -> None:
+async def run_relay(
+    pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, stream_replicas: int | None = None
+) -> None:
     """The ``relay`` role of ``clinic appointments``: run an :class:`OutboxRelay`."""
-    await OutboxRelay(pool, nc).run(stop)
+    await OutboxRelay(pool, nc, stream_replicas=stream_replicas).run(stop)
 
 
 class OutboxDoorbell:

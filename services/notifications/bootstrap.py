@@ -66,8 +66,9 @@ async def notification_service(
     nc = await connect_nats(settings, "notifications")
     try:
         js = nc.jetstream()
-        await ensure_events_stream(js)
-        await ensure_stream(js, notifications_stream_config())
+        replicas = settings.nats_stream_replicas
+        await ensure_events_stream(js, replicas)
+        await ensure_stream(js, notifications_stream_config(replicas))
         await ensure_consumer(js, tuning)
         store = NotificationStore(pool)
         deliveries = DeliveryStore(pool)

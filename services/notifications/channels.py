@@ -48,8 +48,9 @@ class DeliveryChannel(Protocol):
         ...
 
 
-def notifications_stream_config() -> StreamConfig:
-    """``NOTIFICATIONS``: every notification sent, de-duplicated by ``notification_id``."""
+def notifications_stream_config(replicas: int | None = None) -> StreamConfig:
+    """``NOTIFICATIONS``: every notification sent, de-duplicated by ``notification_id``,
+    on ``replicas`` servers (None: the server's default)."""
     return StreamConfig(
         name=NOTIFICATIONS_STREAM,
         description="Notifications sent, the mobile gateway's push source.",
@@ -58,6 +59,7 @@ def notifications_stream_config() -> StreamConfig:
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
         max_age=PUSH_RETENTION_SECONDS,
+        num_replicas=replicas,
         duplicate_window=PUSH_DUPLICATE_WINDOW_SECONDS,
     )
 

@@ -177,7 +177,6 @@ def test_streams_are_replicated_on_three_nodes() -> None:
     assert set(config) <= set(VARIABLES) | PENDING_VARIABLES
 
 
-@pytest.mark.xfail(reason="services/config.py does not read CLINIC_NATS_STREAM_REPLICAS yet")
 def test_stream_replicas_is_a_known_variable() -> None:
     assert set(VARIABLES) >= PENDING_VARIABLES
 

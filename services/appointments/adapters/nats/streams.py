@@ -38,8 +38,8 @@ def events_stream_config(replicas: int | None = None) -> StreamConfig:
     """``APPOINTMENTS``: every appointment event, kept (the stream is the consumers' replay
     log), file storage, de-duplicated by ``Nats-Msg-Id`` = ``event_id``.
 
-    ``replicas=None`` creates it with the server's default (1) and leaves the replica count
-    of an existing stream alone, so services never shrink an R3 stream set up for a cluster.
+    ``replicas=None`` creates it with the server's default (1); an existing stream is grown
+    to ``replicas`` but never shrunk (see :func:`ensure_stream`).
     """
     return StreamConfig(
         name=EVENTS_STREAM,
@@ -60,9 +60,13 @@ def _differences(current: StreamConfig, wanted: StreamConfig) -> dict[str, objec
         changes["subjects"] = wanted.subjects
     if not math.isclose(current.duplicate_window or 0, wanted.duplicate_window or 0):
         changes["duplicate_window"] = wanted.duplicate_window
-    for name in ("description", "num_replicas", "discard"):
+    for name in ("description", "discard"):
         if getattr(wanted, name) is not None and getattr(current, name) != getattr(wanted, name):
             changes[name] = getattr(wanted, name)
+    # Grown, never shrunk: a process started with the default (1) must not take the
+    # replicas of an R3 stream that an operator or the cluster's configuration set up.
+    if wanted.num_replicas is not None and wanted.num_replicas > (current.num_replicas or 1):
+        changes["num_replicas"] = wanted.num_replicas
     for name in ("storage", "retention"):
         if getattr(current, name) != getattr(wanted, name):
             raise StreamConfigConflict(
@@ -73,7 +77,8 @@ def _differences(current: StreamConfig, wanted: StreamConfig) -> dict[str, objec
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
-    """Create the stream ``config`` names, or update it to ``config``'s managed settings.
+    """Create the stream ``config`` names, or update it to ``config``'s managed settings
+    (its replicas only upwards).
 
     Safe to call from every process at start, concurrently.
     """
