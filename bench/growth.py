@@ -6,7 +6,7 @@ appointments: one ``AppointmentScheduled`` in ``events``, one ``visits`` row and
 spread over a year), then ``VACUUM ANALYZE``. At each size:
 
 * ``append``: ``PostgresEventStore.append`` of new appointments (8 writers), which probes
-  the events' unique indexes and the bookings' exclusion index;
+  the events' unique indexes and the bookings' exclusion index, and the WAL it writes;
 * ``upcoming``: ``PostgresVisits.page`` of a patient's Upcoming tab (21 rows asked, one
   reader), the query ``GET /v1/visits`` runs, for a patient with 10 visits.
 
@@ -86,6 +86,8 @@ async def grow(conn: asyncpg.Connection, start: int, end: int) -> None:
     for low in range(start, end, CHUNK):
         await conn.execute(_LOAD, low, min(low + CHUNK, end) - 1, data)
     await conn.execute("VACUUM ANALYZE events, visits, provider_bookings, outbox")
+    # Flush the load's dirty pages now rather than during the measurement.
+    await conn.execute("CHECKPOINT")
 
 
 async def add_patient(conn: asyncpg.Connection) -> None:
@@ -139,9 +141,12 @@ async def main() -> dict[str, Any]:
             await grow(conn, loaded, size)
             loaded = size
             load_s = time.perf_counter() - started
-            appends, reads = [], []
+            appends, reads, wal = [], [], []
             for _ in range(args.runs):
+                before = await conn.fetchval("SELECT pg_current_wal_lsn()")
                 appends.append(await measure_append(dsn, "store", args.writers, args.seconds))
+                written = await conn.fetchval("SELECT pg_current_wal_lsn() - $1", before)
+                wal.append(int(written) / max(1, len(appends[-1].latencies)))
                 reads.append(await measure_upcoming(dsn, args.seconds))
             figures[str(size)] = {
                 "events": await conn.fetchval("SELECT count(*) FROM events"),
@@ -151,6 +156,9 @@ async def main() -> dict[str, Any]:
                 ),
                 "load_s": round(load_s, 1),
                 "append": median_summary(appends),
+                # Random (v4) UUID keys touch index pages all over: after a checkpoint,
+                # each first touch writes a full page image to the WAL.
+                "wal_bytes_per_append": round(sorted(wal)[len(wal) // 2]),
                 "upcoming": median_summary(reads),
             }
         await conn.close()
