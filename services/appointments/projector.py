@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
@@ -82,12 +83,15 @@ class VisitsProjector:
         batch_size: int = 256,
         fetch_timeout: float = 1.0,
         stream_replicas: int | None = None,
+        check_after: float = 10.0,
     ) -> None:
         self._js: JetStreamContext = nc.jetstream()
         self._visits = PostgresVisits(pool, projection=CONSUMER)
         self._batch_size = batch_size
         self._fetch_timeout = fetch_timeout
         self._stream_replicas = stream_replicas
+        self._check_after = check_after
+        """Idle seconds after which the consumer is checked to still exist."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
@@ -110,12 +114,19 @@ class VisitsProjector:
     async def _consume(
         self, subscription: JetStreamContext.PullSubscription, stop: asyncio.Event
     ) -> None:
+        idle_since = time.monotonic()
         while not stop.is_set():
             try:
                 msgs = await subscription.fetch(self._batch_size, timeout=self._fetch_timeout)
             except TimeoutError:
+                if time.monotonic() - idle_since > self._check_after:
+                    # A deleted consumer only times out (NATS 2.9): this raises
+                    # NotFoundError then, and run() creates it again.
+                    await self._js.consumer_info(EVENTS_STREAM, CONSUMER)
+                    idle_since = time.monotonic()
                 continue
             await self.handle(msgs, stop)
+            idle_since = time.monotonic()
 
     async def handle(self, msgs: Sequence[Msg], stop: asyncio.Event) -> None:
         """Apply one fetched batch, then settle every message (ack, nak or park)."""

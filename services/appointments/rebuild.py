@@ -49,7 +49,7 @@ _EVENTS = """SELECT global_position, event_id, stream_id, stream_version, type, 
 _INDEXDEF = re.compile(
     r"^(CREATE (?:UNIQUE )?INDEX )(\S+)( ON (?:ONLY )?)(\S+?)(visits)( USING .*)$"
 )
-_SWAP_LOCK_TIMEOUT = "3s"
+_SWAP_LOCK_TIMEOUT = "1s"
 _SWAP_ATTEMPTS = 20
 
 

@@ -32,7 +32,7 @@ from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits
-from services.appointments.projector import CONSUMER, run_projector
+from services.appointments.projector import CONSUMER, VisitsProjector, run_projector
 from services.appointments.rebuild import rebuild_visits
 from services.appointments.relay import run_relay
 from services.appointments.service_layer.ports import NewEvent
@@ -292,3 +292,19 @@ async def test_projectors_cut_off_at_random_points_leave_the_view_equal_to_a_reb
     assert await rebuild_visits(pool) == 300
     assert await view(pool) == live
     assert await pool.fetchval("SELECT count(*) FROM parked_messages") == 0
+
+
+@pytest.mark.fault
+async def test_a_deleted_consumer_is_created_again(pool: asyncpg.Pool, nc: NATS) -> None:
+    stop = asyncio.Event()
+    projector = VisitsProjector(pool, nc, check_after=0.5)
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        await eventually(lambda: consumer_idle(nc))
+        await nc.jetstream().delete_consumer(EVENTS_STREAM, CONSUMER)
+        stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+        await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM visits"), within=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
