@@ -102,6 +102,10 @@ class TokenVerifier:
                 return claims
             except jwt.ExpiredSignatureError:
                 raise Unauthenticated("The token has expired.") from None
+            except jwt.InvalidKeyError:
+                # A token in an algorithm of another key type (ES256 against an RSA key):
+                # not an InvalidTokenError, and its message describes our key.
+                failure = "The token is not valid: no key of this service signed it."
             except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
                 failure = f"The token is not valid: {exc}."
         raise Unauthenticated(failure)
