@@ -171,10 +171,11 @@ class VisitsReader(Protocol):
         ...
 
     async def wait_for_version(
-        self, appointment_id: UUID, version: int, wait_seconds: float
+        self, scope: Scope, appointment_id: UUID, version: int, wait_seconds: float
     ) -> bool:
         """Wait up to ``wait_seconds`` until the view reflects ``version`` of the
-        appointment; whether it does."""
+        appointment in ``scope``; whether it does. An appointment outside the scope never
+        does, so the wait tells nobody whether another's appointment exists."""
         ...
 
 
@@ -224,7 +225,9 @@ class VisitsQuery:
         if consistency_token:
             stream_id, version = parse_token(consistency_token)
             seconds = self._wait.total_seconds()
-            stale = not await self._reader.wait_for_version(stream_id, version, seconds)
+            stale = not await self._reader.wait_for_version(
+                Scope.of(principal), stream_id, version, seconds
+            )
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.

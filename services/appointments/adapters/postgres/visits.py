@@ -161,20 +161,20 @@ class PostgresVisits:
         return [row_of(record) for record in records]
 
     async def wait_for_version(
-        self, appointment_id: UUID, version: int, wait_seconds: float
+        self, scope: Scope, appointment_id: UUID, version: int, wait_seconds: float
     ) -> bool:
-        """Poll the row until it reflects ``version`` or ``wait_seconds`` pass.
+        """Poll the row (if in ``scope``) until it reflects ``version`` or ``wait_seconds`` pass.
 
         Polling a primary key costs a fraction of a millisecond; waiting readers are few
         and short-lived, so no notification channel is worth its commit-time cost here.
         """
         deadline = time.monotonic() + wait_seconds
         pause = _WAIT_POLL_FIRST
+        where, args = _scope_filter(scope)
+        sql = f"SELECT version FROM visits WHERE appointment_id = ${len(args) + 1} AND {where}"
         while True:
             with database_errors():
-                stored = await self._pool.fetchval(
-                    "SELECT version FROM visits WHERE appointment_id = $1", appointment_id
-                )
+                stored = await self._pool.fetchval(sql, *args, appointment_id)
             if version <= 0 or (stored is not None and stored >= version):
                 return True
             left = deadline - time.monotonic()
