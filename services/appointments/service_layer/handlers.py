@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from uuid import UUID
+from uuid import UUID, uuid5
 
 import msgspec
 
@@ -170,7 +170,8 @@ class Appointments:
             raise InvalidRequest(
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters."
             )
-        stored = await self._idempotency.find_answer(ctx.principal.id, key)
+        owner = key_owner(ctx.principal)
+        stored = await self._idempotency.find_answer(owner, key)
         if stored is not None:
             return _replay(stored, fingerprint)
 
@@ -181,13 +182,13 @@ class Appointments:
                 body=msgspec.json.encode(outcome.view),
                 consistency_token=outcome.consistency_token,
             )
-            return IdempotencyRecord(principal_id=ctx.principal.id, key=key, answer=answer)
+            return IdempotencyRecord(principal_id=owner, key=key, answer=answer)
 
         try:
             outcome = await self._execute(ctx, command, expected_version, remember)
         except IdempotencyKeyTaken:
             # A concurrent request with the same key committed first: answer as it did.
-            stored = await self._idempotency.find_answer(ctx.principal.id, key)
+            stored = await self._idempotency.find_answer(owner, key)
             assert stored is not None
             return _replay(stored, fingerprint)
         if not outcome.appended:
@@ -253,6 +254,12 @@ class Appointments:
             return outcome
         log.warning("command gave up after %d conflicts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
+
+
+def key_owner(principal: Principal) -> UUID:
+    """Whose answers an idempotency key names: the user in one clinic and role. The same
+    user id in another clinic is another person, who must never be answered with these."""
+    return uuid5(principal.clinic_id, f"{principal.role}/{principal.id}")
 
 
 def _fingerprint(operation: str, payload: object) -> str:
