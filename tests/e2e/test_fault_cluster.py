@@ -1,0 +1,133 @@
+"""A 3-node NATS cluster on loopback with R3 streams: one node killed mid-load loses nothing.
+
+The service (api, relay, projector) and the notification service connect with all three
+URLs and ``CLINIC_NATS_STREAM_REPLICAS=3``. Under a steady command load the node leading
+the ``APPOINTMENTS`` stream is killed (``kill -9``); the other two elect a new leader and
+the relay and the consumers carry on. At the end every committed event is on the stream
+exactly once, the view equals a rebuild, and every notification was pushed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+from nats.js.errors import Error as JetStreamError
+
+from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM
+from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.embedded import EmbeddedNats, free_port
+from tests.support.checks import (
+    acknowledged_kept,
+    appointments_caught_up,
+    events_exactly_once,
+    notifications_caught_up,
+    notifications_exactly_once,
+    parked,
+    visits_differences,
+    wait_for,
+)
+from tests.support.load import CommandLoad
+from tests.support.service import JWT_SECRET, running_notifications, running_service, service_env
+
+pytestmark = pytest.mark.fault
+
+RATE = 30.0
+BEFORE, AFTER = 4.0, 8.0
+DRAIN_SECONDS = 60.0
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[list[EmbeddedNats]]:
+    """Three clustered ``nats-server``s with JetStream, each with its own store."""
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="clinic-fault-cluster-", dir=shm))
+    routes = [f"nats://127.0.0.1:{free_port()}" for _ in range(3)]
+    nodes = [
+        EmbeddedNats(
+            root / f"n{i}",
+            server_name=f"n{i}",
+            cluster_name="clinic-fault",
+            cluster_port=int(route.rsplit(":", 1)[1]),
+            routes=[other for other in routes if other != route],
+            die_with_parent=True,
+        )
+        for i, route in enumerate(routes)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _jetstream_ready(nc: nats.NATS) -> bool:
+    try:
+        await nc.jetstream().account_info()
+    except (JetStreamError, TimeoutError, nats.errors.Error):
+        return False
+    return True
+
+
+async def test_a_node_killed_mid_load_loses_no_event(
+    database_url: str,
+    nats_cluster: list[EmbeddedNats],
+    record_property: pytest.RecordProperty,
+) -> None:
+    urls = [node.url for node in nats_cluster]
+    env = service_env(database_url, urls, CLINIC_NATS_STREAM_REPLICAS="3")
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    try:
+        await wait_for(lambda: _jetstream_ready(nc), 30, "the JetStream cluster to form", 0.2)
+        async with running_service(env) as client, running_notifications(env):
+            load = CommandLoad(client, JWT_SECRET, rate=RATE)
+            loading = asyncio.create_task(load.run(BEFORE + AFTER))
+            await asyncio.sleep(BEFORE)
+            info = await js.stream_info(EVENTS_STREAM)
+            assert info.config.num_replicas == 3 and info.cluster is not None
+            leader = next(node for node in nats_cluster if node.server_name == info.cluster.leader)
+            published_before = info.state.messages
+            leader.kill()
+            await loading
+            await wait_for(lambda: appointments_caught_up(pool, js), DRAIN_SECONDS, "drained", 0.25)
+            await wait_for(lambda: notifications_caught_up(pool, js), DRAIN_SECONDS, "notified")
+
+            assert not load.failures and load.count(ok=False) == 0, load.summary()
+            events = await events_exactly_once(pool, js)
+            assert not await visits_differences(pool)
+            await acknowledged_kept(pool, load.acknowledged)
+            notifications = await notifications_exactly_once(pool, js)
+            assert await parked(pool) == 0
+            after = await js.stream_info(EVENTS_STREAM)
+            assert after.cluster is not None and after.cluster.leader != leader.server_name
+            pushes = await js.stream_info(NOTIFICATIONS_STREAM)
+            assert pushes.config.num_replicas == 3
+            # A process started with the default (1) never shrinks the R3 stream.
+            assert (await ensure_events_stream(js, 1)).config.num_replicas == 3
+    finally:
+        await nc.close()
+        await pool.close()
+
+    figures = {
+        "commands": load.commands,
+        "events": events,
+        "events_before_the_kill": published_before,
+        "notifications": notifications,
+        "killed": f"{leader.server_name} (stream leader)",
+        "new_leader": after.cluster.leader,
+    }
+    record_property("figures", json.dumps(figures))
+    print("nats cluster:", json.dumps(figures))
