@@ -64,8 +64,11 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 
-#: Settings that trade durability against an operating-system crash for speed. Safe
-#: against a crash (even ``kill -9``) of PostgreSQL itself: the page cache survives.
+#: Settings that trade durability for speed. ``fsync`` and ``full_page_writes`` off only
+#: risk an operating-system crash (the page cache survives a ``kill -9`` of PostgreSQL);
+#: ``synchronous_commit`` off also loses, at a ``kill -9`` of PostgreSQL, the commits of
+#: the last moments still in its WAL buffers (shared memory): a test that kills the server
+#: and counts what was committed sets it back to ``on``.
 FAST_POSTGRES_SETTINGS: Mapping[str, str] = {
     "fsync": "off",
     "synchronous_commit": "off",
