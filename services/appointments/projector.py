@@ -134,7 +134,8 @@ class VisitsProjector:
         for msg in msgs:
             try:
                 batch.append((msg, msgspec.json.decode(msg.data, type=EventEnvelope)))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                # RecursionError: JSON nested deeper than the decoder goes (in ``data``).
                 await self._park(msg, f"undecodable envelope: {exc}")
         if not batch:
             return
