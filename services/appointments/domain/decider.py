@@ -46,6 +46,8 @@ from services.errors import (
 )
 
 DEFAULT_RULES = Rules()
+#: Text with U+0000 is refused: PostgreSQL (and many consumers) cannot hold it.
+NUL_REFUSED = "{name} must not contain the character U+0000."
 
 
 def decide(
@@ -100,6 +102,8 @@ def _validate_schedule(command: ScheduleAppointment, now: datetime) -> None:
         )
     if command.visit_reason is not None and len(command.visit_reason) > MAX_TEXT_LENGTH:
         raise InvalidRequest(f"visit_reason must be at most {MAX_TEXT_LENGTH} characters.")
+    if command.visit_reason is not None and "\x00" in command.visit_reason:
+        raise InvalidRequest(NUL_REFUSED.format(name="visit_reason"))
     if not is_valid_timezone(command.timezone):
         raise InvalidRequest(f"timezone {command.timezone!r} is not a known IANA time zone.")
 
@@ -166,6 +170,8 @@ def _cancel(state: State, command: CancelAppointment, now: datetime) -> list[Eve
     booking = visible_booking(state, command.actor)
     if command.reason is not None and len(command.reason) > MAX_TEXT_LENGTH:
         raise InvalidRequest(f"reason must be at most {MAX_TEXT_LENGTH} characters.")
+    if command.reason is not None and "\x00" in command.reason:
+        raise InvalidRequest(NUL_REFUSED.format(name="reason"))
     match state:
         case Cancelled():
             return []

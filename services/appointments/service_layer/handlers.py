@@ -166,9 +166,10 @@ class Appointments:
         key = ctx.idempotency_key
         if key is None:
             return await self._execute(ctx, command, expected_version, None)
-        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or "\x00" in key:
             raise InvalidRequest(
-                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters."
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters,"
+                " none of them U+0000."
             )
         owner = key_owner(ctx.principal)
         stored = await self._idempotency.find_answer(owner, key)
