@@ -177,6 +177,13 @@ def ratio(ours: float, baseline: float) -> float:
     return round(ours / baseline, 3) if baseline else 0.0
 
 
+def paired_ratio(ours: Sequence[Sample], baseline: Sequence[Sample]) -> float:
+    """The median over runs of each run's ``ours / baseline`` rate: each pair was measured
+    back to back, so a machine busy with other work in one run skews that run only."""
+    pairs = zip(ours, baseline, strict=True)
+    return round(statistics.median(ratio(o.rate, b.rate) for o, b in pairs), 3)
+
+
 async def closed_loop(
     op: Callable[[], Awaitable[Any]], concurrency: int, seconds: float, max_ops: int = 0
 ) -> Sample:

@@ -36,8 +36,8 @@ from bench._common import (
     int_list,
     machine,
     median_summary,
+    paired_ratio,
     pg_version,
-    ratio,
     run,
     scheduled,
     servers,
@@ -144,10 +144,9 @@ async def main() -> dict[str, Any]:
         figures: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
         for (mode, writers), runs in samples.items():
             figures[mode][str(writers)] = median_summary(runs)
-        raw = figures["raw_insert"]
         ratios = {
             f"{mode}/raw_insert": {
-                str(w): ratio(figures[mode][str(w)]["per_s"], raw[str(w)]["per_s"])
+                str(w): paired_ratio(samples[mode, w], samples["raw_insert", w])
                 for w in args.writers
             }
             for mode in MODES[1:]

@@ -23,8 +23,8 @@ from bench._common import (
     int_list,
     machine,
     median_summary,
+    paired_ratio,
     pg_version,
-    ratio,
     run,
     servers,
 )
@@ -85,7 +85,7 @@ async def main() -> dict[str, Any]:
             "commands": commands,
             "offered": {str(rate): median_summary(runs) for rate, runs in offered.items()},
         },
-        "ratios": {"commands/noop": ratio(commands["per_s"], noop["per_s"])},
+        "ratios": {"commands/noop": paired_ratio(closed["commands"], closed["noop"])},
     }
 
 

@@ -34,8 +34,8 @@ from bench._common import (
     int_list,
     machine,
     median_summary,
+    paired_ratio,
     pg_version,
-    ratio,
     run,
     scheduled,
     servers,
@@ -127,10 +127,7 @@ async def main() -> dict[str, Any]:
         figures[mode][str(writers)] = median_summary(runs)
 
     def ratios(ours: str, theirs: str) -> dict[str, float]:
-        return {
-            str(w): ratio(figures[ours][str(w)]["per_s"], figures[theirs][str(w)]["per_s"])
-            for w in args.writers
-        }
+        return {str(w): paired_ratio(samples[ours, w], samples[theirs, w]) for w in args.writers}
 
     return {
         "benchmark": "peer",
