@@ -275,7 +275,7 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
     store = PostgresEventStore(pool)
     appending = asyncio.create_task(append_many(store, 1000, writers=8))
     crashes = 0
-    while crashes < 10 or not appending.done() or not await outbox_empty(pool):
+    while crashes < 10 or not appending.done():
         # A cancelled task stops wherever it is: between publish and delete, mid-batch...
         task = asyncio.create_task(OutboxRelay(pool, nc, batch_size=64).run(asyncio.Event()))
         await asyncio.sleep(random.uniform(0.01, 0.15))
@@ -284,6 +284,7 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
             await task
         crashes += 1
     appended = await appending
+    # Then one that is left alone publishes whatever the others did not.
     async with running(OutboxRelay(pool, nc)):
         await eventually(lambda: outbox_empty(pool))
     assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
