@@ -77,6 +77,13 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     )
 
 
+def _undecodable(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # The JSON decoder (Litestar's, before our handlers run, or ours) gives up on invalid
+    # UTF-8 in a string and on deep nesting with these, not with a DecodeError.
+    detail = "The body nests too deeply." if isinstance(exc, RecursionError) else str(exc)
+    return problem_response(problem(ErrorCode.INVALID_REQUEST, f"The body is not valid: {detail}"))
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -91,5 +98,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     NotFoundException: _http_error,
     NotAuthorizedException: _http_error,
     HTTPException: _http_error,
+    RecursionError: _undecodable,
+    UnicodeDecodeError: _undecodable,
     Exception: _unexpected,
 }

@@ -71,8 +71,10 @@ def decode(data: bytes, type_: type[T]) -> T:
         return msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"The request is not valid: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("The request is not valid JSON: it nests too deeply.") from None
 
 
 def correlation_of(headers: Mapping[str, str] | None) -> uuid.UUID:
