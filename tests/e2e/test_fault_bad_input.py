@@ -254,6 +254,7 @@ def malformed(actor: dict[str, str], appointment_id: str) -> dict[str, bytes]:
         "random bytes, exactly 64 KiB": os.urandom(64 * 1024),
         "NUL bytes": b"\x00" * 64,
         "invalid UTF-8 in a string": b'{"actor": "\xff\xfe"}',
+        "invalid UTF-8 in the reason": json.dumps(key).encode()[:-1] + b', "reason": "\xff\xfe"}',
         "nested arrays": b"[" * deep + b"]" * deep,
         "nested objects": b'{"a":' * (deep // 3) + b"1" + b"}" * (deep // 3),
         "nesting in a field": b'{"actor": ' + b"[" * deep + b"]" * deep + b"}",
