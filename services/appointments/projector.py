@@ -134,8 +134,12 @@ class VisitsProjector:
         for msg in msgs:
             try:
                 batch.append((msg, msgspec.json.decode(msg.data, type=EventEnvelope)))
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-                # RecursionError: JSON nested deeper than the decoder goes (in ``data``).
+            except (
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                RecursionError,  # nested deeper than the decoder goes (in ``data``)
+                UnicodeDecodeError,  # invalid UTF-8 inside a string
+            ) as exc:
                 await self._park(msg, f"undecodable envelope: {exc}")
         if not batch:
             return
