@@ -317,6 +317,7 @@ async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
         b"",
         envelope("AppointmentScheduled", b'{"clinic_id": "not a uuid"}'),
         envelope("AppointmentScheduled", b'{"x": ' + b"[" * deep + b"]" * deep + b"}"),
+        envelope("AppointmentScheduled", b'{"visit_reason": "\xff\xfe"}'),
     ]
     unknown = envelope("AppointmentRescheduled", b'{"to": "tomorrow"}')  # skipped, not parked
     nc = await nats.connect(nats_url)
@@ -350,5 +351,5 @@ async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
         parked = await conn.fetch("SELECT stream_sequence, deliveries FROM parked_messages")
     finally:
         await conn.close()
-    assert sorted(row["stream_sequence"] for row in parked) == [1, 2, 3, 4], parked
+    assert sorted(row["stream_sequence"] for row in parked) == [1, 2, 3, 4, 5], parked
     assert all(row["deliveries"] == 1 for row in parked), parked
