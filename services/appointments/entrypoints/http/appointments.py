@@ -17,7 +17,13 @@ from services.appointments.entrypoints.http.dependencies import (
     request_context,
     strict_body,
 )
-from services.appointments.entrypoints.http.openapi import problem_responses
+from services.appointments.entrypoints.http.openapi import (
+    COMMAND_HEADERS,
+    ETAG,
+    documented,
+    problem_responses,
+    retry_response,
+)
 from services.appointments.service_layer.handlers import CommandOutcome
 
 IfMatch = Annotated[
@@ -51,7 +57,8 @@ class AppointmentsController(Controller):
         "/",
         status_code=201,
         summary="Schedule an appointment",
-        responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+        responses={**retry_response(), **problem_responses(400, 401, 403, 409, 413, 422, 503)},
+        operation_class=documented(COMMAND_HEADERS),
     )
     async def schedule(
         self,
@@ -68,7 +75,8 @@ class AppointmentsController(Controller):
     @get(
         "/{appointment_id:uuid}",
         summary="Read an appointment (strongly consistent)",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
+        operation_class=documented({"200": {"ETag": ETAG}}),
     )
     async def read(
         self, request: Request[Any, Any, Any], state: State, appointment_id: FromPath[UUID]
@@ -82,6 +90,7 @@ class AppointmentsController(Controller):
         status_code=200,
         summary="Cancel an appointment",
         responses=problem_responses(400, 401, 404, 409, 412, 413, 422, 503),
+        operation_class=documented(COMMAND_HEADERS, optional_body=True),
     )
     async def cancel(
         self,
@@ -104,6 +113,7 @@ class AppointmentsController(Controller):
         status_code=200,
         summary="Start a visit (inside its start window)",
         responses=problem_responses(400, 401, 404, 409, 412, 422, 503),
+        operation_class=documented(COMMAND_HEADERS),
     )
     async def start(
         self,
@@ -122,7 +132,8 @@ class AppointmentsController(Controller):
     @get(
         "/{appointment_id:uuid}/history",
         summary="The appointment's events in order (staff and its provider)",
-        responses=problem_responses(401, 403, 404, 503),
+        responses=problem_responses(400, 401, 403, 404, 503),
+        operation_class=documented({}),
     )
     async def history(
         self, request: Request[Any, Any, Any], state: State, appointment_id: FromPath[UUID]

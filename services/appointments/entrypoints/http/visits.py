@@ -11,7 +11,11 @@ from litestar.params import HeaderParameter, QueryParameter
 from contracts.commands import VisitsTab
 from contracts.views import VisitsPage
 from services.appointments.entrypoints.http.dependencies import container_of, request_context
-from services.appointments.entrypoints.http.openapi import problem_responses
+from services.appointments.entrypoints.http.openapi import (
+    CONSISTENCY,
+    documented,
+    problem_responses,
+)
 from services.errors import InvalidRequest
 
 ConsistencyToken = Annotated[
@@ -32,6 +36,7 @@ class VisitsController(Controller):
         "/",
         summary="Upcoming or Past visits of the caller",
         responses=problem_responses(400, 401, 503),
+        operation_class=documented({"200": {"X-Consistency": CONSISTENCY}}),
     )
     async def list_visits(
         self,
