@@ -43,12 +43,13 @@ def request_context(request: Request[Any, Any, Any], state: State) -> RequestCon
 
 
 async def strict_body(request: Request[Any, Any, Any], type_: type[T], optional: bool = False) -> T:
-    """The JSON body decoded strictly (no "30" for 30); ``optional``: empty means defaults.
+    """The JSON body decoded strictly (no "30" for 30); ``optional``: empty or ``null``
+    (as the OpenAPI document allows) means defaults.
 
     Litestar converts bodies leniently, so the raw body is decoded once more here.
     """
     raw = await request.body()
-    if optional and not raw.strip():
+    if optional and raw.strip() in (b"", b"null"):
         return type_()
     try:
         return msgspec.json.decode(raw, type=type_)
