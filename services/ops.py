@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, problem
 
 READY_TIMEOUT_SECONDS = 1.0
+#: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
+METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 SHUTDOWN_GRACE_SECONDS = 8.0
 
 
@@ -69,7 +71,7 @@ class HealthController(Controller):
             )
         return Response({"status": "ready"})
 
-    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
+    @get("/metrics", summary="Prometheus metrics", media_type=METRICS_MEDIA_TYPE)
     async def metrics(self) -> bytes:
         return generate_latest(REGISTRY)
 
