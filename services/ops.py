@@ -17,10 +17,11 @@ import msgspec
 import uvicorn
 from litestar import Controller, Litestar, Response, get
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, problem
+from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
 
 READY_TIMEOUT_SECONDS = 1.0
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
@@ -57,7 +58,18 @@ class HealthController(Controller):
     async def live(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/health/ready", summary="PostgreSQL and NATS are reachable (else 503)")
+    @get(
+        "/health/ready",
+        summary="PostgreSQL and NATS are reachable (else 503)",
+        responses={
+            503: ResponseSpec(
+                data_container=Problem,
+                media_type=PROBLEM_CONTENT_TYPE,
+                generate_examples=False,
+                description="unavailable: PostgreSQL or NATS is unreachable (with Retry-After)",
+            )
+        },
+    )
     async def ready(self, state: State) -> Response[Any]:
         probes: Probes = state.probes
         failing = await probes.failing()
