@@ -35,6 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.service_layer.visits import Outcome
@@ -97,6 +98,7 @@ class VisitsProjector:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
         while not stop.is_set():
+            raise_if_cancelling()
             try:
                 await ensure_events_stream(self._js, self._stream_replicas)
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
@@ -107,6 +109,7 @@ class VisitsProjector:
                 finally:
                     await subscription.unsubscribe()
             except Exception as exc:  # asyncpg, nats and OS errors share no base
+                raise_if_cancelling()
                 log.warning("projector interrupted, retrying in %.1fs: %r", delay, exc)
                 await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=delay)
                 delay = min(delay * 2, _RETRY_MAX)
@@ -116,6 +119,7 @@ class VisitsProjector:
     ) -> None:
         idle_since = time.monotonic()
         while not stop.is_set():
+            raise_if_cancelling()
             try:
                 msgs = await subscription.fetch(self._batch_size, timeout=self._fetch_timeout)
             except TimeoutError:

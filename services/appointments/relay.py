@@ -51,6 +51,7 @@ from nats.js.api import PubAck
 
 from contracts.events import UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
+from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.event_store import envelope_from_row
 from services.appointments.service_layer.ports import (
@@ -136,6 +137,7 @@ class OutboxRelay:
         delay = 0.1
         stream_ready = False
         while not stop.is_set():
+            raise_if_cancelling()
             try:
                 if not stream_ready:
                     await ensure_events_stream(self._js, self._stream_replicas)
@@ -149,6 +151,7 @@ class OutboxRelay:
                         continue
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
+                raise_if_cancelling()
                 log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
                 stream_ready = False  # it may be the stream that went away
                 await _pause(stop, delay)
@@ -164,6 +167,7 @@ class OutboxRelay:
         try:
             failures = 0
             while not stop.is_set():
+                raise_if_cancelling()
                 wake.clear()
                 fetched, failed = await self._drain_batch(conn)
                 failures = failures + 1 if failed else 0
