@@ -112,7 +112,7 @@ def hs256_keyed_with(claims: dict[str, Any], key: bytes) -> str:
 
 
 async def test_forged_expired_and_misdirected_tokens_are_401_everywhere_and_reveal_nothing(
-    database_url: str, nats_url: str, tmp_path: Path
+    database_url: str, nats_url: str, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_pem = key.public_key().public_bytes(
@@ -190,11 +190,13 @@ async def test_forged_expired_and_misdirected_tokens_are_401_everywhere_and_reve
             assert visits.status_code == 401, name
         still = await api.client.get(location, headers={"Authorization": f"Bearer {rs256()}"})
         assert still.json()["version"] == 1 and still.json()["status"] == "scheduled"
-        print(f"forged tokens: {len(forged)} kinds, {sent + len(forged)} requests, all 401")
+        figures = {"kinds": len(forged), "requests": sent + len(forged), "answered 401": "all"}
+        record_property("figures", json.dumps(figures))
+        print("forged tokens:", json.dumps(figures))
 
 
 async def test_another_clinics_tokens_never_learn_an_appointment_exists(
-    database_url: str, nats_url: str
+    database_url: str, nats_url: str, record_property: pytest.RecordProperty
 ) -> None:
     async with serving(database_url, nats_url) as api:
         patient = api.principal("patient")
@@ -214,6 +216,7 @@ async def test_another_clinics_tokens_never_learn_an_appointment_exists(
         ]
         unknown = f"/v1/appointments/{uuid.uuid4()}"
         extras: list[dict[str, str]] = [{}, {"If-Match": '"2"'}, {"Idempotency-Key": "k-1"}]
+        sent = 0
         for who in outsiders:
             for extra in extras:
                 headers = api.auth(who, **extra)
@@ -226,6 +229,7 @@ async def test_another_clinics_tokens_never_learn_an_appointment_exists(
                         answer_of(await api.client.request(method, unknown_path, headers=headers))
                         == answer
                     )
+                    sent += 2
             # Reading one's visits "after" that write neither waits differently nor lists it.
             tokens = [f"{appointment_id}.2", f"{uuid.uuid4()}.2"]
             answers = [
@@ -237,12 +241,16 @@ async def test_another_clinics_tokens_never_learn_an_appointment_exists(
             ]
             assert [a.json() for a in answers] == [{"items": [], "next_cursor": None}] * 2
             assert [a.headers["x-consistency"] for a in answers] == ["stale", "stale"]
+            sent += 2
         mine = await api.client.get(
             "/v1/visits?tab=past",
             headers=api.auth(patient, **{"X-Consistency-Token": f"{appointment_id}.2"}),
         )
         assert mine.headers["x-consistency"] == "fresh"
         assert [v["appointment_id"] for v in mine.json()["items"]] == [appointment_id]
+        figures = {"outsiders": len(outsiders), "requests": sent, "answers": "404, or stale"}
+        record_property("figures", json.dumps(figures))
+        print("other clinics:", json.dumps(figures))
 
 
 def malformed(actor: dict[str, str], appointment_id: str) -> dict[str, bytes]:
@@ -269,7 +277,7 @@ def malformed(actor: dict[str, str], appointment_id: str) -> dict[str, bytes]:
 
 
 async def test_malformed_and_oversized_nats_requests_get_error_replies(
-    api: Api, nats_url: str
+    api: Api, nats_url: str, record_property: pytest.RecordProperty
 ) -> None:
     patient = api.principal("patient")
     appointment_id = (await book(api, api.auth(patient), patient.id)).rsplit("/", 1)[1]
@@ -290,7 +298,9 @@ async def test_malformed_and_oversized_nats_requests_get_error_replies(
         # The service keeps answering; the appointment is untouched.
         assert json.loads((await nc.request(QUERY_GET, key, timeout=10)).data)["version"] == 1
         assert (await nc.request("$SRV.PING.appointments", b"", timeout=5)).data
-        print(f"malformed NATS requests: {answers.total()}, answered {dict(answers)}")
+        figures = {"requests": answers.total(), "answers": dict(answers)}
+        record_property("figures", json.dumps(figures))
+        print("malformed NATS requests:", json.dumps(figures))
     finally:
         await nc.close()
 
@@ -309,7 +319,7 @@ def envelope(type_: str, data: bytes) -> bytes:
 
 
 async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
-    api: Api, nats_url: str, database_url: str
+    api: Api, nats_url: str, database_url: str, record_property: pytest.RecordProperty
 ) -> None:
     deep = 20_000
     poison = [
@@ -353,3 +363,6 @@ async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
         await conn.close()
     assert sorted(row["stream_sequence"] for row in parked) == [1, 2, 3, 4, 5], parked
     assert all(row["deliveries"] == 1 for row in parked), parked
+    figures = {"poison": len(poison), "parked": len(parked), "max deliveries": 1, "skipped": 1}
+    record_property("figures", json.dumps(figures))
+    print("poison:", json.dumps(figures))

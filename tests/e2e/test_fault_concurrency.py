@@ -9,6 +9,7 @@ sent at once, against the server with its small database pool (as deployed).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import uuid
 from collections import Counter
@@ -76,7 +77,7 @@ def booking(api: Api, patient: Principal, provider: uuid.UUID, offset: int) -> d
 
 
 async def test_racing_cancels_and_starts_leave_exactly_one_terminal_event(
-    api: Api, database_url: str
+    api: Api, database_url: str, record_property: pytest.RecordProperty
 ) -> None:
     patient, provider, staff = (api.principal(r) for r in ("patient", "provider", "staff"))
     body = booking(api, patient, provider.id, 0) | {
@@ -118,18 +119,26 @@ async def test_racing_cancels_and_starts_leave_exactly_one_terminal_event(
             assert response.headers["etag"] == '"2"'
     history = await api.client.get(f"{location}/history", headers=api.auth(staff))
     assert [e["type"] for e in history.json()["events"]] == events
-    print(f"racing commands: {dict(outcomes)}, {retried:.0f} decided again; events: {events}")
+    figures = {
+        "requests": RACING_COMMANDS,
+        "answers": {f"{action} {code}": n for (action, code), n in outcomes.items()},
+        "decided again after a lost race": int(retried),
+        "events": events,
+    }
+    record_property("figures", json.dumps(figures))
+    print("racing commands:", json.dumps(figures))
 
 
 async def test_racing_bookings_of_one_slot_have_exactly_one_winner(
-    api: Api, database_url: str
+    api: Api, database_url: str, record_property: pytest.RecordProperty
 ) -> None:
     provider = uuid.uuid4()
     rng = random.Random(11)
     staff = api.principal("staff")
     winners: list[dict[str, Any]] = []
+    rounds: list[dict[str, int]] = []
     async with racing_client(api, RACING_BOOKINGS) as client:
-        for round_ in range(2):
+        for _ in range(2):
             patients = [api.principal("patient") for _ in range(RACING_BOOKINGS)]
             # Every two of these overlap: starts within 25 minutes, each 30 minutes long.
             answers = await asyncio.gather(
@@ -146,7 +155,7 @@ async def test_racing_bookings_of_one_slot_have_exactly_one_winner(
             assert codes == {"201": 1, "409 slot-taken": RACING_BOOKINGS - 1}, codes
             won = next(r for r in answers if r.status_code == 201)
             winners.append(won.json())
-            print(f"racing bookings, round {round_ + 1}: {dict(codes)}")
+            rounds.append(dict(codes))
             # Cancelling frees the slot: the next race has exactly one winner again.
             cancel = await client.post(f"{won.headers['location']}/cancel", headers=api.auth(staff))
             assert cancel.status_code == 200, cancel.text
@@ -163,3 +172,5 @@ async def test_racing_bookings_of_one_slot_have_exactly_one_winner(
     assert sorted(str(row["stream_id"]) for row in booked) == sorted(
         w["appointment_id"] for w in winners
     )
+    record_property("figures", json.dumps({"rounds": rounds}))
+    print("racing bookings:", json.dumps({"rounds": rounds}))
