@@ -144,6 +144,7 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
     nats = next((r["nats"] for r in results.values() if "nats" in r), "-")
     origins = sorted({part for r in results.values() for part in r["servers"].split(", ")})
     info = machine()
+    loads = ", ".join(f"{name} {r['machine']['load_average'][0]}" for name, r in results.items())
     lines = [
         "# Benchmark results",
         "",
@@ -151,7 +152,9 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
         f"- command: `{command}`",
         f"- machine: {info['nproc']} cores, {info['memory_gib']} GiB, Python {info['python']}",
         f"- PostgreSQL {first['postgresql']}; NATS {nats}; servers: {', '.join(origins)}",
-        "- p50 / p99 in ms; ratios are ours / the baseline measured in the same run",
+        f"- 1-minute load average as each script ended: {loads} (other work shares the machine)",
+        "- p50 / p99 in ms; a ratio is ours / the baseline, the median over runs of each"
+        " run's back-to-back pair",
         "",
         "| bench | figure | ours (p50 / p99) | baseline (p50 / p99) | ratio | target |",
         "| --- | --- | --- | --- | --- | --- |",
