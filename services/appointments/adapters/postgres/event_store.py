@@ -120,6 +120,10 @@ class PostgresEventStore:
             raise
         except asyncpg.ExclusionViolationError as exc:
             raise SlotTaken("The provider already has an appointment at that time.") from exc
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            # Racing inserts into the booking guard can deadlock each other; PostgreSQL
+            # aborts one, which is then decided again on fresh state like any lost race.
+            raise StreamVersionConflict() from exc
         assert row is not None
         return AppendResult(
             stream_version=row["stream_version"], global_position=row["global_position"]
