@@ -10,13 +10,14 @@ How it keeps its promises:
   window (consumers also skip versions they have seen).
 * **One appointment in order.** One relay is active at a time: it holds a session-level
   ``pg_try_advisory_lock`` on the connection it drains with. The others stand by and
-  retry the lock every second; when the active one dies, its session and lock go with it.
-  A batch is published pipelined on one connection, so JetStream stores it in order.
+  retry the lock every second; when the active one dies, its session and lock go with it,
+  and one that JetStream stopped acking steps down. A batch is published pipelined on one
+  connection, so JetStream stores it in order (about 25,000 events/s drained here).
 
 Wake-up (measured, 2 cores, PostgreSQL 15, ``synchronous_commit=on``, 8 s per run):
 
 =====================================  ==========  ==========
-appends/s (p99 ms)                      8 writers   32 writers
+appends/s                               8 writers   32 writers
 =====================================  ==========  ==========
 no NOTIFY                               4000-5300   3500-5400
 NOTIFY inside the append statement      2000-2350   1850-2200
