@@ -40,7 +40,7 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -54,7 +54,9 @@ from contracts.events import UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import envelope_from_row
+from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.service_layer.ports import (
     AppendResult,
     EventStore,
@@ -67,19 +69,6 @@ from services.tracing import traceparent
 
 log = logging.getLogger(__name__)
 
-#: The advisory lock the active relay holds ("relay").
-RELAY_LOCK_ID: Final = 0x72656C6179
-#: The channel :class:`OutboxDoorbell` notifies and the relay listens on.
-CHANNEL: Final = "clinic_outbox"
-
-_BATCH = """
-SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
-       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
-FROM outbox o JOIN events e USING (global_position)
-ORDER BY o.global_position
-LIMIT $1
-"""
-_DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
 _RETRY_MAX = 5.0
 #: Failed batches in a row after which the active relay gives up the lock.
 _STEP_DOWN_AFTER = 5
@@ -144,11 +133,11 @@ class OutboxRelay:
                     await ensure_events_stream(self._js, self._stream_replicas)
                     stream_ready = True
                 async with self._pool.acquire() as conn:
-                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID):
+                    if await outbox.try_lead(conn):
                         log.info("relay active")
                         delay = 0.1
                         await self._lead(conn, stop)
-                        await conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_ID)
+                        await outbox.step_down(conn)
                         continue
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
@@ -185,7 +174,7 @@ class OutboxRelay:
 
     async def _drain_batch(self, conn: PoolConnectionProxy) -> tuple[int, int]:
         """Publish one batch and delete what was acked; (rows fetched, publishes failed)."""
-        rows = await conn.fetch(_BATCH, self._batch_size)
+        rows = await outbox.oldest_unpublished(conn, self._batch_size)
         _observe_backlog(rows, self._batch_size)
         if not rows:
             return 0, 0
@@ -210,7 +199,7 @@ class OutboxRelay:
             if not future.cancelled() and future.exception() is None
         ]
         if acked:
-            await conn.execute(_DELETE, acked)
+            await outbox.mark_published(conn, acked)
             self.published += len(acked)
             RELAY_PUBLISHED.inc(len(acked))
         failed = len(rows) - len(acked)
@@ -268,7 +257,7 @@ class OutboxDoorbell:
         while self._rung:
             self._rung = False
             try:
-                await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
+                await outbox.ring(self._pool)
             except Exception as exc:  # the relay polls anyway
                 log.debug("outbox doorbell failed: %r", exc)
                 return

@@ -1,0 +1,50 @@
+"""The outbox as the relay sees it: leadership, batches, deletion and the wake-up channel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+#: The advisory lock the active relay holds ("relay").
+RELAY_LOCK_ID: Final = 0x72656C6179
+#: The channel the outbox doorbell notifies and the relay listens on.
+CHANNEL: Final = "clinic_outbox"
+
+_BATCH = """
+SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
+       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
+FROM outbox o JOIN events e USING (global_position)
+ORDER BY o.global_position
+LIMIT $1
+"""
+_DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+async def try_lead(conn: Connection) -> bool:
+    """Take the relay lock on this session if no other relay holds it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID))
+
+
+async def step_down(conn: Connection) -> None:
+    """Release the relay lock held by this session."""
+    await conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_ID)
+
+
+async def oldest_unpublished(conn: Connection, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` committed, unpublished events (``events`` rows), oldest first."""
+    return list(await conn.fetch(_BATCH, limit))
+
+
+async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
+    """Remove the outbox rows of events JetStream acknowledged."""
+    await conn.execute(_DELETE, list(positions))
+
+
+async def ring(pool: asyncpg.Pool) -> None:
+    """Wake a listening relay (outside any append transaction)."""
+    await pool.execute("SELECT pg_notify($1, '')", CHANNEL)
