@@ -26,7 +26,7 @@ from services.appointments.domain.commands import (
 )
 from services.appointments.domain.decider import decide, visible_booking
 from services.appointments.domain.rules import Rules
-from services.appointments.domain.state import NotScheduled, State, fold
+from services.appointments.domain.state import INITIAL, NotScheduled, State, fold
 from services.appointments.domain.view import appointment_view
 from services.appointments.service_layer.consistency import make_token
 from services.appointments.service_layer.ports import (
@@ -207,8 +207,13 @@ class Appointments:
         remember: Callable[[CommandOutcome], IdempotencyRecord] | None,
     ) -> CommandOutcome:
         stream_id = command.appointment_id
-        for _ in range(self._max_attempts):
-            state, version, _ = await self._load(stream_id)
+        for attempt in range(self._max_attempts):
+            if attempt == 0 and isinstance(command, ScheduleAppointment):
+                # A new id is the normal case: decide without reading. An id that exists
+                # fails the append on its version and is decided again on what is stored.
+                state, version = INITIAL, 0
+            else:
+                state, version, _ = await self._load(stream_id)
             if expected_version is not None:
                 visible_booking(state, ctx.principal)  # never reveal a version to outsiders
                 if expected_version != version:
