@@ -37,8 +37,26 @@ class Container:
     verifier: TokenVerifier
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset that skips asyncpg's reset query (an extra round trip per checkout).
+
+    asyncpg still rolls back an open transaction on release. Nothing on these pools holds
+    session state: the relay's advisory lock and LISTEN live on a pool of its own
+    (:func:`create_session_pool`)."""
+
+
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     """A connection pool that starts even while PostgreSQL is down (readiness says so)."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2, reset=_keep_session
+    )
+    assert pool is not None
+    return pool
+
+
+async def create_session_pool(dsn: str, max_size: int = 2) -> asyncpg.Pool:
+    """A pool whose connections are fully reset on release (locks, LISTEN, settings), for
+    work that holds session state: the relay's leadership lock."""
     pool = await asyncpg.create_pool(
         dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2
     )

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from services.appointments.bootstrap import Container, appointments_container
+from services.appointments.bootstrap import Container, appointments_container, create_session_pool
 from services.appointments.entrypoints.http.app import create_app
 from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
@@ -53,7 +53,12 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
 async def _relay(container: Container, stop: asyncio.Event) -> None:
     assert container.nats is not None
     replicas = container.settings.nats_stream_replicas
-    await run_relay(container.pool, container.nats, stop, replicas)
+    # The relay's leadership lock and LISTEN are session state: a pool of its own.
+    pool = await create_session_pool(container.settings.require_database_url())
+    try:
+        await run_relay(pool, container.nats, stop, replicas)
+    finally:
+        await pool.close()
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:

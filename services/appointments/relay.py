@@ -136,8 +136,12 @@ class OutboxRelay:
                     if await outbox.try_lead(conn):
                         log.info("relay active")
                         delay = 0.1
-                        await self._lead(conn, stop)
-                        await outbox.step_down(conn)
+                        try:
+                            await self._lead(conn, stop)
+                        finally:
+                            # Never leave the lock on a connection going back to a pool.
+                            with contextlib.suppress(Exception):
+                                await outbox.step_down(conn)
                         continue
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
