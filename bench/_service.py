@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 from litestar import post
 
-from services.appointments.bootstrap import appointments_container
+from services.appointments.bootstrap import appointments_container, create_session_pool
 from services.appointments.entrypoints.http.app import create_app
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
@@ -61,14 +61,18 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
         server = _Server(config)
         tasks = [asyncio.create_task(server.serve())]
         if "relay" in roles:
+            # As ``clinic appointments`` runs it: its lock and LISTEN on a pool of their own.
             assert container.nats is not None
-            tasks.append(asyncio.create_task(run_relay(container.pool, container.nats, stop)))
+            relay_pool = await create_session_pool(settings.require_database_url())
+            tasks.append(asyncio.create_task(run_relay(relay_pool, container.nats, stop)))
         if "projector" in roles:
             assert container.nats is not None
             tasks.append(asyncio.create_task(run_projector(container.pool, container.nats, stop)))
         await stop.wait()
         server.should_exit = True
         await asyncio.gather(*tasks)
+        if "relay" in roles:
+            await relay_pool.close()
 
 
 def _main(env: Mapping[str, str], roles: Sequence[str]) -> None:

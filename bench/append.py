@@ -11,9 +11,9 @@ outbox row and the provider's booked range, in one statement), through
 
 Baseline, in the same run on the same server: ``raw_insert``, single-row INSERT
 transactions through asyncpg into a table of the same shape as ``events``, each writer on
-a connection of its own (the floor). ``raw_insert_pool`` is the same INSERT through an
-``asyncpg`` pool as the service builds it (whose release resets the connection: one more
-round trip per statement), to show what the pool costs.
+a connection of its own (the floor). ``raw_insert_pool`` is the same INSERT through a
+pool as the service builds it (``bootstrap.create_pool``, which the store modes use too),
+to show what the pool costs.
 
     python -m bench.append [--writers 1,8,32] [--seconds 5] [--runs 3]
 """
@@ -30,7 +30,6 @@ from bench._common import (
     Sample,
     base_parser,
     closed_loop,
-    create_pool,
     event_json,
     fresh_database,
     int_list,
@@ -43,6 +42,7 @@ from bench._common import (
     servers,
 )
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.bootstrap import create_pool as service_pool
 from services.appointments.relay import CHANNEL, OutboxDoorbell, RingingEventStore
 
 Operation = Callable[[], Awaitable[Any]]
@@ -99,7 +99,7 @@ def store_append(pool: asyncpg.Pool, doorbell: bool) -> Operation:
 async def measure(dsn: str, mode: str, writers: int, seconds: float) -> Sample:
     """One closed-loop run of ``mode`` with ``writers`` concurrent writers."""
     # The doorbell sends on the pool too: one connection more, as in the service.
-    pool = await create_pool(dsn, writers + (1 if mode == "store_doorbell" else 0))
+    pool = await service_pool(dsn, writers + (1 if mode == "store_doorbell" else 0))
     listener = await asyncpg.connect(dsn)
     own = [await asyncpg.connect(dsn) for _ in range(writers)] if mode == "raw_insert" else []
     rings = 0

@@ -138,7 +138,19 @@ def rows(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
-def render(results: dict[str, dict[str, Any]], command: str) -> str:
+def code_version() -> str:
+    """The commit measured, and whether the product's files differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "services", "contracts")
+    return f"{commit}{' with uncommitted changes in services/ or contracts/' if dirty else ''}"
+
+
+def render(results: dict[str, dict[str, Any]], command: str, code: str = "") -> str:
     """The Markdown of RESULTS.md."""
     first = next(iter(results.values()))
     nats = next((r["nats"] for r in results.values() if "nats" in r), "-")
@@ -149,7 +161,7 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
         "# Benchmark results",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- command: `{command}`",
+        f"- command: `{command}`" + (f" at commit {code}" if code else ""),
         f"- machine: {info['nproc']} cores, {info['memory_gib']} GiB, Python {info['python']}",
         f"- PostgreSQL {first['postgresql']}; NATS {nats}; servers: {', '.join(origins)}",
         f"- 1-minute load average as each script ended: {loads} (other work shares the machine)",
@@ -174,6 +186,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
+    code = code_version()
     results = {}
     for name in args.only.split(","):
         print(f"running bench.{name}", file=sys.stderr, flush=True)
@@ -186,7 +199,7 @@ def main() -> None:
     command = " ".join(
         filter(None, [env, "python -m bench.run_all", *map(shlex.quote, sys.argv[1:])])
     )
-    args.out.write_text(render(results, command))
+    args.out.write_text(render(results, command, code))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
