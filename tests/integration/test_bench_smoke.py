@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -54,8 +53,6 @@ def run_bench(name: str, database_url: str, nats_url: str) -> dict[str, Any]:
 def test_each_benchmark_prints_its_figures_and_baseline(
     name: str, pg_server_url: str, nats_url: str
 ) -> None:
-    if name == "peer" and importlib.util.find_spec("eventsourcing") is None:
-        pytest.skip("the bench extra (eventsourcing[postgres]) is not installed")
     result = run_bench(name, pg_server_url, nats_url)
 
     assert result["benchmark"] == name
