@@ -238,7 +238,7 @@ class Clinic:
             return False
         return not info.num_pending and not info.num_ack_pending
 
-    async def wait_settled(self, within: float = 15.0) -> None:
+    async def wait_settled(self, within: float = 30.0) -> None:
         await eventually(self.settled, within, "the service to settle")
 
 
