@@ -13,12 +13,11 @@ from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
 from services.config import Settings
-from services.ops import Probes, serve_asgi, serve_ops
+from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
 
 log = logging.getLogger(__name__)
 
 ROLES = ("api", "relay", "projector")
-SHUTDOWN_GRACE_SECONDS = 8.0
 
 
 def parse_roles(value: str) -> list[str]:

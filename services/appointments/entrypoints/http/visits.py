@@ -16,7 +16,6 @@ from services.appointments.entrypoints.http.openapi import (
     documented,
     problem_responses,
 )
-from services.errors import InvalidRequest
 
 ConsistencyToken = Annotated[
     str | None,
@@ -48,8 +47,6 @@ class VisitsController(Controller):
         consistency_token: ConsistencyToken = None,
     ) -> Response[VisitsPage]:
         ctx = request_context(request, state)
-        if not 1 <= limit <= 100:
-            raise InvalidRequest("limit must be between 1 and 100.")
         page, stale = await container_of(state).visits.list_visits(
             ctx.principal, tab, limit, cursor, consistency_token
         )
