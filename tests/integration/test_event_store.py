@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -22,14 +21,6 @@ from services.appointments.service_layer.ports import NewEvent, StreamVersionCon
 from services.errors import ClinicError, SlotTaken
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

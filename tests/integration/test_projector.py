@@ -43,13 +43,6 @@ STAFF = Actor(id=uuid.uuid4(), role="staff")
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(nats_url)
     await ensure_events_stream(conn.jetstream())

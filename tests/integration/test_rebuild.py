@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -28,13 +28,6 @@ from services.appointments.service_layer.ports import NewEvent
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 STAFF = Actor(id=uuid.uuid4(), role="staff")
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    yield pool
-    await pool.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 90.0) -> None:
