@@ -2,6 +2,8 @@
 
 A token must carry ``sub`` (user UUID), ``role`` (patient | provider | staff),
 ``clinic_id`` (UUID) and ``exp``; anything else about it that is off is ``unauthenticated``.
+A gateway sends the same token with every request of a session, so a verified token's
+principal is remembered (by the whole token string) until the token's ``exp``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from services.errors import Unauthenticated
 
 ASYMMETRIC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 MAX_TOKEN_LENGTH = 8192
+#: Verified tokens remembered at most (the oldest is forgotten first).
+VERIFIED_TOKENS_CACHED = 4096
 
 
 class _Claims(msgspec.Struct):
@@ -47,6 +51,7 @@ class TokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -76,12 +81,26 @@ class TokenVerifier:
             raise Unauthenticated("No token key is configured; tokens are refused.")
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("The token is too long.")
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known[1]:
+                return known[0]
+            del self._verified[token]
         claims = self._decode(token)
         try:
             parsed = msgspec.convert(claims, _Claims)
         except msgspec.ValidationError as exc:
             raise Unauthenticated(f"The token's claims are not valid: {exc}") from None
-        return Principal(id=parsed.sub, role=parsed.role, clinic_id=parsed.clinic_id)
+        principal = Principal(id=parsed.sub, role=parsed.role, clinic_id=parsed.clinic_id)
+        self._remember(token, principal, claims["exp"])
+        return principal
+
+    def _remember(self, token: str, principal: Principal, exp: Any) -> None:
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            return
+        if len(self._verified) >= VERIFIED_TOKENS_CACHED:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, float(exp))
 
     def _decode(self, token: str) -> dict[str, Any]:
         failure = "The token is not valid."

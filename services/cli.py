@@ -39,7 +39,17 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
             loop.add_signal_handler(sig, on_signal)
         await main(stop)
 
-    asyncio.run(runner())
+    run_loop(runner())
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed (asyncpg and uvicorn are faster on it)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:

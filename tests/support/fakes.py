@@ -36,8 +36,10 @@ class FakeEventStore:
         self.outbox: list[int] = []
         self.position = 0
         self.appends = 0
+        self.loads = 0
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:
+        self.loads += 1
         return list(self.streams.get(stream_id, []))
 
     async def append(

@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from services.appointments.domain.rules import Rules
+from services.appointments.domain.state import INITIAL
 from services.appointments.service_layer.handlers import Appointments, RequestContext, key_owner
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -16,7 +17,9 @@ from services.appointments.service_layer.ports import (
     NewEvent,
     StreamVersionConflict,
 )
+from services.appointments.service_layer.state_cache import StateCache
 from services.errors import (
+    AppointmentIsCancelled,
     IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
@@ -173,3 +176,77 @@ async def test_schedule_without_an_id_gets_a_fresh_one_and_a_token(clock: Manual
     a = await app.schedule(ctx, schedule_body(clock.now))
     b = await app.schedule(ctx, schedule_body(clock.now))
     assert a.view.appointment_id != b.view.appointment_id and a.created and b.created
+
+
+async def test_a_follow_up_command_decides_on_the_state_it_wrote_without_reading(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    created = await app.schedule(ctx, schedule_body(clock.now))
+    loads = store.loads
+    cancelled = await app.cancel(ctx, created.view.appointment_id)
+    assert cancelled.appended and cancelled.view.version == 2
+    assert store.loads == loads
+
+
+async def test_a_stale_guess_loses_its_append_and_is_decided_on_what_is_stored(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    ours, theirs = service(store, clock), service(store, clock)  # two instances
+    ctx = RequestContext(principal=principal("staff"))
+    created = await ours.schedule(ctx, schedule_body(clock.now))
+    await theirs.cancel(ctx, created.view.appointment_id)
+    again = await ours.cancel(ctx, created.view.appointment_id)
+    assert not again.appended and again.view.version == 2
+    assert len(store.streams[created.view.appointment_id]) == 2
+
+
+async def test_a_refusal_is_never_answered_from_a_stale_guess(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    ours, theirs = service(store, clock), service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    created = await ours.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=3)))
+    await theirs.cancel(ctx, created.view.appointment_id)
+    # On the guess (scheduled) a start now is too early; on what is stored it is cancelled.
+    with pytest.raises(AppointmentIsCancelled):
+        await ours.start(ctx, created.view.appointment_id)
+
+
+async def test_a_no_op_answer_is_decided_on_what_is_stored(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    created = await app.schedule(ctx, schedule_body(clock.now))
+    await app.cancel(ctx, created.view.appointment_id)
+    loads = store.loads
+    quiet = await app.cancel(ctx, created.view.appointment_id)
+    assert not quiet.appended and store.loads == loads + 1
+
+
+async def test_if_match_is_checked_against_what_is_stored_not_a_stale_guess(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    ours, theirs = service(store, clock), service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    created = await ours.schedule(ctx, schedule_body(clock.now))
+    await theirs.cancel(ctx, created.view.appointment_id)
+    # Our cache says version 1; the client knows version 2, which is what is stored.
+    quiet = await ours.cancel(ctx, created.view.appointment_id, expected_version=2)
+    assert not quiet.appended and quiet.view.status == "cancelled"
+
+
+def test_the_state_cache_is_bounded_and_never_goes_back_in_time() -> None:
+    cache = StateCache(size=2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    cache.put(a, INITIAL, 1)
+    cache.put(b, INITIAL, 1)
+    cache.put(a, INITIAL, 3)
+    cache.put(a, INITIAL, 2)  # an older read arriving late
+    cache.put(c, INITIAL, 1)  # evicts b, the least recently written
+    assert cache.get(a) == (INITIAL, 3)
+    assert cache.get(b) is None and len(cache) == 2
+    assert StateCache(size=0).get(a) is None

@@ -2,7 +2,9 @@
 
 Each command is handled the same way (Emmett's ``handle``): load the stream, fold it,
 ``decide``, append with optimistic concurrency; on a version conflict decide again on fresh
-state, a bounded number of times.
+state, a bounded number of times. The first attempt may decide on a state this process
+wrote or read recently (:class:`StateCache`) instead of loading: the append's version check
+catches a stale guess, and answers that write nothing are decided on fresh state only.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from services.appointments.service_layer.ports import (
     StoredAnswer,
     StreamVersionConflict,
 )
+from services.appointments.service_layer.state_cache import StateCache
 from services.errors import (
+    ClinicError,
     Forbidden,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -86,6 +90,7 @@ class Appointments:
         new_id: IdFactory,
         rules: Rules,
         max_attempts: int = 8,
+        cache: StateCache | None = None,
     ) -> None:
         self._store = store
         self._idempotency = idempotency
@@ -93,6 +98,7 @@ class Appointments:
         self._new_id = new_id
         self._rules = rules
         self._max_attempts = max_attempts
+        self._cache = cache if cache is not None else StateCache()
 
     async def schedule(self, ctx: RequestContext, body: ScheduleBody) -> CommandOutcome:
         """Book an appointment (``appointment_id`` chosen by the client makes retries safe)."""
@@ -154,6 +160,8 @@ class Appointments:
     async def _load(self, stream_id: UUID) -> tuple[State, int, list[EventEnvelope]]:
         recorded = await self._store.load(stream_id)
         state = fold(r.event for r in recorded)
+        if recorded:
+            self._cache.put(stream_id, state, len(recorded))
         return state, len(recorded), [r.envelope for r in recorded]
 
     async def _idempotent(
@@ -208,25 +216,37 @@ class Appointments:
     ) -> CommandOutcome:
         stream_id = command.appointment_id
         for attempt in range(self._max_attempts):
+            guessed = False
+            cached = self._cache.get(stream_id) if attempt == 0 else None
             if attempt == 0 and isinstance(command, ScheduleAppointment):
                 # A new id is the normal case: decide without reading. An id that exists
                 # fails the append on its version and is decided again on what is stored.
                 state, version = INITIAL, 0
+            elif cached is not None and expected_version in (None, cached[1]):
+                (state, version), guessed = cached, True
             else:
                 state, version, _ = await self._load(stream_id)
-            if expected_version is not None:
-                visible_booking(state, ctx.principal)  # never reveal a version to outsiders
-                if expected_version != version:
-                    raise VersionConflict(
-                        f"The appointment is at version {version}, not {expected_version}."
-                    )
             now = self._clock()
-            events = decide(state, command, now, self._rules)
+            try:
+                if expected_version is not None:
+                    visible_booking(state, ctx.principal)  # never reveal a version to outsiders
+                    if expected_version != version:
+                        raise VersionConflict(
+                            f"The appointment is at version {version}, not {expected_version}."
+                        )
+                events = decide(state, command, now, self._rules)
+            except ClinicError:
+                if guessed:
+                    continue  # refusals are decided on what is stored, not on a guess
+                raise
+            if not events and guessed:
+                continue  # so are answers that write nothing
             if not events:
                 view = appointment_view(stream_id, state, version, now, self._rules)
                 return CommandOutcome(view=view, consistency_token=make_token(stream_id, version))
             new_version = version + len(events)
-            view = appointment_view(stream_id, fold(events, state), new_version, now, self._rules)
+            new_state = fold(events, state)
+            view = appointment_view(stream_id, new_state, new_version, now, self._rules)
             outcome = CommandOutcome(
                 view=view,
                 consistency_token=make_token(stream_id, new_version),
@@ -247,6 +267,7 @@ class Appointments:
             try:
                 await self._store.append(stream_id, version, new_events, record)
             except StreamVersionConflict:
+                self._cache.forget(stream_id)
                 if expected_version is not None:
                     raise VersionConflict("The appointment changed meanwhile.") from None
                 COMMAND_RETRIES.inc()
@@ -257,6 +278,7 @@ class Appointments:
                 if version == 0 and (await self._store.load(stream_id)):
                     continue
                 raise
+            self._cache.put(stream_id, new_state, new_version)
             return outcome
         log.warning("command gave up after %d conflicts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
