@@ -125,15 +125,16 @@ class PostgresEventStore:
     :class:`~services.appointments.service_layer.ports.IdempotencyStore` on PostgreSQL."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH, in_flight: int = IN_FLIGHT
+        self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH, in_flight: int | None = None
     ) -> None:
         self._pool = pool
-        # A single connection (tests) runs one statement at a time.
+        if in_flight is None:  # a single connection (tests) runs one statement at a time
+            in_flight = IN_FLIGHT if isinstance(pool, asyncpg.Pool) else 1
         self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
             self._append_batch,
             self._append_one,
             key=lambda append: append.stream_id,
-            in_flight=in_flight if isinstance(pool, asyncpg.Pool) else 1,
+            in_flight=in_flight,
             max_batch=max_batch,
         )
 
