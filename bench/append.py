@@ -1,8 +1,9 @@
 """Event-store appends/s and latency at 1, 8 and 32 concurrent writers.
 
 One event per command (an ``AppointmentScheduled`` of a new stream: the events row, its
-outbox row and the provider's booked range, in one statement), through
-``PostgresEventStore.append``:
+outbox row and the provider's booked range), through ``PostgresEventStore.append`` as
+the service runs it: concurrent appends go together, one statement per batch (group
+commit, at most two batches in flight):
 
 * ``store``: the append alone;
 * ``store_doorbell``: what the service runs, the append then the relay's

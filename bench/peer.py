@@ -3,8 +3,9 @@
 The workload of ``bench/append.py``: one event per command (the first event of a new
 stream, the same JSON document) at 1, 8 and 32 concurrent writers.
 
-* ours: ``PostgresEventStore.append`` rung through the relay's ``OutboxDoorbell``, as the
-  service runs it (``store_doorbell``), and without the doorbell (``store``);
+* ours: ``PostgresEventStore.append`` (group commit: concurrent appends share one
+  statement) rung through the relay's ``OutboxDoorbell``, as the service runs it
+  (``store_doorbell``), and without the doorbell (``store``);
 * theirs: ``PostgresApplicationRecorder.insert_events`` (psycopg 3, one thread per writer,
   a pool of one connection per writer) in its fastest configuration,
   ``POSTGRES_ENABLE_DB_FUNCTIONS=y`` (one call of its insert function, which notifies

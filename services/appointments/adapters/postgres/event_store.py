@@ -3,13 +3,19 @@
 An append is one SQL statement (one round trip, one implicit transaction): the events,
 their outbox rows, the provider's booked range (or its release on cancel) and the stored
 answer of an idempotent request commit together or not at all.
+
+Concurrent appends share that statement (group commit, see ``group_commit``): the ones
+that queue while a statement is in flight go together in the next, over arrays, so a
+batch costs one round trip and one commit. A batch PostgreSQL refuses (a stale version,
+a taken slot or key, a deadlock) is sent again append by append, so each append still
+gets exactly the answer it would get alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -23,7 +29,8 @@ from contracts.events import (
     decode_event,
     event_type,
 )
-from services.appointments.adapters.postgres.errors import database_errors
+from services.appointments.adapters.postgres.errors import CONNECTION_ERRORS, database_errors
+from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
 from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyKeyTaken,
@@ -59,6 +66,37 @@ SELECT max(stream_version) AS stream_version, max(global_position) AS global_pos
 FROM new_events
 """
 
+# The same statement for many appends (of different streams): events, outbox rows,
+# booked ranges and stored answers over arrays, freed bookings by ``= ANY``. Parameters
+# are numbered as in _APPEND. Global positions follow array order (the batch's order).
+_APPEND_BATCH = """
+WITH new_events AS (
+    INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
+                        data, occurred_at, correlation_id, causation_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
+                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[])
+    RETURNING global_position, stream_id
+), queued AS (
+    INSERT INTO outbox (global_position) SELECT global_position FROM new_events
+), booked AS (
+    INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
+    SELECT appointment_id, clinic_id, provider_id, tstzrange(starts_at, ends_at, '[)')
+    FROM unnest($11::uuid[], $12::uuid[], $13::uuid[], $14::timestamptz[], $15::timestamptz[])
+         AS b(appointment_id, clinic_id, provider_id, starts_at, ends_at)
+), freed AS (
+    DELETE FROM provider_bookings WHERE appointment_id = ANY($16::uuid[])
+), remembered AS (
+    INSERT INTO idempotency_keys (principal_id, key, fingerprint, status, body, consistency_token)
+    SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::smallint[], $21::bytea[],
+                         $22::text[])
+)
+SELECT stream_id, max(global_position) AS global_position FROM new_events GROUP BY stream_id
+"""
+
+#: Appends per batch statement at most, and batch statements in flight at most.
+MAX_BATCH = 128
+IN_FLIGHT = 2
+
 _LOAD = """
 SELECT global_position, event_id, stream_id, stream_version, type, schema_version, data,
        occurred_at, correlation_id, causation_id
@@ -86,8 +124,19 @@ class PostgresEventStore:
     """:class:`~services.appointments.service_layer.ports.EventStore` and
     :class:`~services.appointments.service_layer.ports.IdempotencyStore` on PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH, in_flight: int | None = None
+    ) -> None:
         self._pool = pool
+        if in_flight is None:  # a single connection (tests) runs one statement at a time
+            in_flight = IN_FLIGHT if isinstance(pool, asyncpg.Pool) else 1
+        self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
+            self._append_batch,
+            self._append_one,
+            key=lambda append: append.stream_id,
+            in_flight=in_flight,
+            max_batch=max_batch,
+        )
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:
         """All events of the stream, upcast to the current schema, in version order."""
@@ -107,11 +156,21 @@ class PostgresEventStore:
         events: Sequence[NewEvent],
         idempotency: IdempotencyRecord | None = None,
     ) -> AppendResult:
-        """Append atomically; see the port for the errors raised."""
+        """Append atomically; see the port for the errors raised.
+
+        Waits for the batch statement in flight, if any, then goes with the appends queued
+        meanwhile (never with another append of the same stream)."""
         args = _append_args(stream_id, expected_version, events, idempotency)
+        append = _Append(stream_id, expected_version + len(events), args)
+        if not events:  # nothing to batch by (and the answer carries no position)
+            return await self._append_one(append)
+        return await self._appends.submit(append)
+
+    async def _append_one(self, append: _Append) -> AppendResult:
+        """One append in a statement of its own, with its own errors."""
         try:
             with database_errors():
-                row = await self._pool.fetchrow(_APPEND, *args)
+                row = await self._pool.fetchrow(_APPEND, *append.args)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "idempotency_keys_pkey":
                 raise IdempotencyKeyTaken() from exc
@@ -128,6 +187,40 @@ class PostgresEventStore:
         return AppendResult(
             stream_version=row["stream_version"], global_position=row["global_position"]
         )
+
+    async def _append_batch(self, appends: Sequence[_Append]) -> list[AppendResult]:
+        """Appends of different streams in one statement; :class:`DecideEach` if refused."""
+        events: list[list[Any]] = [[] for _ in range(10)]
+        bookings: list[list[Any]] = [[] for _ in range(5)]
+        freed: list[UUID] = []
+        answers: list[list[Any]] = [[] for _ in range(6)]
+        for append in appends:
+            args = append.args
+            for column, values in zip(events, args[:10], strict=True):
+                column.extend(values)
+            if args[13] is not None:  # a booked range
+                for column, value in zip(bookings, args[10:15], strict=True):
+                    column.append(value)
+            if args[15]:
+                freed.append(append.stream_id)
+            if args[16] is not None:  # an idempotent request's answer
+                for column, value in zip(answers, args[16:22], strict=True):
+                    column.append(value)
+        with database_errors():
+            try:
+                rows = await self._pool.fetch(_APPEND_BATCH, *events, *bookings, freed, *answers)
+            except Exception as exc:
+                if _refused_by_content(exc):
+                    raise DecideEach() from exc
+                raise
+        positions = {row["stream_id"]: row["global_position"] for row in rows}
+        return [
+            AppendResult(
+                stream_version=append.stream_version,
+                global_position=positions[append.stream_id],
+            )
+            for append in appends
+        ]
 
     async def find_answer(self, principal_id: UUID, key: str) -> StoredAnswer | None:
         """The answer stored under (principal, key), if any."""
@@ -163,6 +256,20 @@ class PostgresEventStore:
                 answer.consistency_token,
             )
         return answer if row is None else _answer_from_row(row)
+
+
+class _Append(NamedTuple):
+    stream_id: UUID
+    stream_version: int  # after the append
+    args: list[Any]  # of _APPEND
+
+
+def _refused_by_content(exc: BaseException) -> bool:
+    """Whether a batch failed because of what (some of) its appends hold, not because
+    PostgreSQL is unreachable: a constraint, a deadlock, a value asyncpg cannot encode."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return isinstance(exc, ValueError)  # asyncpg's client-side DataError
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS)
 
 
 def _answer_from_row(row: asyncpg.Record) -> StoredAnswer:

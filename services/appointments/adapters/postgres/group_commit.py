@@ -1,0 +1,159 @@
+"""Group commit: concurrent writes coalesced into one statement (one round trip, one commit).
+
+A write waits only for a statement already in flight: the first write of an idle store
+is sent at once, alone; the writes that queue while statements are in flight go together
+in the next one (no timer fills a batch). At most ``in_flight`` statements run at a time,
+each of at most ``max_batch`` writes, and writes with the same ``key`` never share a
+batch or run concurrently (the later one waits for the next batch).
+
+A batch the database refuses as a whole (:class:`DecideEach`: a constraint one of its
+writes broke, a deadlock...) is sent again write by write, in order, so each write gets
+its own answer. Any other failure of a batch (the database unreachable) is every
+write's answer. A caller cancelled while its batch is in flight leaves the batch alone;
+every other caller gets a result or an exception, never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from services.errors import Unavailable
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class DecideEach(Exception):
+    """Raised by a batch sender: the batch failed as a whole because of what (some of)
+    its writes are; send them one by one for their own answers."""
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[Item, Result]):
+    item: Item
+    key: Hashable
+    future: asyncio.Future[Result] = field(repr=False)
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Sends ``submit``-ted items through ``send_batch`` (several) or ``send_one`` (one)."""
+
+    def __init__(
+        self,
+        send_batch: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
+        send_one: Callable[[Item], Awaitable[Result]],
+        key: Callable[[Item], Hashable],
+        *,
+        in_flight: int = 2,
+        max_batch: int = 128,
+    ) -> None:
+        if in_flight < 1 or max_batch < 1:
+            raise ValueError("in_flight and max_batch must be at least 1")
+        self._send_batch = send_batch
+        self._send_one = send_one
+        self._key = key
+        self._in_flight = in_flight
+        self._max_batch = max_batch
+        self._pending: deque[_Waiter[Item, Result]] = deque()
+        self._busy: set[Hashable] = set()  # keys of the writes in flight
+        self._senders = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references
+
+    async def submit(self, item: Item) -> Result:
+        """The answer to ``item``, once its batch (or its own statement) is through."""
+        loop = asyncio.get_running_loop()
+        waiter: _Waiter[Item, Result] = _Waiter(item, self._key(item), loop.create_future())
+        self._pending.append(waiter)
+        if self._senders < self._in_flight:
+            self._senders += 1
+            task = loop.create_task(self._send_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # Cancelling the caller cancels only its future: the sender task runs on.
+        return await waiter.future
+
+    async def _send_pending(self) -> None:
+        try:
+            while batch := self._take():
+                try:
+                    await self._send(batch)
+                finally:
+                    self._busy.difference_update(w.key for w in batch)
+        finally:
+            self._senders -= 1
+            if self._senders == 0:  # only on cancellation: nobody would send these
+                while self._pending:
+                    self._pending.popleft().future.cancel()
+
+    def _take(self) -> list[_Waiter[Item, Result]]:
+        """The next batch, in arrival order; callers that gave up are dropped."""
+        batch: list[_Waiter[Item, Result]] = []
+        keys: set[Hashable] = set()
+        left: deque[_Waiter[Item, Result]] = deque()
+        while self._pending and len(batch) < self._max_batch:
+            waiter = self._pending.popleft()
+            if waiter.future.done():
+                continue
+            if waiter.key in self._busy or waiter.key in keys:
+                left.append(waiter)
+            else:
+                keys.add(waiter.key)
+                batch.append(waiter)
+        left.extend(self._pending)
+        self._pending = left
+        self._busy |= keys
+        return batch
+
+    async def _send(self, batch: list[_Waiter[Item, Result]]) -> None:
+        try:
+            if len(batch) == 1:
+                results: Sequence[Result] = [await self._send_one(batch[0].item)]
+            else:
+                results = await self._send_batch([w.item for w in batch])
+        except DecideEach:
+            await self._send_each(batch)
+        except BaseException as exc:
+            for waiter in batch:
+                _fail(waiter, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for waiter, result in zip(batch, results, strict=True):
+                if not waiter.future.done():
+                    waiter.future.set_result(result)
+
+    async def _send_each(self, batch: list[_Waiter[Item, Result]]) -> None:
+        """Each write of a refused batch on its own, in order (the first one wins)."""
+        down: BaseException | None = None
+        for waiter in batch:
+            if waiter.future.done():  # its caller gave up; the batch wrote nothing
+                continue
+            if down is not None:
+                _fail(waiter, down)
+                continue
+            try:
+                result = await self._send_one(waiter.item)
+            except BaseException as exc:
+                _fail(waiter, exc)
+                if not isinstance(exc, Exception):
+                    for rest in batch:
+                        _fail(rest, exc)
+                    raise
+                if isinstance(exc, Unavailable):
+                    down = exc  # the rest would only wait for the same answer
+            else:
+                if not waiter.future.done():
+                    waiter.future.set_result(result)
+
+
+def _fail(waiter: _Waiter[Item, Result], exc: BaseException) -> None:
+    if waiter.future.done():
+        return
+    if isinstance(exc, Exception):
+        waiter.future.set_exception(exc)
+    else:  # the sender task itself was cancelled (shutdown)
+        waiter.future.cancel()
