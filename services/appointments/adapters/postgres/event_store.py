@@ -34,13 +34,14 @@ from services.appointments.service_layer.ports import (
     StreamVersionConflict,
 )
 from services.errors import SlotTaken
+from services.tracing import current_traceparent
 
 _APPEND = """
 WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
-                        data, occurred_at, correlation_id, causation_id)
+                        data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[])
+                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
     RETURNING global_position, stream_version
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
@@ -108,7 +109,7 @@ class PostgresEventStore:
         idempotency: IdempotencyRecord | None = None,
     ) -> AppendResult:
         """Append atomically; see the port for the errors raised."""
-        args = _append_args(stream_id, expected_version, events, idempotency)
+        args = _append_args(stream_id, expected_version, events, idempotency, current_traceparent())
         try:
             with database_errors():
                 row = await self._pool.fetchrow(_APPEND, *args)
@@ -179,7 +180,10 @@ def _append_args(
     expected_version: int,
     events: Sequence[NewEvent],
     idempotency: IdempotencyRecord | None,
+    traceparent: str | None = None,
 ) -> list[Any]:
+    """The parameters of :data:`_APPEND`; ``traceparent``: the span context of the command
+    (taken in the caller's task), stored with each event."""
     columns: list[list[Any]] = [[] for _ in range(10)]
     booking: AppointmentScheduled | None = None
     frees = False
@@ -218,4 +222,5 @@ def _append_args(
         answer.status if answer else None,
         answer.body if answer else None,
         answer.consistency_token if answer else None,
+        [traceparent] * len(events),
     ]
