@@ -10,7 +10,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from opentelemetry.trace import Status, StatusCode
 
-from services.tracing import serving
+from services.tracing import recording, serving
 
 _TRACED_PREFIX: Final = "/v1/"
 _WANTED: Final = (b"traceparent", b"x-correlation-id")
@@ -41,12 +41,18 @@ class RequestTracing(ASGIMiddleware):
             for name, value in scope["headers"]
             if name in _WANTED
         }
+        correlation = _uuid(headers.get("x-correlation-id"))
+        if not recording():  # no span records: only the caller's trace context matters
+            if not headers:
+                await next_app(scope, receive, send)
+                return
+            with serving("", headers, correlation):
+                await next_app(scope, receive, send)
+            return
         method = str(scope.get("method", ""))
         route = scope.get("path_template") or scope["path"]
         attributes = {"http.request.method": method, "http.route": route, "url.path": scope["path"]}
-        with serving(
-            f"{method} {route}", headers, _uuid(headers.get("x-correlation-id")), attributes
-        ) as span:
+        with serving(f"{method} {route}", headers, correlation, attributes) as span:
 
             async def traced_send(message: Message) -> None:
                 if message["type"] == "http.response.start":
