@@ -20,6 +20,7 @@ propagator:
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -96,13 +97,19 @@ def correlated(correlation_id: UUID | None) -> Iterator[None]:
 
 
 _recording = False
+#: A provider named by this variable is loaded by the API on first use.
+_PROVIDER_FROM_ENV: Final = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def recording() -> bool:
-    """Whether a real tracer provider is installed (else spans are the API's no-ops);
-    the global provider is set once, so a yes is remembered."""
+    """Whether a real tracer provider is installed (else spans are the API's no-ops).
+
+    Asked for every request and event, so kept cheap: until a global provider is set
+    (the API's own ``_TRACER_PROVIDER``; set once per process) the answer is no, and a
+    yes is remembered.
+    """
     global _recording
-    if not _recording:
+    if not _recording and (trace._TRACER_PROVIDER is not None or _PROVIDER_FROM_ENV):
         provider = trace.get_tracer_provider()
         _recording = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
     return _recording
