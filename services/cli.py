@@ -14,6 +14,7 @@ from typing import Any
 from contracts.generate import SCHEMAS_DIR
 from services.config import ConfigError, Settings, load_settings, variables_help
 from services.logs import configure_logging
+from services.telemetry import process_tracing
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -67,7 +68,8 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     settings.require_database_url()
-    run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
+    with process_tracing("clinic-appointments"):
+        run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
@@ -78,7 +80,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
 
     options = DevOptions(data_dir=Path(args.data_dir), demo=args.demo)
     try:
-        run_until_signalled(lambda stop: run_dev(settings, options, stop))
+        with process_tracing("clinic-dev"):
+            run_until_signalled(lambda stop: run_dev(settings, options, stop))
     except (DevError, ServerStartError) as exc:
         print(f"clinic dev: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -88,7 +91,8 @@ def cmd_notifications(settings: Settings, _: argparse.Namespace) -> None:
     from services.notifications.main import run_notifications
 
     settings.require_database_url()
-    run_until_signalled(lambda stop: run_notifications(settings, stop, serve_ops_http=True))
+    with process_tracing("clinic-notifications"):
+        run_until_signalled(lambda stop: run_notifications(settings, stop, serve_ops_http=True))
 
 
 def cmd_rebuild_visits(settings: Settings, _: argparse.Namespace) -> None:

@@ -41,7 +41,7 @@ from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.service_layer.visits import Outcome
 from services.errors import Unavailable
 from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
-from services.tracing import correlated
+from services.tracing import consuming
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,14 @@ class VisitsProjector:
                 await self._park(msg, f"undecodable envelope: {exc}")
         if not batch:
             return
+        started = time.time_ns()
         outcomes = await self._apply(batch, stop)
         if outcomes is None:  # stopping while PostgreSQL is down: let another take them
             for msg, _ in batch:
                 await msg.nak()
             return
         for (msg, envelope), outcome in zip(batch, outcomes, strict=True):
-            with correlated(envelope.correlation_id):
+            with consuming("visits-projector apply", msg.headers, envelope.correlation_id, started):
                 await self._settle(msg, envelope, outcome)
 
     async def _apply(

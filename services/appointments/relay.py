@@ -65,7 +65,7 @@ from services.appointments.service_layer.ports import (
     RecordedEvent,
 )
 from services.metrics import RELAY_BACKLOG, RELAY_LAG_SECONDS, RELAY_PUBLISHED
-from services.tracing import traceparent
+from services.tracing import publish_headers
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +214,10 @@ class OutboxRelay:
 
 
 def _headers(row: asyncpg.Record) -> dict[str, str]:
-    """``Nats-Msg-Id`` (de-duplication) and, for a traced request, ``traceparent``."""
-    headers = {"Nats-Msg-Id": str(row["event_id"])}
-    if row["correlation_id"] is not None:
-        headers["traceparent"] = traceparent(row["correlation_id"], row["event_id"])
-    return headers
+    """``Nats-Msg-Id`` (de-duplication) and ``traceparent`` (of the publish span)."""
+    return publish_headers(
+        subject_of(row), row["event_id"], row.get("traceparent"), row["correlation_id"]
+    )
 
 
 def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:

@@ -28,7 +28,7 @@ from services.metrics import CONSUMER_REDELIVERIES
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore, is_transient_db_error
-from services.tracing import correlated
+from services.tracing import consuming
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class EventConsumer:
         except Exception as exc:  # anything a malformed message makes the decoders raise
             await self._park(msg, f"undecodable: {exc}", stop)
             return
-        with correlated(envelope.correlation_id):
+        with consuming("notifications handle", msg.headers, envelope.correlation_id):
             await self._handle_event(msg, envelope, event, stop)
 
     async def _handle_event(

@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from contracts.common import Actor
 from contracts.events import AppointmentCancelled, AppointmentScheduled
@@ -285,3 +287,19 @@ async def test_a_terminated_backend_fails_its_whole_batch_as_unavailable(
         await blocker.close()
     assert all(isinstance(r, Unavailable) for r in results), results
     assert await counts(pool) == (0, 0, 0, 0)
+
+
+async def test_each_append_of_a_batch_keeps_its_own_trace_context(pool: asyncpg.Pool) -> None:
+    store, recording = recording_store(pool)
+
+    async def traced(stream: uuid.UUID, trace_id: int) -> AppendResult:
+        span = NonRecordingSpan(SpanContext(trace_id, 0x1234, is_remote=True))
+        with trace.use_span(span):  # the command's span, in the caller's task
+            return await store.append(stream, 0, booking())
+
+    streams = [uuid.uuid4() for _ in range(20)]
+    await asyncio.gather(*(traced(s, i + 1) for i, s in enumerate(streams)))
+    assert recording.sent == [20]
+    rows = await pool.fetch("SELECT stream_id, traceparent FROM events")
+    stored = {row["stream_id"]: row["traceparent"] for row in rows}
+    assert [stored[s] for s in streams] == [f"00-{i + 1:032x}-{0x1234:016x}-00" for i in range(20)]

@@ -41,13 +41,14 @@ from services.appointments.service_layer.ports import (
     StreamVersionConflict,
 )
 from services.errors import SlotTaken
+from services.tracing import current_traceparent
 
 _APPEND = """
 WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
-                        data, occurred_at, correlation_id, causation_id)
+                        data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[])
+                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
     RETURNING global_position, stream_version
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
@@ -72,9 +73,9 @@ FROM new_events
 _APPEND_BATCH = """
 WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
-                        data, occurred_at, correlation_id, causation_id)
+                        data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[])
+                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
     RETURNING global_position, stream_id
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
@@ -160,7 +161,7 @@ class PostgresEventStore:
 
         Waits for the batch statement in flight, if any, then goes with the appends queued
         meanwhile (never with another append of the same stream)."""
-        args = _append_args(stream_id, expected_version, events, idempotency)
+        args = _append_args(stream_id, expected_version, events, idempotency, current_traceparent())
         append = _Append(stream_id, expected_version + len(events), args)
         if not events:  # nothing to batch by (and the answer carries no position)
             return await self._append_one(append)
@@ -194,10 +195,12 @@ class PostgresEventStore:
         bookings: list[list[Any]] = [[] for _ in range(5)]
         freed: list[UUID] = []
         answers: list[list[Any]] = [[] for _ in range(6)]
+        traceparents: list[str | None] = []
         for append in appends:
             args = append.args
             for column, values in zip(events, args[:10], strict=True):
                 column.extend(values)
+            traceparents.extend(args[22])
             if args[13] is not None:  # a booked range
                 for column, value in zip(bookings, args[10:15], strict=True):
                     column.append(value)
@@ -208,7 +211,9 @@ class PostgresEventStore:
                     column.append(value)
         with database_errors():
             try:
-                rows = await self._pool.fetch(_APPEND_BATCH, *events, *bookings, freed, *answers)
+                rows = await self._pool.fetch(
+                    _APPEND_BATCH, *events, *bookings, freed, *answers, traceparents
+                )
             except Exception as exc:
                 if _refused_by_content(exc):
                     raise DecideEach() from exc
@@ -286,7 +291,10 @@ def _append_args(
     expected_version: int,
     events: Sequence[NewEvent],
     idempotency: IdempotencyRecord | None,
+    traceparent: str | None = None,
 ) -> list[Any]:
+    """The parameters of :data:`_APPEND`; ``traceparent``: the span context of the command
+    (taken in the caller's task), stored with each event."""
     columns: list[list[Any]] = [[] for _ in range(10)]
     booking: AppointmentScheduled | None = None
     frees = False
@@ -325,4 +333,5 @@ def _append_args(
         answer.status if answer else None,
         answer.body if answer else None,
         answer.consistency_token if answer else None,
+        [traceparent] * len(events),
     ]

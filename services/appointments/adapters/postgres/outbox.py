@@ -15,7 +15,7 @@ CHANNEL: Final = "clinic_outbox"
 
 _BATCH = """
 SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
-       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
+       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id, e.traceparent
 FROM outbox o JOIN events e USING (global_position)
 ORDER BY o.global_position
 LIMIT $1

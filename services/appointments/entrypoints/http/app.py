@@ -10,6 +10,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.http.appointments import AppointmentsController
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
+from services.appointments.entrypoints.http.tracing import RequestTracing
 from services.appointments.entrypoints.http.visits import VisitsController
 from services.ops import HealthController, Probes
 
@@ -21,6 +22,7 @@ def create_app(container: Container) -> Litestar:
     return Litestar(
         route_handlers=[AppointmentsController, VisitsController, HealthController],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[RequestTracing()],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title="Clinic appointments",

@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
 from services.errors import InvalidRequest
-from services.tracing import current_correlation, trace_id_of
+from services.tracing import current_correlation, current_trace_id, trace_id_of
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -27,8 +27,11 @@ def request_context(request: Request[Any, Any, Any], state: State) -> RequestCon
     """The verified principal, correlation id and idempotency key of this request."""
     container = container_of(state)
     principal = container.verifier.principal_from_header(request.headers.get("authorization"))
+    # The trace id of the request's span (RequestTracing) when it is valid: that of its
+    # traceparent, or its X-Correlation-Id; without either, of a new recording span.
     correlation = (
-        _uuid_header(request, "x-correlation-id")
+        current_trace_id()
+        or _uuid_header(request, "x-correlation-id")
         or trace_id_of(request.headers.get("traceparent"))
         or uuid.uuid4()
     )

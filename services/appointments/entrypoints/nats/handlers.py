@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
 import msgspec
+from opentelemetry.trace import Status, StatusCode
 
 from contracts.commands import (
     CancelRequest,
@@ -30,6 +31,7 @@ from contracts.service_api import (
     CONSISTENCY_HEADER,
     CONSISTENCY_TOKEN_HEADER,
     CORRELATION_HEADER,
+    ENDPOINTS,
     ETAG_HEADER,
     MAX_REQUEST_BYTES,
 )
@@ -41,11 +43,13 @@ from services.appointments.service_layer.handlers import (
     RequestContext,
 )
 from services.errors import ClinicError, InvalidRequest, PayloadTooLarge, Unavailable
+from services.tracing import correlated, current_trace_id, serving
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=msgspec.Struct)
 EndpointCall = Callable[[bytes, uuid.UUID], Awaitable[Reply]]
+_SUBJECTS = {endpoint.name: endpoint.subject for endpoint in ENDPOINTS}
 
 
 class VisitsQueries(Protocol):
@@ -77,15 +81,20 @@ def decode(data: bytes, type_: type[T]) -> T:
         raise InvalidRequest("The request is not valid JSON: it nests too deeply.") from None
 
 
-def correlation_of(headers: Mapping[str, str] | None) -> uuid.UUID:
-    """The caller's correlation id (header ``X-Correlation-Id``), or a new one."""
+def correlation_header(headers: Mapping[str, str] | None) -> uuid.UUID | None:
+    """The caller's correlation id (header ``X-Correlation-Id``), if it is a UUID."""
     for name, value in (headers or {}).items():
         if name.lower() == CORRELATION_HEADER.lower():
             try:
                 return uuid.UUID(value)
             except ValueError:
                 break
-    return uuid.uuid4()
+    return None
+
+
+def correlation_of(headers: Mapping[str, str] | None) -> uuid.UUID:
+    """The caller's correlation id (header ``X-Correlation-Id``), or a new one."""
+    return correlation_header(headers) or uuid.uuid4()
 
 
 def _command_reply(outcome: CommandOutcome) -> Reply:
@@ -113,15 +122,35 @@ class ServiceApi:
         }
 
     async def answer(self, endpoint: str, data: bytes, headers: Mapping[str, str] | None) -> Reply:
-        """The reply to one request of ``endpoint``; never raises (but cancellation)."""
-        correlation = correlation_of(headers)
+        """The reply to one request of ``endpoint``; never raises (but cancellation).
+
+        It is handled in a server span continuing the request's ``traceparent`` header
+        (or in the trace of its ``X-Correlation-Id``); the correlation id is the span's
+        trace id when it has a valid one."""
+        subject = _SUBJECTS.get(endpoint, endpoint)
+        with serving(
+            subject,
+            headers,
+            correlation_header(headers),
+            {"messaging.system": "nats", "messaging.destination.name": subject},
+        ) as span:
+            correlation = current_trace_id() or correlation_of(headers)
+            with correlated(correlation):
+                reply = await self._answer(endpoint, data, correlation)
+            if reply.error_code is not None:
+                span.set_attribute("clinic.error_status", reply.error_code)
+                if int(reply.error_code) >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+        return Reply(reply.data, {**reply.headers, CORRELATION_HEADER: str(correlation)})
+
+    async def _answer(self, endpoint: str, data: bytes, correlation: uuid.UUID) -> Reply:
         try:
             if len(data) > MAX_REQUEST_BYTES:
                 raise PayloadTooLarge(f"Requests are limited to {MAX_REQUEST_BYTES} bytes.")
-            reply = await self.calls[endpoint](data, correlation)
+            return await self.calls[endpoint](data, correlation)
         except ClinicError as exc:
             retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
-            reply = failure(exc.to_problem(), retry_after)
+            return failure(exc.to_problem(), retry_after)
         except Exception:
             # A bug or a dependency failing in an unforeseen way: the caller learns to
             # retry, the logs get the stack; details never leave the process.
@@ -129,8 +158,7 @@ class ServiceApi:
             doc = problem(
                 ErrorCode.UNAVAILABLE, "The request could not be completed; retry shortly."
             )
-            reply = failure(doc, retry_after=1)
-        return Reply(reply.data, {**reply.headers, CORRELATION_HEADER: str(correlation)})
+            return failure(doc, retry_after=1)
 
     def _context(
         self, actor: Principal, correlation: uuid.UUID, idempotency_key: str | None = None

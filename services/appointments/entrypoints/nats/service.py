@@ -28,6 +28,7 @@ from contracts.subjects import SERVICE_NAME
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.nats.handlers import ServiceApi
 from services.appointments.entrypoints.nats.replies import Reply, failure
+from services.ops import SHUTDOWN_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ QUEUE_GROUP: Final = SERVICE_NAME
 MAX_IN_FLIGHT: Final = 64
 #: Requests accepted in all (running or waiting); beyond, ``unavailable`` at once.
 MAX_ACCEPTED: Final = 1024
-#: On stop, how long requests already accepted may take to finish and be answered.
-DRAIN_SECONDS: Final = 5.0
+#: On stop, how long the requests already sent to this instance may take to be received,
+#: finished and answered (within the process's shutdown grace, leaving room to flush).
+DRAIN_SECONDS: Final = SHUTDOWN_GRACE_SECONDS - 1.0
 DESCRIPTION: Final = (
     "Appointments of the telehealth clinic: schedule, cancel, start, read them, and list "
     "visits. Requests and replies: contracts/schemas (AsyncAPI: asyncapi.json)."
@@ -162,6 +164,24 @@ def service_config(dispatcher: Dispatcher) -> ServiceConfig:
     )
 
 
+async def _drain_endpoints(service: Service) -> None:
+    """Stop taking requests without dropping any already sent to this instance.
+
+    micro's ``stop()`` unsubscribes the endpoints, discarding the requests received but
+    not yet handed to their handler (and any still on the wire). Draining instead tells
+    the server to route no more here, waits a round trip so that all it routed here has
+    arrived, and hands every such request to the dispatcher, which answers it.
+    """
+    endpoints, service._endpoints = list(service._endpoints), []  # stop() skips them then
+    subscriptions = [e._subscription for e in endpoints if e._subscription is not None]
+    results = await asyncio.gather(
+        *(subscription.drain() for subscription in subscriptions), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            log.warning("a NATS service endpoint did not drain: %r", result)
+
+
 async def _stop_service(service: Service) -> None:
     try:
         await service.stop()
@@ -204,7 +224,7 @@ async def start_service(nc: NATS, dispatcher: Dispatcher, stop: asyncio.Event) -
 
 async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
     """Serve ``api`` on ``nc`` until ``stop`` is set, then stop taking requests and answer
-    the ones already accepted (for at most :data:`DRAIN_SECONDS`)."""
+    every one already sent to this instance (for at most :data:`DRAIN_SECONDS`)."""
     dispatcher = Dispatcher(api)
     service = await start_service(nc, dispatcher, stop)
     if service is None:
@@ -212,8 +232,15 @@ async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS / 2):
+                await _drain_endpoints(service)
+        except TimeoutError:
+            log.warning("NATS service endpoints not drained in time")
         await _stop_service(service)
-        unanswered = await dispatcher.drain(DRAIN_SECONDS)
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        unanswered = await dispatcher.drain(remaining)
         if unanswered:
             log.warning("stopped with %d NATS requests unanswered", unanswered)
         with contextlib.suppress(Exception):
