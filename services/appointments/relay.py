@@ -351,6 +351,11 @@ class OutboxDoorbell:
         with contextlib.suppress(ValueError):
             self._local.remove(wake)
 
+    @property
+    def relay_attached(self) -> bool:
+        """Whether a relay of this process leads (and is rung in-process)."""
+        return bool(self._local)
+
     def ring(self) -> None:
         """Ask for a wake-up of the relay (call after a successful append)."""
         if self._local:
