@@ -11,8 +11,17 @@ How it keeps its promises:
 * **One appointment in order.** One relay is active at a time: it holds a session-level
   ``pg_try_advisory_lock`` on the connection it drains with. The others stand by and
   retry the lock every second; when the active one dies, its session and lock go with it,
-  and one that JetStream stopped acking steps down. A batch is published pipelined on one
-  connection, so JetStream stores it in order (about 25,000 events/s drained here).
+  and one that JetStream stopped acking steps down. Batches are published pipelined on
+  one connection, so JetStream stores them in order.
+* **Two batches in flight.** While a full batch's acks come back, the next one is
+  fetched (rows after the last one fetched) and published; then the older batch's acked
+  rows are deleted. That look-ahead returns rows only while the outbox holds nothing at or
+  below its cursor but the rows in flight: once a transaction committed late below it,
+  the relay settles what it has in flight and starts again from the oldest row, so a later
+  event of the same appointment never overtakes it. When a publish fails, every batch in
+  flight is settled before anything else is sent (rows not acked are sent again, in order,
+  after the pause; an event acked meanwhile may then precede one that was not, as within
+  one batch: consumers' version checks wait for the missing one).
 
 Wake-up (measured, 2 cores, PostgreSQL 15, ``synchronous_commit=on``, 8 s per run):
 
@@ -27,9 +36,10 @@ coalesced NOTIFY after the commit       3100-3850   3900-4900
 ``NOTIFY`` inside the append halves the append rate (its commit takes the cluster-wide
 notify lock in ``PreCommit_Notify``, with p99 rising to 50-60 ms), so the append statement
 does not notify. The relay polls the outbox every ``poll_interval`` (an index probe of an
-almost empty table) and also ``LISTEN``\\s on :data:`CHANNEL`; an :class:`OutboxDoorbell`
-rung after appends sends one ``NOTIFY`` outside any append transaction, coalescing every
-ring that arrives while one is in flight, which wakes the relay at once.
+almost empty table) and also ``LISTEN``\\s on :data:`CHANNEL`. An :class:`OutboxDoorbell`
+is rung after appends: while a relay of the same process leads, it just sets that relay's
+wake-up event; otherwise it sends one ``NOTIFY`` outside any append transaction,
+coalescing every ring that arrives while one is in flight, which wakes the relay at once.
 """
 
 from __future__ import annotations
@@ -198,6 +208,8 @@ class OutboxRelay:
                     await _pause(stop, min(0.1 * 2**failures, _RETRY_MAX))
                 elif from_start and not more:
                     await _pause(stop, self._poll_interval, wake)
+            while in_flight:  # stopping: what was sent is acked and deleted, not sent again
+                await self._settle(conn, in_flight.popleft())
         finally:
             for batch in in_flight:
                 batch.cancel()
