@@ -97,6 +97,10 @@ class ViewUpdates:
                     event.set()
 
 
+def _appointment_id(row: VisitRow) -> UUID:
+    return row.appointment_id
+
+
 def row_of(record: asyncpg.Record) -> VisitRow:
     """A :class:`VisitRow` from a selected row."""
     return VisitRow(**{column: record[column] for column in COLUMNS})
@@ -148,7 +152,8 @@ class PostgresVisits:
                     outcomes.append(outcome)
                     if row is not None and outcome in (Outcome.APPLIED, Outcome.SKIPPED):
                         current[envelope.stream_id] = changed[envelope.stream_id] = row
-                columns = upsert_args(changed.values())
+                # Rows in one order for every writer: concurrent upserts cannot deadlock.
+                columns = upsert_args(sorted(changed.values(), key=_appointment_id))
                 if stream_sequence is not None:
                     await conn.execute(_APPLY, *columns, self._projection, stream_sequence)
                 elif changed:
