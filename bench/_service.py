@@ -64,10 +64,13 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
             # As ``clinic appointments`` runs it: its lock and LISTEN on a pool of their own.
             assert container.nats is not None
             relay_pool = await create_session_pool(settings.require_database_url())
-            tasks.append(asyncio.create_task(run_relay(relay_pool, container.nats, stop)))
+            relay = run_relay(relay_pool, container.nats, stop, doorbell=container.doorbell)
+            tasks.append(asyncio.create_task(relay))
         if "projector" in roles:
             assert container.nats is not None
-            tasks.append(asyncio.create_task(run_projector(container.pool, container.nats, stop)))
+            updates = container.view_updates
+            projector = run_projector(container.pool, container.nats, stop, updates=updates)
+            tasks.append(asyncio.create_task(projector))
         await stop.wait()
         server.should_exit = True
         await asyncio.gather(*tasks)

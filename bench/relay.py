@@ -4,11 +4,15 @@ A backlog of ``--events`` committed events (``AppointmentScheduled``, in ``event
 ``outbox``) is drained by the service's ``OutboxRelay`` into the ``APPOINTMENTS`` stream,
 timed from the relay's start until it has published and deleted every row.
 
+``--variants`` also drains the backlog with other batch sizes and numbers of batches in
+flight (``500x1``: batches of 500, one at a time, as the relay did before), each timed in
+the same run: ``relay`` is the service's default configuration.
+
 Baseline, in the same run on the same servers: ``raw_publish_async``, the same envelopes
 (same subjects, sizes and ``Nats-Msg-Id`` headers) published pipelined to the same stream
 with ``JetStreamContext.publish_async`` and every ack awaited; no database.
 
-    python -m bench.relay [--events 20000] [--runs 3]
+    python -m bench.relay [--events 20000] [--runs 3] [--variants 500x1,2000x1,4000x1]
 """
 
 from __future__ import annotations
@@ -70,9 +74,15 @@ async def fresh_stream(js: Any) -> None:
     await ensure_events_stream(js)
 
 
-async def drain_with_relay(pool: asyncpg.Pool, nc: Any, events: int) -> float:
-    """Seconds the service's relay takes to publish and delete ``events`` outbox rows."""
-    relay = OutboxRelay(pool, nc)
+async def drain_with_relay(
+    pool: asyncpg.Pool, nc: Any, events: int, variant: tuple[int, int] | None = None
+) -> float:
+    """Seconds the service's relay takes to publish and delete ``events`` outbox rows
+    (``variant``: another batch size and number of batches in flight)."""
+    if variant is None:
+        relay = OutboxRelay(pool, nc)
+    else:
+        relay = OutboxRelay(pool, nc, batch_size=variant[0], in_flight=variant[1])
     stop = asyncio.Event()
     started = time.perf_counter()
     running = asyncio.create_task(relay.run(stop))
@@ -112,35 +122,58 @@ async def raw_publish(conn: asyncpg.Connection, js: Any, events: int) -> float:
 async def main() -> dict[str, Any]:
     parser = base_parser(__doc__)
     parser.add_argument("--events", type=int, default=20000, help="backlog size")
+    parser.add_argument(
+        "--variants", default="", help="also BATCHxIN_FLIGHT,... (e.g. 500x1,4000x1)"
+    )
     args = parser.parse_args()
+    variants = {
+        f"relay_{v}": (int(v.split("x")[0]), int(v.split("x")[1]))
+        for v in args.variants.split(",")
+        if v
+    }
     async with servers() as env, fresh_database(env.admin_dsn) as dsn:
         assert env.nats_url is not None
         nc = await nats.connect(env.nats_url)
         js = nc.jetstream()
         pool = await create_pool(dsn, 2)
         conn = await asyncpg.connect(dsn)
-        relay_s: list[float] = []
+        seconds: dict[str, list[float]] = {"relay": [], **{name: [] for name in variants}}
         raw_s: list[float] = []
         try:
             for _ in range(args.runs):
                 await load_backlog(conn, args.events)
                 await fresh_stream(js)
                 raw_s.append(await raw_publish(conn, js, args.events))
-                await fresh_stream(js)
-                relay_s.append(await drain_with_relay(pool, nc, args.events))
-                left = await conn.fetchval("SELECT count(*) FROM outbox")
-                stored = (await js.stream_info(EVENTS_STREAM)).state.messages
-                assert left == 0 and stored == args.events, (left, stored)
+                for name in seconds:
+                    await load_backlog(conn, args.events)
+                    await fresh_stream(js)
+                    drained = await drain_with_relay(pool, nc, args.events, variants.get(name))
+                    seconds[name].append(drained)
+                    left = await conn.fetchval("SELECT count(*) FROM outbox")
+                    stored = (await js.stream_info(EVENTS_STREAM)).state.messages
+                    assert left == 0 and stored == args.events, (left, stored)
             version = nc.connected_server_version
             nats_version = f"{version.major}.{version.minor}.{version.patch}"
         finally:
             await conn.close()
             await pool.close()
             await nc.close()
-    relay_rate = [args.events / s for s in relay_s]
     raw_rate = [args.events / s for s in raw_s]
-    relay_median = sorted(relay_rate)[len(relay_rate) // 2]
     raw_median = sorted(raw_rate)[len(raw_rate) // 2]
+    rates = {name: [args.events / s for s in runs] for name, runs in seconds.items()}
+    figures: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    for name, rate in rates.items():
+        median = sorted(rate)[len(rate) // 2]
+        figures[name] = {
+            "per_s": round(median, 1),
+            "drain_s": round(args.events / median, 3),
+            "per_s_runs": [round(r, 1) for r in rate],
+        }
+        # Each run's pair was measured back to back: the median of the pairs' ratios.
+        ratios[f"{name}/raw_publish_async"] = round(
+            statistics.median(r / b for r, b in zip(rate, raw_rate, strict=True)), 3
+        )
     return {
         "benchmark": "relay",
         "unit": "events/s from a backlog; drain time in s",
@@ -152,23 +185,14 @@ async def main() -> dict[str, Any]:
         "events": args.events,
         "baseline": "raw_publish_async",
         "figures": {
-            "relay": {
-                "per_s": round(relay_median, 1),
-                "drain_s": round(args.events / relay_median, 3),
-                "per_s_runs": [round(r, 1) for r in relay_rate],
-            },
+            **figures,
             "raw_publish_async": {
                 "per_s": round(raw_median, 1),
                 "drain_s": round(args.events / raw_median, 3),
                 "per_s_runs": [round(r, 1) for r in raw_rate],
             },
         },
-        # Each run's pair was measured back to back: the median of the pairs' ratios.
-        "ratios": {
-            "relay/raw_publish_async": round(
-                statistics.median(r / b for r, b in zip(relay_rate, raw_rate, strict=True)), 3
-            )
-        },
+        "ratios": ratios,
     }
 
 

@@ -13,7 +13,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
-from services.appointments.adapters.postgres.visits import PostgresVisits
+from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.adapters.system import new_uuid, utc_now
 from services.appointments.relay import OutboxDoorbell, RingingEventStore
 from services.appointments.service_layer.handlers import Appointments
@@ -35,6 +35,10 @@ class Container:
     appointments: Appointments
     visits: VisitsQuery
     verifier: TokenVerifier
+    doorbell: OutboxDoorbell | None = None
+    """Appends ring it; a relay of this process attaches to it (else it sends NOTIFY)."""
+    view_updates: ViewUpdates | None = None
+    """A projector of this process announces written rows there; reads wait on it."""
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -110,8 +114,11 @@ async def appointments_container(
     pool = await create_pool(settings.require_database_url(), pool_size)
     nc = await connect_nats(settings, "appointments") if with_nats else None
     store = PostgresEventStore(pool)
-    # Appends ring the relay awake right after they commit (never inside the transaction).
-    ringing = RingingEventStore(store, OutboxDoorbell(pool))
+    # Appends ring the relay awake right after they commit (never inside the transaction):
+    # in-process while a relay of this process leads, by NOTIFY otherwise.
+    doorbell = OutboxDoorbell(pool)
+    ringing = RingingEventStore(store, doorbell)
+    updates = ViewUpdates()
     wait = timedelta(milliseconds=settings.consistency_wait_ms)
     try:
         yield Container(
@@ -119,8 +126,10 @@ async def appointments_container(
             pool=pool,
             nats=nc,
             appointments=Appointments(ringing, store, clock, new_uuid, settings.rules),
-            visits=VisitsQuery(PostgresVisits(pool), clock, settings.rules, wait),
+            visits=VisitsQuery(PostgresVisits(pool, updates=updates), clock, settings.rules, wait),
             verifier=TokenVerifier.from_settings(settings),
+            doorbell=doorbell,
+            view_updates=updates,
         )
     finally:
         if nc is not None:

@@ -55,7 +55,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
     # The relay's leadership lock and LISTEN are session state: a pool of its own.
     pool = await create_session_pool(container.settings.require_database_url())
     try:
-        await run_relay(pool, container.nats, stop, replicas)
+        await run_relay(pool, container.nats, stop, replicas, container.doorbell)
     finally:
         await pool.close()
 
@@ -63,7 +63,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
 async def _projector(container: Container, stop: asyncio.Event) -> None:
     assert container.nats is not None
     replicas = container.settings.nats_stream_replicas
-    await run_projector(container.pool, container.nats, stop, replicas)
+    await run_projector(container.pool, container.nats, stop, replicas, container.view_updates)
 
 
 RoleRunner = Callable[[Container, asyncio.Event], Coroutine[Any, Any, None]]

@@ -1,6 +1,6 @@
 """The visits projector: a durable JetStream pull consumer that maintains the visits view.
 
-Each fetched batch is applied in one PostgreSQL transaction together with the
+Each fetched batch is applied in one PostgreSQL statement together with the
 projection's checkpoint; messages are acked only after that commit. Re-applying is
 harmless (an event at a version the row already has is skipped), so a crash between
 commit and ack, a redelivery or a replay of the whole stream changes nothing.
@@ -37,7 +37,7 @@ from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
-from services.appointments.adapters.postgres.visits import PostgresVisits
+from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.service_layer.visits import Outcome
 from services.errors import Unavailable
 from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
@@ -85,9 +85,10 @@ class VisitsProjector:
         fetch_timeout: float = 1.0,
         stream_replicas: int | None = None,
         check_after: float = 10.0,
+        updates: ViewUpdates | None = None,
     ) -> None:
         self._js: JetStreamContext = nc.jetstream()
-        self._visits = PostgresVisits(pool, projection=CONSUMER)
+        self._visits = PostgresVisits(pool, projection=CONSUMER, updates=updates)
         self._batch_size = batch_size
         self._fetch_timeout = fetch_timeout
         self._stream_replicas = stream_replicas
@@ -217,7 +218,12 @@ class VisitsProjector:
 
 
 async def run_projector(
-    pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, stream_replicas: int | None = None
+    pool: asyncpg.Pool,
+    nc: NATS,
+    stop: asyncio.Event,
+    stream_replicas: int | None = None,
+    updates: ViewUpdates | None = None,
 ) -> None:
-    """The ``projector`` role of ``clinic appointments``: run a :class:`VisitsProjector`."""
-    await VisitsProjector(pool, nc, stream_replicas=stream_replicas).run(stop)
+    """The ``projector`` role of ``clinic appointments``: run a :class:`VisitsProjector`;
+    reads of this process waiting on ``updates`` are woken after each write."""
+    await VisitsProjector(pool, nc, stream_replicas=stream_replicas, updates=updates).run(stop)

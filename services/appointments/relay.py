@@ -11,8 +11,17 @@ How it keeps its promises:
 * **One appointment in order.** One relay is active at a time: it holds a session-level
   ``pg_try_advisory_lock`` on the connection it drains with. The others stand by and
   retry the lock every second; when the active one dies, its session and lock go with it,
-  and one that JetStream stopped acking steps down. A batch is published pipelined on one
-  connection, so JetStream stores it in order (about 25,000 events/s drained here).
+  and one that JetStream stopped acking steps down. Batches are published pipelined on
+  one connection, so JetStream stores them in order.
+* **Two batches in flight.** While a full batch's acks come back, the next one is
+  fetched (rows after the last one fetched) and published; then the older batch's acked
+  rows are deleted. That look-ahead returns rows only while the outbox holds nothing at or
+  below its cursor but the rows in flight: once a transaction committed late below it,
+  the relay settles what it has in flight and starts again from the oldest row, so a later
+  event of the same appointment never overtakes it. When a publish fails, every batch in
+  flight is settled before anything else is sent (rows not acked are sent again, in order,
+  after the pause; an event acked meanwhile may then precede one that was not, as within
+  one batch: consumers' version checks wait for the missing one).
 
 Wake-up (measured, 2 cores, PostgreSQL 15, ``synchronous_commit=on``, 8 s per run):
 
@@ -27,9 +36,10 @@ coalesced NOTIFY after the commit       3100-3850   3900-4900
 ``NOTIFY`` inside the append halves the append rate (its commit takes the cluster-wide
 notify lock in ``PreCommit_Notify``, with p99 rising to 50-60 ms), so the append statement
 does not notify. The relay polls the outbox every ``poll_interval`` (an index probe of an
-almost empty table) and also ``LISTEN``\\s on :data:`CHANNEL`; an :class:`OutboxDoorbell`
-rung after appends sends one ``NOTIFY`` outside any append transaction, coalescing every
-ring that arrives while one is in flight, which wakes the relay at once.
+almost empty table) and also ``LISTEN``\\s on :data:`CHANNEL`. An :class:`OutboxDoorbell`
+is rung after appends: while a relay of the same process leads, it just sets that relay's
+wake-up event; otherwise it sends one ``NOTIFY`` outside any append transaction,
+coalescing every ring that arrives while one is in flight, which wakes the relay at once.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -55,7 +66,6 @@ from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres import outbox
-from services.appointments.adapters.postgres.event_store import envelope_from_row
 from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -106,19 +116,23 @@ class OutboxRelay:
         pool: asyncpg.Pool,
         nc: NATS,
         *,
-        batch_size: int = 500,
+        batch_size: int = 2000,
+        in_flight: int = 2,
         poll_interval: float = 0.05,
         standby_interval: float = 1.0,
         ack_timeout: float = 5.0,
         stream_replicas: int | None = None,
+        doorbell: OutboxDoorbell | None = None,
     ) -> None:
         self._pool = pool
         self._js: JetStreamContext = nc.jetstream()
         self._batch_size = batch_size
+        self._in_flight = max(1, in_flight)
         self._poll_interval = poll_interval
         self._standby_interval = standby_interval
         self._ack_timeout = ack_timeout
         self._stream_replicas = stream_replicas
+        self._doorbell = doorbell
         self.published = 0
         """Events this relay published and deleted from the outbox (for tests and logs)."""
 
@@ -158,45 +172,75 @@ class OutboxRelay:
             wake.set()
 
         await conn.add_listener(CHANNEL, on_notify)
+        if self._doorbell is not None:
+            self._doorbell.attach(wake)
+        in_flight: deque[_Batch] = deque()
         try:
             failures = 0
+            cursor: int | None = None  # the last position fetched while batches are in flight
             while not stop.is_set():
                 raise_if_cancelling()
                 wake.clear()
-                fetched, failed = await self._drain_batch(conn)
+                from_start = cursor is None
+                if cursor is None:
+                    rows = await outbox.oldest_unpublished(conn, self._batch_size)
+                else:
+                    pending = sum(len(batch.rows) for batch in in_flight)
+                    rows = await outbox.unpublished_after(conn, cursor, pending, self._batch_size)
+                if from_start or rows:
+                    _observe_backlog(rows, self._batch_size)
+                if rows:
+                    in_flight.append(await self._publish(rows))
+                    cursor = rows[-1]["global_position"]
+                more = len(rows) == self._batch_size
+                failed = 0
+                # Keep up to ``in_flight`` batches out while full ones come; otherwise (or
+                # once one fails) settle them all and start again from the oldest row.
+                while in_flight and (len(in_flight) >= self._in_flight or not more or failed):
+                    failed += await self._settle(conn, in_flight.popleft())
+                if not in_flight:
+                    cursor = None
                 failures = failures + 1 if failed else 0
                 if failures >= _STEP_DOWN_AFTER:
                     # Let a relay that reaches NATS take over (and re-check the stream).
                     raise RelayStalled(f"{failures} batches in a row not acked by JetStream")
                 if failed:
                     await _pause(stop, min(0.1 * 2**failures, _RETRY_MAX))
-                elif fetched < self._batch_size:
+                elif from_start and not more:
                     await _pause(stop, self._poll_interval, wake)
+            while in_flight:  # stopping: what was sent is acked and deleted, not sent again
+                await self._settle(conn, in_flight.popleft())
         finally:
+            for batch in in_flight:
+                batch.cancel()
+            if self._doorbell is not None:
+                self._doorbell.detach(wake)
             with contextlib.suppress(Exception):
                 await conn.remove_listener(CHANNEL, on_notify)
 
-    async def _drain_batch(self, conn: PoolConnectionProxy) -> tuple[int, int]:
-        """Publish one batch and delete what was acked; (rows fetched, publishes failed)."""
-        rows = await outbox.oldest_unpublished(conn, self._batch_size)
-        _observe_backlog(rows, self._batch_size)
-        if not rows:
-            return 0, 0
-        futures: list[asyncio.Future[PubAck]] = []
+    async def _publish(self, rows: list[asyncpg.Record]) -> _Batch:
+        """Send every row of a batch pipelined (acks come back later)."""
+        batch = _Batch(rows)
+        publish = self._js.publish_async
         try:
             for row in rows:
-                futures.append(
-                    await self._js.publish_async(
-                        subject_of(row),
-                        msgspec.json.encode(envelope_from_row(row)),
-                        headers=_headers(row),
-                        stream=EVENTS_STREAM,
+                batch.futures.append(
+                    await publish(
+                        subject_of(row), _payload(row), headers=_headers(row), stream=EVENTS_STREAM
                     )
                 )
+        except BaseException:
+            batch.cancel()
+            raise
+        return batch
+
+    async def _settle(self, conn: PoolConnectionProxy, batch: _Batch) -> int:
+        """Wait for a batch's acks and delete what was acked; how many were not."""
+        rows, futures = batch.rows, batch.futures
+        try:
             await asyncio.wait(futures, timeout=self._ack_timeout)
         finally:
-            for future in futures:
-                future.cancel()  # no-op once done; frees the pending slot otherwise
+            batch.cancel()  # no-op once done; frees the pending slot otherwise
         acked = [
             row["global_position"]
             for row, future in zip(rows, futures, strict=True)
@@ -210,7 +254,58 @@ class OutboxRelay:
         if failed:
             errors = {repr(f.exception()) for f in futures if not f.cancelled() and f.exception()}
             log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
-        return len(rows), failed
+        return failed
+
+
+class _Batch:
+    """Rows published and their pending acks."""
+
+    __slots__ = ("futures", "rows")
+
+    def __init__(self, rows: list[asyncpg.Record]) -> None:
+        self.rows = rows
+        self.futures: list[asyncio.Future[PubAck]] = []
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+
+
+class _WireEnvelope(msgspec.Struct, kw_only=True):
+    """:class:`~contracts.events.EventEnvelope` as published, ``data`` passed through as
+    stored (``jsonb`` text), not decoded and encoded again."""
+
+    event_id: UUID
+    type: str
+    schema_version: int
+    stream_id: UUID
+    stream_version: int
+    global_position: int
+    occurred_at: datetime
+    correlation_id: UUID | None = None
+    causation_id: UUID | None = None
+    data: msgspec.Raw
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _payload(row: asyncpg.Record) -> bytes:
+    """The JSON envelope of an ``events`` row, as ``envelope_from_row`` would encode it."""
+    return _encode(
+        _WireEnvelope(
+            event_id=row["event_id"],
+            type=row["type"],
+            schema_version=row["schema_version"],
+            stream_id=row["stream_id"],
+            stream_version=row["stream_version"],
+            global_position=row["global_position"],
+            occurred_at=row["occurred_at"],
+            correlation_id=row["correlation_id"],
+            causation_id=row["causation_id"],
+            data=msgspec.Raw(row["data"]),
+        )
+    )
 
 
 def _headers(row: asyncpg.Record) -> dict[str, str]:
@@ -232,26 +327,52 @@ def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:
 
 
 async def run_relay(
-    pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, stream_replicas: int | None = None
+    pool: asyncpg.Pool,
+    nc: NATS,
+    stop: asyncio.Event,
+    stream_replicas: int | None = None,
+    doorbell: OutboxDoorbell | None = None,
 ) -> None:
-    """The ``relay`` role of ``clinic appointments``: run an :class:`OutboxRelay`."""
-    await OutboxRelay(pool, nc, stream_replicas=stream_replicas).run(stop)
+    """The ``relay`` role of ``clinic appointments``: run an :class:`OutboxRelay`; appends
+    ringing ``doorbell`` (this process's) wake it in-process."""
+    await OutboxRelay(pool, nc, stream_replicas=stream_replicas, doorbell=doorbell).run(stop)
 
 
 class OutboxDoorbell:
     """Wakes the relay right after an append, outside the append's transaction.
 
-    :meth:`ring` never waits: it sends one ``NOTIFY`` at a time, and every ring during a
-    send is folded into one more send. A lost ring only costs the relay's poll interval.
+    While a relay of this process leads (it passes its wake-up event to :meth:`attach`), a ring
+    sets that event: no round trip, no ``NOTIFY``. Otherwise :meth:`ring` sends one
+    ``NOTIFY`` at a time, folding every ring during a send into one more send, for a relay
+    in another process. It never waits; a lost ring only costs the relay's poll interval.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._rung = False
         self._sending: asyncio.Task[None] | None = None
+        self._local: list[asyncio.Event] = []
+
+    def attach(self, wake: asyncio.Event) -> None:
+        """A relay of this process leads: ring ``wake`` instead of notifying."""
+        self._local.append(wake)
+
+    def detach(self, wake: asyncio.Event) -> None:
+        """The relay that attached ``wake`` stopped leading."""
+        with contextlib.suppress(ValueError):
+            self._local.remove(wake)
+
+    @property
+    def relay_attached(self) -> bool:
+        """Whether a relay of this process leads (and is rung in-process)."""
+        return bool(self._local)
 
     def ring(self) -> None:
         """Ask for a wake-up of the relay (call after a successful append)."""
+        if self._local:
+            for wake in self._local:
+                wake.set()
+            return
         self._rung = True
         if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send())

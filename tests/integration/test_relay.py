@@ -27,7 +27,9 @@ from services.appointments.adapters.nats.streams import (
     ensure_events_stream,
     events_stream_config,
 )
+from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.relay import OutboxDoorbell, OutboxRelay, RingingEventStore
 from services.appointments.service_layer.ports import NewEvent
 from services.embedded import EmbeddedNats
@@ -309,3 +311,128 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
     finally:
         await nc.close()
     assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
+
+
+async def test_unpublished_after_sees_nothing_while_a_late_commit_waits_below_it(
+    pool: asyncpg.Pool,
+) -> None:
+    store = PostgresEventStore(pool)
+    async with pool.acquire() as conn:
+        held = conn.transaction()
+        await held.start()
+        late = await append_lifecycle(PostgresEventStore(conn), uuid.uuid4())
+        await append_many(store, 10, writers=2)
+        rows = await outbox.oldest_unpublished(pool, 5)  # "in flight"
+        cursor = rows[-1]["global_position"]
+        after = await outbox.unpublished_after(pool, cursor, len(rows), 100)
+        assert len(after) == 15  # nothing committed late below the cursor yet
+        await held.commit()
+    # The late rows sit below the cursor now: the next batch waits for a scan from the start.
+    assert await outbox.unpublished_after(pool, cursor, len(rows), 100) == []
+    oldest = [row["event_id"] for row in await outbox.oldest_unpublished(pool, 100)]
+    assert oldest[:2] == late and len(oldest) == 22
+
+
+async def test_late_commits_below_batches_in_flight_keep_each_appointment_in_order(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    relay = OutboxRelay(pool, nc, batch_size=8, in_flight=2, poll_interval=0.01)
+    late_pairs: list[list[uuid.UUID]] = []
+
+    async def late_lifecycle() -> None:
+        """Scheduled in a transaction that commits late, then cancelled at once."""
+        async with pool.acquire() as conn:
+            clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+            scheduled = NewEvent(
+                event_id=uuid.uuid4(), event=booking(clinic_id), occurred_at=datetime.now(UTC)
+            )
+            async with conn.transaction():
+                await PostgresEventStore(conn).append(stream, 0, [scheduled])
+                await asyncio.sleep(random.uniform(0.01, 0.2))  # others commit meanwhile
+            cancelled = NewEvent(
+                event_id=uuid.uuid4(),
+                event=AppointmentCancelled(
+                    clinic_id=clinic_id,
+                    cancelled_by=Actor(id=uuid.uuid4(), role="patient"),
+                    cancelled_at=datetime.now(UTC),
+                ),
+                occurred_at=datetime.now(UTC),
+            )
+            await store.append(stream, 1, [cancelled])
+            late_pairs.append([scheduled.event_id, cancelled.event_id])
+
+    async def late_ones() -> None:
+        for _ in range(10):
+            await asyncio.gather(*(late_lifecycle() for _ in range(4)))
+
+    async with running(relay):
+        appended, _ = await asyncio.gather(append_many(store, 600, writers=8), late_ones())
+        await eventually(lambda: outbox_empty(pool))
+    published = event_ids(await stream_messages(nc))
+    expected = appended + [i for pair in late_pairs for i in pair]
+    assert len(published) == len(expected) == 1280  # each once
+    assert sorted(published) == sorted(str(i) for i in expected)
+    order = {event_id: n for n, event_id in enumerate(published)}
+    for scheduled_id, cancelled_id in late_pairs:
+        assert order[str(scheduled_id)] < order[str(cancelled_id)]
+
+
+async def test_a_relay_of_this_process_is_rung_in_process_without_notify(
+    pool: asyncpg.Pool, nc: NATS, database_url: str
+) -> None:
+    notified: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(CHANNEL, lambda *args: notified.append(args[2]))
+    doorbell = OutboxDoorbell(pool)
+    store = RingingEventStore(PostgresEventStore(pool), doorbell)
+    try:
+        # Without the ring the relay would sleep out its poll interval (an hour).
+        async with running(OutboxRelay(pool, nc, poll_interval=3600, doorbell=doorbell)):
+            await eventually(lambda: attached(doorbell))
+            ids = await append_lifecycle(store, uuid.uuid4())  # type: ignore[arg-type]
+            await eventually(lambda: outbox_empty(pool), within=30)
+        await listener.execute("SELECT 1")  # any notification has been delivered by now
+    finally:
+        await listener.close()
+    assert notified == []
+    assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
+
+
+async def test_notify_wakes_a_relay_of_another_process_even_beside_a_standby(
+    pool: asyncpg.Pool, nc: NATS, database_url: str, nats_url: str
+) -> None:
+    other_pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    other_nc = await nats.connect(nats_url)
+    # "This process": appends ring its doorbell; its relay stands by.
+    doorbell = OutboxDoorbell(pool)
+    store = RingingEventStore(PostgresEventStore(pool), doorbell)
+    active = OutboxRelay(other_pool, other_nc, poll_interval=3600)
+    try:
+        async with running(active):
+            await eventually(lambda: leading(pool))
+            async with running(OutboxRelay(pool, nc, poll_interval=3600, doorbell=doorbell)):
+                await asyncio.sleep(0.2)  # it tried the lock and stands by
+                assert not doorbell.relay_attached
+                ids = await append_lifecycle(store, uuid.uuid4())  # type: ignore[arg-type]
+                await eventually(lambda: outbox_empty(pool), within=30)
+    finally:
+        await other_nc.close()
+        await other_pool.close()
+    assert active.published == 2
+    assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
+
+
+async def leading(pool: asyncpg.Pool) -> bool:
+    """Some session holds the relay lock (a relay leads)."""
+    return bool(
+        await pool.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND (classid::bigint << 32 | objid::bigint) = $1 AND objsubid = 1)",
+            outbox.RELAY_LOCK_ID,
+        )
+    )
+
+
+async def attached(doorbell: OutboxDoorbell) -> bool:
+    return doorbell.relay_attached

@@ -24,7 +24,8 @@ from contracts.events import (
     event_type,
 )
 from contracts.views import VisitView
-from services.appointments.adapters.postgres.visits import PostgresVisits, page_query
+from services.appointments.adapters.postgres import visits as visits_adapter
+from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates, page_query
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.visits import PageKey, Scope, VisitsQuery
 from services.errors import InvalidRequest
@@ -321,3 +322,50 @@ async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Poo
                 assert "Seq Scan" not in json.dumps(plan), (scope, tab)
                 assert top["Actual Rows"] == 21
                 assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] < 150, (scope, tab, top)
+
+
+async def test_the_projector_of_this_process_wakes_a_waiting_read(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = ViewUpdates()
+    reader, projector = PostgresVisits(pool, updates=updates), PostgresVisits(pool, updates=updates)
+    stream = await book(projector, timedelta(hours=1))
+    cancel = env(
+        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
+    )
+    # Polling alone would look again only in an hour: only the wake-up can end the wait.
+    monkeypatch.setattr(visits_adapter, "_WAIT_POLL_FIRST", 3600.0)
+    waiting = asyncio.create_task(
+        reader.wait_for_version(Scope.of(PATIENT), stream, 2, wait_seconds=7200)
+    )
+    await asyncio.sleep(0.2)  # it polled once and waits
+    assert not waiting.done()
+    with updates.watch(stream) as written:
+        await projector.apply([cancel])
+        assert written.is_set()
+        written.clear()
+        await projector.apply([cancel])  # a duplicate writes nothing, wakes nobody
+        assert not written.is_set()
+    assert await asyncio.wait_for(waiting, 30)
+
+
+async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
+    pool: asyncpg.Pool,
+) -> None:
+    reader = PostgresVisits(pool, updates=ViewUpdates())
+    projector = PostgresVisits(pool, updates=ViewUpdates())  # another process's
+    stream = await book(projector, timedelta(hours=1))
+    cancel = env(
+        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
+    )
+
+    async def project_later() -> None:
+        await asyncio.sleep(0.3)
+        await projector.apply([cancel])
+
+    later = asyncio.create_task(project_later())
+    assert await reader.wait_for_version(Scope.of(PATIENT), stream, 2, wait_seconds=30)
+    await later
+    # Outside the reader's scope it never shows, and the wait ends with the time given.
+    other = Scope(clinic_id=CLINIC, patient_id=uuid.uuid4())
+    assert not await reader.wait_for_version(other, stream, 2, wait_seconds=0.1)

@@ -20,6 +20,20 @@ FROM outbox o JOIN events e USING (global_position)
 ORDER BY o.global_position
 LIMIT $1
 """
+# The next batch while earlier ones are in flight: rows after the last one fetched, but
+# only if the outbox holds nothing at or below it except the rows in flight. A row that
+# committed late below the cursor makes it return nothing, so the relay settles what it
+# has in flight and starts again from the oldest row: it never publishes an event ahead of
+# an older one it could already see.
+_NEXT_BATCH = """
+SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
+       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
+FROM outbox o JOIN events e USING (global_position)
+WHERE o.global_position > $1
+  AND (SELECT count(*) FROM outbox WHERE global_position <= $1) = $2
+ORDER BY o.global_position
+LIMIT $3
+"""
 _DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -38,6 +52,15 @@ async def step_down(conn: Connection) -> None:
 async def oldest_unpublished(conn: Connection, limit: int) -> list[asyncpg.Record]:
     """Up to ``limit`` committed, unpublished events (``events`` rows), oldest first."""
     return list(await conn.fetch(_BATCH, limit))
+
+
+async def unpublished_after(
+    conn: Connection, after: int, in_flight: int, limit: int
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` unpublished events after position ``after``, oldest first, provided
+    the outbox holds exactly ``in_flight`` rows at or below it (those being published);
+    otherwise none, and the caller starts again with :func:`oldest_unpublished`."""
+    return list(await conn.fetch(_NEXT_BATCH, after, in_flight, limit))
 
 
 async def mark_published(conn: Connection, positions: Sequence[int]) -> None:

@@ -1,15 +1,21 @@
 """The visits view on PostgreSQL: applying events, paging Upcoming/Past, read-your-writes.
 
-Applying is idempotent and ordered per appointment: a batch locks its rows, folds its
-events with :func:`~services.appointments.service_layer.visits.project`, upserts only rows
-whose version grew, and moves the projection's checkpoint, all in one transaction.
+Applying is idempotent and ordered per appointment: a batch reads its rows (no lock),
+folds its events with :func:`~services.appointments.service_layer.visits.project`, then
+upserts the rows and moves the projection's checkpoint in one statement. The upsert
+only replaces a row whose version grows, and the row of a version is the same whoever
+folds it (events never change), so a concurrent or replayed apply is harmless.
+
+Read-your-writes: a reader waits for its version by polling the row; when the projector
+runs in the same process, :class:`ViewUpdates` wakes it right after the projector's write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 from uuid import UUID
@@ -48,9 +54,51 @@ _MIN_UUID: Final = UUID(int=0)
 _MAX_UUID: Final = UUID(int=(1 << 128) - 1)
 _END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
 
-#: How often a read-your-writes wait looks at the view (seconds: first, then at most).
-_WAIT_POLL_FIRST = 0.005
+_CHECKPOINT = """INSERT INTO projection_checkpoints (projection, stream_sequence)
+VALUES ($12, $13) ON CONFLICT (projection) DO UPDATE
+SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence, EXCLUDED.stream_sequence),
+    updated_at = now()"""
+#: The rows and the checkpoint in one statement (one implicit transaction).
+_APPLY = f"WITH upserted AS ({_UPSERT.format(table='visits')})\n{_CHECKPOINT}"
+
+#: A read-your-writes wait polls the view every ``_WAIT_POLL_FIRST`` seconds for
+#: ``_WAIT_POLL_FAST`` seconds, then backs off to at most ``_WAIT_POLL_MAX``; a commit of
+#: the projector in this process wakes it at once.
+_WAIT_POLL_FIRST = 0.001
+_WAIT_POLL_FAST = 0.02
 _WAIT_POLL_MAX = 0.05
+
+
+class ViewUpdates:
+    """Wakes the read-your-writes waits of this process after the projector of this
+    process wrote their appointments' rows (in-process only; waits keep polling too)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[UUID, list[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, appointment_id: UUID) -> Iterator[asyncio.Event]:
+        """An event set whenever the appointment's row is written, while the block runs."""
+        event = asyncio.Event()
+        waiting = self._waiting.setdefault(appointment_id, [])
+        waiting.append(event)
+        try:
+            yield event
+        finally:
+            waiting.remove(event)
+            if not waiting:
+                del self._waiting[appointment_id]
+
+    def written(self, appointment_ids: Iterable[UUID]) -> None:
+        """The rows of ``appointment_ids`` were just committed."""
+        if self._waiting:
+            for appointment_id in appointment_ids:
+                for event in self._waiting.get(appointment_id, ()):
+                    event.set()
+
+
+def _appointment_id(row: VisitRow) -> UUID:
+    return row.appointment_id
 
 
 def row_of(record: asyncpg.Record) -> VisitRow:
@@ -75,22 +123,24 @@ def upsert_args(rows: Iterable[VisitRow]) -> list[list[Any]]:
 class PostgresVisits:
     """The visits view: written by the projector, read by :class:`VisitsQuery`."""
 
-    def __init__(self, pool: asyncpg.Pool, projection: str = "visits") -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, projection: str = "visits", updates: ViewUpdates | None = None
+    ) -> None:
         self._pool = pool
         self._projection = projection
+        self._updates = updates
+        """Written rows are announced there (by the projector) and waited on (by reads)."""
 
     async def apply(
         self, envelopes: Sequence[EventEnvelope], stream_sequence: int | None = None
     ) -> list[Outcome]:
         """Fold ``envelopes`` (in stream order) into the view and move the checkpoint to
-        ``stream_sequence``, in one transaction; the outcome of each envelope."""
+        ``stream_sequence``, in one statement; the outcome of each envelope."""
         ids = list({envelope.stream_id for envelope in envelopes})
         with database_errors():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn:
                 records = await conn.fetch(
-                    f"SELECT {_SELECT} FROM visits WHERE appointment_id = ANY($1::uuid[])"
-                    " ORDER BY appointment_id FOR UPDATE",
-                    ids,
+                    f"SELECT {_SELECT} FROM visits WHERE appointment_id = ANY($1::uuid[])", ids
                 )
                 current: dict[UUID, VisitRow | None] = {
                     r["appointment_id"]: row_of(r) for r in records
@@ -102,18 +152,14 @@ class PostgresVisits:
                     outcomes.append(outcome)
                     if row is not None and outcome in (Outcome.APPLIED, Outcome.SKIPPED):
                         current[envelope.stream_id] = changed[envelope.stream_id] = row
-                if changed:
-                    await conn.execute(upsert_statement("visits"), *upsert_args(changed.values()))
+                # Rows in one order for every writer: concurrent upserts cannot deadlock.
+                columns = upsert_args(sorted(changed.values(), key=_appointment_id))
                 if stream_sequence is not None:
-                    await conn.execute(
-                        """INSERT INTO projection_checkpoints (projection, stream_sequence)
-                           VALUES ($1, $2) ON CONFLICT (projection) DO UPDATE
-                           SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence,
-                                                          EXCLUDED.stream_sequence),
-                               updated_at = now()""",
-                        self._projection,
-                        stream_sequence,
-                    )
+                    await conn.execute(_APPLY, *columns, self._projection, stream_sequence)
+                elif changed:
+                    await conn.execute(upsert_statement("visits"), *columns)
+        if changed and self._updates is not None:
+            self._updates.written(changed)
         return outcomes
 
     async def park(
@@ -163,25 +209,42 @@ class PostgresVisits:
     async def wait_for_version(
         self, scope: Scope, appointment_id: UUID, version: int, wait_seconds: float
     ) -> bool:
-        """Poll the row (if in ``scope``) until it reflects ``version`` or ``wait_seconds`` pass.
+        """Wait until the row (if in ``scope``) reflects ``version`` or ``wait_seconds`` pass.
 
-        Polling a primary key costs a fraction of a millisecond; waiting readers are few
-        and short-lived, so no notification channel is worth its commit-time cost here.
+        The row is polled (a primary-key read, a fraction of a millisecond), in short steps
+        at first; the projector of this process, if any, ends a step as soon as it wrote
+        the row. Polling stays the fallback for a projector in another process.
         """
-        deadline = time.monotonic() + wait_seconds
-        pause = _WAIT_POLL_FIRST
+        started = time.monotonic()
+        deadline = started + wait_seconds
         where, args = _scope_filter(scope)
         sql = f"SELECT version FROM visits WHERE appointment_id = ${len(args) + 1} AND {where}"
-        while True:
-            with database_errors():
-                stored = await self._pool.fetchval(sql, *args, appointment_id)
-            if version <= 0 or (stored is not None and stored >= version):
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, _WAIT_POLL_MAX)
+        pause = _WAIT_POLL_FIRST
+        watching = (
+            self._updates.watch(appointment_id)
+            if self._updates is not None
+            else contextlib.nullcontext(None)
+        )
+        with watching as written:
+            while True:
+                if written is not None:
+                    written.clear()  # before reading: a write after the read sets it again
+                with database_errors():
+                    stored = await self._pool.fetchval(sql, *args, appointment_id)
+                if version <= 0 or (stored is not None and stored >= version):
+                    return True
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now - started >= _WAIT_POLL_FAST:
+                    pause = min(pause * 2, _WAIT_POLL_MAX)
+                step = min(pause, deadline - now)
+                if written is None:
+                    await asyncio.sleep(step)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(step):
+                            await written.wait()
 
 
 def page_query(
