@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -72,5 +73,15 @@ def observe_command(name: str) -> Iterator[None]:
         outcome = "error"
         raise
     finally:
-        COMMAND_SECONDS.labels(name).observe(time.perf_counter() - started)
-        COMMANDS.labels(name, outcome).inc()
+        _seconds_of(name).observe(time.perf_counter() - started)
+        _count_of(name, outcome).inc()
+
+
+@cache
+def _seconds_of(name: str) -> Histogram:
+    return COMMAND_SECONDS.labels(name)
+
+
+@cache
+def _count_of(name: str, outcome: str) -> Counter:
+    return COMMANDS.labels(name, outcome)

@@ -113,9 +113,8 @@ class Appointments:
             timezone=body.timezone,
             visit_reason=body.visit_reason,
         )
-        fingerprint = _fingerprint("schedule", body)
         with observe_command("schedule"):
-            return await self._idempotent(ctx, fingerprint, command, None)
+            return await self._idempotent(ctx, ("schedule", body), command, None)
 
     async def cancel(
         self,
@@ -128,18 +127,18 @@ class Appointments:
         command = CancelAppointment(
             appointment_id=appointment_id, actor=ctx.principal, reason=reason
         )
-        fingerprint = _fingerprint("cancel", [appointment_id, reason, expected_version])
+        request = ("cancel", [appointment_id, reason, expected_version])
         with observe_command("cancel"):
-            return await self._idempotent(ctx, fingerprint, command, expected_version)
+            return await self._idempotent(ctx, request, command, expected_version)
 
     async def start(
         self, ctx: RequestContext, appointment_id: UUID, expected_version: int | None = None
     ) -> CommandOutcome:
         """Start inside the start window; starting a started visit succeeds again."""
         command = StartAppointment(appointment_id=appointment_id, actor=ctx.principal)
-        fingerprint = _fingerprint("start", [appointment_id, expected_version])
+        request = ("start", [appointment_id, expected_version])
         with observe_command("start"):
-            return await self._idempotent(ctx, fingerprint, command, expected_version)
+            return await self._idempotent(ctx, request, command, expected_version)
 
     async def get(self, principal: Principal, appointment_id: UUID) -> AppointmentView:
         """The appointment, read from the event store (strongly consistent)."""
@@ -167,7 +166,7 @@ class Appointments:
     async def _idempotent(
         self,
         ctx: RequestContext,
-        fingerprint: str,
+        request: tuple[str, object],
         command: Command,
         expected_version: int | None,
     ) -> CommandOutcome:
@@ -179,6 +178,7 @@ class Appointments:
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters,"
                 " none of them U+0000."
             )
+        fingerprint = _fingerprint(*request)  # what a retry under this key must repeat
         owner = key_owner(ctx.principal)
         stored = await self._idempotency.find_answer(owner, key)
         if stored is not None:
