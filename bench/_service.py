@@ -89,7 +89,11 @@ def _main(env: Mapping[str, str], roles: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def service_process(
-    dsn: str, nats_url: str | None, port: int, roles: Sequence[str]
+    dsn: str,
+    nats_url: str | None,
+    port: int,
+    roles: Sequence[str],
+    name: str = "clinic-service",
 ) -> Iterator[str]:
     """Run the service in a child process until the block ends; yields its base URL."""
     env = {
@@ -101,7 +105,7 @@ def service_process(
     if nats_url:
         env["CLINIC_NATS_URL"] = nats_url
     process = multiprocessing.get_context("spawn").Process(
-        target=_main, args=(env, list(roles)), name="clinic-service", daemon=True
+        target=_main, args=(env, list(roles)), name=name, daemon=True
     )
     process.start()
     base_url = f"http://127.0.0.1:{port}"

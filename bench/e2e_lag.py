@@ -20,6 +20,7 @@ No baseline: the target is absolute (p99 <= 20 ms at 500 commands/s in the backg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -131,11 +132,21 @@ async def main() -> dict[str, Any]:
     parser = base_parser(__doc__)
     parser.add_argument("--background", type=float, default=500.0, help="commands/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="per run")
+    parser.add_argument(
+        "--split", action="store_true", help="api in one process, relay+projector in another"
+    )
     args = parser.parse_args()
     runs = []
     async with servers() as env, fresh_database(env.admin_dsn) as dsn:
         port = free_port()
-        with service_process(dsn, env.nats_url, port, ["api", "relay", "projector"]):
+        roles = ["api"] if args.split else ["api", "relay", "projector"]
+        workers = ["relay", "projector"] if args.split else []
+        with (
+            service_process(dsn, env.nats_url, port, roles),
+            service_process(dsn, env.nats_url, free_port(), workers, name="clinic-workers")
+            if workers
+            else contextlib.nullcontext(),
+        ):
             for _ in range(args.runs):
                 runs.append(await measure(port, args.background, args.seconds))
         postgresql = await pg_version(env.admin_dsn)
@@ -154,6 +165,7 @@ async def main() -> dict[str, Any]:
         "machine": machine(),
         "runs": args.runs,
         "seconds": args.seconds,
+        "processes": "api | relay+projector" if args.split else "api+relay+projector",
         "background_offered_per_s": args.background,
         "baseline": None,
         "figures": figures,
