@@ -424,10 +424,13 @@ async def test_notify_wakes_a_relay_of_another_process_even_beside_a_standby(
 
 
 async def leading(pool: asyncpg.Pool) -> bool:
-    """Some session holds the relay lock (a relay leads)."""
+    """Some session holds the relay lock of this database (a relay leads). Advisory locks
+    belong to a database, but ``pg_locks`` shows every database's: tests running beside
+    this one on other databases hold theirs."""
     return bool(
         await pool.fetchval(
             "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND (classid::bigint << 32 | objid::bigint) = $1 AND objsubid = 1)",
             outbox.RELAY_LOCK_ID,
         )
