@@ -27,6 +27,10 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "CLINIC_JWT_AUDIENCE": (None, "expected `aud` claim, checked when set"),
     "CLINIC_START_WINDOW_MINUTES": ("15", "how early a visit can be started"),
     "CLINIC_CONSISTENCY_WAIT_MS": ("2000", "longest a read waits for a consistency token"),
+    "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": (
+        "24",
+        "how long a retry with the same Idempotency-Key gets the first answer",
+    ),
     "CLINIC_SMTP_URL": (None, "e.g. smtp://127.0.0.1:1025; email is off when unset"),
     "CLINIC_LOG_LEVEL": ("INFO", "log level"),
 }
@@ -48,6 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_audience: str | None
     start_window_minutes: int
     consistency_wait_ms: int
+    idempotency_key_ttl_hours: int = 24
     smtp_url: str | None
     log_level: str
 
@@ -95,6 +100,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwt_audience=_get(env, "CLINIC_JWT_AUDIENCE"),
         start_window_minutes=_int(env, "CLINIC_START_WINDOW_MINUTES", 0, 24 * 60),
         consistency_wait_ms=_int(env, "CLINIC_CONSISTENCY_WAIT_MS", 0, 60_000),
+        idempotency_key_ttl_hours=_int(env, "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS", 1, 24 * 366),
         smtp_url=_get(env, "CLINIC_SMTP_URL"),
         log_level=(_get(env, "CLINIC_LOG_LEVEL") or "INFO").upper(),
     )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
 from typing import Any
 
+from services.appointments.adapters.postgres.pruning import run_pruner
 from services.appointments.bootstrap import Container, appointments_container, create_session_pool
 from services.appointments.entrypoints.http.app import create_app
 from services.appointments.entrypoints.nats.service import serve_nats
@@ -54,9 +57,15 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
     replicas = container.settings.nats_stream_replicas
     # The relay's leadership lock and LISTEN are session state: a pool of its own.
     pool = await create_session_pool(container.settings.require_database_url())
+    key_ttl = timedelta(hours=container.settings.idempotency_key_ttl_hours)
+    # Every relay instance prunes; SKIP LOCKED keeps them out of each other's way.
+    pruner = asyncio.create_task(run_pruner(container.pool, stop, key_ttl), name="pruner")
     try:
         await run_relay(pool, container.nats, stop, replicas, container.doorbell)
     finally:
+        pruner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pruner
         await pool.close()
 
 

@@ -1,0 +1,89 @@
+"""Stored answers of idempotent requests are forgotten once their keys are old enough."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.pruning import prune_idempotency_keys, run_pruner
+from services.appointments.adapters.system import new_uuid
+from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.ports import IdempotencyRecord, StoredAnswer
+from services.config import ConfigError, load_settings
+from services.errors import IdempotencyKeyReused
+from tests.support.builders import principal, schedule_body
+from tests.support.clock import ManualClock
+
+DAY = timedelta(hours=24)
+
+
+async def keep_answers(pool: asyncpg.Pool, count: int, age: timedelta) -> list[str]:
+    store = PostgresEventStore(pool)
+    keys = [f"key-{uuid.uuid4()}" for _ in range(count)]
+    answer = StoredAnswer(fingerprint="f", status=200, body=b"{}", consistency_token="t")
+    for key in keys:
+        await store.save_answer(
+            IdempotencyRecord(principal_id=uuid.uuid4(), key=key, answer=answer)
+        )
+    await pool.execute(
+        "UPDATE idempotency_keys SET created_at = now() - $1::interval WHERE key = ANY($2)",
+        age,
+        keys,
+    )
+    return keys
+
+
+async def kept(pool: asyncpg.Pool) -> set[str]:
+    return {row["key"] for row in await pool.fetch("SELECT key FROM idempotency_keys")}
+
+
+async def test_keys_older_than_the_ttl_are_pruned_in_batches_and_younger_ones_kept(
+    pool: asyncpg.Pool,
+) -> None:
+    old = await keep_answers(pool, 11, DAY + timedelta(minutes=1))
+    young = await keep_answers(pool, 4, DAY - timedelta(minutes=1))
+    assert await prune_idempotency_keys(pool, DAY, batch=3) == 11
+    assert await kept(pool) == set(young)
+    assert await prune_idempotency_keys(pool, DAY, batch=3) == 0
+    assert not set(old) & await kept(pool)
+
+
+async def test_after_its_ttl_a_key_names_a_new_request(pool: asyncpg.Pool) -> None:
+    clock = ManualClock()
+    store = PostgresEventStore(pool)
+    app = Appointments(store, store, clock, new_uuid, Rules())
+    keyed = RequestContext(principal=principal("staff"), idempotency_key="book-once")
+    first = await app.schedule(keyed, schedule_body(clock.now))
+    with pytest.raises(IdempotencyKeyReused):  # kept: another body under it is refused
+        await app.schedule(keyed, schedule_body(clock.now))
+    await pool.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+    assert await prune_idempotency_keys(pool, DAY) == 1
+    second = await app.schedule(keyed, schedule_body(clock.now))
+    assert second.created and second.view.appointment_id != first.view.appointment_id
+
+
+async def test_the_pruner_prunes_at_once_and_stops_when_told(pool: asyncpg.Pool) -> None:
+    await keep_answers(pool, 3, DAY * 2)
+    stop = asyncio.Event()
+    pruner = asyncio.create_task(run_pruner(pool, stop, DAY, every=timedelta(hours=1)))
+    for _ in range(200):
+        if not await kept(pool):
+            break
+        await asyncio.sleep(0.05)
+    assert await kept(pool) == set()
+    stop.set()
+    await asyncio.wait_for(pruner, 5)
+
+
+def test_the_ttl_is_configured_in_hours_within_bounds() -> None:
+    assert load_settings({}).idempotency_key_ttl_hours == 24
+    assert load_settings({"CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": "72"}).idempotency_key_ttl_hours == 72
+    for wrong in ("0", "-5", "a day"):
+        with pytest.raises(ConfigError, match="CLINIC_IDEMPOTENCY_KEY_TTL_HOURS"):
+            load_settings({"CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": wrong})
