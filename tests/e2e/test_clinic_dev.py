@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -82,7 +83,9 @@ def processes_using(folder: Path) -> set[int]:
 class Dev:
     """One ``clinic dev`` subprocess; its output goes to files next to the data folder."""
 
-    def __init__(self, data_dir: Path, port: int, *args: str) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, *args: str, clinic: list[str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.base_url = f"http://127.0.0.1:{port}"
         runs = len(list(data_dir.parent.glob("stdout-*")))
@@ -90,11 +93,14 @@ class Dev:
         self.stderr_path = data_dir.parent / f"stderr-{runs}.txt"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
         env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
-        argv = [sys.executable, "-c", "from services.cli import main; main()", "dev"]
+        if clinic is not None:  # an installed `clinic` (argv), run from the data's parent
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(data_dir.parent)}
+            env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
+        argv = [*(clinic or [sys.executable, "-c", "from services.cli import main; main()"]), "dev"]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [*argv, "--data-dir", str(data_dir), *args],
-                cwd=ROOT,
+                cwd=ROOT if clinic is None else data_dir.parent,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -322,3 +328,80 @@ async def test_the_demo_is_kept_across_runs_and_renewed_only_when_used_up() -> N
 
 def _staff() -> Principal:
     return Principal(id=uuid.uuid4(), role="staff", clinic_id=DEMO_CLINIC_ID)
+
+
+UNPRIVILEGED = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def _runs_as_nobody(python: str) -> bool:
+    probe = subprocess.run([*UNPRIVILEGED, python, "-c", "pass"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_clinic_dev_runs_as_an_unprivileged_user_installed_with_pip() -> None:
+    """As a newcomer without root: ``pip install .`` into a venv, then ``clinic dev``.
+
+    Run as root (as CI is), the test installs this checkout into a venv of a Python that
+    ``nobody`` can run and runs ``clinic dev`` as ``nobody``; run as a normal user, the other
+    tests of this file already are that case, and this one runs the same way.
+    """
+    base = Path(tempfile.mkdtemp(prefix="clinic-dev-user-"))
+    base.chmod(0o755)
+    try:
+        home = base / "home"
+        home.mkdir()
+        clinic: list[str] | None = None
+        if os.geteuid() == 0:
+            candidates = [sys.executable, "/usr/bin/python3", shutil.which("python3") or ""]
+            python = next((c for c in candidates if c and _runs_as_nobody(c)), None)
+            assert python, f"no Python that user nobody can run among {candidates}"
+            source = base / "src"
+            shutil.copytree(
+                ROOT,
+                source,
+                ignore=shutil.ignore_patterns(
+                    ".git", ".clinic", "*_cache", "__pycache__", "*.egg-info", "build"
+                ),
+            )
+            venv = base / "venv"
+            subprocess.run([python, "-m", "venv", str(venv)], check=True)
+            installed = subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", str(source)],
+                capture_output=True,
+                text=True,
+            )
+            assert installed.returncode == 0, installed.stderr[-3000:]
+            os.chown(home, *_nobody())
+            clinic = [*UNPRIVILEGED, str(venv / "bin" / "clinic")]
+        dev = Dev(home / ".clinic", free_port(), "--demo", clinic=clinic)
+        try:
+            dev.wait_ready()
+            patient = dev.exported("PATIENT_TOKEN")
+            with httpx.Client(base_url=dev.base_url, timeout=10) as client:
+                target = demo_appointment_id(2)
+                cancelled = client.post(
+                    f"/v1/appointments/{target}/cancel", headers=_bearer(patient)
+                )
+                assert cancelled.status_code == 200, cancelled.text
+                token = cancelled.headers["x-consistency-token"]
+                upcoming = client.get(
+                    "/v1/visits", headers=_bearer(patient, **{"X-Consistency-Token": token})
+                )
+                assert upcoming.headers["x-consistency"] == "fresh"
+                assert str(target) not in {v["appointment_id"] for v in upcoming.json()["items"]}
+            servers = processes_using(dev.data_dir)
+            assert len(servers) >= 2
+            if clinic is not None:  # the servers run as nobody, not root
+                assert all(os.stat(f"/proc/{pid}").st_uid == _nobody()[0] for pid in servers)
+            children = descendants(dev.proc.pid)
+            assert dev.stop(signal.SIGTERM) == 0, dev.output()
+            assert_all_gone(children | servers, dev.data_dir, within=0.5)
+        finally:
+            dev.kill_leftovers()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _nobody() -> tuple[int, int]:
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
