@@ -61,11 +61,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from contracts.events import UnknownEventType, event_kind
+from contracts.events import EventEnvelope, UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres import outbox
+from services.appointments.adapters.postgres.event_store import envelope_fields
 from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -271,41 +272,23 @@ class _Batch:
             future.cancel()
 
 
-class _WireEnvelope(msgspec.Struct, kw_only=True):
-    """:class:`~contracts.events.EventEnvelope` as published, ``data`` passed through as
-    stored (``jsonb`` text), not decoded and encoded again."""
-
-    event_id: UUID
-    type: str
-    schema_version: int
-    stream_id: UUID
-    stream_version: int
-    global_position: int
-    occurred_at: datetime
-    correlation_id: UUID | None = None
-    causation_id: UUID | None = None
-    data: msgspec.Raw
-
+#: :class:`~contracts.events.EventEnvelope` as published, its fields in its order, but
+#: ``data`` passed through as stored (``jsonb`` text), not decoded and encoded again.
+_WireEnvelope = msgspec.defstruct(
+    "_WireEnvelope",
+    [
+        (f.name, msgspec.Raw) if f.name == "data" else (f.name, f.type, f.default)
+        for f in msgspec.structs.fields(EventEnvelope)
+    ],
+    kw_only=True,
+)
 
 _encode = msgspec.json.Encoder().encode
 
 
 def _payload(row: asyncpg.Record) -> bytes:
     """The JSON envelope of an ``events`` row, as ``envelope_from_row`` would encode it."""
-    return _encode(
-        _WireEnvelope(
-            event_id=row["event_id"],
-            type=row["type"],
-            schema_version=row["schema_version"],
-            stream_id=row["stream_id"],
-            stream_version=row["stream_version"],
-            global_position=row["global_position"],
-            occurred_at=row["occurred_at"],
-            correlation_id=row["correlation_id"],
-            causation_id=row["causation_id"],
-            data=msgspec.Raw(row["data"]),
-        )
-    )
+    return _encode(_WireEnvelope(**envelope_fields(row), data=msgspec.Raw(row["data"])))
 
 
 def _headers(row: asyncpg.Record) -> dict[str, str]:

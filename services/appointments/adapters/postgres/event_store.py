@@ -105,20 +105,19 @@ FROM events WHERE stream_id = $1 ORDER BY stream_version
 """
 
 
+#: The columns of ``events`` that are fields of :class:`EventEnvelope` as they are (all but
+#: ``data``, which is stored as ``jsonb`` text).
+ENVELOPE_COLUMNS = tuple(f.name for f in msgspec.structs.fields(EventEnvelope) if f.name != "data")
+
+
+def envelope_fields(row: asyncpg.Record) -> dict[str, Any]:
+    """The envelope fields of an ``events`` row, ``data`` left out."""
+    return {name: row[name] for name in ENVELOPE_COLUMNS}
+
+
 def envelope_from_row(row: asyncpg.Record) -> EventEnvelope:
     """The wire envelope of an ``events`` row (``data`` as stored, not upcast)."""
-    return EventEnvelope(
-        event_id=row["event_id"],
-        type=row["type"],
-        schema_version=row["schema_version"],
-        stream_id=row["stream_id"],
-        stream_version=row["stream_version"],
-        global_position=row["global_position"],
-        occurred_at=row["occurred_at"],
-        correlation_id=row["correlation_id"],
-        causation_id=row["causation_id"],
-        data=msgspec.json.decode(row["data"]),
-    )
+    return EventEnvelope(**envelope_fields(row), data=msgspec.json.decode(row["data"]))
 
 
 class PostgresEventStore:
