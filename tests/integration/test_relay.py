@@ -72,21 +72,23 @@ def booking(clinic_id: uuid.UUID) -> AppointmentScheduled:
     )
 
 
+def recorded(event: AppointmentScheduled | AppointmentCancelled) -> NewEvent:
+    return NewEvent(event_id=uuid.uuid4(), event=event, occurred_at=datetime.now(UTC))
+
+
+def cancellation(clinic_id: uuid.UUID) -> AppointmentCancelled:
+    return AppointmentCancelled(
+        clinic_id=clinic_id,
+        cancelled_by=Actor(id=uuid.uuid4(), role="patient"),
+        cancelled_at=datetime.now(UTC),
+    )
+
+
 async def append_lifecycle(store: PostgresEventStore, clinic_id: uuid.UUID) -> list[uuid.UUID]:
     """Schedule then cancel one appointment; the two event ids."""
     stream = uuid.uuid4()
-    scheduled = NewEvent(
-        event_id=uuid.uuid4(), event=booking(clinic_id), occurred_at=datetime.now(UTC)
-    )
-    cancelled = NewEvent(
-        event_id=uuid.uuid4(),
-        event=AppointmentCancelled(
-            clinic_id=clinic_id,
-            cancelled_by=Actor(id=uuid.uuid4(), role="patient"),
-            cancelled_at=datetime.now(UTC),
-        ),
-        occurred_at=datetime.now(UTC),
-    )
+    scheduled = recorded(booking(clinic_id))
+    cancelled = recorded(cancellation(clinic_id))
     await store.append(stream, 0, [scheduled])
     await store.append(stream, 1, [cancelled])
     return [scheduled.event_id, cancelled.event_id]
@@ -344,21 +346,11 @@ async def test_late_commits_below_batches_in_flight_keep_each_appointment_in_ord
         """Scheduled in a transaction that commits late, then cancelled at once."""
         async with pool.acquire() as conn:
             clinic_id, stream = uuid.uuid4(), uuid.uuid4()
-            scheduled = NewEvent(
-                event_id=uuid.uuid4(), event=booking(clinic_id), occurred_at=datetime.now(UTC)
-            )
+            scheduled = recorded(booking(clinic_id))
             async with conn.transaction():
                 await PostgresEventStore(conn).append(stream, 0, [scheduled])
                 await asyncio.sleep(random.uniform(0.01, 0.2))  # others commit meanwhile
-            cancelled = NewEvent(
-                event_id=uuid.uuid4(),
-                event=AppointmentCancelled(
-                    clinic_id=clinic_id,
-                    cancelled_by=Actor(id=uuid.uuid4(), role="patient"),
-                    cancelled_at=datetime.now(UTC),
-                ),
-                occurred_at=datetime.now(UTC),
-            )
+            cancelled = recorded(cancellation(clinic_id))
             await store.append(stream, 1, [cancelled])
             late_pairs.append([scheduled.event_id, cancelled.event_id])
 
