@@ -23,6 +23,7 @@ from litestar import post
 
 from services.appointments.bootstrap import appointments_container, create_session_pool
 from services.appointments.entrypoints.http.app import create_app
+from services.appointments.main import settle_heap
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
 from services.config import load_settings
@@ -50,6 +51,7 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
     async with appointments_container(settings, with_nats=needs_nats) as container:
         app = create_app(container)
         app.register(noop)
+        settle_heap()  # as run_roles does
         config = uvicorn.Config(
             app,
             host=settings.http_host,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -88,9 +89,21 @@ async def run_appointments(settings: Settings, roles: Sequence[str], stop: async
         await run_roles(container, roles, stop)
 
 
+def settle_heap() -> None:
+    """Take what start-up allocated (modules, the app, pools) out of the collector's way.
+
+    ``gc.freeze`` moves every object alive now to a generation the collector never walks,
+    so a full collection under load only looks at what was allocated since (tens of
+    milliseconds less per collection on a busy two-core machine).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` on ``container`` until ``stop`` is set; a failing role stops them all."""
     runners = _role_runners()
+    settle_heap()
     tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
     if "api" not in roles:
         tasks.add(asyncio.create_task(_ops(container, stop), name="ops"))
