@@ -15,7 +15,7 @@ are not tracked by the collector, and a state decodes in about a microsecond.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Final
+from typing import Final, cast
 from uuid import UUID
 
 import msgspec
@@ -42,8 +42,7 @@ class StateCache:
         if entry is None:
             return None
         version, code, encoded = entry
-        state: State = _DECODERS[code].decode(encoded)
-        return state, version
+        return cast(State, _DECODERS[code].decode(encoded)), version
 
     def put(self, stream_id: UUID, state: State, version: int) -> None:
         """Remember a state read or written at ``version`` (an older one never wins)."""
