@@ -51,7 +51,7 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
     async with appointments_container(settings, with_nats=needs_nats) as container:
         app = create_app(container)
         app.register(noop)
-        settle_heap()  # as run_roles does
+        settle_heap()  # as run_appointments does
         config = uvicorn.Config(
             app,
             host=settings.http_host,

@@ -119,14 +119,15 @@ async def appointments_container(
     doorbell = OutboxDoorbell(pool)
     ringing = RingingEventStore(store, doorbell)
     updates = ViewUpdates()
+    view = PostgresVisits(pool, updates=updates)
     wait = timedelta(milliseconds=settings.consistency_wait_ms)
     try:
         yield Container(
             settings=settings,
             pool=pool,
             nats=nc,
-            appointments=Appointments(ringing, store, clock, new_uuid, settings.rules),
-            visits=VisitsQuery(PostgresVisits(pool, updates=updates), clock, settings.rules, wait),
+            appointments=Appointments(ringing, store, clock, new_uuid, settings.rules, view=view),
+            visits=VisitsQuery(view, clock, settings.rules, wait),
             verifier=TokenVerifier.from_settings(settings),
             doorbell=doorbell,
             view_updates=updates,

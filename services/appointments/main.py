@@ -86,6 +86,7 @@ def _role_runners() -> dict[str, RoleRunner]:
 async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` until ``stop`` is set or one of them fails."""
     async with appointments_container(settings) as container:
+        settle_heap()
         await run_roles(container, roles, stop)
 
 
@@ -103,7 +104,6 @@ def settle_heap() -> None:
 async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` on ``container`` until ``stop`` is set; a failing role stops them all."""
     runners = _role_runners()
-    settle_heap()
     tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
     if "api" not in roles:
         tasks.add(asyncio.create_task(_ops(container, stop), name="ops"))

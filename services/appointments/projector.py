@@ -193,7 +193,8 @@ class VisitsProjector:
         PROJECTOR_EVENTS.labels(outcome.name.lower() if outcome else "failed").inc()
         if _deliveries(msg) > 1:
             CONSUMER_REDELIVERIES.labels("projector").inc()
-        if outcome is Outcome.APPLIED:
+        if outcome is Outcome.APPLIED or outcome is Outcome.DUPLICATE:
+            # Duplicates too: most rows were written through by their commands already.
             lag = (datetime.now(UTC) - envelope.occurred_at).total_seconds()
             PROJECTOR_LAG_SECONDS.set(max(lag, 0.0))
         match outcome:

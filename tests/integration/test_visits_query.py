@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from contracts.commands import VisitsTab
@@ -27,7 +28,7 @@ from contracts.views import VisitView
 from services.appointments.adapters.postgres import visits as visits_adapter
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates, page_query
 from services.appointments.domain.rules import Rules
-from services.appointments.service_layer.visits import PageKey, Scope, VisitsQuery
+from services.appointments.service_layer.visits import Outcome, PageKey, Scope, VisitsQuery
 from services.errors import InvalidRequest
 from tests.support.clock import ManualClock
 
@@ -369,3 +370,55 @@ async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
     # Outside the reader's scope it never shows, and the wait ends with the time given.
     other = Scope(clinic_id=CLINIC, patient_id=uuid.uuid4())
     assert not await reader.wait_for_version(other, stream, 2, wait_seconds=0.1)
+
+
+async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = ViewUpdates()
+    view = PostgresVisits(pool, updates=updates)
+    streams = [await book(view, timedelta(hours=1 + i)) for i in range(20)]
+    rows = {stream: await view.get(stream) for stream in streams}
+    cancelled = {
+        stream: msgspec.structs.replace(row, status="cancelled", version=2)
+        for stream, row in rows.items()
+        if row is not None
+    }
+    monkeypatch.setattr(visits_adapter, "_WAIT_POLL_FIRST", 3600.0)  # only a wake-up ends it
+    waiting = asyncio.create_task(
+        view.wait_for_version(Scope.of(PATIENT), streams[0], 2, wait_seconds=7200)
+    )
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    # Concurrent writes (coalesced into statements), each row's older version racing it.
+    writes = [view.write_through(row) for row in cancelled.values()]
+    writes += [view.write_through(row) for row in rows.values() if row is not None]
+    await asyncio.gather(*writes)
+    assert await asyncio.wait_for(waiting, 30)
+    for stream, row in cancelled.items():
+        assert await view.get(stream) == row
+    # The projector folding the same event later finds it applied.
+    cancel = env(
+        streams[0], 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
+    )
+    assert await view.apply([cancel]) == [Outcome.DUPLICATE]
+
+
+async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
+    pool: asyncpg.Pool,
+) -> None:
+    view = PostgresVisits(pool)
+    row = await view.get(await book(view, timedelta(hours=1)))
+    assert row is not None
+    async with pool.acquire() as conn:
+        await conn.execute("SET synchronous_commit = on")  # the test server's is off
+        async with conn.transaction():
+            # Inside a transaction the statement's setting outlives it: it did take effect.
+            await conn.execute(
+                visits_adapter._WRITE_THROUGH,
+                *visits_adapter.upsert_args([msgspec.structs.replace(row, version=2)]),
+            )
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"  # for that one only
+        await conn.execute("RESET synchronous_commit")
+    assert (await view.get(row.appointment_id)) == msgspec.structs.replace(row, version=2)

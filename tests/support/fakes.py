@@ -23,7 +23,8 @@ from services.appointments.service_layer.ports import (
     StoredAnswer,
     StreamVersionConflict,
 )
-from services.errors import SlotTaken
+from services.appointments.service_layer.visits import VisitRow
+from services.errors import SlotTaken, Unavailable
 
 
 class FakeEventStore:
@@ -96,3 +97,21 @@ class FakeEventStore:
 
     async def save_answer(self, record: IdempotencyRecord) -> StoredAnswer:
         return self.answers.setdefault((record.principal_id, record.key), record.answer)
+
+
+class FakeVisitWrites:
+    """The visits table as the command side writes it through: rows by appointment, with
+    the same version guard as PostgreSQL; ``down`` makes every write fail."""
+
+    def __init__(self) -> None:
+        self.rows: dict[UUID, VisitRow] = {}
+        self.writes = 0
+        self.down = False
+
+    async def write_through(self, row: VisitRow) -> None:
+        self.writes += 1
+        if self.down:
+            raise Unavailable("The database is unreachable.")
+        stored = self.rows.get(row.appointment_id)
+        if stored is None or stored.version < row.version:
+            self.rows[row.appointment_id] = row

@@ -5,6 +5,10 @@ Each command is handled the same way (Emmett's ``handle``): load the stream, fol
 state, a bounded number of times. The first attempt may decide on a state this process
 wrote or read recently (:class:`StateCache`) instead of loading: the append's version check
 catches a stale guess, and answers that write nothing are decided on fresh state only.
+
+After the append commits, the appointment's visits row is written through (when a view
+is given), so a read with the answer's consistency token need not wait for the projector.
+That write is best effort: it failing never fails the committed command.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from services.appointments.service_layer.ports import (
     StreamVersionConflict,
 )
 from services.appointments.service_layer.state_cache import StateCache
+from services.appointments.service_layer.visits import VisitWrites, visit_row
 from services.errors import (
     ClinicError,
     Forbidden,
@@ -91,6 +96,7 @@ class Appointments:
         rules: Rules,
         max_attempts: int = 8,
         cache: StateCache | None = None,
+        view: VisitWrites | None = None,
     ) -> None:
         self._store = store
         self._idempotency = idempotency
@@ -99,6 +105,7 @@ class Appointments:
         self._rules = rules
         self._max_attempts = max_attempts
         self._cache = cache if cache is not None else StateCache()
+        self._view = view
 
     async def schedule(self, ctx: RequestContext, body: ScheduleBody) -> CommandOutcome:
         """Book an appointment (``appointment_id`` chosen by the client makes retries safe)."""
@@ -279,9 +286,20 @@ class Appointments:
                     continue
                 raise
             self._cache.put(stream_id, new_state, new_version)
+            await self._write_through(stream_id, new_state, new_version)
             return outcome
         log.warning("command gave up after %d conflicts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
+
+    async def _write_through(self, stream_id: UUID, state: State, version: int) -> None:
+        """Show the committed write in the visits view now (the projector will, anyway)."""
+        row = visit_row(stream_id, state, version) if self._view is not None else None
+        if row is None or self._view is None:
+            return
+        try:
+            await self._view.write_through(row)
+        except Exception as exc:  # the events are committed: the answer stands regardless
+            log.warning("visits write-through failed (the projector writes the row): %r", exc)
 
 
 def key_owner(principal: Principal) -> UUID:

@@ -37,6 +37,7 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
+from services.appointments.domain.state import Cancelled, Scheduled, Started, State
 from services.appointments.service_layer.consistency import parse_token
 from services.appointments.service_layer.ports import Clock
 from services.errors import InvalidRequest
@@ -116,6 +117,43 @@ def project(row: VisitRow | None, envelope: EventEnvelope) -> tuple[Outcome, Vis
         case _:
             # The write side never stores this (e.g. a second "scheduled").
             return Outcome.POISON, row
+
+
+def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | None:
+    """The row of an appointment in ``state`` at ``version``: the row :func:`project` folds
+    from the same events (the command side writes it through with the append)."""
+    match state:
+        case Scheduled(booking):
+            status: AppointmentStatus = "scheduled"
+        case Cancelled(booking):
+            status = "cancelled"
+        case Started(booking):
+            status = "started"
+        case _:
+            return None
+    starts_at = booking.starts_at.astimezone(UTC)
+    return VisitRow(
+        appointment_id=appointment_id,
+        clinic_id=booking.clinic_id,
+        patient_id=booking.patient_id,
+        provider_id=booking.provider_id,
+        starts_at=starts_at,
+        ends_at=ends_at(starts_at, booking.duration_minutes),
+        duration_minutes=booking.duration_minutes,
+        timezone=booking.timezone,
+        visit_reason=booking.visit_reason,
+        status=status,
+        version=version,
+    )
+
+
+class VisitWrites(Protocol):
+    """The visits table, as the command side writes it through."""
+
+    async def write_through(self, row: VisitRow) -> None:
+        """Upsert ``row`` unless the stored row is at its version or later (so it never
+        goes back, whoever writes first: the projector folds the same row)."""
+        ...
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True):

@@ -6,8 +6,14 @@ upserts the rows and moves the projection's checkpoint in one statement. The ups
 only replaces a row whose version grows, and the row of a version is the same whoever
 folds it (events never change), so a concurrent or replayed apply is harmless.
 
-Read-your-writes: a reader waits for its version by polling the row; when the projector
-runs in the same process, :class:`ViewUpdates` wakes it right after the projector's write.
+Write-through: a command writes its appointment's row right after its events commit
+(:meth:`PostgresVisits.write_through`, concurrent ones coalesced into one statement), so a
+read with its consistency token finds it at once. It is the row the projector folds from
+the same events, under the same version guard; the projector stays the one writer that
+is never skipped (a crash between the append and the write-through, a failed write).
+
+Read-your-writes: a reader waits for its version by polling the row; when the row is
+written in this process (by a command or the projector), :class:`ViewUpdates` wakes it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import msgspec
 from contracts.commands import VisitsTab
 from contracts.events import EventEnvelope
 from services.appointments.adapters.postgres.errors import database_errors
+from services.appointments.adapters.postgres.group_commit import GroupCommit
 from services.appointments.service_layer.visits import (
     LONGEST_VISIT,
     Outcome,
@@ -42,9 +49,10 @@ _TYPES: Final = (
     "uuid[], uuid[], uuid[], uuid[], timestamptz[], timestamptz[], int[], text[], text[], "
     "text[], int[]"
 )
+_ROWS = f"unnest({', '.join(f'${i}::{t}' for i, t in enumerate(_TYPES.split(', '), 1))})"
 _UPSERT = f"""
 INSERT INTO {{table}} ({_SELECT})
-SELECT * FROM unnest({", ".join(f"${i}::{t}" for i, t in enumerate(_TYPES.split(", "), 1))})
+SELECT * FROM {_ROWS}
 ON CONFLICT (appointment_id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])}
 WHERE {{table}}.version < EXCLUDED.version
@@ -60,6 +68,15 @@ SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence, EXCLUDED.
     updated_at = now()"""
 #: The rows and the checkpoint in one statement (one implicit transaction).
 _APPLY = f"WITH upserted AS ({_UPSERT.format(table='visits')})\n{_CHECKPOINT}"
+#: A command's rows, committed without waiting for the WAL flush: a row lost in a crash
+#: is written again by the projector, whose own (durable) commit after reading the row
+#: flushes the WAL up to it anyway. Visibility is immediate either way.
+_WRITE_THROUGH = (
+    "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))\n"
+    + _UPSERT.format(table="visits").replace(
+        f"SELECT * FROM {_ROWS}", f"SELECT rows.* FROM relaxed, {_ROWS} AS rows"
+    )
+)
 
 #: A read-your-writes wait polls the view every ``_WAIT_POLL_FIRST`` seconds for
 #: ``_WAIT_POLL_FAST`` seconds, then backs off to at most ``_WAIT_POLL_MAX``; a commit of
@@ -130,6 +147,25 @@ class PostgresVisits:
         self._projection = projection
         self._updates = updates
         """Written rows are announced there (by the projector) and waited on (by reads)."""
+        self._writes: GroupCommit[VisitRow, None] = GroupCommit(
+            self._write_rows, self._write_row, _appointment_id
+        )
+
+    async def write_through(self, row: VisitRow) -> None:
+        """Upsert the row a command just committed the events of (version-guarded)."""
+        await self._writes.submit(row)
+
+    async def _write_row(self, row: VisitRow) -> None:
+        await self._write_rows([row])
+
+    async def _write_rows(self, rows: Sequence[VisitRow]) -> list[None]:
+        # Rows in one order for every writer: concurrent upserts cannot deadlock.
+        ordered = sorted(rows, key=_appointment_id)
+        with database_errors():
+            await self._pool.execute(_WRITE_THROUGH, *upsert_args(ordered))
+        if self._updates is not None:
+            self._updates.written(row.appointment_id for row in rows)
+        return [None] * len(rows)
 
     async def apply(
         self, envelopes: Sequence[EventEnvelope], stream_sequence: int | None = None
