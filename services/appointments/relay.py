@@ -56,6 +56,7 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
+import nats.errors
 from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -190,11 +191,17 @@ class OutboxRelay:
                     rows = await outbox.unpublished_after(conn, cursor, pending, self._batch_size)
                 if from_start or rows:
                     _observe_backlog(rows, self._batch_size)
+                failed = 0
                 if rows:
-                    in_flight.append(await self._publish(rows))
+                    try:
+                        in_flight.append(await self._publish(rows))
+                    except nats.errors.Error as exc:
+                        # Refused before any ack could come (the client's buffer is full
+                        # while it reconnects, say): a failed batch like an unacked one.
+                        log.warning("relay: %d publishes refused: %r", len(rows), exc)
+                        failed = len(rows)
                     cursor = rows[-1]["global_position"]
                 more = len(rows) == self._batch_size
-                failed = 0
                 # Keep up to ``in_flight`` batches out while full ones come; otherwise (or
                 # once one fails) settle them all and start again from the oldest row.
                 while in_flight and (len(in_flight) >= self._in_flight or not more or failed):

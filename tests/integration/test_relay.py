@@ -292,7 +292,11 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
     pool: asyncpg.Pool, nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = PostgresEventStore(pool)
-    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    # A small client buffer: while NATS is away, publishing is soon refused outright
+    # (rather than buffered), which must count as a failed batch too.
+    nc = await nats.connect(
+        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, pending_size=64_000
+    )
 
     async def stepped_down() -> bool:
         return any(
