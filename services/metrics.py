@@ -29,6 +29,10 @@ COMMAND_RETRIES = Counter(
     "clinic_command_conflict_retries_total",
     "Commands decided again after losing an optimistic-concurrency race.",
 )
+VIEW_WRITE_THROUGH_FAILURES = Counter(
+    "clinic_visits_write_through_failures_total",
+    "Committed commands whose visits row could not be written through (the projector will).",
+)
 RELAY_PUBLISHED = Counter(
     "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
 )
@@ -45,7 +49,8 @@ PROJECTOR_EVENTS = Counter(
 )
 PROJECTOR_LAG_SECONDS = Gauge(
     "clinic_projector_lag_seconds",
-    "Time between an event's occurrence and the projector applying it (last event).",
+    "Time between an event's occurrence and the projector handling it (last event applied"
+    " or found already written through).",
 )
 CONSUMER_REDELIVERIES = Counter(
     "clinic_consumer_redeliveries_total",

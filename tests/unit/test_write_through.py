@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta, timezone
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
@@ -72,9 +73,11 @@ async def test_a_failed_write_through_leaves_the_committed_command_answered() ->
     clock, store, view = ManualClock(), FakeEventStore(), FakeVisitWrites()
     app = _service(store, view, clock)
     view.down = True
+    failures = REGISTRY.get_sample_value("clinic_visits_write_through_failures_total") or 0.0
     outcome = await app.schedule(
         RequestContext(principal=principal("staff")), schedule_body(clock.now)
     )
     assert outcome.appended and outcome.view.status == "scheduled"
     assert view.writes == 1 and not view.rows
     assert len(store.streams[outcome.view.appointment_id]) == 1  # the events stand
+    assert REGISTRY.get_sample_value("clinic_visits_write_through_failures_total") == failures + 1

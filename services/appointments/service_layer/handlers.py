@@ -57,7 +57,7 @@ from services.errors import (
     Unavailable,
     VersionConflict,
 )
-from services.metrics import COMMAND_RETRIES, observe_command
+from services.metrics import COMMAND_RETRIES, VIEW_WRITE_THROUGH_FAILURES, observe_command
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,7 @@ class Appointments:
         try:
             await self._view.write_through(row)
         except Exception as exc:  # the events are committed: the answer stands regardless
+            VIEW_WRITE_THROUGH_FAILURES.inc()
             log.warning("visits write-through failed (the projector writes the row): %r", exc)
 
 
