@@ -37,7 +37,8 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
-from services.appointments.domain.state import Cancelled, Scheduled, Started, State
+from services.appointments.domain.state import Booking, NotScheduled, State
+from services.appointments.domain.view import status_of
 from services.appointments.service_layer.consistency import parse_token
 from services.appointments.service_layer.ports import Clock
 from services.errors import InvalidRequest
@@ -94,20 +95,7 @@ def project(row: VisitRow | None, envelope: EventEnvelope) -> tuple[Outcome, Vis
         return Outcome.POISON, row
     match event:
         case AppointmentScheduled() if row is None:
-            starts_at = event.starts_at.astimezone(UTC)
-            return Outcome.APPLIED, VisitRow(
-                appointment_id=envelope.stream_id,
-                clinic_id=event.clinic_id,
-                patient_id=event.patient_id,
-                provider_id=event.provider_id,
-                starts_at=starts_at,
-                ends_at=ends_at(starts_at, event.duration_minutes),
-                duration_minutes=event.duration_minutes,
-                timezone=event.timezone,
-                visit_reason=event.visit_reason,
-                status="scheduled",
-                version=version,
-            )
+            return Outcome.APPLIED, _row(envelope.stream_id, event, "scheduled", version)
         case AppointmentCancelled() if row is not None:
             return Outcome.APPLIED, msgspec.structs.replace(
                 row, status="cancelled", version=version
@@ -119,32 +107,34 @@ def project(row: VisitRow | None, envelope: EventEnvelope) -> tuple[Outcome, Vis
             return Outcome.POISON, row
 
 
-def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | None:
-    """The row of an appointment in ``state`` at ``version``: the row :func:`project` folds
-    from the same events (the command side writes it through with the append)."""
-    match state:
-        case Scheduled(booking):
-            status: AppointmentStatus = "scheduled"
-        case Cancelled(booking):
-            status = "cancelled"
-        case Started(booking):
-            status = "started"
-        case _:
-            return None
-    starts_at = booking.starts_at.astimezone(UTC)
+def _row(
+    appointment_id: UUID,
+    booked: AppointmentScheduled | Booking,
+    status: AppointmentStatus,
+    version: int,
+) -> VisitRow:
+    starts_at = booked.starts_at.astimezone(UTC)
     return VisitRow(
         appointment_id=appointment_id,
-        clinic_id=booking.clinic_id,
-        patient_id=booking.patient_id,
-        provider_id=booking.provider_id,
+        clinic_id=booked.clinic_id,
+        patient_id=booked.patient_id,
+        provider_id=booked.provider_id,
         starts_at=starts_at,
-        ends_at=ends_at(starts_at, booking.duration_minutes),
-        duration_minutes=booking.duration_minutes,
-        timezone=booking.timezone,
-        visit_reason=booking.visit_reason,
+        ends_at=ends_at(starts_at, booked.duration_minutes),
+        duration_minutes=booked.duration_minutes,
+        timezone=booked.timezone,
+        visit_reason=booked.visit_reason,
         status=status,
         version=version,
     )
+
+
+def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | None:
+    """The row of an appointment in ``state`` at ``version``: the row :func:`project` folds
+    from the same events (the command side writes it through with the append)."""
+    if isinstance(state, NotScheduled):
+        return None
+    return _row(appointment_id, state.booking, status_of(state), version)
 
 
 class VisitWrites(Protocol):
