@@ -25,16 +25,7 @@ from nats.js.errors import Error as JetStreamError
 from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.embedded import EmbeddedNats, free_port
-from tests.support.checks import (
-    acknowledged_kept,
-    appointments_caught_up,
-    events_exactly_once,
-    notifications_caught_up,
-    notifications_exactly_once,
-    parked,
-    visits_differences,
-    wait_for,
-)
+from tests.support.checks import drained_and_whole, wait_for
 from tests.support.load import CommandLoad
 from tests.support.service import JWT_SECRET, running_notifications, running_service, service_env
 
@@ -102,15 +93,8 @@ async def test_a_node_killed_mid_load_loses_no_event(
             published_before = info.state.messages
             leader.kill()
             await loading
-            await wait_for(lambda: appointments_caught_up(pool, js), DRAIN_SECONDS, "drained", 0.25)
-            await wait_for(lambda: notifications_caught_up(pool, js), DRAIN_SECONDS, "notified")
-
+            outcome = await drained_and_whole(pool, js, load.acknowledged, DRAIN_SECONDS)
             assert not load.failures and load.count(ok=False) == 0, load.summary()
-            events = await events_exactly_once(pool, js)
-            assert not await visits_differences(pool)
-            await acknowledged_kept(pool, load.acknowledged)
-            notifications = await notifications_exactly_once(pool, js)
-            assert await parked(pool) == 0
             after = await js.stream_info(EVENTS_STREAM)
             assert after.cluster is not None and after.cluster.leader != leader.server_name
             pushes = await js.stream_info(NOTIFICATIONS_STREAM)
@@ -123,9 +107,9 @@ async def test_a_node_killed_mid_load_loses_no_event(
 
     figures = {
         "commands": load.commands,
-        "events": events,
+        "events": outcome["events"],
         "events_before_the_kill": published_before,
-        "notifications": notifications,
+        "notifications": outcome["notifications"],
         "killed": f"{leader.server_name} (stream leader)",
         "new_leader": after.cluster.leader,
     }

@@ -16,7 +16,6 @@ import asyncio
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import asyncpg
@@ -24,17 +23,7 @@ import nats
 import pytest
 
 from services.embedded import EmbeddedNats, free_port
-from tests.support.checks import (
-    acknowledged_kept,
-    appointments_caught_up,
-    events_exactly_once,
-    notifications_caught_up,
-    notifications_exactly_once,
-    parked,
-    visits_differences,
-    wait_for,
-    write_side_consistent,
-)
+from tests.support.checks import drained_and_whole
 from tests.support.load import CommandLoad
 from tests.support.processes import Worker, clinic_command
 from tests.support.service import JWT_SECRET, running_service, service_env
@@ -102,18 +91,8 @@ async def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
             await load.run(LOAD_SECONDS)
             stop_killing.set()
             await asyncio.gather(*killers)
-            started = time.monotonic()
-            await wait_for(lambda: appointments_caught_up(pool, js), DRAIN_SECONDS, "drained")
-            await wait_for(lambda: notifications_caught_up(pool, js), DRAIN_SECONDS, "notified")
-            drain = time.monotonic() - started
-
+            outcome = await drained_and_whole(pool, js, load.acknowledged, DRAIN_SECONDS)
             assert not load.failures and load.count(ok=False) == 0, load.summary()
-            events = await events_exactly_once(pool, js)
-            assert not await visits_differences(pool)
-            await acknowledged_kept(pool, load.acknowledged)
-            await write_side_consistent(pool)
-            notifications = await notifications_exactly_once(pool, js)
-            assert await parked(pool) == 0
         exits = {worker.name: await worker.stop() for worker in workers}
         assert all(code == 0 for code in exits.values()), exits
     except BaseException:
@@ -133,10 +112,10 @@ async def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
         "commands": load.commands,
         "answers": load.summary(),
         "kills": {worker.name: worker.kills for worker in workers},
-        "events": events,
+        "events": outcome["events"],
         "visits": len(load.acknowledged),
-        "notifications": notifications,
-        "drain_seconds": round(drain, 1),
+        "notifications": outcome["notifications"],
+        "drain_seconds": outcome["drain_seconds"],
     }
     record_property("figures", json.dumps(figures))
     print("crash safety:", json.dumps(figures))

@@ -31,17 +31,7 @@ import pytest
 from services.appointments.adapters.postgres.migrate import migrate
 from services.auth import mint_token
 from services.embedded import EmbeddedNats, EmbeddedPostgres
-from tests.support.checks import (
-    acknowledged_kept,
-    appointments_caught_up,
-    events_exactly_once,
-    notifications_caught_up,
-    notifications_exactly_once,
-    parked,
-    visits_differences,
-    wait_for,
-    write_side_consistent,
-)
+from tests.support.checks import drained_and_whole, wait_for
 from tests.support.load import CommandLoad
 from tests.support.service import JWT_SECRET, running_notifications, running_service, service_env
 
@@ -77,15 +67,8 @@ async def _verify(database_url: str, nats_url: str, load: CommandLoad) -> dict[s
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
-        await wait_for(lambda: appointments_caught_up(pool, js), DRAIN_SECONDS, "drained", 0.25)
-        await wait_for(lambda: notifications_caught_up(pool, js), DRAIN_SECONDS, "notified")
-        events = await events_exactly_once(pool, js)
-        assert not await visits_differences(pool)
-        await acknowledged_kept(pool, load.acknowledged)
-        await write_side_consistent(pool)
-        notifications = await notifications_exactly_once(pool, js)
-        assert await parked(pool) == 0
-        return {"events": events, "notifications": notifications}
+        outcome = await drained_and_whole(pool, js, load.acknowledged, DRAIN_SECONDS)
+        return {"events": int(outcome["events"]), "notifications": int(outcome["notifications"])}
     finally:
         await nc.close()
         await pool.close()

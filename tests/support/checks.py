@@ -228,3 +228,25 @@ async def write_side_consistent(pool: asyncpg.Pool) -> None:
         f"bookings without an active appointment: {len(booked - active)},"
         f" active appointments without a booking: {len(active - booked)}"
     )
+
+
+async def drained_and_whole(
+    pool: asyncpg.Pool,
+    js: JetStreamContext,
+    acknowledged: dict[uuid.UUID, str],
+    drain_seconds: float,
+) -> dict[str, float]:
+    """Wait (bounded) until every event is published, projected and notified, then prove
+    nothing was lost, duplicated or half-written: the fault tests' common ending. Returns
+    how many events and notifications there are, and how long the drain took."""
+    started = time.monotonic()
+    await wait_for(lambda: appointments_caught_up(pool, js), drain_seconds, "drained", 0.25)
+    await wait_for(lambda: notifications_caught_up(pool, js), drain_seconds, "notified")
+    drained = time.monotonic() - started
+    events = await events_exactly_once(pool, js)
+    assert not await visits_differences(pool)
+    await acknowledged_kept(pool, acknowledged)
+    await write_side_consistent(pool)
+    notifications = await notifications_exactly_once(pool, js)
+    assert await parked(pool) == 0
+    return {"events": events, "notifications": notifications, "drain_seconds": round(drained, 1)}
