@@ -127,9 +127,10 @@ class OutboxRelay:
         doorbell: OutboxDoorbell | None = None,
     ) -> None:
         self._pool = pool
-        self._js: JetStreamContext = nc.jetstream()
+        self._nc = nc
         self._batch_size = batch_size
         self._in_flight = max(1, in_flight)
+        self._js = self._jetstream()
         self._poll_interval = poll_interval
         self._standby_interval = standby_interval
         self._ack_timeout = ack_timeout
@@ -137,6 +138,10 @@ class OutboxRelay:
         self._doorbell = doorbell
         self.published = 0
         """Events this relay published and deleted from the outbox (for tests and logs)."""
+
+    def _jetstream(self) -> JetStreamContext:
+        # Room for every publish of the batches in flight, no more.
+        return self._nc.jetstream(publish_async_max_pending=self._batch_size * self._in_flight)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
@@ -196,8 +201,9 @@ class OutboxRelay:
                     try:
                         in_flight.append(await self._publish(rows))
                     except nats.errors.Error as exc:
-                        # Refused before any ack could come (the client's buffer is full
-                        # while it reconnects, say): a failed batch like an unacked one.
+                        # Refused before any ack could come (NATS unreachable, say): a
+                        # failed batch like an unacked one.
+                        raise_if_cancelling()
                         log.warning("relay: %d publishes refused: %r", len(rows), exc)
                         failed = len(rows)
                     cursor = rows[-1]["global_position"]
@@ -227,18 +233,34 @@ class OutboxRelay:
                 await conn.remove_listener(CHANNEL, on_notify)
 
     async def _publish(self, rows: list[asyncpg.Record]) -> _Batch:
-        """Send every row of a batch pipelined (acks come back later)."""
+        """Send every row of a batch pipelined (acks come back later).
+
+        Not while the client is disconnected: it would buffer the messages, then refuse
+        them, and ``publish_async`` loses a slot of its pending limit with every refusal
+        (the slot is taken before the send, and the future is never handed back). Should
+        a publish be refused anyway (the connection lost mid-batch), the relay takes a
+        fresh JetStream context, with a full limit, for the next batch; a full limit never
+        makes it wait longer than the ack timeout.
+        """
+        if not self._nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
         batch = _Batch(rows)
         publish = self._js.publish_async
         try:
             for row in rows:
                 batch.futures.append(
                     await publish(
-                        subject_of(row), _payload(row), headers=_headers(row), stream=EVENTS_STREAM
+                        subject_of(row),
+                        _payload(row),
+                        wait_stall=self._ack_timeout,
+                        headers=_headers(row),
+                        stream=EVENTS_STREAM,
                     )
                 )
-        except BaseException:
+        except BaseException as exc:
             batch.cancel()
+            if isinstance(exc, nats.errors.Error):
+                self._js = self._jetstream()
             raise
         return batch
 

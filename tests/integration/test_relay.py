@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -311,11 +312,44 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
             assert not await outbox_empty(pool)
             # Unacked for long enough, the active relay gives up its lock and retries.
             await eventually(stepped_down, within=30)
+            assert "publishes refused" in caplog.text  # the path this client takes
             nats_server.start()
             await eventually(lambda: outbox_empty(pool))
         messages = await stream_messages(nc)
     finally:
         await nc.close()
+    assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
+
+
+async def test_publishes_refused_while_connected_neither_stall_the_relay_nor_lose_events(
+    pool: asyncpg.Pool,
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refused ``publish_async`` keeps a slot of its context's pending limit (16 here:
+    2 batches of 8); 20 refusals would leave the relay waiting forever on that context."""
+    store = PostgresEventStore(pool)
+    nc = await nats.connect(nats_server.url)
+    publish = nc.publish
+    refusals = 20
+
+    async def refusing(subject: str, *args: Any, **kwargs: Any) -> None:
+        nonlocal refusals
+        if subject.startswith("appointments.v1.events.") and refusals > 0:
+            refusals -= 1
+            raise nats.errors.OutboundBufferLimitError
+        await publish(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "publish", refusing)
+    try:
+        appended = await append_many(store, 100, writers=4)
+        async with running(OutboxRelay(pool, nc, batch_size=8, in_flight=2, ack_timeout=0.5)):
+            await eventually(lambda: outbox_empty(pool), within=60)
+        messages = await stream_messages(nc)
+    finally:
+        await nc.close()
+    assert refusals == 0 and "publishes refused" in caplog.text
     assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
 
 

@@ -422,3 +422,20 @@ async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
         assert await conn.fetchval("SHOW synchronous_commit") == "on"  # for that one only
         await conn.execute("RESET synchronous_commit")
     assert (await view.get(row.appointment_id)) == msgspec.structs.replace(row, version=2)
+
+
+async def test_a_row_the_database_refuses_fails_alone_among_concurrent_write_throughs(
+    pool: asyncpg.Pool,
+) -> None:
+    view = PostgresVisits(pool)
+    rows = [await view.get(await book(view, timedelta(hours=1 + i))) for i in range(12)]
+    cancelled = [msgspec.structs.replace(r, status="cancelled", version=2) for r in rows if r]
+    bad = msgspec.structs.replace(cancelled[5], version=0)  # breaks CHECK (version > 0)
+    results = await asyncio.gather(
+        *(view.write_through(row) for row in [*cancelled[:5], bad, *cancelled[6:]]),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results].count(asyncpg.CheckViolationError) == 1
+    assert isinstance(results[5], asyncpg.CheckViolationError)
+    for row in cancelled[:5] + cancelled[6:]:
+        assert await view.get(row.appointment_id) == row

@@ -28,3 +28,11 @@ def database_errors() -> Iterator[None]:
         yield
     except CONNECTION_ERRORS as exc:
         raise Unavailable("The database is unreachable; retry shortly.") from exc
+
+
+def refused_by_content(exc: BaseException) -> bool:
+    """Whether a statement failed because of what (some of) its rows hold, not because
+    PostgreSQL is unreachable: a constraint, a deadlock, a value asyncpg cannot encode."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return isinstance(exc, ValueError)  # asyncpg's client-side DataError
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS)

@@ -29,7 +29,10 @@ from contracts.events import (
     decode_event,
     event_type,
 )
-from services.appointments.adapters.postgres.errors import CONNECTION_ERRORS, database_errors
+from services.appointments.adapters.postgres.errors import (
+    database_errors,
+    refused_by_content,
+)
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -214,7 +217,7 @@ class PostgresEventStore:
                     _APPEND_BATCH, *events, *bookings, freed, *answers, traceparents
                 )
             except Exception as exc:
-                if _refused_by_content(exc):
+                if refused_by_content(exc):
                     raise DecideEach() from exc
                 raise
         positions = {row["stream_id"]: row["global_position"] for row in rows}
@@ -266,14 +269,6 @@ class _Append(NamedTuple):
     stream_id: UUID
     stream_version: int  # after the append
     args: list[Any]  # of _APPEND
-
-
-def _refused_by_content(exc: BaseException) -> bool:
-    """Whether a batch failed because of what (some of) its appends hold, not because
-    PostgreSQL is unreachable: a constraint, a deadlock, a value asyncpg cannot encode."""
-    if isinstance(exc, asyncpg.InterfaceError):
-        return isinstance(exc, ValueError)  # asyncpg's client-side DataError
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS)
 
 
 def _answer_from_row(row: asyncpg.Record) -> StoredAnswer:

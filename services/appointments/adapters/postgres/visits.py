@@ -31,8 +31,8 @@ import msgspec
 
 from contracts.commands import VisitsTab
 from contracts.events import EventEnvelope
-from services.appointments.adapters.postgres.errors import database_errors
-from services.appointments.adapters.postgres.group_commit import GroupCommit
+from services.appointments.adapters.postgres.errors import database_errors, refused_by_content
+from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
 from services.appointments.service_layer.visits import (
     LONGEST_VISIT,
     Outcome,
@@ -162,7 +162,12 @@ class PostgresVisits:
         # Rows in one order for every writer: concurrent upserts cannot deadlock.
         ordered = sorted(rows, key=_appointment_id)
         with database_errors():
-            await self._pool.execute(_WRITE_THROUGH, *upsert_args(ordered))
+            try:
+                await self._pool.execute(_WRITE_THROUGH, *upsert_args(ordered))
+            except Exception as exc:
+                if len(rows) > 1 and refused_by_content(exc):
+                    raise DecideEach() from exc  # one bad row must not fail the others
+                raise
         if self._updates is not None:
             self._updates.written(row.appointment_id for row in rows)
         return [None] * len(rows)
