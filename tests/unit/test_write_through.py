@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta, timezone
 
@@ -9,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.appointments.domain.rules import Rules
+from services.appointments.service_layer import handlers
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.visits import VisitRow, project
 from services.errors import AppointmentIsCancelled
@@ -81,3 +83,15 @@ async def test_a_failed_write_through_leaves_the_committed_command_answered() ->
     assert view.writes == 1 and not view.rows
     assert len(store.streams[outcome.view.appointment_id]) == 1  # the events stand
     assert REGISTRY.get_sample_value("clinic_visits_write_through_failures_total") == failures + 1
+
+
+async def test_a_hanging_write_through_holds_the_answer_back_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(handlers, "WRITE_THROUGH_SECONDS", 0.05)
+    clock, store, view = ManualClock(), FakeEventStore(), FakeVisitWrites()
+    app = _service(store, view, clock)
+    view.hang = True
+    ctx = RequestContext(principal=principal("staff"))
+    outcome = await asyncio.wait_for(app.schedule(ctx, schedule_body(clock.now)), 5)
+    assert outcome.appended and view.writes == 1 and not view.rows

@@ -13,6 +13,7 @@ That write is best effort: it failing never fails the committed command.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
@@ -62,6 +63,8 @@ from services.metrics import COMMAND_RETRIES, VIEW_WRITE_THROUGH_FAILURES, obser
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+#: Longest a command's answer waits for its visits row to be written through.
+WRITE_THROUGH_SECONDS = 1.0
 
 
 class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -292,12 +295,17 @@ class Appointments:
         raise Unavailable("The appointment is too busy right now; retry shortly.")
 
     async def _write_through(self, stream_id: UUID, state: State, version: int) -> None:
-        """Show the committed write in the visits view now (the projector will, anyway)."""
-        row = visit_row(stream_id, state, version) if self._view is not None else None
-        if row is None or self._view is None:
+        """Show the committed write in the visits view now (the projector will, anyway).
+
+        Bounded by :data:`WRITE_THROUGH_SECONDS`: a slow database must not hold back the
+        answer of a command whose events are committed (the write goes on unawaited)."""
+        if self._view is None:
             return
         try:
-            await self._view.write_through(row)
+            row = visit_row(stream_id, state, version)
+            if row is not None:
+                async with asyncio.timeout(WRITE_THROUGH_SECONDS):
+                    await self._view.write_through(row)
         except Exception as exc:  # the events are committed: the answer stands regardless
             VIEW_WRITE_THROUGH_FAILURES.inc()
             log.warning("visits write-through failed (the projector writes the row): %r", exc)
