@@ -140,8 +140,9 @@ class OutboxRelay:
         """Events this relay published and deleted from the outbox (for tests and logs)."""
 
     def _jetstream(self) -> JetStreamContext:
-        # Room for every publish of the batches in flight, no more.
-        return self._nc.jetstream(publish_async_max_pending=self._batch_size * self._in_flight)
+        # Room for every publish of the batches in flight, and one batch more.
+        pending = self._batch_size * (self._in_flight + 1)
+        return self._nc.jetstream(publish_async_max_pending=pending)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
@@ -237,10 +238,11 @@ class OutboxRelay:
 
         Not while the client is disconnected: it would buffer the messages, then refuse
         them, and ``publish_async`` loses a slot of its pending limit with every refusal
-        (the slot is taken before the send, and the future is never handed back). Should
-        a publish be refused anyway (the connection lost mid-batch), the relay takes a
-        fresh JetStream context, with a full limit, for the next batch; a full limit never
-        makes it wait longer than the ack timeout.
+        (the slot is taken before the send, and the future is never handed back): lost
+        slots add up until a publish waits for one forever. Should a publish be refused
+        anyway (the connection lost mid-batch), the relay takes a fresh JetStream context,
+        with a full limit, for the next batch. (``wait_stall`` would bound that wait too,
+        but it wraps every publish in a task: it halved the relay's rate.)
         """
         if not self._nc.is_connected:
             raise nats.errors.ConnectionReconnectingError
@@ -252,7 +254,6 @@ class OutboxRelay:
                     await publish(
                         subject_of(row),
                         _payload(row),
-                        wait_stall=self._ack_timeout,
                         headers=_headers(row),
                         stream=EVENTS_STREAM,
                     )

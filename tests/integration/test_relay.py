@@ -327,12 +327,12 @@ async def test_publishes_refused_while_connected_neither_stall_the_relay_nor_los
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Each refused ``publish_async`` keeps a slot of its context's pending limit (16 here:
-    2 batches of 8); 20 refusals would leave the relay waiting forever on that context."""
+    """Each refused ``publish_async`` keeps a slot of its context's pending limit (24 here:
+    3 batches of 8); 30 refusals would leave the relay waiting forever on that context."""
     store = PostgresEventStore(pool)
     nc = await nats.connect(nats_server.url)
     publish = nc.publish
-    refusals = 20
+    refusals = 30
 
     async def refusing(subject: str, *args: Any, **kwargs: Any) -> None:
         nonlocal refusals
