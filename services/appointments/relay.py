@@ -252,10 +252,7 @@ class OutboxRelay:
             for row in rows:
                 batch.futures.append(
                     await publish(
-                        subject_of(row),
-                        _payload(row),
-                        headers=_headers(row),
-                        stream=EVENTS_STREAM,
+                        subject_of(row), _payload(row), headers=_headers(row), stream=EVENTS_STREAM
                     )
                 )
         except BaseException as exc:

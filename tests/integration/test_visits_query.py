@@ -77,6 +77,13 @@ def env(stream: uuid.UUID, version: int, event: Event) -> EventEnvelope:
     )
 
 
+def cancel(stream: uuid.UUID, clinic: uuid.UUID = CLINIC) -> EventEnvelope:
+    """The staff's cancellation of ``stream`` (its second event)."""
+    return env(
+        stream, 2, AppointmentCancelled(clinic_id=clinic, cancelled_by=STAFF, cancelled_at=NOW)
+    )
+
+
 async def book(
     visits: PostgresVisits,
     starts_in: timedelta,
@@ -100,13 +107,7 @@ async def book(
     )
     events = [env(stream, 1, booked)]
     if then == "cancelled":
-        events.append(
-            env(
-                stream,
-                2,
-                AppointmentCancelled(clinic_id=clinic, cancelled_by=STAFF, cancelled_at=NOW),
-            )
-        )
+        events.append(cancel(stream, clinic))
     elif then == "started":
         events.append(
             env(stream, 2, AppointmentStarted(clinic_id=clinic, started_by=STAFF, started_at=NOW))
@@ -263,13 +264,11 @@ async def test_a_consistency_token_waits_for_the_write(
     visits: PostgresVisits, query: VisitsQuery
 ) -> None:
     stream = await book(visits, timedelta(hours=1))
-    cancel = env(
-        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
-    )
+    cancellation = cancel(stream)
 
     async def project_later() -> None:
         await asyncio.sleep(0.3)
-        await visits.apply([cancel])
+        await visits.apply([cancellation])
 
     later = asyncio.create_task(project_later())
     page, stale = await query.list_visits(PATIENT, "upcoming", consistency_token=f"{stream}.2")
@@ -331,9 +330,7 @@ async def test_the_projector_of_this_process_wakes_a_waiting_read(
     updates = ViewUpdates()
     reader, projector = PostgresVisits(pool, updates=updates), PostgresVisits(pool, updates=updates)
     stream = await book(projector, timedelta(hours=1))
-    cancel = env(
-        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
-    )
+    cancellation = cancel(stream)
     # Polling alone would look again only in an hour: only the wake-up can end the wait.
     monkeypatch.setattr(visits_adapter, "_WAIT_POLL_FIRST", 3600.0)
     waiting = asyncio.create_task(
@@ -342,10 +339,10 @@ async def test_the_projector_of_this_process_wakes_a_waiting_read(
     await asyncio.sleep(0.2)  # it polled once and waits
     assert not waiting.done()
     with updates.watch(stream) as written:
-        await projector.apply([cancel])
+        await projector.apply([cancellation])
         assert written.is_set()
         written.clear()
-        await projector.apply([cancel])  # a duplicate writes nothing, wakes nobody
+        await projector.apply([cancellation])  # a duplicate writes nothing, wakes nobody
         assert not written.is_set()
     assert await asyncio.wait_for(waiting, 30)
 
@@ -356,13 +353,11 @@ async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
     reader = PostgresVisits(pool, updates=ViewUpdates())
     projector = PostgresVisits(pool, updates=ViewUpdates())  # another process's
     stream = await book(projector, timedelta(hours=1))
-    cancel = env(
-        stream, 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
-    )
+    cancellation = cancel(stream)
 
     async def project_later() -> None:
         await asyncio.sleep(0.3)
-        await projector.apply([cancel])
+        await projector.apply([cancellation])
 
     later = asyncio.create_task(project_later())
     assert await reader.wait_for_version(Scope.of(PATIENT), stream, 2, wait_seconds=30)
@@ -398,10 +393,8 @@ async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
     for stream, row in cancelled.items():
         assert await view.get(stream) == row
     # The projector folding the same event later finds it applied.
-    cancel = env(
-        streams[0], 2, AppointmentCancelled(clinic_id=CLINIC, cancelled_by=STAFF, cancelled_at=NOW)
-    )
-    assert await view.apply([cancel]) == [Outcome.DUPLICATE]
+    cancellation = cancel(streams[0])
+    assert await view.apply([cancellation]) == [Outcome.DUPLICATE]
 
 
 async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(

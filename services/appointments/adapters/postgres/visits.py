@@ -49,14 +49,21 @@ _TYPES: Final = (
     "uuid[], uuid[], uuid[], uuid[], timestamptz[], timestamptz[], int[], text[], text[], "
     "text[], int[]"
 )
+#: The rows of :func:`upsert_args`, as a FROM item.
 _ROWS = f"unnest({', '.join(f'${i}::{t}' for i, t in enumerate(_TYPES.split(', '), 1))})"
 _UPSERT = f"""
 INSERT INTO {{table}} ({_SELECT})
-SELECT * FROM {_ROWS}
+SELECT {{rows}}
 ON CONFLICT (appointment_id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])}
 WHERE {{table}}.version < EXCLUDED.version
 """
+
+
+def upsert_statement(table: str) -> str:
+    """The version-guarded upsert of rows into ``table`` (``visits`` or its rebuild)."""
+    return _UPSERT.format(table=table, rows=f"* FROM {_ROWS}")
+
 
 _MIN_UUID: Final = UUID(int=0)
 _MAX_UUID: Final = UUID(int=(1 << 128) - 1)
@@ -67,15 +74,13 @@ VALUES ($12, $13) ON CONFLICT (projection) DO UPDATE
 SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence, EXCLUDED.stream_sequence),
     updated_at = now()"""
 #: The rows and the checkpoint in one statement (one implicit transaction).
-_APPLY = f"WITH upserted AS ({_UPSERT.format(table='visits')})\n{_CHECKPOINT}"
+_APPLY = f"WITH upserted AS ({upsert_statement('visits')})\n{_CHECKPOINT}"
 #: A command's rows, committed without waiting for the WAL flush: a row lost in a crash
 #: is written again by the projector, whose own (durable) commit after reading the row
 #: flushes the WAL up to it anyway. Visibility is immediate either way.
 _WRITE_THROUGH = (
     "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))\n"
-    + _UPSERT.format(table="visits").replace(
-        f"SELECT * FROM {_ROWS}", f"SELECT rows.* FROM relaxed, {_ROWS} AS rows"
-    )
+    + _UPSERT.format(table="visits", rows=f"rows.* FROM relaxed, {_ROWS} AS rows")
 )
 
 #: A read-your-writes wait polls the view every ``_WAIT_POLL_FIRST`` seconds for
@@ -123,15 +128,11 @@ def row_of(record: asyncpg.Record) -> VisitRow:
     return VisitRow(**{column: record[column] for column in COLUMNS})
 
 
-def upsert_statement(table: str) -> str:
-    """The version-guarded upsert of rows into ``table`` (``visits`` or its rebuild)."""
-    return _UPSERT.format(table=table)
-
-
 def upsert_args(rows: Iterable[VisitRow]) -> list[list[Any]]:
-    """The column arrays :func:`upsert_statement` takes."""
+    """The column arrays :func:`upsert_statement` takes, ordered by appointment: every
+    writer locks rows in one order, so concurrent upserts cannot deadlock."""
     columns: list[list[Any]] = [[] for _ in COLUMNS]
-    for row in rows:
+    for row in sorted(rows, key=_appointment_id):
         for column, value in zip(columns, msgspec.structs.astuple(row), strict=True):
             column.append(value)
     return columns
@@ -159,11 +160,9 @@ class PostgresVisits:
         await self._write_rows([row])
 
     async def _write_rows(self, rows: Sequence[VisitRow]) -> list[None]:
-        # Rows in one order for every writer: concurrent upserts cannot deadlock.
-        ordered = sorted(rows, key=_appointment_id)
         with database_errors():
             try:
-                await self._pool.execute(_WRITE_THROUGH, *upsert_args(ordered))
+                await self._pool.execute(_WRITE_THROUGH, *upsert_args(rows))
             except Exception as exc:
                 if len(rows) > 1 and refused_by_content(exc):
                     raise DecideEach() from exc  # one bad row must not fail the others
@@ -193,8 +192,7 @@ class PostgresVisits:
                     outcomes.append(outcome)
                     if row is not None and outcome in (Outcome.APPLIED, Outcome.SKIPPED):
                         current[envelope.stream_id] = changed[envelope.stream_id] = row
-                # Rows in one order for every writer: concurrent upserts cannot deadlock.
-                columns = upsert_args(sorted(changed.values(), key=_appointment_id))
+                columns = upsert_args(changed.values())
                 if stream_sequence is not None:
                     await conn.execute(_APPLY, *columns, self._projection, stream_sequence)
                 elif changed:
