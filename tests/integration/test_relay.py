@@ -239,6 +239,28 @@ async def test_the_doorbell_wakes_the_relay_before_its_poll(pool: asyncpg.Pool, 
     assert event_ids(await stream_messages(nc)) == [str(i) for i in ids]
 
 
+async def test_a_ring_commits_without_waiting_for_the_wal_flush(pool: asyncpg.Pool) -> None:
+    """The ring relaxes ``synchronous_commit`` for its own transaction only: the service's
+    pool keeps session state between uses, so a leaked setting would make every later
+    append on that connection non-durable."""
+    rung = asyncio.Event()
+
+    def on_ring(*_: object) -> None:
+        rung.set()
+
+    async with pool.acquire() as listener, pool.acquire() as conn:
+        await listener.add_listener(CHANNEL, on_ring)
+        await conn.execute("SET synchronous_commit = on")  # the test server's is off
+        async with conn.transaction():
+            # Inside a transaction the statement's setting outlives it: it did take effect.
+            await outbox.ring(conn)
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"  # for that one only
+        await conn.execute("RESET synchronous_commit")
+        await asyncio.wait_for(rung.wait(), 5)  # delivered at the commit
+        await listener.remove_listener(CHANNEL, on_ring)
+
+
 async def test_a_republished_event_is_dropped_by_the_duplicate_window(
     pool: asyncpg.Pool, nc: NATS
 ) -> None:
