@@ -20,7 +20,6 @@ propagator:
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -97,19 +96,17 @@ def correlated(correlation_id: UUID | None) -> Iterator[None]:
 
 
 _recording = False
-#: A provider named by this variable is loaded by the API on first use.
-_PROVIDER_FROM_ENV: Final = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def recording() -> bool:
     """Whether a real tracer provider is installed (else spans are the API's no-ops).
 
-    Asked for every request and event, so kept cheap: until a global provider is set
-    (the API's own ``_TRACER_PROVIDER``; set once per process) the answer is no, and a
-    yes is remembered.
+    Asked for every request and event, so kept cheap: until a provider is installed the
+    API answers with its proxy at once, and a yes is remembered (a provider is set once
+    per process).
     """
     global _recording
-    if not _recording and (trace._TRACER_PROVIDER is not None or _PROVIDER_FROM_ENV):
+    if not _recording:
         provider = trace.get_tracer_provider()
         _recording = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
     return _recording
