@@ -186,6 +186,11 @@ def test_schedule_with_naive_starts_at_is_invalid() -> None:
     refused([], schedule(starts_at=STARTS_AT.replace(tzinfo=None)), NOW, InvalidRequest)
 
 
+@pytest.mark.parametrize("moment", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+05:00"])
+def test_schedule_at_a_time_with_no_utc_equivalent_is_invalid(moment: str) -> None:
+    refused([], schedule(starts_at=datetime.fromisoformat(moment)), NOW, InvalidRequest)
+
+
 def test_schedule_accepts_any_utc_offset() -> None:
     paris_summer = timezone(timedelta(hours=2))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -152,6 +152,23 @@ def test_a_naive_time_in_a_cursor_is_refused() -> None:
     forged = encode_cursor(PageKey("past", NOW.replace(tzinfo=None), STREAM))
     with pytest.raises(InvalidRequest):
         decode_cursor(forged, "past")
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+10:00"])
+def test_a_time_in_a_cursor_with_no_utc_equivalent_is_refused(moment: str) -> None:
+    # PostgreSQL would refuse it as a query argument (a 503): refused as input instead.
+    forged = encode_cursor(PageKey("past", datetime.fromisoformat(moment), STREAM))
+    with pytest.raises(InvalidRequest):
+        decode_cursor(forged, "past")
+
+
+def test_a_cursor_time_is_read_in_utc() -> None:
+    key = decode_cursor(
+        encode_cursor(PageKey("past", NOW.astimezone(timezone(timedelta(hours=-1))), STREAM)),
+        "past",
+    )
+    assert key == PageKey("past", NOW, STREAM)
+    assert key.starts_at.utcoffset() == timedelta(0)
 
 
 def test_each_role_gets_its_scope() -> None:

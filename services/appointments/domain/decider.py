@@ -133,7 +133,10 @@ def _schedule(state: State, command: ScheduleAppointment, now: datetime) -> list
     starts_at = command.starts_at
     if starts_at.utcoffset() is not None:
         # Stored in UTC, so that durations are elapsed time even across a DST change.
-        starts_at = starts_at.astimezone(UTC)
+        try:
+            starts_at = starts_at.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00-05:00 has no UTC time
+            raise InvalidRequest("starts_at is out of range.") from None
     event = AppointmentScheduled(
         clinic_id=command.actor.clinic_id,
         patient_id=command.patient_id,

@@ -185,7 +185,11 @@ def decode_cursor(cursor: str, tab: VisitsTab) -> PageKey:
         raise InvalidRequest("cursor is not a cursor this service issued.") from None
     if key.tab != tab or key.starts_at.tzinfo is None:
         raise InvalidRequest(f"cursor does not belong to the {tab} tab.")
-    return key
+    try:  # an issued cursor holds a UTC time; a forged one may have none
+        starts_at = key.starts_at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest("cursor is not a cursor this service issued.") from None
+    return PageKey(key.tab, starts_at, key.appointment_id)
 
 
 class VisitsReader(Protocol):
