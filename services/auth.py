@@ -8,6 +8,7 @@ principal is remembered (by the whole token string) until the token's ``exp``.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,13 @@ class TokenVerifier:
     def _remember(self, token: str, principal: Principal, exp: Any) -> None:
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             return
+        try:
+            expires = float(exp)
+        except OverflowError:  # exp 10**400: valid, and as good as never expiring
+            expires = math.inf
         if len(self._verified) >= VERIFIED_TOKENS_CACHED:
             del self._verified[next(iter(self._verified))]
-        self._verified[token] = (principal, float(exp))
+        self._verified[token] = (principal, expires)
 
     def _decode(self, token: str) -> dict[str, Any]:
         failure = "The token is not valid."

@@ -43,6 +43,15 @@ def test_a_remembered_token_still_expires() -> None:
         verifier.verify(token)
 
 
+def test_a_token_whose_exp_is_past_any_float_is_verified_and_remembered() -> None:
+    verifier = TokenVerifier(secret=SECRET)
+    me = uuid.uuid4()
+    claims = {"sub": str(me), "role": "patient", "clinic_id": str(uuid.uuid4()), "exp": 10**400}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    assert verifier.verify(token).id == me
+    assert verifier.verify(token).id == me  # from the cache
+
+
 def test_a_token_with_another_signature_is_not_taken_for_a_remembered_one() -> None:
     verifier = TokenVerifier(secret=SECRET)
     token = mint_token(SECRET, "staff", uuid.uuid4(), uuid.uuid4())
