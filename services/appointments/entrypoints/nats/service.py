@@ -2,8 +2,9 @@
 
 A service-API micro service (``$SRV.PING|INFO|STATS`` discovery) whose endpoints listen
 as one queue group, so every instance of the ``api`` role shares the load. nats-py runs a
-subscription's callback one message at a time, so each request runs in a task of its own
-(bounded): a visits query waiting for its consistency token never holds up a cancel.
+subscription's callback one message at a time, so each request runs in a task of its own,
+bounded per endpoint: visits queries waiting for their consistency tokens (as long as the
+configured wait, for a token nobody will reach) never hold up a cancel.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from services.ops import SHUTDOWN_GRACE_SECONDS
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP: Final = SERVICE_NAME
-#: Requests handed to the application layer at once (the pool bounds it further).
+#: Requests of one endpoint handed to the application layer at once (the pool bounds
+#: them further).
 MAX_IN_FLIGHT: Final = 64
 #: Requests accepted in all (running or waiting); beyond, ``unavailable`` at once.
 MAX_ACCEPTED: Final = 1024
@@ -89,7 +91,7 @@ class Dispatcher:
         if missing:
             raise ValueError(f"no handler for the endpoints {sorted(missing)}")
         self._api = api
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._slots = {endpoint.name: asyncio.Semaphore(max_in_flight) for endpoint in ENDPOINTS}
         self._max_accepted = max_accepted
         self._tasks: set[asyncio.Task[None]] = set()
         self._counters = {endpoint.name: _Counters() for endpoint in ENDPOINTS}
@@ -109,7 +111,7 @@ class Dispatcher:
         return accept
 
     async def _run(self, endpoint: str, request: Request) -> None:
-        async with self._slots:
+        async with self._slots[endpoint]:
             started = time.perf_counter_ns()
             reply = await self._api.answer(endpoint, request.data, request.headers)
             await self._respond(endpoint, request, reply, time.perf_counter_ns() - started)
