@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import jwt
+import msgspec
 import pytest
 
 from contracts.common import Principal
@@ -268,6 +269,29 @@ async def test_malformed_json_is_400(api: Api, raw: bytes) -> None:
         400,
         "invalid-request",
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (b"", "body is missing"),
+        (b"{", "not valid JSON"),
+        (b'{"reason": "\\ud83d"}', "not valid JSON"),
+        (b'{"duration_minutes": 1}', "duration_minutes"),
+        (b'{"duration_minutes": "30"}', "duration_minutes"),
+    ],
+)
+async def test_a_refused_body_is_told_what_is_wrong(api: Api, raw: bytes, named: str) -> None:
+    headers = api.auth(api.principal("staff"), **{"Content-Type": "application/json"})
+    if raw.startswith(b'{"duration'):
+        body = body_for(api, uuid.uuid4(), uuid.uuid4(), **msgspec.json.decode(raw))
+        raw = msgspec.json.encode(body)
+    doc = assert_problem(
+        await api.client.post("/v1/appointments", content=raw, headers=headers),
+        400,
+        "invalid-request",
+    )
+    assert named in doc["detail"], doc
 
 
 async def test_bodies_over_64_kib_are_413(api: Api) -> None:

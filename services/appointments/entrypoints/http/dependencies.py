@@ -56,8 +56,10 @@ async def strict_body(request: Request[Any, Any, Any], type_: type[T], optional:
         return type_()
     try:
         return msgspec.json.decode(raw, type=type_)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except msgspec.ValidationError as exc:
         raise InvalidRequest(f"The body is not valid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}") from None
 
 
 def parse_if_match(value: str | None) -> int | None:

@@ -15,6 +15,7 @@ from litestar.exceptions import (
     HTTPException,
     NotAuthorizedException,
     NotFoundException,
+    SerializationException,
     ValidationException,
 )
 from litestar.types import ExceptionHandlersMap
@@ -49,18 +50,33 @@ def _clinic_error(_: Request[Any, Any, Any], exc: ClinicError) -> Response[bytes
 
 
 def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
-    reasons = [
-        str(item.get("message", item)) if isinstance(item, dict) else str(item)
-        for item in (exc.extra if isinstance(exc.extra, list) else [])
-    ]
+    reasons = [_reason(item) for item in (exc.extra if isinstance(exc.extra, list) else [])]
     detail = "; ".join(reasons) or exc.detail or "The request is malformed."
     return problem_response(problem(ErrorCode.INVALID_REQUEST, detail))
+
+
+def _reason(item: object) -> str:
+    """One of Litestar's validation failures, naming the field it is about."""
+    if not isinstance(item, dict):
+        return str(item)
+    message = str(item.get("message", "")).strip()
+    key = item.get("key")
+    if key == "data" and item.get("source") == "body":
+        if message in ("", "'data'"):  # no body at all
+            return "The request body is missing; a JSON object is expected."
+        return f"The body is not valid: {message}"
+    if key and str(key) not in message:
+        return f"{key}: {message}" if message else f"{key} is not valid."
+    return message or "The request is malformed."
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     code = _STATUS_CODES.get(exc.status_code)
     if code is not None:
-        return problem_response(problem(code, exc.detail or "The request was refused."))
+        detail = exc.detail or "The request was refused."
+        if isinstance(exc.__cause__, SerializationException):  # Litestar decoding a body
+            detail = f"The body is not valid JSON: {detail}"
+        return problem_response(problem(code, detail))
     # Statuses without a domain code (405, 406, 415…) keep their status, in problem form.
     body = {
         "type": "about:blank",
