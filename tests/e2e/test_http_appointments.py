@@ -304,6 +304,19 @@ async def test_bodies_over_64_kib_are_413(api: Api) -> None:
     )
 
 
+@pytest.mark.parametrize("action", ["cancel", "start"])
+async def test_bodies_over_64_kib_are_413_on_an_appointment_too(api: Api, action: str) -> None:
+    headers = api.auth(api.principal("staff"), **{"Content-Type": "application/json"})
+    big = b'{"reason": "' + b"x" * (65 * 1024) + b'"}'
+    assert_problem(
+        await api.client.post(
+            f"/v1/appointments/{uuid.uuid4()}/{action}", content=big, headers=headers
+        ),
+        413,
+        "payload-too-large",
+    )
+
+
 def forged_tokens(who: Principal) -> dict[str, str | None]:
     claims = {
         "sub": str(who.id),
