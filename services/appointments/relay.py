@@ -165,13 +165,23 @@ class OutboxRelay:
                             with contextlib.suppress(Exception):
                                 await outbox.step_down(conn)
                         continue
+                await self._observe_outbox()
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
                 log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
                 stream_ready = False  # it may be the stream that went away
+                await self._observe_outbox()
                 await _pause(stop, delay)
                 delay = min(delay * 2, _RETRY_MAX)
+
+    async def _observe_outbox(self) -> None:
+        """Relay lag measured without leading (standing by, or NATS unreachable), so that
+        the gauge still grows while no relay publishes."""
+        try:
+            RELAY_LAG_SECONDS.set(await outbox.oldest_age(self._pool))
+        except Exception as exc:  # PostgreSQL away too: the gauge keeps its last value
+            log.debug("relay could not measure the outbox: %r", exc)
 
     async def _lead(self, conn: PoolConnectionProxy, stop: asyncio.Event) -> None:
         wake = asyncio.Event()

@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType
+from prometheus_client import REGISTRY
 
 from contracts.common import Actor
 from contracts.events import AppointmentCancelled, AppointmentScheduled, EventEnvelope
@@ -48,6 +49,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 60.0)
     while not await check():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def lag_reported(at_least: float) -> bool:
+    lag = REGISTRY.get_sample_value("clinic_relay_lag_seconds")
+    return lag is not None and lag >= at_least
 
 
 @contextlib.asynccontextmanager
@@ -335,6 +341,10 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
             # Unacked for long enough, the active relay gives up its lock and retries.
             await eventually(stepped_down, within=30)
             assert "publishes refused" in caplog.text  # the path this client takes
+            # Not leading, it still measures the outbox: the lag alert can fire.
+            waited = await outbox.oldest_age(pool)
+            assert waited > 0
+            await eventually(lambda: lag_reported(at_least=waited), within=10)
             nats_server.start()
             await eventually(lambda: outbox_empty(pool))
         messages = await stream_messages(nc)

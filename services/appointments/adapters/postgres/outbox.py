@@ -25,6 +25,12 @@ LIMIT $1
 # committed late below the cursor makes it return nothing, so the relay settles what it
 # has in flight and starts again from the oldest row: it never publishes an event ahead of
 # an older one it could already see.
+_OLDEST_AGE = """
+SELECT extract(epoch FROM now() - e.occurred_at)::float8
+FROM outbox o JOIN events e USING (global_position)
+ORDER BY o.global_position LIMIT 1
+"""
+
 _NEXT_BATCH = """
 SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
        e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
@@ -61,6 +67,12 @@ async def unpublished_after(
     the outbox holds exactly ``in_flight`` rows at or below it (those being published);
     otherwise none, and the caller starts again with :func:`oldest_unpublished`."""
     return list(await conn.fetch(_NEXT_BATCH, after, in_flight, limit))
+
+
+async def oldest_age(conn: asyncpg.Pool | Connection) -> float:
+    """Seconds since the oldest unpublished event occurred (0 with none waiting)."""
+    age: float | None = await conn.fetchval(_OLDEST_AGE)
+    return max(age or 0.0, 0.0)
 
 
 async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
