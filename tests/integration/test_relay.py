@@ -353,6 +353,7 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
     assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
 
 
+@pytest.mark.fault
 async def test_publishes_refused_while_connected_neither_stall_the_relay_nor_lose_events(
     pool: asyncpg.Pool,
     nats_server: EmbeddedNats,
