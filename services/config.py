@@ -109,7 +109,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 def variables_help() -> str:
     """The table of variables, for ``--help``."""
     lines = ["environment variables:"]
+    width = max(map(len, VARIABLES))
     for name, (default, meaning) in VARIABLES.items():
         shown = f" (default {default})" if default is not None else ""
-        lines.append(f"  {name:<28} {meaning}{shown}")
+        lines.append(f"  {name:<{width}}  {meaning}{shown}")
     return "\n".join(lines)
