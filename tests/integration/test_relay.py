@@ -344,7 +344,7 @@ async def test_events_appended_while_nats_is_down_arrive_once_it_is_back(
             # Not leading, it still measures the outbox: the lag alert can fire.
             waited = await outbox.oldest_age(pool)
             assert waited > 0
-            await eventually(lambda: lag_reported(at_least=waited), within=10)
+            await eventually(lambda: lag_reported(at_least=waited), within=30)
             nats_server.start()
             await eventually(lambda: outbox_empty(pool))
         messages = await stream_messages(nc)
