@@ -298,7 +298,8 @@ class Appointments:
         """Show the committed write in the visits view now (the projector will, anyway).
 
         Bounded by :data:`WRITE_THROUGH_SECONDS`: a slow database must not hold back the
-        answer of a command whose events are committed (the write goes on unawaited)."""
+        answer of a command whose events are committed (a write already sent goes on
+        unawaited, one still queued is dropped: the projector writes the row either way)."""
         if self._view is None:
             return
         try:
