@@ -10,14 +10,18 @@ spread over a year), then ``VACUUM ANALYZE``. At each size:
 * ``upcoming``: ``PostgresVisits.page`` of a patient's Upcoming tab (21 rows asked, one
   reader), the query ``GET /v1/visits`` runs, for a patient with 10 visits.
 
-The baseline is the smallest size: ``ratios`` are p99 at the largest size over p99 at the
-smallest.
+Each size is a database of its own, loaded first; then every run measures each size in
+turn (interleaved, so a machine busy with other work in one run skews all sizes of that
+run alike). The baseline is the smallest size: ``ratios`` are the median over runs of p99
+at the largest size over p99 at the smallest in the same run.
 
     python -m bench.growth [--sizes 10000,1000000] [--seconds 5] [--runs 3]
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -125,45 +129,74 @@ async def measure_upcoming(dsn: str, seconds: float) -> Sample:
         await pool.close()
 
 
+async def load(admin_dsn: str, size: int, stack: contextlib.AsyncExitStack) -> tuple[str, float]:
+    """A database of ``size`` appointments (and the measured patient); its DSN, load time."""
+    dsn = await stack.enter_async_context(fresh_database(admin_dsn))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await add_patient(conn)
+        started = time.perf_counter()
+        await grow(conn, 0, size)
+        return dsn, time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def measure(dsn: str, writers: int, seconds: float) -> tuple[Sample, float, Sample]:
+    """Appends (and their WAL bytes each), then Upcoming queries, on one database."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        before = await conn.fetchval("SELECT pg_current_wal_lsn()")
+        appends = await measure_append(dsn, "store", writers, seconds)
+        written = await conn.fetchval("SELECT pg_current_wal_lsn() - $1", before)
+    finally:
+        await conn.close()
+    wal = int(written) / max(1, len(appends.latencies))
+    return appends, wal, await measure_upcoming(dsn, seconds)
+
+
 async def main() -> dict[str, Any]:
     parser = base_parser(__doc__)
     parser.add_argument("--sizes", type=int_list, default=[10_000, 1_000_000])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--writers", type=int, default=8, help="appending writers")
     args = parser.parse_args()
+    sizes = sorted(set(args.sizes))
     figures: dict[str, Any] = {}
-    async with servers(nats=False) as env, fresh_database(env.admin_dsn) as dsn:
-        conn = await asyncpg.connect(dsn)
-        await add_patient(conn)
-        loaded = 0
-        for size in sorted(args.sizes):
-            started = time.perf_counter()
-            await grow(conn, loaded, size)
-            loaded = size
-            load_s = time.perf_counter() - started
-            appends, reads, wal = [], [], []
-            for _ in range(args.runs):
-                before = await conn.fetchval("SELECT pg_current_wal_lsn()")
-                appends.append(await measure_append(dsn, "store", args.writers, args.seconds))
-                written = await conn.fetchval("SELECT pg_current_wal_lsn() - $1", before)
-                wal.append(int(written) / max(1, len(appends[-1].latencies)))
-                reads.append(await measure_upcoming(dsn, args.seconds))
-            figures[str(size)] = {
-                "events": await conn.fetchval("SELECT count(*) FROM events"),
-                "visits": await conn.fetchval("SELECT count(*) FROM visits"),
-                "database_mb": round(
-                    await conn.fetchval("SELECT pg_database_size(current_database())") / 2**20
-                ),
-                "load_s": round(load_s, 1),
-                "append": median_summary(appends),
-                # Random (v4) UUID keys touch index pages all over: after a checkpoint,
-                # each first touch writes a full page image to the WAL.
-                "wal_bytes_per_append": round(sorted(wal)[len(wal) // 2]),
-                "upcoming": median_summary(reads),
-            }
-        await conn.close()
+    p99: dict[str, dict[int, list[float]]] = {"append": {}, "upcoming": {}}
+    async with servers(nats=False) as env, contextlib.AsyncExitStack() as stack:
+        loaded = {size: await load(env.admin_dsn, size, stack) for size in sizes}
+        samples: dict[int, tuple[list[Sample], list[float], list[Sample]]] = {
+            size: ([], [], []) for size in sizes
+        }
+        for _ in range(args.runs):
+            for size in sizes:
+                appends, wal, reads = await measure(loaded[size][0], args.writers, args.seconds)
+                samples[size][0].append(appends)
+                samples[size][1].append(wal)
+                samples[size][2].append(reads)
+                p99["append"].setdefault(size, []).append(appends.summary()["p99_ms"])
+                p99["upcoming"].setdefault(size, []).append(reads.summary()["p99_ms"])
+        for size in sizes:
+            dsn, load_s = loaded[size]
+            conn = await asyncpg.connect(dsn)
+            try:
+                figures[str(size)] = {
+                    "events": await conn.fetchval("SELECT count(*) FROM events"),
+                    "visits": await conn.fetchval("SELECT count(*) FROM visits"),
+                    "database_mb": round(
+                        await conn.fetchval("SELECT pg_database_size(current_database())") / 2**20
+                    ),
+                    "load_s": round(load_s, 1),
+                    "append": median_summary(samples[size][0]),
+                    # Random (v4) UUID keys touch index pages all over: after a checkpoint,
+                    # each first touch writes a full page image to the WAL.
+                    "wal_bytes_per_append": round(statistics.median(samples[size][1])),
+                    "upcoming": median_summary(samples[size][2]),
+                }
+            finally:
+                await conn.close()
         postgresql = await pg_version(env.admin_dsn)
-    small, large = figures[str(min(args.sizes))], figures[str(max(args.sizes))]
     return {
         "benchmark": "growth",
         "unit": "appends/s and Upcoming queries/s; latencies in ms",
@@ -173,16 +206,18 @@ async def main() -> dict[str, Any]:
         "runs": args.runs,
         "seconds": args.seconds,
         "writers": args.writers,
-        "sizes": sorted(args.sizes),
-        "baseline": f"size {min(args.sizes)}",
+        "sizes": sizes,
+        "baseline": f"size {sizes[0]}",
         "figures": figures,
         "ratios": {
-            "append_p99_largest/smallest": ratio(
-                large["append"]["p99_ms"], small["append"]["p99_ms"]
-            ),
-            "upcoming_p99_largest/smallest": ratio(
-                large["upcoming"]["p99_ms"], small["upcoming"]["p99_ms"]
-            ),
+            f"{key}_p99_largest/smallest": round(
+                statistics.median(
+                    ratio(big, little)
+                    for big, little in zip(p99[key][sizes[-1]], p99[key][sizes[0]], strict=True)
+                ),
+                3,
+            )
+            for key in ("append", "upcoming")
         },
     }
 
