@@ -15,6 +15,7 @@ from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyRecord,
     NewEvent,
+    StoredAnswer,
     StreamVersionConflict,
 )
 from services.appointments.service_layer.state_cache import StateCache
@@ -56,6 +57,19 @@ class AlwaysConflicting(FakeEventStore):
     async def append(self, *args: object, **kwargs: object) -> AppendResult:
         self.appends += 1
         raise StreamVersionConflict()
+
+
+class BlindOnce(FakeEventStore):
+    """Its next ``blind`` key lookups miss: each reads just before a concurrent twin of the
+    request, under the same key, committed."""
+
+    blind = 0
+
+    async def find_answer(self, principal_id: uuid.UUID, key: str) -> StoredAnswer | None:
+        if self.blind:
+            self.blind -= 1
+            return None
+        return await super().find_answer(principal_id, key)
 
 
 @pytest.fixture
@@ -147,6 +161,40 @@ async def test_a_no_op_answer_is_remembered_under_its_key(clock: ManualClock) ->
     assert not quiet.appended and (key_owner(staff), "tap-2") in store.answers
     with pytest.raises(IdempotencyKeyReused):
         await app.cancel(keyed, appointment, reason="different")
+
+
+async def test_a_twin_refused_by_the_race_its_key_won_gets_the_first_answer(
+    clock: ManualClock,
+) -> None:
+    # Two instances (two state caches), one store: a gateway's retry of a cancel with
+    # If-Match reaches the second while the first is committing.
+    store = BlindOnce()
+    first_instance, second_instance = service(store, clock), service(store, clock)
+    staff = principal("staff")
+    created = await first_instance.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now)
+    )
+    keyed = RequestContext(principal=staff, idempotency_key="tap")
+    appointment = created.view.appointment_id
+    first = await first_instance.cancel(keyed, appointment, expected_version=1)
+    store.blind = 1
+    second = await second_instance.cancel(keyed, appointment, expected_version=1)
+    assert second.replayed and second.view == first.view
+    assert second.consistency_token == first.consistency_token
+
+
+async def test_a_twin_that_wrote_nothing_answers_as_the_first_did(clock: ManualClock) -> None:
+    # A booking retried with its own id and key while the first attempt commits: the
+    # retry is decided as an exact repeat (no events), but the answer is the stored 201.
+    store = BlindOnce()
+    first_instance, second_instance = service(store, clock), service(store, clock)
+    keyed = RequestContext(principal=principal("staff"), idempotency_key="book")
+    body = schedule_body(clock.now, appointment_id=uuid.uuid4())
+    first = await first_instance.schedule(keyed, body)
+    store.blind = 1
+    second = await second_instance.schedule(keyed, body)
+    assert first.created and second.created and second.replayed
+    assert second.view == first.view
 
 
 async def test_overlong_idempotency_key_is_invalid(clock: ManualClock) -> None:

@@ -210,11 +210,22 @@ class Appointments:
             stored = await self._idempotency.find_answer(owner, key)
             assert stored is not None
             return _replay(stored, fingerprint)
+        except ClinicError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            # A concurrent twin with this key may have won the race that refused this one
+            # (its cancel made our If-Match stale): then the answer is the twin's.
+            stored = await self._idempotency.find_answer(owner, key)
+            if stored is None:
+                raise
+            return _replay(stored, fingerprint)
         if not outcome.appended:
-            # A no-op answer wrote nothing with the events: remember it on its own.
-            stored = await self._idempotency.save_answer(remember(outcome))
-            if stored.fingerprint != fingerprint:
-                raise IdempotencyKeyReused("This Idempotency-Key was used for another request.")
+            # A no-op answer wrote nothing with the events: remember it on its own, unless a
+            # concurrent twin with this key stored its answer first (then that one holds).
+            mine = remember(outcome)
+            stored = await self._idempotency.save_answer(mine)
+            if stored != mine.answer:
+                return _replay(stored, fingerprint)
         return outcome
 
     async def _execute(
