@@ -74,6 +74,8 @@ class EventHandler:
             if not await tx.mark_processed(envelope.event_id, appointment_id, stream_sequence):
                 return Outcome.DUPLICATE
             await tx.drop_timers(appointment_id)
+            # Reminders not sent yet (a retry waiting, say) are never sent now.
+            await tx.skip_outdated(appointment_id, f"after {envelope.type}")
             match event:
                 case AppointmentCancelled():
                     await tx.set_status(appointment_id, "cancelled")

@@ -172,6 +172,22 @@ class StoreTransaction:
             "DELETE FROM notification_timers WHERE appointment_id = $1", appointment_id
         )
 
+    async def skip_outdated(self, appointment_id: UUID, why: str) -> None:
+        """Give up what would now tell of a visit still to come (it was cancelled or
+        started): its reminders not sent yet, and a confirmation waiting for a retry, which
+        would arrive after the news. (A confirmation not tried yet goes out first, in
+        order; one a worker holds right now may still go out.)"""
+        await self._conn.execute(
+            """UPDATE notification_deliveries d SET status = 'skipped', last_error = $2
+               FROM notifications n
+               WHERE n.notification_id = d.notification_id AND n.appointment_id = $1
+                 AND d.status = 'pending'
+                 AND (n.kind IN ('reminder-24h', 'visit-ready')
+                      OR (n.kind = 'appointment-confirmed' AND d.attempts > 0))""",
+            appointment_id,
+            why,
+        )
+
     async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
         """Lock up to ``limit`` timers due at ``now`` with their appointments.
 

@@ -157,3 +157,50 @@ async def _has(clinic: Clinic, kind: str) -> bool:
 
 async def _timers_left(clinic: Clinic, count: int) -> bool:
     return await _timers(clinic) == count
+
+
+async def test_a_reminder_waiting_for_a_retry_is_never_sent_after_a_cancel(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    patient = booking.email_of("patient")
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()  # the confirmations went out
+        clinic.sink.refusals[patient] = ["451 4.3.0 Try again later"]
+        clinic.clock.now = DAY_BEFORE
+        await eventually(lambda: _email_retrying(clinic, "reminder-24h"), what="a retry")
+        await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.advance(hours=2)  # well past the retry's time
+        await clinic.wait_settled()
+    subjects = [m["Subject"] for m in clinic.sink.to(patient)]
+    assert len(subjects) == 2, subjects  # the confirmation and the cancellation
+    reminders = [d for d in await clinic.deliveries() if d["kind"] == "reminder-24h"]
+    assert {(d["channel"], d["status"]) for d in reminders} >= {("email", "skipped")}
+
+
+async def test_a_confirmation_waiting_for_a_retry_does_not_follow_the_cancellation(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    patient = booking.email_of("patient")
+    clinic.sink.refusals[patient] = ["451 4.3.0 Try again later"]
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await eventually(lambda: _email_retrying(clinic, "appointment-confirmed"), what="a retry")
+        await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.advance(hours=2)
+        await clinic.wait_settled()
+    assert len(clinic.sink.to(patient)) == 1  # the cancellation only
+
+
+async def _email_retrying(clinic: Clinic, kind: str) -> bool:
+    return any(
+        d["kind"] == kind
+        and d["channel"] == "email"
+        and d["status"] == "pending"
+        and d["attempts"] >= 1
+        for d in await clinic.deliveries()
+    )
