@@ -89,6 +89,7 @@ class DeliveryWorker:
                 "failed",
                 "in doubt: a worker stopped while sending it; not resent, to send at most once",
             )
+            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
         try:
             skipped = await self._channel.send(n.sent(now))

@@ -11,7 +11,7 @@ import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -75,23 +75,65 @@ def email_message(notification: Notification, to: str, sender: str) -> EmailMess
     return message
 
 
+class _HandOver:
+    """Notes when the message itself went out (the bytes after ``DATA``'s 354): from then
+    on the server may have taken it, so a reply that never comes leaves it in doubt."""
+
+    handed_over = False
+    _data_next = False
+
+    def putcmd(self, cmd: str, args: str = "") -> None:
+        self._data_next = False  # the command itself is not the message
+        super().putcmd(cmd, args)  # type: ignore[misc]
+        self._data_next = cmd.lower() == "data"
+
+    def send(self, s: Any) -> None:
+        super().send(s)  # type: ignore[misc]
+        if self._data_next:  # the whole message and its final "."
+            self.handed_over = True
+            self._data_next = False
+
+
+class _Smtp(_HandOver, smtplib.SMTP):
+    pass
+
+
+class _SmtpSsl(_HandOver, smtplib.SMTP_SSL):
+    pass
+
+
+class InDoubt(Exception):
+    """The message was handed over, then the connection failed before the server's reply:
+    it may have been delivered."""
+
+
 def _send_blocking(config: SmtpConfig, message: EmailMessage) -> None:
-    smtp: smtplib.SMTP
+    smtp: _Smtp | _SmtpSsl
     if config.tls:
-        smtp = smtplib.SMTP_SSL(
+        smtp = _SmtpSsl(
             config.host,
             config.port,
             timeout=SMTP_TIMEOUT_SECONDS,
             context=ssl.create_default_context(),
         )
     else:
-        smtp = smtplib.SMTP(config.host, config.port, timeout=SMTP_TIMEOUT_SECONDS)
-    with smtp:
+        smtp = _Smtp(config.host, config.port, timeout=SMTP_TIMEOUT_SECONDS)
+    try:
         if config.starttls:
             smtp.starttls(context=ssl.create_default_context())
         if config.username:
             smtp.login(config.username, config.password or "")
-        smtp.send_message(message)
+        try:
+            smtp.send_message(message)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            if smtp.handed_over:
+                raise InDoubt(repr(exc)) from exc
+            raise
+    finally:
+        try:  # the message is through (or not) whatever QUIT answers
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
 
 
 def _failure(exc: Exception) -> DeliveryFailed:
@@ -123,6 +165,12 @@ class EmailChannel:
         message = email_message(notification, contact.email, self._config.sender)
         try:
             await asyncio.to_thread(_send_blocking, self._config, message)
+        except InDoubt as exc:
+            # Sent at most once: a retry could be a second copy.
+            raise DeliveryFailed(
+                f"in doubt: the server's answer to the message never came ({exc}); not resent",
+                permanent=True,
+            ) from exc
         except (smtplib.SMTPException, OSError) as exc:
             raise _failure(exc) from exc
         return None

@@ -11,6 +11,7 @@ import nats
 import pytest
 
 from contracts.common import Actor
+from services.notifications import email as email_channel
 from services.notifications.directory import Directory
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
@@ -214,3 +215,23 @@ async def _count(clinic: Clinic, kind: str, expected: int) -> bool:
 
 async def _mails(clinic: Clinic, expected: int) -> bool:
     return len(clinic.sink.messages) == expected
+
+
+async def test_an_email_whose_acceptance_never_arrived_is_not_sent_again(
+    clinic: Clinic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server keeps the message but answers after the client gave up waiting: a
+    # retry would be a second copy, so it is recorded as in doubt (at most once).
+    monkeypatch.setattr(email_channel, "SMTP_TIMEOUT_SECONDS", 0.3)
+    clinic.sink.reply_delay = 1.0
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.advance(hours=1)  # past any retry's backoff
+        await clinic.wait_settled()
+    assert len(clinic.sink.to(booking.email_of("patient"))) == 1
+    emails = [d for d in await clinic.deliveries() if d["channel"] == "email"]
+    assert emails and all(d["status"] == "failed" for d in emails)
+    assert all("in doubt" in d["last_error"] for d in emails)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -28,6 +29,8 @@ class SmtpSink:
         self.messages: list[EmailMessage] = []
         #: address -> SMTP replies to give, one per attempt, before accepting it.
         self.refusals: dict[str, list[str]] = {}
+        #: Seconds to wait, having kept a message, before saying so.
+        self.reply_delay = 0.0
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
@@ -43,6 +46,8 @@ class SmtpSink:
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         self.messages.append(message)
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
         return "250 Message accepted for delivery"
 
     def to(self, address: str) -> list[EmailMessage]:

@@ -8,6 +8,8 @@ import contextlib
 import uuid
 from collections import Counter
 
+from prometheus_client import REGISTRY
+
 from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM
 from services.notifications.runtime import Hooks
@@ -131,9 +133,11 @@ async def test_a_worker_killed_between_sending_and_recording_never_sends_twice(
             await service
     assert {r["status"] for r in await clinic.deliveries()} == {"sending"}
 
+    failed_before = _failed_emails()
     async with clinic.running():
         clinic.clock.advance(seconds=31)  # the dead worker's leases run out
         await clinic.wait_settled()
+    assert _failed_emails() - failed_before == 2  # counted, for the alert
     pushes = await clinic.pushes()
     assert len(pushes) == 2  # resent, and dropped by JetStream as duplicates
     assert len(clinic.sink.messages) == 2  # not resent: the mail may have gone out
@@ -170,3 +174,8 @@ async def test_a_consumer_deleted_under_a_running_service_is_recreated(clinic: C
         await eventually(lambda: _sent(clinic, 4, 4), what="the second booking's confirmations")
         await clinic.wait_settled()
     await _assert_each_sent_once(clinic, 4)
+
+
+def _failed_emails() -> float:
+    labels = {"kind": "appointment-confirmed", "channel": "email", "result": "failed"}
+    return REGISTRY.get_sample_value("clinic_notifications_total", labels) or 0.0
