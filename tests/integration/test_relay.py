@@ -174,6 +174,18 @@ async def test_every_committed_event_arrives_once_with_its_envelope_and_subject(
         last_version[envelope.stream_id] = envelope.stream_version
 
 
+async def test_every_batch_carries_the_stored_trace_context(pool: asyncpg.Pool, nc: NATS) -> None:
+    store = PostgresEventStore(pool)
+    await append_many(store, 60)  # 120 events
+    context = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await pool.execute("UPDATE events SET traceparent = $1, correlation_id = NULL", context)
+    async with running(OutboxRelay(pool, nc, batch_size=10)):  # the look-ahead path too
+        await eventually(lambda: outbox_empty(pool))
+    messages = await stream_messages(nc)
+    assert len(messages) == 120
+    assert all(msg.headers and msg.headers.get("traceparent") == context for msg in messages)
+
+
 async def test_a_transaction_committing_late_is_published_after_it_commits(
     pool: asyncpg.Pool, nc: NATS
 ) -> None:

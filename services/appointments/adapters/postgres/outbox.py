@@ -25,21 +25,21 @@ LIMIT $1
 # committed late below the cursor makes it return nothing, so the relay settles what it
 # has in flight and starts again from the oldest row: it never publishes an event ahead of
 # an older one it could already see.
-_OLDEST_AGE = """
-SELECT extract(epoch FROM now() - e.occurred_at)::float8
-FROM outbox o JOIN events e USING (global_position)
-ORDER BY o.global_position LIMIT 1
-"""
-
 _NEXT_BATCH = """
 SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.clinic_id, e.type,
-       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id
+       e.schema_version, e.data, e.occurred_at, e.correlation_id, e.causation_id, e.traceparent
 FROM outbox o JOIN events e USING (global_position)
 WHERE o.global_position > $1
   AND (SELECT count(*) FROM outbox WHERE global_position <= $1) = $2
 ORDER BY o.global_position
 LIMIT $3
 """
+_OLDEST_AGE = """
+SELECT extract(epoch FROM now() - e.occurred_at)::float8
+FROM outbox o JOIN events e USING (global_position)
+ORDER BY o.global_position LIMIT 1
+"""
+
 _DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
 
 Connection = asyncpg.Connection | PoolConnectionProxy
