@@ -172,7 +172,11 @@ class OutboxRelay:
                 log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
                 stream_ready = False  # it may be the stream that went away
                 await self._observe_outbox()
-                await _pause(stop, delay)
+                pause = delay
+                if isinstance(exc, RelayStalled):
+                    # Stay away for longer than a standby's poll, so that one takes over.
+                    pause = max(delay, 2 * self._standby_interval)
+                await _pause(stop, pause)
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _observe_outbox(self) -> None:

@@ -279,6 +279,32 @@ async def test_a_ring_commits_without_waiting_for_the_wal_flush(pool: asyncpg.Po
         await listener.remove_listener(CHANNEL, on_ring)
 
 
+@pytest.mark.fault
+async def test_a_relay_whose_acks_stall_hands_the_outbox_to_a_standby(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    class Counted(OutboxRelay):
+        leads = 0
+
+        async def _lead(self, conn: Any, stop: asyncio.Event) -> None:
+            self.leads += 1
+            await super()._lead(conn, stop)
+
+    store = PostgresEventStore(pool)
+    appended = await append_many(store, 50)
+    # The leader reaches NATS but never sees an ack in time; the standby does.
+    stalled = Counted(pool, nc, ack_timeout=0.000_001, standby_interval=1.0)
+    healthy = OutboxRelay(pool, nc, standby_interval=1.0)
+    async with running(stalled):
+        await asyncio.sleep(0.3)  # it leads
+        async with running(healthy):
+            await eventually(lambda: outbox_empty(pool), within=30)
+    # It stepped down once and stayed away until the standby had taken the lock.
+    assert stalled.leads == 1
+    assert healthy.published == len(appended) and stalled.published == 0
+    assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
+
+
 async def test_a_republished_event_is_dropped_by_the_duplicate_window(
     pool: asyncpg.Pool, nc: NATS
 ) -> None:
