@@ -19,10 +19,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
 from contracts.common import Role
+from contracts.service_api import ENDPOINTS
 from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.bootstrap import appointments_container
 from services.appointments.entrypoints.nats.handlers import ServiceApi
@@ -109,15 +108,27 @@ def assert_problem(msg: Msg, status: int, code: str) -> dict[str, Any]:
     return doc
 
 
-async def wait_for_service(nc: NATS, seconds: float = 10.0) -> None:
-    """Until an ``appointments`` instance answers ``$SRV.PING``."""
-    async with asyncio.timeout(seconds):
-        while True:
-            try:
-                await nc.request("$SRV.PING.appointments", b"", timeout=0.5)
-                return
-            except (NoRespondersError, NatsTimeout):
-                await asyncio.sleep(0.02)
+async def wait_for_service(nc: NATS, instances: int = 1, seconds: float = 10.0) -> None:
+    """Until ``instances`` of the ``appointments`` service list every endpoint in
+    ``$SRV.INFO`` (an endpoint is listed once subscribed; the service answers ``$SRV.PING``
+    before its endpoints subscribe, one after the other)."""
+    names = {endpoint.name for endpoint in ENDPOINTS}
+    inbox = nc.new_inbox()
+    ready: set[str] = set()
+
+    async def on_info(msg: Msg) -> None:
+        info = json.loads(msg.data)
+        if names <= {endpoint["name"] for endpoint in info.get("endpoints") or []}:
+            ready.add(info["id"])
+
+    sub = await nc.subscribe(inbox, cb=on_info)
+    try:
+        async with asyncio.timeout(seconds):
+            while len(ready) < instances:
+                await nc.publish("$SRV.INFO.appointments", b"", reply=inbox)
+                await asyncio.sleep(0.05)
+    finally:
+        await sub.unsubscribe()
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +175,7 @@ async def running_service(
         tasks = [asyncio.create_task(runner) for runner in runners]
         client = await nats.connect(nats_url, name="another-clinic-service")
         try:
-            await wait_for_service(client)
+            await wait_for_service(client, instances)
             http_url = f"http://127.0.0.1:{port}" if http else None
             yield NatsService(nc=client, clock=clock, http_url=http_url, stop=stop)
         finally:
