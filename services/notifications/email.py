@@ -125,7 +125,9 @@ def _send_blocking(config: SmtpConfig, message: EmailMessage) -> None:
             smtp.login(config.username, config.password or "")
         try:
             smtp.send_message(message)
-        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+        except smtplib.SMTPResponseException:
+            raise  # the server answered: its code says what became of the message
+        except OSError as exc:  # a timeout, a dropped connection (SMTPServerDisconnected)
             if smtp.handed_over:
                 raise InDoubt(repr(exc)) from exc
             raise

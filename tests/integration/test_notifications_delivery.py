@@ -209,6 +209,20 @@ async def test_a_transient_smtp_refusal_is_retried_with_backoff(clinic: Clinic) 
     )
 
 
+async def test_a_transient_refusal_of_the_message_itself_is_retried(clinic: Clinic) -> None:
+    # The server answered the content with 451: it did not take it, so it is not in doubt.
+    booking = Booking()
+    clinic.know(booking)
+    clinic.sink.data_refusals = ["451 4.3.0 try again later"]
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        clinic.clock.advance(seconds=31)
+        await eventually(lambda: _mails(clinic, 2), what="the retried email")
+        await clinic.wait_settled()
+    assert {d["status"] for d in await clinic.deliveries() if d["channel"] == "email"} == {"sent"}
+
+
 async def _count(clinic: Clinic, kind: str, expected: int) -> bool:
     return sum(p.kind == kind for p in await clinic.pushes()) == expected
 

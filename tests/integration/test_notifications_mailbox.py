@@ -31,6 +31,8 @@ class SmtpSink:
         self.refusals: dict[str, list[str]] = {}
         #: Seconds to wait, having kept a message, before saying so.
         self.reply_delay = 0.0
+        #: Replies to give a message's content instead of keeping it, one per message.
+        self.data_refusals: list[str] = []
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
@@ -42,6 +44,8 @@ class SmtpSink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_refusals:
+            return self.data_refusals.pop(0)
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
