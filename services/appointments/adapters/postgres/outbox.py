@@ -80,12 +80,12 @@ async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
     await conn.execute(_DELETE, list(positions))
 
 
-async def ring(pool: asyncpg.Pool | Connection) -> None:
+async def ring(conn: asyncpg.Pool | Connection) -> None:
     """Wake a listening relay (outside any append transaction).
 
     A ``NOTIFY`` makes its transaction write a commit record; committed without waiting
     for the WAL flush, it costs the appends' commits no flush of its own (a ring lost in a
     crash only leaves the relay to its poll). The setting is the transaction's alone."""
-    await pool.execute(
+    await conn.execute(
         "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')", CHANNEL
     )
