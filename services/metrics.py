@@ -29,9 +29,10 @@ COMMAND_RETRIES = Counter(
     "clinic_command_conflict_retries_total",
     "Commands decided again after losing an optimistic-concurrency race.",
 )
-VIEW_WRITE_THROUGH_FAILURES = Counter(
-    "clinic_visits_write_through_failures_total",
-    "Committed commands whose visits row could not be written through (the projector will).",
+VIEW_REPAIR_FAILURES = Counter(
+    "clinic_visits_repair_failures_total",
+    "Reads ahead of the visits view whose row could not be written from the event store"
+    " (they wait for the projector).",
 )
 RELAY_PUBLISHED = Counter(
     "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
@@ -50,7 +51,7 @@ PROJECTOR_EVENTS = Counter(
 PROJECTOR_LAG_SECONDS = Gauge(
     "clinic_projector_lag_seconds",
     "Time between an event's occurrence and the projector handling it (last event applied"
-    " or found already written through).",
+    " or found already written by a read).",
 )
 CONSUMER_REDELIVERIES = Counter(
     "clinic_consumer_redeliveries_total",

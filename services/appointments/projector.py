@@ -194,7 +194,7 @@ class VisitsProjector:
         if _deliveries(msg) > 1:
             CONSUMER_REDELIVERIES.labels("projector").inc()
         if outcome is Outcome.APPLIED or outcome is Outcome.DUPLICATE:
-            # Duplicates too: most rows were written through by their commands already.
+            # Duplicates too: a read with a consistency token may have written the row first.
             lag = (datetime.now(UTC) - envelope.occurred_at).total_seconds()
             PROJECTOR_LAG_SECONDS.set(max(lag, 0.0))
         match outcome:

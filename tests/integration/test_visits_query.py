@@ -367,7 +367,7 @@ async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
     assert not await reader.wait_for_version(other, stream, 2, wait_seconds=0.1)
 
 
-async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
+async def test_repaired_rows_never_go_back_and_wake_a_waiting_read(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     updates = ViewUpdates()
@@ -386,8 +386,8 @@ async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
     await asyncio.sleep(0.2)
     assert not waiting.done()
     # Concurrent writes (coalesced into statements), each row's older version racing it.
-    writes = [view.write_through(row) for row in cancelled.values()]
-    writes += [view.write_through(row) for row in rows.values() if row is not None]
+    writes = [view.write_row(row) for row in cancelled.values()]
+    writes += [view.write_row(row) for row in rows.values() if row is not None]
     await asyncio.gather(*writes)
     assert await asyncio.wait_for(waiting, 30)
     for stream, row in cancelled.items():
@@ -397,13 +397,13 @@ async def test_rows_written_through_never_go_back_and_wake_a_waiting_read(
     assert await view.apply([cancellation]) == [Outcome.DUPLICATE]
 
 
-async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
+async def test_a_repaired_row_commits_without_waiting_for_the_wal_flush(
     pool: asyncpg.Pool,
 ) -> None:
     """The statement relaxes ``synchronous_commit`` for its own transaction: seen here
     inside an explicit one, where the setting outlives the statement until the commit.
     (That its implicit commit then skips the flush was checked with ``pg_stat_wal``:
-    200 write-throughs, 3 WAL syncs; 200 durable upserts, 200.)"""
+    200 repaired rows, 3 WAL syncs; 200 durable upserts, 200.)"""
     view = PostgresVisits(pool)
     row = await view.get(await book(view, timedelta(hours=1)))
     assert row is not None
@@ -412,7 +412,7 @@ async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
         async with conn.transaction():
             # Inside a transaction the statement's setting outlives it: it did take effect.
             await conn.execute(
-                visits_adapter._WRITE_THROUGH,
+                visits_adapter._WRITE_ROW,
                 *visits_adapter.upsert_args([msgspec.structs.replace(row, version=2)]),
             )
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
@@ -421,7 +421,7 @@ async def test_a_written_through_row_commits_without_waiting_for_the_wal_flush(
     assert (await view.get(row.appointment_id)) == msgspec.structs.replace(row, version=2)
 
 
-async def test_a_row_the_database_refuses_fails_alone_among_concurrent_write_throughs(
+async def test_a_row_the_database_refuses_fails_alone_among_concurrent_repairs(
     pool: asyncpg.Pool,
 ) -> None:
     view = PostgresVisits(pool)
@@ -429,7 +429,7 @@ async def test_a_row_the_database_refuses_fails_alone_among_concurrent_write_thr
     cancelled = [msgspec.structs.replace(r, status="cancelled", version=2) for r in rows if r]
     bad = msgspec.structs.replace(cancelled[5], version=0)  # breaks CHECK (version > 0)
     results = await asyncio.gather(
-        *(view.write_through(row) for row in [*cancelled[:5], bad, *cancelled[6:]]),
+        *(view.write_row(row) for row in [*cancelled[:5], bad, *cancelled[6:]]),
         return_exceptions=True,
     )
     assert [type(r) for r in results].count(asyncpg.CheckViolationError) == 1

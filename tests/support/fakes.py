@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
+from contracts.commands import VisitsTab
 from contracts.events import (
     SCHEMA_VERSIONS,
     AppointmentCancelled,
@@ -15,6 +16,7 @@ from contracts.events import (
     event_data,
     event_type,
 )
+from services.appointments.domain.rules import is_upcoming
 from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyKeyTaken,
@@ -24,7 +26,7 @@ from services.appointments.service_layer.ports import (
     StoredAnswer,
     StreamVersionConflict,
 )
-from services.appointments.service_layer.visits import VisitRow
+from services.appointments.service_layer.visits import PageKey, Scope, VisitRow
 from services.errors import SlotTaken, Unavailable
 
 
@@ -100,9 +102,10 @@ class FakeEventStore:
         return self.answers.setdefault((record.principal_id, record.key), record.answer)
 
 
-class FakeVisitWrites:
-    """The visits table as the command side writes it through: rows by appointment, with
-    the same version guard as PostgreSQL; ``down`` makes every write fail."""
+class FakeVisits:
+    """The visits table as reads see and repair it: rows by appointment, with the same
+    version guard and scopes as PostgreSQL; ``down`` makes every write fail, ``hang``
+    every write wait forever."""
 
     def __init__(self) -> None:
         self.rows: dict[UUID, VisitRow] = {}
@@ -110,7 +113,7 @@ class FakeVisitWrites:
         self.down = False
         self.hang = False
 
-    async def write_through(self, row: VisitRow) -> None:
+    async def write_row(self, row: VisitRow) -> None:
         self.writes += 1
         if self.down:
             raise Unavailable("The database is unreachable.")
@@ -119,3 +122,33 @@ class FakeVisitWrites:
         stored = self.rows.get(row.appointment_id)
         if stored is None or stored.version < row.version:
             self.rows[row.appointment_id] = row
+
+    def _in_scope(self, scope: Scope, row: VisitRow) -> bool:
+        return (
+            row.clinic_id == scope.clinic_id
+            and scope.patient_id in (None, row.patient_id)
+            and scope.provider_id in (None, row.provider_id)
+        )
+
+    async def page(
+        self, scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
+    ) -> list[VisitRow]:
+        assert after is None, "the fake pages once"
+        rows = [r for r in self.rows.values() if self._in_scope(scope, r)]
+        rows = [r for r in rows if is_upcoming(r.status, r.ends_at, now) == (tab == "upcoming")]
+        rows.sort(key=lambda r: (r.starts_at, r.appointment_id), reverse=tab == "past")
+        return rows[:limit]
+
+    async def wait_for_version(
+        self, scope: Scope, appointment_id: UUID, version: int, wait_seconds: float
+    ) -> bool:
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            row = self.rows.get(appointment_id)
+            if version <= 0 or (
+                row is not None and self._in_scope(scope, row) and row.version >= version
+            ):
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.001)

@@ -6,14 +6,12 @@ state, a bounded number of times. The first attempt may decide on a state this p
 wrote or read recently (:class:`StateCache`) instead of loading: the append's version check
 catches a stale guess, and answers that write nothing are decided on fresh state only.
 
-After the append commits, the appointment's visits row is written through (when a view
-is given), so a read with the answer's consistency token need not wait for the projector.
-That write is best effort: it failing never fails the committed command.
+Commands write events only: a read that presents the answer's consistency token before
+the projector got there writes the visits row itself (:mod:`.visits`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
@@ -48,7 +46,6 @@ from services.appointments.service_layer.ports import (
     StreamVersionConflict,
 )
 from services.appointments.service_layer.state_cache import StateCache
-from services.appointments.service_layer.visits import VisitWrites, visit_row
 from services.errors import (
     ClinicError,
     Forbidden,
@@ -58,13 +55,11 @@ from services.errors import (
     Unavailable,
     VersionConflict,
 )
-from services.metrics import COMMAND_RETRIES, VIEW_WRITE_THROUGH_FAILURES, observe_command
+from services.metrics import COMMAND_RETRIES, observe_command
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-#: Longest a command's answer waits for its visits row to be written through.
-WRITE_THROUGH_SECONDS = 1.0
 
 
 class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +94,6 @@ class Appointments:
         rules: Rules,
         max_attempts: int = 8,
         cache: StateCache | None = None,
-        view: VisitWrites | None = None,
     ) -> None:
         self._store = store
         self._idempotency = idempotency
@@ -108,7 +102,6 @@ class Appointments:
         self._rules = rules
         self._max_attempts = max_attempts
         self._cache = cache if cache is not None else StateCache()
-        self._view = view
 
     async def schedule(self, ctx: RequestContext, body: ScheduleBody) -> CommandOutcome:
         """Book an appointment (``appointment_id`` chosen by the client makes retries safe)."""
@@ -300,27 +293,9 @@ class Appointments:
                     continue
                 raise
             self._cache.put(stream_id, new_state, new_version)
-            await self._write_through(stream_id, new_state, new_version)
             return outcome
         log.warning("command gave up after %d conflicts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
-
-    async def _write_through(self, stream_id: UUID, state: State, version: int) -> None:
-        """Show the committed write in the visits view now (the projector will, anyway).
-
-        Bounded by :data:`WRITE_THROUGH_SECONDS`: a slow database must not hold back the
-        answer of a command whose events are committed (a write already sent goes on
-        unawaited, one still queued is dropped: the projector writes the row either way)."""
-        if self._view is None:
-            return
-        try:
-            row = visit_row(stream_id, state, version)
-            if row is not None:
-                async with asyncio.timeout(WRITE_THROUGH_SECONDS):
-                    await self._view.write_through(row)
-        except Exception as exc:  # the events are committed: the answer stands regardless
-            VIEW_WRITE_THROUGH_FAILURES.inc()
-            log.warning("visits write-through failed (the projector writes the row): %r", exc)
 
 
 def key_owner(principal: Principal) -> UUID:

@@ -4,12 +4,21 @@ A row stores only facts (times, appointment status, the stream version it reflec
 everything that depends on the clock — the tab, the visit status, ``can_cancel``,
 ``can_start`` — is computed at read time by :mod:`services.appointments.domain.rules`, the
 same functions the commands use.
+
+Read-your-writes: a read that presents a command's consistency token gets that write in
+its answer. When the view has not reached it yet (the projector is behind, or NATS is
+down), the read repairs the appointment's row itself: it folds the appointment's events
+from the event store into the row the projector would write, and upserts it under the
+same version guard (:class:`VisitsQuery`). Commands never write the view.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
+import time
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Protocol
@@ -37,11 +46,14 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
-from services.appointments.domain.state import Booking, NotScheduled, State
+from services.appointments.domain.state import Booking, NotScheduled, State, fold
 from services.appointments.domain.view import status_of
 from services.appointments.service_layer.consistency import parse_token
-from services.appointments.service_layer.ports import Clock
+from services.appointments.service_layer.ports import Clock, EventStore
 from services.errors import InvalidRequest
+from services.metrics import VIEW_REPAIR_FAILURES
+
+log = logging.getLogger(__name__)
 
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
 #: which bounds the Upcoming index range from below.
@@ -131,16 +143,16 @@ def _row(
 
 def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | None:
     """The row of an appointment in ``state`` at ``version``: the row :func:`project` folds
-    from the same events (the command side writes it through with the append)."""
+    from the same events (a read that outran the projector writes it)."""
     if isinstance(state, NotScheduled):
         return None
     return _row(appointment_id, state.booking, status_of(state), version)
 
 
 class VisitWrites(Protocol):
-    """The visits table, as the command side writes it through."""
+    """The visits table, as a read repairs it."""
 
-    async def write_through(self, row: VisitRow) -> None:
+    async def write_row(self, row: VisitRow) -> None:
         """Upsert ``row`` unless the stored row is at its version or later (so it never
         goes back, whoever writes first: the projector folds the same row)."""
         ...
@@ -233,12 +245,20 @@ class VisitsQuery:
     """``GET /v1/visits`` and ``appointments.v1.query.visits``."""
 
     def __init__(
-        self, reader: VisitsReader, clock: Clock, rules: Rules, consistency_wait: timedelta
+        self,
+        reader: VisitsReader,
+        clock: Clock,
+        rules: Rules,
+        consistency_wait: timedelta,
+        repair: tuple[EventStore, VisitWrites] | None = None,
     ) -> None:
+        """``repair``: the event store and the view's writer, for a read whose consistency
+        token is ahead of the view to write its row itself (without: it only waits)."""
         self._reader = reader
         self._clock = clock
         self._rules = rules
         self._wait = consistency_wait
+        self._repair = repair
 
     async def list_visits(
         self,
@@ -256,10 +276,7 @@ class VisitsQuery:
         stale = False
         if consistency_token:
             stream_id, version = parse_token(consistency_token)
-            seconds = self._wait.total_seconds()
-            stale = not await self._reader.wait_for_version(
-                Scope.of(principal), stream_id, version, seconds
-            )
+            stale = not await self._read_your_write(Scope.of(principal), stream_id, version)
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.
@@ -271,3 +288,33 @@ class VisitsQuery:
             last = rows[limit - 1]
             next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
         return VisitsPage(items=items, next_cursor=next_cursor), stale
+
+    async def _read_your_write(self, scope: Scope, stream_id: UUID, version: int) -> bool:
+        """Whether the view reflects ``version`` of the appointment in ``scope``: at once,
+        after repairing its row, or within the rest of the configured wait."""
+        seconds = self._wait.total_seconds()
+        if self._repair is None or await self._reader.wait_for_version(
+            scope, stream_id, version, 0
+        ):
+            return await self._reader.wait_for_version(scope, stream_id, version, seconds)
+        started = time.monotonic()
+        await self._repair_row(stream_id, seconds)
+        left = max(0.0, seconds - (time.monotonic() - started))
+        # Outside the scope the row never qualifies: the wait runs out as it always did,
+        # so the answer tells nobody whether another's appointment exists.
+        return await self._reader.wait_for_version(scope, stream_id, version, left)
+
+    async def _repair_row(self, stream_id: UUID, seconds: float) -> None:
+        """Write the appointment's row from its stored events (best effort, bounded by
+        ``seconds``: a failure leaves the read to wait for the projector)."""
+        assert self._repair is not None
+        events, writes = self._repair
+        try:
+            async with asyncio.timeout(seconds):
+                recorded = await events.load(stream_id)
+                row = visit_row(stream_id, fold(r.event for r in recorded), len(recorded))
+                if row is not None:
+                    await writes.write_row(row)
+        except Exception as exc:  # the read still answers: fresh if the projector catches up
+            VIEW_REPAIR_FAILURES.inc()
+            log.warning("visits row repair failed (waiting for the projector): %r", exc)

@@ -6,14 +6,13 @@ upserts the rows and moves the projection's checkpoint in one statement. The ups
 only replaces a row whose version grows, and the row of a version is the same whoever
 folds it (events never change), so a concurrent or replayed apply is harmless.
 
-Write-through: a command writes its appointment's row right after its events commit
-(:meth:`PostgresVisits.write_through`, concurrent ones coalesced into one statement), so a
-read with its consistency token finds it at once. It is the row the projector folds from
-the same events, under the same version guard; the projector stays the one writer that
-is never skipped (a crash between the append and the write-through, a failed write).
+Repair: a read whose consistency token is ahead of the view writes the appointment's row
+from its stored events (:meth:`PostgresVisits.write_row`, concurrent ones coalesced into
+one statement). It is the row the projector folds from the same events, under the same
+version guard; the projector stays the one writer that is never skipped.
 
 Read-your-writes: a reader waits for its version by polling the row; when the row is
-written in this process (by a command or the projector), :class:`ViewUpdates` wakes it.
+written in this process (by a repair or the projector), :class:`ViewUpdates` wakes it.
 """
 
 from __future__ import annotations
@@ -75,10 +74,10 @@ SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence, EXCLUDED.
     updated_at = now()"""
 #: The rows and the checkpoint in one statement (one implicit transaction).
 _APPLY = f"WITH upserted AS ({upsert_statement('visits')})\n{_CHECKPOINT}"
-#: A command's rows, committed without waiting for the WAL flush: a row lost in a crash
-#: is written again by the projector, whose own (durable) commit after reading the row
+#: Repaired rows, committed without waiting for the WAL flush: a row lost in a crash is
+#: written again by the projector, whose own (durable) commit after reading the row
 #: flushes the WAL up to it anyway. Visibility is immediate either way.
-_WRITE_THROUGH = (
+_WRITE_ROW = (
     "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))\n"
     + _UPSERT.format(table="visits", rows=f"rows.* FROM relaxed, {_ROWS} AS rows")
 )
@@ -152,8 +151,8 @@ class PostgresVisits:
             self._write_rows, self._write_row, _appointment_id
         )
 
-    async def write_through(self, row: VisitRow) -> None:
-        """Upsert the row a command just committed the events of (version-guarded)."""
+    async def write_row(self, row: VisitRow) -> None:
+        """Upsert a row folded from the appointment's stored events (version-guarded)."""
         await self._writes.submit(row)
 
     async def _write_row(self, row: VisitRow) -> None:
@@ -162,7 +161,7 @@ class PostgresVisits:
     async def _write_rows(self, rows: Sequence[VisitRow]) -> list[None]:
         with database_errors():
             try:
-                await self._pool.execute(_WRITE_THROUGH, *upsert_args(rows))
+                await self._pool.execute(_WRITE_ROW, *upsert_args(rows))
             except Exception as exc:
                 if len(rows) > 1 and refused_by_content(exc):
                     raise DecideEach() from exc  # one bad row must not fail the others

@@ -1,8 +1,9 @@
-"""Read-your-writes without the projector: a command's answer finds its row written.
+"""Read-your-writes without the projector: a read with a command's token repairs its row.
 
 Only the api role runs (no relay, no projector: as during a NATS outage, or with the
 projector far behind), and the consistency wait is short. The patient still sees a new
-visit under Upcoming, and after cancelling it, no longer sees it there but under Past.
+visit under Upcoming, and after cancelling it, no longer sees it there but under Past;
+a read without the token sees the view as the projector left it.
 """
 
 from __future__ import annotations
@@ -49,3 +50,19 @@ async def test_upcoming_and_past_reflect_each_command_with_only_the_api_running(
         past = await client.get("/v1/visits", params={"tab": "past"}, headers={**headers, **token})
         [visit] = past.json()["items"]
         assert (visit["appointment_id"], visit["status"]) == (appointment_id, "cancelled")
+
+        # Commands write no row: one booked without a read stays out of the view.
+        unread = await client.post(
+            "/v1/appointments",
+            json={
+                "patient_id": str(patient),
+                "provider_id": str(uuid.uuid4()),
+                "starts_at": (starts_at + timedelta(hours=3)).isoformat(),
+                "duration_minutes": 30,
+                "timezone": "Europe/Paris",
+            },
+            headers=headers,
+        )
+        assert unread.status_code == 201, unread.text
+        upcoming = await client.get("/v1/visits", headers=headers)
+        assert upcoming.status_code == 200 and upcoming.json()["items"] == []

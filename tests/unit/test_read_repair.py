@@ -1,0 +1,153 @@
+"""Read-your-writes ahead of the projector: a read that presents a command's consistency
+token writes the appointment's row itself, the row the projector folds from its events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta, timezone
+
+import pytest
+from prometheus_client import REGISTRY
+
+from contracts.common import Principal
+from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.visits import VisitRow, VisitsQuery, project
+from tests.support.builders import principal, schedule_body
+from tests.support.clock import ManualClock
+from tests.support.fakes import FakeEventStore, FakeVisits
+
+FAILURES = "clinic_visits_repair_failures_total"
+
+
+def _setup(
+    wait: timedelta = timedelta(seconds=5),
+) -> tuple[ManualClock, FakeEventStore, FakeVisits, Appointments, VisitsQuery]:
+    clock, store, visits = ManualClock(), FakeEventStore(), FakeVisits()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), wait, repair=(store, visits))
+    return clock, store, visits, app, query
+
+
+def _folded(store: FakeEventStore, appointment_id: uuid.UUID) -> VisitRow | None:
+    """The row the projector makes of the stored events."""
+    row = None
+    for recorded in store.streams[appointment_id]:
+        _, row = project(row, recorded.envelope)
+    return row
+
+
+def _listed(page: object) -> list[uuid.UUID]:
+    return [item.appointment_id for item in page.items]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("visit_reason", [None, "Rash — follow-up"])
+@pytest.mark.parametrize("offset_hours", [0, 5.5, -7])
+async def test_a_read_ahead_of_the_view_writes_the_row_the_projector_folds(
+    visit_reason: str | None, offset_hours: float
+) -> None:
+    clock, store, visits, app, query = _setup()
+    patient = principal("patient")
+    ctx = RequestContext(principal=patient)
+    local = timezone(timedelta(hours=offset_hours))
+    body = schedule_body(
+        clock.now.astimezone(local),
+        patient_id=patient.id,
+        visit_reason=visit_reason,
+        starts_in=timedelta(minutes=10),
+    )
+    booked = await app.schedule(ctx, body)
+    appointment_id = booked.view.appointment_id
+    assert visits.writes == 0  # commands write events only
+
+    page, stale = await query.list_visits(patient, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [appointment_id]
+    assert visits.rows[appointment_id] == _folded(store, appointment_id)
+
+    cancelled = await app.cancel(ctx, appointment_id, reason="ill")
+    page, stale = await query.list_visits(patient, consistency_token=cancelled.consistency_token)
+    assert not stale and _listed(page) == []
+    assert visits.rows[appointment_id] == _folded(store, appointment_id)
+    assert (visits.rows[appointment_id].status, visits.rows[appointment_id].version) == (
+        "cancelled",
+        2,
+    )
+    past, _ = await query.list_visits(patient, tab="past")
+    assert _listed(past) == [appointment_id]
+
+    staff = RequestContext(principal=principal("staff", clinic_id=patient.clinic_id))
+    started = await app.schedule(
+        staff, schedule_body(clock.now, patient_id=patient.id, starts_in=timedelta(minutes=5))
+    )
+    begun = await app.start(staff, started.view.appointment_id)
+    page, stale = await query.list_visits(patient, consistency_token=begun.consistency_token)
+    assert not stale and _listed(page) == [started.view.appointment_id]
+    row = visits.rows[started.view.appointment_id]
+    assert row == _folded(store, started.view.appointment_id)
+    assert (row.status, row.version) == ("started", 2)
+
+
+async def test_a_read_the_view_already_reflects_writes_nothing() -> None:
+    clock, store, visits, app, query = _setup()
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    appointment_id = booked.view.appointment_id
+    row = _folded(store, appointment_id)
+    assert row is not None
+    visits.rows[appointment_id] = row  # the projector was first
+    page, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [appointment_id]
+    assert visits.writes == 0
+
+
+async def test_a_read_without_a_token_or_without_repair_writes_nothing() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(milliseconds=20))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    page, stale = await query.list_visits(staff)
+    assert not stale and _listed(page) == [] and visits.writes == 0
+    waiting_only = VisitsQuery(visits, clock, Rules(), timedelta(milliseconds=20))
+    page, stale = await waiting_only.list_visits(staff, consistency_token=booked.consistency_token)
+    assert stale and _listed(page) == [] and visits.writes == 0
+
+
+async def test_a_failed_repair_leaves_the_read_waiting_and_is_counted() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(milliseconds=50))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    visits.down = True
+    before = REGISTRY.get_sample_value(FAILURES) or 0.0
+    page, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+    assert stale and _listed(page) == []
+    assert visits.writes == 1
+    assert REGISTRY.get_sample_value(FAILURES) == before + 1
+
+
+async def test_a_hanging_repair_is_bounded_by_the_consistency_wait() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(milliseconds=50))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    visits.hang = True
+    page, stale = await asyncio.wait_for(
+        query.list_visits(staff, consistency_token=booked.consistency_token), 5
+    )
+    assert stale and _listed(page) == [] and visits.writes == 1
+
+
+@pytest.mark.parametrize("outsider_role", ["patient", "staff"])
+async def test_another_principals_token_reveals_nothing(outsider_role: str) -> None:
+    clock, store, visits, app, query = _setup(wait=timedelta(milliseconds=30))
+    owner = principal("patient")
+    booked = await app.schedule(
+        RequestContext(principal=owner), schedule_body(clock.now, patient_id=owner.id)
+    )
+    # Another patient of the same clinic, or staff of another clinic.
+    clinic = owner.clinic_id if outsider_role == "patient" else uuid.uuid4()
+    outsider = Principal(id=uuid.uuid4(), role=outsider_role, clinic_id=clinic)  # type: ignore[arg-type]
+    page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
+    assert stale and _listed(page) == []
+    # What the repair wrote is the true row, which the owner then sees.
+    page, stale = await query.list_visits(owner, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [booked.view.appointment_id]
+    assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
