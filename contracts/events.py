@@ -13,7 +13,7 @@ from uuid import UUID
 
 import msgspec
 
-from contracts.common import Actor
+from contracts.common import Actor, AwareDatetime
 
 
 class AppointmentScheduled(msgspec.Struct, frozen=True, kw_only=True):
@@ -22,7 +22,7 @@ class AppointmentScheduled(msgspec.Struct, frozen=True, kw_only=True):
     clinic_id: UUID
     patient_id: UUID
     provider_id: UUID
-    starts_at: datetime
+    starts_at: AwareDatetime
     duration_minutes: int
     timezone: str
     visit_reason: str | None = None
@@ -35,7 +35,7 @@ class AppointmentCancelled(msgspec.Struct, frozen=True, kw_only=True):
     clinic_id: UUID
     cancelled_by: Actor
     reason: str | None = None
-    cancelled_at: datetime
+    cancelled_at: AwareDatetime
 
 
 class AppointmentStarted(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,7 +43,7 @@ class AppointmentStarted(msgspec.Struct, frozen=True, kw_only=True):
 
     clinic_id: UUID
     started_by: Actor
-    started_at: datetime
+    started_at: AwareDatetime
 
 
 Event = AppointmentScheduled | AppointmentCancelled | AppointmentStarted
@@ -77,7 +77,7 @@ class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     stream_id: UUID
     stream_version: int
     global_position: int
-    occurred_at: datetime
+    occurred_at: AwareDatetime
     correlation_id: UUID | None = None
     causation_id: UUID | None = None
     data: dict[str, Any]

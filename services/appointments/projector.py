@@ -12,9 +12,12 @@ Per message, after the commit:
   delay, parked once it was delivered :data:`PARK_AFTER` times;
 * undecodable → parked in ``parked_messages`` and ``term``-inated, never blocking.
 
-While PostgreSQL is down the batch is retried in place (keeping the messages in progress),
-so an outage does not use up deliveries; ``max_deliver`` only bounds messages that keep
-failing for another reason, and they are parked before the server gives up on them.
+While PostgreSQL is down, or refuses for a reason that passes (read-only after a
+failover, a full disk, a deadlock...), the batch is retried in place (keeping the
+messages in progress), so an outage does not use up deliveries. Any other failure is
+narrowed down to the messages that cause it, applied one by one; ``max_deliver`` only
+bounds messages that keep failing, and they are parked before the server gives up on
+them. A park that fails leaves its message for a later delivery, the others settled.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.service_layer.visits import Outcome
 from services.errors import Unavailable
@@ -52,6 +56,8 @@ MAX_DELIVER: Final = 20
 #: Deliveries after which a message that still cannot be applied is parked.
 PARK_AFTER: Final = 10
 _RETRY_MAX = 5.0
+#: Seconds before a message whose parking failed comes back.
+_PARK_RETRY = 5.0
 
 
 def consumer_config() -> ConsumerConfig:
@@ -168,15 +174,16 @@ class VisitsProjector:
         while True:
             try:
                 return list(await self._visits.apply(envelopes, sequence))
-            except Unavailable as exc:
-                if stop.is_set():
-                    return None
-                log.warning("projector: database unavailable, retrying: %r", exc)
-                for msg, _ in batch:
-                    await msg.in_progress()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
-            except asyncpg.PostgresError as exc:
+            except Exception as exc:
+                if isinstance(exc, Unavailable) or passing_refusal(exc):
+                    if stop.is_set():
+                        return None
+                    log.warning("projector: database unavailable, retrying: %r", exc)
+                    for msg, _ in batch:
+                        await msg.in_progress()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+                    continue
                 if len(batch) == 1:
                     log.error("projector: cannot apply %s: %r", batch[0][0].subject, exc)
                     return [None]
@@ -209,12 +216,18 @@ class VisitsProjector:
                 await msg.nak(delay=min(0.5 * 2 ** (_deliveries(msg) - 1), 30.0))
 
     async def _park(self, msg: Msg, reason: str) -> None:
-        """Keep the message in ``parked_messages`` and terminate it on the stream."""
+        """Keep the message in ``parked_messages`` and terminate it on the stream; if
+        PostgreSQL refuses that, leave it for a later delivery (parked then)."""
         log.error("projector: parking message %s: %s", msg.subject, reason)
+        try:
+            await self._visits.park(
+                msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
+            )
+        except (Unavailable, asyncpg.PostgresError) as exc:
+            log.warning("projector: could not park %s, retrying later: %r", msg.subject, exc)
+            await msg.nak(delay=_PARK_RETRY)
+            return
         PROJECTOR_EVENTS.labels("parked").inc()
-        await self._visits.park(
-            msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
-        )
         await msg.term()
 
 

@@ -18,6 +18,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
+from prometheus_client import REGISTRY
 
 from contracts.common import Actor
 from contracts.events import (
@@ -261,6 +262,45 @@ async def test_poison_messages_are_parked_and_never_block(pool: asyncpg.Pool, nc
     assert "undecodable" in parked[0]["reason"]
     assert "unreadable" in parked[1]["reason"]
     assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
+
+
+@pytest.mark.fault
+async def test_a_read_only_database_neither_uses_up_deliveries_nor_stops_the_projector(
+    pool: asyncpg.Pool, nc: NATS, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL refusing writes for a while (read-only after a failover, a full disk):
+    the batch waits in place, as during an outage, instead of being taken for poison; a
+    message whose parking is refused comes back later, the rest of its batch settled."""
+    database = database_url.rsplit("/", 1)[1]
+    failed = REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": "failed"})
+    clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await pool.expire_connections()
+    assert await pool.fetchval("SHOW default_transaction_read_only") == "on"
+    await publish(nc, clinic_id, b"\xff not json")
+    await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+    async with running(pool, nc, run_projector):
+        await asyncio.sleep(2)  # refused all along
+        assert await pool.fetchval("SELECT count(*) FROM visits") == 0
+        await _writable(pool, database)
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM visits"))
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM parked_messages"))
+        await eventually(lambda: consumer_idle(nc))
+    assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
+    assert "undecodable" in await pool.fetchval("SELECT reason FROM parked_messages")
+    # Not one delivery was spent on "cannot apply", and the loop never broke off.
+    assert (
+        REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": "failed"}) == failed
+    )
+    assert "projector interrupted" not in caplog.text
+
+
+async def _writable(pool: asyncpg.Pool, database: str) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("SET default_transaction_read_only = off")
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await conn.execute("RESET default_transaction_read_only")
+    await pool.expire_connections()
 
 
 @pytest.mark.fault

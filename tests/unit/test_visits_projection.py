@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -19,6 +20,7 @@ from contracts.events import (
     event_data,
     event_type,
 )
+from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.service_layer.visits import (
     Outcome,
     PageKey,
@@ -126,6 +128,34 @@ def test_unreadable_or_impossible_events_are_poison(bad: EventEnvelope) -> None:
     assert project(None, bad) == (Outcome.POISON, None)
 
 
+def _booked(**changes: Any) -> EventEnvelope:
+    return envelope(1, "AppointmentScheduled", {**event_data(BOOKED), **changes}, 2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _booked(starts_at="9999-12-31T23:59:00+00:00"),  # ends after year 9999
+        _booked(starts_at="0001-01-01T00:30:00+05:00"),  # no UTC time
+        _booked(duration_minutes=10**15),  # overflows a date
+        _booked(duration_minutes=3_000_000_000),  # no int column holds it
+        _booked(duration_minutes=241),  # longer than the Upcoming range allows for
+        _booked(duration_minutes=0),
+        _booked(starts_at="2030-01-02T10:00:00"),  # no offset: no instant
+    ],
+    ids=["year-9999", "year-1", "overflow", "int32", "too-long", "zero", "naive"],
+)
+def test_events_the_view_cannot_hold_are_poison(bad: EventEnvelope) -> None:
+    assert project(None, bad) == (Outcome.POISON, None)
+
+
+def test_an_envelope_with_a_naive_time_is_not_decoded() -> None:
+    wire = msgspec.json.encode(of(1, BOOKED)).replace(b'Z"', b'"')
+    assert b'"occurred_at":"2030-01-01T09:00:00"' in wire
+    with pytest.raises(msgspec.ValidationError, match="timezone"):
+        msgspec.json.decode(wire, type=EventEnvelope)
+
+
 def test_a_second_scheduling_is_poison() -> None:
     _, row = project(None, of(1, BOOKED))
     assert project(row, of(2, BOOKED)) == (Outcome.POISON, row)
@@ -180,3 +210,24 @@ def test_each_role_gets_its_scope() -> None:
         clinic_id=CLINIC, provider_id=me
     )
     assert Scope.of(Principal(id=me, role="staff", clinic_id=CLINIC)) == Scope(clinic_id=CLINIC)
+
+
+@pytest.mark.parametrize(
+    ("error", "passes"),
+    [
+        (asyncpg.exceptions.ReadOnlySQLTransactionError, True),  # a failover's standby
+        (asyncpg.exceptions.DiskFullError, True),
+        (asyncpg.exceptions.DeadlockDetectedError, True),
+        (asyncpg.exceptions.SerializationError, True),
+        (asyncpg.exceptions.QueryCanceledError, True),
+        (asyncpg.exceptions.LockNotAvailableError, True),
+        (asyncpg.exceptions.CheckViolationError, False),  # what the rows hold
+        (asyncpg.exceptions.NumericValueOutOfRangeError, False),
+        (asyncpg.exceptions.UndefinedTableError, False),
+    ],
+)
+def test_refusals_that_pass_are_told_from_those_of_content(
+    error: type[asyncpg.PostgresError], passes: bool
+) -> None:
+    assert passing_refusal(error("refused")) is passes
+    assert not passing_refusal(ValueError("not PostgreSQL's"))

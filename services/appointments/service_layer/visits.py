@@ -103,11 +103,22 @@ def project(row: VisitRow | None, envelope: EventEnvelope) -> tuple[Outcome, Vis
     except UnknownEventType:
         moved = None if row is None else msgspec.structs.replace(row, version=version)
         return Outcome.SKIPPED, moved
-    except (msgspec.ValidationError, KeyError, ValueError, TypeError):
+    except (msgspec.ValidationError, KeyError, ValueError, TypeError, OverflowError):
         return Outcome.POISON, row
+    try:
+        return _fold_one(row, event, envelope.stream_id, version)
+    except (OverflowError, ValueError):  # times past year 9999 (the write side never stores them)
+        return Outcome.POISON, row
+
+
+def _fold_one(
+    row: VisitRow | None, event: object, stream_id: UUID, version: int
+) -> tuple[Outcome, VisitRow | None]:
     match event:
         case AppointmentScheduled() if row is None:
-            return Outcome.APPLIED, _row(envelope.stream_id, event, "scheduled", version)
+            if not 0 < event.duration_minutes <= MAX_DURATION_MINUTES:
+                return Outcome.POISON, row  # the Upcoming range (LONGEST_VISIT) relies on it
+            return Outcome.APPLIED, _row(stream_id, event, "scheduled", version)
         case AppointmentCancelled() if row is not None:
             return Outcome.APPLIED, msgspec.structs.replace(
                 row, status="cancelled", version=version
