@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -13,7 +14,7 @@ import pytest
 from contracts.common import Actor
 from contracts.events import AppointmentCancelled, AppointmentScheduled
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
-from services.appointments.adapters.postgres.migrate import migrate
+from services.appointments.adapters.postgres.migrate import migrate, migration_files
 from services.appointments.adapters.system import new_uuid
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
@@ -117,9 +118,19 @@ async def test_cancel_frees_the_providers_slot(app: Appointments, clock: ManualC
     assert again.created
 
 
-async def test_migrations_are_safe_to_run_concurrently_and_again(database_url: str) -> None:
-    results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
-    assert results == [[], [], [], []]  # the fixture's database is migrated already
+async def test_migrations_are_safe_to_run_concurrently_and_again(pg_server_url: str) -> None:
+    name = f"clinic_migrate_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')  # empty: not the migrated template
+    try:
+        dsn = urlunsplit(urlsplit(pg_server_url)._replace(path=f"/{name}"))
+        results = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
+        everything = [file for file, _ in migration_files()]
+        assert sorted(results) == [[], [], [], everything]  # one applied them all, in order
+        assert await migrate(dsn) == []
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 async def test_old_schema_version_events_are_upcast_on_load(

@@ -185,10 +185,20 @@ async def test_a_redelivered_or_replayed_stream_changes_nothing(
         await eventually(lambda: consumer_idle(nc))
         await eventually(lambda: pool.fetchval("SELECT count(*) = 90 FROM visits"))
     before = await view(pool)
+    events = await pool.fetchval("SELECT count(*) FROM events")
+    duplicates = REGISTRY.get_sample_value(
+        "clinic_projector_events_total", {"outcome": "duplicate"}
+    )
     # A new consumer with the same name delivers the whole stream again.
     await nc.jetstream().delete_consumer(EVENTS_STREAM, CONSUMER)
     async with running(pool, nc, run_projector):
         await eventually(lambda: consumer_idle(nc))
+    info = await nc.jetstream().consumer_info(EVENTS_STREAM, CONSUMER)
+    assert info.delivered.stream_seq == events  # replayed from the first event on
+    assert (
+        REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": "duplicate"})
+        == (duplicates or 0.0) + events
+    )
     assert await view(pool) == before
 
 
