@@ -217,6 +217,13 @@ async def test_a_transient_refusal_of_the_message_itself_is_retried(clinic: Clin
     async with clinic.running():
         await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
         await clinic.wait_settled()
+
+        async def refused_once() -> bool:
+            pending = await clinic.deliveries("pending")
+            return len(pending) == 1 and pending[0]["attempts"] == 1
+
+        # The retry is due 30 s after the refusal is recorded: wait for that first.
+        await eventually(refused_once, what="the refused email to wait for its retry")
         clinic.clock.advance(seconds=31)
         await eventually(lambda: _mails(clinic, 2), what="the retried email")
         await clinic.wait_settled()

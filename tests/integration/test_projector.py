@@ -422,7 +422,13 @@ async def test_a_write_folded_from_a_stale_read_never_takes_a_row_back(
         await conn.execute(upsert_statement("visits"), *upsert_args([v2]))
         # ... while a redelivery of version 1 reads the row (not there yet) and writes.
         replay = asyncio.create_task(PostgresVisits(pool, CONSUMER).apply([first], 1))
-        await asyncio.sleep(0.3)
-        assert not replay.done()  # its upsert waits for the other's row
+        # Its upsert waits for the other's row.
+        await eventually(
+            lambda: pool.fetchval(
+                """SELECT count(*) > 0 FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+            )
+        )
+        assert not replay.done()
     assert await replay == [Outcome.APPLIED]
     assert [row_of(record) for record in await view(pool)] == [v2]

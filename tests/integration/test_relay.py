@@ -296,7 +296,11 @@ async def test_a_relay_whose_acks_stall_hands_the_outbox_to_a_standby(
     stalled = Counted(pool, nc, ack_timeout=0.000_001, standby_interval=1.0)
     healthy = OutboxRelay(pool, nc, standby_interval=1.0)
     async with running(stalled):
-        await asyncio.sleep(0.3)  # it leads
+
+        async def leads() -> bool:
+            return stalled.leads == 1
+
+        await eventually(leads)
         async with running(healthy):
             await eventually(lambda: outbox_empty(pool), within=30)
     # It stepped down once and stayed away until the standby had taken the lock.
