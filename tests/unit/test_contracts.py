@@ -208,6 +208,27 @@ def test_scheduled_v1_without_visit_reason_is_upcast_to_the_current_struct() -> 
     assert upcast("AppointmentScheduled", 1, v1)["visit_reason"] is None
 
 
+def test_decoding_runs_each_upcaster_from_the_stored_version_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The real v1 -> v2 step only adds a field's default, which decoding would add anyway:
+    # an upcaster that changes what it is given shows whether decoding runs it.
+    calls: list[dict[str, object]] = []
+
+    def renaming(data: dict[str, Any]) -> dict[str, Any]:
+        calls.append(data)
+        return {**data, "visit_reason": f"from v1: {data.pop('reason_v1')}"}
+
+    monkeypatch.setitem(UPCASTERS, ("AppointmentScheduled", 1), renaming)
+    v1 = {**event_data(SCHEDULED), "reason_v1": "rash"}
+    del v1["visit_reason"]
+
+    assert decode_event("AppointmentScheduled", 1, v1).visit_reason == "from v1: rash"
+    assert len(calls) == 1
+    assert decode_event("AppointmentScheduled", 2, event_data(SCHEDULED)) == SCHEDULED
+    assert len(calls) == 1  # data of the current version is read as it is
+
+
 def test_scheduled_v1_is_upcast_from_raw_json_bytes_too() -> None:
     v1 = (
         b'{"clinic_id":"00000000-0000-0000-0000-00000000000a",'
