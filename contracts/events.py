@@ -7,7 +7,6 @@ to read ``data``. Old schema versions are upcast on read by :func:`decode_event`
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, Final, Literal
 from uuid import UUID
 

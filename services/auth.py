@@ -8,6 +8,7 @@ principal is remembered (by the whole token string) until the token's ``exp``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ import jwt
 import msgspec
 
 from contracts.common import Principal, Role
-from services.config import Settings
+from services.config import MIN_JWT_SECRET_BYTES, Settings
 from services.errors import Unauthenticated
+
+log = logging.getLogger(__name__)
 
 ASYMMETRIC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 MAX_TOKEN_LENGTH = 8192
@@ -57,6 +60,12 @@ class TokenVerifier:
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
         """A verifier with the keys and checks the ``CLINIC_JWT_*`` variables configure."""
+        if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            log.warning(
+                "CLINIC_JWT_SECRET is shorter than %d bytes: HS256 tokens signed with it can"
+                " be forged by guessing it",
+                MIN_JWT_SECRET_BYTES,
+            )
         public_key = None
         if settings.jwt_public_key_file:
             public_key = Path(settings.jwt_public_key_file).read_text(encoding="utf-8")

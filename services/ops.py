@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,8 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
+from services.appointments.adapters.postgres.migrate import migration_files
+from services.config import ConfigError
 
 READY_TIMEOUT_SECONDS = 1.0
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
@@ -29,24 +32,52 @@ METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 SHUTDOWN_GRACE_SECONDS = 8.0
 
 
-@dataclass(frozen=True)
+@functools.cache
+def newest_migration() -> str:
+    """The name of the last migration this code ships."""
+    return migration_files()[-1][0]
+
+
+@dataclass
 class Probes:
-    """What readiness checks: the process's pool and NATS connection."""
+    """What readiness checks: the process's pool (and that its database has this code's
+    schema) and NATS connection."""
 
     pool: asyncpg.Pool
     nats: NATS | None
+    _schema_current: bool = field(default=False, init=False)
+    """Once the newest migration is seen, it stays applied: not checked again."""
 
     async def failing(self) -> list[str]:
-        """The dependencies that do not answer right now (empty: ready)."""
+        """What is not ready right now, e.g. ``nats unreachable`` (empty: ready)."""
         failing = []
         try:
             async with asyncio.timeout(READY_TIMEOUT_SECONDS):
                 await self.pool.fetchval("SELECT 1")
         except Exception:  # any failure means "not ready", whatever its kind
-            failing.append("postgresql")
+            failing.append("postgresql unreachable")
+        else:
+            if not await self._schema_is_current():
+                failing.append(
+                    f"postgresql schema not migrated to {newest_migration()} (run clinic migrate)"
+                )
         if self.nats is not None and not self.nats.is_connected:
-            failing.append("nats")
+            failing.append("nats unreachable")
         return failing
+
+    async def _schema_is_current(self) -> bool:
+        if not self._schema_current:
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                    self._schema_current = bool(
+                        await self.pool.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE name = $1)",
+                            newest_migration(),
+                        )
+                    )
+            except Exception:  # no schema_migrations table at all, or PostgreSQL gone again
+                return False
+        return self._schema_current
 
 
 class HealthController(Controller):
@@ -60,13 +91,16 @@ class HealthController(Controller):
 
     @get(
         "/health/ready",
-        summary="PostgreSQL and NATS are reachable (else 503)",
+        summary="PostgreSQL (migrated) and NATS are reachable (else 503)",
         responses={
             503: ResponseSpec(
                 data_container=Problem,
                 media_type=PROBLEM_CONTENT_TYPE,
                 generate_examples=False,
-                description="unavailable: PostgreSQL or NATS is unreachable (with Retry-After)",
+                description=(
+                    "unavailable: PostgreSQL or NATS is unreachable, or the database is not"
+                    " migrated (with Retry-After)"
+                ),
             )
         },
     )
@@ -74,7 +108,7 @@ class HealthController(Controller):
         probes: Probes = state.probes
         failing = await probes.failing()
         if failing:
-            doc = problem(ErrorCode.UNAVAILABLE, "Unreachable: " + ", ".join(failing) + ".")
+            doc = problem(ErrorCode.UNAVAILABLE, "Not ready: " + "; ".join(failing) + ".")
             return Response(
                 msgspec.json.encode(doc),
                 status_code=503,
@@ -98,6 +132,10 @@ def create_ops_app(probes: Probes) -> Litestar:
     )
 
 
+class ListenError(ConfigError):
+    """The HTTP server could not listen on CLINIC_HTTP_HOST:CLINIC_HTTP_PORT."""
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the process's stop event rules."""
 
@@ -118,12 +156,22 @@ async def serve_asgi(app: Litestar, host: str, port: int, stop: asyncio.Event) -
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(_serve(server, host, port))
     waiting = asyncio.create_task(stop.wait())
     await asyncio.wait([serving, waiting], return_when="FIRST_COMPLETED")
     waiting.cancel()
     server.should_exit = True
     await serving
+
+
+async def _serve(server: uvicorn.Server, host: str, port: int) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn's answer to a failed bind, after logging the OSError
+        raise ListenError(
+            f"cannot listen on {host}:{port} (CLINIC_HTTP_HOST / CLINIC_HTTP_PORT):"
+            " the address is in use or not available here"
+        ) from None
 
 
 async def serve_ops(probes: Probes, host: str, port: int, stop: asyncio.Event) -> None:

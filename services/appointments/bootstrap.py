@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,9 +69,33 @@ async def create_session_pool(dsn: str, max_size: int = 2) -> asyncpg.Pool:
     return pool
 
 
-async def connect_nats(settings: Settings, name: str) -> NATS:
-    """A NATS connection that reconnects forever; waits (logging) while NATS is down at start."""
+class StoppedWhileConnecting(Exception):
+    """The stop signal came before NATS answered: the process ends without having run."""
 
+
+async def connect_nats(settings: Settings, name: str, stop: asyncio.Event | None = None) -> NATS:
+    """A NATS connection that reconnects forever; waits (logging) while NATS is down at start.
+
+    Raises :class:`StoppedWhileConnecting` if ``stop`` is set before NATS answers."""
+    connecting = asyncio.create_task(_connect_nats(settings, name), name="nats connect")
+    if stop is None:
+        return await connecting
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([connecting, stopping], return_when="FIRST_COMPLETED")
+    finally:
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            # The task closes its half-built client itself on the way out.
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+    if connecting.cancelled():
+        raise StoppedWhileConnecting("stopped while waiting for NATS")
+    return connecting.result()
+
+
+async def _connect_nats(settings: Settings, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
@@ -97,6 +122,10 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
                 reconnected_cb=on_reconnected,
             )
             return client
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2)
+            raise
         except Exception as exc:  # nats-py raises several unrelated types here
             log.warning("nats unreachable, retrying in %.1fs: %s", delay, exc)
             await asyncio.sleep(delay)
@@ -109,10 +138,16 @@ async def appointments_container(
     clock: Clock = utc_now,
     with_nats: bool = True,
     pool_size: int = 10,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Container]:
-    """Build the container, and close its pool and NATS connection on exit."""
+    """Build the container, and close its pool and NATS connection on exit. ``stop`` set
+    while NATS is awaited raises :class:`StoppedWhileConnecting`."""
     pool = await create_pool(settings.require_database_url(), pool_size)
-    nc = await connect_nats(settings, "appointments") if with_nats else None
+    try:
+        nc = await connect_nats(settings, "appointments", stop) if with_nats else None
+    except BaseException:
+        await pool.close()
+        raise
     store = PostgresEventStore(pool)
     # Appends ring the relay awake right after they commit (never inside the transaction):
     # in-process while a relay of this process leads, by NOTIFY otherwise.
@@ -133,15 +168,20 @@ async def appointments_container(
             view_updates=updates,
         )
     finally:
-        if nc is not None:
-            await close_nats(nc)
-        await pool.close()
+        try:
+            if nc is not None:
+                await close_nats(nc)
+        finally:
+            await pool.close()
 
 
 async def close_nats(nc: NATS) -> None:
-    """Drain the connection (finishing in-flight work), or just close it if NATS is gone."""
+    """Drain the connection (finishing in-flight work), or just close it if NATS is gone.
+    Never raises: a process stopping while NATS is away still stops cleanly."""
     try:
         await nc.drain()
-    except Exception as exc:  # draining needs a live server; closing never does
-        log.info("nats drain failed (%s); closing", exc)
-        await nc.close()
+    except Exception as exc:  # draining needs a live server
+        log.info("nats drain failed (%s); closing", exc or type(exc).__name__)
+        # After a failed drain, close may raise too (the client is half torn down).
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -11,12 +11,17 @@ from datetime import timedelta
 from typing import Any
 
 from services.appointments.adapters.postgres.pruning import run_pruner
-from services.appointments.bootstrap import Container, appointments_container, create_session_pool
+from services.appointments.bootstrap import (
+    Container,
+    StoppedWhileConnecting,
+    appointments_container,
+    create_session_pool,
+)
 from services.appointments.entrypoints.http.app import create_app
 from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
-from services.config import Settings
+from services.config import Settings, config_error_in
 from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
 
 log = logging.getLogger(__name__)
@@ -25,10 +30,12 @@ ROLES = ("api", "relay", "projector")
 
 
 def parse_roles(value: str) -> list[str]:
-    """``api,relay`` -> ``["api", "relay"]``; unknown roles are an error."""
-    roles = [role.strip() for role in value.split(",") if role.strip()]
+    """``api,relay`` -> ``["api", "relay"]``, each once; unknown roles are an error."""
+    roles = list(dict.fromkeys(role.strip() for role in value.split(",") if role.strip()))
+    if not roles:
+        raise ValueError(f"no role given in --roles {value!r}; choose from {', '.join(ROLES)}")
     unknown = sorted(set(roles) - set(ROLES))
-    if unknown or not roles:
+    if unknown:
         raise ValueError(f"unknown roles {unknown}; choose from {', '.join(ROLES)}")
     return roles
 
@@ -47,10 +54,30 @@ async def _ops(container: Container, stop: asyncio.Event) -> None:
 
 
 async def serve_api(container: Container, stop: asyncio.Event) -> None:
-    """The ``api`` role: the HTTP API and the NATS service API side by side."""
-    async with asyncio.TaskGroup() as group:
-        group.create_task(serve_http(container, stop))
-        group.create_task(serve_nats(container, stop))
+    """The ``api`` role: the HTTP API and the NATS service API side by side. One failing
+    (the HTTP port taken, say) stops the other through ``stop``, so that it drains rather
+    than being cancelled mid-drain."""
+    halves = [
+        asyncio.create_task(_stopping_on_failure(serve_http(container, stop), stop), name="http"),
+        asyncio.create_task(_stopping_on_failure(serve_nats(container, stop), stop), name="nats"),
+    ]
+    try:
+        await asyncio.wait(halves)
+    finally:
+        for half in halves:
+            half.cancel()  # only when serve_api itself is cancelled: else both are done
+    for half in halves:
+        error = None if half.cancelled() else half.exception()
+        if error is not None:
+            raise error
+
+
+async def _stopping_on_failure(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    try:
+        await work
+    except BaseException:
+        stop.set()
+        raise
 
 
 async def _relay(container: Container, stop: asyncio.Event) -> None:
@@ -85,9 +112,12 @@ def _role_runners() -> dict[str, RoleRunner]:
 
 async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` until ``stop`` is set or one of them fails."""
-    async with appointments_container(settings) as container:
-        settle_heap()
-        await run_roles(container, roles, stop)
+    try:
+        async with appointments_container(settings, stop=stop) as container:
+            settle_heap()
+            await run_roles(container, roles, stop)
+    except StoppedWhileConnecting:
+        log.info("appointments service stopped before NATS answered")
 
 
 def settle_heap() -> None:
@@ -119,5 +149,6 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
     for task in done:
         error = None if task.cancelled() else task.exception()
         if error is not None:
-            log.error("role %s failed", task.get_name(), exc_info=error)
+            if config_error_in(error) is None:  # else the command line says it in one line
+                log.error("role %s failed", task.get_name(), exc_info=error)
             raise error

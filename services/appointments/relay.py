@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -82,6 +83,8 @@ from services.tracing import publish_headers
 log = logging.getLogger(__name__)
 
 _RETRY_MAX = 5.0
+#: Leading this long counts as having worked (resets the retry delay) even if idle.
+_LEAD_PROVEN_SECONDS = 30.0
 #: Failed batches in a row after which the active relay gives up the lock.
 _STEP_DOWN_AFTER = 5
 
@@ -97,6 +100,13 @@ def subject_of(row: asyncpg.Record) -> str:
     except UnknownEventType:
         kind = re.sub(r"[^a-z0-9_-]", "", row["type"].removeprefix("Appointment").lower())
     return event_subject(row["clinic_id"], row["stream_id"], kind or "unknown")
+
+
+def _describe(exc: BaseException) -> str:
+    """The type and message of ``exc``: the ``repr`` of a nats-py APIError is an empty
+    ``ServerError()``, its ``str`` carries the server's description and codes."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else repr(exc)
 
 
 async def _pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
@@ -157,10 +167,15 @@ class OutboxRelay:
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):
                         log.info("relay active")
-                        delay = 0.1
+                        published, started = self.published, time.monotonic()
                         try:
                             await self._lead(conn, stop)
                         finally:
+                            # Only leading that worked resets the delay: one that fails
+                            # at once (no schema, say) must back off, not spin at 10 Hz.
+                            proven = time.monotonic() - started >= _LEAD_PROVEN_SECONDS
+                            if self.published > published or proven:
+                                delay = 0.1
                             # Never leave the lock on a connection going back to a pool.
                             with contextlib.suppress(Exception):
                                 await outbox.step_down(conn)
@@ -169,7 +184,7 @@ class OutboxRelay:
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
-                log.warning("relay interrupted, retrying in %.1fs: %r", delay, exc)
+                log.warning("relay interrupted, retrying in %.1fs: %s", delay, _describe(exc))
                 stream_ready = False  # it may be the stream that went away
                 await self._observe_outbox()
                 pause = delay
@@ -185,7 +200,7 @@ class OutboxRelay:
         try:
             RELAY_LAG_SECONDS.set(await outbox.oldest_age(self._pool))
         except Exception as exc:  # PostgreSQL away too: the gauge keeps its last value
-            log.debug("relay could not measure the outbox: %r", exc)
+            log.debug("relay could not measure the outbox: %s", _describe(exc))
 
     async def _lead(self, conn: PoolConnectionProxy, stop: asyncio.Event) -> None:
         wake = asyncio.Event()
@@ -219,7 +234,7 @@ class OutboxRelay:
                         # Refused before any ack could come (NATS unreachable, say): a
                         # failed batch like an unacked one.
                         raise_if_cancelling()
-                        log.warning("relay: %d publishes refused: %r", len(rows), exc)
+                        log.warning("relay: %d publishes refused: %s", len(rows), _describe(exc))
                         failed = len(rows)
                     cursor = rows[-1]["global_position"]
                 more = len(rows) == self._batch_size
@@ -294,7 +309,11 @@ class OutboxRelay:
             RELAY_PUBLISHED.inc(len(acked))
         failed = len(rows) - len(acked)
         if failed:
-            errors = {repr(f.exception()) for f in futures if not f.cancelled() and f.exception()}
+            errors = {
+                _describe(error)
+                for f in futures
+                if not f.cancelled() and (error := f.exception()) is not None
+            }
             log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
         return failed
 

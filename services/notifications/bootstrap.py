@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.nats.streams import ensure_events_stream, ensure_stream
-from services.appointments.bootstrap import connect_nats, create_pool
-from services.config import Settings
+from services.appointments.bootstrap import close_nats, connect_nats, create_pool
+from services.config import ConfigError, Settings
 from services.notifications.channels import (
     PUSH_DUPLICATE_WINDOW_SECONDS,
     PushChannel,
@@ -57,19 +58,38 @@ class NotificationService:
 
 @asynccontextmanager
 async def notification_service(
-    settings: Settings, clock: Clock, tuning: Tuning, hooks: Hooks
+    settings: Settings,
+    clock: Clock,
+    tuning: Tuning,
+    hooks: Hooks,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[NotificationService]:
     """Connect, create or update the streams and the consumer, and build the service;
-    close the NATS connection and the pool on exit."""
+    close the NATS connection and the pool on exit. ``stop`` set while NATS is awaited
+    raises :class:`~services.appointments.bootstrap.StoppedWhileConnecting`; JetStream
+    refusing the streams (no JetStream, more replicas than nodes) is a :class:`ConfigError`."""
     smtp = SmtpConfig.from_url(settings.smtp_url) if settings.smtp_url else None
     pool = await create_pool(settings.require_database_url())
-    nc = await connect_nats(settings, "notifications")
+    try:
+        nc = await connect_nats(settings, "notifications", stop)
+    except BaseException:
+        await pool.close()
+        raise
     try:
         js = nc.jetstream()
         replicas = settings.nats_stream_replicas
-        await ensure_events_stream(js, replicas)
-        await ensure_stream(js, notifications_stream_config(replicas))
-        await ensure_consumer(js, tuning)
+        try:
+            await ensure_events_stream(js, replicas)
+            await ensure_stream(js, notifications_stream_config(replicas))
+            await ensure_consumer(js, tuning)
+        except nats.errors.Error as exc:
+            hint = ""
+            if replicas > 1:
+                hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
+            raise ConfigError(
+                "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
+                f"{replicas}): {exc or type(exc).__name__}{hint}"
+            ) from None
         store = NotificationStore(pool)
         deliveries = DeliveryStore(pool)
         workers = [
@@ -96,5 +116,7 @@ async def notification_service(
         )
         yield service
     finally:
-        await nc.drain()
-        await pool.close()
+        try:
+            await close_nats(nc)
+        finally:
+            await pool.close()

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import msgspec
 
 from contracts.notifications import Notification
-from services.config import ConfigError
+from services.config import ConfigError, mask_password
 from services.notifications.channels import DeliveryFailed
 from services.notifications.directory import Directory
 
@@ -39,16 +39,20 @@ class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_url(cls, url: str) -> SmtpConfig:
         """Read ``smtp://…`` or ``smtps://…``; a malformed URL is a configuration error."""
-        parts = urlsplit(url)
+        shown = mask_password(url)  # never the password in a message
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise ConfigError(f"CLINIC_SMTP_URL is not a URL: {shown!r}.") from None
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ConfigError(
-                f"CLINIC_SMTP_URL must be smtp://host[:port] or smtps://…, not {url!r}."
+                f"CLINIC_SMTP_URL must be smtp://host[:port] or smtps://…, not {shown!r}."
             )
         query = parse_qs(parts.query)
         try:
             port = parts.port
         except ValueError:
-            raise ConfigError(f"CLINIC_SMTP_URL has an invalid port: {url!r}.") from None
+            raise ConfigError(f"CLINIC_SMTP_URL has an invalid port: {shown!r}.") from None
         tls = parts.scheme == "smtps"
         return cls(
             host=parts.hostname,

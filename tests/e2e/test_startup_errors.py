@@ -1,0 +1,221 @@
+"""What an operator sees when a ``clinic`` process cannot start or stops in a bad moment:
+one line and an exit status, never a traceback, and SIGTERM always obeyed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Mapping
+
+import asyncpg
+import httpx
+import pytest
+
+from services.embedded import EmbeddedNats
+from tests.e2e.conftest import free_port, wait_until_live
+from tests.support.processes import REPO, clinic_command
+
+SECRET = "startup-errors-test-secret-long-enough-for-hs256"
+SERVICES = [("appointments",), ("notifications",)]
+
+
+def clinic_env(**variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env.update({"CLINIC_JWT_SECRET": SECRET, "PYTHONPATH": str(REPO), **variables})
+    return env
+
+
+def assert_only_log_lines(stderr: str) -> None:
+    """Every line is a JSON log record or one ``clinic: …`` message: no raw traceback."""
+    for line in stderr.splitlines():
+        assert line.startswith(("{", "clinic: ")), stderr
+
+
+@contextlib.asynccontextmanager
+async def started(
+    args: tuple[str, ...], env: Mapping[str, str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        *clinic_command(*args),
+        env=dict(env),
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def wait_for_line(process: asyncio.subprocess.Process, *texts: str) -> list[str]:
+    """The stderr lines up to and including the first one containing one of ``texts``."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while True:
+            raw = await process.stderr.readline()
+            assert raw, f"exited ({await process.wait()}) before {texts!r}: {lines}"
+            lines.append(raw.decode(errors="replace"))
+            if any(text in lines[-1] for text in texts):
+                return lines
+
+
+async def stop_and_wait(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    """SIGTERM, then the exit status and the rest of stderr (a hung process fails)."""
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            rest = await process.stderr.read()
+            return await process.wait(), rest.decode(errors="replace")
+    except TimeoutError:
+        raise AssertionError("did not exit after SIGTERM") from None
+
+
+@pytest.mark.parametrize("command", SERVICES)
+async def test_sigterm_while_nats_is_unreachable_at_start_exits_0(
+    database_url: str, command: tuple[str, ...]
+) -> None:
+    nowhere = free_port()  # nothing listens there
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=f"nats://127.0.0.1:{nowhere}",
+        CLINIC_HTTP_PORT=str(free_port()),
+    )
+    async with started(command, env) as process:
+        # nats-py retries the first connect itself ("nats error"), or gives up ("unreachable")
+        await wait_for_line(process, "nats error", "nats unreachable")
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+    assert_only_log_lines(rest)
+
+
+@pytest.mark.parametrize("command", SERVICES)
+async def test_sigterm_after_nats_went_away_exits_0_quietly(
+    database_url: str, nats_server: EmbeddedNats, command: tuple[str, ...]
+) -> None:
+    port = free_port()
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=nats_server.url,
+        CLINIC_HTTP_PORT=str(port),
+    )
+    async with started(command, env) as process:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            await wait_until_live(client, 30)
+            nats_server.stop()
+            await wait_for_line(process, "nats disconnected")
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+    assert_only_log_lines(rest)
+
+
+@pytest.mark.parametrize("command", [("appointments",), ("appointments", "--roles", "relay")])
+async def test_http_port_in_use_is_one_line_naming_the_variable(
+    database_url: str, nats_url: str, command: tuple[str, ...]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clinic_env(
+            CLINIC_DATABASE_URL=database_url, CLINIC_NATS_URL=nats_url, CLINIC_HTTP_PORT=str(port)
+        )
+        async with started(command, env) as process:
+            assert process.stderr is not None
+            async with asyncio.timeout(60):
+                stderr = (await process.stderr.read()).decode(errors="replace")
+                status = await process.wait()
+    assert status != 0
+    assert_only_log_lines(stderr)
+    clinic_lines = [line for line in stderr.splitlines() if line.startswith("clinic:")]
+    assert len(clinic_lines) == 1 and "CLINIC_HTTP_PORT" in clinic_lines[0], stderr
+
+
+async def test_notifications_refusing_stream_replicas_is_one_line(
+    database_url: str, nats_url: str
+) -> None:
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=nats_url,
+        CLINIC_HTTP_PORT=str(free_port()),
+        CLINIC_NATS_STREAM_REPLICAS="3",
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        clinic_command("notifications"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert_only_log_lines(result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("clinic:") and "CLINIC_NATS_STREAM_REPLICAS=3" in last, result.stderr
+
+
+def database_dsn(server_url: str, name: str) -> str:
+    """``server_url`` (a DSN) with another database name."""
+    base, mark, query = server_url.partition("?")
+    return base.rpartition("/")[0] + f"/{name}" + mark + query
+
+
+def run_clinic(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        clinic_command(*args),
+        env=clinic_env(**variables),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_migrate_against_a_refused_port_is_one_line_and_exit_1() -> None:
+    dsn = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/clinic"
+    result = run_clinic("migrate", CLINIC_DATABASE_URL=dsn)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("clinic: cannot reach PostgreSQL")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "CLINIC_DATABASE_URL" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_migrate_of_a_missing_database_is_one_line_and_exit_2(pg_server_url: str) -> None:
+    dsn = database_dsn(pg_server_url, f"no_such_db_{uuid.uuid4().hex}")
+    result = run_clinic("migrate", CLINIC_DATABASE_URL=dsn)
+    assert result.returncode == 2, result.stderr
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dsn", ["mysql://db/clinic", "postgresql://db:port/clinic"])
+def test_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
+    result = run_clinic("migrate", CLINIC_DATABASE_URL=dsn)
+    assert result.returncode == 2
+    assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL")
+
+
+async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:
+    name = f"clinic_unmigrated_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        dsn = database_dsn(pg_server_url, name)
+        result = await asyncio.to_thread(run_clinic, "rebuild-visits", CLINIC_DATABASE_URL=dsn)
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.close()
+    assert result.returncode == 2, result.stderr
+    assert "clinic migrate" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,151 @@
+"""Malformed ``CLINIC_*`` variables are refused at load, in one line naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from services.config import ConfigError, load_settings, mask_password
+from services.notifications.email import SmtpConfig
+
+
+def refusal(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ",",
+        " ",
+        " , ",
+        "nats://127.0.0.1:abc",
+        "nats://127.0.0.1:99999",
+        "nats://127.0.0.1:0",
+        "http://host:4222",
+        "nats://:4222",
+        "nats://a:4222,host:x",
+        "ws://a:80,nats://b:4222",
+    ],
+)
+def test_a_nats_url_without_a_usable_server_is_refused(value: str) -> None:
+    assert "CLINIC_NATS_URL" in refusal({"CLINIC_NATS_URL": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "urls"),
+    [
+        ("", ["nats://127.0.0.1:4222"]),
+        ("nats://a:4222, tls://b:4223", ["nats://a:4222", "tls://b:4223"]),
+        ("127.0.0.1:4222", ["127.0.0.1:4222"]),  # nats-py takes a bare host:port
+        ("nats://user:pw@[::1]:4222", ["nats://user:pw@[::1]:4222"]),
+        ("wss://nats.example:443", ["wss://nats.example:443"]),
+        ("nats://a", ["nats://a"]),
+    ],
+)
+def test_usable_nats_urls_are_kept(value: str, urls: list[str]) -> None:
+    assert load_settings({"CLINIC_NATS_URL": value}).nats_urls == urls
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "x",
+        "mysql://db/clinic",
+        "postgresql://db:port/clinic",
+        "postgresql://db:70000/clinic",
+        "postgresql://[::1/clinic",
+    ],
+)
+def test_a_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
+    settings = load_settings({"CLINIC_DATABASE_URL": dsn})
+    with pytest.raises(ConfigError, match="CLINIC_DATABASE_URL"):
+        settings.require_database_url()
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres@127.0.0.1:5432/clinic",
+        "postgres://u:p@db/clinic?sslmode=require",
+        "postgresql://h1:5432,h2:5433/clinic",
+        "postgresql:///clinic?host=/var/run/postgresql",
+    ],
+)
+def test_wellformed_database_urls_are_accepted(dsn: str) -> None:
+    assert load_settings({"CLINIC_DATABASE_URL": dsn}).require_database_url() == dsn
+
+
+def test_a_database_url_refusal_hides_the_password() -> None:
+    settings = load_settings({"CLINIC_DATABASE_URL": "mysql://u:hunter2@db/clinic"})
+    with pytest.raises(ConfigError) as caught:
+        settings.require_database_url()
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["verbose", "10", "TRACE", "notset"])
+def test_an_unknown_log_level_is_refused(value: str) -> None:
+    assert "CLINIC_LOG_LEVEL" in refusal({"CLINIC_LOG_LEVEL": value})
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), ("Warning", "WARNING")])
+def test_log_levels_are_case_insensitive(value: str, level: str) -> None:
+    assert load_settings({"CLINIC_LOG_LEVEL": value}).log_level == level
+
+
+def test_a_missing_public_key_file_is_refused(tmp_path: Path) -> None:
+    message = refusal({"CLINIC_JWT_PUBLIC_KEY_FILE": str(tmp_path / "absent.pem")})
+    assert "CLINIC_JWT_PUBLIC_KEY_FILE" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a key", b"-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----\n", b""],
+)
+def test_a_public_key_file_without_a_pem_public_key_is_refused(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "key.pem"
+    path.write_bytes(content)
+    assert "not a PEM public key" in refusal({"CLINIC_JWT_PUBLIC_KEY_FILE": str(path)})
+
+
+def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    path.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    settings = load_settings({"CLINIC_JWT_PUBLIC_KEY_FILE": str(path)})
+    assert settings.jwt_public_key_file == str(path)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("smtp://user:s3cret@mail:25", "smtp://user:***@mail:25"),
+        ("postgresql://u:p%40ss@h/db?x=1", "postgresql://u:***@h/db?x=1"),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("smtp://user@mail", "smtp://user@mail"),
+    ],
+)
+def test_mask_password_hides_only_the_password(url: str, masked: str) -> None:
+    assert mask_password(url) == masked
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:s3cret@mail:25", "smtp://user:s3cret@mail:port", "smtp://user:s3cret@"]
+)
+def test_smtp_url_refusal_does_not_reveal_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SmtpConfig.from_url(url)
+    assert "CLINIC_SMTP_URL" in str(caught.value) and "s3cret" not in str(caught.value)

@@ -1,0 +1,152 @@
+"""The command line's answers to operator mistakes, and shutting down whatever state NATS
+is in: one line, a meaningful exit status, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import cast
+
+import asyncpg
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.errors import APIError
+
+from services.appointments.bootstrap import close_nats
+from services.appointments.main import parse_roles
+from services.appointments.relay import _describe
+from services.auth import TokenVerifier
+from services.cli import build_parser, database_failure
+from services.config import ConfigError, config_error_in, load_settings
+from services.logs import configure_logging
+
+
+def test_repeated_roles_run_once() -> None:
+    assert parse_roles("api,api, relay,api") == ["api", "relay"]
+
+
+@pytest.mark.parametrize("value", [",", " ", ", ,"])
+def test_roles_naming_no_role_say_so(value: str) -> None:
+    with pytest.raises(ValueError, match="no role given"):
+        parse_roles(value)
+
+
+def _token_args(*extra: str) -> list[str]:
+    ids = ["--sub", str(uuid.uuid4()), "--clinic", str(uuid.uuid4())]
+    return ["token", "--role", "staff", *ids, *extra]
+
+
+@pytest.mark.parametrize("ttl", ["-100", "0", "soon"])
+def test_token_ttl_must_be_a_positive_integer(ttl: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(_token_args("--ttl", ttl))
+    assert exited.value.code == 2
+
+
+def test_token_ttl_accepts_a_positive_integer() -> None:
+    assert build_parser().parse_args(_token_args("--ttl", "60")).ttl == 60
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_dev_help_lists_the_variables_only_dev_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("dev", capsys)
+    assert "CLINIC_NATS_SERVER_BIN" in text and "CLINIC_PG_INSTALL_DIR" in text
+    assert "CLINIC_DATABASE_URL" in text
+    assert "CLINIC_PG_INSTALL_DIR" not in _help("migrate", capsys)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "words"),
+    [
+        (ConnectionRefusedError(111, "Connect call failed"), 1, "cannot reach"),
+        (TimeoutError(), 1, "cannot reach"),
+        (asyncpg.InvalidCatalogNameError('database "x" does not exist'), 2, "does not exist"),
+        (asyncpg.InvalidPasswordError("password authentication failed"), 2, "login"),
+        (asyncpg.UndefinedTableError('relation "visits" does not exist'), 2, "clinic migrate"),
+        (asyncpg.ClientConfigurationError("invalid DSN"), 2, "DSN"),
+    ],
+)
+def test_database_failures_become_one_line_and_a_status(
+    error: BaseException, status: int, words: str
+) -> None:
+    failure = database_failure(error)
+    assert failure is not None
+    message, code = failure
+    assert code == status and words in message and "\n" not in message
+
+
+def test_other_errors_are_not_taken_for_database_failures() -> None:
+    assert database_failure(RuntimeError("bug")) is None
+
+
+def test_a_configuration_error_inside_a_task_group_is_found() -> None:
+    inner = ConfigError("port taken")
+    group = ExceptionGroup("roles", [ExceptionGroup("api", [inner])])
+    assert config_error_in(group) is inner
+    assert config_error_in(ExceptionGroup("x", [RuntimeError("bug")])) is None
+
+
+class _DeadNats:
+    """A client whose server is gone: draining fails, and then closing fails too."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def drain(self) -> None:
+        raise ConnectionResetError("nats: connection lost")
+
+    async def close(self) -> None:
+        self.closed = True
+        raise ConnectionResetError("nats: connection lost")
+
+
+async def test_closing_nats_after_a_failed_drain_never_raises() -> None:
+    nc = _DeadNats()
+    await close_nats(cast(NATS, nc))
+    assert nc.closed
+
+
+def test_a_nats_api_error_is_described_by_its_description() -> None:
+    error = APIError(code=500, description="insufficient resources", err_code=10023)
+    assert repr(error) in ("ServerError()", "APIError()")  # why repr will not do
+    assert "insufficient resources" in _describe(error)
+    assert _describe(ConnectionRefusedError()) == "ConnectionRefusedError()"
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logging.captureWarnings(False)  # a test before may have left it half on
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_library_warnings_are_logged_as_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("WARNING")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("the key is short", UserWarning, stacklevel=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["logger"] == "py.warnings" and "the key is short" in record["message"]
+
+
+def test_a_short_jwt_secret_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="services.auth"):
+        TokenVerifier.from_settings(load_settings({"CLINIC_JWT_SECRET": "short"}))
+        TokenVerifier.from_settings(load_settings({"CLINIC_JWT_SECRET": "x" * 32}))
+    warned = [r for r in caplog.records if "CLINIC_JWT_SECRET" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
