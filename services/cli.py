@@ -56,8 +56,10 @@ def database_failure(exc: BaseException) -> tuple[str, int] | None:
         return f"PostgreSQL refused the login: {first_line}", 2
     if isinstance(exc, asyncpg.UndefinedTableError):
         return f"the database is not migrated ({first_line}): run `clinic migrate` first", 2
-    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError):
+    if isinstance(exc, asyncpg.ClientConfigurationError):
         return f"invalid PostgreSQL DSN: {first_line}", 2
+    if isinstance(exc, TimeoutError) and str(exc):  # ours, e.g. the rebuild's table lock
+        return first_line, 1
     if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
         return f"cannot reach PostgreSQL: {first_line}", 1
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):

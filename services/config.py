@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -105,16 +106,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def mask_password(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***`` (for messages)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+    """``url`` (or a comma-separated list of them) with every password replaced by
+    ``***``: the userinfo's (found by the last ``@``, so a password holding ``/``, ``#`` or
+    ``?`` is masked too) and a ``password=`` query parameter's (for messages)."""
+    return ",".join(_mask_one(part) for part in url.split(","))
+
+
+def _mask_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, hosts = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    masked = f"{scheme}{sep}{rest}"
+    return re.sub(r"(?i)(password=)[^&#]*", r"\1***", masked)
 
 
 def _port_of(hostport: str) -> int | None:

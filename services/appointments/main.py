@@ -66,6 +66,8 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
     finally:
         for half in halves:
             half.cancel()  # only when serve_api itself is cancelled: else both are done
+        # Let them unwind (uvicorn, the NATS drain) before the container closes under them.
+        await asyncio.gather(*halves, return_exceptions=True)
     for half in halves:
         error = None if half.cancelled() else half.exception()
         if error is not None:

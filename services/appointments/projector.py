@@ -151,7 +151,7 @@ class VisitsProjector:
                 RecursionError,  # nested deeper than the decoder goes (in ``data``)
                 UnicodeDecodeError,  # invalid UTF-8 inside a string
             ) as exc:
-                await self._park(msg, f"undecodable envelope: {exc}")
+                await self._park(msg, f"undecodable envelope: {exc}", stop)
         if not batch:
             return
         started = time.time_ns()
@@ -162,7 +162,7 @@ class VisitsProjector:
             return
         for (msg, envelope), outcome in zip(batch, outcomes, strict=True):
             with consuming("visits-projector apply", msg.headers, envelope.correlation_id, started):
-                await self._settle(msg, envelope, outcome)
+                await self._settle(msg, envelope, outcome, stop)
 
     async def _apply(
         self, batch: list[tuple[Msg, EventEnvelope]], stop: asyncio.Event
@@ -196,7 +196,9 @@ class VisitsProjector:
                     results.extend(single)
                 return results
 
-    async def _settle(self, msg: Msg, envelope: EventEnvelope, outcome: Outcome | None) -> None:
+    async def _settle(
+        self, msg: Msg, envelope: EventEnvelope, outcome: Outcome | None, stop: asyncio.Event
+    ) -> None:
         PROJECTOR_EVENTS.labels(outcome.name.lower() if outcome else "failed").inc()
         if _deliveries(msg) > 1:
             CONSUMER_REDELIVERIES.labels("projector").inc()
@@ -208,27 +210,40 @@ class VisitsProjector:
             case Outcome.APPLIED | Outcome.DUPLICATE | Outcome.SKIPPED:
                 await msg.ack()
             case Outcome.POISON:
-                await self._park(msg, f"{envelope.type} v{envelope.schema_version} unreadable")
+                await self._park(
+                    msg, f"{envelope.type} v{envelope.schema_version} unreadable", stop
+                )
             case Outcome.GAP | None if _deliveries(msg) >= PARK_AFTER:
                 reason = "never applicable" if outcome is None else "earlier event never came"
-                await self._park(msg, f"{reason} (stream_version {envelope.stream_version})")
+                await self._park(msg, f"{reason} (stream_version {envelope.stream_version})", stop)
             case Outcome.GAP | None:
                 await msg.nak(delay=min(0.5 * 2 ** (_deliveries(msg) - 1), 30.0))
 
-    async def _park(self, msg: Msg, reason: str) -> None:
-        """Keep the message in ``parked_messages`` and terminate it on the stream; if
-        PostgreSQL refuses that, leave it for a later delivery (parked then)."""
+    async def _park(self, msg: Msg, reason: str, stop: asyncio.Event) -> None:
+        """Keep the message in ``parked_messages`` and terminate it on the stream. While
+        PostgreSQL is away (or refuses for a reason that passes) it waits in place, like an
+        apply, so that no delivery is spent; any other refusal leaves the message for a
+        later delivery."""
         log.error("projector: parking message %s: %s", msg.subject, reason)
-        try:
-            await self._visits.park(
-                msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
-            )
-        except (Unavailable, asyncpg.PostgresError) as exc:
-            log.warning("projector: could not park %s, retrying later: %r", msg.subject, exc)
-            await msg.nak(delay=_PARK_RETRY)
+        delay = 0.1
+        while True:
+            try:
+                await self._visits.park(
+                    msg.metadata.sequence.stream, msg.subject, msg.data, reason, _deliveries(msg)
+                )
+            except (Unavailable, asyncpg.PostgresError) as exc:
+                if stop.is_set() or not (isinstance(exc, Unavailable) or passing_refusal(exc)):
+                    log.warning("projector: could not park %s, later: %r", msg.subject, exc)
+                    await msg.nak(delay=_PARK_RETRY)
+                    return
+                log.warning("projector: could not park %s yet, retrying: %r", msg.subject, exc)
+                await msg.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            PROJECTOR_EVENTS.labels("parked").inc()
+            await msg.term()
             return
-        PROJECTOR_EVENTS.labels("parked").inc()
-        await msg.term()
 
 
 async def run_projector(

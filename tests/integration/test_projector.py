@@ -298,6 +298,8 @@ async def test_a_read_only_database_neither_uses_up_deliveries_nor_stops_the_pro
         await eventually(lambda: consumer_idle(nc))
     assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
     assert "undecodable" in await pool.fetchval("SELECT reason FROM parked_messages")
+    # Parked on its first delivery: waiting for the database spent none.
+    assert await pool.fetchval("SELECT deliveries FROM parked_messages") == 1
     # Not one delivery was spent on "cannot apply", and the loop never broke off.
     assert (
         REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": "failed"}) == failed

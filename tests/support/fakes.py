@@ -44,6 +44,7 @@ class FakeEventStore:
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:
         self.loads += 1
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
         return list(self.streams.get(stream_id, []))
 
     async def append(
@@ -115,6 +116,7 @@ class FakeVisits:
 
     async def write_row(self, row: VisitRow) -> None:
         self.writes += 1
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
         if self.down:
             raise Unavailable("The database is unreachable.")
         if self.hang:

@@ -136,6 +136,13 @@ def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
         ("postgresql://u:p%40ss@h/db?x=1", "postgresql://u:***@h/db?x=1"),
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
         ("smtp://user@mail", "smtp://user@mail"),
+        ("nats://u:p#w@h:4222", "nats://u:***@h:4222"),
+        ("postgresql://u:a/b?c@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://h/db?user=u&password=s3cret&x=1",
+            "postgresql://h/db?user=u&password=***&x=1",
+        ),
+        ("nats://a:1@h1:4222,nats://b:2@h2:4222", "nats://a:***@h1:4222,nats://b:***@h2:4222"),
     ],
 )
 def test_mask_password_hides_only_the_password(url: str, masked: str) -> None:

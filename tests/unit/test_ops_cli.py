@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import cast
 
 import asyncpg
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import APIError
@@ -72,6 +73,7 @@ def test_dev_help_lists_the_variables_only_dev_reads(capsys: pytest.CaptureFixtu
         (asyncpg.InvalidPasswordError("password authentication failed"), 2, "login"),
         (asyncpg.UndefinedTableError('relation "visits" does not exist'), 2, "clinic migrate"),
         (asyncpg.ClientConfigurationError("invalid DSN"), 2, "DSN"),
+        (TimeoutError("could not lock the visits table"), 1, "could not lock the visits"),
     ],
 )
 def test_database_failures_become_one_line_and_a_status(
@@ -85,6 +87,8 @@ def test_database_failures_become_one_line_and_a_status(
 
 def test_other_errors_are_not_taken_for_database_failures() -> None:
     assert database_failure(RuntimeError("bug")) is None
+    # A stored event that does not decode is no DSN problem.
+    assert database_failure(msgspec.ValidationError("Expected `int`")) is None
 
 
 def test_a_configuration_error_inside_a_task_group_is_found() -> None:

@@ -147,7 +147,42 @@ async def test_another_principals_token_reveals_nothing(outsider_role: str) -> N
     outsider = Principal(id=uuid.uuid4(), role=outsider_role, clinic_id=clinic)  # type: ignore[arg-type]
     page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
     assert stale and _listed(page) == []
-    # What the repair wrote is the true row, which the owner then sees.
+    assert visits.writes == 0  # an outsider's read writes nothing
     page, stale = await query.list_visits(owner, consistency_token=booked.consistency_token)
     assert not stale and _listed(page) == [booked.view.appointment_id]
     assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
+
+
+async def test_a_read_with_no_wait_at_all_still_repairs() -> None:
+    clock, _store, _visits, app, query = _setup(wait=timedelta(0))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    page, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [booked.view.appointment_id]
+
+
+async def test_a_token_beyond_what_is_stored_writes_nothing() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(milliseconds=20))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    forged = f"{booked.view.appointment_id}.99"
+    for _ in range(3):
+        _, stale = await query.list_visits(staff, consistency_token=forged)
+        assert stale
+    assert visits.writes == 0
+
+
+async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> None:
+    clock, store, visits, app, query = _setup()
+    patient = principal("patient")
+    booked = await app.schedule(
+        RequestContext(principal=patient), schedule_body(clock.now, patient_id=patient.id)
+    )
+    loads = store.loads
+    answers = await asyncio.gather(
+        *(query.list_visits(patient, consistency_token=booked.consistency_token) for _ in range(20))
+    )
+    assert all(
+        not stale and _listed(page) == [booked.view.appointment_id] for page, stale in answers
+    )
+    assert store.loads == loads + 1 and visits.writes == 1

@@ -224,6 +224,7 @@ def test_each_role_gets_its_scope() -> None:
         (asyncpg.exceptions.CheckViolationError, False),  # what the rows hold
         (asyncpg.exceptions.NumericValueOutOfRangeError, False),
         (asyncpg.exceptions.UndefinedTableError, False),
+        (asyncpg.exceptions.UndefinedFileError, False),  # a missing file stays missing
     ],
 )
 def test_refusals_that_pass_are_told_from_those_of_content(

@@ -55,6 +55,9 @@ from services.metrics import VIEW_REPAIR_FAILURES
 
 log = logging.getLogger(__name__)
 
+#: A read's repair may take this long even when the consistency wait is shorter (or 0).
+REPAIR_SECONDS = 1.0
+
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
 #: which bounds the Upcoming index range from below.
 LONGEST_VISIT = timedelta(minutes=MAX_DURATION_MINUTES)
@@ -176,6 +179,14 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
     patient_id: UUID | None = None
     provider_id: UUID | None = None
 
+    def holds(self, row: VisitRow) -> bool:
+        """Whether ``row`` is one of the visits of this scope."""
+        return (
+            row.clinic_id == self.clinic_id
+            and self.patient_id in (None, row.patient_id)
+            and self.provider_id in (None, row.provider_id)
+        )
+
     @classmethod
     def of(cls, principal: Principal) -> Scope:
         """Patients see their own visits, providers those they hold, staff the clinic's."""
@@ -270,6 +281,7 @@ class VisitsQuery:
         self._rules = rules
         self._wait = consistency_wait
         self._repair = repair
+        self._repairs: dict[UUID, _Repair] = {}
 
     async def list_visits(
         self,
@@ -304,28 +316,53 @@ class VisitsQuery:
         """Whether the view reflects ``version`` of the appointment in ``scope``: at once,
         after repairing its row, or within the rest of the configured wait."""
         seconds = self._wait.total_seconds()
-        if self._repair is None or await self._reader.wait_for_version(
-            scope, stream_id, version, 0
-        ):
+        if self._repair is None:
             return await self._reader.wait_for_version(scope, stream_id, version, seconds)
+        if await self._reader.wait_for_version(scope, stream_id, version, 0):
+            return True
         started = time.monotonic()
-        await self._repair_row(stream_id, seconds)
+        await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS))
         left = max(0.0, seconds - (time.monotonic() - started))
-        # Outside the scope the row never qualifies: the wait runs out as it always did,
-        # so the answer tells nobody whether another's appointment exists.
+        # Outside the scope the row never qualifies (and is not written): the wait runs
+        # out as it always did, so the answer tells nobody whether the appointment exists.
         return await self._reader.wait_for_version(scope, stream_id, version, left)
 
-    async def _repair_row(self, stream_id: UUID, seconds: float) -> None:
-        """Write the appointment's row from its stored events (best effort, bounded by
-        ``seconds``: a failure leaves the read to wait for the projector)."""
+    async def _repair_row(
+        self, scope: Scope, stream_id: UUID, version: int, seconds: float
+    ) -> None:
+        """Write the appointment's row from its stored events if the reader may see it and
+        the store holds the token's write (best effort, bounded by ``seconds``: a failure
+        leaves the read to wait for the projector). Concurrent reads of one appointment
+        share one load and one write."""
         assert self._repair is not None
-        events, writes = self._repair
         try:
             async with asyncio.timeout(seconds):
-                recorded = await events.load(stream_id)
-                row = visit_row(stream_id, fold(r.event for r in recorded), len(recorded))
-                if row is not None:
-                    await writes.write_row(row)
+                repair = self._repairs.get(stream_id)
+                if repair is None:
+                    repair = _Repair(asyncio.ensure_future(self._fold(stream_id)))
+                    self._repairs[stream_id] = repair
+                    repair.row.add_done_callback(lambda _: self._repairs.pop(stream_id, None))
+                row = await asyncio.shield(repair.row)
+                if row is None or row.version < version or not scope.holds(row):
+                    return  # nothing stored, a forged token, or not the reader's to see
+                if repair.write is None:
+                    repair.write = asyncio.ensure_future(self._repair[1].write_row(row))
+                await asyncio.shield(repair.write)
         except Exception as exc:  # the read still answers: fresh if the projector catches up
             VIEW_REPAIR_FAILURES.inc()
             log.warning("visits row repair failed (waiting for the projector): %r", exc)
+
+    async def _fold(self, stream_id: UUID) -> VisitRow | None:
+        assert self._repair is not None
+        recorded = await self._repair[0].load(stream_id)
+        return visit_row(stream_id, fold(r.event for r in recorded), len(recorded))
+
+
+class _Repair:
+    """One appointment's row being repaired: its fold from the store, then its write."""
+
+    __slots__ = ("row", "write")
+
+    def __init__(self, row: asyncio.Future[VisitRow | None]) -> None:
+        self.row = row
+        self.write: asyncio.Future[None] | None = None

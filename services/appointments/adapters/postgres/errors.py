@@ -33,10 +33,10 @@ def database_errors() -> Iterator[None]:
 
 #: SQLSTATEs of refusals that pass with time, whatever the statement holds: serialization
 #: failures and deadlocks (class 40), exhausted resources such as a full disk (53),
-#: cancelled statements and shutdowns (57), I/O errors (58), a read-only server (after a
-#: failover), a lock not available.
-_PASSING_CLASSES: Final = ("40", "53", "57", "58")
-_PASSING_STATES: Final = ("25006", "55P03")
+#: cancelled statements and shutdowns (57), system and I/O errors, a read-only server (after
+#: a failover), a lock not available.
+_PASSING_CLASSES: Final = ("40", "53", "57")
+_PASSING_STATES: Final = ("25006", "55P03", "58000", "58030")
 
 
 def passing_refusal(exc: BaseException) -> bool:
