@@ -69,7 +69,7 @@ async def test_cancelled_visit_leaves_upcoming_and_shows_in_past(api: Api) -> No
     assert gone["can_cancel"] is False and gone["can_start"] is False
 
     # The path the two events took shows in the metrics: published by the relay, then
-    # handled by the projector (found already written through, or applied). The reads
+    # handled by the projector (found already written by a read, or applied). The reads
     # above did not wait for either, so wait here (bounded).
     async with asyncio.timeout(10):
         while True:
