@@ -249,7 +249,18 @@ async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_
 async def test_the_doorbell_wakes_the_relay_before_its_poll(pool: asyncpg.Pool, nc: NATS) -> None:
     store = RingingEventStore(PostgresEventStore(pool), OutboxDoorbell(pool))
     async with running(OutboxRelay(pool, nc, poll_interval=30.0)):
-        await asyncio.sleep(0.3)  # the relay is now waiting out its (long) poll interval
+
+        async def waiting_out_its_poll() -> bool:
+            # The leading relay's session is idle after reading the (empty) outbox.
+            waiting: bool = await pool.fetchval(
+                """SELECT EXISTS (
+                       SELECT FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                       WHERE l.locktype = 'advisory' AND l.granted AND a.state = 'idle'
+                         AND a.query LIKE '%FROM outbox%')"""
+            )
+            return waiting
+
+        await eventually(waiting_out_its_poll)
         started = time.monotonic()
         ids = await append_lifecycle(store, uuid.uuid4())  # type: ignore[arg-type]
         await eventually(lambda: outbox_empty(pool), within=10)
