@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -324,11 +325,35 @@ async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Poo
                 assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] < 150, (scope, tab, top)
 
 
+class CountingPolls:
+    """The pool, passed through; counts the version polls of read-your-writes waits, so a
+    test can write only once a wait has looked and found its version missing."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.polled = asyncio.Event()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        value = await self.pool.fetchval(query, *args)
+        if query.startswith("SELECT version FROM visits"):
+            self.polled.set()
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+async def polled_once(counting: CountingPolls) -> None:
+    await asyncio.wait_for(counting.polled.wait(), 30)
+
+
 async def test_the_projector_of_this_process_wakes_a_waiting_read(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     updates = ViewUpdates()
-    reader, projector = PostgresVisits(pool, updates=updates), PostgresVisits(pool, updates=updates)
+    counting = CountingPolls(pool)
+    reader = PostgresVisits(counting, updates=updates)  # type: ignore[arg-type]
+    projector = PostgresVisits(pool, updates=updates)
     stream = await book(projector, timedelta(hours=1))
     cancellation = cancel(stream)
     # Polling alone would look again only in an hour: only the wake-up can end the wait.
@@ -336,7 +361,7 @@ async def test_the_projector_of_this_process_wakes_a_waiting_read(
     waiting = asyncio.create_task(
         reader.wait_for_version(Scope.of(PATIENT), stream, 2, wait_seconds=7200)
     )
-    await asyncio.sleep(0.2)  # it polled once and waits
+    await polled_once(counting)  # it looked, found version 1, and waits
     assert not waiting.done()
     with updates.watch(stream) as written:
         await projector.apply([cancellation])
@@ -372,6 +397,8 @@ async def test_repaired_rows_never_go_back_and_wake_a_waiting_read(
 ) -> None:
     updates = ViewUpdates()
     view = PostgresVisits(pool, updates=updates)
+    counting = CountingPolls(pool)
+    reader = PostgresVisits(counting, updates=updates)  # type: ignore[arg-type]
     streams = [await book(view, timedelta(hours=1 + i)) for i in range(20)]
     rows = {stream: await view.get(stream) for stream in streams}
     cancelled = {
@@ -381,9 +408,9 @@ async def test_repaired_rows_never_go_back_and_wake_a_waiting_read(
     }
     monkeypatch.setattr(visits_adapter, "_WAIT_POLL_FIRST", 3600.0)  # only a wake-up ends it
     waiting = asyncio.create_task(
-        view.wait_for_version(Scope.of(PATIENT), streams[0], 2, wait_seconds=7200)
+        reader.wait_for_version(Scope.of(PATIENT), streams[0], 2, wait_seconds=7200)
     )
-    await asyncio.sleep(0.2)
+    await polled_once(counting)
     assert not waiting.done()
     # Concurrent writes (coalesced into statements), each row's older version racing it.
     writes = [view.write_row(row) for row in cancelled.values()]
