@@ -11,17 +11,8 @@ from typing import Any
 import httpx
 
 from services.auth import mint_token
+from tests.support.builders import schedule_json
 from tests.support.service import JWT_SECRET, running_service, service_env
-
-
-def _booking(patient: uuid.UUID, starts_at: datetime) -> dict[str, Any]:
-    return {
-        "patient_id": str(patient),
-        "provider_id": str(uuid.uuid4()),
-        "starts_at": starts_at.isoformat(),
-        "duration_minutes": 30,
-        "timezone": "Europe/Paris",
-    }
 
 
 async def _book_and_start(window: str | None, database_url: str, nats_url: str) -> dict[str, Any]:
@@ -32,7 +23,7 @@ async def _book_and_start(window: str | None, database_url: str, nats_url: str) 
     starts_at = (datetime.now(UTC) + timedelta(minutes=25)).replace(microsecond=0)
     async with running_service(env, roles=["api"]) as client:
         booked = await client.post(
-            "/v1/appointments", json=_booking(patient, starts_at), headers=headers
+            "/v1/appointments", json=schedule_json(patient, starts_at), headers=headers
         )
         assert booked.status_code == 201, booked.text
         started = await client.post(
@@ -70,7 +61,7 @@ async def test_the_visits_list_pages_by_20_by_default(database_url: str, nats_ur
         for i in range(21):
             answer = await client.post(
                 "/v1/appointments",
-                json=_booking(patient, first + timedelta(hours=i)),
+                json=schedule_json(patient, first + timedelta(hours=i)),
                 headers=headers,
             )
             assert answer.status_code == 201, answer.text

@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from services.auth import mint_token
+from tests.support.builders import schedule_json
 from tests.support.service import JWT_SECRET, running_service, service_env
 
 
@@ -25,13 +26,7 @@ async def test_upcoming_and_past_reflect_each_command_with_only_the_api_running(
     async with running_service(env, roles=["api"]) as client:
         created = await client.post(
             "/v1/appointments",
-            json={
-                "patient_id": str(patient),
-                "provider_id": str(uuid.uuid4()),
-                "starts_at": starts_at.isoformat(),
-                "duration_minutes": 30,
-                "timezone": "Europe/Paris",
-            },
+            json=schedule_json(patient, starts_at),
             headers=headers,
         )
         assert created.status_code == 201, created.text
@@ -54,13 +49,7 @@ async def test_upcoming_and_past_reflect_each_command_with_only_the_api_running(
         # Commands write no row: one booked without a read stays out of the view.
         unread = await client.post(
             "/v1/appointments",
-            json={
-                "patient_id": str(patient),
-                "provider_id": str(uuid.uuid4()),
-                "starts_at": (starts_at + timedelta(hours=3)).isoformat(),
-                "duration_minutes": 30,
-                "timezone": "Europe/Paris",
-            },
+            json=schedule_json(patient, starts_at + timedelta(hours=3)),
             headers=headers,
         )
         assert unread.status_code == 201, unread.text

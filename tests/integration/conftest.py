@@ -15,3 +15,17 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     assert pool is not None
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def empty_schema_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose sessions see an empty schema: no migration applied, no tables."""
+    admin = await asyncpg.connect(database_url)
+    await admin.execute("CREATE SCHEMA nothing_migrated")
+    await admin.close()
+    pool = await asyncpg.create_pool(
+        database_url, min_size=0, max_size=2, server_settings={"search_path": "nothing_migrated"}
+    )
+    assert pool is not None
+    yield pool
+    await pool.close()

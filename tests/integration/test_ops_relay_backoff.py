@@ -17,20 +17,6 @@ from services.appointments.relay import OutboxRelay
 
 
 @pytest.fixture
-async def unmigrated_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool whose sessions see an empty schema: no outbox, no events."""
-    admin = await asyncpg.connect(database_url)
-    await admin.execute("CREATE SCHEMA empty_for_relay")
-    await admin.close()
-    pool = await asyncpg.create_pool(
-        database_url, min_size=0, max_size=2, server_settings={"search_path": "empty_for_relay"}
-    )
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(nats_url)
     yield conn
@@ -57,13 +43,13 @@ class _Retries(logging.Handler):
 
 
 async def test_a_relay_failing_right_after_taking_the_lock_backs_off(
-    unmigrated_pool: asyncpg.Pool, nc: NATS
+    empty_schema_pool: asyncpg.Pool, nc: NATS
 ) -> None:
     retries = _Retries(wanted=4)
     logger = logging.getLogger("services.appointments.relay")
     logger.addHandler(retries)
     stop = asyncio.Event()
-    task = asyncio.create_task(OutboxRelay(unmigrated_pool, nc).run(stop))
+    task = asyncio.create_task(OutboxRelay(empty_schema_pool, nc).run(stop))
     try:
         await asyncio.wait_for(retries.enough.wait(), 60)
     finally:

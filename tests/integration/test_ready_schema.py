@@ -5,51 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
-import pytest
 
 from services.appointments.adapters.postgres.migrate import migration_files
+from services.embedded import free_port
 from services.ops import Probes, serve_ops
+from tests.support.service import wait_until_live
 
 
 @contextlib.asynccontextmanager
 async def serving(probes: Probes) -> AsyncIterator[httpx.AsyncClient]:
     """The operations endpoints on a free port, and a client of them."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     stop = asyncio.Event()
     server = asyncio.create_task(serve_ops(probes, "127.0.0.1", port, stop))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            async with asyncio.timeout(20):
-                while True:
-                    with contextlib.suppress(httpx.TransportError):
-                        if (await client.get("/health/live")).status_code == 200:
-                            break
-                    await asyncio.sleep(0.02)
+            await wait_until_live(client)
             yield client
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
-
-
-@pytest.fixture
-async def empty_schema_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool whose sessions see an empty schema: no migration applied."""
-    admin = await asyncpg.connect(database_url)
-    await admin.execute("CREATE SCHEMA nothing_migrated")
-    await admin.close()
-    pool = await asyncpg.create_pool(
-        database_url, min_size=0, max_size=2, server_settings={"search_path": "nothing_migrated"}
-    )
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 async def test_ready_is_503_naming_the_schema_when_nothing_is_migrated(

@@ -33,3 +33,16 @@ def schedule_body(
         timezone=timezone,
         visit_reason=visit_reason,
     )
+
+
+def schedule_json(
+    patient_id: uuid.UUID, starts_at: datetime, timezone: str = "Europe/Paris"
+) -> dict[str, str | int]:
+    """The JSON body of ``POST /v1/appointments``: 30 minutes with a new provider."""
+    return {
+        "patient_id": str(patient_id),
+        "provider_id": str(uuid.uuid4()),
+        "starts_at": starts_at.isoformat(),
+        "duration_minutes": 30,
+        "timezone": timezone,
+    }

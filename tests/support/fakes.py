@@ -125,18 +125,11 @@ class FakeVisits:
         if stored is None or stored.version < row.version:
             self.rows[row.appointment_id] = row
 
-    def _in_scope(self, scope: Scope, row: VisitRow) -> bool:
-        return (
-            row.clinic_id == scope.clinic_id
-            and scope.patient_id in (None, row.patient_id)
-            and scope.provider_id in (None, row.provider_id)
-        )
-
     async def page(
         self, scope: Scope, tab: VisitsTab, now: datetime, after: PageKey | None, limit: int
     ) -> list[VisitRow]:
         assert after is None, "the fake pages once"
-        rows = [r for r in self.rows.values() if self._in_scope(scope, r)]
+        rows = [r for r in self.rows.values() if scope.holds(r)]
         rows = [r for r in rows if is_upcoming(r.status, r.ends_at, now) == (tab == "upcoming")]
         rows.sort(key=lambda r: (r.starts_at, r.appointment_id), reverse=tab == "past")
         return rows[:limit]
@@ -147,9 +140,7 @@ class FakeVisits:
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:
             row = self.rows.get(appointment_id)
-            if version <= 0 or (
-                row is not None and self._in_scope(scope, row) and row.version >= version
-            ):
+            if version <= 0 or (row is not None and scope.holds(row) and row.version >= version):
                 return True
             if asyncio.get_running_loop().time() >= deadline:
                 return False
