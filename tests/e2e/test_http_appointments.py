@@ -101,6 +101,7 @@ async def test_start_inside_the_window_and_again(api: Api) -> None:
     started = await api.client.post(f"{location}/start", headers=api.auth(patient))
     assert started.status_code == 200
     assert started.json()["status"] == "started" and started.json()["started_at"].endswith("Z")
+    assert started.json()["can_start"] is True  # the patient can rejoin until the end
     again = await api.client.post(f"{location}/start", headers=api.auth(patient))
     assert again.status_code == 200 and again.json() == started.json()
     assert_problem(

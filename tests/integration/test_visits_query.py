@@ -156,7 +156,8 @@ async def test_flags_follow_the_rules_of_the_commands(
     ongoing = await book(visits, timedelta(minutes=-10), "started")
     page, _ = await query.list_visits(PATIENT)
     flags = {v.appointment_id: (v.can_cancel, v.can_start) for v in page.items}
-    assert flags == {later: (True, False), soon: (True, True), ongoing: (False, False)}
+    # An ongoing started visit can be started again: the patient rejoins.
+    assert flags == {later: (True, False), soon: (True, True), ongoing: (False, True)}
     first: VisitView = page.items[-1]
     assert first.start_window_opens_at == NOW + timedelta(minutes=45)
     assert first.ends_at == NOW + timedelta(hours=1, minutes=30)

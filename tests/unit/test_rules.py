@@ -155,9 +155,16 @@ def test_cannot_start_once_ended() -> None:
     assert not can_start("scheduled", STARTS_AT, ENDS_AT, ENDS_AT, RULES)
 
 
-@pytest.mark.parametrize("status", ["started", "cancelled"])
-def test_cannot_start_a_started_or_cancelled_appointment(status: AppointmentStatus) -> None:
-    assert not can_start(status, STARTS_AT, ENDS_AT, STARTS_AT, RULES)
+def test_cannot_start_a_cancelled_appointment() -> None:
+    assert not can_start("cancelled", STARTS_AT, ENDS_AT, STARTS_AT, RULES)
+
+
+def test_a_started_visit_can_be_rejoined_until_it_ends() -> None:
+    assert can_start("started", STARTS_AT, ENDS_AT, STARTS_AT, RULES)
+    assert can_start("started", STARTS_AT, ENDS_AT, ENDS_AT - MICROSECOND, RULES)
+    assert not can_start("started", STARTS_AT, ENDS_AT, ENDS_AT, RULES)
+    # Started early under a wider window: still rejoinable before today's window opens.
+    assert can_start("started", STARTS_AT, ENDS_AT, OPENS_AT - MICROSECOND, RULES)
 
 
 def test_can_start_follows_the_configured_window() -> None:
@@ -278,17 +285,35 @@ def test_view_of_a_cancelled_appointment_says_who_when_and_why() -> None:
     assert (view.can_cancel, view.can_start) == (False, False)
 
 
-def test_view_of_a_started_appointment_says_when_and_allows_nothing() -> None:
+def test_view_of_a_started_appointment_says_when_and_allows_only_rejoining() -> None:
     started_at = STARTS_AT.astimezone(PARIS_SUMMER)
     state = Started(booking(), PATIENT.actor, started_at)
 
     view = appointment_view(APPOINTMENT_ID, state, 2, STARTS_AT + timedelta(minutes=1), RULES)
+    ended = appointment_view(APPOINTMENT_ID, state, 2, ENDS_AT, RULES)
 
     assert view.status == "started"
     assert view.started_at == started_at
     assert view.started_at is not None and view.started_at.tzinfo is UTC
     assert (view.cancelled_at, view.cancelled_by, view.cancellation_reason) == (None, None, None)
-    assert (view.can_cancel, view.can_start) == (False, False)
+    assert (view.can_cancel, view.can_start) == (False, True)
+    assert (ended.can_cancel, ended.can_start) == (False, False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=offsets)
+def test_can_start_of_a_started_visit_is_true_exactly_when_starting_again_answers_it(
+    offset: timedelta,
+) -> None:
+    # While it is upcoming, starting again succeeds (no new event): the patient rejoins.
+    now = STARTS_AT + offset
+    state = Started(booking(), PATIENT.actor, STARTS_AT)
+    command = StartAppointment(appointment_id=APPOINTMENT_ID, actor=PATIENT)
+
+    assert decide(state, command, now, RULES) == []
+    assert can_start("started", STARTS_AT, ENDS_AT, now, RULES) == is_upcoming(
+        "started", ENDS_AT, now
+    )
 
 
 def test_an_unscheduled_appointment_has_no_view() -> None:

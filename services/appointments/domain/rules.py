@@ -35,7 +35,10 @@ def can_cancel(status: AppointmentStatus, ends: datetime, now: datetime) -> bool
 def can_start(
     status: AppointmentStatus, starts_at: datetime, ends: datetime, now: datetime, rules: Rules
 ) -> bool:
-    """Starting is allowed while scheduled and inside the start window."""
+    """Starting is allowed while scheduled and inside the start window; a started visit
+    can be started again (the patient rejoins: a no-op success) until it ends."""
+    if status == "started":
+        return now < ends
     return status == "scheduled" and start_window_opens_at(starts_at, rules) <= now < ends
 
 
