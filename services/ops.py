@@ -11,7 +11,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -19,7 +19,6 @@ import uvicorn
 from litestar import Controller, Litestar, Response, get
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
-from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
@@ -38,13 +37,20 @@ def newest_migration() -> str:
     return migration_files()[-1][0]
 
 
+class NatsConnection(Protocol):
+    """A NATS connection as readiness sees it (a client, or one still being made)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+
 @dataclass
 class Probes:
     """What readiness checks: the process's pool (and that its database has this code's
     schema) and NATS connection."""
 
     pool: asyncpg.Pool
-    nats: NATS | None
+    nats: NatsConnection | None
     _schema_current: bool = field(default=False, init=False)
     """Once the newest migration is seen, it stays applied: not checked again."""
 

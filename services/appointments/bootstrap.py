@@ -32,7 +32,8 @@ class Container:
 
     settings: Settings
     pool: asyncpg.Pool
-    nats: NATS | None
+    nats_link: NatsLink | None
+    """The NATS connection (None: a process that runs without NATS)."""
     appointments: Appointments
     visits: VisitsQuery
     verifier: TokenVerifier
@@ -40,6 +41,20 @@ class Container:
     """Appends ring it; a relay of this process attaches to it (else it sends NOTIFY)."""
     view_updates: ViewUpdates | None = None
     """A projector of this process announces written rows there; reads wait on it."""
+
+    @property
+    def nats(self) -> NATS | None:
+        """The NATS connection once made (None before, or without NATS)."""
+        return self.nats_link.client if self.nats_link is not None else None
+
+    async def connected_nats(self, stop: asyncio.Event) -> NATS | None:
+        """The NATS connection, once NATS answers; None if ``stop`` is set first."""
+        if self.nats_link is None:
+            raise RuntimeError("This process runs without NATS.")
+        try:
+            return await self.nats_link.wait(stop)
+        except StoppedWhileConnecting:
+            return None
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -73,26 +88,76 @@ class StoppedWhileConnecting(Exception):
     """The stop signal came before NATS answered: the process ends without having run."""
 
 
-async def connect_nats(settings: Settings, name: str, stop: asyncio.Event | None = None) -> NATS:
-    """A NATS connection that reconnects forever; waits (logging) while NATS is down at start.
+class NatsLink:
+    """A process's NATS connection, made in the background from the start.
 
-    Raises :class:`StoppedWhileConnecting` if ``stop`` is set before NATS answers."""
-    connecting = asyncio.create_task(_connect_nats(settings, name), name="nats connect")
-    if stop is None:
-        return await connecting
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait([connecting, stopping], return_when="FIRST_COMPLETED")
-    finally:
-        stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
+    The process serves its health endpoints (and the HTTP API, which needs only
+    PostgreSQL) while NATS is still unreachable; readiness says ``nats unreachable`` until
+    it answers, and the roles that need NATS wait for it with :meth:`wait`.
+    """
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._connecting = asyncio.create_task(
+            _connect_nats(settings, name), name=f"nats connect ({name})"
+        )
+
+    @property
+    def client(self) -> NATS | None:
+        """The connection, once NATS has answered (it then reconnects by itself)."""
+        task = self._connecting
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether NATS answered and the connection is up right now."""
+        client = self.client
+        return client is not None and client.is_connected
+
+    async def wait(self, stop: asyncio.Event | None = None) -> NATS:
+        """The connection, once made; :class:`StoppedWhileConnecting` if ``stop`` is set
+        first."""
+        if stop is None:
+            return await asyncio.shield(self._connecting)
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([self._connecting, stopping], return_when="FIRST_COMPLETED")
+        finally:
+            stopping.cancel()
+        if not self._connecting.done():
+            raise StoppedWhileConnecting("stopped while waiting for NATS")
+        return self._connecting.result()
+
+    async def close(self) -> None:
+        """Stop connecting, or drain the connection made. Never raises."""
+        if not self._connecting.done():
+            self._connecting.cancel()
             # The task closes its half-built client itself on the way out.
             with contextlib.suppress(asyncio.CancelledError):
-                await connecting
-    if connecting.cancelled():
-        raise StoppedWhileConnecting("stopped while waiting for NATS")
-    return connecting.result()
+                await self._connecting
+            return
+        client = self.client
+        if client is not None:
+            await close_nats(client)
+
+
+@asynccontextmanager
+async def pool_and_nats(
+    settings: Settings, name: str, pool_size: int = 10, with_nats: bool = True
+) -> AsyncIterator[tuple[asyncpg.Pool, NatsLink | None]]:
+    """The process's pool (which starts even while PostgreSQL is down) and its NATS link
+    (connecting in the background, see :class:`NatsLink`); both closed on exit."""
+    pool = await create_pool(settings.require_database_url(), pool_size)
+    link = NatsLink(settings, name) if with_nats else None
+    try:
+        yield pool, link
+    finally:
+        try:
+            if link is not None:
+                await link.close()
+        finally:
+            await pool.close()
 
 
 async def _connect_nats(settings: Settings, name: str) -> NATS:
@@ -139,40 +204,34 @@ async def appointments_container(
     with_nats: bool = True,
     pool_size: int = 10,
     stop: asyncio.Event | None = None,
+    wait_for_nats: bool = True,
 ) -> AsyncIterator[Container]:
-    """Build the container, and close its pool and NATS connection on exit. ``stop`` set
-    while NATS is awaited raises :class:`StoppedWhileConnecting`."""
-    pool = await create_pool(settings.require_database_url(), pool_size)
-    try:
-        nc = await connect_nats(settings, "appointments", stop) if with_nats else None
-    except BaseException:
-        await pool.close()
-        raise
-    store = PostgresEventStore(pool)
-    # Appends ring the relay awake right after they commit (never inside the transaction):
-    # in-process while a relay of this process leads, by NOTIFY otherwise.
-    doorbell = OutboxDoorbell(pool)
-    ringing = RingingEventStore(store, doorbell)
-    updates = ViewUpdates()
-    view = PostgresVisits(pool, updates=updates)
-    wait = timedelta(milliseconds=settings.consistency_wait_ms)
-    try:
+    """Build the container, and close its pool and NATS connection on exit.
+
+    ``wait_for_nats``: enter only once NATS has answered (``stop`` set meanwhile raises
+    :class:`StoppedWhileConnecting`); else at once, with NATS still connecting (the roles
+    that need it wait on :attr:`Container.nats_link`)."""
+    async with pool_and_nats(settings, "appointments", pool_size, with_nats) as (pool, link):
+        if link is not None and wait_for_nats:
+            await link.wait(stop)
+        store = PostgresEventStore(pool)
+        # Appends ring the relay awake right after they commit (never inside the
+        # transaction): in-process while a relay of this process leads, by NOTIFY otherwise.
+        doorbell = OutboxDoorbell(pool)
+        ringing = RingingEventStore(store, doorbell)
+        updates = ViewUpdates()
+        view = PostgresVisits(pool, updates=updates)
+        wait = timedelta(milliseconds=settings.consistency_wait_ms)
         yield Container(
             settings=settings,
             pool=pool,
-            nats=nc,
+            nats_link=link,
             appointments=Appointments(ringing, store, clock, new_uuid, settings.rules),
             visits=VisitsQuery(view, clock, settings.rules, wait, repair=(store, view)),
             verifier=TokenVerifier.from_settings(settings),
             doorbell=doorbell,
             view_updates=updates,
         )
-    finally:
-        try:
-            if nc is not None:
-                await close_nats(nc)
-        finally:
-            await pool.close()
 
 
 async def close_nats(nc: NATS) -> None:

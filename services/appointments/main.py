@@ -13,7 +13,6 @@ from typing import Any
 from services.appointments.adapters.postgres.pruning import run_pruner
 from services.appointments.bootstrap import (
     Container,
-    StoppedWhileConnecting,
     appointments_container,
     create_session_pool,
 )
@@ -49,7 +48,7 @@ async def serve_http(container: Container, stop: asyncio.Event) -> None:
 async def _ops(container: Container, stop: asyncio.Event) -> None:
     """Health and metrics for a process without the api role."""
     settings = container.settings
-    probes = Probes(container.pool, container.nats)
+    probes = Probes(container.pool, container.nats_link)
     await serve_ops(probes, settings.http_host, settings.http_port, stop)
 
 
@@ -83,7 +82,9 @@ async def _stopping_on_failure(work: Coroutine[Any, Any, None], stop: asyncio.Ev
 
 
 async def _relay(container: Container, stop: asyncio.Event) -> None:
-    assert container.nats is not None
+    nats = await container.connected_nats(stop)
+    if nats is None:  # stopped before NATS ever answered
+        return
     replicas = container.settings.nats_stream_replicas
     # The relay's leadership lock and LISTEN are session state: a pool of its own.
     pool = await create_session_pool(container.settings.require_database_url())
@@ -91,7 +92,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
     # Every relay instance prunes; SKIP LOCKED keeps them out of each other's way.
     pruner = asyncio.create_task(run_pruner(container.pool, stop, key_ttl), name="pruner")
     try:
-        await run_relay(pool, container.nats, stop, replicas, container.doorbell)
+        await run_relay(pool, nats, stop, replicas, container.doorbell)
     finally:
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -100,9 +101,11 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:
-    assert container.nats is not None
+    nats = await container.connected_nats(stop)
+    if nats is None:  # stopped before NATS ever answered
+        return
     replicas = container.settings.nats_stream_replicas
-    await run_projector(container.pool, container.nats, stop, replicas, container.view_updates)
+    await run_projector(container.pool, nats, stop, replicas, container.view_updates)
 
 
 RoleRunner = Callable[[Container, asyncio.Event], Coroutine[Any, Any, None]]
@@ -113,13 +116,13 @@ def _role_runners() -> dict[str, RoleRunner]:
 
 
 async def run_appointments(settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
-    """Run ``roles`` until ``stop`` is set or one of them fails."""
-    try:
-        async with appointments_container(settings, stop=stop) as container:
-            settle_heap()
-            await run_roles(container, roles, stop)
-    except StoppedWhileConnecting:
-        log.info("appointments service stopped before NATS answered")
+    """Run ``roles`` until ``stop`` is set or one of them fails.
+
+    The roles start at once: the HTTP API and the health endpoints serve while NATS is
+    still unreachable (readiness says so), the roles that need NATS wait for it."""
+    async with appointments_container(settings, wait_for_nats=False) as container:
+        settle_heap()
+        await run_roles(container, roles, stop)
 
 
 def settle_heap() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,7 +11,6 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.nats.streams import ensure_events_stream, ensure_stream
-from services.appointments.bootstrap import close_nats, connect_nats, create_pool
 from services.config import ConfigError, Settings
 from services.notifications.channels import (
     PUSH_DUPLICATE_WINDOW_SECONDS,
@@ -56,67 +53,54 @@ class NotificationService:
                 group.create_task(worker.run(stop, wake), name=f"{worker.channel} delivery")
 
 
-@asynccontextmanager
 async def notification_service(
     settings: Settings,
     clock: Clock,
     tuning: Tuning,
     hooks: Hooks,
-    stop: asyncio.Event | None = None,
-) -> AsyncIterator[NotificationService]:
-    """Connect, create or update the streams and the consumer, and build the service;
-    close the NATS connection and the pool on exit. ``stop`` set while NATS is awaited
-    raises :class:`~services.appointments.bootstrap.StoppedWhileConnecting`; JetStream
-    refusing the streams (no JetStream, more replicas than nodes) is a :class:`ConfigError`."""
-    smtp = SmtpConfig.from_url(settings.smtp_url) if settings.smtp_url else None
-    pool = await create_pool(settings.require_database_url())
+    pool: asyncpg.Pool,
+    nc: NATS,
+    smtp: SmtpConfig | None,
+) -> NotificationService:
+    """Create or update the streams and the consumer, and build the service over the
+    process's pool and NATS connection (the caller closes both). JetStream refusing the
+    streams (no JetStream, more replicas than nodes) is a :class:`ConfigError`. ``smtp``:
+    also send e-mail (else push only)."""
+    js = nc.jetstream()
+    replicas = settings.nats_stream_replicas
     try:
-        nc = await connect_nats(settings, "notifications", stop)
-    except BaseException:
-        await pool.close()
-        raise
-    try:
-        js = nc.jetstream()
-        replicas = settings.nats_stream_replicas
-        try:
-            await ensure_events_stream(js, replicas)
-            await ensure_stream(js, notifications_stream_config(replicas))
-            await ensure_consumer(js, tuning)
-        except nats.errors.Error as exc:
-            hint = ""
-            if replicas > 1:
-                hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
-            raise ConfigError(
-                "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
-                f"{replicas}): {exc or type(exc).__name__}{hint}"
-            ) from None
-        store = NotificationStore(pool)
-        deliveries = DeliveryStore(pool)
-        workers = [
-            DeliveryWorker(deliveries, PushChannel(js), clock, tuning, hooks, PUSH_RESEND_WINDOW)
-        ]
-        if smtp is not None:
-            email = EmailChannel(Directory(nc, tuning.directory_timeout), smtp)
-            workers.append(DeliveryWorker(deliveries, email, clock, tuning, hooks, None))
-        channels = [worker.channel for worker in workers]
-        wakeups = [asyncio.Event() for _ in range(1 + len(workers))]
+        await ensure_events_stream(js, replicas)
+        await ensure_stream(js, notifications_stream_config(replicas))
+        await ensure_consumer(js, tuning)
+    except nats.errors.Error as exc:
+        hint = ""
+        if replicas > 1:
+            hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
+        raise ConfigError(
+            "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
+            f"{replicas}): {exc or type(exc).__name__}{hint}"
+        ) from None
+    store = NotificationStore(pool)
+    deliveries = DeliveryStore(pool)
+    workers = [
+        DeliveryWorker(deliveries, PushChannel(js), clock, tuning, hooks, PUSH_RESEND_WINDOW)
+    ]
+    if smtp is not None:
+        email = EmailChannel(Directory(nc, tuning.directory_timeout), smtp)
+        workers.append(DeliveryWorker(deliveries, email, clock, tuning, hooks, None))
+    channels = [worker.channel for worker in workers]
+    wakeups = [asyncio.Event() for _ in range(1 + len(workers))]
 
-        def wake() -> None:
-            for event in wakeups:
-                event.set()
+    def wake() -> None:
+        for event in wakeups:
+            event.set()
 
-        handler = EventHandler(store, clock, settings.rules, channels, tuning)
-        service = NotificationService(
-            pool=pool,
-            nats=nc,
-            consumer=EventConsumer(js, handler, store, tuning, hooks, wake),
-            scheduler=ReminderScheduler(store, clock, channels, tuning, wake),
-            workers=workers,
-            wakeups=wakeups,
-        )
-        yield service
-    finally:
-        try:
-            await close_nats(nc)
-        finally:
-            await pool.close()
+    handler = EventHandler(store, clock, settings.rules, channels, tuning)
+    return NotificationService(
+        pool=pool,
+        nats=nc,
+        consumer=EventConsumer(js, handler, store, tuning, hooks, wake),
+        scheduler=ReminderScheduler(store, clock, channels, tuning, wake),
+        workers=workers,
+        wakeups=wakeups,
+    )

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+
 from services.appointments.adapters.system import utc_now
-from services.appointments.bootstrap import StoppedWhileConnecting
+from services.appointments.bootstrap import NatsLink, StoppedWhileConnecting, pool_and_nats
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
+from services.notifications.email import SmtpConfig
 from services.notifications.runtime import Clock, Hooks, Tuning
 from services.ops import Probes, serve_ops
 
@@ -27,32 +30,41 @@ async def run_notifications(
     """Consume appointment events, fire reminders and deliver notifications until ``stop``
     is set. ``tuning`` and ``hooks`` are for tests; production uses the defaults.
     ``serve_ops_http``: also serve ``/health/*`` and ``/metrics`` on ``CLINIC_HTTP_PORT``
-    (a process of its own; not inside ``clinic dev``, where the API serves them)."""
-    try:
-        await _run(settings, stop, clock, tuning or Tuning(), hooks or Hooks(), serve_ops_http)
-    except StoppedWhileConnecting:
-        log.info("notification service stopped before NATS answered")
-        return
+    (a process of its own; not inside ``clinic dev``, where the API serves them), from the
+    start: while NATS is unreachable the process is live and not ready."""
+    smtp = SmtpConfig.from_url(settings.smtp_url) if settings.smtp_url else None
+    async with pool_and_nats(settings, "notifications") as (pool, link):
+        assert link is not None
+        async with asyncio.TaskGroup() as group:
+            if serve_ops_http:
+                probes = Probes(pool, link)
+                ops = serve_ops(probes, settings.http_host, settings.http_port, stop)
+                group.create_task(ops, name="ops")
+            service = _serve(
+                settings, clock, tuning or Tuning(), hooks or Hooks(), pool, link, smtp, stop
+            )
+            group.create_task(service, name="notifications")
     log.info("notification service stopped")
 
 
-async def _run(
+async def _serve(
     settings: Settings,
-    stop: asyncio.Event,
     clock: Clock,
     tuning: Tuning,
     hooks: Hooks,
-    serve_ops_http: bool,
+    pool: asyncpg.Pool,
+    link: NatsLink,
+    smtp: SmtpConfig | None,
+    stop: asyncio.Event,
 ) -> None:
-    async with notification_service(settings, clock, tuning, hooks, stop) as service:
-        log.info(
-            "notification service running",
-            extra={"channels": [worker.channel for worker in service.workers]},
-        )
-        if not serve_ops_http:
-            await service.run(stop)
-        else:
-            probes = Probes(service.pool, service.nats)
-            async with asyncio.TaskGroup() as group:
-                group.create_task(service.run(stop))
-                group.create_task(serve_ops(probes, settings.http_host, settings.http_port, stop))
+    try:
+        nc = await link.wait(stop)
+    except StoppedWhileConnecting:
+        log.info("notification service stopped before NATS answered")
+        return
+    service = await notification_service(settings, clock, tuning, hooks, pool, nc, smtp)
+    log.info(
+        "notification service running",
+        extra={"channels": [worker.channel for worker in service.workers]},
+    )
+    await service.run(stop)

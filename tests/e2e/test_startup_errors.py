@@ -11,13 +11,20 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import msgspec
+import nats
+import nats.js.errors
 import pytest
 
+from contracts.subjects import EVENTS_STREAM
+from services.auth import mint_token
 from services.embedded import EmbeddedNats
 from tests.e2e.conftest import free_port, wait_until_live
+from tests.support.builders import schedule_json
 from tests.support.processes import REPO, clinic_command
 
 SECRET = "startup-errors-test-secret-long-enough-for-hs256"
@@ -219,3 +226,80 @@ async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: 
     assert result.returncode == 2, result.stderr
     assert "clinic migrate" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def wait_for_status(client: httpx.AsyncClient, path: str, status: int) -> httpx.Response:
+    async with asyncio.timeout(30):
+        while True:
+            response = await client.get(path)
+            if response.status_code == status:
+                return response
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("command", SERVICES)
+async def test_live_and_not_ready_while_nats_is_unreachable_at_start_then_ready(
+    database_url: str, nats_server: EmbeddedNats, command: tuple[str, ...]
+) -> None:
+    # A liveness probe must not restart a process that only waits for NATS.
+    nats_server.stop()  # its port stays the one CLINIC_NATS_URL names
+    port = free_port()
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=nats_server.url,
+        CLINIC_HTTP_PORT=str(port),
+    )
+    async with started(command, env) as process:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            await wait_until_live(client, 30)
+            not_ready = await client.get("/health/ready")
+            assert not_ready.status_code == 503 and "nats unreachable" in not_ready.text
+            nats_server.start()
+            await wait_for_status(client, "/health/ready", 200)
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+    assert_only_log_lines(rest)
+
+
+async def test_commands_taken_before_nats_answers_are_published_once_it_does(
+    database_url: str, nats_server: EmbeddedNats
+) -> None:
+    nats_server.stop()
+    port = free_port()
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=nats_server.url,
+        CLINIC_HTTP_PORT=str(port),
+    )
+    patient, clinic_id = uuid.uuid4(), uuid.uuid4()
+    token = mint_token(SECRET, "patient", patient, clinic_id)
+    starts_at = datetime.now(UTC) + timedelta(hours=2)
+    async with started(("appointments",), env) as process:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            await wait_until_live(client, 30)
+            created = await client.post(
+                "/v1/appointments",
+                json=schedule_json(patient, starts_at),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert created.status_code == 201, created.text
+            assert (await client.get("/health/ready")).status_code == 503  # NATS still away
+            nats_server.start()
+            await wait_for_status(client, "/health/ready", 200)
+        appointment_id = created.json()["appointment_id"]
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            async with asyncio.timeout(30):
+                while True:  # the relay publishes what waited in the outbox
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        if (await js.stream_info(EVENTS_STREAM)).state.messages:
+                            break
+                    await asyncio.sleep(0.05)
+            message = await js.get_msg(EVENTS_STREAM, 1)
+        finally:
+            await nc.close()
+        assert msgspec.json.decode(message.data or b"")["stream_id"] == appointment_id
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+    assert_only_log_lines(rest)

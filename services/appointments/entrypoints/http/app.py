@@ -31,7 +31,9 @@ def create_app(container: Container) -> Litestar:
             path="/schema",
             render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
         ),
-        state=State({"container": container, "probes": Probes(container.pool, container.nats)}),
+        state=State(
+            {"container": container, "probes": Probes(container.pool, container.nats_link)}
+        ),
         debug=False,
         logging_config=None,
     )

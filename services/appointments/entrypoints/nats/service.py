@@ -251,7 +251,9 @@ async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
 
 
 async def serve_nats(container: Container, stop: asyncio.Event) -> None:
-    """The ``api`` role's NATS service API, until ``stop`` is set (then drained)."""
-    if container.nats is None:
-        raise RuntimeError("The NATS service API needs a NATS connection.")
-    await serve(container.nats, ServiceApi(container.appointments, container.visits), stop)
+    """The ``api`` role's NATS service API, from when NATS first answers until ``stop`` is
+    set (then drained)."""
+    nats = await container.connected_nats(stop)
+    if nats is None:  # stopped before NATS ever answered
+        return
+    await serve(nats, ServiceApi(container.appointments, container.visits), stop)
