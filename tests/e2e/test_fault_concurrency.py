@@ -39,7 +39,11 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 
 
 def racing_client(api: Api, connections: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # Idle connections are let go well before uvicorn's 5 s keep-alive timeout: with
+    # httpx's default (also 5 s) a slow round could reuse one the server is closing.
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=1
+    )
     return httpx.AsyncClient(base_url=api.base_url, limits=limits, timeout=60)
 
 
