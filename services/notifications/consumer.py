@@ -27,7 +27,8 @@ from contracts.subjects import EVENTS_STREAM
 from services.metrics import CONSUMER_REDELIVERIES
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
-from services.notifications.store import NotificationStore, is_transient_db_error
+from services.notifications.store import NotificationStore
+from services.pg_errors import is_transient
 from services.tracing import consuming
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class EventConsumer:
             try:
                 return await operation()
             except Exception as exc:
-                if not is_transient_db_error(exc):
+                if not is_transient(exc):
                     raise
                 log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
             waited = 0.0

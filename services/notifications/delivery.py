@@ -17,7 +17,7 @@ from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
 from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
-from services.notifications.store import is_transient_db_error
+from services.pg_errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class DeliveryWorker:
                 await write(*args)
                 return
             except Exception as exc:
-                if not is_transient_db_error(exc) or attempt == _RECORD_ATTEMPTS - 1:
+                if not is_transient(exc) or attempt == _RECORD_ATTEMPTS - 1:
                     raise
                 log.warning("could not record a delivery outcome, retrying: %r", exc)
                 if await sleep_unless_stopped(self._stop, delay):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from services.notifications.store import is_transient_db_error
+from services.pg_errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ async def run_loop(
             backoff = 0.0
         except Exception as exc:
             backoff = min(max(backoff * 2, interval, 0.2), MAX_FAILURE_BACKOFF)
-            if is_transient_db_error(exc):
+            if is_transient(exc):
                 log.warning("%s: database unavailable, retrying in %.1fs: %r", name, backoff, exc)
             else:
                 log.exception("%s failed, retrying in %.1fs", name, backoff)

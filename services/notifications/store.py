@@ -7,7 +7,6 @@ applied or not at all, and a redelivered one finds its mark.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -26,25 +25,6 @@ _APPOINTMENT_COLUMNS: Final = (
     "a.appointment_id, a.clinic_id, a.patient_id, a.provider_id, a.starts_at,"
     " a.duration_minutes, a.timezone, a.status, a.scheduled_event_id"
 )
-
-#: Errors after which the same transaction, tried again later, can succeed.
-TRANSIENT_DB_ERRORS: Final = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
-
-
-def is_transient_db_error(exc: BaseException) -> bool:
-    """Whether ``exc`` says PostgreSQL is (briefly) unavailable rather than that we erred."""
-    return isinstance(exc, TRANSIENT_DB_ERRORS)
 
 
 def _appointment(row: asyncpg.Record) -> Appointment:

@@ -1,5 +1,6 @@
-"""PostgreSQL going away under the notification service: nothing is lost, nothing parked,
-nothing sent twice, and the service recovers by itself."""
+"""PostgreSQL going away under the notification service, or refusing writes for a while
+(read-only after a failover): nothing is lost, nothing parked, nothing sent twice, and the
+service recovers by itself."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import dataclasses
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -96,6 +98,68 @@ async def test_a_database_outage_delays_notifications_but_loses_or_repeats_none(
     info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
     assert info.delivered.consumer_seq == 2  # held in progress, never redelivered
     await proxy.cut()
+
+
+async def test_a_read_only_database_holds_the_event_instead_of_spending_its_deliveries(
+    clinic: Clinic, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failover the service may reconnect to a server still read-only. The consumer
+    waits that out in place, as it does an outage; taking the refusal for a broken event
+    would spend every delivery (the parking is refused too) and lose the event."""
+    database = urlsplit(clinic.settings.require_database_url()).path.lstrip("/")
+    booking = Booking()
+    clinic.know(booking)
+
+    async with clinic.running(tuning=OUTAGE_TUNING):
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        await _reconnect_read_only(clinic, database, read_only=True)
+        await eventually(
+            lambda: _logged(caplog, "ReadOnlySQLTransactionError"),
+            what="the service to be back, on a read-only database",
+        )
+        await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await asyncio.sleep(3.5)  # longer than the ack wait, and than max_deliver quick naks
+        assert len(await clinic.pushes()) == 2
+        info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+        assert info.delivered.consumer_seq == 2  # held in progress, never redelivered
+        await _reconnect_read_only(clinic, database, read_only=False)
+        await eventually(lambda: _pushes(clinic, 4), within=20, what="the cancellation notices")
+        await clinic.wait_settled()
+
+    assert sorted(p.kind for p in await clinic.pushes()) == (
+        ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+    )
+    assert len(clinic.sink.messages) == 4
+    assert await clinic.db.fetchval("SELECT count(*) FROM notification_parked_messages") == 0
+    info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+    assert info.delivered.consumer_seq == 2
+
+
+async def _reconnect_read_only(clinic: Clinic, database: str, *, read_only: bool) -> None:
+    """Make ``database`` read-only (or writable again) for new sessions, and end every
+    other session: the service reconnects to it, as to a standby or a promoted one."""
+    conn = await asyncpg.connect(clinic.settings.require_database_url())
+    try:
+        await conn.execute("SET default_transaction_read_only = off")
+        setting = (
+            "SET default_transaction_read_only = on"
+            if read_only
+            else "RESET default_transaction_read_only"
+        )
+        await conn.execute(f'ALTER DATABASE "{database}" {setting}')
+        await conn.execute(
+            """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+               WHERE datname = $1 AND pid <> pg_backend_pid()""",
+            database,
+        )
+    finally:
+        await conn.close()
+    await clinic.db.expire_connections()
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return text in caplog.text
 
 
 async def _pushes(clinic: Clinic, count: int) -> bool:

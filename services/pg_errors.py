@@ -1,0 +1,40 @@
+"""Which PostgreSQL failures pass with time: one answer for every service that waits them out."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import asyncpg
+
+#: Failures that mean "PostgreSQL is not reachable right now", not "the request is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+#: SQLSTATEs of refusals that pass with time, whatever the statement holds: serialization
+#: failures and deadlocks (class 40), exhausted resources such as a full disk (53),
+#: cancelled statements and shutdowns (57), system and I/O errors, a read-only server (after
+#: a failover), a lock not available.
+_PASSING_CLASSES: Final = ("40", "53", "57")
+_PASSING_STATES: Final = ("25006", "55P03", "58000", "58030")
+
+
+def passing_refusal(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused for a reason of its own state that passes (the same
+    statement can succeed later), not because of what the statement holds."""
+    state = getattr(exc, "sqlstate", None)
+    if not isinstance(exc, asyncpg.PostgresError) or not isinstance(state, str):
+        return False
+    return state[:2] in _PASSING_CLASSES or state in _PASSING_STATES
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the same work, tried again later, can succeed: PostgreSQL is unreachable or
+    refused for a reason that passes (a crash shutdown, 57P02, is one of those)."""
+    return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc)

@@ -1,0 +1,134 @@
+"""PostgreSQL refusing for a while (read-only after a failover, a full disk, a deadlock)
+is ridden out by the notification workers like an outage, never taken for a failure of
+their own; a refusal of what a statement holds is not retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import cast
+
+import asyncpg
+import pytest
+
+from contracts.notifications import Notification
+from services.notifications.delivery import DeliveryWorker
+from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
+from services.notifications.domain import PlannedNotification
+from services.notifications.runtime import Hooks, Tuning, run_loop
+
+NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
+
+
+def _read_only() -> asyncpg.ReadOnlySQLTransactionError:
+    return asyncpg.ReadOnlySQLTransactionError("cannot execute UPDATE in a read-only transaction")
+
+
+class _Outbox:
+    """One claimable delivery; each outcome write fails with the next of ``refusals``."""
+
+    def __init__(self, *refusals: Exception) -> None:
+        notification = PlannedNotification(
+            notification_id=uuid.uuid4(),
+            kind="appointment-confirmed",
+            recipient_id=uuid.uuid4(),
+            recipient_role="patient",
+            appointment_id=uuid.uuid4(),
+            clinic_id=uuid.uuid4(),
+            cause_event_id=uuid.uuid4(),
+            title="Visit confirmed",
+            body="Your video visit is booked.",
+        )
+        self.due = [
+            ClaimedDelivery(
+                notification=notification,
+                channel="push",
+                attempts=1,
+                in_doubt=False,
+                previous_claimed_at=None,
+            )
+        ]
+        self.refusals = list(refusals)
+        self.writes = 0
+        self.recorded: list[tuple[str, uuid.UUID]] = []
+
+    async def claim(self, *_: object) -> list[ClaimedDelivery]:
+        due, self.due = self.due, []
+        return due
+
+    async def sent(self, notification_id: uuid.UUID, *_: object) -> None:
+        await self._write("sent", notification_id)
+
+    async def retry(self, notification_id: uuid.UUID, *_: object) -> None:
+        await self._write("retry", notification_id)
+
+    async def finish(self, notification_id: uuid.UUID, _: str, status: str, *__: object) -> None:
+        await self._write(status, notification_id)
+
+    async def _write(self, outcome: str, notification_id: uuid.UUID) -> None:
+        self.writes += 1
+        if self.refusals:
+            raise self.refusals.pop(0)
+        self.recorded.append((outcome, notification_id))
+
+
+class _Push:
+    name = "push"
+
+    def __init__(self) -> None:
+        self.sent: list[Notification] = []
+
+    async def send(self, notification: Notification) -> str | None:
+        self.sent.append(notification)
+        return None
+
+
+def _worker(outbox: _Outbox, channel: _Push) -> DeliveryWorker:
+    store = cast(DeliveryStore, outbox)
+    return DeliveryWorker(store, channel, lambda: NOW, Tuning(), Hooks(), resend_window=None)
+
+
+async def test_a_read_only_database_does_not_lose_the_record_of_a_sent_delivery() -> None:
+    """The push went out; recording it meets a server still read-only after a failover.
+    Given up at once, the lease would run out and the delivery come back in doubt."""
+    outbox, push = _Outbox(_read_only()), _Push()
+    assert await _worker(outbox, push).deliver_due() == 1
+    assert outbox.recorded == [("sent", push.sent[0].notification_id)]
+    assert outbox.writes == 2
+    assert len(push.sent) == 1
+
+
+async def test_a_refusal_of_the_outcome_itself_is_not_retried() -> None:
+    outbox, push = _Outbox(asyncpg.CheckViolationError("violates check constraint")), _Push()
+    assert await _worker(outbox, push).deliver_due() == 1
+    assert outbox.recorded == []
+    assert outbox.writes == 1
+
+
+async def test_a_worker_waits_out_a_read_only_database_without_reporting_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logged as the database being unavailable, not as a crash with a traceback, and
+    tried again only after a pause: never a hot loop."""
+    stop = asyncio.Event()
+    calls: list[float] = []
+
+    async def step() -> int:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise _read_only()
+        stop.set()
+        return 0
+
+    with caplog.at_level(logging.INFO, logger="services.notifications.runtime"):
+        await asyncio.wait_for(run_loop("push delivery", step, stop, asyncio.Event(), 0.01), 5)
+
+    assert len(calls) == 2
+    assert calls[1] - calls[0] >= 0.2
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "database unavailable" in record.getMessage()
+    assert record.exc_info is None
