@@ -14,6 +14,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from services.appointments.domain.rules import Rules
 
+#: Seconds an idle HTTP connection stays open: above the 60 s idle timeout of most load
+#: balancers and proxies, so that they close first (uvicorn's own default is 5).
+HTTP_KEEP_ALIVE_SECONDS = 75
+
 #: name -> (default, meaning); the ``--help`` of every command prints this table.
 VARIABLES: dict[str, tuple[str | None, str]] = {
     "CLINIC_DATABASE_URL": (None, "PostgreSQL DSN (required outside `clinic dev`)"),
@@ -25,6 +29,11 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     ),
     "CLINIC_HTTP_HOST": ("127.0.0.1", "HTTP listen host"),
     "CLINIC_HTTP_PORT": ("8000", "HTTP listen port"),
+    "CLINIC_HTTP_KEEP_ALIVE_SECONDS": (
+        str(HTTP_KEEP_ALIVE_SECONDS),
+        "how long an idle HTTP connection is kept open; longer than the idle timeout of the"
+        " proxy or gateway in front",
+    ),
     "CLINIC_JWT_SECRET": (None, "HS256 secret; tokens are refused when no key is configured"),
     "CLINIC_JWT_PUBLIC_KEY_FILE": (None, "PEM public key for RS256/ES256/EdDSA tokens"),
     "CLINIC_JWT_ISSUER": (None, "expected `iss` claim, checked when set"),
@@ -82,6 +91,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_stream_replicas: int = 1
     http_host: str
     http_port: int
+    http_keep_alive_seconds: int = HTTP_KEEP_ALIVE_SECONDS
     jwt_secret: str | None
     jwt_public_key_file: str | None
     jwt_issuer: str | None
@@ -237,6 +247,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         nats_stream_replicas=_int(env, "CLINIC_NATS_STREAM_REPLICAS", 1, 5),
         http_host=_get(env, "CLINIC_HTTP_HOST") or "127.0.0.1",
         http_port=_int(env, "CLINIC_HTTP_PORT", 0, 65535),
+        http_keep_alive_seconds=_int(env, "CLINIC_HTTP_KEEP_ALIVE_SECONDS", 1, 3600),
         jwt_secret=_get(env, "CLINIC_JWT_SECRET"),
         jwt_public_key_file=_public_key_file(env),
         jwt_issuer=_get(env, "CLINIC_JWT_ISSUER"),

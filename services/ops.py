@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
 from services.appointments.adapters.postgres.migrate import migration_files
-from services.config import ConfigError
+from services.config import HTTP_KEEP_ALIVE_SECONDS, ConfigError
 
 READY_TIMEOUT_SECONDS = 1.0
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
@@ -150,8 +150,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve_asgi(app: Litestar, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve ``app`` until ``stop`` is set, then finish in-flight requests."""
+async def serve_asgi(
+    app: Litestar,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    keep_alive: int = HTTP_KEEP_ALIVE_SECONDS,
+) -> None:
+    """Serve ``app`` until ``stop`` is set, then finish in-flight requests. ``keep_alive``:
+    seconds an idle connection stays open (uvicorn's default, 5, is shorter than the idle
+    timeout of most proxies, which then reuse a connection as it closes: a 502)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -160,6 +168,7 @@ async def serve_asgi(app: Litestar, host: str, port: int, stop: asyncio.Event) -
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+        timeout_keep_alive=keep_alive,
     )
     server = _Server(config)
     serving = asyncio.create_task(_serve(server, host, port))
@@ -180,6 +189,12 @@ async def _serve(server: uvicorn.Server, host: str, port: int) -> None:
         ) from None
 
 
-async def serve_ops(probes: Probes, host: str, port: int, stop: asyncio.Event) -> None:
+async def serve_ops(
+    probes: Probes,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    keep_alive: int = HTTP_KEEP_ALIVE_SECONDS,
+) -> None:
     """Serve only the operations endpoints until ``stop`` is set."""
-    await serve_asgi(create_ops_app(probes), host, port, stop)
+    await serve_asgi(create_ops_app(probes), host, port, stop, keep_alive)

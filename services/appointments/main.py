@@ -42,14 +42,22 @@ def parse_roles(value: str) -> list[str]:
 async def serve_http(container: Container, stop: asyncio.Event) -> None:
     """Serve the HTTP API until ``stop`` is set, then drain in-flight requests."""
     settings = container.settings
-    await serve_asgi(create_app(container), settings.http_host, settings.http_port, stop)
+    await serve_asgi(
+        create_app(container),
+        settings.http_host,
+        settings.http_port,
+        stop,
+        settings.http_keep_alive_seconds,
+    )
 
 
 async def _ops(container: Container, stop: asyncio.Event) -> None:
     """Health and metrics for a process without the api role."""
     settings = container.settings
     probes = Probes(container.pool, container.nats_link)
-    await serve_ops(probes, settings.http_host, settings.http_port, stop)
+    await serve_ops(
+        probes, settings.http_host, settings.http_port, stop, settings.http_keep_alive_seconds
+    )
 
 
 async def serve_api(container: Container, stop: asyncio.Event) -> None:

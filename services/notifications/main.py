@@ -38,7 +38,13 @@ async def run_notifications(
         async with asyncio.TaskGroup() as group:
             if serve_ops_http:
                 probes = Probes(pool, link)
-                ops = serve_ops(probes, settings.http_host, settings.http_port, stop)
+                ops = serve_ops(
+                    probes,
+                    settings.http_host,
+                    settings.http_port,
+                    stop,
+                    settings.http_keep_alive_seconds,
+                )
                 group.create_task(ops, name="ops")
             service = _serve(
                 settings, clock, tuning or Tuning(), hooks or Hooks(), pool, link, smtp, stop

@@ -1,5 +1,5 @@
-"""Settings that change what the HTTP API answers reach it: the start window's length, and
-the default page size of the visits list."""
+"""Settings that change what the HTTP API answers reach it: the start window's length, the
+default page size of the visits list, and how long an idle connection stays open."""
 
 from __future__ import annotations
 
@@ -84,3 +84,42 @@ async def _when_all_listed(
             if len(everything.json()["items"]) == count:
                 return dict((await client.get("/v1/visits", headers=headers)).json())
             await asyncio.sleep(0.05)
+
+
+async def _idle_close_after(client: httpx.AsyncClient, wait: float) -> bool:
+    """Whether the service closes a keep-alive connection left idle (within ``wait`` s)."""
+    port = client.base_url.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: clinic\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        try:
+            return await asyncio.wait_for(reader.read(1), wait) == b""
+        except TimeoutError:
+            return False
+    finally:
+        writer.close()
+
+
+async def test_the_keep_alive_setting_reaches_the_http_server(
+    database_url: str, nats_url: str
+) -> None:
+    env = service_env(database_url, [nats_url], CLINIC_HTTP_KEEP_ALIVE_SECONDS="1")
+    async with running_service(env, roles=["api"]) as client:
+        assert await _idle_close_after(client, 4.0)
+
+
+async def test_idle_connections_outlive_uvicorns_5_seconds_by_default(
+    database_url: str, nats_url: str
+) -> None:
+    # A gateway keeping connections idle for up to 60 s must find them open.
+    async with running_service(service_env(database_url, [nats_url]), roles=["api"]) as client:
+        assert not await _idle_close_after(client, 6.0)

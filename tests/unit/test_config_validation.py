@@ -156,3 +156,14 @@ def test_smtp_url_refusal_does_not_reveal_the_password(url: str) -> None:
     with pytest.raises(ConfigError) as caught:
         SmtpConfig.from_url(url)
     assert "CLINIC_SMTP_URL" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+def test_http_keep_alive_defaults_above_common_proxy_idle_timeouts() -> None:
+    assert load_settings({}).http_keep_alive_seconds == 75
+    assert load_settings({"CLINIC_HTTP_KEEP_ALIVE_SECONDS": "620"}).http_keep_alive_seconds == 620
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "3601", "1.5", "long"])
+def test_an_unusable_http_keep_alive_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="CLINIC_HTTP_KEEP_ALIVE_SECONDS"):
+        load_settings({"CLINIC_HTTP_KEEP_ALIVE_SECONDS": value})
