@@ -59,6 +59,7 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
             log_config=None,
             access_log=False,
             lifespan="off",
+            timeout_keep_alive=settings.http_keep_alive_seconds,
         )
         server = _Server(config)
         tasks = [asyncio.create_task(server.serve())]
