@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -187,7 +188,18 @@ def _nats_urls(raw: str) -> list[str]:
             ) from None
     if len(websocket) > 1:  # nats-py refuses the mix, after the process started
         raise ConfigError("CLINIC_NATS_URL mixes websocket and non-websocket servers.")
+    if websocket == {True} and not websocket_support():
+        # Else nats-py fails every attempt (not ready, forever) with an ImportError.
+        raise ConfigError(
+            "CLINIC_NATS_URL names websocket servers (ws://, wss://), which need aiohttp:"
+            " pip install 'nats-py[aiohttp]', or use nats:// or tls://."
+        )
     return urls
+
+
+def websocket_support() -> bool:
+    """Whether nats-py can connect over websockets here (it needs aiohttp)."""
+    return importlib.util.find_spec("aiohttp") is not None
 
 
 def _log_level(env: Mapping[str, str]) -> str:

@@ -173,10 +173,15 @@ async def serve_asgi(
     server = _Server(config)
     serving = asyncio.create_task(_serve(server, host, port))
     waiting = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, waiting], return_when="FIRST_COMPLETED")
-    waiting.cancel()
-    server.should_exit = True
-    await serving
+    try:
+        await asyncio.wait([serving, waiting], return_when="FIRST_COMPLETED")
+    finally:
+        # Also when cancelled: the server stops listening and drains before this returns.
+        waiting.cancel()
+        server.should_exit = True
+        if not serving.done():
+            await asyncio.wait([serving])
+    serving.result()  # a failed bind's ListenError
 
 
 async def _serve(server: uvicorn.Server, host: str, port: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -93,12 +94,19 @@ class NatsLink:
 
     The process serves its health endpoints (and the HTTP API, which needs only
     PostgreSQL) while NATS is still unreachable; readiness says ``nats unreachable`` until
-    it answers, and the roles that need NATS wait for it with :meth:`wait`.
+    it answers, and the roles that need NATS wait for it with :meth:`wait`. nats-py keeps
+    trying (the first connect as every reconnect) once a second per server and reports
+    each failure; they are logged at most every :attr:`QUIET_SECONDS`, with a count.
     """
 
+    QUIET_SECONDS = 30.0
+
     def __init__(self, settings: Settings, name: str) -> None:
+        self.last_error: str | None = None
+        self._failures = 0  # since the last log line
+        self._logged_at: float | None = None
         self._connecting = asyncio.create_task(
-            _connect_nats(settings, name), name=f"nats connect ({name})"
+            self._connect(settings, name), name=f"nats connect ({name})"
         )
 
     @property
@@ -133,13 +141,73 @@ class NatsLink:
         """Stop connecting, or drain the connection made. Never raises."""
         if not self._connecting.done():
             self._connecting.cancel()
-            # The task closes its half-built client itself on the way out.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+            # The task closes its half-built client itself on the way out (not suppressing
+            # CancelledError here: a cancellation of the caller must go through).
+            await asyncio.wait([self._connecting])
             return
         client = self.client
         if client is not None:
             await close_nats(client)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A connection attempt (or a running connection) failed; log it, quietly."""
+        self.last_error = str(exc) or type(exc).__name__
+        self._failures += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.QUIET_SECONDS:
+            return
+        log.warning(
+            "nats unreachable, still trying (%d failure(s) since the last report): %s",
+            self._failures,
+            self.last_error,
+        )
+        self._failures, self._logged_at = 0, now
+
+    def _answered(self, what: str, client: NATS) -> None:
+        self.last_error, self._failures, self._logged_at = None, 0, None
+        url = client.connected_url  # host and port only: its userinfo may hold a password
+        server = f"{url.hostname}:{url.port}" if url is not None else None
+        log.info("nats %s", what, extra={"server": server})
+
+    async def _connect(self, settings: Settings, name: str) -> NATS:
+        async def on_error(exc: Exception) -> None:
+            self._failed(exc)
+
+        async def on_disconnected() -> None:
+            if not (client.is_closed or client.is_draining):
+                log.warning("nats disconnected")
+
+        async def on_reconnected() -> None:
+            self._answered("reconnected", client)
+
+        delay = 0.2
+        while True:
+            client = NATS()
+            try:
+                # With unlimited reconnects, nats-py's connect() itself retries until a
+                # server answers (reporting each failure through error_cb).
+                await client.connect(
+                    servers=settings.nats_urls,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                )
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 2)
+                raise
+            except Exception as exc:  # anything connect() gives up on: try again later
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                self._answered("connected", client)
+                return client
 
 
 @asynccontextmanager
@@ -158,43 +226,6 @@ async def pool_and_nats(
                 await link.close()
         finally:
             await pool.close()
-
-
-async def _connect_nats(settings: Settings, name: str) -> NATS:
-    async def on_error(exc: Exception) -> None:
-        log.warning("nats error: %s", exc)
-
-    async def on_disconnected() -> None:
-        if not (client.is_closed or client.is_draining):
-            log.warning("nats disconnected")
-
-    async def on_reconnected() -> None:
-        log.info("nats reconnected")
-
-    delay = 0.2
-    while True:
-        client = NATS()
-        try:
-            await client.connect(
-                servers=settings.nats_urls,
-                name=name,
-                connect_timeout=2,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
-            return client
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2)
-            raise
-        except Exception as exc:  # nats-py raises several unrelated types here
-            log.warning("nats unreachable, retrying in %.1fs: %s", delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 @asynccontextmanager

@@ -56,6 +56,13 @@ async def wait_until_live(client: httpx.AsyncClient, seconds: float = 10.0) -> N
             await asyncio.sleep(0.02)
 
 
+async def wait_until_ready(client: httpx.AsyncClient, seconds: float = 30.0) -> None:
+    """Wait until ``/health/ready`` answers 200 (a process is live before NATS answers)."""
+    async with asyncio.timeout(seconds):
+        while (await client.get("/health/ready")).status_code != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 async def api(database_url: str, nats_url: str) -> AsyncIterator[Api]:
     port = free_port()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from tests.e2e.conftest import free_port, wait_until_live
+from tests.e2e.conftest import free_port, wait_until_live, wait_until_ready
 
 SECRET = "cli-test-secret-that-is-long-enough-for-hs256"
 
@@ -84,7 +84,7 @@ async def test_service_serves_then_exits_0_on_sigterm(
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             await wait_until_live(client, 20)
-            assert (await client.get("/health/ready")).status_code == 200
+            await wait_until_ready(client)  # NATS answers too
             if command == ("appointments",):
                 from services.auth import mint_token
 

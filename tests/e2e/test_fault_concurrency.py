@@ -39,8 +39,9 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 
 
 def racing_client(api: Api, connections: int) -> httpx.AsyncClient:
-    # Idle connections are let go well before uvicorn's 5 s keep-alive timeout: with
-    # httpx's default (also 5 s) a slow round could reuse one the server is closing.
+    # Idle connections are let go after 1 s, well before the server's keep-alive timeout
+    # (75 s now; with uvicorn's 5 s and httpx's default, also 5 s, a slow round could
+    # reuse a connection the server was closing).
     limits = httpx.Limits(
         max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=1
     )

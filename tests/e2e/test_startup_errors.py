@@ -22,8 +22,10 @@ import pytest
 
 from contracts.subjects import EVENTS_STREAM
 from services.auth import mint_token
+from services.config import config_error_in, load_settings
 from services.embedded import EmbeddedNats
-from tests.e2e.conftest import free_port, wait_until_live
+from services.notifications.main import run_notifications
+from tests.e2e.conftest import free_port, wait_until_live, wait_until_ready
 from tests.support.builders import schedule_json
 from tests.support.processes import REPO, clinic_command
 
@@ -99,11 +101,14 @@ async def test_sigterm_while_nats_is_unreachable_at_start_exits_0(
         CLINIC_HTTP_PORT=str(free_port()),
     )
     async with started(command, env) as process:
-        # nats-py retries the first connect itself ("nats error"), or gives up ("unreachable")
-        await wait_for_line(process, "nats error", "nats unreachable")
+        await wait_for_line(process, "nats unreachable")
+        # nats-py tries again every second; the log says so once, not every time.
+        await asyncio.sleep(2.5)
         status, rest = await stop_and_wait(process)
     assert status == 0, rest
     assert_only_log_lines(rest)
+    warnings = [msgspec.json.decode(line) for line in rest.splitlines() if line.startswith("{")]
+    assert not [w for w in warnings if w["level"] == "WARNING" and "nats" in w["message"]], rest
 
 
 @pytest.mark.parametrize("command", SERVICES)
@@ -119,6 +124,7 @@ async def test_sigterm_after_nats_went_away_exits_0_quietly(
     async with started(command, env) as process:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             await wait_until_live(client, 30)
+            await wait_until_ready(client)  # NATS answered
             nats_server.stop()
             await wait_for_line(process, "nats disconnected")
         status, rest = await stop_and_wait(process)
@@ -228,15 +234,6 @@ async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-async def wait_for_status(client: httpx.AsyncClient, path: str, status: int) -> httpx.Response:
-    async with asyncio.timeout(30):
-        while True:
-            response = await client.get(path)
-            if response.status_code == status:
-                return response
-            await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("command", SERVICES)
 async def test_live_and_not_ready_while_nats_is_unreachable_at_start_then_ready(
     database_url: str, nats_server: EmbeddedNats, command: tuple[str, ...]
@@ -255,7 +252,7 @@ async def test_live_and_not_ready_while_nats_is_unreachable_at_start_then_ready(
             not_ready = await client.get("/health/ready")
             assert not_ready.status_code == 503 and "nats unreachable" in not_ready.text
             nats_server.start()
-            await wait_for_status(client, "/health/ready", 200)
+            await wait_until_ready(client)
         status, rest = await stop_and_wait(process)
     assert status == 0, rest
     assert_only_log_lines(rest)
@@ -285,7 +282,7 @@ async def test_commands_taken_before_nats_answers_are_published_once_it_does(
             assert created.status_code == 201, created.text
             assert (await client.get("/health/ready")).status_code == 503  # NATS still away
             nats_server.start()
-            await wait_for_status(client, "/health/ready", 200)
+            await wait_until_ready(client)
         appointment_id = created.json()["appointment_id"]
         nc = await nats.connect(nats_server.url)
         try:
@@ -303,3 +300,25 @@ async def test_commands_taken_before_nats_answers_are_published_once_it_does(
         status, rest = await stop_and_wait(process)
     assert status == 0, rest
     assert_only_log_lines(rest)
+
+
+async def test_a_notification_service_failing_at_start_stops_serving_its_probes(
+    database_url: str, nats_url: str
+) -> None:
+    port = free_port()
+    settings = load_settings(
+        {
+            "CLINIC_DATABASE_URL": database_url,
+            "CLINIC_NATS_URL": nats_url,
+            "CLINIC_NATS_STREAM_REPLICAS": "3",  # more than this one NATS server can hold
+            "CLINIC_HTTP_PORT": str(port),
+        }
+    )
+    with pytest.raises(BaseException) as failure:
+        await run_notifications(settings, asyncio.Event(), serve_ops_http=True)
+    assert config_error_in(failure.value) is not None, failure.value
+    # Its probes' HTTP server went with it: nothing listens, nothing of it still runs.
+    with pytest.raises(OSError):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+    assert asyncio.all_tasks() == {asyncio.current_task()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from services import config
 from services.config import ConfigError, load_settings, mask_password
 from services.notifications.email import SmtpConfig
 
@@ -46,7 +48,6 @@ def test_a_nats_url_without_a_usable_server_is_refused(value: str) -> None:
         ("nats://a:4222, tls://b:4223", ["nats://a:4222", "tls://b:4223"]),
         ("127.0.0.1:4222", ["127.0.0.1:4222"]),  # nats-py takes a bare host:port
         ("nats://user:pw@[::1]:4222", ["nats://user:pw@[::1]:4222"]),
-        ("wss://nats.example:443", ["wss://nats.example:443"]),
         ("nats://a", ["nats://a"]),
     ],
 )
@@ -167,3 +168,28 @@ def test_http_keep_alive_defaults_above_common_proxy_idle_timeouts() -> None:
 def test_an_unusable_http_keep_alive_is_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="CLINIC_HTTP_KEEP_ALIVE_SECONDS"):
         load_settings({"CLINIC_HTTP_KEEP_ALIVE_SECONDS": value})
+
+
+def test_websocket_nats_urls_are_kept_where_nats_py_can_use_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "websocket_support", lambda: True)
+    urls = ["wss://nats.example:443", "ws://b:80"]
+    assert load_settings({"CLINIC_NATS_URL": ",".join(urls)}).nats_urls == urls
+
+
+def test_websocket_nats_urls_without_aiohttp_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "websocket_support", lambda: False)
+    message = refusal({"CLINIC_NATS_URL": "wss://nats.example:443"})
+    assert "CLINIC_NATS_URL" in message and "aiohttp" in message
+
+
+def test_websocket_support_follows_whether_aiohttp_is_importable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    found = importlib.util.find_spec("aiohttp") is not None
+    assert config.websocket_support() is found
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *_: None)
+    assert config.websocket_support() is False

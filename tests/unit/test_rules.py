@@ -302,10 +302,11 @@ def test_view_of_a_started_appointment_says_when_and_allows_only_rejoining() -> 
 
 @settings(max_examples=200, deadline=None)
 @given(offset=offsets)
-def test_can_start_of_a_started_visit_is_true_exactly_when_starting_again_answers_it(
+def test_a_started_visit_offers_rejoining_exactly_while_it_is_upcoming(
     offset: timedelta,
 ) -> None:
-    # While it is upcoming, starting again succeeds (no new event): the patient rejoins.
+    # Starting again always succeeds without a new event (as cancelling again does); the
+    # view offers it while the visit is upcoming, as the rejoin of an ongoing visit.
     now = STARTS_AT + offset
     state = Started(booking(), PATIENT.actor, STARTS_AT)
     command = StartAppointment(appointment_id=APPOINTMENT_ID, actor=PATIENT)

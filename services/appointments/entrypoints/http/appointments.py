@@ -111,7 +111,7 @@ class AppointmentsController(Controller):
     @post(
         "/{appointment_id:uuid}/start",
         status_code=200,
-        summary="Start a visit (inside its start window)",
+        summary="Start a visit (inside its start window), or rejoin a started one",
         responses=problem_responses(400, 401, 404, 409, 412, 422, 503),
         operation_class=documented(COMMAND_HEADERS),
     )
