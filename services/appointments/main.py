@@ -26,6 +26,8 @@ from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
 log = logging.getLogger(__name__)
 
 ROLES = ("api", "relay", "projector")
+#: How long a role cancelled after the shutdown grace has to unwind.
+CANCEL_GRACE_SECONDS = 2.0
 
 
 def parse_roles(value: str) -> list[str]:
@@ -156,9 +158,11 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
     finally:
         stop.set()
         await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
-        for task in tasks:
-            if not task.done():
-                task.cancel()
+        late = [task for task in tasks if not task.done()]
+        for task in late:
+            task.cancel()
+        if late:  # let them unwind before the container closes the pool under them
+            await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
     for task in done:
         error = None if task.cancelled() else task.exception()
         if error is not None:
