@@ -28,7 +28,7 @@ EXPECTED: dict[str, list[tuple[str, ...]]] = {
         for w in "12"
     ],
     "relay": [("relay",), ("raw_publish_async",)],
-    "http": [("noop",), ("commands",), ("offered", "50")],
+    "http": [("noop", "2"), ("commands", "2"), ("offered", "50")],
     "e2e_lag": [("scheduled_visible",), ("cancelled_gone",), ("view_lag",), ("background",)],
     "growth": [("100", "append"), ("300", "upcoming")],
 }
