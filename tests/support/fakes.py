@@ -111,6 +111,7 @@ class FakeVisits:
     def __init__(self) -> None:
         self.rows: dict[UUID, VisitRow] = {}
         self.writes = 0
+        self.version_checks = 0  # calls of wait_for_version (each a query in PostgreSQL)
         self.down = False
         self.hang = False
 
@@ -137,6 +138,7 @@ class FakeVisits:
     async def wait_for_version(
         self, scope: Scope, appointment_id: UUID, version: int, wait_seconds: float
     ) -> bool:
+        self.version_checks += 1
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:
             row = self.rows.get(appointment_id)

@@ -321,7 +321,8 @@ class VisitsQuery:
         if await self._reader.wait_for_version(scope, stream_id, version, 0):
             return True
         started = time.monotonic()
-        await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS))
+        if await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS)):
+            return True  # the row now holds the token's version or a later one
         left = max(0.0, seconds - (time.monotonic() - started))
         # Outside the scope the row never qualifies (and is not written): the wait runs
         # out as it always did, so the answer tells nobody whether the appointment exists.
@@ -329,11 +330,12 @@ class VisitsQuery:
 
     async def _repair_row(
         self, scope: Scope, stream_id: UUID, version: int, seconds: float
-    ) -> None:
+    ) -> bool:
         """Write the appointment's row from its stored events if the reader may see it and
         the store holds the token's write (best effort, bounded by ``seconds``: a failure
-        leaves the read to wait for the projector). Concurrent reads of one appointment
-        share one load and one write."""
+        leaves the read to wait for the projector); whether it was written (the view then
+        holds ``version`` or, the version guard says, a later one). Concurrent reads of one
+        appointment share one load and one write."""
         assert self._repair is not None
         try:
             async with asyncio.timeout(seconds):
@@ -344,13 +346,15 @@ class VisitsQuery:
                     repair.row.add_done_callback(lambda _: self._repairs.pop(stream_id, None))
                 row = await asyncio.shield(repair.row)
                 if row is None or row.version < version or not scope.holds(row):
-                    return  # nothing stored, a forged token, or not the reader's to see
+                    return False  # nothing stored, a forged token, or not the reader's to see
                 if repair.write is None:
                     repair.write = asyncio.ensure_future(self._repair[1].write_row(row))
                 await asyncio.shield(repair.write)
+                return True
         except Exception as exc:  # the read still answers: fresh if the projector catches up
             VIEW_REPAIR_FAILURES.inc()
             log.warning("visits row repair failed (waiting for the projector): %r", exc)
+            return False
 
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
