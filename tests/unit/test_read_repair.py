@@ -189,7 +189,7 @@ async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> N
 
 
 async def test_a_repaired_read_does_not_check_the_view_again() -> None:
-    clock, store, visits, app, query = _setup()
+    clock, _, visits, app, query = _setup()
     staff = principal("staff")
     booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
 
