@@ -203,6 +203,8 @@ class NatsLink:
                 raise
             except Exception as exc:  # anything connect() gives up on: try again later
                 self._failed(exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 2)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             else:
