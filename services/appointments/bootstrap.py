@@ -52,10 +52,7 @@ class Container:
         """The NATS connection, once NATS answers; None if ``stop`` is set first."""
         if self.nats_link is None:
             raise RuntimeError("This process runs without NATS.")
-        try:
-            return await self.nats_link.wait(stop)
-        except StoppedWhileConnecting:
-            return None
+        return await self.nats_link.connected(stop)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -136,6 +133,13 @@ class NatsLink:
         if not self._connecting.done():
             raise StoppedWhileConnecting("stopped while waiting for NATS")
         return self._connecting.result()
+
+    async def connected(self, stop: asyncio.Event) -> NATS | None:
+        """The connection, once made; None if ``stop`` is set first."""
+        try:
+            return await self.wait(stop)
+        except StoppedWhileConnecting:
+            return None
 
     async def close(self) -> None:
         """Stop connecting, or drain the connection made. Never raises."""

@@ -8,7 +8,7 @@ import logging
 import asyncpg
 
 from services.appointments.adapters.system import utc_now
-from services.appointments.bootstrap import NatsLink, StoppedWhileConnecting, pool_and_nats
+from services.appointments.bootstrap import NatsLink, pool_and_nats
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
 from services.notifications.email import SmtpConfig
@@ -63,9 +63,8 @@ async def _serve(
     smtp: SmtpConfig | None,
     stop: asyncio.Event,
 ) -> None:
-    try:
-        nc = await link.wait(stop)
-    except StoppedWhileConnecting:
+    nc = await link.connected(stop)
+    if nc is None:
         log.info("notification service stopped before NATS answered")
         return
     service = await notification_service(settings, clock, tuning, hooks, pool, nc, smtp)
