@@ -39,6 +39,18 @@ def clinic_env(**variables: str) -> dict[str, str]:
     return env
 
 
+def served_env(database_url: str, nats_url: str) -> tuple[int, dict[str, str]]:
+    """A free HTTP port, and the environment of a service on it with these servers."""
+    port = free_port()
+    return port, clinic_env(
+        CLINIC_DATABASE_URL=database_url, CLINIC_NATS_URL=nats_url, CLINIC_HTTP_PORT=str(port)
+    )
+
+
+def client_of(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5)
+
+
 def assert_only_log_lines(stderr: str) -> None:
     """Every line is a JSON log record or one ``clinic: …`` message: no raw traceback."""
     for line in stderr.splitlines():
@@ -115,14 +127,9 @@ async def test_sigterm_while_nats_is_unreachable_at_start_exits_0(
 async def test_sigterm_after_nats_went_away_exits_0_quietly(
     database_url: str, nats_server: EmbeddedNats, command: tuple[str, ...]
 ) -> None:
-    port = free_port()
-    env = clinic_env(
-        CLINIC_DATABASE_URL=database_url,
-        CLINIC_NATS_URL=nats_server.url,
-        CLINIC_HTTP_PORT=str(port),
-    )
+    port, env = served_env(database_url, nats_server.url)
     async with started(command, env) as process:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        async with client_of(port) as client:
             await wait_until_live(client, 30)
             await wait_until_ready(client)  # NATS answered
             nats_server.stop()
@@ -240,14 +247,9 @@ async def test_live_and_not_ready_while_nats_is_unreachable_at_start_then_ready(
 ) -> None:
     # A liveness probe must not restart a process that only waits for NATS.
     nats_server.stop()  # its port stays the one CLINIC_NATS_URL names
-    port = free_port()
-    env = clinic_env(
-        CLINIC_DATABASE_URL=database_url,
-        CLINIC_NATS_URL=nats_server.url,
-        CLINIC_HTTP_PORT=str(port),
-    )
+    port, env = served_env(database_url, nats_server.url)
     async with started(command, env) as process:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        async with client_of(port) as client:
             await wait_until_live(client, 30)
             not_ready = await client.get("/health/ready")
             assert not_ready.status_code == 503 and "nats unreachable" in not_ready.text
@@ -262,17 +264,12 @@ async def test_commands_taken_before_nats_answers_are_published_once_it_does(
     database_url: str, nats_server: EmbeddedNats
 ) -> None:
     nats_server.stop()
-    port = free_port()
-    env = clinic_env(
-        CLINIC_DATABASE_URL=database_url,
-        CLINIC_NATS_URL=nats_server.url,
-        CLINIC_HTTP_PORT=str(port),
-    )
+    port, env = served_env(database_url, nats_server.url)
     patient, clinic_id = uuid.uuid4(), uuid.uuid4()
     token = mint_token(SECRET, "patient", patient, clinic_id)
     starts_at = datetime.now(UTC) + timedelta(hours=2)
     async with started(("appointments",), env) as process:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        async with client_of(port) as client:
             await wait_until_live(client, 30)
             created = await client.post(
                 "/v1/appointments",
