@@ -189,14 +189,17 @@ async def notifications_exactly_once(pool: asyncpg.Pool, js: JetStreamContext) -
     assert not missing, f"{len(missing)} notifications never made"
     extra = {stored[key] for key in stored.keys() - expected.keys()}
     assert extra <= {"visit-ready"}, f"unexpected notifications of kinds {extra}"
-    # A reminder the visit's start (or cancel) overtook is given up, never sent.
+    # A reminder the visit's start (or cancel) overtook is given up, never sent; so is a
+    # confirmation that failed once (a push refused while a NATS node died, say) and was
+    # waiting for its retry: it would arrive after the news.
     outdated = {
         (r["notification_id"], r["channel"])
         for r in await pool.fetch(
             """SELECT d.notification_id, d.channel FROM notification_deliveries d
                    JOIN notifications n USING (notification_id)
                WHERE d.status = 'skipped' AND d.last_error LIKE 'after %'
-                 AND n.kind IN ('reminder-24h', 'visit-ready')"""
+                 AND (n.kind IN ('reminder-24h', 'visit-ready')
+                      OR (n.kind = 'appointment-confirmed' AND d.attempts > 0))"""
         )
     }
     unsent = [
@@ -210,8 +213,11 @@ async def notifications_exactly_once(pool: asyncpg.Pool, js: JetStreamContext) -
     pushed = _msg_ids(await read_stream(js, NOTIFICATIONS_STREAM, NOTIFICATIONS_SUBJECTS))
     twice = {key: n for key, n in pushed.items() if n > 1}
     assert not twice, f"{len(twice)} notifications pushed more than once"
-    sent = stored.keys() - {key for key, channel in outdated if channel == "push"}
-    assert set(pushed) == {str(key) for key in sent}, "pushes and notifications differ"
+    given_up = {str(key) for key, channel in outdated if channel == "push"}
+    sent = {str(key) for key in stored} - given_up
+    # A push given up after a failed attempt may still have reached the stream (its ack
+    # was lost with the node): it is there at most once, never required.
+    assert sent <= set(pushed) <= sent | given_up, "pushes and notifications differ"
     return len(stored)
 
 
