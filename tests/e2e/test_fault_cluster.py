@@ -1,10 +1,13 @@
-"""A 3-node NATS cluster on loopback with R3 streams: one node killed mid-load loses nothing.
+"""A 3-node NATS cluster on loopback with R3 streams: one node killed or hung mid-load loses
+nothing.
 
 The service (api, relay, projector) and the notification service connect with all three
 URLs and ``CLINIC_NATS_STREAM_REPLICAS=3``. Under a steady command load the node leading
-the ``APPOINTMENTS`` stream is killed (``kill -9``); the other two elect a new leader and
-the relay and the consumers carry on. At the end every committed event is on the stream
-exactly once, the view equals a rebuild, and every notification was pushed once.
+the ``APPOINTMENTS`` stream is killed (``kill -9``), or the node the service is connected
+to hangs (``SIGSTOP``: its connections stay open and nothing answers); the others elect a
+new leader, the service moves to a live node, and the relay and the consumers carry on. At
+the end every committed event is on the stream exactly once, the view equals a rebuild,
+and every notification was pushed once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import nats
 import pytest
 from nats.js.errors import Error as JetStreamError
@@ -49,6 +53,8 @@ def nats_cluster() -> Iterator[list[EmbeddedNats]]:
             cluster_name="clinic-fault",
             cluster_port=int(route.rsplit(":", 1)[1]),
             routes=[other for other in routes if other != route],
+            # The monitoring port, to see which node a client is connected to.
+            extra_args=["-m", str(free_port())],
             die_with_parent=True,
         )
         for i, route in enumerate(routes)
@@ -59,8 +65,25 @@ def nats_cluster() -> Iterator[list[EmbeddedNats]]:
         yield nodes
     finally:
         for node in nodes:
+            node.resume()
             node.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _clients_of(node: EmbeddedNats) -> set[str]:
+    """The names of the clients connected to ``node`` (its monitoring endpoint)."""
+    port = node.extra_args[node.extra_args.index("-m") + 1]
+    async with httpx.AsyncClient() as http:
+        connz = (await http.get(f"http://127.0.0.1:{port}/connz")).json()
+    return {c.get("name", "") for c in connz.get("connections") or []}
+
+
+async def _node_serving(nodes: list[EmbeddedNats], client: str) -> EmbeddedNats:
+    """The node the client named ``client`` is connected to."""
+    for node in nodes:
+        if client in await _clients_of(node):
+            return node
+    raise AssertionError(f"no node serves {client!r}")
 
 
 async def _jetstream_ready(nc: nats.NATS) -> bool:
@@ -69,6 +92,14 @@ async def _jetstream_ready(nc: nats.NATS) -> bool:
     except (JetStreamError, TimeoutError, nats.errors.Error):
         return False
     return True
+
+
+async def _cluster_ready(urls: list[str]) -> None:
+    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        await wait_for(lambda: _jetstream_ready(nc), 30, "the JetStream cluster to form", 0.2)
+    finally:
+        await nc.close()
 
 
 async def test_a_node_killed_mid_load_loses_no_event(
@@ -115,3 +146,36 @@ async def test_a_node_killed_mid_load_loses_no_event(
     }
     record_property("figures", json.dumps(figures))
     print("nats cluster:", json.dumps(figures))
+
+
+async def test_a_node_that_hangs_mid_load_is_left_and_loses_no_event(
+    database_url: str,
+    nats_cluster: list[EmbeddedNats],
+    record_property: pytest.RecordProperty,
+) -> None:
+    urls = [node.url for node in nats_cluster]
+    env = service_env(database_url, urls, CLINIC_NATS_STREAM_REPLICAS="3")
+    await _cluster_ready(urls)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    try:
+        async with running_service(env) as client, running_notifications(env):
+            load = CommandLoad(client, JWT_SECRET, rate=RATE)
+            loading = asyncio.create_task(load.run(BEFORE + AFTER))
+            await asyncio.sleep(BEFORE)
+            hung = await _node_serving(nats_cluster, "appointments")
+            hung.pause()
+            live = [node.url for node in nats_cluster if node is not hung]
+            nc = await nats.connect(live, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            try:
+                js = nc.jetstream()
+                await loading
+                outcome = await drained_and_whole(pool, js, load.acknowledged, DRAIN_SECONDS)
+                assert not load.failures and load.count(ok=False) == 0, load.summary()
+            finally:
+                await nc.close()
+    finally:
+        await pool.close()
+
+    figures = {"commands": load.commands, **outcome, "hung": hung.server_name}
+    record_property("figures", json.dumps(figures))
+    print("nats cluster, a node hung:", json.dumps(figures))

@@ -1,0 +1,81 @@
+"""A process's NATS link leaves a server that hangs for another one of its list.
+
+A frozen server (SIGSTOP: the TCP connection stays open, nothing answers) is the hard
+case: no error ever arrives, so only unanswered pings tell. Two plain servers stand in for
+two cluster nodes; the link must be talking to the live one well within nats-py's default
+of 4-6 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+
+from services.appointments.bootstrap import NatsLink
+from services.config import load_settings
+from services.embedded import EmbeddedNats
+
+pytestmark = pytest.mark.fault
+
+#: Ping interval times (max outstanding + 1), plus a reconnect: the bound promised.
+PROMISED_SECONDS = NatsLink.PING_INTERVAL_SECONDS * (NatsLink.MAX_OUTSTANDING_PINGS + 1) + 5
+
+
+@pytest.fixture
+def two_servers() -> Iterator[list[EmbeddedNats]]:
+    root = Path(tempfile.mkdtemp(prefix="clinic-nats-link-"))
+    servers = [EmbeddedNats(root / f"s{i}", die_with_parent=True) for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.resume()
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_hung_server_is_left_for_a_live_one(two_servers: list[EmbeddedNats]) -> None:
+    urls = ",".join(server.url for server in two_servers)
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": urls}), "link-test")
+    try:
+        nc = await asyncio.wait_for(link.wait(), 10)
+        assert nc.connected_url is not None
+        hung = next(s for s in two_servers if s.port == nc.connected_url.port)
+        live = next(s for s in two_servers if s is not hung)
+        await nc.flush(timeout=2)
+
+        hung.pause()
+        frozen_at = time.monotonic()
+        # Nothing answers on the hung server: a flush times out, no error is reported.
+        with pytest.raises(TimeoutError):
+            await nc.flush(timeout=1)
+        while time.monotonic() - frozen_at < PROMISED_SECONDS:
+            url = nc.connected_url
+            if nc.is_connected and url is not None and url.port == live.port:
+                break
+            await asyncio.sleep(0.2)
+        left_after = time.monotonic() - frozen_at
+        assert nc.connected_url is not None and nc.connected_url.port == live.port, (
+            f"still on the hung server after {left_after:.0f} s"
+        )
+
+        # And the connection works there: a round trip through the live server.
+        async def echo(msg: Msg) -> None:
+            await msg.respond(msg.data)
+
+        sub = await nc.subscribe("link.echo", cb=echo)
+        reply = await nc.request("link.echo", b"ping", timeout=2)
+        assert reply.data == b"ping"
+        await sub.unsubscribe()
+        assert link.is_connected
+    finally:
+        await link.close()
