@@ -38,7 +38,8 @@ RELAY_PUBLISHED = Counter(
     "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
 )
 RELAY_BACKLOG = Gauge(
-    "clinic_relay_backlog_events", "Committed events not yet published (outbox rows)."
+    "clinic_relay_backlog_events",
+    "Committed events not yet published (outbox rows, counted up to a relay batch).",
 )
 RELAY_LAG_SECONDS = Gauge(
     "clinic_relay_lag_seconds", "Age of the oldest committed event not yet published."

@@ -195,12 +195,16 @@ class OutboxRelay:
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _observe_outbox(self) -> None:
-        """Relay lag measured without leading (standing by, or NATS unreachable), so that
-        the gauge still grows while no relay publishes."""
+        """Backlog and lag measured without leading (standing by, or NATS unreachable), so
+        that the gauges still grow while no relay publishes, and a relay that stepped down
+        reports what waits now rather than what it last read."""
         try:
-            RELAY_LAG_SECONDS.set(await outbox.oldest_age(self._pool))
-        except Exception as exc:  # PostgreSQL away too: the gauge keeps its last value
+            waiting, age = await outbox.backlog(self._pool, self._batch_size)
+        except Exception as exc:  # PostgreSQL away too: the gauges keep their last values
             log.debug("relay could not measure the outbox: %s", _describe(exc))
+            return
+        RELAY_BACKLOG.set(waiting)
+        RELAY_LAG_SECONDS.set(age)
 
     async def _lead(self, conn: PoolConnectionProxy, stop: asyncio.Event) -> None:
         wake = asyncio.Event()
@@ -221,11 +225,12 @@ class OutboxRelay:
                 from_start = cursor is None
                 if cursor is None:
                     rows = await outbox.oldest_unpublished(conn, self._batch_size)
+                    _observe_backlog(len(rows), rows[0] if rows else None)
                 else:
                     pending = sum(len(batch.rows) for batch in in_flight)
                     rows = await outbox.unpublished_after(conn, cursor, pending, self._batch_size)
-                if from_start or rows:
-                    _observe_backlog(rows, self._batch_size)
+                    if rows:  # the oldest waiting is the first row in flight
+                        _observe_backlog(pending + len(rows), in_flight[0].rows[0])
                 failed = 0
                 if rows:
                     try:
@@ -358,12 +363,12 @@ def _headers(row: asyncpg.Record) -> dict[str, str]:
     )
 
 
-def _observe_backlog(rows: Sequence[asyncpg.Record], batch_size: int) -> None:
-    """Relay lag: how many events wait (a full batch means at least that many) and how
-    old the oldest one is."""
-    RELAY_BACKLOG.set(len(rows))
-    if rows:
-        age = (datetime.now(UTC) - rows[0]["occurred_at"]).total_seconds()
+def _observe_backlog(waiting: int, oldest: asyncpg.Record | None) -> None:
+    """Relay lag: how many events wait (unacked and read; a full read means at least that
+    many) and how old the oldest (``oldest``'s event) is."""
+    RELAY_BACKLOG.set(waiting)
+    if oldest is not None:
+        age = (datetime.now(UTC) - oldest["occurred_at"]).total_seconds()
         RELAY_LAG_SECONDS.set(max(age, 0.0))
     else:
         RELAY_LAG_SECONDS.set(0.0)

@@ -35,7 +35,7 @@ from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.relay import OutboxDoorbell, OutboxRelay, RingingEventStore
 from services.appointments.service_layer.ports import NewEvent
 from services.embedded import EmbeddedNats
-from services.metrics import RELAY_LAG_SECONDS
+from services.metrics import RELAY_BACKLOG, RELAY_LAG_SECONDS
 
 
 @pytest.fixture
@@ -368,6 +368,38 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
     async with running(OutboxRelay(pool, nc)):
         await eventually(lambda: outbox_empty(pool))
     assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
+
+
+async def test_a_standby_reports_the_backlog_waiting_now(pool: asyncpg.Pool, nc: NATS) -> None:
+    """Another process leads (it holds the lock) and publishes nothing: a standby's gauges
+    say what waits, not the last batch it read when it led (or nothing)."""
+    store = PostgresEventStore(pool)
+
+    def reported() -> float | None:
+        return REGISTRY.get_sample_value("clinic_relay_backlog_events")
+
+    async with pool.acquire() as leader:
+        assert await outbox.try_lead(leader)
+        RELAY_BACKLOG.set(12_345)  # process-wide: as a relay that stepped down left it
+        RELAY_LAG_SECONDS.set(0)
+        await append_many(store, 30, writers=4)  # more than a batch
+        async with running(OutboxRelay(pool, nc, batch_size=20, standby_interval=0.05)):
+
+            async def counted() -> bool:
+                return reported() == 20.0  # counted up to a batch: at least that many
+
+            await eventually(counted, within=10)
+            await eventually(lambda: lag_reported(at_least=0.001), within=10)
+            await pool.execute(
+                "DELETE FROM outbox WHERE global_position IN"
+                " (SELECT global_position FROM outbox ORDER BY 1 OFFSET 5)"
+            )
+
+            async def recounted() -> bool:
+                return reported() == 5.0
+
+            await eventually(recounted, within=10)
+        await outbox.step_down(leader)
 
 
 @pytest.mark.fault

@@ -40,6 +40,10 @@ FROM outbox o JOIN events e USING (global_position)
 ORDER BY o.global_position LIMIT 1
 """
 
+_BACKLOG = f"""
+SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT $1) AS waiting)::int, ({_OLDEST_AGE})
+"""
+
 _DELETE = "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])"
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -73,6 +77,13 @@ async def oldest_age(conn: asyncpg.Pool | Connection) -> float:
     """Seconds since the oldest unpublished event occurred (0 with none waiting)."""
     age: float | None = await conn.fetchval(_OLDEST_AGE)
     return max(age or 0.0, 0.0)
+
+
+async def backlog(conn: asyncpg.Pool | Connection, limit: int) -> tuple[int, float]:
+    """How many events wait (counted up to ``limit``) and :func:`oldest_age`."""
+    row = await conn.fetchrow(_BACKLOG, limit)
+    assert row is not None
+    return row[0], max(row[1] or 0.0, 0.0)
 
 
 async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
