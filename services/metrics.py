@@ -37,6 +37,11 @@ VIEW_REPAIR_FAILURES = Counter(
 RELAY_PUBLISHED = Counter(
     "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
 )
+RELAY_DUPLICATES = Counter(
+    "clinic_relay_duplicates_total",
+    "Of the events published, those JetStream had stored already (sent again after a relay"
+    " crash or a lost ack; de-duplicated by Nats-Msg-Id, not stored twice).",
+)
 RELAY_BACKLOG = Gauge(
     "clinic_relay_backlog_events",
     "Committed events not yet published (outbox rows, counted up to a relay batch).",

@@ -77,7 +77,12 @@ from services.appointments.service_layer.ports import (
     NewEvent,
     RecordedEvent,
 )
-from services.metrics import RELAY_BACKLOG, RELAY_LAG_SECONDS, RELAY_PUBLISHED
+from services.metrics import (
+    RELAY_BACKLOG,
+    RELAY_DUPLICATES,
+    RELAY_LAG_SECONDS,
+    RELAY_PUBLISHED,
+)
 from services.tracing import publish_headers
 
 log = logging.getLogger(__name__)
@@ -312,6 +317,15 @@ class OutboxRelay:
             await outbox.mark_published(conn, acked)
             self.published += len(acked)
             RELAY_PUBLISHED.inc(len(acked))
+            # Acked as already stored (its Nats-Msg-Id seen): sent again after a crash or
+            # a lost ack, and not stored twice.
+            duplicates = sum(
+                1
+                for f in futures
+                if not f.cancelled() and f.exception() is None and f.result().duplicate
+            )
+            if duplicates:
+                RELAY_DUPLICATES.inc(duplicates)
         failed = len(rows) - len(acked)
         if failed:
             errors = {

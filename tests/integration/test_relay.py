@@ -370,6 +370,26 @@ async def test_relays_cut_off_at_random_points_lose_and_duplicate_nothing(
     assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
 
 
+async def test_events_sent_again_are_stored_once_and_counted_as_duplicates(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    """As after a crash between the acks and the outbox delete: the rows come back."""
+    store = PostgresEventStore(pool)
+
+    def duplicates() -> float:
+        return REGISTRY.get_sample_value("clinic_relay_duplicates_total") or 0.0
+
+    appended = await append_many(store, 10, writers=2)
+    async with running(OutboxRelay(pool, nc)):
+        await eventually(lambda: outbox_empty(pool))
+    before = duplicates()
+    await pool.execute("INSERT INTO outbox SELECT global_position FROM events ORDER BY 1 LIMIT 7")
+    async with running(OutboxRelay(pool, nc)):
+        await eventually(lambda: outbox_empty(pool))
+    assert duplicates() - before == 7
+    assert sorted(event_ids(await stream_messages(nc))) == sorted(str(i) for i in appended)
+
+
 async def test_a_standby_reports_the_backlog_waiting_now(pool: asyncpg.Pool, nc: NATS) -> None:
     """Another process leads (it holds the lock) and publishes nothing: a standby's gauges
     say what waits, not the last batch it read when it led (or nothing)."""
