@@ -308,22 +308,16 @@ class OutboxRelay:
             await asyncio.wait(futures, timeout=self._ack_timeout)
         finally:
             batch.cancel()  # no-op once done; frees the pending slot otherwise
-        acked = [
-            row["global_position"]
-            for row, future in zip(rows, futures, strict=True)
-            if not future.cancelled() and future.exception() is None
-        ]
+        acked: list[int] = []
+        duplicates = 0  # acked as already stored (its Nats-Msg-Id seen): sent again
+        for row, future in zip(rows, futures, strict=True):
+            if not future.cancelled() and future.exception() is None:
+                acked.append(row["global_position"])
+                duplicates += future.result().duplicate is True
         if acked:
             await outbox.mark_published(conn, acked)
             self.published += len(acked)
             RELAY_PUBLISHED.inc(len(acked))
-            # Acked as already stored (its Nats-Msg-Id seen): sent again after a crash or
-            # a lost ack, and not stored twice.
-            duplicates = sum(
-                1
-                for f in futures
-                if not f.cancelled() and f.exception() is None and f.result().duplicate
-            )
             if duplicates:
                 RELAY_DUPLICATES.inc(duplicates)
         failed = len(rows) - len(acked)
