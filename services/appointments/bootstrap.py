@@ -23,6 +23,7 @@ from services.appointments.service_layer.ports import Clock
 from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
 from services.config import Settings
+from services.nats_client import NatsClient
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class NatsLink:
 
         delay = 0.2
         while True:
-            client = NATS()
+            client = NatsClient()
             try:
                 # With unlimited reconnects, nats-py's connect() itself retries until a
                 # server answers (reporting each failure through error_cb).

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -31,6 +30,7 @@ from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
 from services.appointments.service_layer.visits import VisitsQuery
 from services.config import load_settings
+from services.nats_client import NatsClient
 from tests.e2e.conftest import JWT_SECRET, free_port
 from tests.support.clock import ManualClock
 
@@ -131,6 +131,14 @@ async def wait_for_service(nc: NATS, instances: int = 1, seconds: float = 10.0) 
         await sub.unsubscribe()
 
 
+async def _connect(url: str, name: str) -> NATS:
+    """A connection whose flush follows what was published before it (the drain test
+    relies on that; see :mod:`services.nats_client`)."""
+    nc = NatsClient()
+    await nc.connect(url, name=name)
+    return nc
+
+
 @contextlib.asynccontextmanager
 async def running_service(
     database_url: str,
@@ -163,7 +171,7 @@ async def running_service(
             timedelta(milliseconds=consistency_wait_ms),
         )
         api = ServiceApi(container.appointments, visits)
-        extra = [await nats.connect(nats_url) for _ in range(instances - 1)]
+        extra = [await _connect(nats_url, "appointments") for _ in range(instances - 1)]
         runners = [
             serve(container.nats, api, stop),
             *(serve(nc, api, stop) for nc in extra),
@@ -173,7 +181,7 @@ async def running_service(
         if http:
             runners.append(serve_http(container, stop))
         tasks = [asyncio.create_task(runner) for runner in runners]
-        client = await nats.connect(nats_url, name="another-clinic-service")
+        client = await _connect(nats_url, "another-clinic-service")
         try:
             await wait_for_service(client, instances)
             http_url = f"http://127.0.0.1:{port}" if http else None

@@ -1,0 +1,30 @@
+"""The NATS client every process uses: nats-py's, with a ``flush`` that keeps its promise.
+
+nats-py (2.16) writes a flush's ``PING`` straight to the socket, while the commands sent
+before it may still wait in its buffer for the flusher task. The server then answers the
+``PONG`` before it has read them, and ``flush()`` returns early. That broke two things
+here: a caller that publishes and flushes could not count on the server having the
+messages, and draining a subscription (``UNSUB``, flush, then stop reading) could stop
+reading before the server had taken the ``UNSUB``, dropping the requests it routed in
+between, at every graceful stop of the NATS service API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
+from nats.aio.client import Client as NATS
+
+
+class NatsClient(NATS):
+    """:class:`nats.aio.client.Client` whose :meth:`flush` round trip follows everything
+    sent before it (``Subscription.drain`` uses it too)."""
+
+    async def flush(self, timeout: int = DEFAULT_FLUSH_TIMEOUT) -> None:  # noqa: ASYNC109 (its signature)
+        if timeout <= 0 or self.is_closed:  # nats-py's own errors for these
+            return await super().flush(timeout)
+        # Hand the buffer to the socket first (the flusher does it; bounded, as the
+        # flusher stops while the connection is down), then the PING goes after it.
+        await asyncio.wait_for(self._flush_pending(force_flush=True), timeout)
+        await super().flush(timeout)
