@@ -51,6 +51,8 @@ class Probes:
 
     pool: asyncpg.Pool
     nats: NatsConnection | None
+    started: asyncio.Event | None = None
+    """Set once the process has done what it does before serving (its streams exist)."""
     _schema_current: bool = field(default=False, init=False)
     """Once the newest migration is seen, it stays applied: not checked again."""
 
@@ -69,6 +71,8 @@ class Probes:
                 )
         if self.nats is not None and not self.nats.is_connected:
             failing.append("nats unreachable")
+        elif self.started is not None and not self.started.is_set():
+            failing.append("starting")
         return failing
 
     async def _schema_is_current(self) -> bool:

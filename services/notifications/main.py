@@ -35,9 +35,10 @@ async def run_notifications(
     smtp = SmtpConfig.from_url(settings.smtp_url) if settings.smtp_url else None
     async with pool_and_nats(settings, "notifications") as (pool, link):
         assert link is not None
+        started = asyncio.Event()  # ready only once its streams and consumer exist
         async with asyncio.TaskGroup() as group:
             if serve_ops_http:
-                probes = Probes(pool, link)
+                probes = Probes(pool, link, started)
                 ops = serve_ops(
                     probes,
                     settings.http_host,
@@ -47,7 +48,15 @@ async def run_notifications(
                 )
                 group.create_task(ops, name="ops")
             service = _serve(
-                settings, clock, tuning or Tuning(), hooks or Hooks(), pool, link, smtp, stop
+                settings,
+                clock,
+                tuning or Tuning(),
+                hooks or Hooks(),
+                pool,
+                link,
+                smtp,
+                stop,
+                started,
             )
             group.create_task(service, name="notifications")
     log.info("notification service stopped")
@@ -62,12 +71,14 @@ async def _serve(
     link: NatsLink,
     smtp: SmtpConfig | None,
     stop: asyncio.Event,
+    started: asyncio.Event,
 ) -> None:
     nc = await link.connected(stop)
     if nc is None:
         log.info("notification service stopped before NATS answered")
         return
     service = await notification_service(settings, clock, tuning, hooks, pool, nc, smtp)
+    started.set()
     log.info(
         "notification service running",
         extra={"channels": [worker.channel for worker in service.workers]},

@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import httpx
@@ -20,7 +21,7 @@ import nats
 import nats.js.errors
 import pytest
 
-from contracts.subjects import EVENTS_STREAM
+from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM
 from services.auth import mint_token
 from services.config import config_error_in, load_settings
 from services.embedded import EmbeddedNats
@@ -319,3 +320,44 @@ async def test_a_notification_service_failing_at_start_stops_serving_its_probes(
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
     assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_the_notification_service_is_ready_only_once_its_streams_exist(
+    database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS answers, the streams are still being made (held here): live, not ready."""
+    import services.notifications.main as notifications_main
+
+    hold = asyncio.Event()
+    make_service = notifications_main.notification_service
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await hold.wait()
+        return await make_service(*args, **kwargs)
+
+    monkeypatch.setattr(notifications_main, "notification_service", held)
+    port, env = served_env(database_url, nats_url)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_notifications(load_settings(env), stop, serve_ops_http=True))
+    try:
+        async with client_of(port) as client:
+            await wait_until_live(client)
+            nc = await nats.connect(nats_url)
+            try:
+                for _ in range(100):  # until the service's connection is made
+                    ready = await client.get("/health/ready")
+                    if "nats unreachable" not in ready.text:
+                        break
+                    await asyncio.sleep(0.05)
+                assert ready.status_code == 503 and "starting" in ready.json()["detail"]
+                with pytest.raises(nats.js.errors.NotFoundError):
+                    await nc.jetstream().stream_info(NOTIFICATIONS_STREAM)
+                hold.set()
+                await wait_until_ready(client)
+                await nc.jetstream().stream_info(NOTIFICATIONS_STREAM)  # made by then
+            finally:
+                await nc.close()
+    finally:
+        stop.set()
+        hold.set()
+        await asyncio.wait_for(running, 20)
