@@ -94,12 +94,13 @@ async def _jetstream_ready(nc: nats.NATS) -> bool:
     return True
 
 
-async def _cluster_ready(urls: list[str]) -> None:
-    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    try:
-        await wait_for(lambda: _jetstream_ready(nc), 30, "the JetStream cluster to form", 0.2)
-    finally:
-        await nc.close()
+async def _connect(urls: list[str]) -> nats.NATS:
+    """The test's own connection to these nodes (reconnecting as the services do)."""
+    return await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+
+async def _cluster_ready(nc: nats.NATS) -> None:
+    await wait_for(lambda: _jetstream_ready(nc), 30, "the JetStream cluster to form", 0.2)
 
 
 async def test_a_node_killed_mid_load_loses_no_event(
@@ -110,10 +111,10 @@ async def test_a_node_killed_mid_load_loses_no_event(
     urls = [node.url for node in nats_cluster]
     env = service_env(database_url, urls, CLINIC_NATS_STREAM_REPLICAS="3")
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
-    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await _connect(urls)
     js = nc.jetstream()
     try:
-        await wait_for(lambda: _jetstream_ready(nc), 30, "the JetStream cluster to form", 0.2)
+        await _cluster_ready(nc)
         async with running_service(env) as client, running_notifications(env):
             load = CommandLoad(client, JWT_SECRET, rate=RATE)
             loading = asyncio.create_task(load.run(BEFORE + AFTER))
@@ -155,7 +156,11 @@ async def test_a_node_that_hangs_mid_load_is_left_and_loses_no_event(
 ) -> None:
     urls = [node.url for node in nats_cluster]
     env = service_env(database_url, urls, CLINIC_NATS_STREAM_REPLICAS="3")
-    await _cluster_ready(urls)
+    setup = await _connect(urls)
+    try:
+        await _cluster_ready(setup)
+    finally:
+        await setup.close()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
     try:
         async with running_service(env) as client, running_notifications(env):
@@ -165,7 +170,7 @@ async def test_a_node_that_hangs_mid_load_is_left_and_loses_no_event(
             hung = await _node_serving(nats_cluster, "appointments")
             hung.pause()
             live = [node.url for node in nats_cluster if node is not hung]
-            nc = await nats.connect(live, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            nc = await _connect(live)  # not the hung node: the checks must not hang
             try:
                 js = nc.jetstream()
                 await loading
