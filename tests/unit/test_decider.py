@@ -263,7 +263,21 @@ def test_schedule_with_an_iana_timezone_is_allowed(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["Mars/Olympus_Mons", "", "europe/paris", "America", "../etc/passwd", "/etc/passwd"]
+    "name",
+    [
+        "Mars/Olympus_Mons",
+        "",
+        "europe/paris",
+        "America",
+        "../etc/passwd",
+        "/etc/passwd",
+        # Files of the tz database that are not zone names: the host's zone, the copies
+        # with leap seconds or POSIX rules, and the POSIX default.
+        "localtime",
+        "right/UTC",
+        "posix/Europe/Paris",
+        "posixrules",
+    ],
 )
 def test_schedule_with_an_unknown_timezone_is_invalid(name: str) -> None:
     refused([], schedule(timezone=name), NOW, InvalidRequest)
