@@ -234,6 +234,9 @@ async def test_odd_requests_get_a_problem_never_a_5xx(
         ("GET", "/v1/visits", {"X-Consistency-Token": b"\xff\xfe"}, b""),
         ("GET", "/v1/visits", {"X-Correlation-Id": b"\xff" * 100}, b""),
         ("POST", cancel, {"If-Match": b'"\xff"'}, b""),
+        # Latin-1 superscripts: digits to str.isdigit(), not to int().
+        ("POST", cancel, {"If-Match": b'"\xb2"'}, b""),
+        ("POST", cancel, {"If-Match": b'W/"1\xb9"'}, b""),
         ("POST", cancel, {"Idempotency-Key": b"\xff\xfe"}, b""),
         ("GET", "/v1/visits", {"Authorization": b"Bearer \xff\xfe"}, b""),
         ("GET", "/v1/visits", {"Authorization": "Bearer " + "a" * 60_000}, b""),

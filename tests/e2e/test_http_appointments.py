@@ -357,6 +357,29 @@ async def test_missing_forged_or_expired_tokens_are_401(api: Api) -> None:
         assert_problem(response, 401, "unauthenticated")
 
 
+async def test_a_request_without_a_valid_token_is_401_before_its_body_or_parameters(
+    api: Api,
+) -> None:
+    staff = api.principal("staff")
+    location = (await schedule(api, staff)).headers["location"]
+    bad: list[tuple[str, str, dict[str, str], bytes]] = [
+        ("POST", "/v1/appointments", {}, b'{"x": 1}'),
+        ("POST", "/v1/appointments", {}, b"not json"),
+        ("POST", f"{location}/cancel", {}, b'{"reason": 7}'),
+        ("POST", f"{location}/start", {"If-Match": "seven"}, b""),
+        ("GET", "/v1/visits?limit=0&tab=nope", {}, b""),
+        ("GET", "/v1/visits?cursor=forged", {}, b""),
+    ]
+    for name, header in forged_tokens(staff).items():
+        auth = {"Authorization": header} if header else {}
+        for method, path, headers, body in bad:
+            answer = await api.client.request(
+                method, path, headers={**auth, **headers}, content=body
+            )
+            assert_problem(answer, 401, "unauthenticated")
+            assert "errors" not in answer.json(), (name, method, path)
+
+
 async def test_patient_cannot_schedule_for_someone_else(api: Api) -> None:
     patient = api.principal("patient")
     other = api.principal("patient")

@@ -12,6 +12,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 from contracts.commands import CancelBody, ScheduleBody
 from contracts.views import AppointmentView, History
 from services.appointments.entrypoints.http.dependencies import (
+    authenticated,
     container_of,
     parse_if_match,
     request_context,
@@ -52,6 +53,7 @@ def _answer(outcome: CommandOutcome, status: int) -> Response[AppointmentView]:
 class AppointmentsController(Controller):
     path = "/v1/appointments"
     tags = ["appointments"]
+    guards = [authenticated]
 
     @post(
         "/",

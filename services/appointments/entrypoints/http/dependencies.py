@@ -7,7 +7,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.handlers import BaseRouteHandler
 
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
@@ -21,6 +23,15 @@ def container_of(state: State) -> Container:
     """The process's composition root, put on the app state by ``create_app``."""
     container: Container = state.container
     return container
+
+
+def authenticated(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the bearer token is checked before the body and the parameters, so a caller
+    without a valid token gets 401, never an answer about what it sent. (The handler's
+    :func:`request_context` verifies it again, from the verifier's cache of tokens.)"""
+    container_of(connection.app.state).verifier.principal_from_header(
+        connection.headers.get("authorization")
+    )
 
 
 def request_context(request: Request[Any, Any, Any], state: State) -> RequestContext:
@@ -67,7 +78,8 @@ def parse_if_match(value: str | None) -> int | None:
     if value is None:
         return None
     tag = value.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 9:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 9:
         raise InvalidRequest('If-Match must be an ETag of this API, e.g. "3".')
     return int(tag)
 

@@ -10,7 +10,11 @@ from litestar.params import HeaderParameter, QueryParameter
 
 from contracts.commands import VisitsTab
 from contracts.views import VisitsPage
-from services.appointments.entrypoints.http.dependencies import container_of, request_context
+from services.appointments.entrypoints.http.dependencies import (
+    authenticated,
+    container_of,
+    request_context,
+)
 from services.appointments.entrypoints.http.openapi import (
     CONSISTENCY,
     documented,
@@ -30,6 +34,7 @@ ConsistencyToken = Annotated[
 class VisitsController(Controller):
     path = "/v1/visits"
     tags = ["visits"]
+    guards = [authenticated]
 
     @get(
         "/",
