@@ -20,6 +20,7 @@ from services.appointments.service_layer.ports import (
 )
 from services.appointments.service_layer.state_cache import StateCache
 from services.errors import (
+    AlreadyExists,
     AppointmentIsCancelled,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -285,6 +286,35 @@ async def test_if_match_is_checked_against_what_is_stored_not_a_stale_guess(
     # Our cache says version 1; the client knows version 2, which is what is stored.
     quiet = await ours.cancel(ctx, created.view.appointment_id, expected_version=2)
     assert not quiet.appended and quiet.view.status == "cancelled"
+
+
+async def test_a_late_exact_retry_of_a_booking_is_answered_by_the_stored_booking(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    body = schedule_body(clock.now, appointment_id=uuid.uuid4())
+    created = await app.schedule(ctx, body)
+    clock.advance(hours=3)  # the visit has started and ended: the same body is now "past"
+    retried = await app.schedule(ctx, body)
+    assert not retried.created and not retried.appended
+    assert retried.view.appointment_id == created.view.appointment_id
+    assert len(store.streams[created.view.appointment_id]) == 1
+
+
+async def test_an_id_taken_with_another_invalid_body_is_already_exists(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    taken = uuid.uuid4()
+    await app.schedule(ctx, schedule_body(clock.now, appointment_id=taken))
+    past = schedule_body(clock.now, appointment_id=taken, starts_in=timedelta(hours=-1))
+    with pytest.raises(AlreadyExists):
+        await app.schedule(ctx, past)
+    # A new id with that body is refused for what it holds.
+    with pytest.raises(InvalidRequest):
+        await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=-1)))
 
 
 def test_the_state_cache_is_bounded_and_never_goes_back_in_time() -> None:

@@ -234,8 +234,10 @@ class Appointments:
             cached = self._cache.get(stream_id) if attempt == 0 else None
             if attempt == 0 and isinstance(command, ScheduleAppointment):
                 # A new id is the normal case: decide without reading. An id that exists
-                # fails the append on its version and is decided again on what is stored.
-                state, version = INITIAL, 0
+                # fails the append on its version and is decided again on what is stored;
+                # so is a refusal (a late exact retry, with its start now past, is answered
+                # by the stored booking, an id taken with a bad body is already-exists).
+                (state, version), guessed = (INITIAL, 0), True
             elif cached is not None and expected_version in (None, cached[1]):
                 (state, version), guessed = cached, True
             else:
