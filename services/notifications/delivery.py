@@ -81,6 +81,23 @@ class DeliveryWorker:
     async def _deliver(self, claimed: ClaimedDelivery) -> None:
         n = claimed.notification
         now = self._clock()
+        if claimed.outdated is not None:
+            # Held by a worker when the news came (a retry now, or its worker died): the
+            # consumer's skip passed it by; it is given up here instead.
+            await self._record(
+                self._store.finish, n.notification_id, self.channel, "skipped", claimed.outdated
+            )
+            NOTIFICATIONS.labels(n.kind, self.channel, "skipped").inc()
+            log.info(
+                "notification skipped",
+                extra={
+                    "notification_id": str(n.notification_id),
+                    "channel": self.channel,
+                    "kind": n.kind,
+                    "reason": claimed.outdated,
+                },
+            )
+            return
         if claimed.in_doubt and not self._may_resend(claimed, now):
             await self._record(
                 self._store.finish,

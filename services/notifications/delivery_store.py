@@ -31,11 +31,29 @@ WITH due AS (
 UPDATE notification_deliveries d
 SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2
 FROM due JOIN notifications n ON n.notification_id = due.notification_id
+     LEFT JOIN notification_appointments a ON a.appointment_id = n.appointment_id
 WHERE d.notification_id = due.notification_id AND d.channel = due.channel
 RETURNING d.attempts, due.previous_status, due.previous_claimed_at,
           n.notification_id, n.kind, n.recipient_id, n.recipient_role, n.appointment_id,
-          n.clinic_id, n.cause_event_id, n.title, n.body
+          n.clinic_id, n.cause_event_id, n.title, n.body, a.status AS appointment_status
 """
+
+#: What a cancel or a start makes outdated: a reminder whenever it would go out, and a
+#: confirmation once it is tried again (its first attempt went out before the news did).
+_REMINDERS: Final = frozenset({"reminder-24h", "visit-ready"})
+_NEWS: Final = {"cancelled": "AppointmentCancelled", "started": "AppointmentStarted"}
+
+
+def outdated_by(kind: str, attempts: int, appointment_status: str | None) -> str | None:
+    """Why a claimed delivery would now arrive after the news (None: it would not): the
+    skip the consumer makes of pending ones (``skip_outdated``), for those a worker held
+    when the news came (sent and failed, or the worker died) and claims again."""
+    news = _NEWS.get(appointment_status or "")
+    if news is None:
+        return None
+    if kind in _REMINDERS or (kind == "appointment-confirmed" and attempts > 1):
+        return f"after {news}"
+    return None
 
 
 class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +66,9 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     in_doubt: bool
     """A previous worker claimed it and vanished: it may have been sent."""
     previous_claimed_at: datetime | None
+    outdated: str | None = None
+    """Why sending it now would tell of the visit after its cancel or start (then it is
+    skipped), or None."""
 
 
 class DeliveryStore:
@@ -78,6 +99,7 @@ class DeliveryStore:
                 attempts=row["attempts"],
                 in_doubt=row["previous_status"] == "sending",
                 previous_claimed_at=row["previous_claimed_at"],
+                outdated=outdated_by(row["kind"], row["attempts"], row["appointment_status"]),
             )
             for row in rows
         ]

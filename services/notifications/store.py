@@ -156,7 +156,8 @@ class StoreTransaction:
         """Give up what would now tell of a visit still to come (it was cancelled or
         started): its reminders not sent yet, and a confirmation waiting for a retry, which
         would arrive after the news. (A confirmation not tried yet goes out first, in
-        order; one a worker holds right now may still go out.)"""
+        order; one a worker holds right now may still go out, and if it is claimed again, a
+        retry or after its worker died, the worker gives it up: ``outdated_by``.)"""
         await self._conn.execute(
             """UPDATE notification_deliveries d SET status = 'skipped', last_error = $2
                FROM notifications n

@@ -6,6 +6,7 @@ import asyncio
 import email
 import email.policy
 import socket
+import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -33,10 +34,22 @@ class SmtpSink:
         self.reply_delay = 0.0
         #: Replies to give a message's content instead of keeping it, one per message.
         self.data_refusals: list[str] = []
+        #: address -> (release, reply): the next message to it waits at its recipient until
+        #: ``release`` is set, then gets ``reply`` (once).
+        self.holds: dict[str, tuple[threading.Event, str]] = {}
+        #: Addresses whose message is being held right now.
+        self.holding: set[str] = set()
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
+        hold = self.holds.pop(address, None)
+        if hold is not None:
+            release, reply = hold
+            self.holding.add(address)
+            await asyncio.to_thread(release.wait, 30)  # bounded: a test that fails lets go
+            self.holding.discard(address)
+            return reply
         replies = self.refusals.get(address)
         if replies:
             return replies.pop(0)

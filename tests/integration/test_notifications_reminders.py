@@ -3,6 +3,8 @@ cancelled or started appointments' never do, and none goes out late."""
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -208,6 +210,101 @@ async def test_a_confirmation_waiting_for_a_retry_does_not_follow_the_cancellati
         clinic.clock.advance(hours=2)
         await clinic.wait_settled()
     assert len(clinic.sink.to(patient)) == 1  # the cancellation only
+
+
+async def test_a_reminder_in_flight_when_the_cancel_came_is_not_retried_after_it(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    patient = booking.email_of("patient")
+    release = threading.Event()
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()  # the confirmations went out
+        # The reminder's mail is in flight (held at its recipient) when the cancel comes;
+        # then the server refuses it for now, so it would be tried again.
+        clinic.sink.holds[patient] = (release, "451 4.3.0 Try again later")
+        clinic.clock.now = DAY_BEFORE
+        try:
+            await eventually(lambda: _true(patient in clinic.sink.holding), what="the send")
+            await clinic.publish(
+                booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id
+            )
+            await eventually(lambda: _has_kind(clinic, "appointment-cancelled"), what="cancel")
+        finally:
+            release.set()
+        await eventually(lambda: _email_retrying(clinic, "reminder-24h"), what="the retry")
+        clinic.clock.advance(hours=2)  # well past the retry's time
+        await clinic.wait_settled()
+    subjects = [m["Subject"] for m in clinic.sink.to(patient)]
+    assert subjects == ["Visit confirmed", "Visit cancelled"], subjects
+    (reminder,) = [
+        d
+        for d in await clinic.deliveries()
+        if d["kind"] == "reminder-24h" and d["channel"] == "email"
+    ]
+    assert (reminder["status"], reminder["last_error"]) == ("skipped", "after AppointmentCancelled")
+
+
+async def test_a_reminder_whose_worker_died_is_not_resent_after_the_start(clinic: Clinic) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+    # The window opened and a worker claimed the visit-ready push, then died before
+    # publishing it: the rows a fired timer and a claim leave, and nothing on the stream.
+    clinic.clock.now = WINDOW_OPENS
+    ready_id = uuid.uuid4()
+    async with clinic.db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "DELETE FROM notification_timers WHERE appointment_id = $1 AND kind = 'visit-ready'",
+            booking.appointment_id,
+        )
+        await conn.execute(
+            """INSERT INTO notifications (notification_id, kind, recipient_id, recipient_role,
+                   appointment_id, clinic_id, cause_event_id, title, body, created_at)
+               VALUES ($1, 'visit-ready', $2, 'patient', $3, $4, $5, 'Your visit can start now',
+                       'Your visit can start now.', $6)""",
+            ready_id,
+            booking.patient_id,
+            booking.appointment_id,
+            booking.clinic_id,
+            uuid.uuid4(),
+            clinic.clock(),
+        )
+        await conn.execute(
+            """INSERT INTO notification_deliveries (notification_id, channel, status, attempts,
+                   next_attempt_at, claimed_at)
+               VALUES ($1, 'push', 'sending', 1, $2::timestamptz + interval '30 seconds', $2)""",
+            ready_id,
+            clinic.clock(),
+        )
+    async with clinic.running():
+        await clinic.publish(booking.started(clinic.clock()), booking.clinic_id)
+        await eventually(lambda: _status_is(clinic, "started"), what="the start applied")
+        clinic.clock.advance(seconds=31)  # the dead worker's lease runs out
+        await clinic.wait_settled()
+    assert "visit-ready" not in [p.kind for p in await clinic.pushes()]
+    ready = await clinic.db.fetchrow(
+        "SELECT status, last_error FROM notification_deliveries WHERE notification_id = $1",
+        ready_id,
+    )
+    assert ready is not None
+    assert (ready["status"], ready["last_error"]) == ("skipped", "after AppointmentStarted")
+
+
+async def _status_is(clinic: Clinic, status: str) -> bool:
+    return await clinic.db.fetchval("SELECT status FROM notification_appointments") == status
+
+
+async def _has_kind(clinic: Clinic, kind: str) -> bool:
+    return any(d["kind"] == kind for d in await clinic.deliveries())
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _email_retrying(clinic: Clinic, kind: str) -> bool:
