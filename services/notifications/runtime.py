@@ -35,7 +35,12 @@ class Tuning:
     fetch_timeout: float = 2.0
     #: While idle, how often the consumer makes sure its durable still exists (seconds).
     consumer_check_interval: float = 30.0
-    #: An event for an appointment not seen yet is retried after this (seconds).
+    #: An event for an appointment not seen yet (or whose handling failed) is handed back
+    #: with this delay (seconds). JetStream dates a delayed nak from the ack wait and
+    #: measures it against the backoff step of the delivery, so the waits are really
+    #: 2 s, then delay + backoff[n] - backoff[0]: ~32 s, ~4.5 min, then ~14.5 min each,
+    #: longer than a crashed instance holds the booking (the ack wait); with the defaults
+    #: such an event is parked after its 10th delivery, ~1.5 h after the first.
     not_ready_delay: float = 2.0
     #: Confirmations and cancellation notices of older events are not sent (a first start
     #: on a long history must not confirm every booking ever made).
