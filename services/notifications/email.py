@@ -10,7 +10,7 @@ import asyncio
 import smtplib
 import ssl
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, parseaddr
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -73,7 +73,9 @@ def email_message(notification: Notification, to: str, sender: str) -> EmailMess
     message["To"] = to
     message["Subject"] = notification.title
     message["Date"] = format_datetime(notification.sent_at)
-    message["Message-ID"] = make_msgid(idstring=str(notification.notification_id), domain="clinic")
+    # The same for every attempt (make_msgid would add a time and a random number).
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "clinic"
+    message["Message-ID"] = f"<{notification.notification_id}@{domain}>"
     message["X-Clinic-Notification-Id"] = str(notification.notification_id)
     message.set_content(notification.body)
     return message
