@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import nats
@@ -170,3 +172,76 @@ async def test_only_one_rebuild_runs_at_a_time(pool: asyncpg.Pool) -> None:
             await rebuild_visits(pool)
         await other.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
     assert await rebuild_visits(pool) == 0
+
+
+class _Held:
+    """The pool, with the ``execute`` of a statement ``holds`` picks held until ``go`` is
+    set; ``reached`` is set when one is held."""
+
+    def __init__(self, pool: asyncpg.Pool, holds: Callable[[str], bool]) -> None:
+        self.pool, self.holds = pool, holds
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self.pool.acquire() as conn:
+            yield _HeldConnection(conn, self)
+
+
+class _HeldConnection:
+    def __init__(self, conn: Any, held: _Held) -> None:
+        self._conn, self._held = conn, held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        if self._held.holds(query):
+            self._held.reached.set()
+            await self._held.go.wait()
+        result: str = await self._conn.execute(query, *args)
+        return result
+
+
+async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
+    pool: asyncpg.Pool,
+) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    stream = await lifecycle(store, clinic_id, 0)  # scheduled, 45 minutes
+    await project_directly(pool, [stream])
+    # A damaged row, the kind a rebuild is for.
+    await pool.execute(
+        "UPDATE visits SET duration_minutes = 5, ends_at = starts_at + interval '5 minutes'"
+        " WHERE appointment_id = $1",
+        stream,
+    )
+    # The rebuild has folded its snapshot and is about to lock the live table to swap.
+    swapping = _Held(pool, lambda query: query.startswith("LOCK TABLE visits"))
+    rebuilding = asyncio.create_task(rebuild_visits(swapping))  # type: ignore[arg-type]
+    await asyncio.wait_for(swapping.reached.wait(), 10)
+    # Meanwhile the appointment is cancelled, and the projector has read the live (damaged)
+    # row to fold the cancel into, its write not made yet.
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await store.append(stream, 1, [NewEvent(event_id=uuid.uuid4(), event=cancel, occurred_at=NOW)])
+    cancelled = (await store.load(stream))[1].envelope
+    writing = _Held(pool, lambda query: True)
+    projector = PostgresVisits(writing)  # type: ignore[arg-type]
+    applying = asyncio.create_task(projector.apply([cancelled], stream_sequence=2))
+    await asyncio.wait_for(writing.reached.wait(), 10)
+    swapping.go.set()
+
+    async def swap_waits_or_done() -> bool:
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE NOT l.granted AND c.relname = 'visits'"
+        )
+        return rebuilding.done() or waiting > 0
+
+    await eventually(swap_waits_or_done, within=30)
+    writing.go.set()
+    await applying
+    assert await rebuilding == 1
+    (row,) = await view(pool)
+    assert (row["status"], row["version"]) == ("cancelled", 2)
+    assert row["duration_minutes"] == 45, "the damaged row came back through the held write"

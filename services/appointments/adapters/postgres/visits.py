@@ -174,10 +174,14 @@ class PostgresVisits:
         self, envelopes: Sequence[EventEnvelope], stream_sequence: int | None = None
     ) -> list[Outcome]:
         """Fold ``envelopes`` (in stream order) into the view and move the checkpoint to
-        ``stream_sequence``, in one statement; the outcome of each envelope."""
+        ``stream_sequence``, in one statement; the outcome of each envelope.
+
+        The rows are read and written in one transaction: its read holds ``visits``, so a
+        rebuild's swap waits for the write. (Read apart, a write blocked by the swap would
+        land on the new table, built from a row of the old one.)"""
         ids = list({envelope.stream_id for envelope in envelopes})
         with database_errors():
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire() as conn, conn.transaction():
                 records = await conn.fetch(
                     f"SELECT {_SELECT} FROM visits WHERE appointment_id = ANY($1::uuid[])", ids
                 )
