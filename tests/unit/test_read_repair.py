@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from contracts.common import Principal
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.ports import RecordedEvent
 from services.appointments.service_layer.visits import VisitRow, VisitsQuery, project
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
@@ -199,3 +200,49 @@ async def test_a_repaired_read_does_not_check_the_view_again() -> None:
     assert visits.writes == 1
     # Once before the repair; the repaired row is known to hold the version: no second query.
     assert visits.version_checks == 1
+
+
+class _HeldLoad(FakeEventStore):
+    """Its next load reads the stream, then waits for ``release`` before answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def load(self, stream_id: uuid.UUID) -> list[RecordedEvent]:
+        release, self.release = self.release, None
+        recorded = await super().load(stream_id)
+        if release is not None:
+            self.holding.set()
+            await release.wait()
+        return recorded
+
+
+async def test_a_read_after_a_write_does_not_settle_for_a_fold_made_before_it() -> None:
+    clock, store, visits = ManualClock(), _HeldLoad(), FakeVisits()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), timedelta(milliseconds=50), repair=(store, visits))
+    patient = principal("patient")
+    ctx = RequestContext(principal=patient)
+    booked = await app.schedule(ctx, schedule_body(clock.now, patient_id=patient.id))
+    # A read with the booking's token folds the stream while it holds only the booking...
+    release = store.release = asyncio.Event()
+    older = asyncio.create_task(
+        query.list_visits(patient, consistency_token=booked.consistency_token)
+    )
+    await store.holding.wait()
+    # ...when the cancel commits and its reader comes, with the cancel's token.
+    cancelled = await app.cancel(ctx, booked.view.appointment_id)
+    newer = asyncio.create_task(
+        query.list_visits(patient, consistency_token=cancelled.consistency_token)
+    )
+    for _ in range(20):  # it finds the fold in flight and waits for it
+        await asyncio.sleep(0)
+    release.set()
+    _, older_stale = await older
+    page, stale = await newer
+    assert not older_stale
+    assert not stale, "answered from the fold made before the cancel"
+    assert _listed(page) == []  # cancelled: no longer Upcoming
+    assert visits.rows[booked.view.appointment_id].version == 2

@@ -340,10 +340,12 @@ class VisitsQuery:
         try:
             async with asyncio.timeout(seconds):
                 repair = self._repairs.get(stream_id)
+                if repair is not None:
+                    row = await asyncio.shield(repair.row)
+                    if row is not None and row.version < version:
+                        repair = None  # folded for an older read, before this write: again
                 if repair is None:
-                    repair = _Repair(asyncio.ensure_future(self._fold(stream_id)))
-                    self._repairs[stream_id] = repair
-                    repair.row.add_done_callback(lambda _: self._repairs.pop(stream_id, None))
+                    repair = self._start_repair(stream_id)
                 row = await asyncio.shield(repair.row)
                 if row is None or row.version < version or not scope.holds(row):
                     return False  # nothing stored, a forged token, or not the reader's to see
@@ -355,6 +357,19 @@ class VisitsQuery:
             VIEW_REPAIR_FAILURES.inc()
             log.warning("visits row repair failed (waiting for the projector): %r", exc)
             return False
+
+    def _start_repair(self, stream_id: UUID) -> _Repair:
+        """A fold of the appointment's stored events, shared with the reads that come
+        while it runs (it takes the place of an earlier one)."""
+        repair = _Repair(asyncio.ensure_future(self._fold(stream_id)))
+        self._repairs[stream_id] = repair
+
+        def done(_: object) -> None:
+            if self._repairs.get(stream_id) is repair:
+                del self._repairs[stream_id]
+
+        repair.row.add_done_callback(done)
+        return repair
 
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
