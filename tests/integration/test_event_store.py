@@ -18,7 +18,12 @@ from services.appointments.adapters.postgres.migrate import migrate, migration_f
 from services.appointments.adapters.system import new_uuid
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
-from services.appointments.service_layer.ports import NewEvent, StreamVersionConflict
+from services.appointments.service_layer.ports import (
+    IdempotencyRecord,
+    NewEvent,
+    StoredAnswer,
+    StreamVersionConflict,
+)
 from services.errors import ClinicError, SlotTaken
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
@@ -225,3 +230,42 @@ async def test_25_concurrent_bookings_of_one_slot_have_exactly_one_winner(
 
 def msgspec_replace(event: AppointmentScheduled, **changes: object) -> AppointmentScheduled:
     return msgspec.structs.replace(event, **changes)
+
+
+async def test_saving_an_answer_under_a_key_a_twin_is_committing_returns_the_twins(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    owner, key = uuid.uuid4(), "k-1"
+    twins = StoredAnswer(fingerprint="a", status=200, body=b"{}", consistency_token="t.2")
+    mine = StoredAnswer(fingerprint="b", status=200, body=b"[]", consistency_token="u.2")
+    async with pool.acquire() as twin:
+        transaction = twin.transaction()
+        await transaction.start()
+        await twin.execute(
+            """INSERT INTO idempotency_keys
+                   (principal_id, key, fingerprint, status, body, consistency_token)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            owner,
+            key,
+            twins.fingerprint,
+            twins.status,
+            twins.body,
+            twins.consistency_token,
+        )
+        saving = asyncio.create_task(
+            store.save_answer(IdempotencyRecord(principal_id=owner, key=key, answer=mine))
+        )
+
+        async def waits_on_the_twin() -> bool:
+            waiting: int = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%idempotency_keys%'"
+            )
+            return waiting > 0
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await waits_on_the_twin():
+            assert asyncio.get_running_loop().time() < deadline, "save_answer never waited"
+            await asyncio.sleep(0.01)
+        await transaction.commit()
+    assert await saving == twins

@@ -262,7 +262,12 @@ class PostgresEventStore:
                 answer.body,
                 answer.consistency_token,
             )
-        return answer if row is None else _answer_from_row(row)
+            if row is not None:
+                return _answer_from_row(row)
+            # The insert waited for a twin's uncommitted key and found it taken once the
+            # twin committed, but this statement's snapshot predates that row: read anew.
+            stored = await self.find_answer(record.principal_id, record.key)
+        return answer if stored is None else stored
 
 
 class _Append(NamedTuple):
