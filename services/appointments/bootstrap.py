@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Final
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -73,11 +74,28 @@ async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     return pool
 
 
+#: The server ends a session whose client stopped answering (its node lost power, a
+#: partition) within ~11 s idle (keepalives) or 10 s of unacknowledged data, instead of
+#: ~2 h or ~15 min: the relay's leadership lock lives as long as its session.
+SESSION_KEEPALIVES: Final = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+
+
 async def create_session_pool(dsn: str, max_size: int = 2) -> asyncpg.Pool:
     """A pool whose connections are fully reset on release (locks, LISTEN, settings), for
-    work that holds session state: the relay's leadership lock."""
+    work that holds session state: the relay's leadership lock (see
+    :data:`SESSION_KEEPALIVES`; the reset keeps them, they are the session's own)."""
     pool = await asyncpg.create_pool(
-        dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        command_timeout=10,
+        timeout=2,
+        server_settings=SESSION_KEEPALIVES,
     )
     assert pool is not None
     return pool

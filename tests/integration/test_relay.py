@@ -32,6 +32,7 @@ from services.appointments.adapters.nats.streams import (
 from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.outbox import CHANNEL
+from services.appointments.bootstrap import SESSION_KEEPALIVES, create_session_pool
 from services.appointments.relay import OutboxDoorbell, OutboxRelay, RingingEventStore
 from services.appointments.service_layer.ports import NewEvent
 from services.embedded import EmbeddedNats
@@ -609,3 +610,26 @@ async def leading(pool: asyncpg.Pool) -> bool:
 
 async def attached(doorbell: OutboxDoorbell) -> bool:
     return doorbell.relay_attached
+
+
+async def test_the_leadership_session_is_ended_soon_after_its_client_stops_answering(
+    database_url: str,
+) -> None:
+    # A relay whose node vanished (no FIN) keeps its lock as long as the server keeps its
+    # session: with PostgreSQL's defaults ~2 h idle, ~15 min with data unacknowledged.
+    pool = await create_session_pool(database_url, max_size=1)
+    try:
+        for _ in range(2):  # as connected, then after the release's reset
+            async with pool.acquire() as conn:
+                settings = await conn.fetch(
+                    "SELECT name, setting, source FROM pg_settings WHERE name LIKE 'tcp_%'"
+                )
+                over_tcp = await conn.fetchval("SELECT inet_client_addr() IS NOT NULL")
+                await conn.execute("SET tcp_keepalives_idle = 7200")  # the reset undoes it
+            by_name = {r["name"]: r for r in settings}
+            for name, value in SESSION_KEEPALIVES.items():
+                assert by_name[name]["source"] == "client", name
+                if over_tcp:  # on a Unix socket the server shows 0: no TCP to keep alive
+                    assert by_name[name]["setting"] == value, name
+    finally:
+        await pool.close()
