@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from services.appointments.adapters.nats.streams import ensure_events_stream, ensure_stream
+from services.appointments.adapters.nats.streams import (
+    StreamConfigConflict,
+    ensure_events_stream,
+    ensure_stream,
+)
+from services.appointments.bootstrap import StoppedWhileConnecting
 from services.config import ConfigError, Settings
 from services.notifications.channels import (
     PUSH_DUPLICATE_WINDOW_SECONDS,
@@ -24,8 +33,22 @@ from services.notifications.directory import Directory
 from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.handlers import EventHandler
 from services.notifications.reminders import ReminderScheduler
-from services.notifications.runtime import Clock, Hooks, Tuning
+from services.notifications.runtime import Clock, Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore
+
+log = logging.getLogger(__name__)
+
+#: Refusals of the JetStream API that pass: JetStream electing its leaders (a cluster
+#: starting or recovering), a request lost in a reconnect. Others (more replicas than
+#: nodes, a stream of another kind) are the configuration's.
+_PASSING: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 #: A resent push is de-duplicated by JetStream only inside its window; keep a margin.
 PUSH_RESEND_WINDOW = timedelta(seconds=PUSH_DUPLICATE_WINDOW_SECONDS * 0.9)
@@ -61,25 +84,18 @@ async def notification_service(
     pool: asyncpg.Pool,
     nc: NATS,
     smtp: SmtpConfig | None,
+    stop: asyncio.Event | None = None,
 ) -> NotificationService:
     """Create or update the streams and the consumer, and build the service over the
-    process's pool and NATS connection (the caller closes both). JetStream refusing the
-    streams (no JetStream, more replicas than nodes) is a :class:`ConfigError`. ``smtp``:
-    also send e-mail (else push only)."""
+    process's pool and NATS connection (the caller closes both). ``smtp``: also send e-mail
+    (else push only).
+
+    JetStream refusing the streams for a reason that passes (electing its leaders, say) is
+    tried again for up to ``tuning.stream_setup_patience`` seconds; refusing them for good
+    (no JetStream, more replicas than nodes, a stream of another kind) is a
+    :class:`ConfigError`. :class:`StoppedWhileConnecting` if ``stop`` is set meanwhile."""
     js = nc.jetstream()
-    replicas = settings.nats_stream_replicas
-    try:
-        await ensure_events_stream(js, replicas)
-        await ensure_stream(js, notifications_stream_config(replicas))
-        await ensure_consumer(js, tuning)
-    except nats.errors.Error as exc:
-        hint = ""
-        if replicas > 1:
-            hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
-        raise ConfigError(
-            "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
-            f"{replicas}): {exc or type(exc).__name__}{hint}"
-        ) from None
+    await _ensure_streams(js, settings.nats_stream_replicas, tuning, stop)
     store = NotificationStore(pool)
     deliveries = DeliveryStore(pool)
     workers = [
@@ -104,3 +120,34 @@ async def notification_service(
         workers=workers,
         wakeups=wakeups,
     )
+
+
+async def _ensure_streams(
+    js: JetStreamContext, replicas: int, tuning: Tuning, stop: asyncio.Event | None
+) -> None:
+    deadline = time.monotonic() + tuning.stream_setup_patience
+    delay = 0.5
+    while True:
+        try:
+            await ensure_events_stream(js, replicas)
+            await ensure_stream(js, notifications_stream_config(replicas))
+            await ensure_consumer(js, tuning)
+            return
+        except StreamConfigConflict as exc:
+            raise ConfigError(str(exc)) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            why = str(exc) or type(exc).__name__
+            if not isinstance(exc, _PASSING) or time.monotonic() + delay > deadline:
+                hint = ""
+                if replicas > 1:
+                    hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
+                raise ConfigError(
+                    "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
+                    f"{replicas}): {why}{hint}"
+                ) from None
+            log.warning("JetStream cannot make the streams yet, retrying in %.1fs: %s", delay, why)
+        if stop is None:
+            await asyncio.sleep(delay)
+        elif await sleep_unless_stopped(stop, delay):
+            raise StoppedWhileConnecting("stopped while JetStream made the streams")
+        delay = min(delay * 2, 5.0)

@@ -8,7 +8,7 @@ import logging
 import asyncpg
 
 from services.appointments.adapters.system import utc_now
-from services.appointments.bootstrap import NatsLink, pool_and_nats
+from services.appointments.bootstrap import NatsLink, StoppedWhileConnecting, pool_and_nats
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
 from services.notifications.email import SmtpConfig
@@ -77,7 +77,13 @@ async def _serve(
     if nc is None:
         log.info("notification service stopped before NATS answered")
         return
-    service = await notification_service(settings, clock, tuning, hooks, pool, nc, smtp)
+    try:
+        service = await notification_service(
+            settings, clock, tuning, hooks, pool, nc, smtp, stop=stop
+        )
+    except StoppedWhileConnecting:
+        log.info("notification service stopped before its streams were made")
+        return
     started.set()
     log.info(
         "notification service running",

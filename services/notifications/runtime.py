@@ -35,6 +35,9 @@ class Tuning:
     fetch_timeout: float = 2.0
     #: While idle, how often the consumer makes sure its durable still exists (seconds).
     consumer_check_interval: float = 30.0
+    #: How long JetStream may refuse the streams at start for a reason that passes
+    #: (electing its leaders) before the service gives up (seconds).
+    stream_setup_patience: float = 60.0
     #: An event for an appointment not seen yet (or whose handling failed) is handed back
     #: with this delay (seconds). JetStream dates a delayed nak from the ack wait and
     #: measures it against the backoff step of the delivery, so the waits are really
