@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import uuid
@@ -91,7 +92,10 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
 
         def on_signal() -> None:
             if stop.is_set():
-                raise SystemExit(130)
+                # The second: out now. SystemExit would cancel the tasks and then await
+                # every cleanup they run (a NATS drain, a pool closing) before exiting.
+                sys.stderr.flush()
+                os._exit(130)
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):

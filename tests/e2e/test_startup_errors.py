@@ -361,3 +361,39 @@ async def test_the_notification_service_is_ready_only_once_its_streams_exist(
         stop.set()
         hold.set()
         await asyncio.wait_for(running, 20)
+
+
+async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
+    database_url: str, nats_server: EmbeddedNats
+) -> None:
+    port, env = served_env(database_url, nats_server.url)
+    env["CLINIC_CONSISTENCY_WAIT_MS"] = "60000"
+    token = mint_token(SECRET, "patient", uuid.uuid4(), uuid.uuid4())
+    async with started(("appointments",), env) as process, client_of(port) as client:
+        await wait_until_live(client, 30)
+        await wait_until_ready(client)
+        # A read waiting for a write nobody made: the graceful stop waits for it.
+        waiting = asyncio.create_task(
+            client.get(
+                "/v1/visits",
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "X-Consistency-Token": f"{uuid.uuid4()}.3",
+                },
+                timeout=60,
+            )
+        )
+        await asyncio.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        await wait_for_line(process, "Waiting for connections to close")
+        assert process.returncode is None  # still draining that read
+        loop = asyncio.get_running_loop()
+        second = loop.time()
+        process.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(process.wait(), 30)
+        took = loop.time() - second
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+            await waiting
+    assert status == 130
+    assert took < 3.0, f"the second signal took {took:.1f} s to end the process"
