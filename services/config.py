@@ -119,7 +119,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 def mask_password(url: str) -> str:
     """``url`` (or a comma-separated list of them) with every password replaced by
     ``***``: the userinfo's (found by the last ``@``, so a password holding ``/``, ``#`` or
-    ``?`` is masked too) and a ``password=`` query parameter's (for messages)."""
+    ``?`` is masked too), a NATS URL's token (a user without a password) and a
+    ``password=`` query parameter's (for messages)."""
     return ",".join(_mask_one(part) for part in url.split(","))
 
 
@@ -130,6 +131,8 @@ def _mask_one(url: str) -> str:
     userinfo, at, hosts = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    elif at and scheme.lower() in NATS_SCHEMES:
+        rest = f"***@{hosts}"  # NATS takes a user without a password as a token
     masked = f"{scheme}{sep}{rest}"
     return re.sub(r"(?i)(password=)[^&#]*", r"\1***", masked)
 

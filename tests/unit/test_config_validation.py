@@ -144,6 +144,10 @@ def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
             "postgresql://h/db?user=u&password=***&x=1",
         ),
         ("nats://a:1@h1:4222,nats://b:2@h2:4222", "nats://a:***@h1:4222,nats://b:***@h2:4222"),
+        # A NATS user without a password is a token.
+        ("nats://s3cr3tTOKEN@h:4222", "nats://***@h:4222"),
+        ("TLS://tok@h1,nats://h2", "TLS://***@h1,nats://h2"),
+        ("postgresql://user@h/db", "postgresql://user@h/db"),
     ],
 )
 def test_mask_password_hides_only_the_password(url: str, masked: str) -> None:
