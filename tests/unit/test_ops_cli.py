@@ -8,6 +8,7 @@ import logging
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import asyncpg
@@ -20,7 +21,7 @@ from services.appointments.bootstrap import close_nats
 from services.appointments.main import parse_roles
 from services.appointments.relay import _describe
 from services.auth import TokenVerifier
-from services.cli import build_parser, database_failure
+from services.cli import build_parser, database_failure, main
 from services.config import ConfigError, config_error_in, load_settings
 from services.logs import configure_logging
 
@@ -154,3 +155,40 @@ def test_a_short_jwt_secret_is_warned_about(caplog: pytest.LogCaptureFixture) ->
         TokenVerifier.from_settings(load_settings({"CLINIC_JWT_SECRET": "x" * 32}))
     warned = [r for r in caplog.records if "CLINIC_JWT_SECRET" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("CLINIC_NATS_SERVER_BIN", "/nonexistent/nats-server", "not an executable file"),
+        ("CLINIC_PG_INSTALL_DIR", "/nonexistent/pg", "holds no PostgreSQL"),
+    ],
+)
+def test_clinic_dev_refuses_a_server_variable_naming_nothing_usable(
+    variable: str,
+    value: str,
+    words: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    # Not quietly replaced by the wheels' servers: the user named another one.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        main(["dev", "--data-dir", str(tmp_path / "dev")])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("clinic:") and f"{variable}={value}" in message and words in message
+    assert not (tmp_path / "dev").exists()  # refused before anything started
+
+
+def test_clinic_dev_refuses_a_data_dir_it_cannot_make_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exited:
+        main(["dev", "--data-dir", str(taken / "dev")])
+    assert exited.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("clinic dev: cannot use --data-dir") and "\n" not in message
