@@ -724,6 +724,9 @@ class EmbeddedPostgres(_Server):
             argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
+            # Not in the terminal's process group: a Ctrl-C there is for `clinic dev`,
+            # which stops once the cluster exists, not a kill of initdb halfway.
+            start_new_session=True,
             cwd=self.folder,
             env=self._child_env(),
             user=creds[0] if creds else None,

@@ -84,7 +84,12 @@ class Dev:
     """One ``clinic dev`` subprocess; its output goes to files next to the data folder."""
 
     def __init__(
-        self, data_dir: Path, port: int, *args: str, clinic: list[str] | None = None
+        self,
+        data_dir: Path,
+        port: int,
+        *args: str,
+        clinic: list[str] | None = None,
+        own_group: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.base_url = f"http://127.0.0.1:{port}"
@@ -105,6 +110,8 @@ class Dev:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                # As a shell starts it: a process group of its own, which Ctrl-C signals.
+                process_group=0 if own_group else None,
             )
 
     @property
@@ -405,3 +412,22 @@ def test_clinic_dev_runs_as_an_unprivileged_user_installed_with_pip() -> None:
 def _nobody() -> tuple[int, int]:
     entry = pwd.getpwnam("nobody")
     return entry.pw_uid, entry.pw_gid
+
+
+def test_ctrl_c_while_the_first_run_makes_its_database_stops_cleanly(data_dir: Path) -> None:
+    dev = Dev(data_dir, free_port(), own_group=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not any(
+            "initdb" in _proc_table().get(pid, (0, ""))[1] for pid in descendants(dev.proc.pid)
+        ):
+            assert dev.proc.poll() is None, f"clinic dev exited early:\n{dev.output()}"
+            assert time.monotonic() < deadline, f"initdb never ran:\n{dev.output()}"
+            time.sleep(0.01)
+        os.killpg(dev.proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        status = dev.wait_exit(READY_TIMEOUT)
+        assert status == 0, dev.output()
+        assert "initdb failed" not in dev.output()
+        assert_all_gone(descendants(dev.proc.pid), data_dir)
+    finally:
+        dev.kill_leftovers()
