@@ -19,7 +19,13 @@ DurationMinutes = Annotated[int, msgspec.Meta(ge=MIN_DURATION_MINUTES, le=MAX_DU
 TimezoneName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 VisitsTab = Literal["upcoming", "past"]
 PageLimit = Annotated[int, msgspec.Meta(ge=1, le=100)]
-Version = Annotated[int, msgspec.Meta(ge=0)]
+#: As HTTP ``If-Match`` takes it: at most 9 digits.
+Version = Annotated[int, msgspec.Meta(ge=0, le=999_999_999)]
+#: As HTTP ``Idempotency-Key`` takes it (U+0000 is refused too).
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+#: As HTTP's ``cursor`` query parameter and ``X-Consistency-Token`` header take them.
+Cursor = Annotated[str, msgspec.Meta(max_length=200)]
+ConsistencyToken = Annotated[str, msgspec.Meta(max_length=100)]
 
 
 class ScheduleBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -46,7 +52,7 @@ class ScheduleRequest(ScheduleBody, frozen=True, kw_only=True, forbid_unknown_fi
     """``appointments.v1.cmd.schedule``."""
 
     actor: Principal
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 class CancelRequest(CancelBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -56,7 +62,7 @@ class CancelRequest(CancelBody, frozen=True, kw_only=True, forbid_unknown_fields
     actor: Principal
     expected_version: Version | None = None
     """Like HTTP ``If-Match``: refuse with ``version-conflict`` when the version differs."""
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 class StartRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -65,7 +71,7 @@ class StartRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     appointment_id: UUID
     actor: Principal
     expected_version: Version | None = None
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 class GetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,5 +87,5 @@ class VisitsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     actor: Principal
     tab: VisitsTab = "upcoming"
     limit: PageLimit = 20
-    cursor: str | None = None
-    consistency_token: str | None = None
+    cursor: Cursor | None = None
+    consistency_token: ConsistencyToken | None = None

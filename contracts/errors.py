@@ -8,6 +8,8 @@ from typing import Final
 
 import msgspec
 
+from contracts.common import AwareDatetime
+
 
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid-request"
@@ -56,7 +58,7 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     status: int
     detail: str
     code: ErrorCode
-    opens_at: datetime | None = None
+    opens_at: AwareDatetime | None = None
     """With ``too-early``: when the start window opens."""
 
 

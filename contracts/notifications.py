@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Final, Literal
 from uuid import UUID
 
 import msgspec
 
-from contracts.common import Role
+from contracts.common import AwareDatetime, Role
 
 NotificationKind = Literal[
     "appointment-confirmed", "appointment-cancelled", "reminder-24h", "visit-ready"
@@ -33,7 +32,7 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True):
     cause_event_id: UUID
     title: str
     body: str
-    sent_at: datetime
+    sent_at: AwareDatetime
 
 
 class DirectoryContactReply(msgspec.Struct, frozen=True, kw_only=True):

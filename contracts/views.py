@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
 import msgspec
 
-from contracts.common import Actor
+from contracts.common import Actor, AwareDatetime
 from contracts.events import EventEnvelope
 
 AppointmentStatus = Literal["scheduled", "cancelled", "started"]
@@ -22,20 +21,20 @@ class AppointmentView(msgspec.Struct, frozen=True, kw_only=True):
     clinic_id: UUID
     patient_id: UUID
     provider_id: UUID
-    starts_at: datetime
-    ends_at: datetime
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
     duration_minutes: int
     timezone: str
     visit_reason: str | None
     status: AppointmentStatus
     version: int
-    cancelled_at: datetime | None
+    cancelled_at: AwareDatetime | None
     cancelled_by: Actor | None
     cancellation_reason: str | None
-    started_at: datetime | None
+    started_at: AwareDatetime | None
     can_cancel: bool
     can_start: bool
-    start_window_opens_at: datetime
+    start_window_opens_at: AwareDatetime
 
 
 class VisitView(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,14 +44,14 @@ class VisitView(msgspec.Struct, frozen=True, kw_only=True):
     clinic_id: UUID
     patient_id: UUID
     provider_id: UUID
-    starts_at: datetime
-    ends_at: datetime
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
     timezone: str
     visit_reason: str | None
     status: VisitStatus
     can_cancel: bool
     can_start: bool
-    start_window_opens_at: datetime
+    start_window_opens_at: AwareDatetime
 
 
 class VisitsPage(msgspec.Struct, frozen=True, kw_only=True):

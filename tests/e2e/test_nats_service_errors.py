@@ -210,3 +210,20 @@ async def test_bad_visits_queries_are_invalid_requests(service: NatsService) -> 
     ):
         reply = await service.request(QUERY_VISITS, {"actor": staff, **query})
         assert_problem(reply, 400, "invalid-request")
+
+
+async def test_values_http_refuses_are_refused_over_nats_too(service: NatsService) -> None:
+    # The limits of If-Match, Idempotency-Key, cursor and X-Consistency-Token over HTTP.
+    staff = service.actor("staff")
+    view = await scheduled(service, service.actor("patient"))
+    key = {"appointment_id": view["appointment_id"], "actor": staff}
+    for subject, body in (
+        (CMD_CANCEL, {**key, "expected_version": 1_234_567_890}),
+        (CMD_START, {**key, "expected_version": 2**64}),
+        (CMD_CANCEL, {**key, "idempotency_key": ""}),
+        (CMD_CANCEL, {**key, "idempotency_key": "k" * 256}),
+        (QUERY_VISITS, {"actor": staff, "cursor": "c" * 201}),
+        (QUERY_VISITS, {"actor": staff, "consistency_token": f"{view['appointment_id']}.1" * 3}),
+    ):
+        assert_problem(await service.request(subject, body), 400, "invalid-request")
+    assert assert_ok(await service.request(QUERY_GET, key))["status"] == "scheduled"

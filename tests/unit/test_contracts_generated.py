@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,28 @@ def test_asyncapi_document_names_every_subject() -> None:
 def test_the_committed_asyncapi_file_is_the_generated_document() -> None:
     committed = json.loads((SCHEMAS_DIR / "asyncapi.json").read_text())
     assert committed == asyncapi_document()
+
+
+def _timestamp_properties(node: object, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``*_at`` property of a JSON schema, with where it is."""
+    if isinstance(node, dict):
+        for name, value in (node.get("properties") or {}).items():
+            if name.endswith("_at") and isinstance(value, dict):
+                yield f"{path}.{name}", value
+        for key, value in node.items():
+            yield from _timestamp_properties(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _timestamp_properties(value, f"{path}[{index}]")
+
+
+def test_every_timestamp_in_the_published_schemas_is_a_date_time() -> None:
+    # What code generated from the schemas (the mobile gateway's) parses as a time.
+    seen = 0
+    for path in sorted(SCHEMAS_DIR.glob("*.json")):
+        for where, prop in _timestamp_properties(json.loads(path.read_text())):
+            variants = prop.get("anyOf", [prop])
+            formats = {v.get("format") for v in variants if v.get("type") != "null"}
+            assert formats == {"date-time"}, f"{path.name}{where}: {prop}"
+            seen += 1
+    assert seen > 10
