@@ -131,8 +131,9 @@ def _mask_one(url: str) -> str:
     userinfo, at, hosts = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-    elif at and scheme.lower() in NATS_SCHEMES:
-        rest = f"***@{hosts}"  # NATS takes a user without a password as a token
+    elif at and (not sep or scheme.lower() in NATS_SCHEMES):
+        # NATS takes a user without a password as a token (a bare host:port is NATS's).
+        rest = f"***@{hosts}"
     masked = f"{scheme}{sep}{rest}"
     return re.sub(r"(?i)(password=)[^&#]*", r"\1***", masked)
 

@@ -39,8 +39,9 @@ from services.notifications.store import NotificationStore
 log = logging.getLogger(__name__)
 
 #: Refusals of the JetStream API that pass: JetStream electing its leaders (a cluster
-#: starting or recovering), a request lost in a reconnect. Others (more replicas than
-#: nodes, a stream of another kind) are the configuration's.
+#: starting or recovering), a request lost in a reconnect (and :data:`_PASSING_CODES`).
+#: Others (replicas on a server that is not clustered, a stream of another kind) are the
+#: configuration's.
 _PASSING: tuple[type[BaseException], ...] = (
     TimeoutError,
     nats.errors.TimeoutError,
@@ -49,6 +50,17 @@ _PASSING: tuple[type[BaseException], ...] = (
     nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+#: JetStream's own codes of refusals that pass: no suitable peers for placement (a
+#: cluster whose last nodes are still starting), insufficient resources.
+_PASSING_CODES = frozenset({10005, 10023})
+
+
+def _passing(exc: BaseException) -> bool:
+    if isinstance(exc, _PASSING):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _PASSING_CODES
+
 
 #: A resent push is de-duplicated by JetStream only inside its window; keep a margin.
 PUSH_RESEND_WINDOW = timedelta(seconds=PUSH_DUPLICATE_WINDOW_SECONDS * 0.9)
@@ -137,7 +149,7 @@ async def _ensure_streams(
             raise ConfigError(str(exc)) from None
         except (nats.errors.Error, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
-            if not isinstance(exc, _PASSING) or time.monotonic() + delay > deadline:
+            if not _passing(exc) or time.monotonic() + delay > deadline:
                 hint = ""
                 if replicas > 1:
                     hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"

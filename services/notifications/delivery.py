@@ -81,6 +81,16 @@ class DeliveryWorker:
     async def _deliver(self, claimed: ClaimedDelivery) -> None:
         n = claimed.notification
         now = self._clock()
+        if claimed.in_doubt and not self._may_resend(claimed, now):
+            await self._record(
+                self._store.finish,
+                n.notification_id,
+                self.channel,
+                "failed",
+                "in doubt: a worker stopped while sending it; not resent, to send at most once",
+            )
+            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+            return
         if claimed.outdated is not None:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead.
@@ -97,16 +107,6 @@ class DeliveryWorker:
                     "reason": claimed.outdated,
                 },
             )
-            return
-        if claimed.in_doubt and not self._may_resend(claimed, now):
-            await self._record(
-                self._store.finish,
-                n.notification_id,
-                self.channel,
-                "failed",
-                "in doubt: a worker stopped while sending it; not resent, to send at most once",
-            )
-            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
         try:
             skipped = await self._channel.send(n.sent(now))

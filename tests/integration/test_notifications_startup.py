@@ -59,14 +59,20 @@ def _settings(database_url: str, nats_url: str) -> Settings:
     )
 
 
-async def test_streams_refused_while_jetstream_elects_its_leader_are_made_once_it_has(
+@pytest.mark.parametrize("up_first", [1, 2])
+async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
     cluster: list[EmbeddedNats],
     database_url: str,
     pool: asyncpg.Pool,
     caplog: pytest.LogCaptureFixture,
+    up_first: int,
 ) -> None:
-    first, *others = cluster
-    first.start()  # alone: no quorum, so JetStream cannot make R3 streams yet
+    # One node alone has no quorum (no leader); two have one but no third peer to place
+    # an R3 stream on: JetStream cannot make the streams yet either way.
+    started, others = cluster[:up_first], cluster[up_first:]
+    for node in started:
+        await node.astart()
+    first = started[0]
     nc = await nats.connect(first.url, max_reconnect_attempts=-1)
     try:
         settings = _settings(database_url, first.url)
@@ -83,7 +89,9 @@ async def test_streams_refused_while_jetstream_elects_its_leader_are_made_once_i
                 )
             )
             deadline = asyncio.get_running_loop().time() + 30
-            while "cannot make the streams yet" not in caplog.text:
+            # Two of three answer "no suitable peers for placement" once they have a leader.
+            refusal = "no suitable peers" if up_first == 2 else "cannot make the streams yet"
+            while refusal not in caplog.text:
                 assert not starting.done(), starting.exception()
                 assert asyncio.get_running_loop().time() < deadline, "never refused"
                 await asyncio.sleep(0.05)

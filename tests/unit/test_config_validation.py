@@ -147,6 +147,7 @@ def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
         # A NATS user without a password is a token.
         ("nats://s3cr3tTOKEN@h:4222", "nats://***@h:4222"),
         ("TLS://tok@h1,nats://h2", "TLS://***@h1,nats://h2"),
+        ("s3cr3t@h:4222", "***@h:4222"),
         ("postgresql://user@h/db", "postgresql://user@h/db"),
     ],
 )

@@ -76,6 +76,10 @@ def _differences(current: StreamConfig, wanted: StreamConfig) -> dict[str, objec
     return changes
 
 
+#: JetStream's code for "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
     """Create the stream ``config`` names, or update it to ``config``'s managed settings
     (its replicas only upwards).
@@ -90,7 +94,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInf
             created = await js.add_stream(config)
             log.info("stream created", extra={"stream": config.name})
             return created
-        except BadRequestError:
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise  # refused for itself (no peers to place it on yet, say)
             # Another process created it first (with another config, else this succeeds).
             info = await js.stream_info(config.name)
     changes = _differences(info.config, config)
