@@ -339,14 +339,17 @@ class VisitsQuery:
         assert self._repair is not None
         try:
             async with asyncio.timeout(seconds):
-                repair = self._repairs.get(stream_id)
-                if repair is not None:
+                repair, mine = self._repairs.get(stream_id), False
+                while True:
+                    if repair is None:
+                        repair, mine = self._start_repair(stream_id), True
                     row = await asyncio.shield(repair.row)
-                    if row is not None and row.version < version:
-                        repair = None  # folded for an older read, before this write: again
-                if repair is None:
-                    repair = self._start_repair(stream_id)
-                row = await asyncio.shield(repair.row)
+                    if mine or row is None or row.version >= version:
+                        break
+                    # Folded for an older read, before this write: join a fold started
+                    # since (by another read like this one), or fold again.
+                    newer = self._repairs.get(stream_id)
+                    repair = newer if newer is not repair else None
                 if row is None or row.version < version or not scope.holds(row):
                     return False  # nothing stored, a forged token, or not the reader's to see
                 if repair.write is None:
