@@ -15,6 +15,7 @@ from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyRecord,
     NewEvent,
+    RecordedEvent,
     StoredAnswer,
     StreamVersionConflict,
 )
@@ -313,6 +314,22 @@ async def test_an_id_taken_with_another_invalid_body_is_already_exists(clock: Ma
     with pytest.raises(AlreadyExists):
         await app.schedule(ctx, past)
     # A new id with that body is refused for what it holds.
+    with pytest.raises(InvalidRequest):
+        await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=-1)))
+
+
+class Unreadable(FakeEventStore):
+    """PostgreSQL is down: every load fails."""
+
+    async def load(self, stream_id: uuid.UUID) -> list[RecordedEvent]:
+        raise Unavailable("the database is unreachable")
+
+
+async def test_a_booking_refused_for_what_it_holds_is_400_even_with_the_store_down(
+    clock: ManualClock,
+) -> None:
+    app = service(Unreadable(), clock)
+    ctx = RequestContext(principal=principal("staff"))
     with pytest.raises(InvalidRequest):
         await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=-1)))
 

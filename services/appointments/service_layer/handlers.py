@@ -229,10 +229,13 @@ class Appointments:
         remember: Callable[[CommandOutcome], IdempotencyRecord] | None,
     ) -> CommandOutcome:
         stream_id = command.appointment_id
+        loaded: tuple[State, int] | None = None
         for attempt in range(self._max_attempts):
             guessed = False
             cached = self._cache.get(stream_id) if attempt == 0 else None
-            if attempt == 0 and isinstance(command, ScheduleAppointment):
+            if loaded is not None:
+                (state, version), loaded = loaded, None
+            elif attempt == 0 and isinstance(command, ScheduleAppointment):
                 # A new id is the normal case: decide without reading. An id that exists
                 # fails the append on its version and is decided again on what is stored;
                 # so is a refusal (a late exact retry, with its start now past, is answered
@@ -251,10 +254,19 @@ class Appointments:
                             f"The appointment is at version {version}, not {expected_version}."
                         )
                 events = decide(state, command, now, self._rules)
-            except ClinicError:
-                if guessed:
-                    continue  # refusals are decided on what is stored, not on a guess
-                raise
+            except ClinicError as refusal:
+                if not guessed:
+                    raise
+                # Refusals are decided on what is stored, not on a guess; when the store
+                # cannot be read, a booking refused for what it holds is still refused.
+                try:
+                    loaded_state, loaded_version, _ = await self._load(stream_id)
+                except Unavailable:
+                    if isinstance(command, ScheduleAppointment):
+                        raise refusal from None
+                    raise
+                loaded = (loaded_state, loaded_version)
+                continue
             if not events and guessed:
                 continue  # so are answers that write nothing
             if not events:
