@@ -702,15 +702,19 @@ class EmbeddedPostgres(_Server):
         return install, creds
 
     def _initdb(self, install: PostgresInstall, creds: tuple[int, int, set[int]] | None) -> None:
+        """Make the cluster in a folder beside ``data_dir`` and rename it into place, so an
+        initdb cut off (a crash, a second Ctrl-C) never leaves a half-made cluster there."""
         if self.data_dir.exists() and any(self.data_dir.iterdir()):
             raise ServerStartError(f"{self.data_dir} is neither empty nor a PostgreSQL cluster")
-        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        making = self.data_dir.with_name(self.data_dir.name + ".initdb")
+        shutil.rmtree(making, ignore_errors=True)  # left by an initdb that was cut off
+        making.mkdir(mode=0o700)
         if creds is not None:
-            os.chown(self.data_dir, creds[0], creds[1])
+            os.chown(making, creds[0], creds[1])
         argv = [
             str(install.binary("initdb")),
             "-D",
-            str(self.data_dir),
+            str(making),
             "-U",
             self.user,
             "--auth=trust",
@@ -725,8 +729,10 @@ class EmbeddedPostgres(_Server):
             stdin=subprocess.DEVNULL,
             capture_output=True,
             # Not in the terminal's process group: a Ctrl-C there is for `clinic dev`,
-            # which stops once the cluster exists, not a kill of initdb halfway.
+            # which stops once the cluster exists, not a kill of initdb halfway; killed
+            # with this process (a second Ctrl-C) instead of running on unwatched.
             start_new_session=True,
+            preexec_fn=_parent_death_signal(signal.SIGKILL) if self.die_with_parent else None,
             cwd=self.folder,
             env=self._child_env(),
             user=creds[0] if creds else None,
@@ -735,12 +741,13 @@ class EmbeddedPostgres(_Server):
             check=False,
         )
         if result.returncode != 0:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            shutil.rmtree(making, ignore_errors=True)
             raise ServerStartError(
                 f"initdb failed ({result.returncode}):\n"
                 + result.stdout.decode(errors="replace")
                 + result.stderr.decode(errors="replace")
             )
+        os.replace(making, self.data_dir)  # onto an empty folder, or where there was none
         log.info("initdb %s in %.2fs", self.data_dir, time.monotonic() - started)
 
     # ------------------------------------------------------------------ lifecycle

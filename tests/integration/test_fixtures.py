@@ -285,6 +285,36 @@ def test_servers_die_with_the_process_that_started_them(scratch: Path) -> None:
     assert wait_gone(pid)
 
 
+def test_an_initdb_whose_process_died_leaves_no_cluster_half_made(scratch: Path) -> None:
+    folder = scratch / "pg"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from services.embedded import EmbeddedPostgres
+        EmbeddedPostgres({str(folder)!r}, die_with_parent=True).start()
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in _processes_mentioning(str(folder)) if p != parent.pid]:
+            assert parent.poll() is None, "the server started without an initdb to cut off"
+            assert time.monotonic() < deadline, "initdb never ran"
+            time.sleep(0.005)
+    finally:
+        parent.send_signal(signal.SIGKILL)  # as a second Ctrl-C's os._exit: no cleanup
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(folder)):  # initdb dies with it, not running on
+        assert time.monotonic() < deadline, _processes_mentioning(str(folder))
+        time.sleep(0.05)
+    assert not (folder / "data").exists()  # made aside, renamed only when whole
+    with EmbeddedPostgres(folder, fast=True) as server:  # the next start makes it anew
+        assert server.pid is not None
+    assert (folder / "data" / "PG_VERSION").is_file()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
