@@ -369,7 +369,11 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
     port, env = served_env(database_url, nats_server.url)
     env["CLINIC_CONSISTENCY_WAIT_MS"] = "60000"
     token = mint_token(SECRET, "patient", uuid.uuid4(), uuid.uuid4())
-    async with started(("appointments",), env) as process, client_of(port) as client:
+    async with (
+        started(("appointments",), env) as process,
+        client_of(port) as client,
+        _resumed_after(nats_server),
+    ):
         await wait_until_live(client, 30)
         await wait_until_ready(client)
         # A read waiting for a write nobody made: the graceful stop waits for it.
@@ -384,6 +388,8 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
             )
         )
         await asyncio.sleep(0.5)
+        # NATS hangs: the graceful stop's drain of the NATS connection would wait long.
+        nats_server.pause()
         process.send_signal(signal.SIGTERM)
         await wait_for_line(process, "Waiting for connections to close")
         assert process.returncode is None  # still draining that read
@@ -397,3 +403,11 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
             await waiting
     assert status == 130
     assert took < 3.0, f"the second signal took {took:.1f} s to end the process"
+
+
+@contextlib.asynccontextmanager
+async def _resumed_after(server: EmbeddedNats) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        server.resume()  # if the test paused it

@@ -235,6 +235,7 @@ async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
         waiting = await pool.fetchval(
             "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
             " WHERE NOT l.granted AND c.relname = 'visits'"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
         return rebuilding.done() or waiting > 0
 
