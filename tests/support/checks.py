@@ -13,6 +13,7 @@ Every wait is bounded (:func:`wait_for`), and fails the test naming what never h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
+import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -56,14 +59,31 @@ async def wait_for(
 
 
 async def read_stream(js: JetStreamContext, stream: str, subjects: str) -> list[Msg]:
-    """Every message of ``stream`` in stream order, read with a throwaway consumer."""
-    total = (await js.stream_info(stream)).state.messages
+    """Every message of ``stream`` in stream order, read with a throwaway consumer (made
+    anew when JetStream cannot serve it: in a cluster with a node hung, a new consumer
+    can be without a leader for a while, and pulls then answer 503)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            total = (await js.stream_info(stream)).state.messages
+            return await _read_once(js, stream, subjects, total, deadline)
+        except (
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+            TimeoutError,
+        ):
+            assert time.monotonic() < deadline, f"{stream} could not be read"
+            await asyncio.sleep(0.5)
+
+
+async def _read_once(
+    js: JetStreamContext, stream: str, subjects: str, total: int, deadline: float
+) -> list[Msg]:
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0
     )
     sub = await js.pull_subscribe(subjects, stream=stream, config=config)
     messages: list[Msg] = []
-    deadline = time.monotonic() + 60
     try:
         while len(messages) < total:
             assert time.monotonic() < deadline, f"read {len(messages)} of {total} on {stream}"
@@ -72,7 +92,8 @@ async def read_stream(js: JetStreamContext, stream: str, subjects: str) -> list[
             except TimeoutError:
                 continue
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
     return messages
 
 
@@ -135,8 +156,8 @@ async def consumer_idle(js: JetStreamContext, consumer: str) -> bool:
     """The durable consumer has nothing left to deliver and nothing unacknowledged."""
     try:
         info = await js.consumer_info(EVENTS_STREAM, consumer)
-    except NotFoundError:
-        return False
+    except (NotFoundError, nats.js.errors.ServiceUnavailableError, TimeoutError):
+        return False  # not made yet, or JetStream electing a leader (a node hung): ask again
     return not info.num_pending and not info.num_ack_pending
 
 
