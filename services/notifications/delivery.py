@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
+from services.notifications.domain import PlannedNotification
 from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
 from services.pg_errors import is_transient
 
@@ -94,19 +95,7 @@ class DeliveryWorker:
         if claimed.outdated is not None:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead.
-            await self._record(
-                self._store.finish, n.notification_id, self.channel, "skipped", claimed.outdated
-            )
-            NOTIFICATIONS.labels(n.kind, self.channel, "skipped").inc()
-            log.info(
-                "notification skipped",
-                extra={
-                    "notification_id": str(n.notification_id),
-                    "channel": self.channel,
-                    "kind": n.kind,
-                    "reason": claimed.outdated,
-                },
-            )
+            await self._skip(n, claimed.outdated)
             return
         try:
             skipped = await self._channel.send(n.sent(now))
@@ -119,19 +108,26 @@ class DeliveryWorker:
             return
         await self._hooks.after_send(self.channel, n.notification_id)
         if skipped is not None:
-            await self._record(
-                self._store.finish, n.notification_id, self.channel, "skipped", skipped
-            )
+            await self._skip(n, skipped)
         else:
             await self._record(self._store.sent, n.notification_id, self.channel, now)
-        NOTIFICATIONS.labels(n.kind, self.channel, "skipped" if skipped else "sent").inc()
+            self._settled(n, "sent")
+
+    async def _skip(self, n: PlannedNotification, reason: str) -> None:
+        await self._record(self._store.finish, n.notification_id, self.channel, "skipped", reason)
+        self._settled(n, "skipped", reason=reason)
+
+    def _settled(self, n: PlannedNotification, outcome: str, **extra: str) -> None:
+        """Count and log a delivery recorded ``sent`` or ``skipped``."""
+        NOTIFICATIONS.labels(n.kind, self.channel, outcome).inc()
         log.info(
             "notification %s",
-            "skipped" if skipped else "sent",
+            outcome,
             extra={
                 "notification_id": str(n.notification_id),
                 "channel": self.channel,
                 "kind": n.kind,
+                **extra,
             },
         )
 

@@ -15,7 +15,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from services.notifications.domain import PlannedNotification
+from services.notifications.domain import REMINDER_KINDS, PlannedNotification
 from services.notifications.store import Channel
 
 _CLAIM: Final = """
@@ -40,7 +40,6 @@ RETURNING d.attempts, due.previous_status, due.previous_claimed_at,
 
 #: What a cancel or a start makes outdated: a reminder whenever it would go out, and a
 #: confirmation once it is tried again (its first attempt went out before the news did).
-_REMINDERS: Final = frozenset({"reminder-24h", "visit-ready"})
 _NEWS: Final = {"cancelled": "AppointmentCancelled", "started": "AppointmentStarted"}
 
 
@@ -51,7 +50,7 @@ def outdated_by(kind: str, attempts: int, appointment_status: str | None) -> str
     news = _NEWS.get(appointment_status or "")
     if news is None:
         return None
-    if kind in _REMINDERS or (kind == "appointment-confirmed" and attempts > 1):
+    if kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1):
         return f"after {news}"
     return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import msgspec
 
@@ -24,6 +24,8 @@ NOTIFICATION_NAMESPACE: Final = uuid.UUID("1f0c5d2e-8a4b-5c7e-9d3f-6b2a1e0c4d58"
 REMINDER_LEAD: Final = timedelta(hours=24)
 
 TimerKind = Literal["reminder-24h", "visit-ready"]
+#: The kinds of notification a timer sends: a cancel or start makes them pointless.
+REMINDER_KINDS: Final = frozenset(get_args(TimerKind))
 
 
 def notification_id(cause_event_id: uuid.UUID, kind: str, recipient_id: uuid.UUID) -> uuid.UUID:

@@ -16,7 +16,12 @@ from uuid import UUID
 import asyncpg
 
 from contracts.views import AppointmentStatus
-from services.notifications.domain import Appointment, PlannedNotification, Timer
+from services.notifications.domain import (
+    REMINDER_KINDS,
+    Appointment,
+    PlannedNotification,
+    Timer,
+)
 
 Channel = str
 """``push`` or ``email``."""
@@ -163,10 +168,11 @@ class StoreTransaction:
                FROM notifications n
                WHERE n.notification_id = d.notification_id AND n.appointment_id = $1
                  AND d.status = 'pending'
-                 AND (n.kind IN ('reminder-24h', 'visit-ready')
+                 AND (n.kind = ANY($3::text[])
                       OR (n.kind = 'appointment-confirmed' AND d.attempts > 0))""",
             appointment_id,
             why,
+            sorted(REMINDER_KINDS),
         )
 
     async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
