@@ -521,10 +521,9 @@ def find_postgres_install(
     required_extensions: Sequence[str] = ("btree_gist",),
 ) -> PostgresInstall:
     """The first installation found that ships every extension in ``required_extensions``."""
-    candidates = postgres_install_candidates()
     chosen = os.environ.get("CLINIC_PG_INSTALL_DIR")
     if chosen:  # what the user named, or a clear refusal: never another one quietly
-        install = candidates[0]
+        install = PostgresInstall(Path(chosen), "CLINIC_PG_INSTALL_DIR")
         if not install.binary("postgres").is_file():
             raise ServerStartError(
                 f"CLINIC_PG_INSTALL_DIR={chosen} holds no PostgreSQL (no bin/postgres there)"
@@ -536,6 +535,7 @@ def find_postgres_install(
                 " (PostgreSQL's contrib modules)"
             )
         return install
+    candidates = postgres_install_candidates()
     for install in candidates:
         if all(install.has_extension(ext) for ext in required_extensions):
             return install
