@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -28,8 +24,9 @@ from nats.js.errors import Error as JetStreamError
 
 from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM
 from services.appointments.adapters.nats.streams import ensure_events_stream
-from services.embedded import EmbeddedNats, free_port
+from services.embedded import EmbeddedNats
 from tests.support.checks import drained_and_whole, wait_for
+from tests.support.cluster import nats_cluster as cluster_of_nats
 from tests.support.load import CommandLoad
 from tests.support.service import JWT_SECRET, running_notifications, running_service, service_env
 
@@ -42,32 +39,11 @@ DRAIN_SECONDS = 60.0
 
 @pytest.fixture
 def nats_cluster() -> Iterator[list[EmbeddedNats]]:
-    """Three clustered ``nats-server``s with JetStream, each with its own store."""
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    root = Path(tempfile.mkdtemp(prefix="clinic-fault-cluster-", dir=shm))
-    routes = [f"nats://127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [
-        EmbeddedNats(
-            root / f"n{i}",
-            server_name=f"n{i}",
-            cluster_name="clinic-fault",
-            cluster_port=int(route.rsplit(":", 1)[1]),
-            routes=[other for other in routes if other != route],
-            # The monitoring port, to see which node a client is connected to.
-            extra_args=["-m", str(free_port())],
-            die_with_parent=True,
-        )
-        for i, route in enumerate(routes)
-    ]
-    try:
+    """Three clustered ``nats-server``s with JetStream, started."""
+    with cluster_of_nats("clinic-fault", monitored=True) as nodes:
         for node in nodes:
             node.start()
         yield nodes
-    finally:
-        for node in nodes:
-            node.resume()
-            node.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _clients_of(node: EmbeddedNats) -> set[str]:

@@ -5,57 +5,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import asyncpg
 import nats
 import pytest
 
 from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM
+from services.appointments.adapters.system import utc_now
 from services.appointments.bootstrap import StoppedWhileConnecting
-from services.config import ConfigError, Settings, load_settings
-from services.embedded import EmbeddedNats, free_port
-from services.notifications.bootstrap import notification_service
+from services.config import ConfigError, load_settings
+from services.embedded import EmbeddedNats
+from services.notifications.bootstrap import NotificationService, notification_service
 from services.notifications.runtime import Hooks, Tuning
+from tests.support.cluster import nats_cluster
 
 
 @pytest.fixture
 def cluster() -> Iterator[list[EmbeddedNats]]:
     """Three clustered ``nats-server``s with JetStream, not started."""
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    root = Path(tempfile.mkdtemp(prefix="clinic-notifications-start-", dir=shm))
-    routes = [f"nats://127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [
-        EmbeddedNats(
-            root / f"n{i}",
-            server_name=f"n{i}",
-            cluster_name="clinic-start",
-            cluster_port=int(route.rsplit(":", 1)[1]),
-            routes=[other for other in routes if other != route],
-            die_with_parent=True,
-        )
-        for i, route in enumerate(routes)
-    ]
-    try:
+    with nats_cluster("clinic-start") as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
-def _settings(database_url: str, nats_url: str) -> Settings:
-    return load_settings(
+def _service(
+    database_url: str,
+    nats_url: str,
+    pool: asyncpg.Pool,
+    nc: nats.NATS,
+    tuning: Tuning | None = None,
+    stop: asyncio.Event | None = None,
+) -> Coroutine[Any, Any, NotificationService]:
+    """The service's start against R3 streams, push only."""
+    settings = load_settings(
         {
             "CLINIC_DATABASE_URL": database_url,
             "CLINIC_NATS_URL": nats_url,
             "CLINIC_NATS_STREAM_REPLICAS": "3",
         }
+    )
+    return notification_service(
+        settings, utc_now, tuning or Tuning(), Hooks(), pool, nc, None, stop=stop
     )
 
 
@@ -75,19 +66,8 @@ async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
     first = started[0]
     nc = await nats.connect(first.url, max_reconnect_attempts=-1)
     try:
-        settings = _settings(database_url, first.url)
         with caplog.at_level(logging.WARNING, logger="services.notifications.bootstrap"):
-            starting = asyncio.create_task(
-                notification_service(
-                    settings,
-                    lambda: datetime.now(UTC),
-                    Tuning(),
-                    Hooks(),
-                    pool,
-                    nc,
-                    None,
-                )
-            )
+            starting = asyncio.create_task(_service(database_url, first.url, pool, nc))
             deadline = asyncio.get_running_loop().time() + 30
             # Two of three answer "no suitable peers for placement" once they have a leader.
             refusal = "no suitable peers" if up_first == 2 else "cannot make the streams yet"
@@ -114,18 +94,7 @@ async def test_a_stop_while_waiting_for_jetstream_ends_the_start_quietly(
     nc = await nats.connect(first.url, max_reconnect_attempts=-1)
     stop = asyncio.Event()
     try:
-        starting = asyncio.create_task(
-            notification_service(
-                _settings(database_url, first.url),
-                lambda: datetime.now(UTC),
-                Tuning(),
-                Hooks(),
-                pool,
-                nc,
-                None,
-                stop=stop,
-            )
-        )
+        starting = asyncio.create_task(_service(database_url, first.url, pool, nc, stop=stop))
         await asyncio.sleep(1.0)  # refused at least once by then (a 5 s request at most)
         stop.set()
         with pytest.raises(StoppedWhileConnecting):
@@ -142,17 +111,7 @@ async def test_jetstream_refusing_for_good_is_a_config_error_after_its_patience(
     nc = await nats.connect(first.url, max_reconnect_attempts=-1)
     try:
         with pytest.raises(ConfigError, match="CLINIC_NATS_STREAM_REPLICAS=3"):
-            await asyncio.wait_for(
-                notification_service(
-                    _settings(database_url, first.url),
-                    lambda: datetime.now(UTC),
-                    Tuning(stream_setup_patience=3.0),
-                    Hooks(),
-                    pool,
-                    nc,
-                    None,
-                ),
-                30,
-            )
+            patience = Tuning(stream_setup_patience=3.0)
+            await asyncio.wait_for(_service(database_url, first.url, pool, nc, patience), 30)
     finally:
         await nc.close()
