@@ -23,7 +23,7 @@ from services.appointments.service_layer.handlers import Appointments
 from services.appointments.service_layer.ports import Clock
 from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
-from services.config import Settings
+from services.config import ConfigError, Settings
 from services.nats_client import NatsClient
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,33 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (:func:`create_session_pool`)."""
 
 
+#: What PostgreSQL answers to a session setting of the DSN it does not take
+#: (``?foo=1``: undefined_object; ``?statement_timeout=abc``: invalid_parameter_value).
+_REFUSED_SETTING_STATES: Final = frozenset({"42704", "22023"})
+
+
+async def check_dsn_settings(dsn: str) -> None:
+    """Raise :class:`ConfigError` when the DSN itself can never work: a parameter asyncpg
+    rejects (``sslmode=bogus``) or a session setting PostgreSQL refuses. Anything else a
+    first connection meets (PostgreSQL down, slow, not yet accepting this login) is left
+    to the retries and the readiness check, as an outage."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"CLINIC_DATABASE_URL is not usable: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate in _REFUSED_SETTING_STATES:
+            raise ConfigError(f"CLINIC_DATABASE_URL is not usable: {exc}") from None
+    except Exception:  # an outage: the pool starts anyway
+        return
+    else:
+        await conn.close()
+
+
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
-    """A connection pool that starts even while PostgreSQL is down (readiness says so)."""
+    """A connection pool that starts even while PostgreSQL is down (readiness says so),
+    but not with a DSN that can never connect (:func:`check_dsn_settings`)."""
+    await check_dsn_settings(dsn)
     pool = await asyncpg.create_pool(
         dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2, reset=_keep_session
     )

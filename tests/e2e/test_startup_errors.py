@@ -227,6 +227,26 @@ def test_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
     assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL")
 
 
+@pytest.mark.parametrize("command", SERVICES)
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("sslmode=bogus", "sslmode"),  # asyncpg refuses it before connecting
+        ("foo=1", 'unrecognized configuration parameter "foo"'),  # PostgreSQL refuses it
+        ("statement_timeout=soon", 'invalid value for parameter "statement_timeout"'),
+    ],
+)
+def test_a_database_url_that_can_never_connect_stops_the_service_at_start(
+    database_url: str, command: tuple[str, ...], query: str, said: str
+) -> None:
+    # It would otherwise run on, never ready, retrying what cannot work.
+    dsn = f"{database_url}{'&' if '?' in database_url else '?'}{query}"
+    result = run_clinic(*command, CLINIC_DATABASE_URL=dsn, CLINIC_HTTP_PORT=str(free_port()))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL is not usable"), result.stderr
+    assert said in result.stderr and "Traceback" not in result.stderr
+
+
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:
     name = f"clinic_unmigrated_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_url)
