@@ -79,16 +79,29 @@ class EventHandler:
             match event:
                 case AppointmentCancelled():
                     await tx.set_status(appointment_id, "cancelled")
-                    await self._notify(tx, envelope, on_cancelled(known, envelope.event_id, event))
+                    # Whoever was told of the booking is told of its end, however late
+                    # this event comes (an outage of a day or more).
+                    told = await tx.was_confirmed(appointment_id)
+                    await self._notify(
+                        tx, envelope, on_cancelled(known, envelope.event_id, event), late_ok=told
+                    )
                 case AppointmentStarted():
                     await tx.set_status(appointment_id, "started")
         return Outcome.APPLIED
 
     async def _notify(
-        self, tx: StoreTransaction, envelope: EventEnvelope, planned: list[PlannedNotification]
+        self,
+        tx: StoreTransaction,
+        envelope: EventEnvelope,
+        planned: list[PlannedNotification],
+        *,
+        late_ok: bool = False,
     ) -> None:
+        """Store ``planned``, unless the event is older than ``stale_after`` (and not
+        ``late_ok``): a first start on a long history must not confirm every booking ever
+        made, nor announce the cancellations of bookings it never confirmed."""
         now = self._clock()
-        if now - envelope.occurred_at > self._tuning.stale_after:
+        if not late_ok and now - envelope.occurred_at > self._tuning.stale_after:
             log.info(
                 "event too old to notify of",
                 extra={

@@ -45,8 +45,9 @@ class Tuning:
     #: longer than a crashed instance holds the booking (the ack wait); with the defaults
     #: such an event is parked after its 10th delivery, ~1.5 h after the first.
     not_ready_delay: float = 2.0
-    #: Confirmations and cancellation notices of older events are not sent (a first start
-    #: on a long history must not confirm every booking ever made).
+    #: Confirmations of older bookings are not sent (a first start on a long history must
+    #: not confirm every booking ever made), nor cancellation notices of older events
+    #: unless the booking was confirmed (then they go out however late).
     stale_after: timedelta = timedelta(hours=24)
     #: How often idle workers look for due timers and deliveries (seconds).
     poll_interval: float = 1.0

@@ -139,6 +139,16 @@ class StoreTransaction:
             )
         return added
 
+    async def was_confirmed(self, appointment_id: UUID) -> bool:
+        """Whether the appointment's booking was confirmed to anyone (its confirmations
+        stored; a stale booking's were not)."""
+        confirmed: bool = await self._conn.fetchval(
+            """SELECT EXISTS (SELECT FROM notifications
+                              WHERE appointment_id = $1 AND kind = 'appointment-confirmed')""",
+            appointment_id,
+        )
+        return confirmed
+
     async def set_timers(self, timers: Sequence[Timer]) -> None:
         """Set (or move) the appointment's reminders."""
         await self._conn.executemany(

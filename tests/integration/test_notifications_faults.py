@@ -1,12 +1,14 @@
 """PostgreSQL going away under the notification service, or refusing writes for a while
 (read-only after a failover): nothing is lost, nothing parked, nothing sent twice, and the
-service recovers by itself."""
+service recovers by itself. And the service itself down for days: what it confirmed, it
+still announces the end of."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -164,3 +166,56 @@ async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 
 async def _pushes(clinic: Clinic, count: int) -> bool:
     return len(await clinic.pushes()) == count
+
+
+async def _sent(clinic: Clinic) -> list[tuple[str, str]]:
+    return sorted((p.kind, p.recipient_role) for p in await clinic.pushes())
+
+
+async def test_a_cancellation_after_a_day_long_outage_reaches_those_told_of_the_booking(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()  # 77 h ahead of the clock
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+    # The service is down for two days; the patient cancelled in the first hour.
+    cancelled = booking.cancelled(clinic.clock() + timedelta(hours=1), booking.patient)
+    await clinic.publish(cancelled, booking.clinic_id)
+    clinic.clock.advance(hours=50)
+    async with clinic.running():
+        await clinic.wait_settled()
+    assert await _sent(clinic) == [
+        ("appointment-cancelled", "patient"),
+        ("appointment-cancelled", "provider"),
+        ("appointment-confirmed", "patient"),
+        ("appointment-confirmed", "provider"),
+    ]
+
+
+async def test_a_first_start_on_a_long_history_announces_none_of_its_old_news(
+    clinic: Clinic,
+) -> None:
+    # Bookings (one of them cancelled since) made days before the service first ran.
+    kept, dropped = Booking(), Booking()
+    for booking in (kept, dropped):
+        clinic.know(booking)
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+    await clinic.publish(
+        dropped.cancelled(clinic.clock() + timedelta(hours=1), dropped.patient), dropped.clinic_id
+    )
+    clinic.clock.advance(hours=48)
+    async with clinic.running():
+        await clinic.wait_settled()
+        assert await _sent(clinic) == []
+        # The booking kept still gets its reminder.
+        clinic.clock.advance(hours=5)  # 24 h before the visit
+        await eventually(
+            lambda: _has_sent(clinic, ("reminder-24h", "patient")), what="the reminder"
+        )
+    assert await _sent(clinic) == [("reminder-24h", "patient")]
+
+
+async def _has_sent(clinic: Clinic, what: tuple[str, str]) -> bool:
+    return what in await _sent(clinic)
