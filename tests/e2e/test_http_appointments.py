@@ -186,6 +186,19 @@ async def test_if_match_with_a_stale_version_is_412(api: Api) -> None:
     assert ok.status_code == 200
 
 
+async def test_if_match_any_version_needs_only_the_appointment(api: Api) -> None:
+    staff = api.principal("staff")
+    location = (await schedule(api, staff)).headers["location"]
+    any_version = api.auth(staff, **{"If-Match": "*"})
+    ok = await api.client.post(f"{location}/cancel", headers=any_version)
+    assert ok.status_code == 200 and ok.json()["status"] == "cancelled"
+    assert_problem(
+        await api.client.post(f"/v1/appointments/{uuid.uuid4()}/cancel", headers=any_version),
+        404,
+        "not-found",
+    )
+
+
 async def test_idempotency_key_replays_the_first_answer_and_refuses_another_body(api: Api) -> None:
     staff = api.principal("staff")
     headers = api.auth(staff, **{"Idempotency-Key": "booking-42"})

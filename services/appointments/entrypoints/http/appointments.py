@@ -29,7 +29,9 @@ from services.appointments.service_layer.handlers import CommandOutcome
 
 IfMatch = Annotated[
     str | None,
-    HeaderParameter(name="If-Match", description='Refuse with 412 unless at this version: "3"'),
+    HeaderParameter(
+        name="If-Match", description='Refuse with 412 unless at this version: "3" (`*`: any)'
+    ),
 ]
 IdempotencyKey = Annotated[
     str | None,

@@ -74,8 +74,9 @@ async def strict_body(request: Request[Any, Any, Any], type_: type[T], optional:
 
 
 def parse_if_match(value: str | None) -> int | None:
-    """The version of an ``If-Match: "<version>"`` header (weak tags accepted)."""
-    if value is None:
+    """The version of an ``If-Match: "<version>"`` header (weak tags accepted); ``*``
+    (any version, RFC 9110) is no condition: the appointment only has to exist."""
+    if value is None or value.strip() == "*":
         return None
     tag = value.strip().removeprefix("W/").strip('"')
     # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
