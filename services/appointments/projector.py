@@ -39,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
-from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.nats.streams import describe, ensure_events_stream
 from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.service_layer.visits import Outcome
@@ -117,7 +117,7 @@ class VisitsProjector:
                     await subscription.unsubscribe()
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
-                log.warning("projector interrupted, retrying in %.1fs: %r", delay, exc)
+                log.warning("projector interrupted, retrying in %.1fs: %s", delay, describe(exc))
                 await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=delay)
                 delay = min(delay * 2, _RETRY_MAX)
 

@@ -66,7 +66,7 @@ from nats.js.api import PubAck
 from contracts.events import EventEnvelope, UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
-from services.appointments.adapters.nats.streams import ensure_events_stream
+from services.appointments.adapters.nats.streams import describe, ensure_events_stream
 from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import envelope_fields
 from services.appointments.adapters.postgres.outbox import CHANNEL
@@ -105,13 +105,6 @@ def subject_of(row: asyncpg.Record) -> str:
     except UnknownEventType:
         kind = re.sub(r"[^a-z0-9_-]", "", row["type"].removeprefix("Appointment").lower())
     return event_subject(row["clinic_id"], row["stream_id"], kind or "unknown")
-
-
-def _describe(exc: BaseException) -> str:
-    """The type and message of ``exc``: the ``repr`` of a nats-py APIError is an empty
-    ``ServerError()``, its ``str`` carries the server's description and codes."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else repr(exc)
 
 
 async def _pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
@@ -189,7 +182,7 @@ class OutboxRelay:
                 await _pause(stop, self._standby_interval)
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
-                log.warning("relay interrupted, retrying in %.1fs: %s", delay, _describe(exc))
+                log.warning("relay interrupted, retrying in %.1fs: %s", delay, describe(exc))
                 stream_ready = False  # it may be the stream that went away
                 await self._observe_outbox()
                 pause = delay
@@ -206,7 +199,7 @@ class OutboxRelay:
         try:
             waiting, age = await outbox.backlog(self._pool, self._batch_size)
         except Exception as exc:  # PostgreSQL away too: the gauges keep their last values
-            log.debug("relay could not measure the outbox: %s", _describe(exc))
+            log.debug("relay could not measure the outbox: %s", describe(exc))
             return
         RELAY_BACKLOG.set(waiting)
         RELAY_LAG_SECONDS.set(age)
@@ -244,7 +237,7 @@ class OutboxRelay:
                         # Refused before any ack could come (NATS unreachable, say): a
                         # failed batch like an unacked one.
                         raise_if_cancelling()
-                        log.warning("relay: %d publishes refused: %s", len(rows), _describe(exc))
+                        log.warning("relay: %d publishes refused: %s", len(rows), describe(exc))
                         failed = len(rows)
                     cursor = rows[-1]["global_position"]
                 more = len(rows) == self._batch_size
@@ -323,7 +316,7 @@ class OutboxRelay:
         failed = len(rows) - len(acked)
         if failed:
             errors = {
-                _describe(error)
+                describe(error)
                 for f in futures
                 if not f.cancelled() and (error := f.exception()) is not None
             }

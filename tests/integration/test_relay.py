@@ -33,6 +33,7 @@ from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.bootstrap import SESSION_KEEPALIVES, create_session_pool
+from services.appointments.projector import VisitsProjector
 from services.appointments.relay import OutboxDoorbell, OutboxRelay, RingingEventStore
 from services.appointments.service_layer.ports import NewEvent
 from services.embedded import EmbeddedNats
@@ -633,3 +634,37 @@ async def test_the_leadership_session_is_ended_soon_after_its_client_stops_answe
                     assert by_name[name]["setting"] == value, name
     finally:
         await pool.close()
+
+
+async def test_a_nats_without_jetstream_is_named_in_the_relay_and_projector_logs(
+    pool: asyncpg.Pool, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Commands still succeed (the outbox keeps their events), so the log is where an
+    # operator learns why nothing is published.
+    server = EmbeddedNats(tmp_path / "nats", jetstream=False, die_with_parent=True).start()
+    conn = await nats.connect(server.url)
+    stop = asyncio.Event()
+    roles = [
+        asyncio.create_task(OutboxRelay(pool, conn, poll_interval=0.01).run(stop)),
+        asyncio.create_task(VisitsProjector(pool, conn).run(stop)),
+    ]
+    try:
+        hint = "JetStream does not answer: is it enabled on the NATS server"
+        await eventually(
+            lambda: _true(
+                any(hint in r.getMessage() and "relay" in r.getMessage() for r in caplog.records)
+                and any(
+                    hint in r.getMessage() and "projector" in r.getMessage() for r in caplog.records
+                )
+            ),
+            within=20,
+        )
+    finally:
+        stop.set()
+        await asyncio.wait(roles, timeout=10)
+        await conn.close()
+        server.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value

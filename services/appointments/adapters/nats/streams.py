@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Final
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -19,7 +20,7 @@ from nats.js.api import (
     StreamConfig,
     StreamInfo,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 
@@ -28,6 +29,21 @@ log = logging.getLogger(__name__)
 #: How long JetStream remembers a ``Nats-Msg-Id``: a relay that crashed between
 #: publishing and deleting its outbox rows republishes within seconds, well inside it.
 DUPLICATE_WINDOW_SECONDS: Final = 300.0
+
+
+def describe(exc: BaseException) -> str:
+    """The type and message of a failure to reach or use JetStream, for a log line: the
+    ``repr`` of a nats-py APIError is an empty ``ServerError()``, its ``str`` carries the
+    server's description and codes; a JetStream API that nobody answers is named as such
+    (a server started without JetStream says nothing else)."""
+    text = str(exc)
+    described = f"{type(exc).__name__}: {text}" if text else repr(exc)
+    if isinstance(exc, ServiceUnavailableError | NoRespondersError):
+        described += (
+            " (JetStream does not answer: is it enabled on the NATS server, `-js` or a"
+            " `jetstream` block, and has its cluster elected a leader?)"
+        )
+    return described
 
 
 class StreamConfigConflict(Exception):
