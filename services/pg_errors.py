@@ -15,6 +15,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
+    # Refused logins: a database dropped or renamed, a password or grant changed while the
+    # service ran. No statement is at fault (at start, they stop the process instead).
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 #: SQLSTATEs of refusals that pass with time, whatever the statement holds: serialization

@@ -23,7 +23,7 @@ from services.appointments.service_layer.handlers import Appointments
 from services.appointments.service_layer.ports import Clock
 from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
-from services.config import ConfigError, Settings
+from services.config import ConfigError, Settings, mask_password
 from services.nats_client import NatsClient
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,26 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (:func:`create_session_pool`)."""
 
 
-#: What PostgreSQL answers to a session setting of the DSN it does not take
-#: (``?foo=1``: undefined_object; ``?statement_timeout=abc``: invalid_parameter_value).
-_REFUSED_SETTING_STATES: Final = frozenset({"42704", "22023"})
+#: What PostgreSQL answers to a DSN it will not take: a session setting it does not know
+#: (``?foo=1``: undefined_object) or a value it refuses (``?statement_timeout=abc``:
+#: invalid_parameter_value), a database that does not exist, a login it refuses.
+_REFUSED_DSN_STATES: Final = frozenset({"42704", "22023", "3D000", "28000", "28P01"})
 
 
 async def check_dsn_settings(dsn: str) -> None:
-    """Raise :class:`ConfigError` when the DSN itself can never work: a parameter asyncpg
-    rejects (``sslmode=bogus``) or a session setting PostgreSQL refuses. Anything else a
-    first connection meets (PostgreSQL down, slow, not yet accepting this login) is left
-    to the retries and the readiness check, as an outage."""
+    """Raise :class:`ConfigError` when the DSN does not work as written: a parameter
+    asyncpg rejects (``sslmode=bogus``), a session setting PostgreSQL refuses, a database
+    that does not exist, a login refused. PostgreSQL down, slow or still starting is left
+    to the retries and the readiness check, as an outage (and so are those refusals once
+    the process runs: see ``services.pg_errors``)."""
+    unusable = f"CLINIC_DATABASE_URL={mask_password(dsn)} is not usable"
     try:
         conn = await asyncpg.connect(dsn, timeout=2)
     except asyncpg.ClientConfigurationError as exc:
-        raise ConfigError(f"CLINIC_DATABASE_URL is not usable: {exc}") from None
+        raise ConfigError(f"{unusable}: {exc}") from None
     except asyncpg.PostgresError as exc:
-        if exc.sqlstate in _REFUSED_SETTING_STATES:
-            raise ConfigError(f"CLINIC_DATABASE_URL is not usable: {exc}") from None
+        if exc.sqlstate in _REFUSED_DSN_STATES:
+            raise ConfigError(f"{unusable}: {exc}") from None
     except Exception:  # an outage: the pool starts anyway
         return
     else:

@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -227,24 +228,41 @@ def test_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
     assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL")
 
 
-@pytest.mark.parametrize("command", SERVICES)
+def _with_query(query: str) -> Callable[[str], str]:
+    return lambda dsn: f"{dsn}{'&' if '?' in dsn else '?'}{query}"
+
+
+def _with_user(user: str) -> Callable[[str], str]:
+    def change(dsn: str) -> str:
+        parts = urlsplit(dsn)
+        netloc = f"{user}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    return change
+
+
+@pytest.mark.parametrize("command", SERVICES, ids=lambda command: command[0])
 @pytest.mark.parametrize(
-    ("query", "said"),
+    ("change", "said"),
     [
-        ("sslmode=bogus", "sslmode"),  # asyncpg refuses it before connecting
-        ("foo=1", 'unrecognized configuration parameter "foo"'),  # PostgreSQL refuses it
-        ("statement_timeout=soon", 'invalid value for parameter "statement_timeout"'),
+        (_with_query("sslmode=bogus"), "sslmode"),  # asyncpg refuses it before connecting
+        (_with_query("foo=1"), 'unrecognized configuration parameter "foo"'),
+        (_with_query("statement_timeout=soon"), 'invalid value for parameter "statement_timeout"'),
+        (lambda dsn: database_dsn(dsn, "no_such_db_here"), '"no_such_db_here" does not exist'),
+        (_with_user("nobody_here"), '"nobody_here"'),  # refused, whatever the auth method
     ],
+    ids=["sslmode", "unknown-setting", "bad-setting", "no-database", "no-role"],
 )
-def test_a_database_url_that_can_never_connect_stops_the_service_at_start(
-    database_url: str, command: tuple[str, ...], query: str, said: str
+def test_a_database_url_that_does_not_work_as_written_stops_the_service_at_start(
+    database_url: str, command: tuple[str, ...], change: Callable[[str], str], said: str
 ) -> None:
     # It would otherwise run on, never ready, retrying what cannot work.
-    dsn = f"{database_url}{'&' if '?' in database_url else '?'}{query}"
+    dsn = change(database_url)
     result = run_clinic(*command, CLINIC_DATABASE_URL=dsn, CLINIC_HTTP_PORT=str(free_port()))
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL is not usable"), result.stderr
+    assert result.stderr.startswith("clinic: CLINIC_DATABASE_URL="), result.stderr
     assert said in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:

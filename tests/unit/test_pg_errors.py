@@ -29,6 +29,9 @@ from services.pg_errors import CONNECTION_ERRORS, is_transient, passing_refusal
         asyncpg.DeadlockDetectedError("deadlock detected"),
         asyncpg.SerializationError("could not serialize access"),
         asyncpg.LockNotAvailableError("could not obtain lock on row"),
+        asyncpg.InvalidCatalogNameError('database "clinic" does not exist'),
+        asyncpg.InvalidPasswordError('password authentication failed for user "clinic"'),
+        asyncpg.InvalidAuthorizationSpecificationError('role "clinic" does not exist'),
     ],
     ids=lambda error: type(error).__name__,
 )
