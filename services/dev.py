@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from services.config import Settings
+from services.config import ConfigError, Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ def check_port_free(host: str, port: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError as exc:
-            raise DevError(
+        except OSError as exc:  # a setting to change, like any process's taken port
+            raise ConfigError(
                 f"cannot listen on {host}:{port} ({exc.strerror}): stop what uses it or set"
                 " CLINIC_HTTP_PORT"
             ) from None

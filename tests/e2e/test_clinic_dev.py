@@ -13,6 +13,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -290,6 +291,18 @@ def test_a_second_clinic_dev_on_the_same_folder_is_refused(start_dev: Any) -> No
     assert "another `clinic dev`" in second.stderr_path.read_text()
     assert first.proc.poll() is None
     assert first.stop() == 0
+
+
+def test_a_taken_http_port_stops_clinic_dev_before_any_server_with_exit_2(
+    data_dir: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        dev = Dev(data_dir, taken.getsockname()[1])
+        assert dev.wait_exit() == 2, dev.output()
+    assert dev.stderr_path.read_text().startswith("clinic: cannot listen on 127.0.0.1:")
+    assert not (data_dir / "postgres").exists()  # refused before starting anything
 
 
 # ------------------------------------------ the demo across runs (in memory, no servers)
