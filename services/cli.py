@@ -273,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, type=_uuid, help="user id")
     token.add_argument("--clinic", required=True, type=_uuid, help="clinic id")
     token.add_argument(
-        "--ttl", type=_positive_int, default=3600, help="seconds until it expires (> 0)"
+        "--ttl",
+        type=_positive_int,
+        default=3600,
+        help="seconds until it expires (> 0; default 3600)",
     )
     return parser
 

@@ -66,6 +66,12 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
     """The ``api`` role: the HTTP API and the NATS service API side by side. One failing
     (the HTTP port taken, say) stops the other through ``stop``, so that it drains rather
     than being cancelled mid-drain."""
+    settings = container.settings
+    if not settings.jwt_secret and not settings.jwt_public_key_file:
+        log.warning(
+            "no token key is configured (CLINIC_JWT_SECRET or CLINIC_JWT_PUBLIC_KEY_FILE):"
+            " every HTTP request that needs a token is refused with 401"
+        )
     halves = [
         asyncio.create_task(_stopping_on_failure(serve_http(container, stop), stop), name="http"),
         asyncio.create_task(_stopping_on_failure(serve_nats(container, stop), stop), name="nats"),

@@ -265,6 +265,18 @@ def test_a_database_url_that_does_not_work_as_written_stops_the_service_at_start
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+async def test_an_api_without_a_token_key_says_so_at_start(
+    database_url: str, nats_server: EmbeddedNats
+) -> None:
+    _, env = served_env(database_url, nats_server.url)
+    del env["CLINIC_JWT_SECRET"]
+    async with started(("appointments", "--roles", "api"), env) as process:
+        lines = await wait_for_line(process, "no token key is configured", "Uvicorn running")
+        assert "no token key is configured" in lines[-1], lines
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+
+
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:
     name = f"clinic_unmigrated_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_url)
