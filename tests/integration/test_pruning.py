@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import timedelta
 
@@ -87,3 +88,24 @@ def test_the_ttl_is_configured_in_hours_within_bounds() -> None:
     for wrong in ("0", "-5", "a day"):
         with pytest.raises(ConfigError, match="CLINIC_IDEMPOTENCY_KEY_TTL_HOURS"):
             load_settings({"CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": wrong})
+
+
+async def test_an_unmigrated_database_is_one_warning_per_try_not_a_traceback(
+    empty_schema_pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    stop = asyncio.Event()
+
+    class StopOnRecord(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stop.set()  # after the first try's log line
+
+    logger = logging.getLogger("services.appointments.adapters.postgres.pruning")
+    handler = StopOnRecord()
+    logger.addHandler(handler)
+    try:
+        await asyncio.wait_for(run_pruner(empty_schema_pool, stop, timedelta(hours=1)), 10)
+    finally:
+        logger.removeHandler(handler)
+    (record,) = [r for r in caplog.records if "pruning" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert 'relation "idempotency_keys" does not exist' in record.getMessage()

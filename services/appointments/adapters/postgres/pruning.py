@@ -60,7 +60,7 @@ async def run_pruner(
     while not stop.is_set():
         try:
             pruned = await prune_idempotency_keys(pool, older_than)
-        except Unavailable as exc:
+        except (Unavailable, asyncpg.PostgresError) as exc:  # down, or not migrated yet
             log.warning("pruning idempotency keys failed; retrying later: %s", exc)
         except Exception:  # housekeeping must never take the relay role down
             log.exception("pruning idempotency keys failed; retrying later")
