@@ -17,9 +17,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import APIError
 
+from services.appointments.adapters.nats.streams import describe
 from services.appointments.bootstrap import close_nats
 from services.appointments.main import parse_roles
-from services.appointments.relay import _describe
 from services.auth import TokenVerifier
 from services.cli import build_parser, database_failure, main
 from services.config import ConfigError, config_error_in, load_settings
@@ -122,8 +122,8 @@ async def test_closing_nats_after_a_failed_drain_never_raises() -> None:
 def test_a_nats_api_error_is_described_by_its_description() -> None:
     error = APIError(code=500, description="insufficient resources", err_code=10023)
     assert repr(error) in ("ServerError()", "APIError()")  # why repr will not do
-    assert "insufficient resources" in _describe(error)
-    assert _describe(ConnectionRefusedError()) == "ConnectionRefusedError()"
+    assert "insufficient resources" in describe(error)
+    assert describe(ConnectionRefusedError()) == "ConnectionRefusedError()"
 
 
 @pytest.fixture
