@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -134,6 +134,10 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
     settings.require_database_url()
     with process_tracing("clinic-appointments"):
         run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
+
+
+#: What ``clinic dev`` does not read (it runs its own PostgreSQL and NATS): not checked.
+DEV_IGNORES: Final = ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
@@ -284,8 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``clinic`` console script."""
     args = build_parser().parse_args(argv)
+    env: Mapping[str, str] = os.environ
+    if args.command == "dev":  # it runs its own servers: their variables are ignored
+        env = {k: v for k, v in env.items() if k not in DEV_IGNORES}
     try:
-        settings = load_settings()
+        settings = load_settings(env)
         configure_logging(settings.log_level)
         args.handler(settings, args)
     except ConfigError as exc:

@@ -99,6 +99,8 @@ class Dev:
         self.stderr_path = data_dir.parent / f"stderr-{runs}.txt"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
         env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
+        # Ignored by `clinic dev` (it runs its own servers), so not even checked.
+        env.update({"CLINIC_DATABASE_URL": "mysql://ignored", "CLINIC_NATS_URL": "bogus://x"})
         if clinic is not None:  # an installed `clinic` (argv), run from the data's parent
             env = {"PATH": "/usr/bin:/bin", "HOME": str(data_dir.parent)}
             env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
