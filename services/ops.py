@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ READY_TIMEOUT_SECONDS = 1.0
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
 METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 SHUTDOWN_GRACE_SECONDS = 8.0
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -55,6 +58,8 @@ class Probes:
     """Set once the process has done what it does before serving (its streams exist)."""
     _schema_current: bool = field(default=False, init=False)
     """Once the newest migration is seen, it stays applied: not checked again."""
+    _database_failure: str | None = field(default=None, init=False)
+    """Why PostgreSQL failed the last check (logged when it changes, not on every probe)."""
 
     async def failing(self) -> list[str]:
         """What is not ready right now, e.g. ``nats unreachable`` (empty: ready)."""
@@ -62,9 +67,13 @@ class Probes:
         try:
             async with asyncio.timeout(READY_TIMEOUT_SECONDS):
                 await self.pool.fetchval("SELECT 1")
-        except Exception:  # any failure means "not ready", whatever its kind
+        except Exception as exc:  # any failure means "not ready", whatever its kind
             failing.append("postgresql unreachable")
+            self._database_failed(exc)
         else:
+            if self._database_failure is not None:
+                self._database_failure = None
+                log.info("readiness: postgresql reachable again")
             if not await self._schema_is_current():
                 failing.append(
                     f"postgresql schema not migrated to {newest_migration()} (run clinic migrate)"
@@ -74,6 +83,13 @@ class Probes:
         elif self.started is not None and not self.started.is_set():
             failing.append("starting")
         return failing
+
+    def _database_failed(self, exc: BaseException) -> None:
+        # The answer says only "unreachable" (it is public); the reason goes to the log.
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if reason != self._database_failure:
+            self._database_failure = reason
+            log.warning("readiness: postgresql unreachable: %s", reason)
 
     async def _schema_is_current(self) -> bool:
         if not self._schema_current:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
+import pytest
 
 from services.appointments.adapters.postgres.migrate import migration_files
 from services.embedded import free_port
@@ -58,3 +59,22 @@ async def test_ready_is_200_on_a_migrated_database(pool: asyncpg.Pool) -> None:
     async with serving(Probes(pool, None)) as client:
         ready = await client.get("/health/ready")
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+
+async def test_why_postgresql_fails_readiness_is_logged_once_and_kept_out_of_the_answer(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pool whose every connection is refused: another database, one that does not exist.
+    base, _, query = database_url.partition("?")
+    missing = base.rpartition("/")[0] + "/no_such_database_here" + ("?" + query if query else "")
+    pool = await asyncpg.create_pool(missing, min_size=0, max_size=1)
+    try:
+        async with serving(Probes(pool, None)) as client:
+            answers = [await client.get("/health/ready") for _ in range(3)]
+    finally:
+        await pool.close()
+    assert {a.status_code for a in answers} == {503}
+    assert all("no_such_database_here" not in a.text for a in answers)  # the answer is public
+    logged = [r.getMessage() for r in caplog.records if "readiness" in r.getMessage()]
+    assert len(logged) == 1, logged  # not once per probe
+    assert 'InvalidCatalogNameError: database "no_such_database_here" does not exist' in logged[0]
