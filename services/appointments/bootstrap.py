@@ -87,7 +87,17 @@ async def check_dsn_settings(dsn: str) -> None:
             raise ConfigError(f"{unusable}: {exc}") from None
     except Exception:  # an outage: the pool starts anyway
         return
-    else:
+    try:  # which database a DSN without one means (libpq: the user's) is worth a line
+        database = await conn.fetchval("SELECT current_database()")
+        log.info(
+            "postgresql: database %s, server %s",
+            database,
+            conn.get_server_version().major,
+            extra={"database": database},
+        )
+    except Exception:  # gone again: the pool starts anyway
+        pass
+    finally:
         await conn.close()
 
 

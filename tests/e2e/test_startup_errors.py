@@ -277,6 +277,19 @@ async def test_an_api_without_a_token_key_says_so_at_start(
     assert status == 0, rest
 
 
+async def test_the_database_a_service_uses_is_named_at_start(
+    database_url: str, nats_server: EmbeddedNats
+) -> None:
+    # A DSN without a database name means the user's database: the log says which.
+    _, env = served_env(database_url, nats_server.url)
+    async with started(("appointments", "--roles", "api"), env) as process:
+        lines = await wait_for_line(process, "postgresql: database", "Uvicorn running")
+        status, _ = await stop_and_wait(process)
+    name = database_url.partition("?")[0].rpartition("/")[2]
+    assert f"postgresql: database {name}," in lines[-1], lines
+    assert status == 0
+
+
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:
     name = f"clinic_unmigrated_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_url)

@@ -28,6 +28,9 @@ async def migrate(dsn: str) -> list[str]:
     """Apply the migrations not yet applied to the database at ``dsn``; return their names."""
     conn = await asyncpg.connect(dsn)
     try:
+        # A DSN without a database name means the user's (libpq): say which one it is.
+        database = await conn.fetchval("SELECT current_database()")
+        log.info("migrating database %s", database, extra={"database": database})
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
         try:
             return await _apply_pending(conn)
