@@ -359,6 +359,7 @@ class _Server:
             except BaseException:
                 self._terminate(None, 0.0, None)
                 raise
+            self._served()
             log.info(
                 "%s ready on %s:%s (pid %s) in %.3fs",
                 self._name,
@@ -391,8 +392,14 @@ class _Server:
             except BaseException:
                 self._terminate(None, 0.0, None)
                 raise
+            self._served()
             return self
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _served(self) -> None:
+        # Clients now know this port: a restart keeps it, and fails if it was taken
+        # meanwhile, rather than moving to another port its clients never learn of.
+        self._port_chosen = False
 
     def stop(self, timeout: float = 10.0) -> None:  # pragma: no cover - overridden
         """Stop the server."""

@@ -135,12 +135,13 @@ async def test_a_silent_directory_costs_at_most_a_second_and_push_still_goes_out
     clinic: Clinic,
 ) -> None:
     booking = Booking()  # the directory does not answer for these users
-    started = time.monotonic()
     async with clinic.running():
+        started = time.monotonic()  # the service's own start is not the directory's cost
         await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
         await eventually(lambda: _count(clinic, "appointment-confirmed", 2), what="the pushes")
+        took = time.monotonic() - started
         await clinic.wait_settled()
-    assert time.monotonic() - started < 5
+    assert took < 5
 
     assert len(await clinic.pushes()) == 2
     assert clinic.sink.messages == []

@@ -89,7 +89,8 @@ async def test_a_database_outage_delays_notifications_but_loses_or_repeats_none(
         await asyncio.sleep(3.5)  # longer than the ack wait: the consumer holds the event
         assert len(await clinic.pushes()) == 2
         await proxy.restore()
-        await eventually(lambda: _pushes(clinic, 4), what="the cancellation notices")
+        # The consumer's and the delivery loop's own backoffs may take ~6 s of this.
+        await eventually(lambda: _pushes(clinic, 4), 30, what="the cancellation notices")
         await clinic.wait_settled()
 
     await _assert_each_notice_once_and_no_redelivery(clinic)
