@@ -450,7 +450,7 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
                 timeout=60,
             )
         )
-        await asyncio.sleep(0.5)
+        await _read_waits_on_the_view(database_url)
         # NATS hangs: the graceful stop's drain of the NATS connection would wait long.
         nats_server.pause()
         process.send_signal(signal.SIGTERM)
@@ -474,3 +474,19 @@ async def _resumed_after(server: EmbeddedNats) -> AsyncIterator[None]:
         yield
     finally:
         server.resume()  # if the test paused it
+
+
+async def _read_waits_on_the_view(database_url: str) -> None:
+    """Until the service polls the view for a consistency token (the request is in flight)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        for _ in range(1500):  # 30 s
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query LIKE 'SELECT version FROM visits%')"
+            ):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the read never waited on the view")
+    finally:
+        await conn.close()

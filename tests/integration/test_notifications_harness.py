@@ -224,19 +224,21 @@ class Clinic:
         )
 
     async def settled(self) -> bool:
-        """No delivery waiting and the consumer has nothing pending or unacknowledged."""
+        """The consumer has nothing pending or unacknowledged, and then no delivery waits.
+        (In this order: an event acked between the two looks is one whose deliveries the
+        second look sees, since the service acks after committing them.)"""
+        try:
+            info = await self.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+        except nats.js.errors.NotFoundError:
+            return False
+        if info.num_pending or info.num_ack_pending:
+            return False
         busy = await self.db.fetchval(
             """SELECT count(*) FROM notification_deliveries
                WHERE status = 'sending' OR (status = 'pending' AND next_attempt_at <= $1)""",
             self.clock(),
         )
-        if busy:
-            return False
-        try:
-            info = await self.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
-        except nats.js.errors.NotFoundError:
-            return False
-        return not info.num_pending and not info.num_ack_pending
+        return not busy
 
     async def wait_settled(self, within: float = 30.0) -> None:
         await eventually(self.settled, within, "the service to settle")
