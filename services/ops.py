@@ -58,6 +58,8 @@ class Probes:
     """Set once the process has done what it does before serving (its streams exist)."""
     _schema_current: bool = field(default=False, init=False)
     """Once the newest migration is seen, it stays applied: not checked again."""
+    _probe: asyncio.Future[Any] | None = field(default=None, init=False)
+    """The last ``SELECT 1`` of readiness (it may outlive its probe, see below)."""
     _database_failure: str | None = field(default=None, init=False)
     """Why PostgreSQL failed the last check (logged when it changes, not on every probe)."""
 
@@ -65,8 +67,7 @@ class Probes:
         """What is not ready right now, e.g. ``nats unreachable`` (empty: ready)."""
         failing = []
         try:
-            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-                await self.pool.fetchval("SELECT 1")
+            await self._database_answers()
         except Exception as exc:  # any failure means "not ready", whatever its kind
             failing.append("postgresql unreachable")
             self._database_failed(exc)
@@ -83,6 +84,20 @@ class Probes:
         elif self.started is not None and not self.started.is_set():
             failing.append("starting")
         return failing
+
+    async def _database_answers(self) -> None:
+        """``SELECT 1`` on the pool within :data:`READY_TIMEOUT_SECONDS`. A server that
+        takes the query and never answers holds the pool's connection for ~10 s more (asyncpg
+        waits for its cancellation before the connection goes back): the probe answers in
+        time anyway, and no new probe query starts while that one is still out."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self.pool.fetchval("SELECT 1"))
+            self._probe.add_done_callback(_retrieved)  # a late failure is no news
+        probe = self._probe
+        done, _ = await asyncio.wait([probe], timeout=READY_TIMEOUT_SECONDS)
+        if not done:
+            raise TimeoutError(f"no answer within {READY_TIMEOUT_SECONDS} s")
+        probe.result()
 
     def _database_failed(self, exc: BaseException) -> None:
         # The answer says only "unreachable" (it is public); the reason goes to the log.
@@ -104,6 +119,11 @@ class Probes:
             except Exception:  # no schema_migrations table at all, or PostgreSQL gone again
                 return False
         return self._schema_current
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class HealthController(Controller):

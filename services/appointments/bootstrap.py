@@ -65,40 +65,54 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (:func:`create_session_pool`)."""
 
 
-#: What PostgreSQL answers to a DSN it will not take: a session setting it does not know
-#: (``?foo=1``: undefined_object) or a value it refuses (``?statement_timeout=abc``:
-#: invalid_parameter_value), a database that does not exist, a login it refuses.
-_REFUSED_DSN_STATES: Final = frozenset({"42704", "22023", "3D000", "28000", "28P01"})
+#: What PostgreSQL answers to a DSN that cannot work as written: a session setting it does
+#: not know (``?foo=1``: undefined_object) or a value it refuses (``?statement_timeout=abc``:
+#: invalid_parameter_value).
+_REFUSED_SETTING_STATES: Final = frozenset({"42704", "22023"})
+#: A database that does not exist, a login refused: most likely the DSN too, but they can
+#: pass (the database or role made after the server, a password rotated, an LDAP or IAM
+#: authority away), so they are said loudly and waited out, not fatal.
+_REFUSED_LOGIN_STATES: Final = frozenset({"3D000", "28000", "28P01"})
+#: The whole start-up check at most: a server that takes the login and then hangs must
+#: not hold the process before it serves its probes.
+DSN_CHECK_SECONDS: Final = 3.0
 
 
 async def check_dsn_settings(dsn: str) -> None:
-    """Raise :class:`ConfigError` when the DSN does not work as written: a parameter
-    asyncpg rejects (``sslmode=bogus``), a session setting PostgreSQL refuses, a database
-    that does not exist, a login refused. PostgreSQL down, slow or still starting is left
-    to the retries and the readiness check, as an outage (and so are those refusals once
-    the process runs: see ``services.pg_errors``)."""
+    """Raise :class:`ConfigError` when the DSN cannot work as written: a parameter asyncpg
+    rejects (``sslmode=bogus``) or a session setting PostgreSQL refuses. A database that
+    does not exist or a refused login is logged as an error (readiness then says
+    ``postgresql unreachable`` and its log line why); PostgreSQL down, hanging or still
+    starting is left to the retries and the readiness check, as an outage."""
     unusable = f"CLINIC_DATABASE_URL={mask_password(dsn)} is not usable"
+    conn: asyncpg.Connection | None = None
     try:
-        conn = await asyncpg.connect(dsn, timeout=2)
+        async with asyncio.timeout(DSN_CHECK_SECONDS):
+            conn = await asyncpg.connect(dsn, timeout=DSN_CHECK_SECONDS)
+            # Which database a DSN without one means (libpq: the user's) is worth a line.
+            database = await conn.fetchval("SELECT current_database()")
+            version = conn.get_server_version().major
+            await conn.close()
     except asyncpg.ClientConfigurationError as exc:
         raise ConfigError(f"{unusable}: {exc}") from None
     except asyncpg.PostgresError as exc:
-        if exc.sqlstate in _REFUSED_DSN_STATES:
+        if exc.sqlstate in _REFUSED_SETTING_STATES:
             raise ConfigError(f"{unusable}: {exc}") from None
-    except Exception:  # an outage: the pool starts anyway
-        return
-    try:  # which database a DSN without one means (libpq: the user's) is worth a line
-        database = await conn.fetchval("SELECT current_database()")
-        log.info(
-            "postgresql: database %s, server %s",
-            database,
-            conn.get_server_version().major,
-            extra={"database": database},
-        )
-    except Exception:  # gone again: the pool starts anyway
+        if exc.sqlstate in _REFUSED_LOGIN_STATES:
+            log.error(
+                "PostgreSQL refuses CLINIC_DATABASE_URL=%s: %s (retrying; not ready until then)",
+                mask_password(dsn),
+                exc,
+            )
+    except Exception:  # down, hanging, starting: an outage, the pool starts anyway
         pass
+    else:
+        log.info(
+            "postgresql: database %s, server %s", database, version, extra={"database": database}
+        )
     finally:
-        await conn.close()
+        if conn is not None and not conn.is_closed():
+            conn.terminate()  # no round trip to a server that may not answer
 
 
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
@@ -297,7 +311,21 @@ async def pool_and_nats(
             if link is not None:
                 await link.close()
         finally:
-            await pool.close()
+            await close_pool(pool)
+
+
+#: How long closing a pool waits for its connections to come back (a query to a server
+#: that hangs holds one for ~10 s) before it drops them.
+POOL_CLOSE_SECONDS: Final = 3.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close ``pool``, dropping the connections that are not back in time."""
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_SECONDS)
+    except TimeoutError:
+        log.warning("closing the database pool: connections still busy, dropped")
+        pool.terminate()
 
 
 @asynccontextmanager

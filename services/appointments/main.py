@@ -14,6 +14,7 @@ from services.appointments.adapters.postgres.pruning import run_pruner
 from services.appointments.bootstrap import (
     Container,
     appointments_container,
+    close_pool,
     create_session_pool,
 )
 from services.appointments.entrypoints.http.app import create_app
@@ -113,7 +114,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
-        await pool.close()
+        await close_pool(pool)
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:

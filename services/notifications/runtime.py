@@ -47,7 +47,7 @@ class Tuning:
     not_ready_delay: float = 2.0
     #: Confirmations of older bookings are not sent (a first start on a long history must
     #: not confirm every booking ever made), nor cancellation notices of older events
-    #: unless the booking was confirmed (then they go out however late).
+    #: unless the booking was confirmed (then they go out however late, before the visit's end).
     stale_after: timedelta = timedelta(hours=24)
     #: How often idle workers look for due timers and deliveries (seconds).
     poll_interval: float = 1.0

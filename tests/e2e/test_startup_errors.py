@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -248,12 +250,10 @@ def _with_user(user: str) -> Callable[[str], str]:
         (_with_query("sslmode=bogus"), "sslmode"),  # asyncpg refuses it before connecting
         (_with_query("foo=1"), 'unrecognized configuration parameter "foo"'),
         (_with_query("statement_timeout=soon"), 'invalid value for parameter "statement_timeout"'),
-        (lambda dsn: database_dsn(dsn, "no_such_db_here"), '"no_such_db_here" does not exist'),
-        (_with_user("nobody_here"), '"nobody_here"'),  # refused, whatever the auth method
     ],
-    ids=["sslmode", "unknown-setting", "bad-setting", "no-database", "no-role"],
+    ids=["sslmode", "unknown-setting", "bad-setting"],
 )
-def test_a_database_url_that_does_not_work_as_written_stops_the_service_at_start(
+def test_a_database_url_that_cannot_work_as_written_stops_the_service_at_start(
     database_url: str, command: tuple[str, ...], change: Callable[[str], str], said: str
 ) -> None:
     # It would otherwise run on, never ready, retrying what cannot work.
@@ -288,6 +288,95 @@ async def test_the_database_a_service_uses_is_named_at_start(
     name = database_url.partition("?")[0].rpartition("/")[2]
     assert f"postgresql: database {name}," in lines[-1], lines
     assert status == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda dsn: database_dsn(dsn, "no_such_db_here"), '"no_such_db_here" does not exist'),
+        (_with_user("nobody_here"), '"nobody_here"'),  # refused, whatever the auth method
+    ],
+    ids=["no-database", "no-role"],
+)
+async def test_a_refused_login_at_start_is_said_loudly_and_waited_out(
+    database_url: str, nats_server: EmbeddedNats, change: Callable[[str], str], said: str
+) -> None:
+    # Likely the DSN, but it can pass (the role or database made later, a password
+    # rotated): the process runs, not ready, and says why at once.
+    port, env = served_env(change(database_url), nats_server.url)
+    async with started(("appointments", "--roles", "api"), env) as process:
+        record = json.loads((await wait_for_line(process, "PostgreSQL refuses"))[-1])
+        assert record["level"] == "ERROR" and said in record["message"], record
+        async with client_of(port) as client:
+            await wait_until_live(client, 30)
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 503 and "postgresql unreachable" in ready.text
+        status, rest = await stop_and_wait(process)
+    assert status == 0, rest
+    assert_only_log_lines(rest)
+
+
+def _fake_postgresql(
+    answer: str,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server speaking just enough of PostgreSQL's protocol: ``starting`` refuses every
+    login with 57P03 (the database system is starting up); ``hanging`` takes the login
+    and then never answers a query."""
+
+    def message(kind: bytes, body: bytes) -> bytes:
+        return kind + struct.pack("!i", len(body) + 4) + body
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # an SSLRequest (answered "no") comes before the startup message
+                length, code = struct.unpack("!ii", await reader.readexactly(8))
+                await reader.readexactly(length - 8)
+                if code == 80877102:  # a CancelRequest: PostgreSQL just hangs up
+                    return
+                if code != 80877103:
+                    break
+                writer.write(b"N")
+            if answer == "starting":
+                fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+                writer.write(message(b"E", fields))
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(
+                message(b"R", struct.pack("!i", 0))
+                + message(b"S", b"server_version\x0015.0\x00")
+                + message(b"S", b"client_encoding\x00UTF8\x00")
+                + message(b"K", struct.pack("!ii", 4242, 4242))
+                + message(b"Z", b"I")
+            )
+            await writer.drain()
+            await reader.read()  # queries go unanswered until the client leaves
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return serve
+
+
+@pytest.mark.parametrize("answer", ["starting", "hanging"])
+async def test_a_postgresql_starting_up_or_hanging_at_start_is_an_outage(
+    nats_server: EmbeddedNats, answer: str
+) -> None:
+    fake = await asyncio.start_server(_fake_postgresql(answer), "127.0.0.1", 0)
+    dsn = f"postgresql://clinic@127.0.0.1:{fake.sockets[0].getsockname()[1]}/clinic"
+    port, env = served_env(dsn, nats_server.url)
+    try:
+        async with started(("appointments", "--roles", "api"), env) as process:
+            async with client_of(port) as client:
+                await wait_until_live(client, 30)  # within the check's 3 s, and serving
+                ready = await client.get("/health/ready")
+                assert ready.status_code == 503 and "postgresql unreachable" in ready.text
+            status, rest = await stop_and_wait(process)
+    finally:
+        fake.close()
+    assert status == 0, rest
+    assert_only_log_lines(rest)
 
 
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:

@@ -195,6 +195,25 @@ async def test_a_cancellation_after_a_day_long_outage_reaches_those_told_of_the_
     ]
 
 
+async def test_a_cancellation_applied_late_after_the_visit_is_over_is_not_announced(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()  # 77 h ahead of the clock, 30 min long
+    clinic.know(booking)
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+    cancelled = booking.cancelled(clinic.clock() + timedelta(hours=1), booking.patient)
+    await clinic.publish(cancelled, booking.clinic_id)
+    clinic.clock.advance(hours=80)  # the service was down until after the visit's end
+    async with clinic.running():
+        await clinic.wait_settled()
+    assert await _sent(clinic) == [
+        ("appointment-confirmed", "patient"),
+        ("appointment-confirmed", "provider"),
+    ]
+
+
 async def test_a_first_start_on_a_long_history_announces_none_of_its_old_news(
     clinic: Clinic,
 ) -> None:

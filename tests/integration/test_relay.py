@@ -664,7 +664,10 @@ async def test_a_nats_without_jetstream_is_named_in_the_relay_and_projector_logs
         )
     finally:
         stop.set()
-        await asyncio.wait(roles, timeout=10)
+        _, late = await asyncio.wait(roles, timeout=10)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*roles, return_exceptions=True)
         await conn.close()
         server.stop()
 
