@@ -59,7 +59,7 @@ class Probes:
     _schema_current: bool = field(default=False, init=False)
     """Once the newest migration is seen, it stays applied: not checked again."""
     _probe: asyncio.Future[Any] | None = field(default=None, init=False)
-    """The last ``SELECT 1`` of readiness (it may outlive its probe, see below)."""
+    """The last question readiness asked PostgreSQL (it may outlive its probe)."""
     _database_failure: str | None = field(default=None, init=False)
     """Why PostgreSQL failed the last check (logged when it changes, not on every probe)."""
 
@@ -67,7 +67,7 @@ class Probes:
         """What is not ready right now, e.g. ``nats unreachable`` (empty: ready)."""
         failing = []
         try:
-            await self._database_answers()
+            migrated = await self._database_answers()
         except Exception as exc:  # any failure means "not ready", whatever its kind
             failing.append("postgresql unreachable")
             self._database_failed(exc)
@@ -75,7 +75,7 @@ class Probes:
             if self._database_failure is not None:
                 self._database_failure = None
                 log.info("readiness: postgresql reachable again")
-            if not await self._schema_is_current():
+            if not migrated:
                 failing.append(
                     f"postgresql schema not migrated to {newest_migration()} (run clinic migrate)"
                 )
@@ -85,19 +85,37 @@ class Probes:
             failing.append("starting")
         return failing
 
-    async def _database_answers(self) -> None:
-        """``SELECT 1`` on the pool within :data:`READY_TIMEOUT_SECONDS`. A server that
-        takes the query and never answers holds the pool's connection for ~10 s more (asyncpg
-        waits for its cancellation before the connection goes back): the probe answers in
-        time anyway, and no new probe query starts while that one is still out."""
+    async def _database_answers(self) -> bool:
+        """Whether the database has this code's schema, asked within
+        :data:`READY_TIMEOUT_SECONDS` (raises when PostgreSQL does not answer in time).
+
+        A server that takes a query and never answers holds the pool's connection for ~10 s
+        more (asyncpg waits for its cancellation before the connection goes back): the probe
+        answers in time anyway, and no new query starts while that one is still out."""
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self.pool.fetchval("SELECT 1"))
+            self._probe = asyncio.ensure_future(self._ask_database())
             self._probe.add_done_callback(_retrieved)  # a late failure is no news
         probe = self._probe
         done, _ = await asyncio.wait([probe], timeout=READY_TIMEOUT_SECONDS)
         if not done:
             raise TimeoutError(f"no answer within {READY_TIMEOUT_SECONDS} s")
-        probe.result()
+        migrated: bool = probe.result()
+        return migrated
+
+    async def _ask_database(self) -> bool:
+        async with self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            if not self._schema_current:
+                try:
+                    self._schema_current = bool(
+                        await conn.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE name = $1)",
+                            newest_migration(),
+                        )
+                    )
+                except asyncpg.PostgresError:  # no schema_migrations table at all
+                    return False
+        return self._schema_current
 
     def _database_failed(self, exc: BaseException) -> None:
         # The answer says only "unreachable" (it is public); the reason goes to the log.
@@ -105,20 +123,6 @@ class Probes:
         if reason != self._database_failure:
             self._database_failure = reason
             log.warning("readiness: postgresql unreachable: %s", reason)
-
-    async def _schema_is_current(self) -> bool:
-        if not self._schema_current:
-            try:
-                async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-                    self._schema_current = bool(
-                        await self.pool.fetchval(
-                            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE name = $1)",
-                            newest_migration(),
-                        )
-                    )
-            except Exception:  # no schema_migrations table at all, or PostgreSQL gone again
-                return False
-        return self._schema_current
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -91,7 +91,12 @@ async def check_dsn_settings(dsn: str) -> None:
             conn = await asyncpg.connect(dsn, timeout=DSN_CHECK_SECONDS)
             # Which database a DSN without one means (libpq: the user's) is worth a line.
             database = await conn.fetchval("SELECT current_database()")
-            version = conn.get_server_version().major
+            log.info(
+                "postgresql: database %s, server %s",
+                database,
+                conn.get_server_version().major,
+                extra={"database": database},
+            )
             await conn.close()
     except asyncpg.ClientConfigurationError as exc:
         raise ConfigError(f"{unusable}: {exc}") from None
@@ -106,10 +111,6 @@ async def check_dsn_settings(dsn: str) -> None:
             )
     except Exception:  # down, hanging, starting: an outage, the pool starts anyway
         pass
-    else:
-        log.info(
-            "postgresql: database %s, server %s", database, version, extra={"database": database}
-        )
     finally:
         if conn is not None and not conn.is_closed():
             conn.terminate()  # no round trip to a server that may not answer

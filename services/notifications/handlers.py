@@ -79,15 +79,13 @@ class EventHandler:
             match event:
                 case AppointmentCancelled():
                     await tx.set_status(appointment_id, "cancelled")
-                    # Whoever was told of the booking is told of its end, however late
-                    # this event comes (an outage of a day or more), while the visit is
-                    # still ahead: once it is over, the news is no use.
-                    late_ok = self._clock() < known.ends_at and await tx.was_confirmed(
-                        appointment_id
-                    )
-                    await self._notify(
-                        tx, envelope, on_cancelled(known, envelope.event_id, event), late_ok=late_ok
-                    )
+                    # Once the visit's time is over, the news is no use, however it came
+                    # late. Before that, whoever was told of the booking is told of its
+                    # end, however late this event comes (an outage of a day or more).
+                    if self._clock() < known.ends_at:
+                        told = await tx.was_confirmed(appointment_id)
+                        planned = on_cancelled(known, envelope.event_id, event)
+                        await self._notify(tx, envelope, planned, late_ok=told)
                 case AppointmentStarted():
                     await tx.set_status(appointment_id, "started")
         return Outcome.APPLIED

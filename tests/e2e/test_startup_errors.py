@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -372,11 +373,16 @@ async def test_a_postgresql_starting_up_or_hanging_at_start_is_an_outage(
                 await wait_until_live(client, 30)  # within the check's 3 s, and serving
                 ready = await client.get("/health/ready")
                 assert ready.status_code == 503 and "postgresql unreachable" in ready.text
+            stopping = time.monotonic()
             status, rest = await stop_and_wait(process)
+            took = time.monotonic() - stopping
     finally:
         fake.close()
     assert status == 0, rest
     assert_only_log_lines(rest)
+    # The probe's connection is still out on the silent server: dropped after 3 s (it
+    # held the stop ~10 s more), within the ~10 s a stop takes at most.
+    assert took < 10, f"the stop took {took:.1f} s"
 
 
 async def test_rebuild_of_an_unmigrated_database_says_to_migrate(pg_server_url: str) -> None:

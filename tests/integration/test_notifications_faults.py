@@ -195,16 +195,17 @@ async def test_a_cancellation_after_a_day_long_outage_reaches_those_told_of_the_
     ]
 
 
-async def test_a_cancellation_applied_late_after_the_visit_is_over_is_not_announced(
-    clinic: Clinic,
+@pytest.mark.parametrize("cancelled_after_hours", [1, 77], ids=["days-old", "hours-old"])
+async def test_a_cancellation_applied_after_the_visit_is_over_is_not_announced(
+    clinic: Clinic, cancelled_after_hours: int
 ) -> None:
     booking = Booking()  # 77 h ahead of the clock, 30 min long
     clinic.know(booking)
     async with clinic.running():
         await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
         await clinic.wait_settled()
-    cancelled = booking.cancelled(clinic.clock() + timedelta(hours=1), booking.patient)
-    await clinic.publish(cancelled, booking.clinic_id)
+    at = clinic.clock() + timedelta(hours=cancelled_after_hours)
+    await clinic.publish(booking.cancelled(at, booking.patient), booking.clinic_id)
     clinic.clock.advance(hours=80)  # the service was down until after the visit's end
     async with clinic.running():
         await clinic.wait_settled()
