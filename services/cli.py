@@ -140,6 +140,13 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
 DEV_IGNORES: Final = ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
 
 
+#: The only variables of commands that need no servers: the others are not checked.
+ONLY_READS: Final = {
+    "token": ("CLINIC_JWT_SECRET", "CLINIC_LOG_LEVEL"),
+    "contracts": ("CLINIC_LOG_LEVEL",),
+}
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -291,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     env: Mapping[str, str] = os.environ
     if args.command == "dev":  # it runs its own servers: their variables are ignored
         env = {k: v for k, v in env.items() if k not in DEV_IGNORES}
+    elif args.command in ONLY_READS:  # a malformed variable it never reads is no concern
+        env = {k: v for k, v in env.items() if k in ONLY_READS[args.command]}
     try:
         settings = load_settings(env)
         configure_logging(settings.log_level)

@@ -192,3 +192,14 @@ def test_clinic_dev_refuses_a_data_dir_it_cannot_make_in_one_line(
     assert exited.value.code == 1
     message = capsys.readouterr().err.strip()
     assert message.startswith("clinic dev: cannot use --data-dir") and "\n" not in message
+
+
+def test_clinic_token_checks_only_the_variables_it_reads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLINIC_JWT_SECRET", "token-test-secret-long-enough-for-hs256-x")
+    monkeypatch.setenv("CLINIC_NATS_URL", "bogus://not-a-nats-url")  # not its concern
+    monkeypatch.setenv("CLINIC_HTTP_PORT", "not-a-port")
+    main(["token", "--role", "staff", "--sub", str(uuid.uuid4()), "--clinic", str(uuid.uuid4())])
+    token = capsys.readouterr().out.strip()
+    assert token.count(".") == 2  # a JWT
