@@ -9,11 +9,8 @@ of 4-6 minutes.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
@@ -21,6 +18,7 @@ from nats.aio.msg import Msg
 from services.appointments.bootstrap import NatsLink
 from services.config import load_settings
 from services.embedded import EmbeddedNats
+from tests.support.cluster import nats_servers
 
 pytestmark = pytest.mark.fault
 
@@ -30,17 +28,10 @@ PROMISED_SECONDS = NatsLink.PING_INTERVAL_SECONDS * (NatsLink.MAX_OUTSTANDING_PI
 
 @pytest.fixture
 def two_servers() -> Iterator[list[EmbeddedNats]]:
-    root = Path(tempfile.mkdtemp(prefix="clinic-nats-link-"))
-    servers = [EmbeddedNats(root / f"s{i}", die_with_parent=True) for i in range(2)]
-    try:
+    with nats_servers("clinic-nats-link", size=2) as servers:
         for server in servers:
             server.start()
         yield servers
-    finally:
-        for server in servers:
-            server.resume()
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_a_hung_server_is_left_for_a_live_one(two_servers: list[EmbeddedNats]) -> None:

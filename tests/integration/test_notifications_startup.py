@@ -4,8 +4,9 @@ clustered JetStream whose other nodes are still starting (no quorum, no leader).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import asyncpg
@@ -27,6 +28,16 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
     """Three clustered ``nats-server``s with JetStream, not started."""
     with nats_cluster("clinic-start") as nodes:
         yield nodes
+
+
+@contextlib.asynccontextmanager
+async def _client(node: EmbeddedNats) -> AsyncIterator[nats.NATS]:
+    """A client of ``node`` that keeps reconnecting while the cluster changes under it."""
+    nc = await nats.connect(node.url, max_reconnect_attempts=-1)
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 def _service(
@@ -64,8 +75,7 @@ async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
     for node in started:
         await node.astart()
     first = started[0]
-    nc = await nats.connect(first.url, max_reconnect_attempts=-1)
-    try:
+    async with _client(first) as nc:
         with caplog.at_level(logging.WARNING, logger="services.notifications.bootstrap"):
             starting = asyncio.create_task(_service(database_url, first.url, pool, nc))
             deadline = asyncio.get_running_loop().time() + 30
@@ -82,8 +92,6 @@ async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
         for stream in (EVENTS_STREAM, NOTIFICATIONS_STREAM):
             assert (await js.stream_info(stream)).config.num_replicas == 3
         assert service.workers
-    finally:
-        await nc.close()
 
 
 async def test_a_stop_while_waiting_for_jetstream_ends_the_start_quietly(
@@ -91,16 +99,13 @@ async def test_a_stop_while_waiting_for_jetstream_ends_the_start_quietly(
 ) -> None:
     first = cluster[0]
     first.start()
-    nc = await nats.connect(first.url, max_reconnect_attempts=-1)
     stop = asyncio.Event()
-    try:
+    async with _client(first) as nc:
         starting = asyncio.create_task(_service(database_url, first.url, pool, nc, stop=stop))
         await asyncio.sleep(1.0)  # refused at least once by then (a 5 s request at most)
         stop.set()
         with pytest.raises(StoppedWhileConnecting):
             await asyncio.wait_for(starting, 15)
-    finally:
-        await nc.close()
 
 
 async def test_jetstream_refusing_for_good_is_a_config_error_after_its_patience(
@@ -108,10 +113,7 @@ async def test_jetstream_refusing_for_good_is_a_config_error_after_its_patience(
 ) -> None:
     first = cluster[0]
     first.start()  # the others never come
-    nc = await nats.connect(first.url, max_reconnect_attempts=-1)
-    try:
+    async with _client(first) as nc:
         with pytest.raises(ConfigError, match="CLINIC_NATS_STREAM_REPLICAS=3"):
             patience = Tuning(stream_setup_patience=3.0)
             await asyncio.wait_for(_service(database_url, first.url, pool, nc, patience), 30)
-    finally:
-        await nc.close()
