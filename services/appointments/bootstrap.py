@@ -84,7 +84,8 @@ async def check_dsn_settings(dsn: str) -> None:
     does not exist or a refused login is logged as an error (readiness then says
     ``postgresql unreachable`` and its log line why); PostgreSQL down, hanging or still
     starting is left to the retries and the readiness check, as an outage."""
-    unusable = f"CLINIC_DATABASE_URL={mask_password(dsn)} is not usable"
+    shown = mask_password(dsn)
+    unusable = f"CLINIC_DATABASE_URL={shown} is not usable"
     conn: asyncpg.Connection | None = None
     try:
         async with asyncio.timeout(DSN_CHECK_SECONDS):
@@ -106,7 +107,7 @@ async def check_dsn_settings(dsn: str) -> None:
         if exc.sqlstate in _REFUSED_LOGIN_STATES:
             log.error(
                 "PostgreSQL refuses CLINIC_DATABASE_URL=%s: %s (retrying; not ready until then)",
-                mask_password(dsn),
+                shown,
                 exc,
             )
     except Exception:  # down, hanging, starting: an outage, the pool starts anyway
