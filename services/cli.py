@@ -140,8 +140,10 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
 DEV_IGNORES: Final = ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
 
 
-#: The only variables of commands that need no servers: the others are not checked.
+#: The only variables of commands that run no service: the others are not checked.
 ONLY_READS: Final = {
+    "migrate": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
+    "rebuild-visits": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
     "token": ("CLINIC_JWT_SECRET", "CLINIC_LOG_LEVEL"),
     "contracts": ("CLINIC_LOG_LEVEL",),
 }

@@ -23,6 +23,7 @@ from services.appointments.main import parse_roles
 from services.auth import TokenVerifier
 from services.cli import build_parser, database_failure, main
 from services.config import ConfigError, config_error_in, load_settings
+from services.embedded import free_port
 from services.logs import configure_logging
 
 
@@ -203,3 +204,20 @@ def test_clinic_token_checks_only_the_variables_it_reads(
     main(["token", "--role", "staff", "--sub", str(uuid.uuid4()), "--clinic", str(uuid.uuid4())])
     token = capsys.readouterr().out.strip()
     assert token.count(".") == 2  # a JWT
+
+
+@pytest.mark.parametrize("command", ["migrate", "rebuild-visits"])
+def test_database_commands_check_only_the_variables_they_read(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A job given the service's whole environment: a malformed variable of the service
+    # is not its concern; it gets as far as the database (nothing listens there).
+    monkeypatch.setenv("CLINIC_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    monkeypatch.setenv("CLINIC_NATS_URL", "bogus://not-a-nats-url")
+    monkeypatch.setenv("CLINIC_HTTP_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as exited:
+        main([command])
+    message = capsys.readouterr().err
+    assert exited.value.code != 0
+    assert "CLINIC_DATABASE_URL" in message
+    assert "CLINIC_NATS_URL" not in message and "CLINIC_HTTP_PORT" not in message
