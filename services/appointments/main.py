@@ -77,9 +77,11 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
         asyncio.create_task(_stopping_on_failure(serve_http(container, stop), stop), name="http"),
         asyncio.create_task(_stopping_on_failure(serve_nats(container, stop), stop), name="nats"),
     ]
+    waits_ended = asyncio.create_task(_end_waits(container, stop), name="end-waits")
     try:
         await asyncio.wait(halves)
     finally:
+        waits_ended.cancel()
         for half in halves:
             half.cancel()  # only when serve_api itself is cancelled: else both are done
         # Let them unwind (uvicorn, the NATS drain) before the container closes under them.
@@ -88,6 +90,13 @@ async def serve_api(container: Container, stop: asyncio.Event) -> None:
         error = None if half.cancelled() else half.exception()
         if error is not None:
             raise error
+
+
+async def _end_waits(container: Container, stop: asyncio.Event) -> None:
+    """Once stopping, reads waiting for a consistency token answer (stale) at once: the
+    drain finishes them rather than cancelling them after its grace."""
+    await stop.wait()
+    container.visits.stop_waiting()
 
 
 async def _stopping_on_failure(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:

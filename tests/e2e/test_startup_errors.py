@@ -521,7 +521,7 @@ async def test_the_notification_service_is_ready_only_once_its_streams_exist(
         await asyncio.wait_for(running, 20)
 
 
-async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
+async def test_a_stop_answers_waiting_reads_and_a_second_sigterm_exits_130_at_once(
     database_url: str, nats_server: EmbeddedNats
 ) -> None:
     port, env = served_env(database_url, nats_server.url)
@@ -534,7 +534,7 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
     ):
         await wait_until_live(client, 30)
         await wait_until_ready(client)
-        # A read waiting for a write nobody made: the graceful stop waits for it.
+        # A read waiting for a write nobody made: the stop answers it at once (stale).
         waiting = asyncio.create_task(
             client.get(
                 "/v1/visits",
@@ -546,19 +546,20 @@ async def test_a_second_sigterm_during_the_graceful_stop_exits_130_at_once(
             )
         )
         await _read_waits_on_the_view(database_url)
-        # NATS hangs: the graceful stop's drain of the NATS connection would wait long.
+        # NATS hangs: the graceful stop's drain of the NATS service API waits long.
         nats_server.pause()
-        process.send_signal(signal.SIGTERM)
-        await wait_for_line(process, "Waiting for connections to close")
-        assert process.returncode is None  # still draining that read
         loop = asyncio.get_running_loop()
+        first = loop.time()
+        process.send_signal(signal.SIGTERM)
+        answered = await asyncio.wait_for(waiting, 10)
+        assert answered.status_code == 200 and answered.headers["X-Consistency"] == "stale"
+        assert loop.time() - first < 3.0, "the stop did not answer the waiting read at once"
+        await wait_for_line(process, "Finished server process")
+        assert process.returncode is None  # still draining the NATS service API
         second = loop.time()
         process.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(process.wait(), 30)
         took = loop.time() - second
-        waiting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-            await waiting
     assert status == 130
     assert took < 3.0, f"the second signal took {took:.1f} s to end the process"
 

@@ -251,3 +251,45 @@ async def test_a_read_after_a_write_does_not_settle_for_a_fold_made_before_it() 
         assert _listed(page) == []  # cancelled: no longer Upcoming
     assert visits.rows[booked.view.appointment_id].version == 2
     assert store.loads == loads + 1, "the newer reads share one fold again"
+
+
+async def test_a_stop_answers_waiting_reads_at_once_and_later_reads_do_not_wait() -> None:
+    # Without repair, so that the read can only wait (its write is not in the view).
+    clock, store, visits, app, _ = _setup()
+    query = VisitsQuery(visits, clock, Rules(), timedelta(seconds=60))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    token = booked.consistency_token
+    waiting = [asyncio.create_task(query.list_visits(staff, consistency_token=token))]
+    waiting.append(asyncio.create_task(query.list_visits(staff, consistency_token=token)))
+    await asyncio.sleep(0.05)
+    assert not any(read.done() for read in waiting)  # they wait for the view
+    loop = asyncio.get_running_loop()
+    stopped = loop.time()
+    query.stop_waiting()
+    query.stop_waiting()  # once is enough; again changes nothing
+    for read in waiting:
+        page, stale = await asyncio.wait_for(read, 5)
+        assert stale and _listed(page) == []
+    page, stale = await asyncio.wait_for(query.list_visits(staff, consistency_token=token), 5)
+    assert stale and _listed(page) == []
+    assert loop.time() - stopped < 1.0
+    # A read the view has caught up with is fresh, stopping or not.
+    row = _folded(store, booked.view.appointment_id)
+    assert row is not None
+    visits.rows[row.appointment_id] = row
+    page, stale = await query.list_visits(staff, consistency_token=token)
+    assert not stale and _listed(page) == [row.appointment_id]
+
+
+async def test_a_stop_cuts_a_hanging_repair_short() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(seconds=60))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    visits.hang = True
+    read = asyncio.create_task(query.list_visits(staff, consistency_token=booked.consistency_token))
+    await asyncio.sleep(0.05)
+    assert not read.done()
+    query.stop_waiting()
+    page, stale = await asyncio.wait_for(read, 5)
+    assert stale and _listed(page) == []

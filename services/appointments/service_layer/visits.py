@@ -282,6 +282,19 @@ class VisitsQuery:
         self._wait = consistency_wait
         self._repair = repair
         self._repairs: dict[UUID, _Repair] = {}
+        self._waits: set[asyncio.Timeout] = set()
+        self._stopping = False
+
+    def stop_waiting(self) -> None:
+        """The process is stopping: reads waiting for a consistency token answer now (stale
+        unless the view has caught up), and later ones do not wait. A graceful stop then
+        drains them at once instead of cancelling them when its grace runs out."""
+        if self._stopping:
+            return
+        self._stopping = True
+        now = asyncio.get_running_loop().time()
+        for wait in self._waits:
+            wait.reschedule(now)
 
     async def list_visits(
         self,
@@ -299,7 +312,9 @@ class VisitsQuery:
         stale = False
         if consistency_token:
             stream_id, version = parse_token(consistency_token)
-            stale = not await self._read_your_write(Scope.of(principal), stream_id, version)
+            stale = not await self._read_your_write_until_stop(
+                Scope.of(principal), stream_id, version
+            )
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.
@@ -311,6 +326,25 @@ class VisitsQuery:
             last = rows[limit - 1]
             next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
         return VisitsPage(items=items, next_cursor=next_cursor), stale
+
+    async def _read_your_write_until_stop(
+        self, scope: Scope, stream_id: UUID, version: int
+    ) -> bool:
+        """:meth:`_read_your_write`, cut short (not fresh) by :meth:`stop_waiting`."""
+        if self._stopping:
+            return await self._reader.wait_for_version(scope, stream_id, version, 0)
+        wait = asyncio.timeout(None)
+        try:
+            async with wait:
+                self._waits.add(wait)
+                try:
+                    return await self._read_your_write(scope, stream_id, version)
+                finally:
+                    self._waits.discard(wait)
+        except TimeoutError:
+            if not wait.expired():
+                raise
+            return False
 
     async def _read_your_write(self, scope: Scope, stream_id: UUID, version: int) -> bool:
         """Whether the view reflects ``version`` of the appointment in ``scope``: at once,
