@@ -221,3 +221,20 @@ def test_database_commands_check_only_the_variables_they_read(
     assert exited.value.code != 0
     assert "CLINIC_DATABASE_URL" in message
     assert "CLINIC_NATS_URL" not in message and "CLINIC_HTTP_PORT" not in message
+
+
+def test_clinic_token_mints_what_the_configured_verifier_accepts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {
+        "CLINIC_JWT_SECRET": "token-test-secret-long-enough-for-hs256-x",
+        "CLINIC_JWT_ISSUER": "https://auth.clinic.example",
+        "CLINIC_JWT_AUDIENCE": "clinic-appointments",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sub, clinic = uuid.uuid4(), uuid.uuid4()
+    main(["token", "--role", "patient", "--sub", str(sub), "--clinic", str(clinic)])
+    token = capsys.readouterr().out.strip()
+    verified = TokenVerifier.from_settings(load_settings(env)).verify(token)
+    assert (verified.id, verified.clinic_id, verified.role) == (sub, clinic, "patient")
