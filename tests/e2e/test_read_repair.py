@@ -11,9 +11,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from services.auth import mint_token
 from tests.support.builders import schedule_json
 from tests.support.service import JWT_SECRET, running_service, service_env
+
+pytestmark = pytest.mark.fault  # a NATS outage's read side: reliability.md
 
 
 async def test_upcoming_and_past_reflect_each_command_with_only_the_api_running(

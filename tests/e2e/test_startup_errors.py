@@ -419,6 +419,7 @@ async def test_live_and_not_ready_while_nats_is_unreachable_at_start_then_ready(
     assert_only_log_lines(rest)
 
 
+@pytest.mark.fault
 async def test_commands_taken_before_nats_answers_are_published_once_it_does(
     database_url: str, nats_server: EmbeddedNats
 ) -> None:
