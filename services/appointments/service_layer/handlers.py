@@ -271,7 +271,12 @@ class Appointments:
                 continue  # so are answers that write nothing
             if not events:
                 view = appointment_view(stream_id, state, version, now, self._rules)
-                return CommandOutcome(view=view, consistency_token=make_token(stream_id, version))
+                return CommandOutcome(
+                    view=view,
+                    consistency_token=make_token(stream_id, version),
+                    # A booking's exact retry: answered as the booking was (201, Location).
+                    created=isinstance(command, ScheduleAppointment),
+                )
             new_version = version + len(events)
             new_state = fold(events, state)
             view = appointment_view(stream_id, new_state, new_version, now, self._rules)

@@ -23,7 +23,6 @@ from services.appointments.entrypoints.http.openapi import (
     ETAG,
     documented,
     problem_responses,
-    retry_response,
 )
 from services.appointments.service_layer.handlers import CommandOutcome
 
@@ -61,7 +60,10 @@ class AppointmentsController(Controller):
         "/",
         status_code=201,
         summary="Schedule an appointment",
-        responses={**retry_response(), **problem_responses(400, 401, 403, 409, 413, 422, 503)},
+        response_description="The appointment booked. An exact retry (the same appointment_id"
+        " and body) is answered so too, with the appointment as it is now; a repeat of an"
+        " Idempotency-Key gets the first answer again.",
+        responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
         operation_class=documented(COMMAND_HEADERS),
     )
     async def schedule(

@@ -14,7 +14,6 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, Operation, Req
 from litestar.openapi.spec.enums import OpenAPIType
 
 from contracts.errors import ERRORS, PROBLEM_CONTENT_TYPE, Problem
-from contracts.views import AppointmentView
 
 
 def _header(description: str, schema: Schema) -> OpenAPIHeader:
@@ -61,18 +60,6 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
             ),
         )
         for status in statuses
-    }
-
-
-def retry_response() -> dict[int, ResponseSpec]:
-    """``responses=`` entry of a command that answers a retry with the first answer."""
-    return {
-        200: ResponseSpec(
-            data_container=AppointmentView,
-            generate_examples=False,
-            description="A retry (same appointment_id or Idempotency-Key, same body): "
-            "the appointment as the first request left it.",
-        )
     }
 
 
