@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
@@ -303,3 +304,91 @@ async def test_each_append_of_a_batch_keeps_its_own_trace_context(pool: asyncpg.
     rows = await pool.fetch("SELECT stream_id, traceparent FROM events")
     stored = {row["stream_id"]: row["traceparent"] for row in rows}
     assert [stored[s] for s in streams] == [f"00-{i + 1:032x}-{0x1234:016x}-00" for i in range(20)]
+
+
+async def test_a_batch_refused_for_one_append_sends_only_that_one_alone(
+    pool: asyncpg.Pool,
+) -> None:
+    store, recording = recording_store(pool)
+    stale, provider = uuid.uuid4(), uuid.uuid4()
+    await store.append(stale, 0, booking())
+    await store.append(uuid.uuid4(), 0, booking(provider))  # its slot, taken
+    for offender, name in [
+        (store.append(stale, 0, booking()), "stale version"),  # a retried booking, say
+        (store.append(uuid.uuid4(), 0, booking(provider)), "slot taken"),
+    ]:
+        recording.sent.clear()
+        innocents = [store.append(uuid.uuid4(), 0, booking()) for _ in range(10)]
+        results = await asyncio.gather(
+            *innocents[:5], offender, *innocents[5:], return_exceptions=True
+        )
+        # The batch, the append it names alone, the other ten together again.
+        assert recording.sent == [11, 1, 10], (name, recording.sent)
+        assert isinstance(results[5], (StreamVersionConflict, SlotTaken)), (name, results[5])
+        assert all(isinstance(r, AppendResult) for r in results[:5] + results[6:]), name
+    assert await counts(pool) == (22, 22, 22, 0)
+
+
+async def test_the_rest_of_a_refused_batch_refused_again_is_sent_apart_again(
+    pool: asyncpg.Pool,
+) -> None:
+    store, recording = recording_store(pool)
+    taken = uuid.uuid4()
+    await store.append(uuid.uuid4(), 0, booking(taken))
+    principal = uuid.uuid4()
+    await store.append(uuid.uuid4(), 0, booking(), answer_under(principal, "used"))
+    recording.sent.clear()
+    results = await asyncio.gather(
+        store.append(uuid.uuid4(), 0, booking()),
+        store.append(uuid.uuid4(), 0, booking(taken)),
+        store.append(uuid.uuid4(), 0, booking()),
+        store.append(uuid.uuid4(), 0, booking(), answer_under(principal, "used")),
+        store.append(uuid.uuid4(), 0, booking()),
+        return_exceptions=True,
+    )
+    # Whichever PostgreSQL names first goes alone, then the other, then the three innocents.
+    assert recording.sent == [5, 1, 4, 1, 3], recording.sent
+    assert isinstance(results[1], SlotTaken) and isinstance(results[3], IdempotencyKeyTaken)
+    assert all(isinstance(results[i], AppendResult) for i in (0, 2, 4))
+
+
+async def test_a_read_only_database_fails_a_batch_as_unavailable_without_sending_each(
+    database_url: str,
+) -> None:
+    # As after a failover, the old primary still taking connections: a refusal that passes.
+    pool = await asyncpg.create_pool(
+        database_url,
+        min_size=1,
+        max_size=2,
+        server_settings={"default_transaction_read_only": "on"},
+    )
+    try:
+        store, recording = recording_store(pool)
+        results = await asyncio.gather(
+            *(store.append(uuid.uuid4(), 0, booking()) for _ in range(6)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Unavailable) for r in results), results
+        assert recording.sent == [6]  # not sent again one by one
+        with pytest.raises(Unavailable):
+            await store.append(uuid.uuid4(), 0, booking())
+        with pytest.raises(Unavailable):
+            await store.save_answer(answer_under(uuid.uuid4(), "k"))
+    finally:
+        await pool.close()
+
+
+async def test_a_cancel_batched_with_a_booking_of_its_slot_comes_first_in_the_log(
+    pool: asyncpg.Pool,
+) -> None:
+    store, recording = recording_store(pool)
+    provider, cancelled = uuid.uuid4(), uuid.uuid4()
+    await store.append(cancelled, 0, booking(provider))
+    recording.sent.clear()
+    booked, freed = await asyncio.gather(
+        store.append(uuid.uuid4(), 0, booking(provider)),  # arrives first
+        store.append(cancelled, 1, cancellation()),
+    )
+    assert recording.sent == [2]
+    # The log never shows two bookings of one slot at once.
+    assert freed.global_position < booked.global_position

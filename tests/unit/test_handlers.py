@@ -345,3 +345,36 @@ def test_the_state_cache_is_bounded_and_never_goes_back_in_time() -> None:
     assert cache.get(a) == (INITIAL, 3)
     assert cache.get(b) is None and len(cache) == 2
     assert StateCache(size=0).get(a) is None
+
+
+class DownOnce(FakeEventStore):
+    """The next append fails as if the database went away (a failover)."""
+
+    down = False
+
+    async def append(
+        self,
+        stream_id: uuid.UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        if self.down:
+            self.down = False
+            raise Unavailable("The database is unreachable; retry shortly.")
+        return await super().append(stream_id, expected_version, events, idempotency)
+
+
+async def test_a_store_outage_drops_the_cached_states(clock: ManualClock) -> None:
+    store = DownOnce()
+    app = service(store, clock)
+    ctx = RequestContext(principal=principal("staff"))
+    first = await app.schedule(ctx, schedule_body(clock.now))
+    second = await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=5)))
+    store.down = True
+    with pytest.raises(Unavailable):
+        await app.cancel(ctx, first.view.appointment_id)
+    # A failover may have lost commits the cache remembers: the next command reads the store.
+    loads = store.loads
+    await app.cancel(ctx, second.view.appointment_id)
+    assert store.loads == loads + 1

@@ -299,6 +299,11 @@ class Appointments:
             record = remember(outcome) if remember else None
             try:
                 await self._store.append(stream_id, version, new_events, record)
+            except Unavailable:
+                # A failover that lost commits would leave cached states ahead of the store,
+                # and an append decided on one would leave a gap in its stream.
+                self._cache.clear()
+                raise
             except StreamVersionConflict:
                 self._cache.forget(stream_id)
                 if expected_version is not None:

@@ -61,5 +61,10 @@ class StateCache:
         """Drop a state found stale."""
         self._states.pop(stream_id.int, None)
 
+    def clear(self) -> None:
+        """Drop every state: the store failed, and what it holds may have changed under
+        the cache (a failover that lost the last commits)."""
+        self._states.clear()
+
     def __len__(self) -> int:
         return len(self._states)

@@ -7,8 +7,9 @@ answer of an idempotent request commit together or not at all.
 Concurrent appends share that statement (group commit, see ``group_commit``): the ones
 that queue while a statement is in flight go together in the next, over arrays, so a
 batch costs one round trip and one commit. A batch PostgreSQL refuses (a stale version,
-a taken slot or key, a deadlock) is sent again append by append, so each append still
-gets exactly the answer it would get alone.
+a taken slot or key, a deadlock) is sent again apart: the appends its refusal names (by
+stream, provider or idempotency key) one by one, the others together again, so each append
+still gets exactly the answer it would get alone.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class PostgresEventStore:
             self._append_batch,
             self._append_one,
             key=lambda append: append.stream_id,
+            implicated=_implicated,
             in_flight=in_flight,
             max_batch=max_batch,
         )
@@ -198,7 +200,10 @@ class PostgresEventStore:
         freed: list[UUID] = []
         answers: list[list[Any]] = [[] for _ in range(6)]
         traceparents: list[str | None] = []
-        for append in appends:
+        # Appends that free a booking first: their positions come before those of bookings
+        # the freed range let in (the statement deletes before it inserts, whatever the
+        # order), so the log never shows two bookings of one slot at once.
+        for append in sorted(appends, key=lambda append: not append.args[15]):
             args = append.args
             for column, values in zip(events, args[:10], strict=True):
                 column.extend(values)
@@ -268,6 +273,17 @@ class PostgresEventStore:
             # twin committed, but this statement's snapshot predates that row: read anew.
             stored = await self.find_answer(record.principal_id, record.key)
         return answer if stored is None else stored
+
+
+def _implicated(append: _Append, refusal: BaseException) -> bool:
+    """Whether PostgreSQL's refusal of a batch names ``append``: its stream, the provider
+    it books or the principal of its idempotency key in the refusal's detail (``Key
+    (stream_id, stream_version)=(…) already exists``, ``… conflicts with existing key``)."""
+    detail = getattr(refusal, "detail", None)
+    if not isinstance(detail, str):
+        return False
+    names = (append.stream_id, append.args[12], append.args[16])  # provider, principal
+    return any(name is not None and str(name) in detail for name in names)
 
 
 class _Append(NamedTuple):

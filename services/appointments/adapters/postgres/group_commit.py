@@ -7,9 +7,12 @@ each of at most ``max_batch`` writes, and writes with the same ``key`` never sha
 batch or run concurrently (the later one waits for the next batch).
 
 A batch the database refuses as a whole (:class:`DecideEach`: a constraint one of its
-writes broke, a deadlock...) is sent again write by write, in order, so each write gets
-its own answer. Any other failure of a batch (the database unreachable) is every
-write's answer. A caller cancelled while its batch is in flight leaves the batch alone;
+writes broke, a deadlock...) is sent again so that each write gets its own answer: the
+writes the refusal names (``implicated``: a taken key or slot that they hold) one by one,
+in order, then the others together again; a refusal that names none sends every write
+one by one, in order. One bad write among many then costs two statements more, not one
+per write. Any other failure of a batch (the database unreachable) is every write's
+answer. A caller cancelled while its batch is in flight leaves the batch alone;
 every other caller gets a result or an exception, never silence.
 """
 
@@ -48,14 +51,18 @@ class GroupCommit(Generic[Item, Result]):
         send_one: Callable[[Item], Awaitable[Result]],
         key: Callable[[Item], Hashable],
         *,
+        implicated: Callable[[Item, BaseException], bool] | None = None,
         in_flight: int = 2,
         max_batch: int = 128,
     ) -> None:
+        """``implicated(item, cause)``: whether the cause of a :class:`DecideEach` (the
+        database's refusal) names ``item``, which is then sent alone."""
         if in_flight < 1 or max_batch < 1:
             raise ValueError("in_flight and max_batch must be at least 1")
         self._send_batch = send_batch
         self._send_one = send_one
         self._key = key
+        self._implicated = implicated
         self._in_flight = in_flight
         self._max_batch = max_batch
         self._pending: deque[_Waiter[Item, Result]] = deque()
@@ -114,8 +121,8 @@ class GroupCommit(Generic[Item, Result]):
                 results: Sequence[Result] = [await self._send_one(batch[0].item)]
             else:
                 results = await self._send_batch([w.item for w in batch])
-        except DecideEach:
-            await self._send_each(batch)
+        except DecideEach as refusal:
+            await self._send_apart(batch, refusal.__cause__)
         except BaseException as exc:
             for waiter in batch:
                 _fail(waiter, exc)
@@ -126,8 +133,51 @@ class GroupCommit(Generic[Item, Result]):
                 if not waiter.future.done():
                     waiter.future.set_result(result)
 
-    async def _send_each(self, batch: list[_Waiter[Item, Result]]) -> None:
-        """Each write of a refused batch on its own, in order (the first one wins)."""
+    async def _send_apart(
+        self, batch: list[_Waiter[Item, Result]], cause: BaseException | None
+    ) -> None:
+        """A refused batch again: the writes its refusal names alone, then the rest
+        together (refused again, the same way), each write its own answer in the end."""
+        try:
+            while True:
+                batch = [w for w in batch if not w.future.done()]  # callers that gave up
+                named = [w for w in batch if cause is not None and self._named(w, cause)]
+                if len(batch) < 2 or not named or len(named) == len(batch):
+                    await self._send_each(batch)
+                    return
+                down = await self._send_each(named)
+                batch = [w for w in batch if not w.future.done()]
+                if down is not None:  # unreachable: the rest only fail the same
+                    for waiter in batch:
+                        _fail(waiter, down)
+                    return
+                if len(batch) < 2:
+                    await self._send_each(batch)
+                    return
+                try:
+                    results = await self._send_batch([w.item for w in batch])
+                except DecideEach as refusal:
+                    cause = refusal.__cause__
+                    continue
+                except Exception as exc:
+                    for waiter in batch:
+                        _fail(waiter, exc)
+                    return
+                for waiter, result in zip(batch, results, strict=True):
+                    if not waiter.future.done():
+                        waiter.future.set_result(result)
+                return
+        except BaseException as exc:  # the sender cancelled (shutdown): nobody is left waiting
+            for waiter in batch:
+                _fail(waiter, exc)
+            raise
+
+    def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
+        return self._implicated is not None and self._implicated(waiter.item, cause)
+
+    async def _send_each(self, batch: list[_Waiter[Item, Result]]) -> BaseException | None:
+        """Each write on its own, in order (the first one wins); the failure that made the
+        database unreachable, if one did (the writes after it got that answer too)."""
         down: BaseException | None = None
         for waiter in batch:
             if waiter.future.done():  # its caller gave up; the batch wrote nothing
@@ -148,6 +198,7 @@ class GroupCommit(Generic[Item, Result]):
             else:
                 if not waiter.future.done():
                     waiter.future.set_result(result)
+        return down
 
 
 def _fail(waiter: _Waiter[Item, Result], exc: BaseException) -> None:

@@ -1,0 +1,143 @@
+"""Group commit's answer to a refused batch, with a fake database: the writes the refusal
+names go alone, the rest together again; an outage meanwhile is everybody's answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
+from services.errors import Unavailable
+
+
+class Refused(Exception):
+    """The database's refusal of a batch, naming the bad writes."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__(f"refused: {sorted(names)}")
+        self.names = names
+
+
+class Bad(Exception):
+    """A write's own refusal."""
+
+
+class FakeDatabase:
+    """Writes named ``bad*`` are refused; ``down`` makes every statement fail."""
+
+    def __init__(self) -> None:
+        self.statements: list[list[str]] = []
+        self.down_after: int | None = None
+
+    def _statement(self, items: Sequence[str]) -> None:
+        self.statements.append(list(items))
+        if self.down_after is not None and len(self.statements) > self.down_after:
+            raise Unavailable("down")
+
+    async def send_batch(self, items: Sequence[str]) -> list[str]:
+        await asyncio.sleep(0)
+        self._statement(items)
+        bad = {item for item in items if item.startswith("bad")}
+        if bad:
+            try:
+                raise Refused(bad)
+            except Refused as refusal:
+                raise DecideEach() from refusal
+        return [f"ok:{item}" for item in items]
+
+    async def send_one(self, item: str) -> str:
+        await asyncio.sleep(0)
+        self._statement([item])
+        if item.startswith("bad"):
+            raise Bad(item)
+        return f"ok:{item}"
+
+
+def commit(db: FakeDatabase, *, names: bool = True) -> GroupCommit[str, str]:
+    def implicated(item: str, cause: BaseException) -> bool:
+        return isinstance(cause, Refused) and item in cause.names
+
+    return GroupCommit(
+        db.send_batch,
+        db.send_one,
+        key=lambda item: item,
+        implicated=implicated if names else None,
+        in_flight=1,
+    )
+
+
+async def _submit_all(group: GroupCommit[str, str], items: list[str]) -> list[object]:
+    first = asyncio.ensure_future(group.submit("first"))  # in flight: the rest queue
+    await asyncio.sleep(0)
+    results = await asyncio.gather(*(group.submit(i) for i in items), return_exceptions=True)
+    await first
+    return list(results)
+
+
+async def test_named_writes_go_alone_and_the_rest_together() -> None:
+    db = FakeDatabase()
+    items = ["a", "b", "bad1", "c", "d", "bad2", "e"]
+    results = await _submit_all(commit(db), items)
+    assert db.statements[1:] == [items, ["bad1"], ["bad2"], ["a", "b", "c", "d", "e"]]
+    assert [r if isinstance(r, str) else type(r).__name__ for r in results] == [
+        "ok:a", "ok:b", "Bad", "ok:c", "ok:d", "Bad", "ok:e"
+    ]  # fmt: skip
+
+
+async def test_without_names_every_write_goes_alone_in_order() -> None:
+    db = FakeDatabase()
+    items = ["a", "bad1", "b"]
+    results = await _submit_all(commit(db, names=False), items)
+    assert db.statements[1:] == [items, ["a"], ["bad1"], ["b"]]
+    assert isinstance(results[1], Bad) and results[0] == "ok:a" and results[2] == "ok:b"
+
+
+async def test_an_outage_while_the_named_go_alone_is_the_answer_of_the_rest() -> None:
+    db = FakeDatabase()
+    db.down_after = 2  # the first statement, the batch, then down
+    results = await _submit_all(commit(db), ["a", "bad1", "b"])
+    assert db.statements[1:] == [["a", "bad1", "b"], ["bad1"]]
+    assert all(isinstance(r, Unavailable) for r in results), results
+
+
+async def test_a_sender_cancelled_while_sending_apart_leaves_nobody_waiting() -> None:
+    db = FakeDatabase()
+    group = commit(db)
+    release = asyncio.Event()
+    send_one = db.send_one
+
+    async def hanging_one(item: str) -> str:
+        if item == "bad1":
+            await release.wait()
+        return await send_one(item)
+
+    group._send_one = hanging_one  # type: ignore[method-assign]
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(group.submit(i)) for i in ["a", "bad1", "b"]]
+    await first
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert db.statements[-1] == ["a", "bad1", "b"]
+    for task in list(group._tasks):
+        task.cancel()  # shutdown
+    done, pending = await asyncio.wait(waiting, timeout=1)
+    assert not pending
+    assert all(task.cancelled() for task in done)
+
+
+@pytest.mark.parametrize("names", [True, False])
+async def test_a_caller_that_gave_up_is_not_sent_again(names: bool) -> None:
+    db = FakeDatabase()
+    group = commit(db, names=names)
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0)
+    gone = asyncio.ensure_future(group.submit("c"))
+    rest = [asyncio.ensure_future(group.submit(i)) for i in ["a", "bad1"]]
+    await asyncio.sleep(0)
+    gone.cancel()
+    await first
+    await asyncio.gather(*rest, return_exceptions=True)
+    assert ["c"] not in db.statements and all("c" not in s for s in db.statements[2:])
