@@ -329,7 +329,7 @@ async def test_a_batch_refused_for_one_append_sends_only_that_one_alone(
     assert await counts(pool) == (22, 22, 22, 0)
 
 
-async def test_the_rest_of_a_refused_batch_refused_again_is_sent_apart_again(
+async def test_the_rest_of_a_refused_batch_refused_again_is_sent_one_by_one(
     pool: asyncpg.Pool,
 ) -> None:
     store, recording = recording_store(pool)
@@ -346,8 +346,9 @@ async def test_the_rest_of_a_refused_batch_refused_again_is_sent_apart_again(
         store.append(uuid.uuid4(), 0, booking()),
         return_exceptions=True,
     )
-    # Whichever PostgreSQL names first goes alone, then the other, then the three innocents.
-    assert recording.sent == [5, 1, 4, 1, 3], recording.sent
+    # Whichever PostgreSQL names first goes alone, then the rest, refused again (many bad
+    # appends, as in retries after an outage: one by one is cheapest then).
+    assert recording.sent == [5, 1, 4, 1, 1, 1, 1], recording.sent
     assert isinstance(results[1], SlotTaken) and isinstance(results[3], IdempotencyKeyTaken)
     assert all(isinstance(results[i], AppendResult) for i in (0, 2, 4))
 
@@ -392,3 +393,96 @@ async def test_a_cancel_batched_with_a_booking_of_its_slot_comes_first_in_the_lo
     assert recording.sent == [2]
     # The log never shows two bookings of one slot at once.
     assert freed.global_position < booked.global_position
+
+
+async def test_a_cancel_that_frees_a_slot_goes_alone_with_the_bookings_a_refusal_names(
+    pool: asyncpg.Pool,
+) -> None:
+    store, recording = recording_store(pool)
+    provider, freed_by_cancel = uuid.uuid4(), uuid.uuid4()
+    await store.append(freed_by_cancel, 0, booking(provider))
+    await store.append(uuid.uuid4(), 0, booking(provider, 120))  # a slot that stays taken
+    recording.sent.clear()
+    results = await asyncio.gather(
+        store.append(freed_by_cancel, 1, cancellation()),
+        store.append(uuid.uuid4(), 0, booking(provider)),  # the slot the cancel frees
+        store.append(uuid.uuid4(), 0, booking(provider, 120)),
+        store.append(uuid.uuid4(), 0, booking()),
+        return_exceptions=True,
+    )
+    # Each answered as alone in arrival order: the cancel, then the booking of its slot.
+    assert isinstance(results[0], AppendResult) and isinstance(results[1], AppendResult)
+    assert isinstance(results[2], SlotTaken) and isinstance(results[3], AppendResult)
+    assert recording.sent[0] == 4
+
+
+async def test_a_statement_given_up_on_fails_only_its_own_append(database_url: str) -> None:
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=2, server_settings={"lock_timeout": "200ms"}
+    )
+    blocker = await asyncpg.connect(database_url)
+    try:
+        store, recording = recording_store(pool)
+        provider = uuid.uuid4()
+        held = blocker.transaction()
+        await held.start()
+        await blocker.execute(  # an uncommitted booking of the provider: a wait on its lock
+            """INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
+               VALUES ($1, $2, $3, tstzrange($4::timestamptz, $4 + interval '30 minutes'))""",
+            uuid.uuid4(),
+            CLINIC,
+            provider,
+            SOON,
+        )
+        results = await asyncio.gather(
+            store.append(uuid.uuid4(), 0, booking()),
+            store.append(uuid.uuid4(), 0, booking(provider)),
+            store.append(uuid.uuid4(), 0, booking()),
+            return_exceptions=True,
+        )
+        await held.rollback()
+    finally:
+        await blocker.close()
+        await pool.close()
+    assert isinstance(results[1], Unavailable), results  # a 503 for the one that waited
+    assert isinstance(results[0], AppendResult) and isinstance(results[2], AppendResult)
+    assert recording.sent == [3, 1, 1, 1]
+
+
+async def test_an_append_past_the_stored_version_is_a_conflict_not_a_gap(
+    pool: asyncpg.Pool,
+) -> None:
+    # A state ahead of the store (cached before a failover that lost its commit): the
+    # append must not leave a stream that starts at version 2.
+    store, _ = recording_store(pool)
+    lost, kept = uuid.uuid4(), uuid.uuid4()
+    await store.append(kept, 0, booking())
+    with pytest.raises(StreamVersionConflict):
+        await store.append(lost, 1, cancellation())
+    results = await asyncio.gather(
+        store.append(lost, 1, cancellation()),
+        store.append(kept, 1, cancellation()),
+        store.append(uuid.uuid4(), 0, booking()),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StreamVersionConflict), results
+    assert isinstance(results[1], AppendResult) and results[1].stream_version == 2
+    assert isinstance(results[2], AppendResult)
+    assert await store.load(lost) == []
+    assert [r.envelope.stream_version for r in await store.load(kept)] == [1, 2]
+
+
+async def test_an_append_of_several_events_follows_its_own_first_event(
+    pool: asyncpg.Pool,
+) -> None:
+    store, recording = recording_store(pool)
+    alone, batched = uuid.uuid4(), uuid.uuid4()
+    await store.append(alone, 0, booking() + cancellation())
+    results = await asyncio.gather(
+        store.append(batched, 0, booking() + cancellation()),
+        store.append(uuid.uuid4(), 0, booking()),
+    )
+    assert recording.sent == [1, 2]
+    assert results[0].stream_version == 2
+    for stream in (alone, batched):
+        assert [r.envelope.stream_version for r in await store.load(stream)] == [1, 2]

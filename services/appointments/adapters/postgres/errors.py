@@ -10,39 +10,63 @@ import asyncpg
 from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal
 
-__all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "StatementGaveUp",
+    "database_errors",
+    "passing_refusal",
+    "refused_by_content",
+]
+
+
+class StatementGaveUp(Unavailable):
+    """The database gave up on one statement (a statement or lock timeout, a cancelled
+    query): a ``503`` like an outage, but other statements may well pass meanwhile."""
 
 
 @contextmanager
 def database_errors() -> Iterator[None]:
     """Re-raise connection-level failures, and refusals that pass with time (a read-only
-    server after a failover, a full disk, a cancelled statement), as :class:`Unavailable`
-    (HTTP 503). Deadlocks and serialization failures stay as they are: the append decides
-    again on fresh state after those."""
+    server after a failover, a full disk, a statement timeout), as :class:`Unavailable`
+    (HTTP 503); :class:`StatementGaveUp` where only that statement failed. Deadlocks and
+    serialization failures stay as they are: the append decides again after those."""
     try:
         yield
     except CONNECTION_ERRORS as exc:
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:
-        if not _passing_whatever_is_sent(exc):
+        if _statement_gave_up(exc):
+            raise StatementGaveUp("The database gave up on this request; retry shortly.") from exc
+        if not _server_refuses_all(exc):
             raise
         raise Unavailable("The database cannot take this right now; retry shortly.") from exc
 
 
 def refused_by_content(exc: BaseException) -> bool:
-    """Whether a statement failed because of what (some of) its rows hold, not because
-    PostgreSQL is unreachable or refuses anything for now: a constraint, a deadlock, a
-    value asyncpg cannot encode."""
+    """Whether a batch statement failed because of what (some of) its rows hold or what
+    they wait for, not because PostgreSQL is unreachable or refuses anything for now: a
+    constraint, a deadlock, a lock or statement timeout, a value asyncpg cannot encode."""
     if isinstance(exc, asyncpg.InterfaceError):
         return isinstance(exc, ValueError)  # asyncpg's client-side DataError
     return (
         isinstance(exc, asyncpg.PostgresError)
         and not isinstance(exc, CONNECTION_ERRORS)
-        and not _passing_whatever_is_sent(exc)
+        and not _server_refuses_all(exc)
     )
 
 
-def _passing_whatever_is_sent(exc: BaseException) -> bool:
-    """A refusal that passes and that no other statement would avoid (unlike a deadlock or
-    a serialization failure, class 40, which another order of the writes may not meet)."""
-    return passing_refusal(exc) and not str(getattr(exc, "sqlstate", "")).startswith("40")
+#: Refusals of one statement for what it waited on (``statement_timeout``, a cancelled
+#: query, ``lock_timeout``): other statements may pass.
+_GAVE_UP_STATES = ("57014", "55P03")
+
+
+def _statement_gave_up(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) in _GAVE_UP_STATES
+
+
+def _server_refuses_all(exc: BaseException) -> bool:
+    """A refusal that passes and that no other statement would avoid now (read-only, a
+    full disk, a shutdown): not a deadlock or serialization failure (class 40), which
+    another order of the writes may not meet, nor one statement given up on."""
+    state = str(getattr(exc, "sqlstate", ""))
+    return passing_refusal(exc) and not state.startswith("40") and state not in _GAVE_UP_STATES

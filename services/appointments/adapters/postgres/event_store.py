@@ -51,8 +51,22 @@ _APPEND = """
 WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
                         data, occurred_at, correlation_id, causation_id, traceparent)
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
+    SELECT n.event_id, n.stream_id,
+           -- Only right after the stream's last stored version (or first): NULL, refused as
+           -- a conflict, where a state ahead of the store would leave a gap in the stream.
+           CASE WHEN n.stream_version = 1
+                  OR EXISTS (SELECT FROM events e WHERE e.stream_id = n.stream_id
+                                                    AND e.stream_version = n.stream_version - 1)
+                  OR EXISTS (SELECT FROM unnest($2::uuid[], $3::int[]) AS b(stream_id, version)
+                             WHERE b.stream_id = n.stream_id
+                               AND b.version = n.stream_version - 1)
+                THEN n.stream_version END,
+           n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
+           n.causation_id, n.traceparent
+    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
+                $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
+         AS n(event_id, stream_id, stream_version, clinic_id, type, schema_version, data,
+              occurred_at, correlation_id, causation_id, traceparent)
     RETURNING global_position, stream_version
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
@@ -78,8 +92,22 @@ _APPEND_BATCH = """
 WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
                         data, occurred_at, correlation_id, causation_id, traceparent)
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
+    SELECT n.event_id, n.stream_id,
+           -- Only right after the stream's last stored version (or first): NULL, refused as
+           -- a conflict, where a state ahead of the store would leave a gap in the stream.
+           CASE WHEN n.stream_version = 1
+                  OR EXISTS (SELECT FROM events e WHERE e.stream_id = n.stream_id
+                                                    AND e.stream_version = n.stream_version - 1)
+                  OR EXISTS (SELECT FROM unnest($2::uuid[], $3::int[]) AS b(stream_id, version)
+                             WHERE b.stream_id = n.stream_id
+                               AND b.version = n.stream_version - 1)
+                THEN n.stream_version END,
+           n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
+           n.causation_id, n.traceparent
+    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
+                $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
+         AS n(event_id, stream_id, stream_version, clinic_id, type, schema_version, data,
+              occurred_at, correlation_id, causation_id, traceparent)
     RETURNING global_position, stream_id
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
@@ -184,6 +212,10 @@ class PostgresEventStore:
             raise
         except asyncpg.ExclusionViolationError as exc:
             raise SlotTaken("The provider already has an appointment at that time.") from exc
+        except asyncpg.NotNullViolationError as exc:
+            if exc.column_name == "stream_version":  # not right after the stored version
+                raise StreamVersionConflict() from exc
+            raise
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
             # Racing inserts into the booking guard can deadlock each other; PostgreSQL
             # aborts one, which is then decided again on fresh state like any lost race.
@@ -278,7 +310,12 @@ class PostgresEventStore:
 def _implicated(append: _Append, refusal: BaseException) -> bool:
     """Whether PostgreSQL's refusal of a batch names ``append``: its stream, the provider
     it books or the principal of its idempotency key in the refusal's detail (``Key
-    (stream_id, stream_version)=(…) already exists``, ``… conflicts with existing key``)."""
+    (stream_id, stream_version)=(…) already exists``, ``… conflicts with existing key``);
+    for a slot taken, every cancel as well."""
+    if isinstance(refusal, asyncpg.ExclusionViolationError) and append.args[15]:
+        # A cancel may free the slot a named booking wants: it goes alone too, in order,
+        # so that the booking gets the answer it would get alone.
+        return True
     detail = getattr(refusal, "detail", None)
     if not isinstance(detail, str):
         return False

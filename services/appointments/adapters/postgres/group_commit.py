@@ -9,11 +9,12 @@ batch or run concurrently (the later one waits for the next batch).
 A batch the database refuses as a whole (:class:`DecideEach`: a constraint one of its
 writes broke, a deadlock...) is sent again so that each write gets its own answer: the
 writes the refusal names (``implicated``: a taken key or slot that they hold) one by one,
-in order, then the others together again; a refusal that names none sends every write
-one by one, in order. One bad write among many then costs two statements more, not one
-per write. Any other failure of a batch (the database unreachable) is every write's
-answer. A caller cancelled while its batch is in flight leaves the batch alone;
-every other caller gets a result or an exception, never silence.
+in order, then the others together again; a refusal that names none, or the others
+refused again, sends every write one by one, in order. One bad write among many then
+costs two statements more, not one per write; many cost about one each, as before. Any
+other failure of a batch (the database unreachable) is every write's answer. A caller
+cancelled while its batch is in flight leaves the batch alone; every other caller gets a
+result or an exception, never silence.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from services.appointments.adapters.postgres.errors import StatementGaveUp
 from services.errors import Unavailable
 
 Item = TypeVar("Item")
@@ -137,40 +139,45 @@ class GroupCommit(Generic[Item, Result]):
         self, batch: list[_Waiter[Item, Result]], cause: BaseException | None
     ) -> None:
         """A refused batch again: the writes its refusal names alone, then the rest
-        together (refused again, the same way), each write its own answer in the end."""
+        together; if refused again, one by one. Each write gets its own answer."""
         try:
-            while True:
-                batch = [w for w in batch if not w.future.done()]  # callers that gave up
-                named = [w for w in batch if cause is not None and self._named(w, cause)]
-                if len(batch) < 2 or not named or len(named) == len(batch):
-                    await self._send_each(batch)
-                    return
-                down = await self._send_each(named)
-                batch = [w for w in batch if not w.future.done()]
-                if down is not None:  # unreachable: the rest only fail the same
-                    for waiter in batch:
-                        _fail(waiter, down)
-                    return
-                if len(batch) < 2:
-                    await self._send_each(batch)
-                    return
-                try:
-                    results = await self._send_batch([w.item for w in batch])
-                except DecideEach as refusal:
-                    cause = refusal.__cause__
-                    continue
-                except Exception as exc:
-                    for waiter in batch:
-                        _fail(waiter, exc)
-                    return
-                for waiter, result in zip(batch, results, strict=True):
-                    if not waiter.future.done():
-                        waiter.future.set_result(result)
-                return
+            await self._send_named_then_rest(batch, cause)
         except BaseException as exc:  # the sender cancelled (shutdown): nobody is left waiting
             for waiter in batch:
                 _fail(waiter, exc)
             raise
+
+    async def _send_named_then_rest(
+        self, batch: list[_Waiter[Item, Result]], cause: BaseException | None
+    ) -> None:
+        batch = [w for w in batch if not w.future.done()]  # callers that gave up
+        named = [w for w in batch if cause is not None and self._named(w, cause)]
+        if len(batch) < 2 or not named or len(named) == len(batch):
+            await self._send_each(batch)
+            return
+        down = await self._send_each(named)
+        rest = [w for w in batch if not w.future.done()]
+        if down is not None:  # unreachable: the rest only fail the same
+            for waiter in rest:
+                _fail(waiter, down)
+            return
+        if len(rest) < 2:
+            await self._send_each(rest)
+            return
+        try:
+            results = await self._send_batch([w.item for w in rest])
+        except DecideEach:
+            # Refused again (PostgreSQL names one violation a statement): many bad writes,
+            # retries after an outage say; one by one costs the least statements now.
+            await self._send_each(rest)
+            return
+        except Exception as exc:
+            for waiter in rest:
+                _fail(waiter, exc)
+            return
+        for waiter, result in zip(rest, results, strict=True):
+            if not waiter.future.done():
+                waiter.future.set_result(result)
 
     def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
         return self._implicated is not None and self._implicated(waiter.item, cause)
@@ -193,7 +200,7 @@ class GroupCommit(Generic[Item, Result]):
                     for rest in batch:
                         _fail(rest, exc)
                     raise
-                if isinstance(exc, Unavailable):
+                if isinstance(exc, Unavailable) and not isinstance(exc, StatementGaveUp):
                     down = exc  # the rest would only wait for the same answer
             else:
                 if not waiter.future.done():
