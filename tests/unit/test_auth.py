@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import jwt
 import pytest
@@ -74,3 +75,81 @@ def test_the_cache_of_verified_tokens_is_bounded(monkeypatch: pytest.MonkeyPatch
     principals = [verifier.verify(token) for token in tokens]
     assert len(verifier._verified) == 3
     assert [verifier.verify(token) for token in tokens] == principals
+
+
+@pytest.mark.parametrize(
+    ("configured", "minted"),
+    [
+        ({"audience": "clinic-api"}, {"audience": "another-api"}),
+        ({"audience": "clinic-api"}, {}),
+        ({"issuer": "https://auth.clinic"}, {"issuer": "https://auth.elsewhere"}),
+        ({"issuer": "https://auth.clinic"}, {}),
+    ],
+)
+def test_a_token_for_another_audience_or_issuer_is_refused(
+    configured: dict[str, str], minted: dict[str, str]
+) -> None:
+    verifier = TokenVerifier(secret=SECRET, **configured)  # type: ignore[arg-type]
+    token = mint_token(SECRET, "staff", uuid.uuid4(), uuid.uuid4(), **minted)  # type: ignore[arg-type]
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
+    right = mint_token(SECRET, "staff", uuid.uuid4(), uuid.uuid4(), **configured)  # type: ignore[arg-type]
+    assert verifier.verify(right).role == "staff"
+
+
+def test_a_token_without_exp_is_refused_not_a_crash() -> None:
+    claims = {"sub": str(uuid.uuid4()), "role": "staff", "clinic_id": str(uuid.uuid4())}
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(secret=SECRET).verify(jwt.encode(claims, SECRET, algorithm="HS256"))
+
+
+@pytest.mark.parametrize("header", ["Basic {t}", "{t}", "Bearer", "Bearer   ", "Token {t}"])
+def test_only_a_bearer_header_carries_a_token(header: str) -> None:
+    token = mint_token(SECRET, "staff", uuid.uuid4(), uuid.uuid4())
+    verifier = TokenVerifier(secret=SECRET)
+    with pytest.raises(Unauthenticated):
+        verifier.principal_from_header(header.format(t=token))
+    assert verifier.principal_from_header(f"bearer {token}").role == "staff"
+
+
+@pytest.mark.parametrize(("expired_ago", "accepted"), [(10, True), (60, False)])
+def test_expiry_has_thirty_seconds_of_leeway(expired_ago: int, accepted: bool) -> None:
+    now = int(time.time())
+    claims = {
+        "sub": str(uuid.uuid4()),
+        "role": "staff",
+        "clinic_id": str(uuid.uuid4()),
+        "exp": now - expired_ago,
+    }
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    verifier = TokenVerifier(secret=SECRET)
+    if accepted:
+        assert verifier.verify(token).role == "staff"
+    else:
+        with pytest.raises(Unauthenticated):
+            verifier.verify(token)
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256"])
+def test_tokens_signed_with_the_configured_public_keys_algorithms_verify(algorithm: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    private: Any
+    if algorithm == "EdDSA":
+        private = ed25519.Ed25519PrivateKey.generate()
+    elif algorithm == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    else:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {
+        "sub": str(uuid.uuid4()),
+        "role": "provider",
+        "clinic_id": str(uuid.uuid4()),
+        "exp": int(time.time()) + 60,
+    }
+    token = jwt.encode(claims, private, algorithm=algorithm)
+    assert TokenVerifier(public_key=public.decode()).verify(token).role == "provider"

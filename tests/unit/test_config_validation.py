@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,7 @@ def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
         ("smtp://user@mail", "smtp://user@mail"),
         ("nats://u:p#w@h:4222", "nats://u:***@h:4222"),
         ("postgresql://u:a/b?c@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),  # an @ in the password
         (
             "postgresql://h/db?user=u&password=s3cret&x=1",
             "postgresql://h/db?user=u&password=***&x=1",
@@ -198,3 +200,40 @@ def test_websocket_support_follows_whether_aiohttp_is_importable(
     assert config.websocket_support() is found
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *_: None)
     assert config.websocket_support() is False
+
+
+def test_settings_carry_what_the_variables_say() -> None:
+    settings = load_settings(
+        {
+            "CLINIC_START_WINDOW_MINUTES": "30",
+            "CLINIC_HTTP_HOST": "0.0.0.0",
+            "CLINIC_CONSISTENCY_WAIT_MS": "750",
+            "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": "48",
+            "CLINIC_NATS_STREAM_REPLICAS": "3",
+        }
+    )
+    assert settings.rules.start_window == timedelta(minutes=30)
+    assert settings.http_host == "0.0.0.0"
+    assert settings.consistency_wait_ms == 750
+    assert settings.idempotency_key_ttl_hours == 48
+    assert settings.nats_stream_replicas == 3
+
+
+BOUNDS = [
+    ("CLINIC_HTTP_PORT", "0", "65535", "-1", "65536"),
+    ("CLINIC_START_WINDOW_MINUTES", "0", "1440", "-1", "1441"),
+    ("CLINIC_IDEMPOTENCY_KEY_TTL_HOURS", "1", "8784", "0", "8785"),
+    ("CLINIC_NATS_STREAM_REPLICAS", "1", "5", "0", "6"),
+    ("CLINIC_CONSISTENCY_WAIT_MS", "0", "60000", "-1", "60001"),
+    ("CLINIC_HTTP_KEEP_ALIVE_SECONDS", "1", "3600", "0", "3601"),
+]
+
+
+@pytest.mark.parametrize(("name", "lowest", "highest", "below", "above"), BOUNDS)
+def test_numbers_are_accepted_up_to_their_bounds_and_refused_past_them(
+    name: str, lowest: str, highest: str, below: str, above: str
+) -> None:
+    for accepted in (lowest, highest):
+        load_settings({name: accepted})
+    for refused in (below, above):
+        assert name in refusal({name: refused})

@@ -19,7 +19,8 @@ from services.appointments.domain.commands import (
 )
 from services.appointments.domain.decider import decide, may_see
 from services.appointments.domain.rules import Rules
-from services.appointments.domain.state import booking_of, fold
+from services.appointments.domain.state import CorruptStream, booking_of, fold
+from services.appointments.domain.view import appointment_view
 from services.errors import (
     AlreadyExists,
     AppointmentIsCancelled,
@@ -549,3 +550,43 @@ def test_start_window_is_configurable(minutes: int) -> None:
 def test_start_window_defaults_to_15_minutes() -> None:
     refused([scheduled()], start(), WINDOW_OPENS_AT - MICROSECOND, TooEarly, Rules())
     assert len(when([scheduled()], start(), WINDOW_OPENS_AT, Rules())) == 1
+
+
+# --- Gaps found by mutation testing ------------------------------------------------------
+
+
+def test_the_same_booking_from_another_clinic_is_not_a_retry_of_it() -> None:
+    # The same user id and body in another clinic is another person's booking.
+    same_user_elsewhere = Principal(id=STAFF.id, role="staff", clinic_id=OTHER_CLINIC_ID)
+    refused([scheduled()], schedule(same_user_elsewhere), NOW, AlreadyExists)
+    assert when([scheduled()], schedule(STAFF), NOW) == []  # the retry itself
+
+
+@pytest.mark.parametrize("command", [schedule(visit_reason="a\x00b"), cancel(reason="a\x00b")])
+def test_text_with_a_nul_character_is_invalid(command: Command) -> None:
+    given = [] if isinstance(command, ScheduleAppointment) else [scheduled()]
+    refused(given, command, NOW, InvalidRequest)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [AppointmentCancelled(clinic_id=CLINIC_ID, cancelled_by=PATIENT.actor, cancelled_at=NOW)],
+        "scheduled,started,cancelled",
+        "scheduled,cancelled,started",
+        "scheduled,scheduled",
+    ],
+)
+def test_a_stream_no_command_could_have_written_is_corrupt(events: object) -> None:
+    makers = {"scheduled": scheduled, "started": started, "cancelled": cancelled}
+    given = events if isinstance(events, list) else [makers[n]() for n in str(events).split(",")]
+    with pytest.raises(CorruptStream):
+        fold(given)
+
+
+def test_the_cancellation_reason_is_kept_in_the_state_and_shown() -> None:
+    reasoned = AppointmentCancelled(
+        clinic_id=CLINIC_ID, cancelled_by=PATIENT.actor, cancelled_at=NOW, reason="Feeling better"
+    )
+    view = appointment_view(APPOINTMENT_ID, fold([scheduled(), reasoned]), 2, NOW, Rules())
+    assert view.cancellation_reason == "Feeling better"

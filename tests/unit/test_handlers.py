@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from contracts.common import Principal
 from services.appointments.domain.rules import Rules
 from services.appointments.domain.state import INITIAL
 from services.appointments.service_layer.handlers import Appointments, RequestContext, key_owner
@@ -23,6 +24,7 @@ from services.appointments.service_layer.state_cache import StateCache
 from services.errors import (
     AlreadyExists,
     AppointmentIsCancelled,
+    Forbidden,
     IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
@@ -378,3 +380,101 @@ async def test_a_store_outage_drops_the_cached_states(clock: ManualClock) -> Non
     loads = store.loads
     await app.cancel(ctx, second.view.appointment_id)
     assert store.loads == loads + 1
+
+
+# --- Gaps found by mutation testing ------------------------------------------------------
+
+
+async def test_reading_an_appointment_is_for_those_who_may_see_it(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    patient = principal("patient", staff.clinic_id)
+    booked = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, patient_id=patient.id)
+    )
+    appointment_id = booked.view.appointment_id
+    for allowed in (staff, patient, principal("staff", staff.clinic_id)):
+        assert (await app.get(allowed, appointment_id)).appointment_id == appointment_id
+    for outsider in (
+        principal("staff"),  # another clinic
+        principal("patient", staff.clinic_id),  # another patient
+        principal("provider", staff.clinic_id),  # not the provider who holds it
+    ):
+        with pytest.raises(NotFound):
+            await app.get(outsider, appointment_id)
+    with pytest.raises(NotFound):
+        await app.get(staff, uuid.uuid4())
+
+
+async def test_history_is_for_staff_and_the_provider_who_holds_it(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    patient = principal("patient", staff.clinic_id)
+    provider = principal("provider", staff.clinic_id)
+    booked = await app.schedule(
+        RequestContext(principal=staff),
+        schedule_body(clock.now, patient_id=patient.id, provider_id=provider.id),
+    )
+    appointment_id = booked.view.appointment_id
+    for reader in (staff, provider):
+        assert len((await app.history(reader, appointment_id)).events) == 1
+    with pytest.raises(Forbidden):
+        await app.history(patient, appointment_id)
+    for outsider in (principal("provider", staff.clinic_id), principal("staff")):
+        with pytest.raises(NotFound):
+            await app.history(outsider, appointment_id)
+
+
+def test_an_idempotency_key_belongs_to_one_person_in_one_clinic_and_role() -> None:
+    person, clinic, other_clinic = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    owners = {
+        key_owner(Principal(id=person, role=role, clinic_id=c))
+        for role in ("patient", "provider", "staff")
+        for c in (clinic, other_clinic)
+    }
+    assert len(owners) == 6
+    assert key_owner(Principal(id=person, role="staff", clinic_id=clinic)) == key_owner(
+        Principal(id=person, role="staff", clinic_id=clinic)
+    )
+
+
+@pytest.mark.parametrize(("key", "valid"), [("", False), ("a\x00b", False), ("k" * 255, True)])
+async def test_idempotency_keys_are_1_to_255_characters_without_nul(
+    clock: ManualClock, key: str, valid: bool
+) -> None:
+    app = service(FakeEventStore(), clock)
+    ctx = RequestContext(principal=principal("staff"), idempotency_key=key)
+    if valid:
+        assert (await app.schedule(ctx, schedule_body(clock.now))).created
+    else:
+        with pytest.raises(InvalidRequest):
+            await app.schedule(ctx, schedule_body(clock.now))
+
+
+async def test_only_a_booking_is_answered_as_created(clock: ManualClock) -> None:
+    app = service(FakeEventStore(), clock)
+    ctx = RequestContext(principal=principal("staff"))
+    booked = await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(minutes=5)))
+    assert booked.created
+    appointment_id = booked.view.appointment_id
+    started = await app.start(ctx, appointment_id)
+    assert started.appended and not started.created
+    again = await app.start(ctx, appointment_id)  # a no-op success
+    assert not again.appended and not again.created
+    other = await app.schedule(ctx, schedule_body(clock.now))
+    cancelled = await app.cancel(ctx, other.view.appointment_id)
+    assert cancelled.appended and not cancelled.created
+
+
+async def test_the_same_key_with_another_if_match_is_another_request(clock: ManualClock) -> None:
+    app = service(FakeEventStore(), clock)
+    staff = principal("staff")
+    booked = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, starts_in=timedelta(minutes=5))
+    )
+    keyed = RequestContext(principal=staff, idempotency_key="start-1")
+    await app.start(keyed, booked.view.appointment_id, 1)
+    with pytest.raises(IdempotencyKeyReused):
+        await app.start(keyed, booked.view.appointment_id, 2)

@@ -156,3 +156,42 @@ def test_a_reminder_firing_after_it_expired_sends_nothing() -> None:
     timer = _timer(a, "reminder-24h")
     assert on_timer(a, timer, timer.expires_at) == []
     assert on_timer(a, timer, timer.expires_at - timedelta(seconds=1)) != []
+
+
+def test_the_notification_namespace_never_changes() -> None:
+    # Every stored notification id derives from it: a new one would send everything again.
+    assert notification_id(uuid.UUID(int=1), "reminder-24h", uuid.UUID(int=2)) == uuid.UUID(
+        "9aee1f4c-cbf7-54ff-9ed6-ed57c917ebaf"
+    )
+
+
+def test_each_timer_sends_its_own_message() -> None:
+    a = appointment()
+    reminder = _timer(a, "reminder-24h")
+    ready = _timer(a, "visit-ready")
+    (day_before,) = on_timer(a, reminder, reminder.due_at)
+    (now_open,) = on_timer(a, ready, ready.due_at)
+    assert day_before.title == "Visit tomorrow" and "15:00 CET" in day_before.body
+    assert now_open.title == "Your visit can start now" and "can start now" in now_open.body
+
+
+@pytest.mark.parametrize(
+    ("by_role", "patient_reads", "provider_reads"),
+    [
+        ("patient", "You cancelled your video visit", "The patient cancelled the video visit"),
+        ("provider", "Your provider cancelled your video visit", None),
+        ("staff", "The clinic cancelled your video visit", "The clinic cancelled the video visit"),
+    ],
+)
+def test_a_cancellation_notice_says_who_cancelled(
+    by_role: Role, patient_reads: str, provider_reads: str | None
+) -> None:
+    a = appointment()
+    by_id = {"patient": a.patient_id, "provider": a.provider_id, "staff": uuid.uuid4()}[by_role]
+    notices = on_cancelled(a, uuid.uuid4(), cancellation(Actor(id=by_id, role=by_role)))
+    bodies = {n.recipient_role: n.body for n in notices}
+    assert bodies["patient"].startswith(patient_reads)
+    if provider_reads is None:
+        assert "provider" not in bodies
+    else:
+        assert bodies["provider"].startswith(provider_reads)

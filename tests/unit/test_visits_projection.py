@@ -232,3 +232,9 @@ def test_refusals_that_pass_are_told_from_those_of_content(
 ) -> None:
     assert passing_refusal(error("refused")) is passes
     assert not passing_refusal(ValueError("not PostgreSQL's"))
+
+
+@pytest.mark.parametrize("minutes", [5, 240])
+def test_the_longest_and_shortest_visits_are_listed(minutes: int) -> None:
+    outcome, row = project(None, _booked(duration_minutes=minutes))
+    assert outcome is Outcome.APPLIED and row is not None and row.duration_minutes == minutes
