@@ -28,6 +28,7 @@ from services.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
+    SlotTaken,
     Unavailable,
     VersionConflict,
 )
@@ -478,3 +479,33 @@ async def test_the_same_key_with_another_if_match_is_another_request(clock: Manu
     await app.start(keyed, booked.view.appointment_id, 1)
     with pytest.raises(IdempotencyKeyReused):
         await app.start(keyed, booked.view.appointment_id, 2)
+
+
+class TwinFirst(FakeEventStore):
+    """A twin of the first booking (same id and body, another instance) commits just
+    before it: the booking then collides with its own slot."""
+
+    raced = False
+
+    async def append(
+        self,
+        stream_id: uuid.UUID,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        idempotency: IdempotencyRecord | None = None,
+    ) -> AppendResult:
+        if not self.raced and expected_version == 0:
+            self.raced = True
+            await super().append(stream_id, 0, events)
+            raise SlotTaken("The provider already has an appointment at that time.")
+        return await super().append(stream_id, expected_version, events, idempotency)
+
+
+async def test_a_booking_whose_twin_took_its_slot_answers_as_a_retry(clock: ManualClock) -> None:
+    store = TwinFirst()
+    app = service(store, clock)
+    body = schedule_body(clock.now, appointment_id=uuid.uuid4())
+    outcome = await app.schedule(RequestContext(principal=principal("staff")), body)
+    assert outcome.created and not outcome.appended
+    assert outcome.view.appointment_id == body.appointment_id
+    assert len(store.streams[outcome.view.appointment_id]) == 1
