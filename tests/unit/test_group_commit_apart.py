@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
+from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
 
 
@@ -80,7 +81,7 @@ async def test_named_writes_go_alone_and_the_rest_together() -> None:
     db = FakeDatabase()
     items = ["a", "b", "bad1", "c", "d", "bad2", "e"]
     results = await _submit_all(commit(db), items)
-    assert db.statements[1:] == [items, ["bad1"], ["bad2"], ["a", "b", "c", "d", "e"]]
+    assert db.statements[1:] == [items, ["a", "b", "c", "d", "e"], ["bad1"], ["bad2"]]
     assert [r if isinstance(r, str) else type(r).__name__ for r in results] == [
         "ok:a", "ok:b", "Bad", "ok:c", "ok:d", "Bad", "ok:e"
     ]  # fmt: skip
@@ -94,11 +95,11 @@ async def test_without_names_every_write_goes_alone_in_order() -> None:
     assert isinstance(results[1], Bad) and results[0] == "ok:a" and results[2] == "ok:b"
 
 
-async def test_an_outage_while_the_named_go_alone_is_the_answer_of_the_rest() -> None:
+async def test_an_outage_while_the_rest_goes_again_is_the_answer_of_the_named() -> None:
     db = FakeDatabase()
     db.down_after = 2  # the first statement, the batch, then down
     results = await _submit_all(commit(db), ["a", "bad1", "b"])
-    assert db.statements[1:] == [["a", "bad1", "b"], ["bad1"]]
+    assert db.statements[1:] == [["a", "bad1", "b"], ["a", "b"]]
     assert all(isinstance(r, Unavailable) for r in results), results
 
 
@@ -106,14 +107,14 @@ async def test_a_sender_cancelled_while_sending_apart_leaves_nobody_waiting() ->
     db = FakeDatabase()
     group = commit(db)
     release = asyncio.Event()
-    send_one = db.send_one
+    send_batch = db.send_batch
 
-    async def hanging_one(item: str) -> str:
-        if item == "bad1":
+    async def hanging_rest(items: Sequence[str]) -> list[str]:
+        if list(items) == ["a", "b"]:
             await release.wait()
-        return await send_one(item)
+        return await send_batch(items)
 
-    group._send_one = hanging_one  # type: ignore[method-assign]
+    group._send_batch = hanging_rest  # type: ignore[method-assign]
     first = asyncio.ensure_future(group.submit("first"))
     await asyncio.sleep(0)
     waiting = [asyncio.ensure_future(group.submit(i)) for i in ["a", "bad1", "b"]]
@@ -141,3 +142,55 @@ async def test_a_caller_that_gave_up_is_not_sent_again(names: bool) -> None:
     await first
     await asyncio.gather(*rest, return_exceptions=True)
     assert ["c"] not in db.statements and all("c" not in s for s in db.statements[2:])
+
+
+class Stalled(FakeDatabase):
+    """Every statement times out (a table locked by a migration, an I/O stall)."""
+
+    async def send_batch(self, items: Sequence[str]) -> list[str]:
+        self._statement(items)
+        try:
+            raise StatementGaveUp("timeout")
+        except StatementGaveUp as gave_up:
+            raise DecideEach() from gave_up
+
+    async def send_one(self, item: str) -> str:
+        self._statement([item])
+        raise StatementGaveUp("timeout")
+
+
+async def test_a_stall_costs_a_few_timeouts_not_one_per_write() -> None:
+    db = Stalled()
+    group = commit(db)
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(group.submit(str(i))) for i in range(16)]
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert all(isinstance(r, StatementGaveUp) for r in results)
+    # The lone first write, the batch, then two timeouts in a row: the rest fail with it.
+    assert [len(s) for s in db.statements] == [1, 16, 1, 1]
+
+
+async def test_one_write_that_times_out_fails_alone() -> None:
+    db = FakeDatabase()
+    send_batch, send_one = db.send_batch, db.send_one
+
+    async def batch(items: Sequence[str]) -> list[str]:
+        if "slow" in items:
+            db._statement(items)
+            try:
+                raise StatementGaveUp("lock timeout")
+            except StatementGaveUp as gave_up:
+                raise DecideEach() from gave_up
+        return await send_batch(items)
+
+    async def one(item: str) -> str:
+        if item == "slow":
+            db._statement([item])
+            raise StatementGaveUp("lock timeout")
+        return await send_one(item)
+
+    group = GroupCommit(batch, one, key=lambda item: item, in_flight=1)
+    results = await _submit_all(group, ["a", "slow", "b", "c"])
+    assert isinstance(results[1], StatementGaveUp)
+    assert [results[0], results[2], results[3]] == ["ok:a", "ok:b", "ok:c"]

@@ -42,6 +42,7 @@ from services.appointments.service_layer.ports import (
     IdempotencyStore,
     IdFactory,
     NewEvent,
+    StatementGaveUp,
     StoredAnswer,
     StreamVersionConflict,
 )
@@ -299,10 +300,11 @@ class Appointments:
             record = remember(outcome) if remember else None
             try:
                 await self._store.append(stream_id, version, new_events, record)
-            except Unavailable:
-                # A failover that lost commits would leave cached states ahead of the store,
-                # and an append decided on one would leave a gap in its stream.
-                self._cache.clear()
+            except Unavailable as exc:
+                if not isinstance(exc, StatementGaveUp):
+                    # A failover that lost commits would leave cached states ahead of the
+                    # store (the store refuses appends that would leave a gap).
+                    self._cache.clear()
                 raise
             except StreamVersionConflict:
                 self._cache.forget(stream_id)

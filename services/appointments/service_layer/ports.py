@@ -10,6 +10,7 @@ from uuid import UUID
 import msgspec
 
 from contracts.events import Event, EventEnvelope
+from services.errors import Unavailable
 
 
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +58,12 @@ class StreamVersionConflict(Exception):
 
 class IdempotencyKeyTaken(Exception):
     """Another request stored an answer under the same key first."""
+
+
+class StatementGaveUp(Unavailable):
+    """The database gave up on one statement (a statement or lock timeout, a cancelled
+    query): a ``503`` like an outage, but the database is there and other statements may
+    well pass meanwhile."""
 
 
 class EventStore(Protocol):

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import asyncpg
 
+from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal
 
@@ -17,11 +18,6 @@ __all__ = [
     "passing_refusal",
     "refused_by_content",
 ]
-
-
-class StatementGaveUp(Unavailable):
-    """The database gave up on one statement (a statement or lock timeout, a cancelled
-    query): a ``503`` like an outage, but other statements may well pass meanwhile."""
 
 
 @contextmanager

@@ -310,12 +310,7 @@ class PostgresEventStore:
 def _implicated(append: _Append, refusal: BaseException) -> bool:
     """Whether PostgreSQL's refusal of a batch names ``append``: its stream, the provider
     it books or the principal of its idempotency key in the refusal's detail (``Key
-    (stream_id, stream_version)=(…) already exists``, ``… conflicts with existing key``);
-    for a slot taken, every cancel as well."""
-    if isinstance(refusal, asyncpg.ExclusionViolationError) and append.args[15]:
-        # A cancel may free the slot a named booking wants: it goes alone too, in order,
-        # so that the booking gets the answer it would get alone.
-        return True
+    (stream_id, stream_version)=(…) already exists``, ``… conflicts with existing key``)."""
     detail = getattr(refusal, "detail", None)
     if not isinstance(detail, str):
         return False

@@ -8,9 +8,9 @@ batch or run concurrently (the later one waits for the next batch).
 
 A batch the database refuses as a whole (:class:`DecideEach`: a constraint one of its
 writes broke, a deadlock...) is sent again so that each write gets its own answer: the
-writes the refusal names (``implicated``: a taken key or slot that they hold) one by one,
-in order, then the others together again; a refusal that names none, or the others
-refused again, sends every write one by one, in order. One bad write among many then
+writes the refusal does not name together (refused again: one by one), then those it
+names (``implicated``: a taken key or slot that they hold) one by one, in order; a refusal
+that names none sends every write one by one, in order. One bad write among many then
 costs two statements more, not one per write; many cost about one each, as before. Any
 other failure of a batch (the database unreachable) is every write's answer. A caller
 cancelled while its batch is in flight leaves the batch alone; every other caller gets a
@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from services.appointments.adapters.postgres.errors import StatementGaveUp
+from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
 
 Item = TypeVar("Item")
@@ -155,29 +155,32 @@ class GroupCommit(Generic[Item, Result]):
         if len(batch) < 2 or not named or len(named) == len(batch):
             await self._send_each(batch)
             return
-        down = await self._send_each(named)
-        rest = [w for w in batch if not w.future.done()]
-        if down is not None:  # unreachable: the rest only fail the same
-            for waiter in rest:
+        # The rest first: a cancel among them may free the slot a named booking wants.
+        down = await self._send_together([w for w in batch if w not in named])
+        if down is not None:  # unreachable: the named only fail the same
+            for waiter in named:
                 _fail(waiter, down)
             return
-        if len(rest) < 2:
-            await self._send_each(rest)
-            return
+        await self._send_each(named)
+
+    async def _send_together(self, batch: list[_Waiter[Item, Result]]) -> BaseException | None:
+        """``batch`` in one statement, or one by one if refused again (many bad writes,
+        retries after an outage say: one by one costs the least statements then); the
+        failure that made the database unreachable, if one did."""
+        if len(batch) < 2:
+            return await self._send_each(batch)
         try:
-            results = await self._send_batch([w.item for w in rest])
+            results = await self._send_batch([w.item for w in batch])
         except DecideEach:
-            # Refused again (PostgreSQL names one violation a statement): many bad writes,
-            # retries after an outage say; one by one costs the least statements now.
-            await self._send_each(rest)
-            return
+            return await self._send_each(batch)
         except Exception as exc:
-            for waiter in rest:
+            for waiter in batch:
                 _fail(waiter, exc)
-            return
-        for waiter, result in zip(rest, results, strict=True):
+            return exc if _database_down(exc) else None
+        for waiter, result in zip(batch, results, strict=True):
             if not waiter.future.done():
                 waiter.future.set_result(result)
+        return None
 
     def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
         return self._implicated is not None and self._implicated(waiter.item, cause)
@@ -186,6 +189,7 @@ class GroupCommit(Generic[Item, Result]):
         """Each write on its own, in order (the first one wins); the failure that made the
         database unreachable, if one did (the writes after it got that answer too)."""
         down: BaseException | None = None
+        gave_up = 0  # statements in a row the database gave up on (a timeout, say)
         for waiter in batch:
             if waiter.future.done():  # its caller gave up; the batch wrote nothing
                 continue
@@ -200,12 +204,21 @@ class GroupCommit(Generic[Item, Result]):
                     for rest in batch:
                         _fail(rest, exc)
                     raise
-                if isinstance(exc, Unavailable) and not isinstance(exc, StatementGaveUp):
-                    down = exc  # the rest would only wait for the same answer
+                gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
+                if _database_down(exc) or gave_up >= 2:
+                    # The rest would only wait for the same answer (a stall: the second
+                    # timeout in a row, not one per write).
+                    down = exc
             else:
+                gave_up = 0
                 if not waiter.future.done():
                     waiter.future.set_result(result)
         return down
+
+
+def _database_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unreachable, not that it refused one statement."""
+    return isinstance(exc, Unavailable) and not isinstance(exc, StatementGaveUp)
 
 
 def _fail(waiter: _Waiter[Item, Result], exc: BaseException) -> None:
