@@ -487,3 +487,27 @@ async def test_an_append_of_several_events_follows_its_own_first_event(
     assert results[0].stream_version == 2
     for stream in (alone, batched):
         assert [r.envelope.stream_version for r in await store.load(stream)] == [1, 2]
+
+
+async def test_the_append_statements_keep_their_generic_plans(database_url: str) -> None:
+    # A statement PostgreSQL plans anew at every execution (its generic plan costed above
+    # the custom ones) cost ~0.2 ms of server CPU per append: the commands' rate halved.
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        store = PostgresEventStore(pool, in_flight=1)
+        for _ in range(12):
+            streams = [uuid.uuid4() for _ in range(4)]
+            await store.append(streams[0], 0, booking())  # alone: the single statement
+            await store.append(streams[0], 1, cancellation())
+            await asyncio.gather(*(store.append(s, 0, booking()) for s in streams[1:]))
+            await asyncio.gather(*(store.append(s, 1, cancellation()) for s in streams[1:]))
+        plans = await pool.fetch(
+            """SELECT generic_plans, custom_plans FROM pg_prepared_statements
+               WHERE statement LIKE '%INSERT INTO events%'
+                 AND statement NOT LIKE '%pg_prepared_statements%'"""
+        )
+    finally:
+        await pool.close()
+    assert len(plans) == 2, plans  # the single and the batch statement
+    for plan in plans:
+        assert plan["generic_plans"] > plan["custom_plans"], plans

@@ -52,14 +52,17 @@ WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
                         data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT n.event_id, n.stream_id,
-           -- Only right after the stream's last stored version (or first): NULL, refused as
-           -- a conflict, where a state ahead of the store would leave a gap in the stream.
-           CASE WHEN n.stream_version = 1
-                  OR EXISTS (SELECT FROM events e WHERE e.stream_id = n.stream_id
-                                                    AND e.stream_version = n.stream_version - 1)
-                  OR EXISTS (SELECT FROM unnest($2::uuid[], $3::int[]) AS b(stream_id, version)
-                             WHERE b.stream_id = n.stream_id
-                               AND b.version = n.stream_version - 1)
+           -- Each append only right after its stream's last stored version: NULL (refused
+           -- as a conflict) where a state ahead of the store would leave a gap. Computed
+           -- once for the statement (not per row), so that it keeps its generic plan.
+           CASE WHEN (SELECT NOT EXISTS (
+                        SELECT FROM (SELECT s, min(v) AS first
+                                     FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
+                                     GROUP BY s) f
+                        WHERE f.first > 1
+                          AND NOT EXISTS (SELECT FROM events e
+                                          WHERE e.stream_id = f.s
+                                            AND e.stream_version = f.first - 1)))
                 THEN n.stream_version END,
            n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
            n.causation_id, n.traceparent
@@ -93,14 +96,17 @@ WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
                         data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT n.event_id, n.stream_id,
-           -- Only right after the stream's last stored version (or first): NULL, refused as
-           -- a conflict, where a state ahead of the store would leave a gap in the stream.
-           CASE WHEN n.stream_version = 1
-                  OR EXISTS (SELECT FROM events e WHERE e.stream_id = n.stream_id
-                                                    AND e.stream_version = n.stream_version - 1)
-                  OR EXISTS (SELECT FROM unnest($2::uuid[], $3::int[]) AS b(stream_id, version)
-                             WHERE b.stream_id = n.stream_id
-                               AND b.version = n.stream_version - 1)
+           -- Each append only right after its stream's last stored version: NULL (refused
+           -- as a conflict) where a state ahead of the store would leave a gap. Computed
+           -- once for the statement (not per row), so that it keeps its generic plan.
+           CASE WHEN (SELECT NOT EXISTS (
+                        SELECT FROM (SELECT s, min(v) AS first
+                                     FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
+                                     GROUP BY s) f
+                        WHERE f.first > 1
+                          AND NOT EXISTS (SELECT FROM events e
+                                          WHERE e.stream_id = f.s
+                                            AND e.stream_version = f.first - 1)))
                 THEN n.stream_version END,
            n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
            n.causation_id, n.traceparent
