@@ -318,3 +318,25 @@ def test_problem_says_when_the_start_window_opens_only_when_too_early() -> None:
     assert too_early["type"].endswith("/too-early")
     assert "opens_at" not in not_found
     assert not_found["status"] == 404
+
+
+def test_every_problem_code_has_the_status_interfaces_md_gives_it() -> None:
+    statuses = {code.value: status for code, (status, _) in ERRORS.items()}
+    assert statuses == {
+        "invalid-request": 400,
+        "unauthenticated": 401,
+        "forbidden": 403,
+        "not-found": 404,
+        "slot-taken": 409,
+        "already-exists": 409,
+        "appointment-started": 409,
+        "appointment-past": 409,
+        "appointment-cancelled": 409,
+        "too-early": 409,
+        "version-conflict": 412,
+        "payload-too-large": 413,
+        "idempotency-key-reused": 422,
+        "unavailable": 503,
+    }
+    doc = problem(ErrorCode.SLOT_TAKEN, "taken")
+    assert doc.type == "https://clinic.example/problems/slot-taken" and doc.status == 409

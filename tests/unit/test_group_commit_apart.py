@@ -1,5 +1,6 @@
-"""Group commit's answer to a refused batch, with a fake database: the writes the refusal
-names go alone, the rest together again; an outage meanwhile is everybody's answer."""
+"""Group commit with a fake database: its limits (statements in flight, one write of a key
+at a time), and its answer to a refused batch: the rest together again, the writes the
+refusal names alone; an outage meanwhile is everybody's answer."""
 
 from __future__ import annotations
 
@@ -194,3 +195,50 @@ async def test_one_write_that_times_out_fails_alone() -> None:
     results = await _submit_all(group, ["a", "slow", "b", "c"])
     assert isinstance(results[1], StatementGaveUp)
     assert [results[0], results[2], results[3]] == ["ok:a", "ok:b", "ok:c"]
+
+
+async def test_at_most_in_flight_statements_and_never_two_writes_of_one_key_at_once() -> None:
+    running: list[list[str]] = []
+    overlaps: list[tuple[str, ...]] = []
+    most = 0
+
+    async def send_batch(items: Sequence[str]) -> list[str]:
+        nonlocal most
+        running.append(list(items))
+        most = max(most, len(running))
+        keys = [i[0] for s in running for i in s]
+        if len(keys) != len(set(keys)):
+            overlaps.append(tuple(keys))
+        await asyncio.sleep(0.001)
+        running.remove(list(items))
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(item: str) -> str:
+        return (await send_batch([item]))[0]
+
+    group: GroupCommit[str, str] = GroupCommit(
+        send_batch, send_one, key=lambda item: item[0], in_flight=2, max_batch=2
+    )
+    items = [f"{key}{n}" for n in range(5) for key in "abcdef"]  # five writes per key
+    results = await asyncio.gather(*(group.submit(i) for i in items))
+    assert results == [f"ok:{i}" for i in items]
+    assert most == 2 and overlaps == []
+
+
+async def test_a_cancelled_sender_leaves_no_write_waiting() -> None:
+    gate = asyncio.Event()
+
+    async def send_batch(items: Sequence[str]) -> list[str]:
+        await gate.wait()
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(item: str) -> str:
+        return (await send_batch([item]))[0]
+
+    group: GroupCommit[str, str] = GroupCommit(send_batch, send_one, key=lambda i: i, in_flight=1)
+    writes = [asyncio.ensure_future(group.submit(i)) for i in "abc"]
+    await asyncio.sleep(0.01)
+    for task in list(group._tasks):
+        task.cancel()  # the process stops
+    done, pending = await asyncio.wait(writes, timeout=1)
+    assert not pending and all(w.cancelled() for w in done)

@@ -11,6 +11,7 @@ import pytest
 from contracts.common import Principal
 from services.appointments.domain.rules import Rules
 from services.appointments.domain.state import INITIAL
+from services.appointments.service_layer.consistency import make_token, parse_token
 from services.appointments.service_layer.handlers import Appointments, RequestContext, key_owner
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -509,3 +510,15 @@ async def test_a_booking_whose_twin_took_its_slot_answers_as_a_retry(clock: Manu
     assert outcome.created and not outcome.appended
     assert outcome.view.appointment_id == body.appointment_id
     assert len(store.streams[outcome.view.appointment_id]) == 1
+
+
+@pytest.mark.parametrize("token", ["{u}.-1", "{u}", "{u}.x", "nope.1", "{u}.1.2", ""])
+def test_a_token_not_issued_here_is_an_invalid_request(token: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_token(token.format(u=uuid.uuid4()))
+
+
+def test_a_token_round_trips_from_version_0() -> None:
+    stream = uuid.uuid4()
+    assert parse_token(make_token(stream, 0)) == (stream, 0)
+    assert parse_token(f" {make_token(stream, 12)} ") == (stream, 12)

@@ -30,8 +30,10 @@ class _Request:
         self.data = b"{}"
         self.headers: dict[str, str] = {}
         self.answered = asyncio.Event()
+        self.replies: list[Any] = []
 
     async def respond(self, data: bytes, headers: Any = None) -> None:
+        self.replies.append(headers or {})
         self.answered.set()
 
 
@@ -47,4 +49,24 @@ async def test_waiting_visits_queries_do_not_hold_up_a_cancel() -> None:
     assert not any(request.answered.is_set() for request in visits)
     api.release.set()
     await asyncio.wait_for(asyncio.gather(*(r.answered.wait() for r in visits)), 1)
+    assert await dispatcher.drain(1) == 0
+
+
+async def test_requests_past_the_accepted_limit_are_refused_once_until_there_is_room() -> None:
+    api = _Api()
+    dispatcher = Dispatcher(cast(ServiceApi, api), max_accepted=1)
+    held, refused = _Request(), _Request()
+    await dispatcher.handler("visits")(held)  # type: ignore[arg-type]
+    await dispatcher.handler("visits")(refused)  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert len(refused.replies) == 1  # answered once, as overloaded
+    assert refused.replies[0]["Nats-Service-Error-Code"] == "503"
+    assert not held.answered.is_set()
+    api.release.set()
+    await asyncio.wait_for(held.answered.wait(), 1)
+    await asyncio.sleep(0)  # the finished task leaves the accepted ones
+    later = _Request()
+    await dispatcher.handler("visits")(later)  # type: ignore[arg-type]
+    await asyncio.wait_for(later.answered.wait(), 1)
+    assert later.replies[0].get("Nats-Service-Error-Code") is None
     assert await dispatcher.drain(1) == 0

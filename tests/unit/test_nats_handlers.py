@@ -119,3 +119,73 @@ def test_error_header_text_is_one_bounded_line_of_printable_ascii() -> None:
     long = header_text("x" * 1000)
     assert len(long) == MAX_ERROR_HEADER_LENGTH and long.endswith("...")
     assert header_text("\n") == "error"
+
+
+async def _scheduled(api: ServiceApi, clock: ManualClock, **extra: Any) -> Any:
+    body = json.loads(schedule_request(clock))
+    body.update(extra)
+    reply = await api.answer("schedule", json.dumps(body).encode(), None)
+    assert reply.error_code is None, reply.data
+    return reply
+
+
+async def test_a_command_reply_carries_the_version_and_the_consistency_token() -> None:
+    clock = ManualClock()
+    api = api_on(FakeEventStore(), clock)
+    reply = await _scheduled(api, clock)
+    view = json.loads(reply.data)
+    assert reply.headers["ETag"] == '"1"'
+    assert reply.headers["X-Consistency-Token"] == f"{view['appointment_id']}.1"
+    request = {"appointment_id": view["appointment_id"], "actor": actor()}
+    got = await api.answer("get", json.dumps(request).encode(), None)
+    assert got.error_code is None and got.headers["ETag"] == '"1"'
+
+
+@pytest.mark.parametrize("command", ["cancel", "start"])
+async def test_a_stale_expected_version_is_a_version_conflict(command: str) -> None:
+    clock = ManualClock()
+    api = api_on(FakeEventStore(), clock)
+    view = json.loads((await _scheduled(api, clock)).data)
+    request = {"appointment_id": view["appointment_id"], "actor": actor(), "expected_version": 7}
+    reply = await api.answer(command, json.dumps(request).encode(), None)
+    assert reply.error_code == "412" and json.loads(reply.data)["code"] == "version-conflict"
+
+
+async def test_a_cancel_keeps_its_reason() -> None:
+    clock, store = ManualClock(), FakeEventStore()
+    api = api_on(store, clock)
+    view = json.loads((await _scheduled(api, clock)).data)
+    request = {"appointment_id": view["appointment_id"], "actor": actor(), "reason": "flu"}
+    reply = await api.answer("cancel", json.dumps(request).encode(), None)
+    assert reply.error_code is None
+    cancelled = store.streams[UUID(view["appointment_id"])][-1].event
+    assert cancelled.reason == "flu"  # type: ignore[union-attr]
+
+
+async def test_an_idempotency_key_answers_a_retry_and_refuses_another_body() -> None:
+    clock, store = ManualClock(), FakeEventStore()
+    api = api_on(store, clock)
+    body = json.loads(schedule_request(clock))
+    body["idempotency_key"] = "book-1"
+    first = await api.answer("schedule", json.dumps(body).encode(), None)
+    again = await api.answer("schedule", json.dumps(body).encode(), None)
+    assert first.error_code is None and again.error_code is None
+    assert json.loads(again.data)["appointment_id"] == json.loads(first.data)["appointment_id"]
+    assert len(store.streams) == 1
+    other = {**body, "duration_minutes": 45}
+    reused = await api.answer("schedule", json.dumps(other).encode(), None)
+    assert reused.error_code == "422"
+    assert json.loads(reused.data)["code"] == "idempotency-key-reused"
+
+
+async def test_an_error_reply_is_a_problem_document() -> None:
+    request = json.dumps({"appointment_id": str(uuid.uuid4()), "actor": actor()}).encode()
+    reply = await api_on(FakeEventStore()).answer("get", request, None)
+    assert reply.error_code == "404"
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    assert json.loads(reply.data)["code"] == "not-found"
+
+
+def test_an_error_header_is_cut_at_256_characters() -> None:
+    assert len(header_text("x" * 1000)) == 256 and header_text("x" * 1000).endswith("...")
+    assert header_text("y" * 256) == "y" * 256

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import pytest
 
 from services import ops
-from services.ops import Probes
+from services.ops import Probes, newest_migration
 
 
 class SilentPool:
@@ -42,3 +44,54 @@ async def test_a_silent_database_fails_readiness_in_time_with_one_query_out(
     assert probes._probe is not None
     probes._probe.cancel()  # what a closing pool does to it; nobody is told
     await asyncio.sleep(0)
+
+
+class AnsweringPool:
+    """Answers ``SELECT 1``; the schema question as told (or no migrations table at all)."""
+
+    def __init__(self, migrated: bool | None) -> None:
+        self.migrated = migrated
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[AnsweringPool]:
+        yield self
+
+    async def fetchval(self, query: str, *_: Any) -> Any:
+        if "schema_migrations" not in query:
+            return 1
+        if self.migrated is None:
+            raise asyncpg.UndefinedTableError("relation schema_migrations does not exist")
+        return self.migrated
+
+
+@pytest.mark.parametrize(
+    ("migrated", "connected", "failing"),
+    [
+        (True, True, []),
+        (True, False, ["nats unreachable"]),
+        (False, True, ["schema"]),
+        (None, True, ["schema"]),  # not even the migrations table: an empty database
+        (None, False, ["schema", "nats unreachable"]),
+    ],
+)
+async def test_readiness_says_what_is_missing(
+    migrated: bool | None, connected: bool, failing: list[str]
+) -> None:
+    nats = SimpleNamespace(is_connected=connected)
+    probes = Probes(AnsweringPool(migrated), nats)  # type: ignore[arg-type]
+    answer = await probes.failing()
+    expected = [
+        f"postgresql schema not migrated to {newest_migration()} (run clinic migrate)"
+        if item == "schema"
+        else item
+        for item in failing
+    ]
+    assert answer == expected
+
+
+async def test_a_process_still_starting_is_not_ready() -> None:
+    started = asyncio.Event()
+    probes = Probes(AnsweringPool(True), SimpleNamespace(is_connected=True), started)  # type: ignore[arg-type]
+    assert await probes.failing() == ["starting"]
+    started.set()
+    assert await probes.failing() == []
