@@ -511,3 +511,20 @@ async def test_the_append_statements_keep_their_generic_plans(database_url: str)
     assert len(plans) == 2, plans  # the single and the batch statement
     for plan in plans:
         assert plan["generic_plans"] > plan["custom_plans"], plans
+
+
+async def test_a_gap_in_a_batch_is_charged_to_its_own_append(pool: asyncpg.Pool) -> None:
+    store, recording = recording_store(pool)
+    provider, cancelled, lost = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await store.append(cancelled, 0, booking(provider))
+    recording.sent.clear()
+    results = await asyncio.gather(
+        store.append(cancelled, 1, cancellation()),
+        store.append(uuid.uuid4(), 0, booking(provider)),  # the slot the cancel frees
+        store.append(lost, 1, cancellation()),  # decided on a state the store lost
+        return_exceptions=True,
+    )
+    # The refusal names the gapped stream only: the other two go together, then it alone.
+    assert recording.sent == [3, 2, 1], recording.sent
+    assert isinstance(results[0], AppendResult) and isinstance(results[1], AppendResult)
+    assert isinstance(results[2], StreamVersionConflict)

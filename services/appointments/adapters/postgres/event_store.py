@@ -53,16 +53,20 @@ WITH new_events AS (
                         data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT n.event_id, n.stream_id,
            -- Each append only right after its stream's last stored version: NULL (refused
-           -- as a conflict) where a state ahead of the store would leave a gap. Computed
-           -- once for the statement (not per row), so that it keeps its generic plan.
-           CASE WHEN (SELECT NOT EXISTS (
-                        SELECT FROM (SELECT s, min(v) AS first
-                                     FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
-                                     GROUP BY s) f
+           -- as a conflict, naming that stream) where a state ahead of the store would
+           -- leave a gap. The streams at fault are found once for the statement (not per
+           -- row), so that it keeps its generic plan, and only if an append follows stored
+           -- events ($24: not for new streams alone).
+           CASE WHEN NOT $24::bool OR n.stream_id <> ALL (coalesce((
+                        SELECT array_agg(f.s)
+                        FROM (SELECT s, min(v) AS first
+                              FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
+                              GROUP BY s) f
                         WHERE f.first > 1
                           AND NOT EXISTS (SELECT FROM events e
                                           WHERE e.stream_id = f.s
-                                            AND e.stream_version = f.first - 1)))
+                                            AND e.stream_version = f.first - 1)),
+                        '{}'))
                 THEN n.stream_version END,
            n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
            n.causation_id, n.traceparent
@@ -97,16 +101,20 @@ WITH new_events AS (
                         data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT n.event_id, n.stream_id,
            -- Each append only right after its stream's last stored version: NULL (refused
-           -- as a conflict) where a state ahead of the store would leave a gap. Computed
-           -- once for the statement (not per row), so that it keeps its generic plan.
-           CASE WHEN (SELECT NOT EXISTS (
-                        SELECT FROM (SELECT s, min(v) AS first
-                                     FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
-                                     GROUP BY s) f
+           -- as a conflict, naming that stream) where a state ahead of the store would
+           -- leave a gap. The streams at fault are found once for the statement (not per
+           -- row), so that it keeps its generic plan, and only if an append follows stored
+           -- events ($24: not for new streams alone).
+           CASE WHEN NOT $24::bool OR n.stream_id <> ALL (coalesce((
+                        SELECT array_agg(f.s)
+                        FROM (SELECT s, min(v) AS first
+                              FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
+                              GROUP BY s) f
                         WHERE f.first > 1
                           AND NOT EXISTS (SELECT FROM events e
                                           WHERE e.stream_id = f.s
-                                            AND e.stream_version = f.first - 1)))
+                                            AND e.stream_version = f.first - 1)),
+                        '{}'))
                 THEN n.stream_version END,
            n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
            n.causation_id, n.traceparent
@@ -238,6 +246,7 @@ class PostgresEventStore:
         freed: list[UUID] = []
         answers: list[list[Any]] = [[] for _ in range(6)]
         traceparents: list[str | None] = []
+        follows_stored = False
         # Appends that free a booking first: their positions come before those of bookings
         # the freed range let in (the statement deletes before it inserts, whatever the
         # order), so the log never shows two bookings of one slot at once.
@@ -254,10 +263,11 @@ class PostgresEventStore:
             if args[16] is not None:  # an idempotent request's answer
                 for column, value in zip(answers, args[16:22], strict=True):
                     column.append(value)
+            follows_stored = follows_stored or args[23]
         with database_errors():
             try:
                 rows = await self._pool.fetch(
-                    _APPEND_BATCH, *events, *bookings, freed, *answers, traceparents
+                    _APPEND_BATCH, *events, *bookings, freed, *answers, traceparents, follows_stored
                 )
             except Exception as exc:
                 if refused_by_content(exc):
@@ -387,4 +397,5 @@ def _append_args(
         answer.body if answer else None,
         answer.consistency_token if answer else None,
         [traceparent] * len(events),
+        expected_version > 0,  # follows stored events: the guard against gaps applies
     ]
