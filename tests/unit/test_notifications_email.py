@@ -73,6 +73,10 @@ def test_the_mail_carries_the_notification_and_its_id() -> None:
     [
         (smtplib.SMTPRecipientsRefused({"a@b": (550, b"no such user")}), True),
         (smtplib.SMTPRecipientsRefused({"a@b": (451, b"try later")}), False),
+        # One recipient may still take it later: worth a retry.
+        (smtplib.SMTPRecipientsRefused({"a@b": (450, b"busy"), "c@d": (550, b"no")}), False),
+        (smtplib.SMTPResponseException(500, b"syntax error"), True),
+        (smtplib.SMTPResponseException(499, b"odd"), False),
         (smtplib.SMTPSenderRefused(553, b"sender refused", "x@y"), True),
         (smtplib.SMTPDataError(452, b"insufficient storage"), False),
         (smtplib.SMTPServerDisconnected("gone"), False),
