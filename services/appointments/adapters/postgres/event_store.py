@@ -47,16 +47,15 @@ from services.appointments.service_layer.ports import (
 from services.errors import SlotTaken
 from services.tracing import current_traceparent
 
-_APPEND = """
-WITH new_events AS (
+# The events of one or many appends (parameters $1-$10, $23, $24 as in _APPEND), each
+# stored only right after its stream's last stored version: NULL (refused as a conflict,
+# naming that stream) where a state ahead of the store would leave a gap. The streams at
+# fault are found once for the statement (not per row), so that it keeps its generic plan,
+# and only if an append follows stored events ($24: not for new streams alone).
+_INSERT_EVENTS = """WITH new_events AS (
     INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
                         data, occurred_at, correlation_id, causation_id, traceparent)
     SELECT n.event_id, n.stream_id,
-           -- Each append only right after its stream's last stored version: NULL (refused
-           -- as a conflict, naming that stream) where a state ahead of the store would
-           -- leave a gap. The streams at fault are found once for the statement (not per
-           -- row), so that it keeps its generic plan, and only if an append follows stored
-           -- events ($24: not for new streams alone).
            CASE WHEN NOT $24::bool OR n.stream_id <> ALL (coalesce((
                         SELECT array_agg(f.s)
                         FROM (SELECT s, min(v) AS first
@@ -74,7 +73,10 @@ WITH new_events AS (
                 $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
          AS n(event_id, stream_id, stream_version, clinic_id, type, schema_version, data,
               occurred_at, correlation_id, causation_id, traceparent)
-    RETURNING global_position, stream_version
+"""
+
+_APPEND = f"""
+{_INSERT_EVENTS}    RETURNING global_position, stream_version
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
 ), booked AS (
@@ -95,34 +97,8 @@ FROM new_events
 # The same statement for many appends (of different streams): events, outbox rows,
 # booked ranges and stored answers over arrays, freed bookings by ``= ANY``. Parameters
 # are numbered as in _APPEND. Global positions follow array order (the batch's order).
-_APPEND_BATCH = """
-WITH new_events AS (
-    INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type, schema_version,
-                        data, occurred_at, correlation_id, causation_id, traceparent)
-    SELECT n.event_id, n.stream_id,
-           -- Each append only right after its stream's last stored version: NULL (refused
-           -- as a conflict, naming that stream) where a state ahead of the store would
-           -- leave a gap. The streams at fault are found once for the statement (not per
-           -- row), so that it keeps its generic plan, and only if an append follows stored
-           -- events ($24: not for new streams alone).
-           CASE WHEN NOT $24::bool OR n.stream_id <> ALL (coalesce((
-                        SELECT array_agg(f.s)
-                        FROM (SELECT s, min(v) AS first
-                              FROM unnest($2::uuid[], $3::int[]) AS b(s, v)
-                              GROUP BY s) f
-                        WHERE f.first > 1
-                          AND NOT EXISTS (SELECT FROM events e
-                                          WHERE e.stream_id = f.s
-                                            AND e.stream_version = f.first - 1)),
-                        '{}'))
-                THEN n.stream_version END,
-           n.clinic_id, n.type, n.schema_version, n.data, n.occurred_at, n.correlation_id,
-           n.causation_id, n.traceparent
-    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::int[],
-                $7::jsonb[], $8::timestamptz[], $9::uuid[], $10::uuid[], $23::text[])
-         AS n(event_id, stream_id, stream_version, clinic_id, type, schema_version, data,
-              occurred_at, correlation_id, causation_id, traceparent)
-    RETURNING global_position, stream_id
+_APPEND_BATCH = f"""
+{_INSERT_EVENTS}    RETURNING global_position, stream_id
 ), queued AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM new_events
 ), booked AS (
