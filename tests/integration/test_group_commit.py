@@ -92,6 +92,24 @@ def answer_under(principal: uuid.UUID, key: str) -> IdempotencyRecord:
     return IdempotencyRecord(principal_id=principal, key=key, answer=answer)
 
 
+async def hold_a_booking(
+    conn: asyncpg.Connection, provider: uuid.UUID
+) -> asyncpg.transaction.Transaction:
+    """An uncommitted booking of ``provider`` at ``SOON`` on ``conn``: appends booking that
+    slot wait on its lock until the transaction returned ends."""
+    held = conn.transaction()
+    await held.start()
+    await conn.execute(
+        """INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
+           VALUES ($1, $2, $3, tstzrange($4::timestamptz, $4 + interval '30 minutes'))""",
+        uuid.uuid4(),
+        CLINIC,
+        provider,
+        SOON,
+    )
+    return held
+
+
 async def counts(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
     """(events, outbox rows, bookings, stored answers)."""
     row = await pool.fetchrow(
@@ -255,17 +273,7 @@ async def test_a_terminated_backend_fails_its_whole_batch_as_unavailable(
     provider = uuid.uuid4()
     blocker = await asyncpg.connect(database_url)
     try:
-        # An uncommitted booking of the provider: the batch waits on it, in flight.
-        held = blocker.transaction()
-        await held.start()
-        await blocker.execute(
-            """INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
-               VALUES ($1, $2, $3, tstzrange($4::timestamptz, $4 + interval '30 minutes'))""",
-            uuid.uuid4(),
-            CLINIC,
-            provider,
-            SOON,
-        )
+        held = await hold_a_booking(blocker, provider)  # the batch waits on it, in flight
         appends = asyncio.gather(
             store.append(uuid.uuid4(), 0, booking()),
             store.append(uuid.uuid4(), 0, booking(provider)),
@@ -425,16 +433,7 @@ async def test_a_statement_given_up_on_fails_only_its_own_append(database_url: s
     try:
         store, recording = recording_store(pool)
         provider = uuid.uuid4()
-        held = blocker.transaction()
-        await held.start()
-        await blocker.execute(  # an uncommitted booking of the provider: a wait on its lock
-            """INSERT INTO provider_bookings (appointment_id, clinic_id, provider_id, during)
-               VALUES ($1, $2, $3, tstzrange($4::timestamptz, $4 + interval '30 minutes'))""",
-            uuid.uuid4(),
-            CLINIC,
-            provider,
-            SOON,
-        )
+        held = await hold_a_booking(blocker, provider)  # its booking waits on the lock
         results = await asyncio.gather(
             store.append(uuid.uuid4(), 0, booking()),
             store.append(uuid.uuid4(), 0, booking(provider)),
