@@ -11,13 +11,7 @@ from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal
 
-__all__ = [
-    "CONNECTION_ERRORS",
-    "StatementGaveUp",
-    "database_errors",
-    "passing_refusal",
-    "refused_by_content",
-]
+__all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
 
 
 @contextmanager

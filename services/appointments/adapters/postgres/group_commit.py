@@ -138,8 +138,8 @@ class GroupCommit(Generic[Item, Result]):
     async def _send_apart(
         self, batch: list[_Waiter[Item, Result]], cause: BaseException | None
     ) -> None:
-        """A refused batch again: the writes its refusal names alone, then the rest
-        together; if refused again, one by one. Each write gets its own answer."""
+        """A refused batch again: the writes its refusal does not name together (one by
+        one if refused again), then those it names alone. Each gets its own answer."""
         try:
             await self._send_named_then_rest(batch, cause)
         except BaseException as exc:  # the sender cancelled (shutdown): nobody is left waiting
