@@ -8,7 +8,9 @@ commit and ack, a redelivery or a replay of the whole stream changes nothing.
 Per message, after the commit:
 
 * applied, already applied, or of an unknown type → ``ack``;
-* early (an earlier event of the appointment has not arrived) → ``nak`` with a growing
+* early (an earlier event of the appointment has not arrived) → the appointment's row is
+  folded from the event store, which holds every event before it, and the event acked;
+  only an event the store lacks (or cannot be read for) is ``nak``-ed with a growing
   delay, parked once it was delivered :data:`PARK_AFTER` times;
 * undecodable → parked in ``parked_messages`` and ``term``-inated, never blocking.
 
@@ -41,8 +43,9 @@ from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import describe, ensure_events_stream
 from services.appointments.adapters.postgres.errors import passing_refusal
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
-from services.appointments.service_layer.visits import Outcome
+from services.appointments.service_layer.visits import Outcome, stored_row
 from services.errors import Unavailable
 from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
 from services.tracing import consuming
@@ -95,6 +98,7 @@ class VisitsProjector:
     ) -> None:
         self._js: JetStreamContext = nc.jetstream()
         self._visits = PostgresVisits(pool, projection=CONSUMER, updates=updates)
+        self._store = PostgresEventStore(pool)
         self._batch_size = batch_size
         self._fetch_timeout = fetch_timeout
         self._stream_replicas = stream_replicas
@@ -199,6 +203,8 @@ class VisitsProjector:
     async def _settle(
         self, msg: Msg, envelope: EventEnvelope, outcome: Outcome | None, stop: asyncio.Event
     ) -> None:
+        if outcome is Outcome.GAP and await self._folded_from_store(envelope):
+            outcome = Outcome.APPLIED
         PROJECTOR_EVENTS.labels(outcome.name.lower() if outcome else "failed").inc()
         if _deliveries(msg) > 1:
             CONSUMER_REDELIVERIES.labels("projector").inc()
@@ -218,6 +224,32 @@ class VisitsProjector:
                 await self._park(msg, f"{reason} (stream_version {envelope.stream_version})", stop)
             case Outcome.GAP | None:
                 await msg.nak(delay=min(0.5 * 2 ** (_deliveries(msg) - 1), 30.0))
+
+    async def _folded_from_store(self, envelope: EventEnvelope) -> bool:
+        """An event ahead of the view (one before it not delivered yet: the relay publishes
+        a batch at once, so an event whose publish failed comes again after later ones of its
+        stream): write the appointment's row folded from the event store, which holds every
+        event up to this one, instead of waiting for the stream. Whether the row now holds
+        it; if not (the store lacks it, or cannot be read), the event waits as before."""
+        try:
+            recorded = await self._store.load(envelope.stream_id)
+            row = stored_row(envelope.stream_id, recorded)
+            if row is None or row.version < envelope.stream_version:
+                return False
+            await self._visits.write_row(row)
+        except Exception as exc:  # asyncpg and decoding errors share no base
+            log.warning(
+                "projector: could not fold %s from the event store: %r", envelope.stream_id, exc
+            )
+            return False
+        log.info(
+            "projector: %s v%d came before the events ahead of it; its row was folded from"
+            " the event store (v%d)",
+            envelope.stream_id,
+            envelope.stream_version,
+            row.version,
+        )
+        return True
 
     async def _park(self, msg: Msg, reason: str, stop: asyncio.Event) -> None:
         """Keep the message in ``parked_messages`` and terminate it on the stream. While

@@ -19,6 +19,7 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Protocol
@@ -49,7 +50,7 @@ from services.appointments.domain.rules import (
 from services.appointments.domain.state import Booking, NotScheduled, State, fold
 from services.appointments.domain.view import status_of
 from services.appointments.service_layer.consistency import parse_token
-from services.appointments.service_layer.ports import Clock, EventStore
+from services.appointments.service_layer.ports import Clock, EventStore, RecordedEvent
 from services.errors import InvalidRequest
 from services.metrics import VIEW_REPAIR_FAILURES
 
@@ -161,6 +162,12 @@ def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | No
     if isinstance(state, NotScheduled):
         return None
     return _row(appointment_id, state.booking, status_of(state), version)
+
+
+def stored_row(appointment_id: UUID, recorded: Sequence[RecordedEvent]) -> VisitRow | None:
+    """The row of an appointment folded from all of its stored events (``recorded``, in
+    version order): the row the projector writes once it has applied them all."""
+    return visit_row(appointment_id, fold(r.event for r in recorded), len(recorded))
 
 
 class VisitWrites(Protocol):
@@ -410,8 +417,7 @@ class VisitsQuery:
 
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
-        recorded = await self._repair[0].load(stream_id)
-        return visit_row(stream_id, fold(r.event for r in recorded), len(recorded))
+        return stored_row(stream_id, await self._repair[0].load(stream_id))
 
 
 class _Repair:
