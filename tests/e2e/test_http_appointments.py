@@ -111,6 +111,18 @@ async def test_start_inside_the_window_and_again(api: Api) -> None:
     )
 
 
+async def test_a_start_takes_no_body_but_an_empty_one(api: Api) -> None:
+    """As over NATS, where a start request has no fields but its key and actor."""
+    patient = api.principal("patient")
+    location = (await schedule(api, patient)).headers["location"]
+    for body in (b"{", b'{"reason": "x"}', b"[]", b"\xff"):
+        answer = await api.client.post(f"{location}/start", content=body, headers=api.auth(patient))
+        assert_problem(answer, 400, "invalid-request")
+    for body in (b"", b"null", b"{}", b" {} "):
+        answer = await api.client.post(f"{location}/start", content=body, headers=api.auth(patient))
+        assert_problem(answer, 409, "too-early")  # decided: the body was no obstacle
+
+
 async def test_start_before_the_window_is_too_early_and_says_when(api: Api) -> None:
     patient = api.principal("patient")
     starts_at = api.clock.now + timedelta(minutes=16)
@@ -370,6 +382,7 @@ async def test_missing_forged_or_expired_tokens_are_401(api: Api) -> None:
         response = await api.client.get(location, headers=headers)
         assert response.status_code == 401, name
         assert_problem(response, 401, "unauthenticated")
+        assert response.headers["www-authenticate"] == 'Bearer realm="clinic"', name
 
 
 async def test_a_request_without_a_valid_token_is_401_before_its_body_or_parameters(

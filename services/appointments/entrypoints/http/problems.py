@@ -21,7 +21,7 @@ from litestar.exceptions import (
 from litestar.types import ExceptionHandlersMap
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
-from services.errors import ClinicError, Unavailable
+from services.errors import ClinicError, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,16 @@ def problem_response(doc: Problem, headers: dict[str, str] | None = None) -> Res
     )
 
 
+#: The challenge of a 401 (RFC 9110 section 11.6.1, RFC 6750 section 3).
+BEARER_CHALLENGE = 'Bearer realm="clinic"'
+
+
 def _clinic_error(_: Request[Any, Any, Any], exc: ClinicError) -> Response[bytes]:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    headers = None
+    if isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": BEARER_CHALLENGE}
     return problem_response(exc.to_problem(), headers)
 
 
