@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from functools import partial
 from uuid import UUID, uuid5
 
 import msgspec
@@ -250,9 +251,8 @@ class Appointments:
             try:
                 if expected_version is not None:
                     visible_booking(state, ctx.principal)  # never reveal a version to outsiders
-                events = _if_match(
-                    expected_version, version, lambda: decide(state, command, now, self._rules)
-                )
+                decision = partial(decide, state, command, now, self._rules)
+                events = _if_match(expected_version, version, decision)
             except ClinicError as refusal:
                 if not guessed:
                     raise
