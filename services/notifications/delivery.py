@@ -4,6 +4,11 @@ Transient failures are retried with exponential backoff up to a limit; a permane
 recorded as ``failed`` and never holds up the others. A delivery whose worker vanished
 mid-send is resent only where the channel de-duplicates (push, within JetStream's window);
 otherwise it is recorded as failed: sent at most once beats sent twice.
+
+On email the worker marks the hand-over: just before a message goes to the SMTP server
+(after the directory lookup and the connection) it records, durably and only if the claim
+is still its own, that the message is leaving. A worker that vanished before that mark sent
+nothing, so its deliveries are simply sent again; only those it marked are in doubt.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Protocol, TypeVar, runtime_checkable
 
+from contracts.notifications import Notification
 from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
-from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
+from services.notifications.delivery_store import (
+    HAND_OVER_MARKED,
+    ClaimedDelivery,
+    DeliveryStore,
+)
 from services.notifications.domain import PlannedNotification
 from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
 from services.pg_errors import is_transient
@@ -23,6 +34,29 @@ from services.pg_errors import is_transient
 log = logging.getLogger(__name__)
 
 _RECORD_ATTEMPTS = 4
+
+_T = TypeVar("_T")
+
+HandOver = Callable[[], Awaitable[None]]
+"""Marks the hand-over of the message being sent; raises if it must not be sent."""
+
+
+@runtime_checkable
+class MarksHandOver(Protocol):
+    """A channel that says when the message is about to leave (email): what happens before
+    (a directory lookup, a connection) is safe to do again after a crash."""
+
+    name: str
+
+    async def send_marked(self, notification: Notification, hand_over: HandOver) -> str | None:
+        """Like ``send``, awaiting ``hand_over()`` just before handing the message over
+        (and not handing it over if that raises)."""
+        ...
+
+
+class ClaimLost(Exception):
+    """The claim is no longer this worker's: its lease ran out and another worker claimed
+    the delivery, or it was recorded meanwhile. Not sent, not recorded."""
 
 
 class DeliveryWorker:
@@ -45,6 +79,7 @@ class DeliveryWorker:
         self._tuning = tuning
         self._hooks = hooks
         self._resend_window = resend_window
+        self._marks_hand_over = channel.name in HAND_OVER_MARKED
         self._stop = asyncio.Event()
 
     @property
@@ -63,7 +98,8 @@ class DeliveryWorker:
         )
         for result in results:
             if isinstance(result, Exception):
-                # Not recorded: the lease runs out and the delivery comes back in doubt.
+                # Not recorded: the lease runs out and the delivery comes back (in doubt
+                # if it may have been handed over).
                 log.warning("%s: could not record a delivery: %r", self.channel, result)
         return len(batch)
 
@@ -98,7 +134,14 @@ class DeliveryWorker:
             await self._skip(n, claimed.outdated)
             return
         try:
-            skipped = await self._channel.send(n.sent(now))
+            skipped = await self._send(claimed, n.sent(now))
+        except ClaimLost:
+            log.warning(
+                "%s: a delivery's lease ran out before it was handed over; not sent here",
+                self.channel,
+                extra={"notification_id": str(n.notification_id), "attempts": claimed.attempts},
+            )
+            return
         except DeliveryFailed as exc:
             await self._failed(claimed, exc.reason, permanent=exc.permanent)
             return
@@ -112,6 +155,25 @@ class DeliveryWorker:
         else:
             await self._record(self._store.sent, n.notification_id, self.channel, now)
             self._settled(n, "sent")
+
+    async def _send(self, claimed: ClaimedDelivery, notification: Notification) -> str | None:
+        if not self._marks_hand_over:
+            return await self._channel.send(notification)
+
+        async def hand_over() -> None:
+            if not await self._record(
+                self._store.handing_over,
+                notification.notification_id,
+                self.channel,
+                claimed.attempts,
+            ):
+                raise ClaimLost(str(notification.notification_id))
+
+        if isinstance(self._channel, MarksHandOver):
+            return await self._channel.send_marked(notification, hand_over)
+        # A channel that cannot say when: the whole send is the hand-over.
+        await hand_over()
+        return await self._channel.send(notification)
 
     async def _skip(self, n: PlannedNotification, reason: str) -> None:
         await self._record(self._store.finish, n.notification_id, self.channel, "skipped", reason)
@@ -151,14 +213,14 @@ class DeliveryWorker:
         retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
         await self._record(self._store.retry, n.notification_id, self.channel, retry_at, reason)
 
-    async def _record(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Write an outcome, riding out a short database outage; if it stays down, the
-        lease runs out and the delivery comes back in doubt."""
+    async def _record(self, write: Callable[..., Awaitable[_T]], *args: object) -> _T:
+        """Write an outcome (or the hand-over mark), riding out a short database outage;
+        if it stays down, the lease runs out and the delivery comes back (in doubt if it
+        may have been sent)."""
         delay = 0.5
         for attempt in range(_RECORD_ATTEMPTS):
             try:
-                await write(*args)
-                return
+                return await write(*args)
             except Exception as exc:
                 if not is_transient(exc) or attempt == _RECORD_ATTEMPTS - 1:
                     raise
@@ -166,3 +228,4 @@ class DeliveryWorker:
                 if await sleep_unless_stopped(self._stop, delay):
                     raise
                 delay *= 2
+        raise AssertionError("unreachable")

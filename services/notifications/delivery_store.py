@@ -1,9 +1,13 @@
 """PostgreSQL: the deliveries outbox the delivery workers drain, one channel each.
 
 A worker claims due rows with ``FOR UPDATE SKIP LOCKED`` (so any number of workers can
-run) and marks them ``sending`` until a lease runs out, commits, sends, then records the
-outcome. A row still ``sending`` after its lease is one whose worker died mid-send: it comes
-back marked ``in_doubt``, for the worker to decide whether resending is safe.
+run) and marks them ``sending`` (phase ``claimed``) until a lease runs out, commits, sends,
+then records the outcome. A row still ``sending`` after its lease is one whose worker died
+on the way; it is claimed again. Where the worker marks the hand-over (email: phase
+``handing-over``, written durably just before the message goes to the server), only a row
+so marked may have been sent: it comes back ``in_doubt``, for the worker to decide whether
+resending is safe; one still ``claimed`` never left and is simply sent. On other channels
+(push) every such row comes back in doubt.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from services.notifications.store import Channel
 _CLAIM: Final = """
 WITH due AS (
     SELECT notification_id, channel, status AS previous_status,
-           claimed_at AS previous_claimed_at
+           claimed_at AS previous_claimed_at, sending_phase AS previous_phase
     FROM notification_deliveries
     WHERE channel = $1 AND status IN ('pending', 'sending') AND next_attempt_at <= $2
     ORDER BY next_attempt_at
@@ -29,14 +33,36 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE notification_deliveries d
-SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2
+SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2,
+    -- An abandoned row that may have been handed over keeps saying so (NULL: claimed by a
+    -- release that did not mark it), until its worker records it: a crash before that
+    -- must not turn it into one safe to send again.
+    sending_phase = CASE
+        WHEN due.previous_status = 'sending' AND due.previous_phase IS DISTINCT FROM 'claimed'
+        THEN due.previous_phase
+        ELSE 'claimed'
+    END
 FROM due JOIN notifications n ON n.notification_id = due.notification_id
      LEFT JOIN notification_appointments a ON a.appointment_id = n.appointment_id
 WHERE d.notification_id = due.notification_id AND d.channel = due.channel
-RETURNING d.attempts, due.previous_status, due.previous_claimed_at,
+RETURNING d.attempts, due.previous_status, due.previous_claimed_at, due.previous_phase,
           n.notification_id, n.kind, n.recipient_id, n.recipient_role, n.appointment_id,
           n.clinic_id, n.cause_event_id, n.title, n.body, a.status AS appointment_status
 """
+
+#: Channels whose worker marks the hand-over of each message (``handing_over``): for them
+#: a delivery abandoned before that mark never left and is sent again.
+HAND_OVER_MARKED: Final = frozenset({"email"})
+
+
+def abandoned_in_doubt(channel: str, previous_status: str, previous_phase: str | None) -> bool:
+    """Whether a delivery claimed again may have been sent by the worker that held it: it
+    was still ``sending`` (that worker vanished) and, on a channel that marks the hand-over,
+    it was not known to be short of it (``handing-over``, or claimed without the mark)."""
+    if previous_status != "sending":
+        return False
+    return channel not in HAND_OVER_MARKED or previous_phase != "claimed"
+
 
 #: What a cancel or a start makes outdated: a reminder whenever it would go out, and a
 #: confirmation once it is tried again (its first attempt went out before the news did).
@@ -63,7 +89,8 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     """Including this one."""
     in_doubt: bool
-    """A previous worker claimed it and vanished: it may have been sent."""
+    """A previous worker claimed it and vanished, and it may have been sent (on a channel
+    that marks the hand-over: that worker marked it, see :func:`abandoned_in_doubt`)."""
     previous_claimed_at: datetime | None
     outdated: str | None = None
     """Why sending it now would tell of the visit after its cancel or start (then it is
@@ -96,12 +123,28 @@ class DeliveryStore:
                 ),
                 channel=channel,
                 attempts=row["attempts"],
-                in_doubt=row["previous_status"] == "sending",
+                in_doubt=abandoned_in_doubt(channel, row["previous_status"], row["previous_phase"]),
                 previous_claimed_at=row["previous_claimed_at"],
                 outdated=outdated_by(row["kind"], row["attempts"], row["appointment_status"]),
             )
             for row in rows
         ]
+
+    async def handing_over(self, notification_id: UUID, channel: Channel, attempts: int) -> bool:
+        """Mark, durably, that the message of this claim (the ``attempts``-th) is about to
+        be handed over: from now on it may arrive, so a crash leaves it in doubt. False if
+        the claim is no longer this worker's (its lease ran out and another worker claimed
+        it, or it was recorded meanwhile): then it must not be sent. Each claim counts an
+        attempt, so ``attempts`` names the claim; marking it twice is harmless."""
+        status = await self._pool.execute(
+            """UPDATE notification_deliveries SET sending_phase = 'handing-over'
+               WHERE notification_id = $1 AND channel = $2 AND status = 'sending'
+                 AND attempts = $3""",
+            notification_id,
+            channel,
+            attempts,
+        )
+        return bool(status == "UPDATE 1")
 
     async def sent(self, notification_id: UUID, channel: Channel, at: datetime) -> None:
         """The notification went out on ``channel``."""
@@ -117,10 +160,11 @@ class DeliveryStore:
     async def retry(
         self, notification_id: UUID, channel: Channel, at: datetime, error: str
     ) -> None:
-        """A transient failure: try again at ``at``."""
+        """A transient failure (the message was not taken): try again at ``at``."""
         await self._pool.execute(
             """UPDATE notification_deliveries
-               SET status = 'pending', next_attempt_at = $3, last_error = $4
+               SET status = 'pending', next_attempt_at = $3, last_error = $4,
+                   sending_phase = NULL
                WHERE notification_id = $1 AND channel = $2""",
             notification_id,
             channel,

@@ -1,4 +1,11 @@
-"""The clinic directory, asked over NATS for a recipient's contact details."""
+"""The clinic directory, asked over NATS for a recipient's contact details.
+
+No answer within a second (or no directory subscribed at all) means no address, as
+interfaces.md says. A question that could not be asked at all, because this process's own
+connection to NATS is down (reconnecting, draining, closed) or dropped while it waited, is
+:class:`DirectoryUnavailable` instead: nats-py would only buffer it and time out, which says
+nothing of the directory, so the caller tries again later.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,34 @@ DIRECTORY_TIMEOUT_SECONDS: Final = 1.0
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
+#: nats-py's refusals of a request on a connection that is not up.
+_NOT_CONNECTED: Final = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not be asked: this process's NATS connection is not up."""
+
+
+def _down(nc: NATS) -> str | None:
+    """Why ``nc`` cannot carry a request now, or None when it is connected."""
+    if nc.is_closed:
+        return "closed"
+    if nc.is_draining:
+        return "draining"
+    if nc.is_reconnecting or not nc.is_connected:
+        return "reconnecting"
+    return None
+
+
+def _reconnects(nc: NATS) -> int:
+    return int(nc.stats.get("reconnects", 0))
+
 
 class Directory:
     """Request/reply on ``directory.v1.contact.<user_id>``."""
@@ -30,11 +65,28 @@ class Directory:
 
     async def contact(self, user_id: UUID) -> DirectoryContactReply | None:
         """The user's contact details; None when the directory does not answer in time,
-        is not running, or answers something unreadable."""
+        is not running, or answers something unreadable. :class:`DirectoryUnavailable`
+        when our own connection is down, before or during the request."""
         subject = directory_contact_subject(user_id)
+        down = _down(self._nc)
+        if down is not None:
+            raise DirectoryUnavailable(f"NATS connection {down}")
+        reconnects = _reconnects(self._nc)
         try:
             reply = await self._nc.request(subject, b"", timeout=self._timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        except _NOT_CONNECTED as exc:
+            raise DirectoryUnavailable(f"NATS connection down: {exc!r}") from exc
+        except nats.errors.NoRespondersError:
+            log.info("no directory", extra={"user_id": str(user_id)})
+            return None
+        except nats.errors.TimeoutError as exc:
+            # Unanswered: a silent directory, unless the question never got out (the
+            # connection dropped meanwhile: buffered, or lost with the old socket).
+            down = _down(self._nc)
+            if down is None and _reconnects(self._nc) != reconnects:
+                down = "reconnected meanwhile"
+            if down is not None:
+                raise DirectoryUnavailable(f"NATS connection {down}") from exc
             log.info("directory did not answer", extra={"user_id": str(user_id)})
             return None
         try:

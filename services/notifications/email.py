@@ -2,6 +2,10 @@
 
 ``CLINIC_SMTP_URL``: ``smtp://[user:password@]host[:port][?from=addr&starttls=true]``, or
 ``smtps://…`` for TLS from the first byte. smtplib runs in a worker thread.
+
+The lookup and the connection come first; the worker's hand-over mark (see
+``delivery.py``) is awaited between them and the message itself, so a crash before the
+mark leaves nothing sent.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import ssl
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from typing import Any, Final
@@ -19,7 +24,7 @@ import msgspec
 from contracts.notifications import Notification
 from services.config import ConfigError, mask_password
 from services.notifications.channels import DeliveryFailed
-from services.notifications.directory import Directory
+from services.notifications.directory import Directory, DirectoryUnavailable
 
 DEFAULT_SENDER: Final = "Clinic <no-reply@localhost>"
 SMTP_TIMEOUT_SECONDS: Final = 10.0
@@ -113,8 +118,12 @@ class InDoubt(Exception):
     it may have been delivered."""
 
 
-def _send_blocking(config: SmtpConfig, message: EmailMessage) -> None:
-    smtp: _Smtp | _SmtpSsl
+_Connection = _Smtp | _SmtpSsl
+
+
+def _connect(config: SmtpConfig) -> _Connection:
+    """Connect, and STARTTLS and log in as configured: nothing of the message yet."""
+    smtp: _Connection
     if config.tls:
         smtp = _SmtpSsl(
             config.host,
@@ -129,6 +138,15 @@ def _send_blocking(config: SmtpConfig, message: EmailMessage) -> None:
             smtp.starttls(context=ssl.create_default_context())
         if config.username:
             smtp.login(config.username, config.password or "")
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def _hand_over(smtp: _Connection, message: EmailMessage) -> None:
+    """Send the message on a connection made by :func:`_connect`, then say goodbye."""
+    try:
         try:
             smtp.send_message(message)
         except smtplib.SMTPResponseException:
@@ -156,6 +174,10 @@ def _failure(exc: Exception) -> DeliveryFailed:
     return DeliveryFailed(f"smtp: {exc!r}", permanent=False)
 
 
+async def _no_mark() -> None:
+    return None
+
+
 class EmailChannel:
     """Asks the directory for the recipient's address and mails the notification there."""
 
@@ -167,12 +189,34 @@ class EmailChannel:
 
     async def send(self, notification: Notification) -> str | None:
         """Mail the notification; a recipient the directory has no address for gets none."""
-        contact = await self._directory.contact(notification.recipient_id)
+        return await self.send_marked(notification, _no_mark)
+
+    async def send_marked(
+        self, notification: Notification, hand_over: Callable[[], Awaitable[None]]
+    ) -> str | None:
+        """Like :meth:`send`, awaiting ``hand_over()`` once the address is known and the
+        server connected, just before the message goes to the server: everything before
+        is safe to do again (nothing left), the message from then on may arrive. If
+        ``hand_over()`` raises, the connection is dropped and nothing is sent."""
+        try:
+            contact = await self._directory.contact(notification.recipient_id)
+        except DirectoryUnavailable as exc:
+            # Not a "no": the question never reached the directory. Asked again later.
+            raise DeliveryFailed(f"directory not asked: {exc}", permanent=False) from exc
         if contact is None or not contact.email:
             return "no email address known"
         message = email_message(notification, contact.email, self._config.sender)
         try:
-            await asyncio.to_thread(_send_blocking, self._config, message)
+            smtp = await asyncio.to_thread(_connect, self._config)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _failure(exc) from exc
+        try:
+            await hand_over()
+        except BaseException:
+            smtp.close()  # nothing of the message was sent
+            raise
+        try:
+            await asyncio.to_thread(_hand_over, smtp, message)
         except InDoubt as exc:
             # Sent at most once: a retry could be a second copy.
             raise DeliveryFailed(

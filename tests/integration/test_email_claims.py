@@ -1,0 +1,286 @@
+"""Email through a crash and a NATS outage, on real PostgreSQL, NATS and SMTP: a worker
+killed before it handed its batch to the server loses none of it, one killed after the
+hand-over never sends twice, a worker whose lease ran out does not send what another
+worker now holds, and a directory that could not be asked (our own NATS connection down)
+is asked again later instead of the email being skipped for good."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import asyncpg
+import nats
+
+from contracts.notifications import DirectoryContactReply
+from services.embedded import EmbeddedNats
+from services.notifications.delivery import DeliveryWorker
+from services.notifications.delivery_store import DeliveryStore
+from services.notifications.directory import Directory
+from services.notifications.domain import PlannedNotification
+from services.notifications.email import EmailChannel, SmtpConfig
+from services.notifications.runtime import Hooks
+from services.notifications.store import NotificationStore
+from tests.integration.test_notifications_harness import (
+    TEST_TUNING,
+    Booking,
+    Clinic,
+    SmtpSink,
+    clinic,
+    eventually,
+    smtp,
+)
+
+__all__ = ["clinic", "smtp"]  # fixtures
+
+NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
+
+#: The directory may take its time here: a worker killed while it waits is the point.
+PATIENT_DIRECTORY = dataclasses.replace(TEST_TUNING, directory_timeout=30.0)
+
+
+async def _emails(clinic: Clinic) -> list[asyncpg.Record]:
+    return [d for d in await clinic.deliveries() if d["channel"] == "email"]
+
+
+async def _kill(service: asyncio.Task[None]) -> None:
+    service.cancel()  # the kill: nothing more is recorded
+    with contextlib.suppress(asyncio.CancelledError):
+        await service
+
+
+# ------------------------------------------------------------------------ the crashes
+
+
+async def test_emails_claimed_by_a_worker_killed_before_handing_them_over_all_go_out_once(
+    clinic: Clinic,
+) -> None:
+    """The worker claims the batch, then waits for the directory; killed there, it handed
+    nothing over, so after its lease every email goes out (they were all recorded failed
+    "in doubt", and none sent, before the hand-over mark)."""
+    bookings = [Booking() for _ in range(3)]  # 6 emails
+    async with clinic.running(tuning=PATIENT_DIRECTORY) as service:
+        for booking in bookings:  # the directory does not know them yet: it is slow
+            await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+
+        async def claimed() -> bool:  # the rest wait for the worker's next batch
+            emails = await _emails(clinic)
+            return len(emails) == 6 and any(e["status"] == "sending" for e in emails)
+
+        await eventually(claimed, what="the emails claimed")
+        await _kill(service)
+    held = [e for e in await _emails(clinic) if e["status"] == "sending"]
+    assert len(held) >= 2
+    assert {e["sending_phase"] for e in held} == {"claimed"}
+
+    for booking in bookings:
+        clinic.know(booking)  # the directory answers now
+    clinic.clock.advance(seconds=31)  # the dead worker's leases run out
+    async with clinic.running():
+        await clinic.wait_settled()
+    assert len(clinic.sink.messages) == 6
+    for booking in bookings:
+        for role in ("patient", "provider"):
+            assert len(clinic.sink.to(booking.email_of(role))) == 1
+    assert {e["status"] for e in await _emails(clinic)} == {"sent"}
+
+
+async def test_an_email_its_worker_was_killed_handing_over_is_never_sent_again(
+    clinic: Clinic,
+) -> None:
+    """Killed while the server held the message at its recipient: the server may take it,
+    so it is in doubt and not resent (at most once, as before the hand-over mark)."""
+    booking = Booking()
+    clinic.know(booking)
+    patient = booking.email_of("patient")
+    release = threading.Event()
+    # Whatever the dead worker's thread then hears is recorded nowhere.
+    clinic.sink.holds[patient] = (release, "451 4.3.0 Try again later")
+    try:
+        async with clinic.running() as service:
+            await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+
+            async def held() -> bool:
+                return patient in clinic.sink.holding and len(clinic.sink.messages) == 1
+
+            await eventually(held, what="the patient's email held at the server")
+            phases = {e["recipient_id"]: e["sending_phase"] for e in await _emails(clinic)}
+            assert phases[booking.patient_id] == "handing-over"
+            await _kill(service)
+    finally:
+        release.set()
+
+    clinic.clock.advance(seconds=31)  # the dead worker's lease runs out
+    async with clinic.running():
+        await clinic.wait_settled()
+    assert clinic.sink.to(patient) == []  # not sent again (a resend is not held: it arrives)
+    emails = {e["recipient_id"]: e for e in await _emails(clinic)}
+    assert emails[booking.patient_id]["status"] == "failed"
+    assert emails[booking.patient_id]["last_error"].startswith("in doubt")
+    assert emails[booking.provider_id]["status"] == "sent"
+    assert len(clinic.sink.to(booking.email_of("provider"))) == 1
+
+
+# -------------------------------------------------------------------- a lease run out
+
+
+class _GatedDirectory:
+    """The directory port: answers at once, or (``gate``) once the test lets it."""
+
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
+        self.gate = gate
+        self.waiting = asyncio.Event()
+
+    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
+        if self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        return DirectoryContactReply(email=f"{user_id}@example.test", locale="en")
+
+
+def _planned() -> PlannedNotification:
+    return PlannedNotification(
+        notification_id=uuid.uuid4(),
+        kind="visit-ready",
+        recipient_id=uuid.uuid4(),
+        recipient_role="patient",
+        appointment_id=uuid.uuid4(),
+        clinic_id=uuid.uuid4(),
+        cause_event_id=uuid.uuid4(),
+        title="Your visit can start now",
+        body="Your video visit can start now.",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _outbox(database_url: str, count: int = 1) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database holding ``count`` pending emails due at NOW."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert pool is not None
+    try:
+        async with NotificationStore(pool).transaction() as tx:
+            await tx.add_notifications([_planned() for _ in range(count)], ["email"], NOW)
+        yield pool
+    finally:
+        await pool.close()
+
+
+def _email_worker(
+    pool: asyncpg.Pool, directory: Any, smtp_url: str, at: datetime
+) -> DeliveryWorker:
+    channel = EmailChannel(cast(Directory, directory), SmtpConfig.from_url(smtp_url))
+    return DeliveryWorker(DeliveryStore(pool), channel, lambda: at, TEST_TUNING, Hooks(), None)
+
+
+async def test_a_worker_whose_lease_ran_out_does_not_send_what_another_now_holds(
+    database_url: str, smtp: tuple[SmtpSink, str]
+) -> None:
+    sink, smtp_url = smtp
+    async with _outbox(database_url) as pool:
+        slow = _GatedDirectory(asyncio.Event())
+        first = asyncio.create_task(_email_worker(pool, slow, smtp_url, NOW).deliver_due())
+        await asyncio.wait_for(slow.waiting.wait(), 10)
+        # The first worker's lease runs out in its lookup; a second one claims and sends.
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        assert await _email_worker(pool, _GatedDirectory(), smtp_url, later).deliver_due() == 1
+        assert len(sink.messages) == 1
+        assert slow.gate is not None
+        slow.gate.set()
+        assert await asyncio.wait_for(first, 10) == 1
+        assert len(sink.messages) == 1  # its mark was refused: not a second copy
+        row = await pool.fetchrow("SELECT status, attempts FROM notification_deliveries")
+        assert row is not None and (row["status"], row["attempts"]) == ("sent", 2)
+
+
+async def test_the_hand_over_mark_belongs_to_the_claim(database_url: str) -> None:
+    async with _outbox(database_url) as pool:
+        store = DeliveryStore(pool)
+        (old,) = await store.claim("email", NOW, NOW + TEST_TUNING.lease, 10)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        (new,) = await store.claim("email", later, later + TEST_TUNING.lease, 10)
+        assert not new.in_doubt  # the first claim never marked it
+        n = old.notification.notification_id
+        assert not await store.handing_over(n, "email", old.attempts)
+        assert await store.handing_over(n, "email", new.attempts)
+        assert await store.handing_over(n, "email", new.attempts)  # again: still its own
+        # Killed now: the next claim finds it in doubt, and so does every one after it
+        # until it is recorded.
+        for step in (2, 3):
+            at = NOW + step * (TEST_TUNING.lease + timedelta(seconds=1))
+            (again,) = await store.claim("email", at, at + TEST_TUNING.lease, 10)
+            assert again.in_doubt
+
+
+# ------------------------------------------------------------------- a NATS outage
+
+
+async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_after_it(
+    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
+) -> None:
+    sink, smtp_url = smtp
+    options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
+    nc = await nats.connect(nats_server.url, **options)
+    directory_nc = await nats.connect(nats_server.url, **options)
+    try:
+
+        async def answer(msg: Any) -> None:
+            user = msg.subject.rsplit(".", 1)[1]
+            await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
+
+        await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
+        await directory_nc.flush()
+        async with _outbox(database_url) as pool:
+            await nats_server.astop()
+
+            async def down() -> bool:
+                return nc.is_reconnecting
+
+            await eventually(down, what="our connection to notice the outage")
+            directory = Directory(nc, TEST_TUNING.directory_timeout)
+            assert await _email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
+            assert row is not None
+            assert row["status"] == "pending", row["last_error"]  # not skipped for good
+            assert "directory not asked" in row["last_error"]
+            assert sink.messages == []
+
+            await nats_server.astart()
+
+            async def up() -> bool:
+                return nc.is_connected and directory_nc.is_connected
+
+            await eventually(up, within=15, what="both connections back")
+            await directory_nc.flush()  # its subscription is the server's again
+            later = row["next_attempt_at"]
+            assert await _email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+            status = await pool.fetchval("SELECT status FROM notification_deliveries")
+            assert status == "sent"
+            assert len(sink.messages) == 1
+    finally:
+        for connection in (nc, directory_nc):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
+
+
+async def test_a_silent_directory_on_a_connection_that_is_up_still_means_no_email(
+    database_url: str, nats_url: str, smtp: tuple[SmtpSink, str]
+) -> None:
+    _, smtp_url = smtp
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.subscribe("directory.v1.contact.*")  # subscribed, never answers
+        await nc.flush()
+        async with _outbox(database_url) as pool:
+            directory = Directory(nc, 0.3)
+            assert await _email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
+            assert row is not None
+            assert (row["status"], row["last_error"]) == ("skipped", "no email address known")
+    finally:
+        await nc.close()

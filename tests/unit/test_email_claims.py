@@ -1,0 +1,348 @@
+"""An email is in doubt only once its worker marked it as being handed to the SMTP server;
+a worker that vanished before (mid-batch, in the directory lookup) sent nothing, so its
+deliveries go out after the lease. And a directory that could not be asked because our own
+NATS connection is down is a failure worth a retry, not "no email address"."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import nats.errors
+import pytest
+
+from contracts.notifications import DirectoryContactReply, Notification
+from services.notifications.channels import DeliveryFailed
+from services.notifications.delivery import DeliveryWorker
+from services.notifications.delivery_store import (
+    ClaimedDelivery,
+    DeliveryStore,
+    abandoned_in_doubt,
+)
+from services.notifications.directory import Directory, DirectoryUnavailable
+from services.notifications.domain import PlannedNotification
+from services.notifications.email import EmailChannel, SmtpConfig
+from services.notifications.runtime import Hooks, Tuning
+
+NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
+
+# ------------------------------------------------------------------ which are in doubt
+
+
+@pytest.mark.parametrize(
+    ("channel", "previous_status", "previous_phase", "in_doubt"),
+    [
+        ("email", "pending", None, False),  # a first attempt, or a retry
+        ("email", "sending", "claimed", False),  # its worker died before the hand-over
+        ("email", "sending", "handing-over", True),  # the server may have it
+        ("email", "sending", None, True),  # claimed by a release that did not mark it
+        ("push", "pending", None, False),
+        ("push", "sending", "claimed", True),  # push marks nothing: as before
+        ("push", "sending", None, True),
+    ],
+)
+def test_only_an_email_marked_as_handed_over_is_in_doubt(
+    channel: str, previous_status: str, previous_phase: str | None, in_doubt: bool
+) -> None:
+    assert abandoned_in_doubt(channel, previous_status, previous_phase) is in_doubt
+
+
+# ------------------------------------------------------------- the worker's hand-over
+
+
+def _planned() -> PlannedNotification:
+    return PlannedNotification(
+        notification_id=uuid.uuid4(),
+        kind="visit-ready",
+        recipient_id=uuid.uuid4(),
+        recipient_role="patient",
+        appointment_id=uuid.uuid4(),
+        clinic_id=uuid.uuid4(),
+        cause_event_id=uuid.uuid4(),
+        title="Your visit can start now",
+        body="Your video visit can start now.",
+    )
+
+
+class _Outbox:
+    """The deliveries outbox, in memory: one claimable delivery of ``channel``; it keeps
+    the order of what is written (``steps``, shared with the channel)."""
+
+    def __init__(self, channel: str, steps: list[str], *, claim_ours: bool = True) -> None:
+        self.notification = _planned()
+        self.due = [
+            ClaimedDelivery(
+                notification=self.notification,
+                channel=channel,  # type: ignore[arg-type]
+                attempts=3,
+                in_doubt=False,
+                previous_claimed_at=None,
+            )
+        ]
+        self.steps = steps
+        self.claim_ours = claim_ours
+        self.mark_error: Exception | None = None
+        self.marks: list[tuple[uuid.UUID, str, int]] = []
+        self.recorded: list[str] = []
+
+    async def claim(self, *_: object) -> list[ClaimedDelivery]:
+        due, self.due = self.due, []
+        return due
+
+    async def handing_over(self, notification_id: uuid.UUID, channel: str, attempts: int) -> bool:
+        if self.mark_error is not None:
+            raise self.mark_error
+        self.steps.append("mark")
+        self.marks.append((notification_id, channel, attempts))
+        return self.claim_ours
+
+    async def sent(self, *_: object) -> None:
+        self.recorded.append("sent")
+
+    async def retry(self, *_: object) -> None:
+        self.recorded.append("retry")
+
+    async def finish(self, _: uuid.UUID, __: str, status: str, *___: object) -> None:
+        self.recorded.append(status)
+
+
+class _MarkingEmail:
+    """An email channel that says when it hands the message over."""
+
+    name = "email"
+
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+        self.handed_over: list[Notification] = []
+
+    async def send(self, notification: Notification) -> str | None:
+        raise AssertionError("the worker must let the channel say when it hands over")
+
+    async def send_marked(
+        self, notification: Notification, hand_over: Callable[[], Awaitable[None]]
+    ) -> str | None:
+        self.steps.append("directory and connection")
+        await hand_over()
+        self.steps.append("handed over")
+        self.handed_over.append(notification)
+        return None
+
+
+class _PlainChannel:
+    """A channel that cannot say when it hands over."""
+
+    def __init__(self, name: str, steps: list[str]) -> None:
+        self.name = name
+        self.steps = steps
+
+    async def send(self, notification: Notification) -> str | None:
+        self.steps.append("send")
+        return None
+
+
+def _worker(outbox: _Outbox, channel: Any) -> DeliveryWorker:
+    store = cast(DeliveryStore, outbox)
+    return DeliveryWorker(store, channel, lambda: NOW, Tuning(), Hooks(), resend_window=None)
+
+
+async def test_an_email_is_marked_as_handed_over_after_the_lookup_and_just_before_it_goes() -> None:
+    steps: list[str] = []
+    outbox = _Outbox("email", steps)
+    email = _MarkingEmail(steps)
+    assert await _worker(outbox, email).deliver_due() == 1
+    assert steps == ["directory and connection", "mark", "handed over"]
+    assert outbox.marks == [(outbox.notification.notification_id, "email", 3)]  # this claim
+    assert outbox.recorded == ["sent"]
+
+
+async def test_an_email_whose_claim_was_lost_is_neither_sent_nor_recorded() -> None:
+    """Its lease ran out (a slow directory) and another worker claimed it: that one sends
+    it; a second copy from this one would break at most once."""
+    steps: list[str] = []
+    outbox = _Outbox("email", steps, claim_ours=False)
+    email = _MarkingEmail(steps)
+    assert await _worker(outbox, email).deliver_due() == 1
+    assert email.handed_over == []
+    assert outbox.recorded == []
+
+
+async def test_a_hand_over_mark_that_cannot_be_written_sends_nothing() -> None:
+    steps: list[str] = []
+    outbox = _Outbox("email", steps)
+    outbox.mark_error = RuntimeError("the database refused the mark")
+    email = _MarkingEmail(steps)
+    assert await _worker(outbox, email).deliver_due() == 1
+    assert email.handed_over == []
+    assert outbox.recorded == ["retry"]  # never handed over: safe to try again
+
+
+async def test_an_email_channel_that_cannot_say_when_is_marked_before_its_send() -> None:
+    steps: list[str] = []
+    outbox = _Outbox("email", steps)
+    assert await _worker(outbox, _PlainChannel("email", steps)).deliver_due() == 1
+    assert steps == ["mark", "send"]
+    assert outbox.recorded == ["sent"]
+
+
+async def test_push_marks_nothing() -> None:
+    steps: list[str] = []
+    outbox = _Outbox("push", steps)
+    assert await _worker(outbox, _PlainChannel("push", steps)).deliver_due() == 1
+    assert steps == ["send"]
+    assert outbox.marks == []
+    assert outbox.recorded == ["sent"]
+
+
+# ------------------------------------------------------------- the email channel's order
+
+
+class _Directory:
+    """The clinic directory port: an address, none, or not reachable from here."""
+
+    def __init__(self, email: str | None = None, unavailable: bool = False) -> None:
+        self.email = email
+        self.unavailable = unavailable
+
+    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply | None:
+        if self.unavailable:
+            raise DirectoryUnavailable("NATS connection reconnecting")
+        return DirectoryContactReply(email=self.email, locale="en")
+
+
+def _notification() -> Notification:
+    return _planned().sent(NOW)
+
+
+async def _never_hand_over() -> None:
+    raise AssertionError("handed over though the message cannot go out")
+
+
+def _refused_port() -> int:
+    """A local port nothing listens on (a connection to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _channel(directory: _Directory, port: int = 9) -> EmailChannel:
+    return EmailChannel(cast(Directory, directory), SmtpConfig(host="127.0.0.1", port=port))
+
+
+async def test_an_email_whose_directory_could_not_be_asked_is_retried_not_skipped() -> None:
+    channel = _channel(_Directory(unavailable=True))
+    with pytest.raises(DeliveryFailed) as failed:
+        await channel.send_marked(_notification(), _never_hand_over)
+    assert not failed.value.permanent
+    assert "directory not asked" in failed.value.reason
+
+
+async def test_an_email_without_an_address_is_skipped_before_any_hand_over() -> None:
+    channel = _channel(_Directory(email=None))
+    assert await channel.send_marked(_notification(), _never_hand_over) == (
+        "no email address known"
+    )
+
+
+async def test_an_smtp_server_that_cannot_be_reached_is_retried_before_any_hand_over() -> None:
+    channel = _channel(_Directory(email="pat@example.test"), port=_refused_port())
+    with pytest.raises(DeliveryFailed) as failed:
+        await channel.send_marked(_notification(), _never_hand_over)
+    assert not failed.value.permanent
+
+
+# ------------------------------------------------------------------------ the directory
+
+
+class _Nats:
+    """Our NATS connection as the directory sees it: its state and its requests."""
+
+    def __init__(
+        self,
+        status: str = "connected",
+        on_request: Callable[[_Nats], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.status = status
+        self.stats = {"reconnects": 0}
+        self.requests: list[str] = []
+        self._on_request = on_request
+
+    @property
+    def is_connected(self) -> bool:
+        return self.status in ("connected", "draining")  # as nats-py says
+
+    @property
+    def is_reconnecting(self) -> bool:
+        return self.status == "reconnecting"
+
+    @property
+    def is_closed(self) -> bool:
+        return self.status == "closed"
+
+    @property
+    def is_draining(self) -> bool:
+        return self.status == "draining"
+
+    async def request(self, subject: str, payload: bytes = b"", **_: object) -> Any:
+        self.requests.append(subject)
+        assert self._on_request is not None
+        return await self._on_request(self)
+
+
+def _directory(nc: _Nats) -> Directory:
+    return Directory(cast(Any, nc), timeout=1.0)
+
+
+@pytest.mark.parametrize("status", ["reconnecting", "closed", "draining", "disconnected"])
+async def test_a_connection_that_is_not_up_asks_nothing_and_says_so(status: str) -> None:
+    nc = _Nats(status)
+    with pytest.raises(DirectoryUnavailable):
+        await _directory(nc).contact(uuid.uuid4())
+    assert nc.requests == []
+
+
+async def test_a_connection_lost_while_waiting_for_the_answer_is_no_answer_of_the_directory() -> (
+    None
+):
+    async def drop(nc: _Nats) -> Any:
+        nc.status = "reconnecting"  # the request sits in nats-py's buffer, then times out
+        raise nats.errors.TimeoutError
+
+    with pytest.raises(DirectoryUnavailable):
+        await _directory(_Nats(on_request=drop)).contact(uuid.uuid4())
+
+
+async def test_a_reconnect_while_waiting_for_the_answer_is_no_answer_of_the_directory() -> None:
+    async def blip(nc: _Nats) -> Any:
+        nc.stats["reconnects"] += 1  # down and up again: the question may be lost
+        raise nats.errors.TimeoutError
+
+    with pytest.raises(DirectoryUnavailable):
+        await _directory(_Nats(on_request=blip)).contact(uuid.uuid4())
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError],
+)
+async def test_a_request_refused_by_our_own_connection_is_unavailable(
+    refusal: type[Exception],
+) -> None:
+    async def refuse(nc: _Nats) -> Any:
+        raise refusal
+
+    with pytest.raises(DirectoryUnavailable):
+        await _directory(_Nats(on_request=refuse)).contact(uuid.uuid4())
+
+
+@pytest.mark.parametrize("silence", [nats.errors.TimeoutError, nats.errors.NoRespondersError])
+async def test_a_connected_directory_that_does_not_answer_still_means_no_email(
+    silence: type[Exception],
+) -> None:
+    async def unanswered(nc: _Nats) -> Any:
+        raise silence
+
+    assert await _directory(_Nats(on_request=unanswered)).contact(uuid.uuid4()) is None
