@@ -63,6 +63,33 @@ async def ensure_consumer(js: JetStreamContext, tuning: Tuning) -> ConsumerInfo:
     return await js.add_consumer(EVENTS_STREAM, consumer_config(tuning))
 
 
+class JetStreamPosition:
+    """Where the ``APPOINTMENTS`` stream and the durable consumer are, asked of JetStream
+    (the reminder scheduler's :class:`~services.notifications.reminders.StreamPosition`).
+
+    The consumer's ack floor is the last stream sequence up to which every message was
+    acknowledged (applied, skipped, or parked and terminated), whichever instance did it;
+    a message handed back (``nak``) holds it. Every JetStream version answers with it."""
+
+    def __init__(self, js: JetStreamContext, tuning: Tuning) -> None:
+        self._js = js
+        self._tuning = tuning
+
+    async def published(self) -> int:
+        """The stream's last sequence."""
+        info = await self._js.stream_info(EVENTS_STREAM)
+        return int(info.state.last_seq or 0)
+
+    async def processed(self, sequence: int) -> bool:
+        """Whether every message up to ``sequence`` has been acknowledged: the ack floor
+        has reached it, or nothing is left to deliver nor waits for an ack."""
+        info = await self._js.consumer_info(EVENTS_STREAM, self._tuning.consumer_name)
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else None
+        if floor is not None and floor >= sequence:
+            return True
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
 class EventConsumer:
     """Fetches appointment events and applies them, one at a time, in stream order."""
 

@@ -199,13 +199,17 @@ def on_cancelled(
 
 
 def on_timer(appointment: Appointment, timer: Timer, now: datetime) -> list[PlannedNotification]:
-    """What a due reminder sends: nothing once the appointment is no longer scheduled, or
-    once the reminder is too late to mean anything."""
+    """What a due reminder sends, worded for ``now``: nothing once the appointment is no
+    longer scheduled, or once the reminder is too late to mean anything (its
+    ``expires_at``). A 24 h reminder that fires late still goes out until the start window
+    opens (then "your visit can start now" says more), but names the visit's day from the
+    recipient's date at ``now`` in the appointment's timezone: "today" for a visit today,
+    never a false "tomorrow"."""
     a = appointment
     if a.status != "scheduled" or now >= timer.expires_at:
         return []
     if timer.kind == "reminder-24h":
-        text = messages.reminder_24h(a.starts_at, a.timezone)
+        text = messages.reminder_24h(a.starts_at, a.timezone, now)
     else:
         text = messages.visit_ready(a.starts_at, a.timezone)
     return [_planned(a, timer.kind, timer.cause_event_id, "patient", text)]

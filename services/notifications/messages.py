@@ -61,10 +61,16 @@ def cancelled(
     return ("Visit cancelled", f"{by} cancelled {whose} video visit of {when}.")
 
 
-def reminder_24h(starts_at: datetime, timezone: str) -> Text:
-    """The reminder a day before."""
+def reminder_24h(starts_at: datetime, timezone: str, now: datetime) -> Text:
+    """The reminder a day before, worded for when it is sent (``now``): the day is named
+    from the recipient's date then, in the appointment's timezone, so a reminder that goes
+    out late (after an outage, a backlog) says "today" for a visit today, and one across a
+    daylight-saving change never says "tomorrow" of a visit two dates away."""
     when = local_time(starts_at, timezone)
-    return ("Visit tomorrow", f"Reminder: your video visit is on {when}.")
+    zone = ZoneInfo(timezone)
+    days = (starts_at.astimezone(zone).date() - now.astimezone(zone).date()).days
+    title = {0: "Visit today", 1: "Visit tomorrow"}.get(days, "Upcoming visit")
+    return (title, f"Reminder: your video visit is on {when}.")
 
 
 def visit_ready(starts_at: datetime, timezone: str) -> Text:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -56,7 +56,10 @@ def test_a_cancellation_notice_says_by_whom(role: str, by: str, own: bool, body:
 
 
 def test_reminders_state_the_local_time() -> None:
-    assert "15:00 CET" in messages.reminder_24h(STARTS_AT, "Europe/Berlin")[1]
+    assert (
+        "15:00 CET"
+        in messages.reminder_24h(STARTS_AT, "Europe/Berlin", STARTS_AT - timedelta(hours=24))[1]
+    )
     title, body = messages.visit_ready(STARTS_AT, "Europe/Berlin")
     assert title == "Your visit can start now"
     assert "15:00 CET" in body
