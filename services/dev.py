@@ -33,6 +33,9 @@ from services.embedded import EmbeddedNats, EmbeddedPostgres
 log = logging.getLogger(__name__)
 
 DEV_DATABASE = "clinic"
+#: The embedded server speaks no TLS: say so in its DSNs, or a ``PGSSLMODE=require`` in the
+#: developer's shell (which libpq-style clients such as asyncpg read) refuses to connect.
+NO_SSL = "?sslmode=disable"
 SECRET_FILE = "jwt-secret"
 LOCK_FILE = "dev.lock"
 SERVER_STOP_SECONDS = 5.0
@@ -205,6 +208,11 @@ async def run_until_first_exit(
         raise DevError(f"{', '.join(early)} stopped by itself")
 
 
+def dev_database_url(pg: EmbeddedPostgres) -> str:
+    """The DSN of the development database on the embedded server."""
+    return pg.url(DEV_DATABASE) + NO_SSL
+
+
 def _urls(pg: EmbeddedPostgres, nats: EmbeddedNats, api: str) -> str:
     return "\n".join(
         [
@@ -215,7 +223,7 @@ def _urls(pg: EmbeddedPostgres, nats: EmbeddedNats, api: str) -> str:
             f"  OpenAPI UI  {api}/schema/swagger",
             f"  health      {api}/health/ready",
             f"  metrics     {api}/metrics",
-            f"  PostgreSQL  {pg.url(DEV_DATABASE)}",
+            f"  PostgreSQL  {dev_database_url(pg)}",
             f"  NATS        {nats.url}",
             "Press Ctrl-C to stop.",
         ]
@@ -256,11 +264,11 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
             for outcome in await asyncio.gather(pg.astart(), nats.astart(), return_exceptions=True):
                 if isinstance(outcome, BaseException):
                     raise outcome
-            await ensure_database(pg.dsn, DEV_DATABASE)
-            applied = await migrate(pg.url(DEV_DATABASE))
+            await ensure_database(pg.dsn + NO_SSL, DEV_DATABASE)
+            applied = await migrate(dev_database_url(pg))
             say(f"database ready ({len(applied)} migration(s) applied)")
             settings = msgspec.structs.replace(
-                settings, database_url=pg.url(DEV_DATABASE), nats_urls=[nats.url], jwt_secret=secret
+                settings, database_url=dev_database_url(pg), nats_urls=[nats.url], jwt_secret=secret
             )
             api = f"http://{settings.http_host}:{settings.http_port}"
             banner = _urls(pg, nats, api)

@@ -101,6 +101,8 @@ class Dev:
         env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
         # Ignored by `clinic dev` (it runs its own servers), so not even checked.
         env.update({"CLINIC_DATABASE_URL": "mysql://ignored", "CLINIC_NATS_URL": "bogus://x"})
+        # A shell set up for a TLS-only PostgreSQL elsewhere: not for the embedded one.
+        env["PGSSLMODE"] = "require"
         if clinic is not None:  # an installed `clinic` (argv), run from the data's parent
             env = {"PATH": "/usr/bin:/bin", "HOME": str(data_dir.parent)}
             env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
