@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from functools import partial
 from uuid import UUID, uuid5
 
 import msgspec
@@ -251,8 +250,9 @@ class Appointments:
             try:
                 if expected_version is not None:
                     visible_booking(state, ctx.principal)  # never reveal a version to outsiders
-                decision = partial(decide, state, command, now, self._rules)
-                events = _if_match(expected_version, version, decision)
+                events = _if_match(
+                    expected_version, version, lambda: decide(state, command, now, self._rules)
+                )
             except ClinicError as refusal:
                 if not guessed:
                     raise
