@@ -21,7 +21,7 @@ import msgspec
 
 from contracts.commands import ScheduleBody
 from contracts.common import Principal
-from contracts.events import Event, EventEnvelope
+from contracts.events import EventEnvelope
 from contracts.views import AppointmentView, History
 from services.appointments.domain.commands import (
     CancelAppointment,
@@ -250,9 +250,11 @@ class Appointments:
             try:
                 if expected_version is not None:
                     visible_booking(state, ctx.principal)  # never reveal a version to outsiders
-                events = _if_match(
-                    expected_version, version, lambda: decide(state, command, now, self._rules)
-                )
+                    if expected_version != version:
+                        raise VersionConflict(
+                            f"The appointment is at version {version}, not {expected_version}."
+                        )
+                events = decide(state, command, now, self._rules)
             except ClinicError as refusal:
                 if not guessed:
                     raise
@@ -305,9 +307,9 @@ class Appointments:
                     self._cache.clear()
                 raise
             except StreamVersionConflict:
-                # Decided again on what is stored: with If-Match, that is a version conflict
-                # unless it is a no-op now (a double tap's twin won).
                 self._cache.forget(stream_id)
+                if expected_version is not None:
+                    raise VersionConflict("The appointment changed meanwhile.") from None
                 COMMAND_RETRIES.inc()
                 continue
             except SlotTaken:
@@ -320,25 +322,6 @@ class Appointments:
             return outcome
         log.warning("command gave up after %d conflicts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
-
-
-def _if_match(
-    expected_version: int | None, version: int, decision: Callable[[], list[Event]]
-) -> list[Event]:
-    """The events of ``decision`` under ``If-Match: expected_version``: a stale version is a
-    :class:`VersionConflict`, unless the command is a no-op on what is stored (a cancel of a
-    cancelled appointment, a start of a started one): a double tap sends the same If-Match
-    twice, and its second tap must not show an error."""
-    if expected_version is None or expected_version == version:
-        return decision()
-    conflict = VersionConflict(f"The appointment is at version {version}, not {expected_version}.")
-    try:
-        events = decision()
-    except ClinicError:
-        raise conflict from None
-    if events:
-        raise conflict
-    return events
 
 
 def key_owner(principal: Principal) -> UUID:
