@@ -236,7 +236,7 @@ class VisitsProjector:
             row = stored_row(envelope.stream_id, recorded)
             if row is None or row.version < envelope.stream_version:
                 return False
-            await self._visits.write_row(row)
+            await self._visits.write_row_durably(row)  # the event is acked right after
         except Exception as exc:  # asyncpg and decoding errors share no base
             log.warning(
                 "projector: could not fold %s from the event store: %r", envelope.stream_id, exc

@@ -155,6 +155,14 @@ class PostgresVisits:
         """Upsert a row folded from the appointment's stored events (version-guarded)."""
         await self._writes.submit(row)
 
+    async def write_row_durably(self, row: VisitRow) -> None:
+        """:meth:`write_row`, committed only once flushed: for the projector, which acks
+        the event it stands for right after (nothing would write it again)."""
+        with database_errors():
+            await self._pool.execute(upsert_statement("visits"), *upsert_args([row]))
+        if self._updates is not None:
+            self._updates.written([row.appointment_id])
+
     async def _write_row(self, row: VisitRow) -> None:
         await self._write_rows([row])
 
