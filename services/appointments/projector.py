@@ -41,11 +41,15 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
-from services.appointments.adapters.nats.streams import describe, ensure_events_stream
+from services.appointments.adapters.nats.streams import (
+    describe,
+    ensure_events_stream_or_fail,
+)
 from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.service_layer.visits import Outcome, stored_row
+from services.config import ConfigError
 from services.errors import Unavailable
 from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
 from services.tracing import consuming
@@ -111,7 +115,7 @@ class VisitsProjector:
         while not stop.is_set():
             raise_if_cancelling()
             try:
-                await ensure_events_stream(self._js, self._stream_replicas)
+                await ensure_events_stream_or_fail(self._js, self._stream_replicas)
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
                 delay = 0.1
@@ -119,6 +123,8 @@ class VisitsProjector:
                     await self._consume(subscription, stop)
                 finally:
                     await subscription.unsubscribe()
+            except ConfigError:  # JetStream refused the stream for good: exit 2
+                raise
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
                 log.warning("projector interrupted, retrying in %.1fs: %s", delay, describe(exc))

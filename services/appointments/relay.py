@@ -66,7 +66,10 @@ from nats.js.api import PubAck
 from contracts.events import EventEnvelope, UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
-from services.appointments.adapters.nats.streams import describe, ensure_events_stream
+from services.appointments.adapters.nats.streams import (
+    describe,
+    ensure_events_stream_or_fail,
+)
 from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import envelope_fields
 from services.appointments.adapters.postgres.outbox import CHANNEL
@@ -77,6 +80,7 @@ from services.appointments.service_layer.ports import (
     NewEvent,
     RecordedEvent,
 )
+from services.config import ConfigError
 from services.metrics import (
     RELAY_BACKLOG,
     RELAY_DUPLICATES,
@@ -160,7 +164,7 @@ class OutboxRelay:
             raise_if_cancelling()
             try:
                 if not stream_ready:
-                    await ensure_events_stream(self._js, self._stream_replicas)
+                    await ensure_events_stream_or_fail(self._js, self._stream_replicas)
                     stream_ready = True
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):
@@ -180,6 +184,8 @@ class OutboxRelay:
                         continue
                 await self._observe_outbox()
                 await _pause(stop, self._standby_interval)
+            except ConfigError:  # JetStream refused the stream for good: exit 2
+                raise
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
                 log.warning("relay interrupted, retrying in %.1fs: %s", delay, describe(exc))

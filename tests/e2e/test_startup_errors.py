@@ -190,6 +190,32 @@ async def test_notifications_refusing_stream_replicas_is_one_line(
     assert last.startswith("clinic:") and "CLINIC_NATS_STREAM_REPLICAS=3" in last, result.stderr
 
 
+async def test_appointments_refusing_stream_replicas_exits_2_in_one_line(
+    database_url: str, nats_url: str
+) -> None:
+    """The relay and the projector cannot make or update the stream: the process exits
+    (2, as ``clinic notifications`` does), where it stayed ready and published nothing."""
+    env = clinic_env(
+        CLINIC_DATABASE_URL=database_url,
+        CLINIC_NATS_URL=nats_url,
+        CLINIC_HTTP_PORT=str(free_port()),
+        CLINIC_NATS_STREAM_REPLICAS="3",
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        clinic_command("appointments"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert_only_log_lines(result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("clinic:") and "CLINIC_NATS_STREAM_REPLICAS=3" in last, result.stderr
+
+
 def database_dsn(server_url: str, name: str) -> str:
     """``server_url`` (a DSN) with another database name."""
     base, mark, query = server_url.partition("?")

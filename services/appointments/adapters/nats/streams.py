@@ -11,6 +11,8 @@ import logging
 import math
 from typing import Final
 
+import nats.errors
+import nats.js.errors
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -23,6 +25,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from services.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +129,57 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInf
 async def ensure_events_stream(js: JetStreamContext, replicas: int | None = None) -> StreamInfo:
     """Create or update ``APPOINTMENTS``; every service that reads it calls this at start."""
     return await ensure_stream(js, events_stream_config(replicas))
+
+
+#: Refusals of the JetStream API that pass: JetStream electing its leaders (a cluster
+#: starting or recovering), a request lost in a reconnect (and :data:`PASSING_CODES`).
+#: Others (replicas on a server that is not clustered, a stream of another kind) are the
+#: configuration's.
+PASSING: Final[tuple[type[BaseException], ...]] = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+#: JetStream's own codes of refusals that pass: no suitable peers for placement (a
+#: cluster whose last nodes are still starting), insufficient resources.
+PASSING_CODES: Final = frozenset({10005, 10023})
+
+
+def refusal_passes(exc: BaseException) -> bool:
+    """Whether a failure to make or update a stream may go away by itself (retry it)."""
+    if isinstance(exc, PASSING):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in PASSING_CODES
+
+
+def stream_refused(replicas: int | None, exc: BaseException) -> ConfigError:
+    """The configuration error of JetStream refusing the streams for good."""
+    if isinstance(exc, StreamConfigConflict):
+        return ConfigError(str(exc))
+    hint = ""
+    if replicas is not None and replicas > 1:
+        hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
+    return ConfigError(
+        f"JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
+        f"{replicas or 1}): {str(exc) or type(exc).__name__}{hint}"
+    )
+
+
+async def ensure_events_stream_or_fail(
+    js: JetStreamContext, replicas: int | None = None
+) -> StreamInfo:
+    """:func:`ensure_events_stream`, a refusal that cannot pass raised as a
+    :class:`ConfigError` (the process exits 2, as ``clinic notifications`` does) instead
+    of being retried forever while the service reports ready and publishes nothing."""
+    try:
+        return await ensure_events_stream(js, replicas)
+    except Exception as exc:
+        if isinstance(exc, StreamConfigConflict) or (
+            isinstance(exc, nats.js.errors.APIError) and not refusal_passes(exc)
+        ):
+            raise stream_refused(replicas, exc) from None
+        raise
