@@ -367,13 +367,25 @@ async def appointments_container(
         )
 
 
+#: Seconds a stopping process waits for its NATS server to answer a ping before draining
+#: the connection, and then for the connection to close: a server that hangs (still
+#: "connected" until pings fail) must not hold the stop. nats-py's drain cannot be cut
+#: short (it swallows the cancellation, then flushes with a 10 s timeout), so it is only
+#: started on a server that answers.
+NATS_DRAIN_SECONDS: Final = 2
+NATS_CLOSE_SECONDS: Final = 1.0
+
+
 async def close_nats(nc: NATS) -> None:
-    """Drain the connection (finishing in-flight work), or just close it if NATS is gone.
-    Never raises: a process stopping while NATS is away still stops cleanly."""
+    """Drain the connection (finishing in-flight work), or just close it if NATS is gone
+    or does not answer. Never raises: a process stopping while NATS is away or hanging
+    still stops cleanly, and soon."""
     try:
+        await nc.flush(timeout=NATS_DRAIN_SECONDS)  # it answers: draining will not hang
         await nc.drain()
     except Exception as exc:  # draining needs a live server
         log.info("nats drain failed (%s); closing", exc or type(exc).__name__)
         # After a failed drain, close may raise too (the client is half torn down).
         with contextlib.suppress(Exception):
-            await nc.close()
+            async with asyncio.timeout(NATS_CLOSE_SECONDS):
+                await nc.close()

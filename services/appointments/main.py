@@ -151,6 +151,22 @@ async def run_appointments(settings: Settings, roles: Sequence[str], stop: async
         await run_roles(container, roles, stop)
 
 
+async def _until_stopped_or_failed(tasks: set[asyncio.Task[Any]], stop: asyncio.Event) -> None:
+    """Wait until ``stop`` is set, a role fails, or every role has returned."""
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    running: set[asyncio.Future[Any]] = set(tasks)
+    try:
+        while running and not stop.is_set():
+            done, running = await asyncio.wait(
+                running | {stopping}, return_when=asyncio.FIRST_COMPLETED
+            )
+            running.discard(stopping)
+            if any(not task.cancelled() and task.exception() for task in done - {stopping}):
+                return
+    finally:
+        stopping.cancel()
+
+
 def settle_heap() -> None:
     """Take what start-up allocated (modules, the app, pools) out of the collector's way.
 
@@ -170,8 +186,10 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
         tasks.add(asyncio.create_task(_ops(container, stop), name="ops"))
     log.info("appointments service running", extra={"roles": list(roles)})
     try:
-        done, _ = await asyncio.wait(tasks, return_when="FIRST_EXCEPTION")
+        await _until_stopped_or_failed(tasks, stop)
     finally:
+        # The grace starts now: a role slow to stop (a drain against a NATS server that
+        # hangs) is cancelled after it, whatever stopped the service.
         stop.set()
         await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
         late = [task for task in tasks if not task.done()]
@@ -179,8 +197,10 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
             task.cancel()
         if late:  # let them unwind before the container closes the pool under them
             await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
-    for task in done:
-        error = None if task.cancelled() else task.exception()
+    for task in tasks:
+        if not task.done() or task.cancelled():
+            continue
+        error = task.exception()
         if error is not None:
             if config_error_in(error) is None:  # else the command line says it in one line
                 log.error("role %s failed", task.get_name(), exc_info=error)

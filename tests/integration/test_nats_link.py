@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from nats.aio.msg import Msg
 
-from services.appointments.bootstrap import NatsLink
+from services.appointments.bootstrap import NATS_CLOSE_SECONDS, NATS_DRAIN_SECONDS, NatsLink
 from services.config import load_settings
 from services.embedded import EmbeddedNats
 from tests.support.cluster import nats_servers
@@ -70,3 +70,24 @@ async def test_a_hung_server_is_left_for_a_live_one(two_servers: list[EmbeddedNa
         assert link.is_connected
     finally:
         await link.close()
+
+
+async def test_closing_the_link_to_a_hung_server_is_bounded(nats_server: EmbeddedNats) -> None:
+    """A stopping process whose NATS server hangs (SIGSTOP: still "connected" until pings
+    fail) closes its link in seconds: draining it flushed each subscription with a 10 s
+    timeout, then the connection with another, and held SIGTERM's stop for 20 s or more."""
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": nats_server.url}), "link-test")
+    nc = await asyncio.wait_for(link.wait(), 10)
+    js = nc.jetstream()
+    await js.add_stream(name="HUNG", subjects=["hung.>"])
+    await (await js.publish_async("hung.1", b"x"))  # the relay's reply inbox subscription
+    await nc.subscribe("hung-endpoint")  # the service API's endpoints
+    nats_server.pause()
+    try:
+        started = time.monotonic()
+        await link.close()
+        took = time.monotonic() - started
+    finally:
+        nats_server.resume()
+    assert nc.is_closed
+    assert took < NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
