@@ -9,6 +9,12 @@ On email the worker marks the hand-over: just before a message goes to the SMTP 
 (after the directory lookup and the connection) it records, durably and only if the claim
 is still its own, that the message is leaving. A worker that vanished before that mark sent
 nothing, so its deliveries are simply sent again; only those it marked are in doubt.
+
+Every outcome (sent, retry, failed, skipped) is written only under the claim it belongs to
+(the row still ``sending`` with that claim's ``attempts``): a worker whose lease ran out
+while another worker claimed the delivery again writes nothing over that one's claim (it
+would erase its hand-over mark, or undo what it recorded); it logs the lost claim and moves
+on.
 """
 
 from __future__ import annotations
@@ -119,19 +125,18 @@ class DeliveryWorker:
         n = claimed.notification
         now = self._clock()
         if claimed.in_doubt and not self._may_resend(claimed, now):
-            await self._record(
+            if await self._settle(
+                claimed,
                 self._store.finish,
-                n.notification_id,
-                self.channel,
                 "failed",
                 "in doubt: a worker stopped while sending it; not resent, to send at most once",
-            )
-            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+            ):
+                NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
         if claimed.outdated is not None:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead.
-            await self._skip(n, claimed.outdated)
+            await self._skip(claimed, claimed.outdated)
             return
         try:
             skipped = await self._send(claimed, n.sent(now))
@@ -151,9 +156,8 @@ class DeliveryWorker:
             return
         await self._hooks.after_send(self.channel, n.notification_id)
         if skipped is not None:
-            await self._skip(n, skipped)
-        else:
-            await self._record(self._store.sent, n.notification_id, self.channel, now)
+            await self._skip(claimed, skipped)
+        elif await self._settle(claimed, self._store.sent, now):
             self._settled(n, "sent")
 
     async def _send(self, claimed: ClaimedDelivery, notification: Notification) -> str | None:
@@ -175,9 +179,27 @@ class DeliveryWorker:
         await hand_over()
         return await self._channel.send(notification)
 
-    async def _skip(self, n: PlannedNotification, reason: str) -> None:
-        await self._record(self._store.finish, n.notification_id, self.channel, "skipped", reason)
-        self._settled(n, "skipped", reason=reason)
+    async def _skip(self, claimed: ClaimedDelivery, reason: str) -> None:
+        if await self._settle(claimed, self._store.finish, "skipped", reason):
+            self._settled(claimed.notification, "skipped", reason=reason)
+
+    async def _settle(
+        self, claimed: ClaimedDelivery, write: Callable[..., Awaitable[bool]], *args: object
+    ) -> bool:
+        """Write an outcome of ``claimed`` (``write(notification_id, channel, attempts,
+        *args)``), only if the claim is still this worker's. If it is not (its lease ran
+        out and another worker claimed the delivery, or recorded it), nothing is written:
+        that is no error to retry, the delivery is the other worker's; False."""
+        n = claimed.notification
+        if await self._record(write, n.notification_id, self.channel, claimed.attempts, *args):
+            return True
+        log.warning(
+            "%s: claim lost: lease ran out, another worker holds the delivery; "
+            "outcome not recorded here",
+            self.channel,
+            extra={"notification_id": str(n.notification_id), "attempts": claimed.attempts},
+        )
+        return False
 
     def _settled(self, n: PlannedNotification, outcome: str, **extra: str) -> None:
         """Count and log a delivery recorded ``sent`` or ``skipped``."""
@@ -203,15 +225,13 @@ class DeliveryWorker:
         }
         if permanent or claimed.attempts >= self._tuning.max_attempts:
             log.warning("delivery failed for good", extra=extra)
-            NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
-            await self._record(
-                self._store.finish, n.notification_id, self.channel, "failed", reason
-            )
+            if await self._settle(claimed, self._store.finish, "failed", reason):
+                NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
         log.info("delivery failed, will retry", extra=extra)
-        NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
         retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
-        await self._record(self._store.retry, n.notification_id, self.channel, retry_at, reason)
+        if await self._settle(claimed, self._store.retry, retry_at, reason):
+            NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
 
     async def _record(self, write: Callable[..., Awaitable[_T]], *args: object) -> _T:
         """Write an outcome (or the hand-over mark), riding out a short database outage;

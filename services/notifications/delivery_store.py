@@ -8,6 +8,10 @@ on the way; it is claimed again. Where the worker marks the hand-over (email: ph
 so marked may have been sent: it comes back ``in_doubt``, for the worker to decide whether
 resending is safe; one still ``claimed`` never left and is simply sent. On other channels
 (push) every such row comes back in doubt.
+
+Each claim counts an attempt, so ``attempts`` names the claim: the hand-over mark and every
+outcome (sent, retry, failed, skipped) are written only while the row is still ``sending``
+under the claim they belong to, never over a later worker's claim or its record.
 """
 
 from __future__ import annotations
@@ -146,41 +150,72 @@ class DeliveryStore:
         )
         return bool(status == "UPDATE 1")
 
-    async def sent(self, notification_id: UUID, channel: Channel, at: datetime) -> None:
-        """The notification went out on ``channel``."""
-        await self._pool.execute(
+    async def sent(
+        self, notification_id: UUID, channel: Channel, attempts: int, at: datetime
+    ) -> bool:
+        """The notification of this claim (the ``attempts``-th) went out on ``channel``.
+        False if the claim is no longer this worker's: nothing is written (see
+        :meth:`handing_over`; the same holds for every outcome of a claim)."""
+        return await self._settle(
             """UPDATE notification_deliveries
-               SET status = 'sent', sent_at = $3, last_error = NULL
-               WHERE notification_id = $1 AND channel = $2""",
+               SET status = 'sent', sent_at = $4, last_error = NULL""",
             notification_id,
             channel,
+            attempts,
             at,
         )
 
     async def retry(
-        self, notification_id: UUID, channel: Channel, at: datetime, error: str
-    ) -> None:
-        """A transient failure (the message was not taken): try again at ``at``."""
-        await self._pool.execute(
+        self, notification_id: UUID, channel: Channel, attempts: int, at: datetime, error: str
+    ) -> bool:
+        """A transient failure of this claim (the message was not taken): try again at
+        ``at``. False, and nothing written, if the claim is no longer this worker's: a
+        worker whose lease ran out must not put back, as never handed over, a delivery
+        another worker holds (and may have marked as being handed over) or recorded."""
+        return await self._settle(
             """UPDATE notification_deliveries
-               SET status = 'pending', next_attempt_at = $3, last_error = $4,
-                   sending_phase = NULL
-               WHERE notification_id = $1 AND channel = $2""",
+               SET status = 'pending', next_attempt_at = $4, last_error = $5,
+                   sending_phase = NULL""",
             notification_id,
             channel,
+            attempts,
             at,
             error,
         )
 
     async def finish(
-        self, notification_id: UUID, channel: Channel, status: str, reason: str
-    ) -> None:
-        """Give up on the delivery for good: ``failed`` or ``skipped``, saying why."""
-        await self._pool.execute(
-            """UPDATE notification_deliveries SET status = $3, last_error = $4
-               WHERE notification_id = $1 AND channel = $2""",
+        self, notification_id: UUID, channel: Channel, attempts: int, status: str, reason: str
+    ) -> bool:
+        """Give up on the delivery of this claim for good: ``failed`` or ``skipped``, saying
+        why. False, and nothing written, if the claim is no longer this worker's."""
+        return await self._settle(
+            "UPDATE notification_deliveries SET status = $4, last_error = $5",
             notification_id,
             channel,
+            attempts,
             status,
             reason,
         )
+
+    async def _settle(
+        self,
+        update: str,
+        notification_id: UUID,
+        channel: Channel,
+        attempts: int,
+        *values: object,
+    ) -> bool:
+        """Run ``update`` (its values from ``$4``) on the delivery only while it is still
+        ``sending`` under the claim that counted ``attempts``: every claim counts one, so a
+        worker whose lease ran out and whose delivery another worker claimed again (or
+        recorded) writes nothing over that worker's claim. True if it was written."""
+        status = await self._pool.execute(
+            f"""{update}
+               WHERE notification_id = $1 AND channel = $2 AND status = 'sending'
+                 AND attempts = $3""",
+            notification_id,
+            channel,
+            attempts,
+            *values,
+        )
+        return bool(status == "UPDATE 1")

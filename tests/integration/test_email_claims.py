@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ from typing import Any, cast
 
 import asyncpg
 import nats
+import pytest
 
 from contracts.notifications import DirectoryContactReply
 from services.embedded import EmbeddedNats
@@ -26,7 +29,7 @@ from services.notifications.directory import Directory
 from services.notifications.domain import PlannedNotification
 from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.runtime import Hooks
-from services.notifications.store import NotificationStore
+from services.notifications.store import Channel, NotificationStore
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
     Booking,
@@ -131,17 +134,20 @@ async def test_an_email_its_worker_was_killed_handing_over_is_never_sent_again(
 
 
 class _GatedDirectory:
-    """The directory port: answers at once, or (``gate``) once the test lets it."""
+    """The directory port: answers at once, or (``gate``) once the test lets it; with an
+    address, or (not ``known``) with none."""
 
-    def __init__(self, gate: asyncio.Event | None = None) -> None:
+    def __init__(self, gate: asyncio.Event | None = None, *, known: bool = True) -> None:
         self.gate = gate
+        self.known = known
         self.waiting = asyncio.Event()
 
     async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
         if self.gate is not None:
             self.waiting.set()
             await self.gate.wait()
-        return DirectoryContactReply(email=f"{user_id}@example.test", locale="en")
+        email = f"{user_id}@example.test" if self.known else None
+        return DirectoryContactReply(email=email, locale="en")
 
 
 def _planned() -> PlannedNotification:
@@ -159,16 +165,26 @@ def _planned() -> PlannedNotification:
 
 
 @contextlib.asynccontextmanager
-async def _outbox(database_url: str, count: int = 1) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on a database holding ``count`` pending emails due at NOW."""
+async def _outbox(
+    database_url: str, count: int = 1, channel: Channel = "email"
+) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database holding ``count`` pending emails (or ``channel``) due at NOW."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     assert pool is not None
     try:
         async with NotificationStore(pool).transaction() as tx:
-            await tx.add_notifications([_planned() for _ in range(count)], ["email"], NOW)
+            await tx.add_notifications([_planned() for _ in range(count)], [channel], NOW)
         yield pool
     finally:
         await pool.close()
+
+
+def _refused_port() -> int:
+    """A local port nothing listens on (a connection to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _email_worker(
@@ -215,6 +231,148 @@ async def test_the_hand_over_mark_belongs_to_the_claim(database_url: str) -> Non
             at = NOW + step * (TEST_TUNING.lease + timedelta(seconds=1))
             (again,) = await store.claim("email", at, at + TEST_TUNING.lease, 10)
             assert again.in_doubt
+
+
+# ------------------------------------------------- every outcome belongs to the claim
+
+
+async def _delivery(pool: asyncpg.Pool) -> tuple[str, str | None, int]:
+    row = await pool.fetchrow("SELECT status, sending_phase, attempts FROM notification_deliveries")
+    assert row is not None
+    return row["status"], row["sending_phase"], row["attempts"]
+
+
+async def test_a_lost_claim_writes_no_outcome_over_the_claim_that_holds_it(
+    database_url: str,
+) -> None:
+    """The first claim's lease ran out and a second one marked the hand-over: the first
+    worker's outcome, whatever it is, must not erase that mark (a retry would make the
+    email look never handed over, and the next claim send it a second time)."""
+    async with _outbox(database_url) as pool:
+        store = DeliveryStore(pool)
+        (old,) = await store.claim("email", NOW, NOW + TEST_TUNING.lease, 10)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        (new,) = await store.claim("email", later, later + TEST_TUNING.lease, 10)
+        n = new.notification.notification_id
+        assert await store.handing_over(n, "email", new.attempts)
+        held = ("sending", "handing-over", new.attempts)
+
+        assert not await store.retry(n, "email", old.attempts, later, "connection refused")
+        assert await _delivery(pool) == held
+        assert not await store.finish(n, "email", old.attempts, "skipped", "no email address")
+        assert not await store.finish(n, "email", old.attempts, "failed", "550 no such user")
+        assert await _delivery(pool) == held
+        assert not await store.sent(n, "email", old.attempts, later)
+        assert await _delivery(pool) == held
+        assert await pool.fetchval("SELECT last_error FROM notification_deliveries") is None
+
+        # The second worker dies now: the next claim finds the email in doubt.
+        at = later + TEST_TUNING.lease + timedelta(seconds=1)
+        (third,) = await store.claim("email", at, at + TEST_TUNING.lease, 10)
+        assert third.in_doubt
+
+
+async def test_the_claim_that_holds_a_delivery_records_its_outcome_once(
+    database_url: str,
+) -> None:
+    async with _outbox(database_url, count=3) as pool:
+        store = DeliveryStore(pool)
+        old = await store.claim("email", NOW, NOW + TEST_TUNING.lease, 10)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        new = {
+            c.notification.notification_id: c
+            for c in await store.claim("email", later, later + TEST_TUNING.lease, 10)
+        }
+        sent, retried, failed = (c.notification.notification_id for c in old)
+        for n in (sent, retried, failed):
+            assert await store.handing_over(n, "email", new[n].attempts)
+        assert await store.sent(sent, "email", new[sent].attempts, later)
+        assert await store.retry(retried, "email", new[retried].attempts, later, "451")
+        assert await store.finish(failed, "email", new[failed].attempts, "failed", "550")
+        # Recorded: a write of either claim now changes nothing.
+        for claimed in old:
+            n = claimed.notification.notification_id
+            for claim in (claimed.attempts, new[n].attempts):
+                assert not await store.finish(n, "email", claim, "skipped", "after the news")
+                assert not await store.sent(n, "email", claim, later)
+                assert not await store.retry(n, "email", claim, later, "connection refused")
+        rows = {
+            r["notification_id"]: (r["status"], r["sending_phase"], r["last_error"])
+            for r in await pool.fetch("SELECT * FROM notification_deliveries")
+        }
+        assert rows == {
+            sent: ("sent", "handing-over", None),
+            retried: ("pending", None, "451"),
+            failed: ("failed", "handing-over", "550"),
+        }
+
+
+async def test_a_lost_push_claim_writes_no_outcome_either(database_url: str) -> None:
+    """Push marks no hand-over, but its claims count attempts all the same: the first
+    worker's outcome does not undo the second's claim, nor what the second recorded."""
+    async with _outbox(database_url, channel="push") as pool:
+        store = DeliveryStore(pool)
+        (old,) = await store.claim("push", NOW, NOW + TEST_TUNING.lease, 10)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        (new,) = await store.claim("push", later, later + TEST_TUNING.lease, 10)
+        assert new.in_doubt  # push: as before
+        n = new.notification.notification_id
+        assert not await store.retry(n, "push", old.attempts, later, "stream unavailable")
+        assert not await store.finish(n, "push", old.attempts, "failed", "in doubt")
+        assert await _delivery(pool) == ("sending", "claimed", new.attempts)
+        assert await store.sent(n, "push", new.attempts, later)
+        assert not await store.finish(n, "push", old.attempts, "skipped", "after the news")
+        assert await _delivery(pool) == ("sent", "claimed", new.attempts)
+
+
+async def test_a_worker_whose_lease_ran_out_leaves_the_hand_over_of_another_in_place(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's case: worker A waits on the directory past its lease; worker B claims
+    the email and marks it as being handed over; A's SMTP connection then fails. A's retry
+    must not reset the row to pending: B may have sent it, and once B dies, worker C would
+    take it for never handed over and send it again."""
+    async with _outbox(database_url) as pool:
+        slow = _GatedDirectory(asyncio.Event())
+        nowhere = f"smtp://127.0.0.1:{_refused_port()}"
+        first = asyncio.create_task(_email_worker(pool, slow, nowhere, NOW).deliver_due())
+        await asyncio.wait_for(slow.waiting.wait(), 10)
+        store = DeliveryStore(pool)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        (b,) = await store.claim("email", later, later + TEST_TUNING.lease, 10)
+        assert await store.handing_over(b.notification.notification_id, "email", b.attempts)
+        assert slow.gate is not None
+        with caplog.at_level(logging.WARNING, logger="services.notifications.delivery"):
+            slow.gate.set()
+            assert await asyncio.wait_for(first, 10) == 1  # A's connection was refused
+        assert await _delivery(pool) == ("sending", "handing-over", b.attempts)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("claim lost" in m for m in messages), messages
+        assert not any("could not record" in m for m in messages), messages
+        # B dies: C finds the email in doubt, records it failed and sends nothing.
+        at = later + TEST_TUNING.lease + timedelta(seconds=1)
+        assert await _email_worker(pool, _GatedDirectory(), nowhere, at).deliver_due() == 1
+        row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
+        assert row is not None and row["status"] == "failed"
+        assert row["last_error"].startswith("in doubt")
+
+
+async def test_a_worker_whose_lease_ran_out_does_not_skip_what_another_sent(
+    database_url: str, smtp: tuple[SmtpSink, str]
+) -> None:
+    sink, smtp_url = smtp
+    async with _outbox(database_url) as pool:
+        slow = _GatedDirectory(asyncio.Event(), known=False)  # "no email address known"
+        first = asyncio.create_task(_email_worker(pool, slow, smtp_url, NOW).deliver_due())
+        await asyncio.wait_for(slow.waiting.wait(), 10)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        assert await _email_worker(pool, _GatedDirectory(), smtp_url, later).deliver_due() == 1
+        assert len(sink.messages) == 1
+        assert slow.gate is not None
+        slow.gate.set()
+        assert await asyncio.wait_for(first, 10) == 1  # its skip comes too late
+        row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
+        assert row is not None and (row["status"], row["last_error"]) == ("sent", None)
 
 
 # ------------------------------------------------------------------- a NATS outage

@@ -5,14 +5,17 @@ NATS connection is down is a failure worth a retry, not "no email address"."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import msgspec
 import nats.errors
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.notifications import DirectoryContactReply, Notification
 from services.notifications.channels import DeliveryFailed
@@ -87,6 +90,10 @@ class _Outbox:
         self.mark_error: Exception | None = None
         self.marks: list[tuple[uuid.UUID, str, int]] = []
         self.recorded: list[str] = []
+        self.outcome_claims: list[int] = []
+        """The claim (``attempts``) each outcome was written for."""
+        self.outcome_ours = True
+        """Whether an outcome write still finds the claim this worker's."""
 
     async def claim(self, *_: object) -> list[ClaimedDelivery]:
         due, self.due = self.due, []
@@ -99,14 +106,20 @@ class _Outbox:
         self.marks.append((notification_id, channel, attempts))
         return self.claim_ours
 
-    async def sent(self, *_: object) -> None:
-        self.recorded.append("sent")
+    async def sent(self, _: uuid.UUID, __: str, attempts: int, *___: object) -> bool:
+        return self._outcome("sent", attempts)
 
-    async def retry(self, *_: object) -> None:
-        self.recorded.append("retry")
+    async def retry(self, _: uuid.UUID, __: str, attempts: int, *___: object) -> bool:
+        return self._outcome("retry", attempts)
 
-    async def finish(self, _: uuid.UUID, __: str, status: str, *___: object) -> None:
-        self.recorded.append(status)
+    async def finish(self, _: uuid.UUID, __: str, attempts: int, status: str, *___: object) -> bool:
+        return self._outcome(status, attempts)
+
+    def _outcome(self, outcome: str, attempts: int) -> bool:
+        self.outcome_claims.append(attempts)
+        if self.outcome_ours:
+            self.recorded.append(outcome)
+        return self.outcome_ours
 
 
 class _MarkingEmail:
@@ -194,6 +207,94 @@ async def test_push_marks_nothing() -> None:
     assert steps == ["send"]
     assert outbox.marks == []
     assert outbox.recorded == ["sent"]
+
+
+# -------------------------------------------------------- every outcome is the claim's
+
+
+class _Outcome:
+    """A channel whose send ends one way: sent, skipped (a reason), or a failure."""
+
+    def __init__(self, name: str, result: str | DeliveryFailed | None) -> None:
+        self.name = name
+        self.result = result
+        self.sent: list[Notification] = []
+
+    async def send(self, notification: Notification) -> str | None:
+        if isinstance(self.result, DeliveryFailed):
+            raise self.result
+        self.sent.append(notification)
+        return self.result
+
+
+#: How a delivery ends, what the worker writes for it, and the counter that says so.
+_ENDINGS: list[tuple[str, dict[str, Any], str | DeliveryFailed | None, str, str]] = [
+    ("sent", {}, None, "sent", "sent"),
+    ("retry", {}, DeliveryFailed("connection refused", permanent=False), "retry", "retried"),
+    ("failed", {}, DeliveryFailed("550 no such user", permanent=True), "failed", "failed"),
+    ("skipped by the channel", {}, "no email address known", "skipped", "skipped"),
+    ("in doubt", {"in_doubt": True}, None, "failed", "failed"),
+    ("outdated", {"outdated": "after AppointmentCancelled"}, None, "skipped", "skipped"),
+]
+
+
+def _count(kind: str, channel: str, result: str) -> float:
+    labels = {"kind": kind, "channel": channel, "result": result}
+    return REGISTRY.get_sample_value("clinic_notifications_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("channel", ["email", "push"])
+@pytest.mark.parametrize(
+    ("claimed", "result", "written", "counted"),
+    [ending[1:] for ending in _ENDINGS],
+    ids=[ending[0] for ending in _ENDINGS],
+)
+async def test_every_outcome_is_written_for_the_claim_it_ends(
+    channel: str,
+    claimed: dict[str, Any],
+    result: str | DeliveryFailed | None,
+    written: str,
+    counted: str,
+) -> None:
+    outbox = _Outbox(channel, [])
+    outbox.due = [msgspec.structs.replace(outbox.due[0], **claimed)]
+    before = _count(outbox.notification.kind, channel, counted)
+    assert await _worker(outbox, _Outcome(channel, result)).deliver_due() == 1
+    assert outbox.recorded == [written]
+    assert outbox.outcome_claims == [3]  # this claim's attempts
+    assert _count(outbox.notification.kind, channel, counted) == before + 1
+
+
+@pytest.mark.parametrize("channel", ["email", "push"])
+@pytest.mark.parametrize(
+    ("claimed", "result", "written", "counted"),
+    [ending[1:] for ending in _ENDINGS],
+    ids=[ending[0] for ending in _ENDINGS],
+)
+async def test_an_outcome_of_a_lost_claim_is_logged_and_given_up_not_retried(
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+    claimed: dict[str, Any],
+    result: str | DeliveryFailed | None,
+    written: str,
+    counted: str,
+) -> None:
+    """Its lease ran out and another worker claimed the delivery (or recorded it): the
+    store writes nothing; the worker says so and moves on, counting no outcome."""
+    outbox = _Outbox(channel, [])
+    outbox.due = [msgspec.structs.replace(outbox.due[0], **claimed)]
+    outbox.outcome_ours = False
+    kind = outbox.notification.kind
+    before = _count(kind, channel, counted)
+    with caplog.at_level(logging.INFO, logger="services.notifications.delivery"):
+        assert await _worker(outbox, _Outcome(channel, result)).deliver_due() == 1
+    assert outbox.recorded == []
+    assert outbox.outcome_claims == [3]  # asked once, not again and again
+    assert _count(kind, channel, counted) == before
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w for w in warnings if "claim lost" in w] != []
+    assert [w for w in warnings if "could not record" in w] == []
+    assert all(r.exc_info is None for r in caplog.records)
 
 
 # ------------------------------------------------------------- the email channel's order
