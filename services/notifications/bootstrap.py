@@ -26,7 +26,7 @@ from services.notifications.channels import (
     PushChannel,
     notifications_stream_config,
 )
-from services.notifications.consumer import EventConsumer, JetStreamPosition, ensure_consumer
+from services.notifications.consumer import EventConsumer, JetStreamEndings, ensure_consumer
 from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import DeliveryStore
 from services.notifications.directory import Directory
@@ -128,9 +128,7 @@ async def notification_service(
         pool=pool,
         nats=nc,
         consumer=EventConsumer(js, handler, store, tuning, hooks, wake),
-        scheduler=ReminderScheduler(
-            store, JetStreamPosition(js, tuning), clock, channels, tuning, wake
-        ),
+        scheduler=ReminderScheduler(store, JetStreamEndings(js), clock, channels, tuning, wake),
         workers=workers,
         wakeups=wakeups,
     )

@@ -15,15 +15,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
+from uuid import UUID
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
-from contracts.subjects import EVENTS_STREAM
+from contracts.subjects import EVENTS_STREAM, event_subject
 from services.metrics import CONSUMER_REDELIVERIES
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
@@ -63,31 +65,48 @@ async def ensure_consumer(js: JetStreamContext, tuning: Tuning) -> ConsumerInfo:
     return await js.add_consumer(EVENTS_STREAM, consumer_config(tuning))
 
 
-class JetStreamPosition:
-    """Where the ``APPOINTMENTS`` stream and the durable consumer are, asked of JetStream
-    (the reminder scheduler's :class:`~services.notifications.reminders.StreamPosition`).
+#: JetStream's code of "no message found" (a 404 like "stream not found", 10059).
+_NO_MESSAGE: Final = 10037
 
-    The consumer's ack floor is the last stream sequence up to which every message was
-    acknowledged (applied, skipped, or parked and terminated), whichever instance did it;
-    a message handed back (``nak``) holds it. Every JetStream version answers with it."""
+#: The events that end an appointment: its reminders are never sent after either.
+_ENDING_KINDS: Final = ("cancelled", "started")
 
-    def __init__(self, js: JetStreamContext, tuning: Tuning) -> None:
+
+class JetStreamEndings:
+    """Whether the ``APPOINTMENTS`` stream holds a cancel or a start of an appointment,
+    asked of JetStream (the reminder scheduler's
+    :class:`~services.notifications.reminders.Endings`).
+
+    Asks for the last message on each exact subject of those events (no wildcards: every
+    JetStream version answers such a question), whether or not the consumer has processed
+    it. "No message found" is a no; anything else (NATS unreachable, the stream missing)
+    raises."""
+
+    def __init__(self, js: JetStreamContext) -> None:
         self._js = js
-        self._tuning = tuning
 
-    async def published(self) -> int:
-        """The stream's last sequence."""
-        info = await self._js.stream_info(EVENTS_STREAM)
-        return int(info.state.last_seq or 0)
+    async def ended(self, clinic_id: UUID, appointment_id: UUID) -> bool:
+        """Whether a cancel or a start of the appointment is on the stream."""
+        found = await asyncio.gather(
+            *(
+                self._on_stream(event_subject(clinic_id, appointment_id, kind))
+                for kind in _ENDING_KINDS
+            ),
+            return_exceptions=True,
+        )
+        for answer in found:
+            if isinstance(answer, BaseException):
+                raise answer
+        return any(found)
 
-    async def processed(self, sequence: int) -> bool:
-        """Whether every message up to ``sequence`` has been acknowledged: the ack floor
-        has reached it, or nothing is left to deliver nor waits for an ack."""
-        info = await self._js.consumer_info(EVENTS_STREAM, self._tuning.consumer_name)
-        floor = info.ack_floor.stream_seq if info.ack_floor is not None else None
-        if floor is not None and floor >= sequence:
-            return True
-        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+    async def _on_stream(self, subject: str) -> bool:
+        try:
+            await self._js.get_last_msg(EVENTS_STREAM, subject)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _NO_MESSAGE:
+                return False
+            raise
+        return True
 
 
 class EventConsumer:

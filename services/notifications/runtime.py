@@ -52,11 +52,6 @@ class Tuning:
     #: How often idle workers look for due timers and deliveries (seconds).
     poll_interval: float = 1.0
     timer_batch: int = 100
-    #: While due timers wait for the consumer to reach the stream's mark, how often the
-    #: scheduler asks NATS where the consumer is, at most (seconds).
-    gate_check_interval: float = 0.2
-    #: Timers held back this long by a consumer that does not reach the mark are logged.
-    gate_warn_after: float = 60.0
     delivery_batch: int = 20
     #: How long a claimed delivery stays with its worker before it counts as abandoned.
     lease: timedelta = timedelta(seconds=60)

@@ -238,14 +238,6 @@ class NotificationStore:
         async with self._pool.acquire() as conn, conn.transaction():
             yield StoreTransaction(conn)
 
-    async def any_timer_due(self, now: datetime) -> bool:
-        """Whether some timer is due at ``now`` (a look without locks: the scheduler asks
-        NATS where the consumer is only when there is something to fire)."""
-        due: bool = await self._pool.fetchval(
-            "SELECT EXISTS (SELECT FROM notification_timers WHERE due_at <= $1)", now
-        )
-        return due
-
     async def park(
         self, stream_sequence: int, subject: str, data: bytes, reason: str, deliveries: int
     ) -> None:

@@ -1,19 +1,23 @@
-"""Reminder timers against a real NATS and PostgreSQL: a timer fires only once the
-service's consumer has processed the APPOINTMENTS stream up to when it was due, so a
-cancel or start that is still on the stream (a restart with a backlog, an event ahead of
-its booking) always wins; a steady load never starves the timers; and a 24 h reminder that
-goes out late says the day right."""
+"""Reminder timers against a real NATS and PostgreSQL: a timer never fires for an
+appointment whose cancel or start is on the APPOINTMENTS stream, applied by the consumer
+or not (a restart with a backlog, an event ahead of its booking); the stream is asked per
+appointment, so an event the consumer keeps handing back delays no other appointment's
+reminders; a steady load never starves the timers; and a 24 h reminder that goes out
+late says the day right."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from contracts.subjects import EVENTS_STREAM
 from tests.integration.test_notifications_harness import (
+    TEST_TUNING,
     Booking,
     Clinic,
     clinic,
@@ -74,12 +78,13 @@ async def test_news_published_while_the_service_was_down_beats_its_reminders(
     assert await clinic.db.fetchval(timers, booking.appointment_id) == 0
 
 
-async def test_a_cancel_handed_back_ahead_of_its_booking_holds_the_timers_until_it_applies(
+async def test_a_cancel_handed_back_ahead_of_its_booking_means_no_visit_ready(
     clinic: Clinic,
 ) -> None:
     """The cancel reaches the stream before its booking (which is booked inside its start
-    window, so its visit-ready is due at once): the consumer hands the cancel back, applies
-    the booking, and only the cancel's redelivery may let the timer go, to be dropped."""
+    window, so its visit-ready is due at once): the consumer hands the cancel back and
+    applies the booking; the timer, due at once, is dropped since the cancel is on the
+    stream, and the cancel's redelivery announces the cancellation."""
     booking = Booking()
     clinic.know(booking)
     clinic.clock.now = WINDOW_OPENS + timedelta(minutes=1)
@@ -92,6 +97,37 @@ async def test_a_cancel_handed_back_ahead_of_its_booking_holds_the_timers_until_
     assert await _pushed(clinic, booking, "visit-ready") == []
     assert await _visit_ready(clinic, booking) == []
     assert await _pushed(clinic, booking, "appointment-cancelled") == ["Visit cancelled"] * 2
+
+
+async def test_a_cancel_handed_back_again_and_again_delays_no_other_appointment(
+    clinic: Clinic,
+) -> None:
+    """A cancel of an appointment never booked here (its booking lost, say) is handed back
+    delivery after delivery, for minutes before it is parked: an unrelated appointment's
+    visit-ready still goes out within a poll or two of being due."""
+    tuning = replace(TEST_TUNING, redelivery_backoff=(1.0, 120.0), max_deliver=10)
+    booking, orphan = Booking(), Booking()
+    clinic.know(booking)
+    async with clinic.running(tuning=tuning):
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+        await clinic.publish(orphan.cancelled(clinic.clock(), orphan.patient), orphan.clinic_id)
+        await eventually(lambda: _handed_back_again(clinic), what="the cancel handed back")
+        clinic.clock.now = WINDOW_OPENS
+        due = time.monotonic()
+        await eventually(lambda: _has_visit_ready(clinic, booking), within=10.0, what="visit-ready")
+        waited = time.monotonic() - due
+        info = await clinic.js.consumer_info(EVENTS_STREAM, tuning.consumer_name)
+        assert info.num_ack_pending == 1  # the cancel is still handed back, not parked
+    assert waited < 2.0
+    assert await _pushed(clinic, booking, "visit-ready") == ["Your visit can start now"]
+    parked = await clinic.db.fetchval("SELECT count(*) FROM notification_parked_messages")
+    assert parked == 0
+
+
+async def _handed_back_again(clinic: Clinic) -> bool:
+    info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+    return bool(info.num_redelivered and info.num_ack_pending)
 
 
 async def test_a_steady_load_does_not_starve_the_timers(clinic: Clinic) -> None:

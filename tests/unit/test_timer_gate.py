@@ -1,20 +1,28 @@
-"""Reminder timers fire only once the consumer has caught up with the stream (a cancel or
-start still on it wins), and a late 24 h reminder is worded for the day it goes out.
+"""Reminder timers never fire for an appointment whose cancel or start is on the
+APPOINTMENTS stream, applied by the consumer or not (asked per appointment, so one event
+handed back holds no other appointment's reminders); and a late 24 h reminder is worded
+for the day it goes out.
 
-The scheduler runs on hand-written fakes of its ports: a timers table and a stream
-position."""
+The scheduler runs on hand-written fakes of its ports: a timers table and the stream's
+endings."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 
+from contracts.subjects import EVENTS_STREAM, event_subject
 from services.notifications import messages
+from services.notifications.consumer import JetStreamEndings
 from services.notifications.domain import Appointment, PlannedNotification, Timer, on_timer
 from services.notifications.reminders import ReminderScheduler
 from services.notifications.runtime import Tuning
@@ -22,7 +30,7 @@ from services.notifications.runtime import Tuning
 #: Tue 15 Jan 2030, 14:00 UTC: 15:00 in Berlin.
 STARTS_AT = datetime(2030, 1, 15, 14, 0, tzinfo=UTC)
 WINDOW_OPENS = STARTS_AT - timedelta(minutes=15)
-TUNING = Tuning(gate_check_interval=0.0)
+TUNING = Tuning()
 
 
 def appointment(starts_at: datetime = STARTS_AT, timezone: str = "Europe/Berlin") -> Appointment:
@@ -50,54 +58,58 @@ def ready_timer(a: Appointment) -> Timer:
 
 
 class FakeTimers:
-    """The timers table: claims what is due, deletes what fired."""
+    """The timers table: claims what is due, deletes what fired; counts its transactions
+    and what each wrote."""
 
     def __init__(self, *timers: tuple[Appointment, Timer]) -> None:
         self.timers = list(timers)
         self.notifications: list[PlannedNotification] = []
-        self.claimed_by: list[datetime] = []
-
-    async def any_timer_due(self, now: datetime) -> bool:
-        return any(t.due_at <= now for _, t in self.timers)
+        self.writes = 0
+        self.transactions = 0
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[FakeTimers]:
+        self.transactions += 1
         yield self
 
     async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
-        self.claimed_by.append(now)
         return [(a, t) for a, t in self.timers if t.due_at <= now][:limit]
 
     async def add_notifications(
         self, planned: Sequence[PlannedNotification], channels: Any, now: datetime
     ) -> int:
+        self.writes += 1
         self.notifications.extend(planned)
         return len(planned)
 
     async def delete_timer(self, timer: Timer) -> None:
+        self.writes += 1
         self.timers = [(a, t) for a, t in self.timers if t != timer]
 
 
-class FakePosition:
-    """The stream's last sequence and the consumer's ack floor, moved by the test; ``down``
-    makes every question fail as NATS unreachable would."""
+class FakeEndings:
+    """The stream's cancels and starts, by appointment; ``down`` makes every question fail
+    as an unreachable NATS would, ``failing`` only those about some appointments."""
 
-    def __init__(self, last: int = 0, floor: int = 0) -> None:
-        self.last = last
-        self.floor = floor
+    def __init__(self, *ended: Appointment) -> None:
+        self.ended_ids = {a.appointment_id for a in ended}
         self.down = False
-        self.asked: list[int] = []
+        self.failing: set[uuid.UUID] = set()
+        self.asked: list[tuple[uuid.UUID, uuid.UUID]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
 
-    async def published(self) -> int:
-        if self.down:
-            raise ConnectionRefusedError("nats down")
-        return self.last
-
-    async def processed(self, sequence: int) -> bool:
-        if self.down:
-            raise ConnectionRefusedError("nats down")
-        self.asked.append(sequence)
-        return self.floor >= sequence
+    async def ended(self, clinic_id: uuid.UUID, appointment_id: uuid.UUID) -> bool:
+        self.asked.append((clinic_id, appointment_id))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)  # a round trip: concurrent questions overlap
+            if self.down or appointment_id in self.failing:
+                raise nats.errors.ConnectionReconnectingError
+            return appointment_id in self.ended_ids
+        finally:
+            self.in_flight -= 1
 
 
 class Clock:
@@ -109,114 +121,186 @@ class Clock:
 
 
 def scheduler(
-    timers: FakeTimers, position: FakePosition, clock: Clock, tuning: Tuning = TUNING
+    timers: FakeTimers, endings: FakeEndings, clock: Clock, tuning: Tuning = TUNING
 ) -> ReminderScheduler:
-    return ReminderScheduler(timers, position, clock, ["push"], tuning, lambda: None)  # type: ignore[arg-type]
+    return ReminderScheduler(timers, endings, clock, ["push"], tuning, lambda: None)  # type: ignore[arg-type]
 
 
-async def test_a_due_timer_waits_until_the_consumer_has_processed_the_stream_up_to_now() -> None:
+async def test_the_timer_of_an_appointment_ended_on_the_stream_is_dropped_not_sent() -> None:
+    """Its cancel (or start) is on the stream, the consumer has not applied it yet (a
+    backlog, a restart, a cancel ahead of its booking): the timer goes, nothing is sent."""
+    ended, live = appointment(), appointment()
+    timers = FakeTimers((ended, ready_timer(ended)), (live, ready_timer(live)))
+    endings = FakeEndings(ended)
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS + timedelta(minutes=2)))
+    assert await s.fire_due() == 2
+    assert [(n.appointment_id, n.kind) for n in timers.notifications] == [
+        (live.appointment_id, "visit-ready")
+    ]
+    assert timers.timers == []
+    assert await s.fire_due() == 0
+    assert timers.notifications[1:] == []
+
+
+async def test_a_live_appointments_timer_fires_at_once() -> None:
     a = appointment()
     timers = FakeTimers((a, ready_timer(a)))
-    position = FakePosition(last=40, floor=12)  # restarted: a backlog of 28 events
-    s = scheduler(timers, position, Clock(WINDOW_OPENS + timedelta(minutes=2)))
-    assert await s.fire_due() == 0
-    position.floor = 39
-    assert await s.fire_due() == 0
-    assert timers.notifications == [] and timers.claimed_by == []
-    position.floor = 40
+    endings = FakeEndings()
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS))
     assert await s.fire_due() == 1
     assert [n.kind for n in timers.notifications] == ["visit-ready"]
-    assert set(position.asked) == {40}
-
-
-async def test_the_mark_is_fixed_so_a_busy_consumer_never_starves_the_timers() -> None:
-    """Events keep coming faster than ever letting the consumer be idle; the floor still
-    passes the sequence noted when the timer was due."""
-    a = appointment()
-    timers = FakeTimers((a, ready_timer(a)))
-    position = FakePosition(last=100, floor=90)
-    s = scheduler(timers, position, Clock(WINDOW_OPENS))
-    for _ in range(4):
-        assert await s.fire_due() == 0
-        position.last += 10  # published meanwhile
-        position.floor += 3  # always behind the stream's end
-    assert position.floor > 100 and position.floor < position.last
-    assert await s.fire_due() == 1
-
-
-async def test_nothing_fires_while_nats_cannot_be_asked() -> None:
-    a = appointment()
-    timers = FakeTimers((a, ready_timer(a)))
-    position = FakePosition(last=5, floor=5)
-    position.down = True
-    s = scheduler(timers, position, Clock(WINDOW_OPENS))
-    assert await s.fire_due() == 0
-    assert timers.notifications == []
-    position.down = False
-    assert await s.fire_due() == 1
-
-
-async def test_nats_going_down_after_the_mark_holds_the_timers_too() -> None:
-    a = appointment()
-    timers = FakeTimers((a, ready_timer(a)))
-    position = FakePosition(last=5, floor=4)
-    s = scheduler(timers, position, Clock(WINDOW_OPENS))
-    assert await s.fire_due() == 0
-    position.down, position.floor = True, 5
-    assert await s.fire_due() == 0
-    position.down = False
-    assert await s.fire_due() == 1
+    assert endings.asked == [(a.clinic_id, a.appointment_id)]
 
 
 async def test_no_question_to_nats_while_no_timer_is_due() -> None:
     a = appointment()
     timers = FakeTimers((a, ready_timer(a)))
-    position = FakePosition()
-    position.down = True  # would be logged if asked
-    s = scheduler(timers, position, Clock(WINDOW_OPENS - timedelta(seconds=1)))
+    endings = FakeEndings()
+    endings.down = True  # would be logged if asked
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS - timedelta(seconds=1)))
     assert await s.fire_due() == 0
-    assert position.asked == []
+    assert endings.asked == []
 
 
-async def test_only_timers_due_when_the_mark_was_set_fire_on_it() -> None:
-    """A timer that became due after the scheduler noted the stream's end waits for a
-    mark of its own: a cancel published in between must be applied first."""
-    early, late = appointment(), appointment(STARTS_AT + timedelta(minutes=5))
-    late_timer = Timer(
-        appointment_id=late.appointment_id,
-        kind="visit-ready",
-        cause_event_id=late.scheduled_event_id,
-        due_at=WINDOW_OPENS + timedelta(minutes=5),
-        expires_at=late.ends_at,
+async def test_each_appointment_is_asked_once_and_all_at_once() -> None:
+    """Its 24 h reminder and its visit-ready both due (after an outage): one question for
+    the appointment; the questions about different appointments overlap."""
+    a, b, c = appointment(), appointment(), appointment()
+    late = Timer(
+        appointment_id=a.appointment_id,
+        kind="reminder-24h",
+        cause_event_id=a.scheduled_event_id,
+        due_at=a.starts_at - timedelta(hours=24),
+        expires_at=WINDOW_OPENS,
     )
-    timers = FakeTimers((early, ready_timer(early)), (late, late_timer))
-    position = FakePosition(last=10, floor=9)
-    clock = Clock(WINDOW_OPENS)
-    s = scheduler(timers, position, clock)
-    assert await s.fire_due() == 0  # mark: sequence 10, timers due by WINDOW_OPENS
-    clock.now = late_timer.due_at
-    position.last, position.floor = 11, 10
-    assert await s.fire_due() == 1
-    assert timers.claimed_by == [WINDOW_OPENS]
-    assert [n.appointment_id for n in timers.notifications] == [early.appointment_id]
-    assert await s.fire_due() == 0  # new mark at sequence 11
-    position.floor = 11
-    assert await s.fire_due() == 1
-    assert timers.claimed_by[-1] == late_timer.due_at
+    timers = FakeTimers((a, late), (a, ready_timer(a)), (b, ready_timer(b)), (c, ready_timer(c)))
+    endings = FakeEndings(b)
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS + timedelta(minutes=1)))
+    assert await s.fire_due() == 4
+    assert sorted(endings.asked) == sorted((x.clinic_id, x.appointment_id) for x in (a, b, c))
+    assert endings.most_in_flight == 3
+    sent = {(n.appointment_id, n.kind) for n in timers.notifications}
+    assert sent == {(a.appointment_id, "visit-ready"), (c.appointment_id, "visit-ready")}
+    assert timers.timers == []
 
 
-async def test_a_full_batch_keeps_the_mark_for_the_rest() -> None:
-    pairs = [(a, ready_timer(a)) for a in (appointment() for _ in range(3))]
+async def test_nothing_fires_nor_is_dropped_while_nats_cannot_be_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended, live = appointment(), appointment()
+    pairs = [(ended, ready_timer(ended)), (live, ready_timer(live))]
     timers = FakeTimers(*pairs)
-    position = FakePosition(last=7, floor=7)
-    s = scheduler(
-        timers, position, Clock(WINDOW_OPENS), Tuning(timer_batch=2, gate_check_interval=0.0)
-    )
+    endings = FakeEndings(ended)
+    endings.down = True
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS))
+    with caplog.at_level(logging.WARNING, logger="services.notifications.reminders"):
+        for _ in range(5):  # the loop polls again and again during the outage
+            assert await s.fire_due() == 0
+    assert timers.notifications == [] and timers.writes == 0
+    assert timers.timers == pairs
+    assert len(_warnings(caplog)) == 1  # once per outage, not per poll
+    endings.down = False
     assert await s.fire_due() == 2
-    position.last = 8  # published meanwhile; the mark of the first pass still holds
-    assert await s.fire_due() == 1
-    assert position.asked == [7]
-    assert len(timers.notifications) == 3
+    assert [n.appointment_id for n in timers.notifications] == [live.appointment_id]
+
+
+async def test_one_unanswered_question_holds_the_whole_round() -> None:
+    """The stream said one appointment ended but could not say about the other: nothing
+    is half done (the ended one's timer is not dropped, the other not sent)."""
+    ended, unknown = appointment(), appointment()
+    pairs = [(ended, ready_timer(ended)), (unknown, ready_timer(unknown))]
+    timers = FakeTimers(*pairs)
+    endings = FakeEndings(ended)
+    endings.failing = {unknown.appointment_id}
+    s = scheduler(timers, endings, Clock(WINDOW_OPENS))
+    assert await s.fire_due() == 0
+    assert timers.writes == 0 and timers.timers == pairs
+
+
+async def test_a_new_outage_is_warned_about_again(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = appointment(), appointment(STARTS_AT + timedelta(hours=1))
+    b_ready = Timer(
+        appointment_id=b.appointment_id,
+        kind="visit-ready",
+        cause_event_id=b.scheduled_event_id,
+        due_at=WINDOW_OPENS + timedelta(hours=1),
+        expires_at=b.ends_at,
+    )
+    timers = FakeTimers((a, ready_timer(a)), (b, b_ready))
+    endings = FakeEndings()
+    clock = Clock(WINDOW_OPENS)
+    s = scheduler(timers, endings, clock)
+    with caplog.at_level(logging.WARNING, logger="services.notifications.reminders"):
+        endings.down = True
+        assert await s.fire_due() == 0
+        assert await s.fire_due() == 0
+        endings.down = False
+        assert await s.fire_due() == 1
+        assert await s.fire_due() == 0  # nothing due: nothing asked
+        clock.now = b_ready.due_at
+        endings.down = True
+        assert await s.fire_due() == 0
+        assert await s.fire_due() == 0
+    assert len(_warnings(caplog)) == 2
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "services.notifications.reminders"
+    ]
+
+
+# ------------------------------------------- the stream's answer, as JetStream gives it
+
+
+class FakeJetStream:
+    """``get_last_msg`` of nats-py: NotFoundError (err_code 10037) when no message has the
+    subject, as NATS 2.9 and 2.15 both answer; 10059 when the stream is missing."""
+
+    def __init__(self, subjects: set[str], stream: bool = True) -> None:
+        self.subjects = subjects
+        self.stream = stream
+        self.asked: list[tuple[str, str]] = []
+
+    async def get_last_msg(self, stream_name: str, subject: str) -> object:
+        self.asked.append((stream_name, subject))
+        if not self.stream:
+            raise nats.js.errors.NotFoundError(
+                code=404, err_code=10059, description="stream not found"
+            )
+        if subject not in self.subjects:
+            raise nats.js.errors.NotFoundError(
+                code=404, err_code=10037, description="no message found"
+            )
+        return object()
+
+
+@pytest.mark.parametrize("kind", ["cancelled", "started"])
+async def test_a_cancel_or_start_on_the_stream_ends_the_appointment(kind: str) -> None:
+    clinic, appt = uuid.uuid4(), uuid.uuid4()
+    js = FakeJetStream({event_subject(clinic, appt, kind)})
+    endings = JetStreamEndings(js)  # type: ignore[arg-type]
+    assert await endings.ended(clinic, appt)
+    assert not await endings.ended(clinic, uuid.uuid4())
+    assert sorted(js.asked[:2]) == [
+        (EVENTS_STREAM, event_subject(clinic, appt, "cancelled")),
+        (EVENTS_STREAM, event_subject(clinic, appt, "started")),
+    ]
+
+
+async def test_only_the_booking_on_the_stream_is_no_ending() -> None:
+    clinic, appt = uuid.uuid4(), uuid.uuid4()
+    js = FakeJetStream({event_subject(clinic, appt, "scheduled")})
+    assert not await JetStreamEndings(js).ended(clinic, appt)  # type: ignore[arg-type]
+
+
+async def test_a_missing_stream_is_no_answer() -> None:
+    """ "Stream not found" is a 404 too; it must not read as "no cancel"."""
+    js = FakeJetStream(set(), stream=False)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await JetStreamEndings(js).ended(uuid.uuid4(), uuid.uuid4())  # type: ignore[arg-type]
 
 
 # ------------------------------------------------- a late reminder says the right day
