@@ -18,9 +18,11 @@ from services.appointments.adapters.nats.streams import (
     StreamConfigConflict,
     ensure_events_stream,
     ensure_stream,
+    refusal_passes,
+    stream_refused,
 )
 from services.appointments.bootstrap import StoppedWhileConnecting
-from services.config import ConfigError, Settings
+from services.config import Settings
 from services.notifications.channels import (
     PUSH_DUPLICATE_WINDOW_SECONDS,
     PushChannel,
@@ -37,30 +39,6 @@ from services.notifications.runtime import Clock, Hooks, Tuning, sleep_unless_st
 from services.notifications.store import NotificationStore
 
 log = logging.getLogger(__name__)
-
-#: Refusals of the JetStream API that pass: JetStream electing its leaders (a cluster
-#: starting or recovering), a request lost in a reconnect (and :data:`_PASSING_CODES`).
-#: Others (replicas on a server that is not clustered, a stream of another kind) are the
-#: configuration's.
-_PASSING: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.ServiceUnavailableError,
-)
-
-#: JetStream's own codes of refusals that pass: no suitable peers for placement (a
-#: cluster whose last nodes are still starting), insufficient resources.
-_PASSING_CODES = frozenset({10005, 10023})
-
-
-def _passing(exc: BaseException) -> bool:
-    if isinstance(exc, _PASSING):
-        return True
-    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _PASSING_CODES
-
 
 #: A resent push is de-duplicated by JetStream only inside its window; keep a margin.
 PUSH_RESEND_WINDOW = timedelta(seconds=PUSH_DUPLICATE_WINDOW_SECONDS * 0.9)
@@ -146,17 +124,11 @@ async def _ensure_streams(
             await ensure_consumer(js, tuning)
             return
         except StreamConfigConflict as exc:
-            raise ConfigError(str(exc)) from None
+            raise stream_refused(replicas, exc) from None
         except (nats.errors.Error, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
-            if not _passing(exc) or time.monotonic() + delay > deadline:
-                hint = ""
-                if replicas > 1:
-                    hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
-                raise ConfigError(
-                    "JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
-                    f"{replicas}): {why}{hint}"
-                ) from None
+            if not refusal_passes(exc) or time.monotonic() + delay > deadline:
+                raise stream_refused(replicas, exc) from None
             log.warning("JetStream cannot make the streams yet, retrying in %.1fs: %s", delay, why)
         if stop is None:
             await asyncio.sleep(delay)
