@@ -59,20 +59,24 @@ class _Outbox:
         due, self.due = self.due, []
         return due
 
-    async def sent(self, notification_id: uuid.UUID, *_: object) -> None:
-        await self._write("sent", notification_id)
+    async def sent(self, notification_id: uuid.UUID, *_: object) -> bool:
+        return await self._write("sent", notification_id)
 
-    async def retry(self, notification_id: uuid.UUID, *_: object) -> None:
-        await self._write("retry", notification_id)
+    async def retry(self, notification_id: uuid.UUID, *_: object) -> bool:
+        return await self._write("retry", notification_id)
 
-    async def finish(self, notification_id: uuid.UUID, _: str, status: str, *__: object) -> None:
-        await self._write(status, notification_id)
+    async def finish(
+        self, notification_id: uuid.UUID, _: str, __: int, status: str, *___: object
+    ) -> bool:
+        return await self._write(status, notification_id)
 
-    async def _write(self, outcome: str, notification_id: uuid.UUID) -> None:
+    async def _write(self, outcome: str, notification_id: uuid.UUID) -> bool:
+        """Applied under the claim (it is still the worker's)."""
         self.writes += 1
         if self.refusals:
             raise self.refusals.pop(0)
         self.recorded.append((outcome, notification_id))
+        return True
 
 
 class _Push:
