@@ -26,6 +26,7 @@ from services.config import (
     variables_help,
 )
 from services.logs import configure_logging
+from services.pg_errors import REFUSED_SETTING_STATES
 from services.telemetry import process_tracing
 
 
@@ -59,6 +60,12 @@ def database_failure(exc: BaseException) -> tuple[str, int] | None:
         return f"the database is not migrated ({first_line}): run `clinic migrate` first", 2
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return f"invalid PostgreSQL DSN: {first_line}", 2
+    if (
+        isinstance(exc, asyncpg.PostgresError)
+        and exc.sqlstate in REFUSED_SETTING_STATES
+        and "parameter" in first_line
+    ):  # ``?foo=1``: the login's session settings, refused at connect
+        return f"invalid PostgreSQL DSN, a setting PostgreSQL refuses: {first_line}", 2
     if isinstance(exc, TimeoutError) and str(exc):  # ours, e.g. the rebuild's table lock
         return first_line, 1
     if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):

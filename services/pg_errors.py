@@ -21,6 +21,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,
 )
 
+#: What PostgreSQL answers to a DSN that cannot work as written: a session setting it does
+#: not know (``?foo=1``: undefined_object) or a value it refuses (``?statement_timeout=abc``:
+#: invalid_parameter_value).
+REFUSED_SETTING_STATES: Final = frozenset({"42704", "22023"})
+
 #: SQLSTATEs of refusals that pass with time, whatever the statement holds: serialization
 #: failures and deadlocks (class 40), exhausted resources such as a full disk (53),
 #: cancelled statements and shutdowns (57), system and I/O errors, a read-only server (after

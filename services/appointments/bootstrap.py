@@ -25,6 +25,7 @@ from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
 from services.config import ConfigError, Settings, mask_password
 from services.nats_client import NatsClient
+from services.pg_errors import REFUSED_SETTING_STATES
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (:func:`create_session_pool`)."""
 
 
-#: What PostgreSQL answers to a DSN that cannot work as written: a session setting it does
-#: not know (``?foo=1``: undefined_object) or a value it refuses (``?statement_timeout=abc``:
-#: invalid_parameter_value).
-_REFUSED_SETTING_STATES: Final = frozenset({"42704", "22023"})
 #: A database that does not exist, a login refused: most likely the DSN too, but they can
 #: pass (the database or role made after the server, a password rotated, an LDAP or IAM
 #: authority away), so they are said loudly and waited out, not fatal.
@@ -102,7 +99,7 @@ async def check_dsn_settings(dsn: str) -> None:
     except asyncpg.ClientConfigurationError as exc:
         raise ConfigError(f"{unusable}: {exc}") from None
     except asyncpg.PostgresError as exc:
-        if exc.sqlstate in _REFUSED_SETTING_STATES:
+        if exc.sqlstate in REFUSED_SETTING_STATES:
             raise ConfigError(f"{unusable}: {exc}") from None
         if exc.sqlstate in _REFUSED_LOGIN_STATES:
             log.error(

@@ -250,6 +250,17 @@ def test_migrate_of_a_missing_database_is_one_line_and_exit_2(pg_server_url: str
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["migrate", "rebuild-visits"])
+@pytest.mark.parametrize("query", ["foo=1", "statement_timeout=abc"])
+def test_migrate_with_a_setting_postgresql_refuses_is_one_line_and_exit_2(
+    database_url: str, command: str, query: str
+) -> None:
+    result = run_clinic(command, CLINIC_DATABASE_URL=_with_query(query)(database_url))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("clinic: invalid PostgreSQL DSN"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("dsn", ["mysql://db/clinic", "postgresql://db:port/clinic"])
 def test_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
     result = run_clinic("migrate", CLINIC_DATABASE_URL=dsn)

@@ -75,6 +75,9 @@ def test_dev_help_lists_the_variables_only_dev_reads(capsys: pytest.CaptureFixtu
         (asyncpg.InvalidPasswordError("password authentication failed"), 2, "login"),
         (asyncpg.UndefinedTableError('relation "visits" does not exist'), 2, "clinic migrate"),
         (asyncpg.ClientConfigurationError("invalid DSN"), 2, "DSN"),
+        (asyncpg.UndefinedObjectError('unrecognized configuration parameter "foo"'), 2, "DSN"),
+        (asyncpg.InvalidParameterValueError('invalid value for parameter "x": "y"'), 2, "DSN"),
+        (asyncpg.UndefinedObjectError('type "missing" does not exist'), 1, "failed"),
         (TimeoutError("could not lock the visits table"), 1, "could not lock the visits"),
     ],
 )
