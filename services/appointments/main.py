@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 ROLES = ("api", "relay", "projector")
 #: How long a role cancelled after the shutdown grace has to unwind.
 CANCEL_GRACE_SECONDS = 2.0
+#: How long the roles have to stop once asked: a little more than their own limits (the
+#: HTTP server's and the NATS service API's drains, SHUTDOWN_GRACE_SECONDS), so that those
+#: run out first and the roles end on their own.
+ROLE_GRACE_SECONDS = SHUTDOWN_GRACE_SECONDS + 1.5
 
 
 def parse_roles(value: str) -> list[str]:
@@ -191,15 +195,15 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
         # The grace starts now: a role slow to stop (a drain against a NATS server that
         # hangs) is cancelled after it, whatever stopped the service.
         stop.set()
-        await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
+        await asyncio.wait(tasks, timeout=ROLE_GRACE_SECONDS)
         late = [task for task in tasks if not task.done()]
         for task in late:
             task.cancel()
         if late:  # let them unwind before the container closes the pool under them
             await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
     for task in tasks:
-        if not task.done() or task.cancelled():
-            continue
+        if not task.done() or task.cancelled() or task in late:
+            continue  # what a role cut short by the grace raised is no failure of its own
         error = task.exception()
         if error is not None:
             if config_error_in(error) is None:  # else the command line says it in one line

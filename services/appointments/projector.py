@@ -112,10 +112,12 @@ class VisitsProjector:
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
+        made = False  # the stream, once, by this projector (later refusals pass)
         while not stop.is_set():
             raise_if_cancelling()
             try:
-                await ensure_events_stream_or_fail(self._js, self._stream_replicas)
+                await ensure_events_stream_or_fail(self._js, self._stream_replicas, fatal=not made)
+                made = True
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
                 delay = 0.1

@@ -159,13 +159,15 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
-        stream_ready = False
+        stream_ready = made = False  # made: once, by this relay (later refusals pass)
         while not stop.is_set():
             raise_if_cancelling()
             try:
                 if not stream_ready:
-                    await ensure_events_stream_or_fail(self._js, self._stream_replicas)
-                    stream_ready = True
+                    await ensure_events_stream_or_fail(
+                        self._js, self._stream_replicas, fatal=not made
+                    )
+                    stream_ready = made = True
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):
                         log.info("relay active")

@@ -29,7 +29,7 @@ async def test_a_role_cancelled_after_the_grace_has_unwound_when_run_roles_retur
         raise RuntimeError("relay failed")
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"api": stubborn, "relay": failing})
-    monkeypatch.setattr(main, "SHUTDOWN_GRACE_SECONDS", 0.05)
+    monkeypatch.setattr(main, "ROLE_GRACE_SECONDS", 0.05)
     stop = asyncio.Event()
 
     with pytest.raises(RuntimeError, match="relay failed"):
@@ -41,7 +41,7 @@ async def test_a_role_cancelled_after_the_grace_has_unwound_when_run_roles_retur
 
 @pytest.fixture
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(main, "SHUTDOWN_GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(main, "ROLE_GRACE_SECONDS", 0.3)
     monkeypatch.setattr(main, "CANCEL_GRACE_SECONDS", 0.2)
     return 0.5
 
@@ -102,3 +102,23 @@ async def test_roles_that_return_on_their_own_end_the_run(
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"api": done})
     await asyncio.wait_for(main.run_roles(object(), ["api"], asyncio.Event()), 5)
+
+
+async def test_what_a_role_cut_short_by_the_grace_raises_is_no_failure(
+    monkeypatch: pytest.MonkeyPatch, short_grace: float
+) -> None:
+    """A stop after SIGTERM exits 0 even if a role turns its cancellation into an error."""
+
+    async def grumbling(container: Any, stop: asyncio.Event) -> None:
+        await stop.wait()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RuntimeError("cut short") from None
+
+    monkeypatch.setattr(main, "_role_runners", lambda: {"api": grumbling})
+    stop = asyncio.Event()
+    running = asyncio.create_task(main.run_roles(object(), ["api"], stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(running, 5)  # returns, raises nothing

@@ -170,16 +170,32 @@ def stream_refused(replicas: int | None, exc: BaseException) -> ConfigError:
 
 
 async def ensure_events_stream_or_fail(
-    js: JetStreamContext, replicas: int | None = None
+    js: JetStreamContext, replicas: int | None = None, *, fatal: bool = True
 ) -> StreamInfo:
-    """:func:`ensure_events_stream`, a refusal that cannot pass raised as a
-    :class:`ConfigError` (the process exits 2, as ``clinic notifications`` does) instead
-    of being retried forever while the service reports ready and publishes nothing."""
+    """:func:`ensure_events_stream`; with ``fatal`` (at start), a refusal for good raised as
+    a :class:`ConfigError` (the process exits 2, as ``clinic notifications`` does) instead of
+    being retried forever while the service reports ready and publishes nothing. Once the
+    stream was made, every failure is waited out (a cluster in a rolling restart refuses
+    for a while: no leader, the stream offline)."""
     try:
         return await ensure_events_stream(js, replicas)
     except Exception as exc:
-        if isinstance(exc, StreamConfigConflict) or (
-            isinstance(exc, nats.js.errors.APIError) and not refusal_passes(exc)
-        ):
+        if fatal and refused_for_good(exc):
             raise stream_refused(replicas, exc) from None
         raise
+
+
+#: JetStream's codes of refusals of what a stream's configuration asks: an invalid
+#: configuration, replicas on a server that is not clustered (both sent as 500s).
+CONFIG_REFUSAL_CODES: Final = frozenset({10052, 10074})
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether JetStream refused to make or update a stream for what the configuration asks
+    (a 400, or one of :data:`CONFIG_REFUSAL_CODES`; a stream of another storage), not for
+    its state (no leader yet, the stream offline: other 5xx)."""
+    if isinstance(exc, StreamConfigConflict):
+        return True
+    if not isinstance(exc, nats.js.errors.APIError) or refusal_passes(exc):
+        return False
+    return isinstance(exc, BadRequestError) or exc.err_code in CONFIG_REFUSAL_CODES

@@ -1,0 +1,70 @@
+"""Which refusals of JetStream stop ``clinic appointments`` (exit 2), and when."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, BadRequestError, ServerError, ServiceUnavailableError
+
+from services.appointments.adapters.nats.streams import (
+    StreamConfigConflict,
+    ensure_events_stream_or_fail,
+    refused_for_good,
+)
+from services.config import ConfigError
+
+NOT_CLUSTERED = ServerError(
+    code=500, err_code=10074, description="replicas > 1 not supported in non-clustered mode"
+)
+NO_LEADER = ServerError(code=500, err_code=10009, description="JetStream cluster not leader")
+OFFLINE = ServerError(code=500, err_code=10118, description="stream is offline")
+
+
+class Refusing:
+    """A JetStream context whose stream lookups fail with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def stream_info(self, *_: Any, **__: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "for_good"),
+    [
+        (NOT_CLUSTERED, True),
+        (BadRequestError(code=400, err_code=10052, description="invalid config"), True),
+        (StreamConfigConflict("storage cannot change"), True),
+        (NO_LEADER, False),
+        (OFFLINE, False),
+        (ServiceUnavailableError(code=503), False),
+        (ServerError(code=503, err_code=10023, description="insufficient resources"), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_only_what_the_configuration_asks_is_refused_for_good(
+    error: BaseException, for_good: bool
+) -> None:
+    assert refused_for_good(error) is for_good
+
+
+async def test_at_start_a_refusal_for_good_is_a_configuration_error() -> None:
+    js = cast(JetStreamContext, Refusing(NOT_CLUSTERED))
+    with pytest.raises(ConfigError, match="CLINIC_NATS_STREAM_REPLICAS=3"):
+        await ensure_events_stream_or_fail(js, 3)
+
+
+@pytest.mark.parametrize("error", [NO_LEADER, OFFLINE])
+async def test_a_cluster_in_a_rolling_restart_is_waited_out(error: APIError) -> None:
+    with pytest.raises(APIError) as raised:
+        await ensure_events_stream_or_fail(cast(JetStreamContext, Refusing(error)), 3)
+    assert raised.value is error  # retried by the relay and the projector, not fatal
+
+
+async def test_once_the_stream_was_made_every_refusal_is_waited_out() -> None:
+    js = cast(JetStreamContext, Refusing(NOT_CLUSTERED))
+    with pytest.raises(APIError):
+        await ensure_events_stream_or_fail(js, 3, fatal=False)
