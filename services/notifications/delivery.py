@@ -157,8 +157,12 @@ class DeliveryWorker:
         await self._hooks.after_send(self.channel, n.notification_id)
         if skipped is not None:
             await self._skip(claimed, skipped)
-        elif await self._settle(claimed, self._store.sent, now):
+        elif await self._record(
+            self._store.sent, n.notification_id, self.channel, claimed.attempts, now
+        ):
             self._settled(n, "sent")
+        else:  # another worker sent it again (push) and recorded it first
+            log.info("%s: a delivery was recorded sent already", self.channel)
 
     async def _send(self, claimed: ClaimedDelivery, notification: Notification) -> str | None:
         if not self._marks_hand_over:

@@ -153,17 +153,20 @@ class DeliveryStore:
     async def sent(
         self, notification_id: UUID, channel: Channel, attempts: int, at: datetime
     ) -> bool:
-        """The notification of this claim (the ``attempts``-th) went out on ``channel``.
-        False if the claim is no longer this worker's: nothing is written (see
-        :meth:`handing_over`; the same holds for every outcome of a claim)."""
-        return await self._settle(
+        """The notification of this claim (the ``attempts``-th) went out on ``channel``:
+        recorded whatever became of the claim, since it is a fact (a worker whose lease ran
+        out while its email was with the server, recorded ``failed`` in doubt by another
+        meanwhile; a push another worker sent again, de-duplicated). It keeps the next
+        claim from sending it once more. False if it was recorded ``sent`` already."""
+        status = await self._pool.execute(
             """UPDATE notification_deliveries
-               SET status = 'sent', sent_at = $4, last_error = NULL""",
+               SET status = 'sent', sent_at = $3, last_error = NULL
+               WHERE notification_id = $1 AND channel = $2 AND status <> 'sent'""",
             notification_id,
             channel,
-            attempts,
             at,
         )
+        return bool(status == "UPDATE 1")
 
     async def retry(
         self, notification_id: UUID, channel: Channel, attempts: int, at: datetime, error: str

@@ -262,14 +262,34 @@ async def test_a_lost_claim_writes_no_outcome_over_the_claim_that_holds_it(
         assert not await store.finish(n, "email", old.attempts, "skipped", "no email address")
         assert not await store.finish(n, "email", old.attempts, "failed", "550 no such user")
         assert await _delivery(pool) == held
-        assert not await store.sent(n, "email", old.attempts, later)
-        assert await _delivery(pool) == held
         assert await pool.fetchval("SELECT last_error FROM notification_deliveries") is None
 
         # The second worker dies now: the next claim finds the email in doubt.
         at = later + TEST_TUNING.lease + timedelta(seconds=1)
         (third,) = await store.claim("email", at, at + TEST_TUNING.lease, 10)
         assert third.in_doubt
+
+
+async def test_a_send_that_outlived_its_claim_is_recorded_sent_all_the_same(
+    database_url: str,
+) -> None:
+    """The first worker's email went out after its lease ran out, and after the next claim
+    recorded it failed, in doubt: ``sent`` is a fact, recorded over that (and never twice)."""
+    async with _outbox(database_url) as pool:
+        store = DeliveryStore(pool)
+        (old,) = await store.claim("email", NOW, NOW + TEST_TUNING.lease, 10)
+        n = old.notification.notification_id
+        assert await store.handing_over(n, "email", old.attempts)
+        later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
+        (new,) = await store.claim("email", later, later + TEST_TUNING.lease, 10)
+        assert new.in_doubt
+        assert await store.finish(n, "email", new.attempts, "failed", "in doubt")
+        assert await store.sent(n, "email", old.attempts, later)
+        status, sent_at = await pool.fetchrow("SELECT status, sent_at FROM notification_deliveries")
+        assert (status, sent_at) == ("sent", later)
+        assert not await store.sent(n, "email", old.attempts, later)  # once
+        at = later + TEST_TUNING.lease + timedelta(seconds=1)
+        assert await store.claim("email", at, at + TEST_TUNING.lease, 10) == []
 
 
 async def test_the_claim_that_holds_a_delivery_records_its_outcome_once(
@@ -289,13 +309,14 @@ async def test_the_claim_that_holds_a_delivery_records_its_outcome_once(
         assert await store.sent(sent, "email", new[sent].attempts, later)
         assert await store.retry(retried, "email", new[retried].attempts, later, "451")
         assert await store.finish(failed, "email", new[failed].attempts, "failed", "550")
-        # Recorded: a write of either claim now changes nothing.
+        # Recorded: a write of either claim now changes nothing (but a send that went
+        # out, a fact: see test_a_send_that_outlived_its_claim_is_recorded_sent_all_the_same).
         for claimed in old:
             n = claimed.notification.notification_id
             for claim in (claimed.attempts, new[n].attempts):
                 assert not await store.finish(n, "email", claim, "skipped", "after the news")
-                assert not await store.sent(n, "email", claim, later)
                 assert not await store.retry(n, "email", claim, later, "connection refused")
+        assert not await store.sent(sent, "email", new[sent].attempts, later)  # once
         rows = {
             r["notification_id"]: (r["status"], r["sending_phase"], r["last_error"])
             for r in await pool.fetch("SELECT * FROM notification_deliveries")
