@@ -6,10 +6,12 @@ and, in the same transaction, stores the notifications they cause and deletes th
 A timer never fires for an appointment whose cancel or start is on the ``APPOINTMENTS``
 stream, whether or not the consumer has applied it yet: the timers table alone cannot
 tell (after a restart, an outage, a backlog, or a cancel that arrived ahead of its booking
-and was handed back). So, inside the claim's transaction, the scheduler asks the stream
-(:class:`Endings`) about every claimed timer's appointment, all at once, and drops the
-timers of an appointment that ended there: the consumer announces the cancel when it
-applies it. The question is per appointment, so an event that the consumer keeps handing
+and was handed back). So the scheduler first asks the stream (:class:`Endings`) about the
+appointments of the timers due, all at once and before it locks anything (a slow NATS must
+not hold the consumer's transactions on those rows), then claims the timers and drops
+those of an appointment that ended there: the consumer announces the cancel when it
+applies it. A timer claimed but not asked about (it came due meanwhile) waits for the next
+round. The question is per appointment, so an event that the consumer keeps handing
 back holds no other appointment's reminders. While the stream cannot be asked, nothing
 fires and nothing is dropped: the round changes nothing and is tried again at the next
 poll.
@@ -21,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
@@ -44,6 +47,10 @@ class TimerStore(Protocol):
     """What the scheduler needs of :class:`~services.notifications.store.NotificationStore`."""
 
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+
+    async def due_appointments(self, now: datetime, limit: int) -> set[tuple[UUID, UUID]]:
+        """(clinic, appointment) of the first ``limit`` timers due at ``now``, unlocked."""
+        ...
 
 
 class ReminderScheduler:
@@ -72,15 +79,20 @@ class ReminderScheduler:
         ended on the stream; return how many were handled (0 while the stream cannot be
         asked: nothing changes then)."""
         now = self._clock()
-        added = 0
+        asked = await self._store.due_appointments(now, self._tuning.timer_batch)
+        if not asked:
+            return 0
+        ended = await self._ended(asked)
+        if ended is None:
+            return 0  # nothing claimed, nothing written
+        known = {appointment for _, appointment in asked}
+        added = handled = 0
         async with self._store.transaction() as tx:
             due = await tx.claim_due_timers(now, self._tuning.timer_batch)
-            if not due:
-                return 0
-            ended = await self._ended({(a.clinic_id, a.appointment_id) for a, _ in due})
-            if ended is None:
-                return 0  # nothing written: the transaction ends without a change
             for appointment, timer in due:
+                if appointment.appointment_id not in known:
+                    continue  # due since the question: asked about at the next round
+                handled += 1
                 extra = {"appointment_id": str(timer.appointment_id), "kind": timer.kind}
                 if appointment.appointment_id in ended:
                     log.info("reminder dropped: the appointment ended on the stream", extra=extra)
@@ -93,7 +105,7 @@ class ReminderScheduler:
                 await tx.delete_timer(timer)
         if added:
             self._on_new_work()
-        return len(due)
+        return handled
 
     async def _ended(self, appointments: set[tuple[UUID, UUID]]) -> set[UUID] | None:
         """Which of ``appointments`` (clinic, appointment) ended on the stream, asked

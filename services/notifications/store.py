@@ -238,6 +238,21 @@ class NotificationStore:
         async with self._pool.acquire() as conn, conn.transaction():
             yield StoreTransaction(conn)
 
+    async def due_appointments(self, now: datetime, limit: int) -> set[tuple[UUID, UUID]]:
+        """(clinic, appointment) of the first ``limit`` timers due at ``now``, read without
+        locks: what the scheduler asks the stream about before it claims them."""
+        rows = await self._pool.fetch(
+            """SELECT a.clinic_id, a.appointment_id
+               FROM notification_timers t
+               JOIN notification_appointments a ON a.appointment_id = t.appointment_id
+               WHERE t.due_at <= $1
+               ORDER BY t.due_at
+               LIMIT $2""",
+            now,
+            limit,
+        )
+        return {(row["clinic_id"], row["appointment_id"]) for row in rows}
+
     async def park(
         self, stream_sequence: int, subject: str, data: bytes, reason: str, deliveries: int
     ) -> None:

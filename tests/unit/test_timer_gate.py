@@ -66,13 +66,18 @@ class FakeTimers:
         self.notifications: list[PlannedNotification] = []
         self.writes = 0
         self.transactions = 0
+        self.claims = 0
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[FakeTimers]:
         self.transactions += 1
         yield self
 
+    async def due_appointments(self, now: datetime, limit: int) -> set[tuple[uuid.UUID, uuid.UUID]]:
+        return {(a.clinic_id, a.appointment_id) for a, t in self.timers if t.due_at <= now}
+
     async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
+        self.claims += 1
         return [(a, t) for a, t in self.timers if t.due_at <= now][:limit]
 
     async def add_notifications(
@@ -150,6 +155,45 @@ async def test_a_live_appointments_timer_fires_at_once() -> None:
     assert await s.fire_due() == 1
     assert [n.kind for n in timers.notifications] == ["visit-ready"]
     assert endings.asked == [(a.clinic_id, a.appointment_id)]
+
+
+async def test_nats_is_asked_before_any_timer_is_locked() -> None:
+    """A slow NATS must not hold the consumer's transactions on the claimed rows."""
+    a = appointment()
+    timers = FakeTimers((a, ready_timer(a)))
+    claims_when_asked: list[int] = []
+
+    class Watching(FakeEndings):
+        async def ended(self, clinic_id: uuid.UUID, appointment_id: uuid.UUID) -> bool:
+            claims_when_asked.append(timers.claims)
+            return await super().ended(clinic_id, appointment_id)
+
+    s = scheduler(timers, Watching(), Clock(WINDOW_OPENS))
+    assert await s.fire_due() == 1
+    assert claims_when_asked == [0] and timers.claims == 1
+
+
+async def test_a_timer_due_since_the_question_waits_for_the_next_round() -> None:
+    asked, late = appointment(), appointment()
+    timers = FakeTimers((asked, ready_timer(asked)), (late, ready_timer(late)))
+    unseen = {late.appointment_id}
+
+    class Racing(FakeTimers):
+        async def due_appointments(
+            self, now: datetime, limit: int
+        ) -> set[tuple[uuid.UUID, uuid.UUID]]:
+            due = await super().due_appointments(now, limit)
+            return {(c, a) for c, a in due if a not in unseen}
+
+    racing = Racing(*timers.timers)
+    endings = FakeEndings(late)  # cancelled: it must not fire unasked
+    s = scheduler(racing, endings, Clock(WINDOW_OPENS))
+    assert await s.fire_due() == 1
+    assert [n.appointment_id for n in racing.notifications] == [asked.appointment_id]
+    assert [a.appointment_id for a, _ in racing.timers] == [late.appointment_id]
+    unseen.clear()
+    assert await s.fire_due() == 1
+    assert racing.timers == [] and len(racing.notifications) == 1  # dropped, not sent
 
 
 async def test_no_question_to_nats_while_no_timer_is_due() -> None:
