@@ -166,9 +166,12 @@ async def test_http_port_in_use_is_one_line_naming_the_variable(
     assert len(clinic_lines) == 1 and "CLINIC_HTTP_PORT" in clinic_lines[0], stderr
 
 
-async def test_notifications_refusing_stream_replicas_is_one_line(
-    database_url: str, nats_url: str
+@pytest.mark.parametrize("service", ["notifications", "appointments"])
+async def test_jetstream_refusing_the_stream_replicas_is_exit_2_in_one_line(
+    database_url: str, nats_url: str, service: str
 ) -> None:
+    """More replicas than one NATS server holds: the process exits (2) in one line. The
+    appointments service (its relay and projector) stayed ready and published nothing."""
     env = clinic_env(
         CLINIC_DATABASE_URL=database_url,
         CLINIC_NATS_URL=nats_url,
@@ -177,33 +180,7 @@ async def test_notifications_refusing_stream_replicas_is_one_line(
     )
     result = await asyncio.to_thread(
         subprocess.run,
-        clinic_command("notifications"),
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert_only_log_lines(result.stderr)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("clinic:") and "CLINIC_NATS_STREAM_REPLICAS=3" in last, result.stderr
-
-
-async def test_appointments_refusing_stream_replicas_exits_2_in_one_line(
-    database_url: str, nats_url: str
-) -> None:
-    """The relay and the projector cannot make or update the stream: the process exits
-    (2, as ``clinic notifications`` does), where it stayed ready and published nothing."""
-    env = clinic_env(
-        CLINIC_DATABASE_URL=database_url,
-        CLINIC_NATS_URL=nats_url,
-        CLINIC_HTTP_PORT=str(free_port()),
-        CLINIC_NATS_STREAM_REPLICAS="3",
-    )
-    result = await asyncio.to_thread(
-        subprocess.run,
-        clinic_command("appointments"),
+        clinic_command(service),
         env=env,
         cwd=REPO,
         capture_output=True,
