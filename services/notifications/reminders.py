@@ -10,7 +10,7 @@ and was handed back). So the scheduler first asks the stream (:class:`Endings`) 
 appointments of the timers due, all at once and before it locks anything (a slow NATS must
 not hold the consumer's transactions on those rows), then claims the timers and drops
 those of an appointment that ended there: the consumer announces the cancel when it
-applies it. A timer claimed but not asked about (it came due meanwhile) waits for the next
+applies it. Only the timers asked about are claimed: one due since waits for the next
 round. The question is per appointment, so an event that the consumer keeps handing
 back holds no other appointment's reminders. While the stream cannot be asked, nothing
 fires and nothing is dropped: the round changes nothing and is tried again at the next
@@ -88,10 +88,8 @@ class ReminderScheduler:
         known = {appointment for _, appointment in asked}
         added = handled = 0
         async with self._store.transaction() as tx:
-            due = await tx.claim_due_timers(now, self._tuning.timer_batch)
+            due = await tx.claim_due_timers(now, self._tuning.timer_batch, known)
             for appointment, timer in due:
-                if appointment.appointment_id not in known:
-                    continue  # due since the question: asked about at the next round
                 handled += 1
                 extra = {"appointment_id": str(timer.appointment_id), "kind": timer.kind}
                 if appointment.appointment_id in ended:

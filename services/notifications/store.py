@@ -7,7 +7,7 @@ applied or not at all, and a redelivered one finds its mark.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final
@@ -185,8 +185,11 @@ class StoreTransaction:
             sorted(REMINDER_KINDS),
         )
 
-    async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
-        """Lock up to ``limit`` timers due at ``now`` with their appointments.
+    async def claim_due_timers(
+        self, now: datetime, limit: int, appointment_ids: Collection[UUID]
+    ) -> list[tuple[Appointment, Timer]]:
+        """Lock up to ``limit`` timers due at ``now`` of ``appointment_ids`` (those the
+        scheduler asked the stream about) with their appointments.
 
         Skips what another transaction holds: a timer another scheduler is firing, and an
         appointment the consumer is changing right now (its cancel wins; the timer is
@@ -196,13 +199,14 @@ class StoreTransaction:
             f"""SELECT {_APPOINTMENT_COLUMNS}, t.kind, t.cause_event_id, t.due_at, t.expires_at
                 FROM notification_timers t
                 JOIN notification_appointments a ON a.appointment_id = t.appointment_id
-                WHERE t.due_at <= $1
-                ORDER BY t.due_at
+                WHERE t.due_at <= $1 AND t.appointment_id = ANY($3::uuid[])
+                ORDER BY t.due_at, t.appointment_id, t.kind
                 LIMIT $2
                 FOR UPDATE OF t SKIP LOCKED
                 FOR SHARE OF a SKIP LOCKED""",
             now,
             limit,
+            list(appointment_ids),
         )
         return [(_appointment(row), _timer(row)) for row in rows]
 
@@ -246,7 +250,7 @@ class NotificationStore:
                FROM notification_timers t
                JOIN notification_appointments a ON a.appointment_id = t.appointment_id
                WHERE t.due_at <= $1
-               ORDER BY t.due_at
+               ORDER BY t.due_at, t.appointment_id, t.kind
                LIMIT $2""",
             now,
             limit,

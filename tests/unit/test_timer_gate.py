@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,11 +74,15 @@ class FakeTimers:
         yield self
 
     async def due_appointments(self, now: datetime, limit: int) -> set[tuple[uuid.UUID, uuid.UUID]]:
-        return {(a.clinic_id, a.appointment_id) for a, t in self.timers if t.due_at <= now}
+        due = [(a.clinic_id, a.appointment_id) for a, t in self.timers if t.due_at <= now]
+        return set(due[:limit])
 
-    async def claim_due_timers(self, now: datetime, limit: int) -> list[tuple[Appointment, Timer]]:
+    async def claim_due_timers(
+        self, now: datetime, limit: int, appointment_ids: Collection[uuid.UUID]
+    ) -> list[tuple[Appointment, Timer]]:
         self.claims += 1
-        return [(a, t) for a, t in self.timers if t.due_at <= now][:limit]
+        due = [(a, t) for a, t in self.timers if t.due_at <= now]
+        return [(a, t) for a, t in due if a.appointment_id in appointment_ids][:limit]
 
     async def add_notifications(
         self, planned: Sequence[PlannedNotification], channels: Any, now: datetime
