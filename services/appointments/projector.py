@@ -42,8 +42,8 @@ from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import (
+    EventsStream,
     describe,
-    ensure_events_stream_or_fail,
 )
 from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
@@ -112,12 +112,11 @@ class VisitsProjector:
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
-        made = False  # the stream, once, by this projector (later refusals pass)
+        stream = EventsStream(self._js, self._stream_replicas)
         while not stop.is_set():
             raise_if_cancelling()
             try:
-                await ensure_events_stream_or_fail(self._js, self._stream_replicas, fatal=not made)
-                made = True
+                await stream.ensure()
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
                 delay = 0.1

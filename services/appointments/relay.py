@@ -67,8 +67,8 @@ from contracts.events import EventEnvelope, UnknownEventType, event_kind
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.appointments.adapters.nats import raise_if_cancelling
 from services.appointments.adapters.nats.streams import (
+    EventsStream,
     describe,
-    ensure_events_stream_or_fail,
 )
 from services.appointments.adapters.postgres import outbox
 from services.appointments.adapters.postgres.event_store import envelope_fields
@@ -159,15 +159,15 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
-        stream_ready = made = False  # made: once, by this relay (later refusals pass)
+        stream_ready = False
+        stream = EventsStream(self._js, self._stream_replicas)
         while not stop.is_set():
             raise_if_cancelling()
             try:
                 if not stream_ready:
-                    await ensure_events_stream_or_fail(
-                        self._js, self._stream_replicas, fatal=not made
-                    )
-                    stream_ready = made = True
+                    stream.js = self._js  # a fresh context after a refused publish
+                    await stream.ensure()
+                    stream_ready = True
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):
                         log.info("relay active")

@@ -9,8 +9,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, ServerError, ServiceUnavailableError
 
 from services.appointments.adapters.nats.streams import (
+    EventsStream,
     StreamConfigConflict,
     ensure_events_stream_or_fail,
+    events_stream_config,
     refused_for_good,
 )
 from services.config import ConfigError
@@ -68,3 +70,34 @@ async def test_once_the_stream_was_made_every_refusal_is_waited_out() -> None:
     js = cast(JetStreamContext, Refusing(NOT_CLUSTERED))
     with pytest.raises(APIError):
         await ensure_events_stream_or_fail(js, 3, fatal=False)
+
+
+class Flaky:
+    """A JetStream context whose stream exists as the code wants it, until ``error``."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    async def stream_info(self, *_: Any, **__: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+
+        class Info:
+            config = events_stream_config(3)
+
+        return Info()
+
+
+async def test_a_role_stops_on_a_refusal_for_good_only_before_it_made_the_stream() -> None:
+    """The relay and the projector: at start, exit 2; once running, wait it out (a node of
+    a cluster restarted without its clustering, say, is an outage to ride out)."""
+    starting = EventsStream(cast(JetStreamContext, Refusing(NOT_CLUSTERED)), 3)
+    with pytest.raises(ConfigError):
+        await starting.ensure()
+    js = Flaky()
+    running = EventsStream(cast(JetStreamContext, js), 3)
+    await running.ensure()
+    js.error = NOT_CLUSTERED
+    with pytest.raises(APIError) as raised:
+        await running.ensure()
+    assert raised.value is NOT_CLUSTERED

@@ -169,6 +169,23 @@ def stream_refused(replicas: int | None, exc: BaseException) -> ConfigError:
     )
 
 
+class EventsStream:
+    """``APPOINTMENTS`` as a long-running role (the relay, the projector) makes sure of it:
+    a refusal for good is fatal until the stream was made once; after that every failure is
+    waited out (see :func:`ensure_events_stream_or_fail`)."""
+
+    def __init__(self, js: JetStreamContext, replicas: int | None = None) -> None:
+        self.js = js
+        self._replicas = replicas
+        self._made = False
+
+    async def ensure(self) -> StreamInfo:
+        """Create or update the stream; :class:`ConfigError` if refused for good at start."""
+        info = await ensure_events_stream_or_fail(self.js, self._replicas, fatal=not self._made)
+        self._made = True
+        return info
+
+
 async def ensure_events_stream_or_fail(
     js: JetStreamContext, replicas: int | None = None, *, fatal: bool = True
 ) -> StreamInfo:
