@@ -97,7 +97,8 @@ def dev_secret(settings: Settings, data_dir: Path) -> str:
 
 def check_port_free(host: str, port: int) -> None:
     """Fail early, before starting any server, when the HTTP port is taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1", "::"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -177,7 +178,11 @@ async def announce_when_ready(
     settings: Settings, stop: asyncio.Event, text: str, started: float
 ) -> None:
     """Print ``text`` once the API answers ready, with the time since ``started``."""
-    probe_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
+    probe_host = settings.http_host
+    if probe_host in ("0.0.0.0", ""):  # every address: ask on the loopback
+        probe_host = "127.0.0.1"
+    elif probe_host == "::":
+        probe_host = "::1"
     while not stop.is_set():
         if await http_ready(probe_host, settings.http_port):
             say(f"{text}\n(ready in {time.monotonic() - started:.1f}s)")
