@@ -95,11 +95,18 @@ def dev_secret(settings: Settings, data_dir: Path) -> str:
     return secret
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail early, before starting any server, when the HTTP port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1", "::"
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as uvicorn binds "::": IPv6 only
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:  # a setting to change, like any process's taken port
@@ -275,7 +282,7 @@ async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) 
             settings = msgspec.structs.replace(
                 settings, database_url=dev_database_url(pg), nats_urls=[nats.url], jwt_secret=secret
             )
-            api = f"http://{settings.http_host}:{settings.http_port}"
+            api = f"http://{url_host(settings.http_host)}:{settings.http_port}"
             banner = _urls(pg, nats, api)
             if options.demo:
                 banner += "\n\n" + await _demo_text(settings, api)
