@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -364,25 +364,35 @@ async def appointments_container(
         )
 
 
-#: Seconds a stopping process waits for its NATS server to answer a ping before draining
-#: the connection, and then for the connection to close: a server that hangs (still
-#: "connected" until pings fail) must not hold the stop. nats-py's drain cannot be cut
-#: short (it swallows the cancellation, then flushes with a 10 s timeout), so it is only
-#: started on a server that answers.
+#: Seconds a stopping process gives its NATS connection: to answer a ping, then to drain,
+#: then to close. A server that hangs (still "connected" until pings fail) must not hold the
+#: stop, and nats-py's drain and close cannot be cut short (they swallow the cancellation,
+#: then flush with a 10 s timeout): they are left to finish in the background instead.
 NATS_DRAIN_SECONDS: Final = 2
 NATS_CLOSE_SECONDS: Final = 1.0
 
 
 async def close_nats(nc: NATS) -> None:
     """Drain the connection (finishing in-flight work), or just close it if NATS is gone
-    or does not answer. Never raises: a process stopping while NATS is away or hanging
-    still stops cleanly, and soon."""
+    or does not answer. Never raises, and returns within a few seconds: a process stopping
+    while NATS is away or hanging still stops cleanly, and soon."""
     try:
-        await nc.flush(timeout=NATS_DRAIN_SECONDS)  # it answers: draining will not hang
-        await nc.drain()
+        await nc.flush(timeout=NATS_DRAIN_SECONDS)  # it answers: draining should not hang
+        await _within(nc.drain(), NATS_DRAIN_SECONDS)
     except Exception as exc:  # draining needs a live server
         log.info("nats drain failed (%s); closing", exc or type(exc).__name__)
         # After a failed drain, close may raise too (the client is half torn down).
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(NATS_CLOSE_SECONDS):
-                await nc.close()
+            await _within(nc.close(), NATS_CLOSE_SECONDS)
+
+
+async def _within(work: Coroutine[Any, Any, None], seconds: float) -> None:
+    """Await ``work`` for ``seconds`` at most (``TimeoutError``), then leave it running: it
+    ignores cancellation, and its outcome is of no interest once the process stops."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        task.result()
+        return
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, unlogged
+    raise TimeoutError(f"not done within {seconds:g}s")

@@ -90,4 +90,28 @@ async def test_closing_the_link_to_a_hung_server_is_bounded(nats_server: Embedde
     finally:
         nats_server.resume()
     assert nc.is_closed
+    # A ping, a drain (if the ping got through before the pause), a close: each bounded.
+    assert took < 2 * NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
+
+
+async def test_a_drain_that_hangs_after_the_ping_is_left_behind(nats_server: EmbeddedNats) -> None:
+    """The server answered the ping, then hung: the drain (which ignores cancellation and
+    flushes each subscription with a 10 s timeout) is given up on after its bound."""
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": nats_server.url}), "link-test")
+    nc = await asyncio.wait_for(link.wait(), 10)
+    await nc.subscribe("hung-endpoint")
+    ping = nc.flush
+
+    async def answered_once(*_: object) -> None:
+        nc.flush = ping  # type: ignore[method-assign]  # later flushes go to the server
+
+    nc.flush = answered_once  # type: ignore[method-assign]
+    nats_server.pause()
+    try:
+        started = time.monotonic()
+        await link.close()
+        took = time.monotonic() - started
+    finally:
+        nats_server.resume()
+    assert nc.is_closed
     assert took < NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
