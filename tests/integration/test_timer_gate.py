@@ -125,7 +125,7 @@ async def test_a_cancel_handed_back_again_and_again_delays_no_other_appointment(
         waited = time.monotonic() - due
         info = await clinic.js.consumer_info(EVENTS_STREAM, tuning.consumer_name)
         assert info.num_ack_pending == 1  # the cancel is still handed back, not parked
-    assert waited < 2.0
+    assert waited < 5.0  # the old gate: until the cancel was parked (minutes)
     assert await _pushed(clinic, booking, "visit-ready") == ["Your visit can start now"]
     parked = await clinic.db.fetchval("SELECT count(*) FROM notification_parked_messages")
     assert parked == 0

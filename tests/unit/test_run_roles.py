@@ -71,7 +71,7 @@ async def test_a_role_slow_to_stop_after_a_signal_is_cancelled_after_the_grace(
     stop.set()
     started = time.monotonic()
     await asyncio.wait_for(running, 5)
-    assert time.monotonic() - started < short_grace + 0.5
+    assert time.monotonic() - started < short_grace + 2.0  # not the role's 30 s
     assert cancelled.is_set()
 
 
