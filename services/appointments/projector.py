@@ -112,11 +112,11 @@ class VisitsProjector:
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
-        stream = EventsStream(self._js, self._stream_replicas)
+        stream = EventsStream(self._stream_replicas)
         while not stop.is_set():
             raise_if_cancelling()
             try:
-                await stream.ensure()
+                await stream.ensure(self._js)
                 await self._js.add_consumer(EVENTS_STREAM, consumer_config())
                 subscription = await self._js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
                 delay = 0.1

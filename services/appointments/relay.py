@@ -160,13 +160,12 @@ class OutboxRelay:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
         stream_ready = False
-        stream = EventsStream(self._js, self._stream_replicas)
+        stream = EventsStream(self._stream_replicas)
         while not stop.is_set():
             raise_if_cancelling()
             try:
                 if not stream_ready:
-                    stream.js = self._js  # a fresh context after a refused publish
-                    await stream.ensure()
+                    await stream.ensure(self._js)  # fresh after a refused publish
                     stream_ready = True
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):

@@ -140,15 +140,12 @@ class DeliveryStore:
         the claim is no longer this worker's (its lease ran out and another worker claimed
         it, or it was recorded meanwhile): then it must not be sent. Each claim counts an
         attempt, so ``attempts`` names the claim; marking it twice is harmless."""
-        status = await self._pool.execute(
-            """UPDATE notification_deliveries SET sending_phase = 'handing-over'
-               WHERE notification_id = $1 AND channel = $2 AND status = 'sending'
-                 AND attempts = $3""",
+        return await self._settle(
+            "UPDATE notification_deliveries SET sending_phase = 'handing-over'",
             notification_id,
             channel,
             attempts,
         )
-        return bool(status == "UPDATE 1")
 
     async def sent(
         self, notification_id: UUID, channel: Channel, attempts: int, at: datetime

@@ -91,13 +91,12 @@ class Flaky:
 async def test_a_role_stops_on_a_refusal_for_good_only_before_it_made_the_stream() -> None:
     """The relay and the projector: at start, exit 2; once running, wait it out (a node of
     a cluster restarted without its clustering, say, is an outage to ride out)."""
-    starting = EventsStream(cast(JetStreamContext, Refusing(NOT_CLUSTERED)), 3)
     with pytest.raises(ConfigError):
-        await starting.ensure()
+        await EventsStream(3).ensure(cast(JetStreamContext, Refusing(NOT_CLUSTERED)))
     js = Flaky()
-    running = EventsStream(cast(JetStreamContext, js), 3)
-    await running.ensure()
+    running = EventsStream(3)
+    await running.ensure(cast(JetStreamContext, js))
     js.error = NOT_CLUSTERED
     with pytest.raises(APIError) as raised:
-        await running.ensure()
+        await running.ensure(cast(JetStreamContext, js))
     assert raised.value is NOT_CLUSTERED

@@ -174,14 +174,13 @@ class EventsStream:
     a refusal for good is fatal until the stream was made once; after that every failure is
     waited out (see :func:`ensure_events_stream_or_fail`)."""
 
-    def __init__(self, js: JetStreamContext, replicas: int | None = None) -> None:
-        self.js = js
+    def __init__(self, replicas: int | None = None) -> None:
         self._replicas = replicas
         self._made = False
 
-    async def ensure(self) -> StreamInfo:
+    async def ensure(self, js: JetStreamContext) -> StreamInfo:
         """Create or update the stream; :class:`ConfigError` if refused for good at start."""
-        info = await ensure_events_stream_or_fail(self.js, self._replicas, fatal=not self._made)
+        info = await ensure_events_stream_or_fail(js, self._replicas, fatal=not self._made)
         self._made = True
         return info
 

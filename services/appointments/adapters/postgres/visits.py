@@ -158,25 +158,26 @@ class PostgresVisits:
     async def write_row_durably(self, row: VisitRow) -> None:
         """:meth:`write_row`, committed only once flushed: for the projector, which acks
         the event it stands for right after (nothing would write it again)."""
-        with database_errors():
-            await self._pool.execute(upsert_statement("visits"), *upsert_args([row]))
-        if self._updates is not None:
-            self._updates.written([row.appointment_id])
+        await self._upsert(upsert_statement("visits"), [row])
 
     async def _write_row(self, row: VisitRow) -> None:
         await self._write_rows([row])
 
     async def _write_rows(self, rows: Sequence[VisitRow]) -> list[None]:
+        await self._upsert(_WRITE_ROW, rows)
+        return [None] * len(rows)
+
+    async def _upsert(self, statement: str, rows: Sequence[VisitRow]) -> None:
+        """``statement`` (an upsert) over ``rows``, then announced to the waiting reads."""
         with database_errors():
             try:
-                await self._pool.execute(_WRITE_ROW, *upsert_args(rows))
+                await self._pool.execute(statement, *upsert_args(rows))
             except Exception as exc:
                 if len(rows) > 1 and refused_by_content(exc):
                     raise DecideEach() from exc  # one bad row must not fail the others
                 raise
         if self._updates is not None:
             self._updates.written(row.appointment_id for row in rows)
-        return [None] * len(rows)
 
     async def apply(
         self, envelopes: Sequence[EventEnvelope], stream_sequence: int | None = None
