@@ -168,6 +168,31 @@ def _kill_group(pid: int, sig: int) -> None:
             os.kill(child, sig)
 
 
+def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
+    """Wait until every thread of ``pid`` shows as stopped in ``/proc`` (after SIGSTOP).
+
+    ``kill`` returns once the signal is queued: a thread of the target that is running or
+    in a system call can still answer a request that arrives just after. A caller that
+    pauses a server to test what hangs wants it hung on return.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return  # gone, or no /proc: nothing to wait for
+        states = []
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as fh:
+                    states.append(fh.read().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        time.sleep(0.005)
+
+
 def _reap(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     """Wait up to ``timeout`` for ``proc`` to exit; whether it did."""
     try:
@@ -448,6 +473,7 @@ class _Server:
         """SIGSTOP the server's process group (it hangs without closing connections)."""
         if self._proc is not None:
             _kill_group(self._proc.pid, signal.SIGSTOP)
+            _wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """SIGCONT the server's process group after :meth:`pause`."""
