@@ -143,6 +143,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._in_flight = max(1, in_flight)
         self._js = self._jetstream()
+        self._retired: list[JetStreamContext] = []  # replaced, reply inbox not yet dropped
         self._poll_interval = poll_interval
         self._standby_interval = standby_interval
         self._ack_timeout = ack_timeout
@@ -155,6 +156,36 @@ class OutboxRelay:
         # Room for every publish of the batches in flight, and one batch more.
         pending = self._batch_size * (self._in_flight + 1)
         return self._nc.jetstream(publish_async_max_pending=pending)
+
+    def _renew_jetstream(self) -> None:
+        """Publish through a fresh context from now on (see :meth:`_publish`)."""
+        self._retired.append(self._js)
+        self._js = self._jetstream()
+
+    async def _drop_retired(self) -> None:
+        """Unsubscribe the reply inboxes of the replaced contexts: nats-py keeps each one
+        (and its task) for the connection's life, so a relay through many reconnects would
+        pile them up.
+
+        Called before a publish: a refusal settles every batch in flight before anything
+        else is sent, so no batch waits for an ack there any more; what still waits is the
+        refused publishes' futures, which nats-py never hands back. nats-py offers no way
+        to close a context: this reads its private ``_async_reply_prefix`` and
+        ``_publish_async_futures`` and the connection's ``_subs``
+        (``tests/integration/test_relay.py`` counts the inboxes).
+        """
+        retired, self._retired = self._retired, []
+        for js in retired:
+            for future in list(getattr(js, "_publish_async_futures", {}).values()):
+                future.cancel()
+            prefix = getattr(js, "_async_reply_prefix", None)
+            if not prefix:
+                continue
+            subject = bytes(prefix).decode() + "*"
+            for sub in list(getattr(self._nc, "_subs", {}).values()):
+                if sub.subject == subject:
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
@@ -285,6 +316,8 @@ class OutboxRelay:
         """
         if not self._nc.is_connected:
             raise nats.errors.ConnectionReconnectingError
+        if self._retired:
+            await self._drop_retired()
         batch = _Batch(rows)
         publish = self._js.publish_async
         try:
@@ -297,7 +330,7 @@ class OutboxRelay:
         except BaseException as exc:
             batch.cancel()
             if isinstance(exc, nats.errors.Error):
-                self._js = self._jetstream()
+                self._renew_jetstream()
             raise
         return batch
 

@@ -491,10 +491,22 @@ async def test_publishes_refused_while_connected_neither_stall_the_relay_nor_los
         appended = await append_many(store, 100, writers=4)
         async with running(OutboxRelay(pool, nc, batch_size=8, in_flight=2, ack_timeout=0.5)):
             await eventually(lambda: outbox_empty(pool), within=60)
+        # Each refusal replaced the relay's JetStream context; the replaced ones' reply
+        # inboxes are unsubscribed, not kept for the connection's life. (The other
+        # wildcard inbox is the connection's own, for requests.)
+        requests = bytes(nc._resp_sub_prefix or b"").decode() + "*"
+        reply_inboxes = [
+            sub.subject
+            for sub in nc._subs.values()
+            if sub.subject.startswith(nc._inbox_prefix.decode())
+            and sub.subject.endswith(".*")
+            and sub.subject != requests
+        ]
         messages = await stream_messages(nc)
     finally:
         await nc.close()
     assert refusals == 0 and "publishes refused" in caplog.text
+    assert len(reply_inboxes) == 1, reply_inboxes
     assert sorted(event_ids(messages)) == sorted(str(i) for i in appended)
 
 
