@@ -5,6 +5,12 @@ recorded as ``failed`` and never holds up the others. A delivery whose worker va
 mid-send is resent only where the channel de-duplicates (push, within JetStream's window);
 otherwise it is recorded as failed: sent at most once beats sent twice.
 
+A visit's notification to a recipient is not claimed while an earlier one of the visit to
+that recipient on the channel is unsettled (``delivery_store``): a batch never holds two of
+them, so it is sent concurrently and each recipient still hears of the visit in order (a
+cancellation after its confirmation). The later one waits out the earlier one's retries,
+and goes once that one is sent, failed or skipped.
+
 On email the worker marks the hand-over: just before a message goes to the SMTP server
 (after the directory lookup and the connection) it records, durably and only if the claim
 is still its own, that the message is leaving. A worker that vanished before that mark sent

@@ -12,6 +12,17 @@ resending is safe; one still ``claimed`` never left and is simply sent. On other
 Each claim counts an attempt, so ``attempts`` names the claim: the hand-over mark and every
 outcome (sent, retry, failed, skipped) are written only while the row is still ``sending``
 under the claim they belong to, never over a later worker's claim or its record.
+
+A visit's notifications reach each recipient in the order of the visit's story
+(``VISIT_ORDER``: the confirmation, the reminders, the cancellation), on every channel: a
+delivery is claimed only once every earlier one of the same visit, recipient and channel
+is settled (``sent``, ``failed`` or ``skipped``), so a cancellation never goes to the SMTP
+server (or the push stream) while its confirmation is pending, claimed or being handed
+over. The rule lives in the claim itself, so it holds across any number of workers: a
+settled delivery is never unsettled again, so what one claim's snapshot saw settled is
+settled for good; one it saw unsettled holds the later one back until a later claim. A
+held-back delivery takes no place in the batch: other visits' deliveries are claimed
+instead.
 """
 
 from __future__ import annotations
@@ -23,35 +34,52 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from services.notifications.domain import REMINDER_KINDS, PlannedNotification
+from services.notifications.domain import REMINDER_KINDS, VISIT_ORDER, PlannedNotification
 from services.notifications.store import Channel
 
 _CLAIM: Final = """
 WITH due AS (
-    SELECT notification_id, channel, status AS previous_status,
-           claimed_at AS previous_claimed_at, sending_phase AS previous_phase
-    FROM notification_deliveries
-    WHERE channel = $1 AND status IN ('pending', 'sending') AND next_attempt_at <= $2
-    ORDER BY next_attempt_at
+    SELECT d.notification_id, d.channel, d.next_attempt_at AS due_at,
+           d.status AS previous_status, d.claimed_at AS previous_claimed_at,
+           d.sending_phase AS previous_phase
+    FROM notification_deliveries d
+    JOIN notifications n ON n.notification_id = d.notification_id
+    WHERE d.channel = $1 AND d.status IN ('pending', 'sending') AND d.next_attempt_at <= $2
+      -- Not while an earlier notification of the visit to the same recipient ($5: the
+      -- kinds in the visit's order) is unsettled on this channel: pending, claimed, or
+      -- being handed over.
+      AND NOT EXISTS (
+          SELECT FROM notifications earlier
+          JOIN notification_deliveries e
+              ON e.notification_id = earlier.notification_id AND e.channel = d.channel
+          WHERE earlier.appointment_id = n.appointment_id
+            AND earlier.recipient_id = n.recipient_id
+            AND array_position($5::text[], earlier.kind) < array_position($5::text[], n.kind)
+            AND e.status IN ('pending', 'sending')
+      )
+    ORDER BY d.next_attempt_at, d.notification_id
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF d SKIP LOCKED
+), claimed AS (
+    UPDATE notification_deliveries d
+    SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2,
+        -- An abandoned row that may have been handed over keeps saying so (NULL: claimed
+        -- by a release that did not mark it), until its worker records it: a crash before
+        -- that must not turn it into one safe to send again.
+        sending_phase = CASE
+            WHEN due.previous_status = 'sending' AND due.previous_phase IS DISTINCT FROM 'claimed'
+            THEN due.previous_phase
+            ELSE 'claimed'
+        END
+    FROM due JOIN notifications n ON n.notification_id = due.notification_id
+         LEFT JOIN notification_appointments a ON a.appointment_id = n.appointment_id
+    WHERE d.notification_id = due.notification_id AND d.channel = due.channel
+    RETURNING due.due_at, d.attempts, due.previous_status, due.previous_claimed_at,
+              due.previous_phase, n.notification_id, n.kind, n.recipient_id,
+              n.recipient_role, n.appointment_id, n.clinic_id, n.cause_event_id, n.title,
+              n.body, a.status AS appointment_status
 )
-UPDATE notification_deliveries d
-SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2,
-    -- An abandoned row that may have been handed over keeps saying so (NULL: claimed by a
-    -- release that did not mark it), until its worker records it: a crash before that
-    -- must not turn it into one safe to send again.
-    sending_phase = CASE
-        WHEN due.previous_status = 'sending' AND due.previous_phase IS DISTINCT FROM 'claimed'
-        THEN due.previous_phase
-        ELSE 'claimed'
-    END
-FROM due JOIN notifications n ON n.notification_id = due.notification_id
-     LEFT JOIN notification_appointments a ON a.appointment_id = n.appointment_id
-WHERE d.notification_id = due.notification_id AND d.channel = due.channel
-RETURNING d.attempts, due.previous_status, due.previous_claimed_at, due.previous_phase,
-          n.notification_id, n.kind, n.recipient_id, n.recipient_role, n.appointment_id,
-          n.clinic_id, n.cause_event_id, n.title, n.body, a.status AS appointment_status
+SELECT * FROM claimed ORDER BY due_at, notification_id
 """
 
 #: Channels whose worker marks the hand-over of each message (``handing_over``): for them
@@ -110,8 +138,10 @@ class DeliveryStore:
     async def claim(
         self, channel: Channel, now: datetime, lease_until: datetime, limit: int
     ) -> list[ClaimedDelivery]:
-        """Claim up to ``limit`` deliveries of ``channel`` due at ``now``."""
-        rows = await self._pool.fetch(_CLAIM, channel, now, lease_until, limit)
+        """Claim up to ``limit`` deliveries of ``channel`` due at ``now``, the longest due
+        first: of each visit and recipient only those with no earlier one (in
+        ``VISIT_ORDER``) still unsettled on ``channel``."""
+        rows = await self._pool.fetch(_CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER))
         return [
             ClaimedDelivery(
                 notification=PlannedNotification(

@@ -26,6 +26,17 @@ REMINDER_LEAD: Final = timedelta(hours=24)
 TimerKind = Literal["reminder-24h", "visit-ready"]
 #: The kinds of notification a timer sends: a cancel or start makes them pointless.
 REMINDER_KINDS: Final = frozenset(get_args(TimerKind))
+#: The order in which a visit's notifications tell its story to a recipient, the order
+#: they are delivered in: the booking, the reminders as its time comes (the 24 h one
+#: expires when the start window opens, where "visit ready" is due), then its end. A visit
+#: never decides one after a later one (a reminder fires only while it is scheduled), so
+#: the earlier ones are stored by the time a later one is claimed.
+VISIT_ORDER: Final[tuple[NotificationKind, ...]] = (
+    "appointment-confirmed",
+    "reminder-24h",
+    "visit-ready",
+    "appointment-cancelled",
+)
 
 
 def notification_id(cause_event_id: uuid.UUID, kind: str, recipient_id: uuid.UUID) -> uuid.UUID:

@@ -1,7 +1,9 @@
 """An email is in doubt only once its worker marked it as being handed to the SMTP server;
 a worker that vanished before (mid-batch, in the directory lookup) sent nothing, so its
 deliveries go out after the lease. And a directory that could not be asked because our own
-NATS connection is down is a failure worth a retry, not "no email address"."""
+NATS connection is down is a failure worth a retry, not "no email address". And a visit's
+notifications have one order, the one the claim delivers them in (the claim itself is
+proved on PostgreSQL: tests/integration/test_email_order.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import msgspec
@@ -17,7 +19,10 @@ import nats.errors
 import pytest
 from prometheus_client import REGISTRY
 
-from contracts.notifications import DirectoryContactReply, Notification
+from contracts.common import Actor
+from contracts.events import AppointmentCancelled, AppointmentScheduled
+from contracts.notifications import NOTIFICATION_KINDS, DirectoryContactReply, Notification
+from services.appointments.domain.rules import Rules
 from services.notifications.channels import DeliveryFailed
 from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import (
@@ -26,7 +31,15 @@ from services.notifications.delivery_store import (
     abandoned_in_doubt,
 )
 from services.notifications.directory import Directory, DirectoryUnavailable
-from services.notifications.domain import PlannedNotification
+from services.notifications.domain import (
+    VISIT_ORDER,
+    PlannedNotification,
+    appointment_of,
+    on_cancelled,
+    on_scheduled,
+    on_timer,
+    timers_of,
+)
 from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.runtime import Hooks, Tuning
 
@@ -51,6 +64,47 @@ def test_only_an_email_marked_as_handed_over_is_in_doubt(
     channel: str, previous_status: str, previous_phase: str | None, in_doubt: bool
 ) -> None:
     assert abandoned_in_doubt(channel, previous_status, previous_phase) is in_doubt
+
+
+# ------------------------------------------------------------------- a visit's order
+
+
+def test_every_kind_of_notification_has_one_place_in_a_visits_order() -> None:
+    # A kind left out would neither wait for the visit's earlier notifications nor hold
+    # back its later ones (the claim finds no place for it).
+    assert sorted(VISIT_ORDER) == sorted(NOTIFICATION_KINDS)
+    assert len(set(VISIT_ORDER)) == len(VISIT_ORDER)
+
+
+@pytest.mark.parametrize(
+    "lead", [timedelta(days=3), timedelta(hours=2), timedelta(minutes=5)], ids=str
+)
+def test_a_visit_decides_its_notifications_in_the_order_they_are_delivered(
+    lead: timedelta,
+) -> None:
+    """Booked (``lead`` ahead), reminded as its time comes, then cancelled: what each step
+    decides never comes before what the steps before it decided."""
+    starts_at = NOW + timedelta(days=5)
+    patient, provider = uuid.uuid4(), uuid.uuid4()
+    booked = AppointmentScheduled(
+        clinic_id=uuid.uuid4(),
+        patient_id=patient,
+        provider_id=provider,
+        starts_at=starts_at,
+        duration_minutes=30,
+        timezone="Europe/Berlin",
+        scheduled_by=Actor(id=patient, role="patient"),
+    )
+    visit = appointment_of(uuid.uuid4(), uuid.uuid4(), booked)
+    story = [n.kind for n in on_scheduled(visit)]
+    for timer in sorted(timers_of(visit, starts_at - lead, Rules()), key=lambda t: t.due_at):
+        story += [n.kind for n in on_timer(visit, timer, timer.due_at)]
+    cancelled = AppointmentCancelled(
+        clinic_id=visit.clinic_id, cancelled_by=Actor(id=patient, role="patient"), cancelled_at=NOW
+    )
+    story += [n.kind for n in on_cancelled(visit, uuid.uuid4(), cancelled)]
+    assert story[-1] == "appointment-cancelled" and "visit-ready" in story
+    assert story == sorted(story, key=VISIT_ORDER.index)
 
 
 # ------------------------------------------------------------- the worker's hand-over
