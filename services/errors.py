@@ -16,6 +16,9 @@ class ClinicError(Exception):
     """Base of all errors with a stable ``code``."""
 
     code: ClassVar[ErrorCode]
+    decided: ClassVar[bool] = False
+    """A refusal decided on what the appointment is (a 409 or 412), not on what the request
+    is or whether it could run: an answer a retry under the same idempotency key gets too."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -23,6 +26,11 @@ class ClinicError(Exception):
 
     def to_problem(self) -> Problem:
         return problem(self.code, self.detail)
+
+    @classmethod
+    def from_problem(cls, doc: Problem) -> ClinicError:
+        """The error again, from the problem document :meth:`to_problem` made of it."""
+        return cls(doc.detail)
 
 
 class InvalidRequest(ClinicError):
@@ -43,26 +51,32 @@ class NotFound(ClinicError):
 
 class SlotTaken(ClinicError):
     code = ErrorCode.SLOT_TAKEN
+    decided = True
 
 
 class AlreadyExists(ClinicError):
     code = ErrorCode.ALREADY_EXISTS
+    decided = True
 
 
 class AppointmentStarted(ClinicError):
     code = ErrorCode.APPOINTMENT_STARTED
+    decided = True
 
 
 class AppointmentPast(ClinicError):
     code = ErrorCode.APPOINTMENT_PAST
+    decided = True
 
 
 class AppointmentIsCancelled(ClinicError):
     code = ErrorCode.APPOINTMENT_CANCELLED
+    decided = True
 
 
 class TooEarly(ClinicError):
     code = ErrorCode.TOO_EARLY
+    decided = True
 
     def __init__(self, detail: str, opens_at: datetime) -> None:
         super().__init__(detail)
@@ -71,9 +85,17 @@ class TooEarly(ClinicError):
     def to_problem(self) -> Problem:
         return problem(self.code, self.detail, opens_at=self.opens_at)
 
+    @classmethod
+    def from_problem(cls, doc: Problem) -> ClinicError:
+        """The error again, from the problem document :meth:`to_problem` made of it."""
+        if doc.opens_at is None:
+            raise ValueError("a too-early problem says when the start window opens")
+        return cls(doc.detail, doc.opens_at)
+
 
 class VersionConflict(ClinicError):
     code = ErrorCode.VERSION_CONFLICT
+    decided = True
 
 
 class PayloadTooLarge(ClinicError):
@@ -90,3 +112,14 @@ class Unavailable(ClinicError):
     def __init__(self, detail: str, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+_BY_CODE: dict[ErrorCode, type[ClinicError]] = {
+    error.code: error for error in ClinicError.__subclasses__()
+}
+
+
+def error_of(doc: Problem) -> ClinicError:
+    """The error whose problem document ``doc`` is (a refusal kept under an idempotency key,
+    raised again for a retry)."""
+    return _BY_CODE[doc.code].from_problem(doc)

@@ -230,6 +230,72 @@ async def test_idempotency_key_replays_the_first_answer_and_refuses_another_body
     )
 
 
+async def test_a_refusal_under_an_idempotency_key_is_answered_again_once_it_would_pass(
+    api: Api,
+) -> None:
+    staff = api.principal("staff")
+    provider = uuid.uuid4()
+    taken = await api.client.post(
+        "/v1/appointments", json=body_for(api, uuid.uuid4(), provider), headers=api.auth(staff)
+    )
+    keyed = api.auth(staff, **{"Idempotency-Key": "booking-43"})
+    body = body_for(api, uuid.uuid4(), provider, appointment_id=str(uuid.uuid4()))
+    first = await api.client.post("/v1/appointments", json=body, headers=keyed)
+    refusal = assert_problem(first, 409, "slot-taken")
+    cancelled = await api.client.post(
+        f"{taken.headers['location']}/cancel", headers=api.auth(staff)
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    # The slot is free: the same request without the key would book it now.
+    again = await api.client.post("/v1/appointments", json=body, headers=keyed)
+    assert_problem(again, 409, "slot-taken")
+    assert again.json() == refusal and again.content == first.content
+    unbooked = await api.client.get(
+        f"/v1/appointments/{body['appointment_id']}", headers=api.auth(staff)
+    )
+    assert_problem(unbooked, 404, "not-found")
+    assert_problem(
+        await api.client.post(
+            "/v1/appointments", json={**body, "duration_minutes": 20}, headers=keyed
+        ),
+        422,
+        "idempotency-key-reused",
+    )
+    booked = await api.client.post("/v1/appointments", json=body, headers=api.auth(staff))
+    assert booked.status_code == 201, booked.text
+
+
+async def test_refusals_for_the_appointments_state_are_kept_under_the_key_others_are_not(
+    api: Api,
+) -> None:
+    staff = api.principal("staff")
+    appointment_id = str(uuid.uuid4())
+    location = f"/v1/appointments/{appointment_id}"
+    # 404: decided nothing, so the key still names the request that comes first and is decided.
+    unknown = api.auth(staff, **{"Idempotency-Key": "start-1"})
+    assert_problem(await api.client.post(f"{location}/start", headers=unknown), 404, "not-found")
+    starts_at = (api.clock.now + timedelta(minutes=30)).isoformat()
+    body = body_for(api, uuid.uuid4(), uuid.uuid4(), appointment_id=appointment_id)
+    booked = await api.client.post(
+        "/v1/appointments", json={**body, "starts_at": starts_at}, headers=api.auth(staff)
+    )
+    assert booked.status_code == 201, booked.text
+    early = await api.client.post(f"{location}/start", headers=unknown)
+    doc = assert_problem(early, 409, "too-early")
+    assert doc["opens_at"] == booked.json()["start_window_opens_at"]
+    api.clock.advance(minutes=20)  # inside the start window
+    assert (await api.client.post(f"{location}/start", headers=unknown)).json() == doc
+    stale = api.auth(staff, **{"Idempotency-Key": "start-2", "If-Match": '"2"'})
+    assert_problem(
+        await api.client.post(f"{location}/start", headers=stale), 412, "version-conflict"
+    )
+    started = await api.client.post(f"{location}/start", headers=api.auth(staff))
+    assert started.status_code == 200 and started.json()["version"] == 2
+    # At version 2 the same start would now be a rejoin (200): its key answers 412 again.
+    again = await api.client.post(f"{location}/start", headers=stale)
+    assert_problem(again, 412, "version-conflict")
+
+
 async def test_history_lists_the_events_for_staff_and_the_provider_only(api: Api) -> None:
     provider = api.principal("provider")
     patient = api.principal("patient")

@@ -17,7 +17,7 @@ from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import IdempotencyRecord, StoredAnswer
 from services.config import ConfigError, load_settings
-from services.errors import IdempotencyKeyReused
+from services.errors import IdempotencyKeyReused, TooEarly
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
 
@@ -67,6 +67,26 @@ async def test_after_its_ttl_a_key_names_a_new_request(pool: asyncpg.Pool) -> No
     assert await prune_idempotency_keys(pool, DAY) == 1
     second = await app.schedule(keyed, schedule_body(clock.now))
     assert second.created and second.view.appointment_id != first.view.appointment_id
+
+
+async def test_a_kept_refusal_is_pruned_with_its_key_like_an_answer(pool: asyncpg.Pool) -> None:
+    clock = ManualClock()
+    store = PostgresEventStore(pool)
+    app = Appointments(store, store, clock, new_uuid, Rules())
+    staff = principal("staff")
+    booked = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, starts_in=timedelta(hours=3))
+    )
+    keyed = RequestContext(principal=staff, idempotency_key="start-once")
+    with pytest.raises(TooEarly):
+        await app.start(keyed, booked.view.appointment_id)
+    clock.advance(hours=2, minutes=50)
+    with pytest.raises(TooEarly):  # kept: answered again though the window is open now
+        await app.start(keyed, booked.view.appointment_id)
+    await pool.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+    assert await prune_idempotency_keys(pool, DAY) == 1
+    started = await app.start(keyed, booked.view.appointment_id)
+    assert started.appended and started.view.status == "started"
 
 
 async def test_the_pruner_prunes_at_once_and_stops_when_told(pool: asyncpg.Pool) -> None:

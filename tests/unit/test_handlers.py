@@ -30,6 +30,7 @@ from services.errors import (
     InvalidRequest,
     NotFound,
     SlotTaken,
+    TooEarly,
     Unavailable,
     VersionConflict,
 )
@@ -201,6 +202,115 @@ async def test_a_twin_that_wrote_nothing_answers_as_the_first_did(clock: ManualC
     second = await second_instance.schedule(keyed, body)
     assert first.created and second.created and not second.appended
     assert second.view == first.view
+
+
+async def test_a_refusal_is_answered_again_under_its_key_after_the_state_changed(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    provider = uuid.uuid4()
+    other = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, provider_id=provider)
+    )
+    keyed = RequestContext(principal=staff, idempotency_key="book-2")
+    body = schedule_body(clock.now, provider_id=provider)
+    with pytest.raises(SlotTaken) as first:
+        await app.schedule(keyed, body)
+    await app.cancel(RequestContext(principal=staff), other.view.appointment_id)
+    with pytest.raises(SlotTaken) as again:  # the slot is free now: a new request would pass
+        await app.schedule(keyed, body)
+    assert again.value.to_problem() == first.value.to_problem()
+    assert len([stream for stream in store.streams.values() if stream]) == 1
+    assert store.answers[(key_owner(staff), "book-2")].status == 409
+    with pytest.raises(IdempotencyKeyReused):
+        await app.schedule(keyed, schedule_body(clock.now, provider_id=provider))
+
+
+async def test_a_too_early_start_is_answered_again_with_the_same_opening_time(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    booked = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, starts_in=timedelta(hours=3))
+    )
+    appointment = booked.view.appointment_id
+    keyed = RequestContext(principal=staff, idempotency_key="start-1")
+    with pytest.raises(TooEarly) as first:
+        await app.start(keyed, appointment)
+    clock.advance(hours=2, minutes=50)  # inside the start window now
+    with pytest.raises(TooEarly) as again:
+        await app.start(keyed, appointment)
+    assert again.value.to_problem() == first.value.to_problem()
+    assert again.value.opens_at == first.value.opens_at
+    assert len(store.streams[appointment]) == 1
+    assert (await app.start(RequestContext(principal=staff), appointment)).appended
+
+
+async def test_a_version_conflict_is_answered_again_without_deciding_anew(
+    clock: ManualClock,
+) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    keyed = RequestContext(principal=staff, idempotency_key="cancel-7")
+    with pytest.raises(VersionConflict):
+        await app.cancel(keyed, booked.view.appointment_id, expected_version=7)
+    loads = store.loads
+    with pytest.raises(VersionConflict):
+        await app.cancel(keyed, booked.view.appointment_id, expected_version=7)
+    assert store.loads == loads
+    assert store.answers[(key_owner(staff), "cancel-7")].status == 412
+    with pytest.raises(IdempotencyKeyReused):
+        await app.cancel(keyed, booked.view.appointment_id, expected_version=1)
+
+
+async def test_errors_that_decide_nothing_are_not_kept_under_the_key(clock: ManualClock) -> None:
+    store = FakeEventStore()
+    app = service(store, clock)
+    staff = principal("staff")
+    keyed = RequestContext(principal=staff, idempotency_key="k")
+    unknown = uuid.uuid4()
+    with pytest.raises(NotFound):
+        await app.cancel(keyed, unknown)
+    with pytest.raises(InvalidRequest):
+        await app.schedule(keyed, schedule_body(clock.now, starts_in=timedelta(hours=-1)))
+    patient = RequestContext(principal=principal("patient", staff.clinic_id), idempotency_key="k")
+    with pytest.raises(Forbidden):
+        await app.schedule(patient, schedule_body(clock.now))
+    unreadable = Unreadable()
+    with pytest.raises(Unavailable):
+        await service(unreadable, clock).cancel(keyed, unknown)
+    assert store.answers == {} and unreadable.answers == {}
+    # The key still names whatever request comes first with it and is decided.
+    booked = await app.schedule(keyed, schedule_body(clock.now, appointment_id=unknown))
+    assert booked.created and (key_owner(staff), "k") in store.answers
+
+
+async def test_a_twin_under_a_key_that_holds_a_refusal_is_refused_the_same(
+    clock: ManualClock,
+) -> None:
+    # Two instances: the retry's lookup ran just before the first attempt stored its
+    # refusal; the retry's own decision (now inside the window) would start the visit.
+    store = BlindOnce()
+    first_instance, second_instance = service(store, clock), service(store, clock)
+    staff = principal("staff")
+    booked = await first_instance.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, starts_in=timedelta(hours=3))
+    )
+    appointment = booked.view.appointment_id
+    keyed = RequestContext(principal=staff, idempotency_key="start")
+    with pytest.raises(TooEarly):
+        await first_instance.start(keyed, appointment)
+    clock.advance(hours=2, minutes=50)
+    store.blind = 1
+    with pytest.raises(TooEarly):
+        await second_instance.start(keyed, appointment)
+    assert len(store.streams[appointment]) == 1  # its append went with the key: not at all
 
 
 async def test_overlong_idempotency_key_is_invalid(clock: ManualClock) -> None:

@@ -178,6 +178,22 @@ async def test_an_idempotency_key_answers_a_retry_and_refuses_another_body() -> 
     assert json.loads(reused.data)["code"] == "idempotency-key-reused"
 
 
+async def test_a_refusal_under_an_idempotency_key_is_replied_again_as_it_was() -> None:
+    clock, store = ManualClock(), FakeEventStore()
+    api = api_on(store, clock)
+    booking = json.loads(schedule_request(clock))
+    booking["starts_at"] = (clock.now + timedelta(hours=3)).isoformat()
+    view = json.loads((await api.answer("schedule", json.dumps(booking).encode(), None)).data)
+    start = {"appointment_id": view["appointment_id"], "actor": actor(), "idempotency_key": "s"}
+    first = await api.answer("start", json.dumps(start).encode(), None)
+    clock.advance(hours=2, minutes=50)  # the window is open: a new request would start it
+    again = await api.answer("start", json.dumps(start).encode(), None)
+    assert first.error_code == again.error_code == "409"
+    assert again.data == first.data and json.loads(again.data)["code"] == "too-early"
+    other = await api.answer("start", json.dumps({**start, "expected_version": 1}).encode(), None)
+    assert other.error_code == "422"
+
+
 async def test_an_error_reply_is_a_problem_document() -> None:
     request = json.dumps({"appointment_id": str(uuid.uuid4()), "actor": actor()}).encode()
     reply = await api_on(FakeEventStore()).answer("get", request, None)

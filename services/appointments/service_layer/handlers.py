@@ -21,6 +21,7 @@ import msgspec
 
 from contracts.commands import ScheduleBody
 from contracts.common import Principal
+from contracts.errors import Problem
 from contracts.events import EventEnvelope
 from contracts.views import AppointmentView, History
 from services.appointments.domain.commands import (
@@ -55,6 +56,7 @@ from services.errors import (
     SlotTaken,
     Unavailable,
     VersionConflict,
+    error_of,
 )
 from services.metrics import COMMAND_RETRIES, observe_command
 
@@ -188,14 +190,18 @@ class Appointments:
         if stored is not None:
             return _replay(stored, fingerprint)
 
-        def remember(outcome: CommandOutcome) -> IdempotencyRecord:
+        def record(status: int, body: bytes, consistency_token: str = "") -> IdempotencyRecord:
             answer = StoredAnswer(
                 fingerprint=fingerprint,
-                status=201 if outcome.created else 200,
-                body=msgspec.json.encode(outcome.view),
-                consistency_token=outcome.consistency_token,
+                status=status,
+                body=body,
+                consistency_token=consistency_token,
             )
             return IdempotencyRecord(principal_id=owner, key=key, answer=answer)
+
+        def remember(outcome: CommandOutcome) -> IdempotencyRecord:
+            status = 201 if outcome.created else 200
+            return record(status, msgspec.json.encode(outcome.view), outcome.consistency_token)
 
         try:
             outcome = await self._execute(ctx, command, expected_version, remember)
@@ -205,14 +211,17 @@ class Appointments:
             assert stored is not None
             return _replay(stored, fingerprint)
         except ClinicError as exc:
-            if isinstance(exc, Unavailable):
-                raise
-            # A concurrent twin with this key may have won the race that refused this one
-            # (its cancel made our If-Match stale): then the answer is the twin's.
-            stored = await self._idempotency.find_answer(owner, key)
-            if stored is None:
-                raise
-            return _replay(stored, fingerprint)
+            if not exc.decided:
+                raise  # not an answer (a 400, 404, 503...): the key waits for one
+            # A refusal for what the appointment is, answered again to retries like any
+            # answer, unless a concurrent twin with this key stored its answer first (its
+            # cancel may be what made our If-Match stale): then the twin's answer holds.
+            problem = exc.to_problem()
+            refusal = record(problem.status, msgspec.json.encode(problem))
+            stored = await self._idempotency.save_answer(refusal)
+            if stored != refusal.answer:
+                return _replay(stored, fingerprint)
+            raise
         if not outcome.appended:
             # A no-op answer wrote nothing with the events: remember it on its own, unless a
             # concurrent twin with this key stored its answer first (then that one holds).
@@ -336,8 +345,11 @@ def _fingerprint(operation: str, payload: object) -> str:
 
 
 def _replay(stored: StoredAnswer, fingerprint: str) -> CommandOutcome:
+    """The stored answer again: the outcome, or the refusal raised."""
     if stored.fingerprint != fingerprint:
         raise IdempotencyKeyReused("This Idempotency-Key was used for another request.")
+    if stored.refused:
+        raise error_of(msgspec.json.decode(stored.body, type=Problem))
     return CommandOutcome(
         view=msgspec.json.decode(stored.body, type=AppointmentView),
         consistency_token=stored.consistency_token,

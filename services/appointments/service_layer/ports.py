@@ -31,16 +31,24 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoredAnswer(msgspec.Struct, frozen=True, kw_only=True):
-    """The first answer to an idempotent request, kept to answer its retries."""
+    """The first answer to an idempotent request, kept to answer its retries: a success
+    (``body``: the appointment) or a refusal decided on the appointment's state (``status``
+    409 or 412, ``body``: its problem document, no ``consistency_token``)."""
 
     fingerprint: str
     status: int
     body: bytes
     consistency_token: str
 
+    @property
+    def refused(self) -> bool:
+        """Whether the answer is a refusal (``body`` a problem document)."""
+        return self.status >= 400
+
 
 class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """An answer to store under (principal, key), written with the events it answers."""
+    """An answer to store under (principal, key): written with the events it answers, or
+    on its own when it appends none (a no-op success, a refusal)."""
 
     principal_id: UUID
     key: str
@@ -97,7 +105,8 @@ class IdempotencyStore(Protocol):
         ...
 
     async def save_answer(self, record: IdempotencyRecord) -> StoredAnswer:
-        """Store ``record`` unless one exists; return whichever is stored."""
+        """Store ``record`` unless one exists; return whichever is stored (a concurrent
+        twin's, committed meanwhile, included)."""
         ...
 
 
