@@ -9,7 +9,9 @@ A visit's notification to a recipient is not claimed while an earlier one of the
 that recipient on the channel is unsettled (``delivery_store``): a batch never holds two of
 them, so it is sent concurrently and each recipient still hears of the visit in order (a
 cancellation after its confirmation). The later one waits out the earlier one's retries,
-and goes once that one is sent, failed or skipped.
+and goes once that one is sent, failed or skipped (found abandoned in doubt and recorded
+failed: once the lease of the claim that found it is over too, as its worker may only be
+slow).
 
 On email the worker marks the hand-over: just before a message goes to the SMTP server
 (after the directory lookup and the connection) it records, durably and only if the claim
@@ -35,6 +37,7 @@ from contracts.notifications import Notification
 from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import (
+    ABANDONED_IN_DOUBT,
     HAND_OVER_MARKED,
     ClaimedDelivery,
     DeliveryStore,
@@ -131,12 +134,7 @@ class DeliveryWorker:
         n = claimed.notification
         now = self._clock()
         if claimed.in_doubt and not self._may_resend(claimed, now):
-            if await self._settle(
-                claimed,
-                self._store.finish,
-                "failed",
-                "in doubt: a worker stopped while sending it; not resent, to send at most once",
-            ):
+            if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
                 NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
         if claimed.outdated is not None:

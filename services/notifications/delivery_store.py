@@ -22,7 +22,11 @@ over. The rule lives in the claim itself, so it holds across any number of worke
 settled delivery is never unsettled again, so what one claim's snapshot saw settled is
 settled for good; one it saw unsettled holds the later one back until a later claim. A
 held-back delivery takes no place in the batch: other visits' deliveries are claimed
-instead.
+instead. One settled delivery still holds the later ones back for a while: one recorded
+``failed`` in doubt (:data:`ABANDONED_IN_DOUBT`) by the claim that found it abandoned,
+marked as being handed over. The worker whose lease ran out may not be dead but slow, still
+handing it over; so the later ones wait until the lease of that claim is over too (as long
+again as the first worker had), unless it is recorded ``sent`` meanwhile.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ WITH due AS (
     WHERE d.channel = $1 AND d.status IN ('pending', 'sending') AND d.next_attempt_at <= $2
       -- Not while an earlier notification of the visit to the same recipient ($5: the
       -- kinds in the visit's order) is unsettled on this channel: pending, claimed, or
-      -- being handed over.
+      -- being handed over; nor while one found abandoned in doubt ($6) may still be
+      -- handed over by the worker that abandoned it (until the finding claim's lease ends).
       AND NOT EXISTS (
           SELECT FROM notifications earlier
           JOIN notification_deliveries e
@@ -55,7 +60,8 @@ WITH due AS (
           WHERE earlier.appointment_id = n.appointment_id
             AND earlier.recipient_id = n.recipient_id
             AND array_position($5::text[], earlier.kind) < array_position($5::text[], n.kind)
-            AND e.status IN ('pending', 'sending')
+            AND (e.status IN ('pending', 'sending')
+                 OR (e.status = 'failed' AND e.last_error = $6 AND e.next_attempt_at > $2))
       )
     ORDER BY d.next_attempt_at, d.notification_id
     LIMIT $4
@@ -81,6 +87,12 @@ WITH due AS (
 )
 SELECT * FROM claimed ORDER BY due_at, notification_id
 """
+
+#: Why a delivery found abandoned, and maybe sent, is recorded ``failed`` (never resent).
+#: Such a record holds the visit's later deliveries back until its claim's lease is over.
+ABANDONED_IN_DOUBT: Final = (
+    "in doubt: a worker stopped while sending it; not resent, to send at most once"
+)
 
 #: Channels whose worker marks the hand-over of each message (``handing_over``): for them
 #: a delivery abandoned before that mark never left and is sent again.
@@ -140,8 +152,11 @@ class DeliveryStore:
     ) -> list[ClaimedDelivery]:
         """Claim up to ``limit`` deliveries of ``channel`` due at ``now``, the longest due
         first: of each visit and recipient only those with no earlier one (in
-        ``VISIT_ORDER``) still unsettled on ``channel``."""
-        rows = await self._pool.fetch(_CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER))
+        ``VISIT_ORDER``) still unsettled on ``channel`` (or maybe still being handed over:
+        :data:`ABANDONED_IN_DOUBT`)."""
+        rows = await self._pool.fetch(
+            _CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER), ABANDONED_IN_DOUBT
+        )
         return [
             ClaimedDelivery(
                 notification=PlannedNotification(

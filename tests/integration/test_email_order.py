@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,11 @@ from contracts.events import EventEnvelope, decode_event
 from contracts.notifications import DirectoryContactReply
 from services.appointments.domain.rules import Rules
 from services.notifications.delivery import DeliveryWorker
-from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
+from services.notifications.delivery_store import (
+    ABANDONED_IN_DOUBT,
+    ClaimedDelivery,
+    DeliveryStore,
+)
 from services.notifications.directory import Directory
 from services.notifications.domain import on_timer
 from services.notifications.email import EmailChannel, SmtpConfig
@@ -135,7 +140,8 @@ async def test_a_cancellation_waits_for_a_confirmation_whose_worker_died_handing
     pool: asyncpg.Pool,
 ) -> None:
     """The confirmation may be at the server: the cancellation waits until the next claim,
-    after the lease, decides what became of it (failed, in doubt: never sent twice)."""
+    after the lease, decides what became of it (failed, in doubt: never sent twice), and
+    then for that claim's lease too: its worker may only be slow, still handing it over."""
     visit = Booking()
     await _book(pool, visit)
     await _cancel(pool, visit, T0)
@@ -150,8 +156,13 @@ async def test_a_cancellation_waits_for_a_confirmation_whose_worker_died_handing
     assert _what(again) == CONFIRMED
     assert _of(again, "patient").in_doubt and not _of(again, "provider").in_doubt
     doubt = _of(again, "patient")
-    assert await store.finish(n, "email", doubt.attempts, "failed", "in doubt")
-    assert _what(await _claim(pool, later)) == {("appointment-cancelled", "patient")}
+    assert await store.finish(n, "email", doubt.attempts, "failed", ABANDONED_IN_DOUBT)
+    await _sent(pool, _of(again, "provider"), later)
+    (provider,) = await _claim(pool, later)
+    assert provider.notification.kind == "appointment-cancelled"
+    await _sent(pool, provider, later)
+    assert await _claim(pool, later + LEASE - timedelta(seconds=1)) == []
+    assert _what(await _claim(pool, later + LEASE)) == {("appointment-cancelled", "patient")}
 
 
 async def test_a_confirmation_retried_after_the_cancel_is_given_up_then_the_cancellation_goes(
@@ -317,3 +328,55 @@ async def test_a_visit_booked_and_cancelled_at_once_is_confirmed_before_it_is_ca
         visit.patient_id: ["Visit confirmed", "Visit cancelled"],
         visit.provider_id: ["New visit booked", "Visit cancelled"],
     }
+
+
+async def test_a_confirmation_its_worker_still_hands_over_after_its_lease_comes_first(
+    database_url: str, smtp: tuple[SmtpSink, str]
+) -> None:
+    """One process marks the patient's confirmation as being handed over, then its
+    message waits at the server past the lease. Another process finds it in doubt and
+    records it failed (never sent twice), but the first may still be handing it over: the
+    cancellation waits as long again as a lease, not just for that record."""
+    sink, smtp_url = smtp
+    visit = Booking()
+    patient = f"{visit.patient_id}@example.test"
+    release = threading.Event()
+    sink.holds[patient] = (release, "250 OK")
+    async with _process(database_url) as first, _process(database_url) as second:
+        await _book(first, visit)
+        await _cancel(first, visit, T0, by=visit.provider)  # to the patient only
+        confirming = asyncio.create_task(
+            _email_worker(first, _Directory(), smtp_url, T0).deliver_due()
+        )
+
+        async def confirmation(recipient: uuid.UUID) -> asyncpg.Record:
+            row = await second.fetchrow(
+                """SELECT d.status, d.last_error FROM notification_deliveries d
+                   JOIN notifications n USING (notification_id)
+                   WHERE n.recipient_id = $1 AND n.kind = 'appointment-confirmed'
+                     AND d.channel = 'email'""",
+                recipient,
+            )
+            assert row is not None
+            return row
+
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while patient not in sink.holding or (
+                (await confirmation(visit.provider_id))["status"] != "sent"
+            ):
+                assert asyncio.get_running_loop().time() < deadline, "the sends never came"
+                await asyncio.sleep(0.01)
+            found = T0 + LEASE + timedelta(seconds=1)  # the first one's lease ran out
+            other = _email_worker(second, _Directory(), smtp_url, found)
+            assert await other.deliver_due() == 1  # the confirmation: in doubt, failed
+            row = await confirmation(visit.patient_id)
+            assert row["status"] == "failed" and row["last_error"] == ABANDONED_IN_DOUBT
+            assert await other.deliver_due() == 0  # the cancellation still waits
+            assert sink.to(patient) == []
+        finally:
+            release.set()
+        assert await asyncio.wait_for(confirming, 10) == 2
+        # Sent after all, and recorded so: the cancellation goes at once.
+        assert await other.deliver_due() == 1
+    assert [m["Subject"] for m in sink.to(patient)] == ["Visit confirmed", "Visit cancelled"]

@@ -35,7 +35,7 @@ class SmtpSink:
         #: Replies to give a message's content instead of keeping it, one per message.
         self.data_refusals: list[str] = []
         #: address -> (release, reply): the next message to it waits at its recipient until
-        #: ``release`` is set, then gets ``reply`` (once).
+        #: ``release`` is set, then gets ``reply`` (once; a 250 takes the recipient).
         self.holds: dict[str, tuple[threading.Event, str]] = {}
         #: Addresses whose message is being held right now.
         self.holding: set[str] = set()
@@ -49,6 +49,8 @@ class SmtpSink:
             self.holding.add(address)
             await asyncio.to_thread(release.wait, 30)  # bounded: a test that fails lets go
             self.holding.discard(address)
+            if reply.startswith("250"):
+                envelope.rcpt_tos.append(address)
             return reply
         replies = self.refusals.get(address)
         if replies:
