@@ -212,5 +212,4 @@ class ServiceApi:
         page, stale = await self._visits.list_visits(
             request.actor, request.tab, request.limit, request.cursor, request.consistency_token
         )
-        # As over HTTP: "stale" when the wait for the token ran out, else "fresh".
-        return success(page, {CONSISTENCY_HEADER: "stale" if stale else "fresh"})
+        return success(page, {CONSISTENCY_HEADER: "stale"} if stale else None)
