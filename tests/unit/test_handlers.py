@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from contracts.common import Principal
+from contracts.errors import ErrorCode, problem
 from services.appointments.domain.rules import Rules
 from services.appointments.domain.state import INITIAL
 from services.appointments.service_layer.consistency import make_token, parse_token
@@ -33,6 +34,7 @@ from services.errors import (
     TooEarly,
     Unavailable,
     VersionConflict,
+    error_of,
 )
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
@@ -311,6 +313,35 @@ async def test_a_twin_under_a_key_that_holds_a_refusal_is_refused_the_same(
     with pytest.raises(TooEarly):
         await second_instance.start(keyed, appointment)
     assert len(store.streams[appointment]) == 1  # its append went with the key: not at all
+
+
+async def test_a_twin_refused_for_what_it_asks_gets_the_answer_its_key_holds(
+    clock: ManualClock,
+) -> None:
+    # A booking without an id, retried while the first attempt commits: by the time the
+    # retry is decided its start has passed (400, kept nowhere), but the key holds the
+    # first attempt's answer, the booking: that is the retry's answer too.
+    store = BlindOnce()
+    first_instance, second_instance = service(store, clock), service(store, clock)
+    keyed = RequestContext(principal=principal("staff"), idempotency_key="book-now")
+    body = schedule_body(clock.now, starts_in=timedelta(seconds=1))
+    first = await first_instance.schedule(keyed, body)
+    clock.advance(seconds=2)
+    store.blind = 1
+    second = await second_instance.schedule(keyed, body)
+    assert second.replayed and second.view == first.view and second.created
+    assert len([stream for stream in store.streams.values() if stream]) == 1
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_is_raised_again_from_its_problem_document(
+    code: ErrorCode, clock: ManualClock
+) -> None:
+    # A refusal kept under a key is raised again from its problem document: every code
+    # must name its error (``error_of`` looks among the direct subclasses of ClinicError).
+    doc = problem(code, "why", opens_at=clock.now if code is ErrorCode.TOO_EARLY else None)
+    again = error_of(doc)
+    assert again.code is code and again.to_problem() == doc
 
 
 async def test_overlong_idempotency_key_is_invalid(clock: ManualClock) -> None:

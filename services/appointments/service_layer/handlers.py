@@ -212,7 +212,15 @@ class Appointments:
             return _replay(stored, fingerprint)
         except ClinicError as exc:
             if not exc.decided:
-                raise  # not an answer (a 400, 404, 503...): the key waits for one
+                # Not an answer (a 400, 404, 503...): the key waits for one. But a twin
+                # with this key may have stored its answer meanwhile (a booking's start
+                # passed between the two decisions): then that is this request's answer.
+                if isinstance(exc, Unavailable):
+                    raise
+                stored = await self._idempotency.find_answer(owner, key)
+                if stored is None:
+                    raise
+                return _replay(stored, fingerprint)
             # A refusal for what the appointment is, answered again to retries like any
             # answer, unless a concurrent twin with this key stored its answer first (its
             # cancel may be what made our If-Match stale): then the twin's answer holds.
