@@ -3,10 +3,11 @@
 Servers, first match wins:
 
 1. ``CLINIC_TEST_DATABASE_URL`` / ``CLINIC_TEST_NATS_URL`` (each on its own);
-2. testcontainers (``postgres:16``, ``nats:2.10 -js``) when a Docker engine answers
-   (``CLINIC_TEST_DOCKER=0`` skips the probe);
-3. the embedded servers of ``clinic dev`` (:mod:`services.embedded`), one PostgreSQL
-   per pytest(-xdist worker) session, one ``nats-server`` per test.
+2. PostgreSQL: testcontainers (``postgres:16``) when a Docker engine answers
+   (``CLINIC_TEST_DOCKER=0`` skips the probe), else the embedded server of ``clinic dev``
+   (:mod:`services.embedded`), one per pytest(-xdist worker) session;
+3. NATS: the embedded ``nats-server``, one per test, else (no usable binary)
+   testcontainers (``nats:2.10 -js``) when a Docker engine answers.
 
 Fixtures (their names are a contract for every test tier):
 
