@@ -6,6 +6,8 @@ are acknowledged and skipped; undecodable messages, and events that cannot apply
 ``max_deliver`` deliveries, are parked in PostgreSQL and terminated on the stream, so
 they never block it. While PostgreSQL is down the consumer holds its message (telling
 JetStream it is still in progress) and retries, so an outage never uses up deliveries.
+Before it fetches anything, the consumer records (once for the database) when the service
+first started consuming: what happened since is news the service owes.
 """
 
 from __future__ import annotations
@@ -129,7 +131,10 @@ class EventConsumer:
         self._on_new_work = on_new_work
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set; messages fetched but not handled are handed back."""
+        """Consume until ``stop`` is set; messages fetched but not handled are handed back.
+        Fetches nothing before the service's first start is recorded (:meth:`_begin`)."""
+        if not await self._begin(stop):
+            return
         sub = await self._js.pull_subscribe_bind(
             durable=self._tuning.consumer_name, stream=EVENTS_STREAM
         )
@@ -159,6 +164,27 @@ class EventConsumer:
                     await self.handle(msg, stop)
         finally:
             await _quietly(sub.unsubscribe())
+
+    async def _begin(self, stop: asyncio.Event) -> bool:
+        """Record, once for the database, when the service first started consuming: the
+        line between the history a first start inherits and the news it owes (see
+        :mod:`~services.notifications.handlers`). Waits out PostgreSQL down, or not migrated
+        yet (the events wait on the stream meanwhile); False if ``stop`` is set first."""
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                first_start = await self._handler.begin()
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
+                else:
+                    log.exception("recording the first start failed, retrying in %.1fs", delay)
+            else:
+                log.info("consuming", extra={"first_start": first_start.isoformat()})
+                return True
+            await sleep_unless_stopped(stop, delay)
+            delay = min(delay * 2, 5.0)
+        return False
 
     async def handle(self, msg: Msg, stop: asyncio.Event) -> None:
         """Apply one message and acknowledge, retry, skip or park it."""

@@ -45,9 +45,11 @@ class Tuning:
     #: longer than a crashed instance holds the booking (the ack wait); with the defaults
     #: such an event is parked after its 10th delivery, ~1.5 h after the first.
     not_ready_delay: float = 2.0
-    #: Confirmations of older bookings are not sent (a first start on a long history must
-    #: not confirm every booking ever made), nor cancellation notices of older events
-    #: unless the booking was confirmed (then they go out however late, before the visit's end).
+    #: Confirmations of older bookings are not sent if made before the service first
+    #: started with its database (a first start on a long history must not confirm every
+    #: booking ever made; one made since, during an outage, is confirmed until its visit
+    #: begins), nor cancellation notices of older events unless the booking was confirmed
+    #: (then they go out however late, before the visit's end).
     stale_after: timedelta = timedelta(hours=24)
     #: How often idle workers look for due timers and deliveries (seconds).
     poll_interval: float = 1.0

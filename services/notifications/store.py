@@ -139,6 +139,15 @@ class StoreTransaction:
             )
         return added
 
+    async def first_start(self) -> datetime | None:
+        """When the service first started consuming with this database (see
+        :meth:`NotificationStore.record_first_start`); None if it never did (the database
+        is new, or was rebuilt under a running service)."""
+        started: datetime | None = await self._conn.fetchval(
+            "SELECT started_at FROM notification_first_start"
+        )
+        return started
+
     async def was_confirmed(self, appointment_id: UUID) -> bool:
         """Whether the appointment's booking was confirmed to anyone (its confirmations
         stored; a stale booking's were not)."""
@@ -241,6 +250,21 @@ class NotificationStore:
         conn: Any
         async with self._pool.acquire() as conn, conn.transaction():
             yield StoreTransaction(conn)
+
+    async def record_first_start(self, now: datetime) -> datetime:
+        """Record ``now`` as when the service first started consuming with this database,
+        unless a start is recorded already (it never moves); return the one recorded. Any
+        number of processes may start at once: one insert wins, and each of them gets it."""
+        # DO UPDATE to the same value, not DO NOTHING: the statement then returns the row
+        # another process committed first, which a DO NOTHING's snapshot may not see.
+        started: datetime = await self._pool.fetchval(
+            """INSERT INTO notification_first_start (started_at) VALUES ($1)
+               ON CONFLICT (singleton) DO UPDATE
+                   SET started_at = notification_first_start.started_at
+               RETURNING started_at""",
+            now,
+        )
+        return started
 
     async def due_appointments(self, now: datetime, limit: int) -> set[tuple[UUID, UUID]]:
         """(clinic, appointment) of the first ``limit`` timers due at ``now``, read without

@@ -37,6 +37,7 @@ class FakeTransaction:
         self.timers: dict[UUID, list[Timer]] = {}
         self.notifications: list[PlannedNotification] = []
         self.skipped: list[UUID] = []
+        self.started_at: datetime | None = None
 
     async def mark_processed(self, event_id: UUID, appointment_id: UUID, sequence: int) -> bool:
         if event_id in self.processed:
@@ -60,6 +61,9 @@ class FakeTransaction:
         self, planned: Sequence[PlannedNotification], channels: Any, now: datetime
     ) -> None:
         self.notifications.extend(planned)
+
+    async def first_start(self) -> datetime | None:
+        return self.started_at
 
     async def was_confirmed(self, appointment_id: UUID) -> bool:
         return any(
@@ -85,6 +89,11 @@ class FakeStore:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[FakeTransaction]:
         yield self.tx
+
+    async def record_first_start(self, now: datetime) -> datetime:
+        if self.tx.started_at is None:
+            self.tx.started_at = now
+        return self.tx.started_at
 
 
 class Clock:
@@ -117,13 +126,13 @@ def setup() -> tuple[EventHandler, FakeTransaction, Clock]:
     return handler, store.tx, clock
 
 
-def booking() -> AppointmentScheduled:
+def booking(starts_at: datetime = STARTS_AT) -> AppointmentScheduled:
     patient = uuid.uuid4()
     return AppointmentScheduled(
         clinic_id=uuid.uuid4(),
         patient_id=patient,
         provider_id=uuid.uuid4(),
-        starts_at=STARTS_AT,
+        starts_at=starts_at,
         duration_minutes=30,
         timezone="Europe/Berlin",
         scheduled_by=Actor(id=patient, role="patient"),
@@ -168,3 +177,71 @@ async def test_a_cancel_drops_the_reminders_and_tells_in_time_only() -> None:
         assert tx.appointments[stream].status == "cancelled"
         notices = [n for n in tx.notifications[before:] if n.kind == "appointment-cancelled"]
         assert len(notices) == (0 if late else 1)  # to the patient: the provider cancelled
+
+
+async def test_the_first_start_is_recorded_once_and_never_moves() -> None:
+    handler, tx, clock = setup()
+    assert await handler.begin() == NOW
+    clock.now = NOW + timedelta(days=3)  # a restart
+    assert await handler.begin() == NOW
+    assert tx.started_at == NOW
+
+
+async def _confirmations_of_a_booking_made(
+    at: datetime, applied_at: datetime, *, began: bool = False, first_start: bool = True
+) -> int:
+    """How many confirmations a booking made ``at`` gets, applied at ``applied_at`` by a
+    service that first started at ``NOW`` (unless not ``first_start``: no start recorded),
+    for a visit that has ``began`` by then or is a week ahead of then."""
+    handler, tx, clock = setup()
+    if first_start:
+        await handler.begin()
+    clock.now = applied_at
+    starts_at = applied_at - timedelta(minutes=10) if began else applied_at + timedelta(days=7)
+    stream, event = uuid.uuid4(), booking(starts_at)
+    assert await handler.apply(envelope(stream, 1, event, at), event, 1) is Outcome.APPLIED
+    assert [t.kind for t in tx.timers.get(stream, [])]  # its reminders are set either way
+    return sum(n.kind == "appointment-confirmed" for n in tx.notifications)
+
+
+async def test_a_booking_made_since_the_first_start_is_confirmed_however_late() -> None:
+    made = NOW + timedelta(hours=1)  # then the service is down for three days
+    assert await _confirmations_of_a_booking_made(made, made + timedelta(days=3)) == 2
+
+
+async def test_a_booking_applied_late_once_its_visit_began_is_not_confirmed() -> None:
+    made = NOW + timedelta(hours=1)
+    applied = made + timedelta(days=3)
+    assert await _confirmations_of_a_booking_made(made, applied, began=True) == 0
+
+
+async def test_a_booking_older_than_the_first_start_is_confirmed_only_while_fresh() -> None:
+    fresh, stale = NOW - timedelta(hours=20), NOW - timedelta(hours=25)
+    assert await _confirmations_of_a_booking_made(fresh, NOW) == 2
+    assert await _confirmations_of_a_booking_made(stale, NOW) == 0
+
+
+async def test_a_late_booking_without_a_recorded_start_is_history_not_news() -> None:
+    made = NOW + timedelta(hours=1)
+    applied = made + timedelta(days=3)
+    assert await _confirmations_of_a_booking_made(made, applied, first_start=False) == 0
+
+
+async def test_a_short_notice_booking_applied_a_little_late_is_still_confirmed() -> None:
+    made = NOW + timedelta(hours=1)  # for a visit minutes ahead, applied after its start
+    assert await _confirmations_of_a_booking_made(made, made + timedelta(minutes=30), began=True)
+
+
+async def test_a_booking_and_its_cancel_made_during_an_outage_are_both_told() -> None:
+    handler, tx, clock = setup()
+    await handler.begin()
+    stream, event = uuid.uuid4(), booking(NOW + timedelta(days=7))
+    cancel = cancellation(Actor(id=event.patient_id, role="patient"))
+    clock.now = NOW + timedelta(days=3)
+    booked = envelope(stream, 1, event, NOW + timedelta(hours=1))
+    cancelled = envelope(stream, 2, cancel, NOW + timedelta(hours=2))
+    assert await handler.apply(booked, event, 1) is Outcome.APPLIED
+    assert await handler.apply(cancelled, cancel, 2) is Outcome.APPLIED
+    assert sorted(n.kind for n in tx.notifications) == (
+        ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+    )
