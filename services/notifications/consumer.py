@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 from uuid import UUID
 
+import asyncpg
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -169,7 +170,9 @@ class EventConsumer:
         """Record, once for the database, when the service first started consuming: the
         line between the history a first start inherits and the news it owes (see
         :mod:`~services.notifications.handlers`). Waits out PostgreSQL down, or not migrated
-        yet (the events wait on the stream meanwhile); False if ``stop`` is set first."""
+        yet (the events wait on the stream meanwhile; the readiness probe says so too: a
+        warning, not an error, as the migrate Job may run alongside a new pod); False if
+        ``stop`` is set first."""
         delay = 0.2
         while not stop.is_set():
             try:
@@ -177,6 +180,12 @@ class EventConsumer:
             except Exception as exc:
                 if is_transient(exc):
                     log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
+                elif isinstance(exc, asyncpg.UndefinedTableError):
+                    log.warning(
+                        "database not migrated yet (run clinic migrate), retrying in %.1fs: %s",
+                        delay,
+                        exc,
+                    )
                 else:
                     log.exception("recording the first start failed, retrying in %.1fs", delay)
             else:

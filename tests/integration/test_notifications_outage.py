@@ -81,6 +81,32 @@ async def test_a_booking_made_while_the_service_was_down_for_days_is_confirmed_o
     assert await _first_start(clinic.db) == first_start  # a restart never moves it
 
 
+async def test_after_a_first_start_on_an_empty_stream_an_outage_owes_its_news_in_order(
+    clinic: Clinic,
+) -> None:
+    """Recorded as it starts, not at its first event: a service that first started with
+    nothing to read, then was down for days, owes what was booked meanwhile; a visit booked
+    and cancelled meanwhile hears of both, the confirmation first, on each channel."""
+    first_start = await _run_once(clinic)
+    kept, dropped = (Booking(starts_at=clinic.clock() + timedelta(days=14)) for _ in range(2))
+    for booking in (kept, dropped):
+        clinic.know(booking)
+        await clinic.publish(booking.scheduled(first_start), booking.clinic_id)
+    cancelled = dropped.cancelled(first_start + timedelta(hours=2), dropped.patient)
+    await clinic.publish(cancelled, dropped.clinic_id)
+    clinic.clock.advance(days=3)
+    async with clinic.running():
+        await eventually(lambda: _has_sent(clinic, dropped, 4), what="the news of the outage")
+        await clinic.wait_settled()
+    assert await _sent(clinic, kept) == CONFIRMED
+    pushes = [p for p in await clinic.pushes() if p.appointment_id == dropped.appointment_id]
+    for role in ("patient", "provider"):
+        told = [p.kind for p in pushes if p.recipient_role == role]
+        assert told == ["appointment-confirmed", "appointment-cancelled"]
+        mails = [m["Subject"] for m in clinic.sink.to(dropped.email_of(role))]
+        assert len(mails) == 2 and mails[1] == "Visit cancelled"
+
+
 @pytest.mark.parametrize("applied_after_start", [timedelta(minutes=10), timedelta(days=2)])
 async def test_a_booking_applied_after_its_visit_began_is_not_confirmed(
     clinic: Clinic, caplog: pytest.LogCaptureFixture, applied_after_start: timedelta

@@ -209,6 +209,12 @@ async def test_a_booking_made_since_the_first_start_is_confirmed_however_late() 
     assert await _confirmations_of_a_booking_made(made, made + timedelta(days=3)) == 2
 
 
+async def test_a_booking_made_at_the_very_moment_of_the_first_start_is_owed() -> None:
+    assert await _confirmations_of_a_booking_made(NOW, NOW + timedelta(days=3)) == 2
+    before = NOW - timedelta(microseconds=1)
+    assert await _confirmations_of_a_booking_made(before, NOW + timedelta(days=3)) == 0
+
+
 async def test_a_booking_applied_late_once_its_visit_began_is_not_confirmed() -> None:
     made = NOW + timedelta(hours=1)
     applied = made + timedelta(days=3)
