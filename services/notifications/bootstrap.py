@@ -80,10 +80,10 @@ async def notification_service(
     process's pool and NATS connection (the caller closes both). ``smtp``: also send e-mail
     (else push only).
 
-    JetStream refusing the streams for a reason that passes (electing its leaders, say) is
-    tried again for up to ``tuning.stream_setup_patience`` seconds; refusing them for good
-    (no JetStream, more replicas than nodes, a stream of another kind) is a
-    :class:`ConfigError`. :class:`StoppedWhileConnecting` if ``stop`` is set meanwhile."""
+    JetStream refusing the streams for a reason that passes (electing its leaders, no
+    JetStream yet, say) is tried again for up to ``tuning.stream_setup_patience`` seconds,
+    then is a :class:`ConfigError`, as refusing them for good is at once (more replicas
+    than nodes, a stream of another kind). :class:`StoppedWhileConnecting` if ``stop`` is set meanwhile."""
     js = nc.jetstream()
     await _ensure_streams(js, settings.nats_stream_replicas, tuning, stop)
     store = NotificationStore(pool)
