@@ -83,17 +83,29 @@ async def notification_service(
     JetStream refusing the streams for a reason that passes (electing its leaders, no
     JetStream yet, say) is tried again for up to ``tuning.stream_setup_patience`` seconds,
     then is a :class:`ConfigError`, as refusing them for good is at once (more replicas
-    than nodes, a stream of another kind). :class:`StoppedWhileConnecting` if ``stop`` is set meanwhile."""
+    than nodes, a stream of another kind). :class:`StoppedWhileConnecting` if ``stop`` is
+    set meanwhile."""
     js = nc.jetstream()
     await _ensure_streams(js, settings.nats_stream_replicas, tuning, stop)
     store = NotificationStore(pool)
     deliveries = DeliveryStore(pool)
+
+    def nats_connected() -> bool:
+        return nc.is_connected
+
+    # Both channels need NATS (push publishes on JetStream, email asks the directory over
+    # it): while the connection is down their workers claim nothing, so an outage spends
+    # no delivery's attempts. They look again at their next poll once it is back.
     workers = [
-        DeliveryWorker(deliveries, PushChannel(js), clock, tuning, hooks, PUSH_RESEND_WINDOW)
+        DeliveryWorker(
+            deliveries, PushChannel(js), clock, tuning, hooks, PUSH_RESEND_WINDOW, nats_connected
+        )
     ]
     if smtp is not None:
         email = EmailChannel(Directory(nc, tuning.directory_timeout), smtp)
-        workers.append(DeliveryWorker(deliveries, email, clock, tuning, hooks, None))
+        workers.append(
+            DeliveryWorker(deliveries, email, clock, tuning, hooks, None, nats_connected)
+        )
     channels = [worker.channel for worker in workers]
     wakeups = [asyncio.Event() for _ in range(1 + len(workers))]
 

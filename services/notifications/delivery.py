@@ -13,6 +13,13 @@ and goes once that one is sent, failed or skipped (found abandoned in doubt and 
 failed: once the lease of the claim that found it is over too, as its worker may only be
 slow).
 
+A worker whose channel sends through NATS (push publishes on JetStream; email asks the
+directory over NATS request/reply) claims nothing while the process's NATS connection is
+not connected: claimed, each delivery would only fail and spend one of its attempts, so an
+outage of a few minutes would record them ``failed`` for good. They wait, due, and are
+claimed once the connection is back (at the next poll). A send in flight when the
+connection drops still fails and counts: once per disconnect, not once per retry.
+
 On email the worker marks the hand-over: just before a message goes to the SMTP server
 (after the directory lookup and the connection) it records, durably and only if the claim
 is still its own, that the message is leaving. A worker that vanished before that mark sent
@@ -85,9 +92,12 @@ class DeliveryWorker:
         tuning: Tuning,
         hooks: Hooks,
         resend_window: timedelta | None,
+        connected: Callable[[], bool] | None = None,
     ) -> None:
         """``resend_window``: how long after a send that may have happened a resend is
-        de-duplicated by the channel (None: never)."""
+        de-duplicated by the channel (None: never). ``connected``: whether the connection
+        the channel sends through (NATS) is up now; while it is not, nothing is claimed
+        (None: the channel needs none)."""
         self._store = store
         self._channel = channel
         self._clock = clock
@@ -95,6 +105,9 @@ class DeliveryWorker:
         self._hooks = hooks
         self._resend_window = resend_window
         self._marks_hand_over = channel.name in HAND_OVER_MARKED
+        self._connected = connected
+        self._held = False
+        """Deliveries were held back in this outage of the connection (logged once)."""
         self._stop = asyncio.Event()
 
     @property
@@ -103,8 +116,11 @@ class DeliveryWorker:
         return self._channel.name
 
     async def deliver_due(self) -> int:
-        """Send the deliveries due now (up to a batch, concurrently); return how many."""
+        """Send the deliveries due now (up to a batch, concurrently); return how many
+        (none, and none claimed, while the channel's connection is down)."""
         now = self._clock()
+        if not self._link_up():
+            return 0
         batch = await self._store.claim(
             self.channel, now, now + self._tuning.lease, self._tuning.delivery_batch
         )
@@ -117,6 +133,22 @@ class DeliveryWorker:
                 # if it may have been handed over).
                 log.warning("%s: could not record a delivery: %r", self.channel, result)
         return len(batch)
+
+    def _link_up(self) -> bool:
+        """Whether the channel's connection is up; logs when an outage holds deliveries
+        back, and when they resume."""
+        up = self._connected is None or self._connected()
+        if not up and not self._held:
+            self._held = True
+            log.warning(
+                "%s delivery waits: the NATS connection is down; nothing is claimed until "
+                "it is back",
+                self.channel,
+            )
+        elif up and self._held:
+            self._held = False
+            log.info("%s delivery resumes: NATS is connected again", self.channel)
+        return up
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
         """Deliver until ``stop`` is set."""
@@ -139,7 +171,8 @@ class DeliveryWorker:
             return
         if claimed.outdated is not None:
             # Held by a worker when the news came (a retry now, or its worker died): the
-            # consumer's skip passed it by; it is given up here instead.
+            # consumer's skip passed it by; it is given up here instead. Or a reminder
+            # held (retries, a NATS outage) until its visit was over.
             await self._skip(claimed, claimed.outdated)
             return
         try:

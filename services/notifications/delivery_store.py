@@ -38,6 +38,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from services.appointments.domain.rules import ends_at
 from services.notifications.domain import REMINDER_KINDS, VISIT_ORDER, PlannedNotification
 from services.notifications.store import Channel
 
@@ -83,7 +84,8 @@ WITH due AS (
     RETURNING due.due_at, d.attempts, due.previous_status, due.previous_claimed_at,
               due.previous_phase, n.notification_id, n.kind, n.recipient_id,
               n.recipient_role, n.appointment_id, n.clinic_id, n.cause_event_id, n.title,
-              n.body, a.status AS appointment_status
+              n.body, a.status AS appointment_status, a.starts_at AS visit_starts_at,
+              a.duration_minutes AS visit_minutes
 )
 SELECT * FROM claimed ORDER BY due_at, notification_id
 """
@@ -113,15 +115,35 @@ def abandoned_in_doubt(channel: str, previous_status: str, previous_phase: str |
 _NEWS: Final = {"cancelled": "AppointmentCancelled", "started": "AppointmentStarted"}
 
 
-def outdated_by(kind: str, attempts: int, appointment_status: str | None) -> str | None:
+#: Why a reminder claimed once its visit is over is skipped (held by retries, or by an
+#: outage of NATS, until then).
+AFTER_THE_VISIT: Final = "after the visit's end"
+
+
+def outdated_by(
+    kind: str,
+    attempts: int,
+    appointment_status: str | None,
+    visit_ends_at: datetime | None = None,
+    now: datetime | None = None,
+) -> str | None:
     """Why a claimed delivery would now arrive after the news (None: it would not): the
     skip the consumer makes of pending ones (``skip_outdated``), for those a worker held
-    when the news came (sent and failed, or the worker died) and claims again."""
+    when the news came (sent and failed, or the worker died) and claims again. And a
+    reminder claimed at ``now`` once its visit is over (``visit_ends_at``): no news came
+    (a no-show), but "your visit can start now" after its end says nothing true."""
     news = _NEWS.get(appointment_status or "")
-    if news is None:
-        return None
-    if kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1):
+    if news is not None and (
+        kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1)
+    ):
         return f"after {news}"
+    if (
+        kind in REMINDER_KINDS
+        and visit_ends_at is not None
+        and now is not None
+        and now >= visit_ends_at
+    ):
+        return AFTER_THE_VISIT
     return None
 
 
@@ -137,8 +159,16 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     that marks the hand-over: that worker marked it, see :func:`abandoned_in_doubt`)."""
     previous_claimed_at: datetime | None
     outdated: str | None = None
-    """Why sending it now would tell of the visit after its cancel or start (then it is
-    skipped), or None."""
+    """Why sending it now would tell of the visit after its cancel or start, or remind of
+    it after its end (then it is skipped), or None."""
+
+
+def _ends(row: asyncpg.Record) -> datetime | None:
+    """When the visit of a claimed row is over (None: its appointment is not known)."""
+    starts_at: datetime | None = row["visit_starts_at"]
+    if starts_at is None:
+        return None
+    return ends_at(starts_at, row["visit_minutes"])
 
 
 class DeliveryStore:
@@ -174,7 +204,9 @@ class DeliveryStore:
                 attempts=row["attempts"],
                 in_doubt=abandoned_in_doubt(channel, row["previous_status"], row["previous_phase"]),
                 previous_claimed_at=row["previous_claimed_at"],
-                outdated=outdated_by(row["kind"], row["attempts"], row["appointment_status"]),
+                outdated=outdated_by(
+                    row["kind"], row["attempts"], row["appointment_status"], _ends(row), now
+                ),
             )
             for row in rows
         ]

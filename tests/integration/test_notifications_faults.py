@@ -1,13 +1,17 @@
 """PostgreSQL going away under the notification service, or refusing writes for a while
 (read-only after a failover): nothing is lost, nothing parked, nothing sent twice, and the
-service recovers by itself. And the service itself down for days: what it confirmed, it
-still announces the end of."""
+service recovers by itself. The service's own NATS connection down for longer than a
+delivery's retries: its deliveries wait without spending them, and go out once it is back
+(a reminder only while its visit is still to come). And the service itself down for days:
+what it confirmed, it still announces the end of."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,17 +20,28 @@ import msgspec
 import pytest
 
 from contracts.subjects import EVENTS_STREAM
+from services.embedded import EmbeddedNats
+from services.notifications.domain import (
+    Appointment,
+    PlannedNotification,
+    Timer,
+    on_scheduled,
+    on_timer,
+)
+from services.notifications.runtime import Tuning
+from services.notifications.store import Channel, NotificationStore
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
     Booking,
     Clinic,
     clinic,
+    clinic_on_server,
     eventually,
     free_port,
     smtp,
 )
 
-__all__ = ["clinic", "smtp"]  # fixtures
+__all__ = ["clinic", "clinic_on_server", "smtp"]  # fixtures
 
 pytestmark = pytest.mark.fault
 
@@ -125,6 +140,179 @@ async def test_a_read_only_database_holds_the_event_instead_of_spending_its_deli
         await clinic.wait_settled()
 
     await _assert_each_notice_once_and_no_redelivery(clinic)
+
+
+# ------------------------------------------------------------- our NATS connection down
+
+#: The production retries (8 attempts, from 5 s, at most 15 min apart: ~45 min of backoff).
+NATS_OUTAGE_TUNING = dataclasses.replace(
+    TEST_TUNING, retry_base=Tuning().retry_base, max_attempts=Tuning().max_attempts
+)
+
+
+def _appointment(booking: Booking) -> Appointment:
+    return Appointment(
+        appointment_id=booking.appointment_id,
+        clinic_id=booking.clinic_id,
+        patient_id=booking.patient_id,
+        provider_id=booking.provider_id,
+        starts_at=booking.starts_at,
+        duration_minutes=booking.duration_minutes,
+        timezone=booking.timezone,
+        status="scheduled",
+        scheduled_event_id=uuid.uuid4(),
+    )
+
+
+async def _stored(
+    clinic: Clinic,
+    appointment: Appointment,
+    planned: Sequence[PlannedNotification],
+    channels: Sequence[Channel],
+) -> None:
+    """Store ``planned``, each with a delivery due now per channel, as the consumer (or the
+    scheduler) commits them: here, just as the service's NATS connection dropped."""
+    async with NotificationStore(clinic.db).transaction() as tx:
+        await tx.add_appointment(appointment)
+        await tx.add_notifications(planned, channels, clinic.clock())
+
+
+async def _nats_down(caplog: pytest.LogCaptureFixture) -> None:
+    """Wait until the service saw its NATS connection drop."""
+    await eventually(lambda: _logged(caplog, "nats disconnected"), what="the service to notice")
+
+
+async def _outlast_the_retries(clinic: Clinic, tuning: Tuning) -> None:
+    """Move the clock past every retry a delivery has, one backoff at a time, each time
+    waiting until the delivery workers have looked for due deliveries again (and nothing
+    is in flight): as many chances to spend every attempt as an outage that long gives."""
+    for _ in range(tuning.max_attempts + 1):
+        clinic.clock.now += tuning.retry_cap + timedelta(minutes=1)
+        looked = clinic.clock.reads["DeliveryWorker.deliver_due"]
+
+        async def workers_looked_again(since: int = looked) -> bool:
+            if clinic.clock.reads["DeliveryWorker.deliver_due"] < since + 6:
+                return False
+            return not await clinic.deliveries("sending")
+
+        await eventually(workers_looked_again, 60, what="the delivery workers to look again")
+
+
+async def _all_settled(clinic: Clinic) -> bool:
+    rows = await clinic.deliveries()
+    return bool(rows) and all(r["status"] not in ("pending", "sending") for r in rows)
+
+
+async def _outcomes(clinic: Clinic) -> list[tuple[str, str, str, int, str | None]]:
+    """(kind, channel, status, attempts, why) of every delivery."""
+    return sorted(
+        (r["kind"], r["channel"], r["status"], r["attempts"], r["last_error"])
+        for r in await clinic.deliveries()
+    )
+
+
+async def test_a_nats_outage_longer_than_the_retries_spends_no_attempt_of_a_push(
+    clinic_on_server: tuple[Clinic, EmbeddedNats], caplog: pytest.LogCaptureFixture
+) -> None:
+    """NATS stopped for longer than a delivery's 8 attempts with their backoff, the workers
+    running all along: the pushes wait, and go out on the first attempt once it is back;
+    before, each poll spent an attempt and they were recorded ``failed`` for good."""
+    clinic, server = clinic_on_server
+    booking = Booking()
+    async with clinic.running(tuning=NATS_OUTAGE_TUNING):
+        await asyncio.to_thread(server.stop)
+        await _nats_down(caplog)
+        appointment = _appointment(booking)
+        await _stored(clinic, appointment, on_scheduled(appointment), ["push"])
+        await _outlast_the_retries(clinic, NATS_OUTAGE_TUNING)
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: _all_settled(clinic), 30, what="the pushes to be recorded")
+        await eventually(lambda: _connected(clinic), what="the test's own connection")
+        await eventually(lambda: _pushes(clinic, 2), what="the pushes on the stream")
+
+    assert await _outcomes(clinic) == [
+        ("appointment-confirmed", "push", "sent", 1, None),
+        ("appointment-confirmed", "push", "sent", 1, None),
+    ]
+    assert await _sent(clinic) == [
+        ("appointment-confirmed", "patient"),
+        ("appointment-confirmed", "provider"),
+    ]
+    assert "push delivery waits: the NATS connection is down" in caplog.text
+
+
+async def test_an_email_waits_out_our_nats_connection_down_as_push_does(
+    clinic: Clinic, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Email asks the directory over NATS: with the service's own connection cut (the
+    directory itself still answering on NATS), its deliveries wait too, then go out."""
+    nats_server = urlsplit(clinic.settings.nats_urls[0])
+    proxy = TcpProxy(nats_server.hostname or "127.0.0.1", nats_server.port or 4222)
+    await proxy.restore()
+    via_proxy = [f"nats://127.0.0.1:{proxy.port}"]
+    clinic.settings = msgspec.structs.replace(clinic.settings, nats_urls=via_proxy)
+    booking = Booking()
+    clinic.know(booking)
+    async with clinic.running(tuning=NATS_OUTAGE_TUNING):
+        await proxy.cut()
+        await _nats_down(caplog)
+        appointment = _appointment(booking)
+        await _stored(clinic, appointment, on_scheduled(appointment), ["push", "email"])
+        await _outlast_the_retries(clinic, NATS_OUTAGE_TUNING)
+        await proxy.restore()
+        await eventually(lambda: _all_settled(clinic), 30, what="the deliveries to be recorded")
+    await proxy.cut()
+
+    assert await _outcomes(clinic) == [
+        ("appointment-confirmed", channel, "sent", 1, None)
+        for channel in ("email", "email", "push", "push")
+    ]
+    assert sorted(m["To"] for m in clinic.sink.messages) == sorted(
+        booking.email_of(role) for role in ("patient", "provider")
+    )
+    assert len(await clinic.pushes()) == 2
+    assert "email delivery waits: the NATS connection is down" in caplog.text
+
+
+async def test_a_reminder_held_by_a_nats_outage_past_its_visit_is_skipped(
+    clinic_on_server: tuple[Clinic, EmbeddedNats], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "Your visit can start now", due as NATS stopped, held until after the visit's end
+    (nobody started it: no news came to outdate it): skipped on each channel, not sent
+    hours late."""
+    clinic, server = clinic_on_server
+    booking = Booking()  # 14:00-14:30 UTC
+    clinic.know(booking)
+    clinic.clock.now = booking.starts_at - timedelta(minutes=15)  # its start window opens
+    appointment = _appointment(booking)
+    timer = Timer(
+        appointment_id=booking.appointment_id,
+        kind="visit-ready",
+        cause_event_id=appointment.scheduled_event_id,
+        due_at=clinic.clock(),
+        expires_at=appointment.ends_at,
+    )
+    async with clinic.running(tuning=NATS_OUTAGE_TUNING):
+        await asyncio.to_thread(server.stop)
+        await _nats_down(caplog)
+        planned = on_timer(appointment, timer, clinic.clock())
+        await _stored(clinic, appointment, planned, ["push", "email"])
+        await _outlast_the_retries(clinic, NATS_OUTAGE_TUNING)
+        assert clinic.clock() > appointment.ends_at
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: _all_settled(clinic), 30, what="the deliveries to be recorded")
+        await eventually(lambda: _connected(clinic), what="the test's own connection")
+
+    assert await _outcomes(clinic) == [
+        ("visit-ready", channel, "skipped", 1, "after the visit's end")
+        for channel in ("email", "push")
+    ]
+    assert await clinic.pushes() == []
+    assert clinic.sink.messages == []
+
+
+async def _connected(clinic: Clinic) -> bool:
+    return clinic.nc.is_connected
 
 
 async def _assert_each_notice_once_and_no_redelivery(clinic: Clinic) -> None:

@@ -39,12 +39,13 @@ from contracts.notifications import Notification
 from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM, event_subject
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.config import Settings, load_settings
+from services.embedded import EmbeddedNats
 from services.notifications.main import run_notifications
 from services.notifications.runtime import Hooks, Tuning
 from tests.integration.test_notifications_mailbox import SmtpSink, free_port, smtp
 from tests.support.clock import ManualClock
 
-__all__ = ["SmtpSink", "clinic", "free_port", "smtp"]
+__all__ = ["SmtpSink", "clinic", "clinic_on_server", "free_port", "smtp"]
 
 #: Tue 15 Jan 2030, 14:00 UTC: 15:00 in Berlin, 09:00 in New York.
 STARTS_AT = datetime(2030, 1, 15, 14, 0, tzinfo=UTC)
@@ -249,6 +250,24 @@ async def clinic(
     database_url: str, nats_url: str, smtp: tuple[SmtpSink, str]
 ) -> AsyncIterator[Clinic]:
     """The service's surroundings, with a directory answering for the users it knows."""
+    async with _clinic(database_url, nats_url, smtp) as world:
+        yield world
+
+
+@pytest.fixture
+async def clinic_on_server(
+    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
+) -> AsyncIterator[tuple[Clinic, EmbeddedNats]]:
+    """The clinic on a NATS server of its own that the test may stop and start again (its
+    own connection, and the directory on it, reconnect meanwhile)."""
+    async with _clinic(database_url, nats_server.url, smtp) as world:
+        yield world, nats_server
+
+
+@contextlib.asynccontextmanager
+async def _clinic(
+    database_url: str, nats_url: str, smtp: tuple[SmtpSink, str]
+) -> AsyncIterator[Clinic]:
     sink, smtp_url = smtp
     settings = load_settings(
         {
@@ -257,7 +276,7 @@ async def clinic(
             "CLINIC_SMTP_URL": smtp_url,
         }
     )
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = nc.jetstream()
     await ensure_events_stream(js)
     db = await asyncpg.create_pool(database_url, min_size=1, max_size=4)

@@ -12,6 +12,7 @@ from contracts.common import Actor, Role
 from contracts.events import AppointmentCancelled, AppointmentScheduled
 from contracts.views import AppointmentStatus
 from services.appointments.domain.rules import Rules
+from services.notifications.delivery_store import outdated_by
 from services.notifications.domain import (
     Appointment,
     Timer,
@@ -195,3 +196,28 @@ def test_a_cancellation_notice_says_who_cancelled(
         assert "provider" not in bodies
     else:
         assert bodies["provider"].startswith(provider_reads)
+
+
+# ------------------------------------------------- a delivery claimed too late to send
+
+
+ENDS_AT = STARTS_AT + timedelta(minutes=30)
+
+
+@pytest.mark.parametrize(
+    ("kind", "attempts", "status", "now", "why"),
+    [
+        ("visit-ready", 1, "scheduled", ENDS_AT - timedelta(seconds=1), None),
+        ("visit-ready", 1, "scheduled", ENDS_AT, "after the visit's end"),
+        ("reminder-24h", 3, "scheduled", ENDS_AT + timedelta(hours=5), "after the visit's end"),
+        ("visit-ready", 1, "cancelled", ENDS_AT, "after AppointmentCancelled"),
+        ("reminder-24h", 1, "started", STARTS_AT, "after AppointmentStarted"),
+        # Confirmations and cancellations have their own rules (handlers.py): not this one.
+        ("appointment-confirmed", 1, "scheduled", ENDS_AT + timedelta(days=1), None),
+        ("appointment-cancelled", 1, "cancelled", ENDS_AT + timedelta(days=1), None),
+    ],
+)
+def test_a_reminder_claimed_once_its_visit_is_over_is_outdated(
+    kind: str, attempts: int, status: str, now: datetime, why: str | None
+) -> None:
+    assert outdated_by(kind, attempts, status, ENDS_AT, now) == why

@@ -136,3 +136,33 @@ async def test_a_worker_waits_out_a_read_only_database_without_reporting_a_failu
     assert record.levelno == logging.WARNING
     assert "database unavailable" in record.getMessage()
     assert record.exc_info is None
+
+
+# ------------------------------------------------------------- NATS connection down
+
+
+async def test_a_worker_claims_nothing_while_its_nats_connection_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Claimed, the push would only fail and spend an attempt; it waits, due, instead, and
+    goes out on its first attempt once the connection is back."""
+    outbox, push = _Outbox(), _Push()
+    link = {"up": False}
+    store = cast(DeliveryStore, outbox)
+    worker = DeliveryWorker(
+        store, push, lambda: NOW, Tuning(), Hooks(), None, connected=lambda: link["up"]
+    )
+    with caplog.at_level(logging.INFO, logger="services.notifications.delivery"):
+        for _ in range(Tuning().max_attempts + 1):
+            assert await worker.deliver_due() == 0
+        assert len(outbox.due) == 1  # not claimed
+        assert push.sent == []
+        link["up"] = True
+        assert await worker.deliver_due() == 1
+
+    assert outbox.recorded == [("sent", push.sent[0].notification_id)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "push delivery waits: the NATS connection is down; nothing is claimed until it is back",
+        "push delivery resumes: NATS is connected again",
+        "notification sent",
+    ]
