@@ -88,7 +88,7 @@ async def notification_service(
     js = nc.jetstream()
     await _ensure_streams(js, settings.nats_stream_replicas, tuning, stop)
     store = NotificationStore(pool)
-    deliveries = DeliveryStore(pool)
+    deliveries = DeliveryStore(pool, settings.rules)
 
     def nats_connected() -> bool:
         return nc.is_connected

@@ -172,7 +172,8 @@ class DeliveryWorker:
         if claimed.outdated is not None:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead. Or a reminder
-            # held (retries, a NATS outage) until its visit was over.
+            # held (retries, a NATS outage) until its visit was over, or a 24 h one until
+            # the start window opened.
             await self._skip(claimed, claimed.outdated)
             return
         try:

@@ -38,7 +38,8 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from services.appointments.domain.rules import ends_at
+from services.appointments.domain.rules import Rules, ends_at, start_window_opens_at
+from services.notifications import messages
 from services.notifications.domain import REMINDER_KINDS, VISIT_ORDER, PlannedNotification
 from services.notifications.store import Channel
 
@@ -85,7 +86,7 @@ WITH due AS (
               due.previous_phase, n.notification_id, n.kind, n.recipient_id,
               n.recipient_role, n.appointment_id, n.clinic_id, n.cause_event_id, n.title,
               n.body, a.status AS appointment_status, a.starts_at AS visit_starts_at,
-              a.duration_minutes AS visit_minutes
+              a.duration_minutes AS visit_minutes, a.timezone AS visit_timezone
 )
 SELECT * FROM claimed ORDER BY due_at, notification_id
 """
@@ -118,6 +119,9 @@ _NEWS: Final = {"cancelled": "AppointmentCancelled", "started": "AppointmentStar
 #: Why a reminder claimed once its visit is over is skipped (held by retries, or by an
 #: outage of NATS, until then).
 AFTER_THE_VISIT: Final = "after the visit's end"
+#: Why a 24 h reminder claimed once its visit's start window is open is skipped: its timer
+#: would no longer fire then ("your visit can start now" says more, and comes next).
+AFTER_THE_WINDOW_OPENED: Final = "after the visit's start window opened"
 
 
 def outdated_by(
@@ -126,24 +130,27 @@ def outdated_by(
     appointment_status: str | None,
     visit_ends_at: datetime | None = None,
     now: datetime | None = None,
+    *,
+    window_opens_at: datetime | None = None,
 ) -> str | None:
     """Why a claimed delivery would now arrive after the news (None: it would not): the
     skip the consumer makes of pending ones (``skip_outdated``), for those a worker held
     when the news came (sent and failed, or the worker died) and claims again. And a
-    reminder claimed at ``now`` once its visit is over (``visit_ends_at``): no news came
-    (a no-show), but "your visit can start now" after its end says nothing true."""
+    reminder claimed at ``now`` too late to mean anything, as its timer would no longer
+    fire (``on_timer``): once its visit is over (``visit_ends_at``; no news came, a
+    no-show, but "your visit can start now" after its end says nothing true), and a 24 h
+    one once the start window is open (``window_opens_at``)."""
     news = _NEWS.get(appointment_status or "")
     if news is not None and (
         kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1)
     ):
         return f"after {news}"
-    if (
-        kind in REMINDER_KINDS
-        and visit_ends_at is not None
-        and now is not None
-        and now >= visit_ends_at
-    ):
+    if kind not in REMINDER_KINDS or now is None:
+        return None
+    if visit_ends_at is not None and now >= visit_ends_at:
         return AFTER_THE_VISIT
+    if kind == "reminder-24h" and window_opens_at is not None and now >= window_opens_at:
+        return AFTER_THE_WINDOW_OPENED
     return None
 
 
@@ -160,22 +167,17 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     previous_claimed_at: datetime | None
     outdated: str | None = None
     """Why sending it now would tell of the visit after its cancel or start, or remind of
-    it after its end (then it is skipped), or None."""
-
-
-def _ends(row: asyncpg.Record) -> datetime | None:
-    """When the visit of a claimed row is over (None: its appointment is not known)."""
-    starts_at: datetime | None = row["visit_starts_at"]
-    if starts_at is None:
-        return None
-    return ends_at(starts_at, row["visit_minutes"])
+    it too late (after its end; a 24 h one once the start window is open), then it is
+    skipped; or None."""
 
 
 class DeliveryStore:
     """The ``notification_deliveries`` outbox."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, rules: Rules | None = None) -> None:
+        """``rules``: the deployment's (its start window), as the timers were set with."""
         self._pool = pool
+        self._rules = rules or Rules()
 
     async def claim(
         self, channel: Channel, now: datetime, lease_until: datetime, limit: int
@@ -183,33 +185,48 @@ class DeliveryStore:
         """Claim up to ``limit`` deliveries of ``channel`` due at ``now``, the longest due
         first: of each visit and recipient only those with no earlier one (in
         ``VISIT_ORDER``) still unsettled on ``channel`` (or maybe still being handed over:
-        :data:`ABANDONED_IN_DOUBT`)."""
+        :data:`ABANDONED_IN_DOUBT`). A 24 h reminder comes titled for ``now``."""
         rows = await self._pool.fetch(
             _CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER), ABANDONED_IN_DOUBT
         )
-        return [
-            ClaimedDelivery(
-                notification=PlannedNotification(
-                    notification_id=row["notification_id"],
-                    kind=row["kind"],
-                    recipient_id=row["recipient_id"],
-                    recipient_role=row["recipient_role"],
-                    appointment_id=row["appointment_id"],
-                    clinic_id=row["clinic_id"],
-                    cause_event_id=row["cause_event_id"],
-                    title=row["title"],
-                    body=row["body"],
-                ),
-                channel=channel,
-                attempts=row["attempts"],
-                in_doubt=abandoned_in_doubt(channel, row["previous_status"], row["previous_phase"]),
-                previous_claimed_at=row["previous_claimed_at"],
-                outdated=outdated_by(
-                    row["kind"], row["attempts"], row["appointment_status"], _ends(row), now
-                ),
-            )
-            for row in rows
-        ]
+        return [self._claimed(row, channel, now) for row in rows]
+
+    def _claimed(self, row: asyncpg.Record, channel: Channel, now: datetime) -> ClaimedDelivery:
+        starts_at: datetime | None = row["visit_starts_at"]  # None: appointment not known
+        title = row["title"]
+        visit_ends_at = window_opens_at = None
+        if starts_at is not None:
+            visit_ends_at = ends_at(starts_at, row["visit_minutes"])
+            window_opens_at = start_window_opens_at(starts_at, self._rules)
+            if row["kind"] == "reminder-24h":
+                # Titled from the recipient's date now, not when its timer fired: held
+                # since (retries, a NATS outage) across midnight, "tomorrow" is "today".
+                title, _ = messages.reminder_24h(starts_at, row["visit_timezone"], now)
+        return ClaimedDelivery(
+            notification=PlannedNotification(
+                notification_id=row["notification_id"],
+                kind=row["kind"],
+                recipient_id=row["recipient_id"],
+                recipient_role=row["recipient_role"],
+                appointment_id=row["appointment_id"],
+                clinic_id=row["clinic_id"],
+                cause_event_id=row["cause_event_id"],
+                title=title,
+                body=row["body"],
+            ),
+            channel=channel,
+            attempts=row["attempts"],
+            in_doubt=abandoned_in_doubt(channel, row["previous_status"], row["previous_phase"]),
+            previous_claimed_at=row["previous_claimed_at"],
+            outdated=outdated_by(
+                row["kind"],
+                row["attempts"],
+                row["appointment_status"],
+                visit_ends_at,
+                now,
+                window_opens_at=window_opens_at,
+            ),
+        )
 
     async def handing_over(self, notification_id: UUID, channel: Channel, attempts: int) -> bool:
         """Mark, durably, that the message of this claim (the ``attempts``-th) is about to

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -144,7 +144,7 @@ async def test_a_read_only_database_holds_the_event_instead_of_spending_its_deli
 
 # ------------------------------------------------------------- our NATS connection down
 
-#: The production retries (8 attempts, from 5 s, at most 15 min apart: ~45 min of backoff).
+#: The production retries (8 attempts, 5 s doubling: ~11 min of backoff, under the 15 min cap).
 NATS_OUTAGE_TUNING = dataclasses.replace(
     TEST_TUNING, retry_base=Tuning().retry_base, max_attempts=Tuning().max_attempts
 )
@@ -198,6 +198,17 @@ async def _outlast_the_retries(clinic: Clinic, tuning: Tuning) -> None:
         await eventually(workers_looked_again, 60, what="the delivery workers to look again")
 
 
+async def _service_link_via_proxy(clinic: Clinic) -> TcpProxy:
+    """Route the service's own NATS connection through a proxy the test can cut; the
+    test's connection, and the directory on it, stay on NATS."""
+    nats_server = urlsplit(clinic.settings.nats_urls[0])
+    proxy = TcpProxy(nats_server.hostname or "127.0.0.1", nats_server.port or 4222)
+    await proxy.restore()
+    via_proxy = [f"nats://127.0.0.1:{proxy.port}"]
+    clinic.settings = msgspec.structs.replace(clinic.settings, nats_urls=via_proxy)
+    return proxy
+
+
 async def _all_settled(clinic: Clinic) -> bool:
     rows = await clinic.deliveries()
     return bool(rows) and all(r["status"] not in ("pending", "sending") for r in rows)
@@ -246,11 +257,7 @@ async def test_an_email_waits_out_our_nats_connection_down_as_push_does(
 ) -> None:
     """Email asks the directory over NATS: with the service's own connection cut (the
     directory itself still answering on NATS), its deliveries wait too, then go out."""
-    nats_server = urlsplit(clinic.settings.nats_urls[0])
-    proxy = TcpProxy(nats_server.hostname or "127.0.0.1", nats_server.port or 4222)
-    await proxy.restore()
-    via_proxy = [f"nats://127.0.0.1:{proxy.port}"]
-    clinic.settings = msgspec.structs.replace(clinic.settings, nats_urls=via_proxy)
+    proxy = await _service_link_via_proxy(clinic)
     booking = Booking()
     clinic.know(booking)
     async with clinic.running(tuning=NATS_OUTAGE_TUNING):
@@ -309,6 +316,74 @@ async def test_a_reminder_held_by_a_nats_outage_past_its_visit_is_skipped(
     ]
     assert await clinic.pushes() == []
     assert clinic.sink.messages == []
+
+
+@pytest.mark.parametrize(
+    "back_at",
+    [
+        # 01:30 in Berlin: the visit's own day, its window not open yet.
+        datetime(2030, 1, 15, 0, 30, tzinfo=UTC),
+        # Its start window open (13:45), the visit not over (14:30).
+        datetime(2030, 1, 15, 13, 50, tzinfo=UTC),
+    ],
+    ids=["past-midnight", "window-open"],
+)
+async def test_a_24h_reminder_held_by_a_nats_outage_says_today_or_gives_way(
+    clinic: Clinic, caplog: pytest.LogCaptureFixture, back_at: datetime
+) -> None:
+    """The 24 h reminder fired ("Visit tomorrow") as the service's NATS connection
+    dropped, held until ``back_at``: past midnight at the visit's place it goes out titled
+    "Visit today"; once the start window is open it is skipped, as its timer would be
+    dropped, and "your visit can start now" goes alone (not both, back to back)."""
+    proxy = await _service_link_via_proxy(clinic)
+    booking = Booking()  # Tue 15 Jan 2030 14:00-14:30 UTC, 15:00 in Berlin
+    clinic.know(booking)
+    appointment = _appointment(booking)
+    clinic.clock.now = booking.starts_at - timedelta(hours=24)
+    opens_at = booking.starts_at - timedelta(minutes=15)
+    timers = {
+        kind: Timer(
+            appointment_id=booking.appointment_id,
+            kind=kind,
+            cause_event_id=appointment.scheduled_event_id,
+            due_at=due_at,
+            expires_at=expires_at,
+        )
+        for kind, due_at, expires_at in [
+            ("reminder-24h", clinic.clock(), opens_at),
+            ("visit-ready", opens_at, appointment.ends_at),
+        ]
+    }
+    window_open = back_at >= opens_at
+    async with clinic.running(tuning=NATS_OUTAGE_TUNING):
+        await proxy.cut()
+        await _nats_down(caplog)
+        planned = on_timer(appointment, timers["reminder-24h"], clinic.clock())
+        assert [p.title for p in planned] == ["Visit tomorrow"]
+        await _stored(clinic, appointment, planned, ["push", "email"])
+        clinic.clock.now = back_at
+        if window_open:  # as the scheduler fires it once NATS answers
+            ready = on_timer(appointment, timers["visit-ready"], clinic.clock())
+            await _stored(clinic, appointment, ready, ["push", "email"])
+        await proxy.restore()
+        await eventually(lambda: _all_settled(clinic), 30, what="the deliveries to be recorded")
+    await proxy.cut()
+
+    patient_mail = [m["Subject"] for m in clinic.sink.to(booking.email_of("patient"))]
+    pushed = [(p.kind, p.title) for p in await clinic.pushes()]
+    if window_open:
+        assert await _outcomes(clinic) == [
+            ("reminder-24h", channel, "skipped", 1, "after the visit's start window opened")
+            for channel in ("email", "push")
+        ] + [("visit-ready", channel, "sent", 1, None) for channel in ("email", "push")]
+        assert pushed == [("visit-ready", "Your visit can start now")]
+        assert patient_mail == ["Your visit can start now"]
+    else:
+        assert await _outcomes(clinic) == [
+            ("reminder-24h", channel, "sent", 1, None) for channel in ("email", "push")
+        ]
+        assert pushed == [("reminder-24h", "Visit today")]
+        assert patient_mail == ["Visit today"]
 
 
 async def _connected(clinic: Clinic) -> bool:

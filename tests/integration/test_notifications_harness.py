@@ -259,14 +259,17 @@ async def clinic_on_server(
     database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
 ) -> AsyncIterator[tuple[Clinic, EmbeddedNats]]:
     """The clinic on a NATS server of its own that the test may stop and start again (its
-    own connection, and the directory on it, reconnect meanwhile)."""
-    async with _clinic(database_url, nats_server.url, smtp) as world:
+    own connection, and the directory on it, reconnect meanwhile: without limit, every
+    0.2 s)."""
+    async with _clinic(
+        database_url, nats_server.url, smtp, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+    ) as world:
         yield world, nats_server
 
 
 @contextlib.asynccontextmanager
 async def _clinic(
-    database_url: str, nats_url: str, smtp: tuple[SmtpSink, str]
+    database_url: str, nats_url: str, smtp: tuple[SmtpSink, str], **nats_options: Any
 ) -> AsyncIterator[Clinic]:
     sink, smtp_url = smtp
     settings = load_settings(
@@ -276,7 +279,7 @@ async def _clinic(
             "CLINIC_SMTP_URL": smtp_url,
         }
     )
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats.connect(nats_url, **nats_options)
     js = nc.jetstream()
     await ensure_events_stream(js)
     db = await asyncpg.create_pool(database_url, min_size=1, max_size=4)

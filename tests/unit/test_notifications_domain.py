@@ -221,3 +221,25 @@ def test_a_reminder_claimed_once_its_visit_is_over_is_outdated(
     kind: str, attempts: int, status: str, now: datetime, why: str | None
 ) -> None:
     assert outdated_by(kind, attempts, status, ENDS_AT, now) == why
+
+
+OPENS_AT = STARTS_AT - timedelta(minutes=15)
+
+
+@pytest.mark.parametrize(
+    ("kind", "now", "why"),
+    [
+        ("reminder-24h", OPENS_AT - timedelta(seconds=1), None),
+        # Its timer would be dropped now: "your visit can start now" says more.
+        ("reminder-24h", OPENS_AT, "after the visit's start window opened"),
+        ("reminder-24h", ENDS_AT - timedelta(seconds=1), "after the visit's start window opened"),
+        ("reminder-24h", ENDS_AT, "after the visit's end"),
+        ("visit-ready", OPENS_AT, None),
+        ("visit-ready", ENDS_AT - timedelta(seconds=1), None),
+        ("appointment-confirmed", OPENS_AT, None),
+    ],
+)
+def test_a_24h_reminder_claimed_once_the_start_window_is_open_is_outdated(
+    kind: str, now: datetime, why: str | None
+) -> None:
+    assert outdated_by(kind, 1, "scheduled", ENDS_AT, now, window_opens_at=OPENS_AT) == why
