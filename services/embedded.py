@@ -168,29 +168,37 @@ def _kill_group(pid: int, sig: int) -> None:
             os.kill(child, sig)
 
 
-def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
-    """Wait until every thread of ``pid`` shows as stopped in ``/proc`` (after SIGSTOP).
+def _wait_stopped(pids: Sequence[int], timeout: float = 2.0) -> None:
+    """Wait until every thread of each of ``pids`` shows as stopped in ``/proc`` (after
+    SIGSTOP), for up to ``timeout`` seconds in all.
 
     ``kill`` returns once the signal is queued: a thread of the target that is running or
     in a system call can still answer a request that arrives just after. A caller that
     pauses a server to test what hangs wants it hung on return.
     """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if not _stopped(pid)]
+        if waiting:
+            time.sleep(0.005)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (or gone: nothing to wait for then)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # gone, or no /proc
+    for task in tasks:
         try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            return  # gone, or no /proc: nothing to wait for
-        states = []
-        for task in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as fh:
-                    states.append(fh.read().rsplit(")", 1)[1].split()[0])
-            except (OSError, IndexError):
-                continue
-        if all(state in ("T", "t", "Z", "X") for state in states):
-            return
-        time.sleep(0.005)
+            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -470,10 +478,12 @@ class _Server:
         self._terminate(None, 0.0, None)
 
     def pause(self) -> None:
-        """SIGSTOP the server's process group (it hangs without closing connections)."""
+        """SIGSTOP the server's process group (it hangs without closing connections);
+        returns once the server and its children (PostgreSQL's backends) show stopped."""
         if self._proc is not None:
-            _kill_group(self._proc.pid, signal.SIGSTOP)
-            _wait_stopped(self._proc.pid)
+            pid = self._proc.pid
+            _kill_group(pid, signal.SIGSTOP)
+            _wait_stopped([pid, *_children(pid)])
 
     def resume(self) -> None:
         """SIGCONT the server's process group after :meth:`pause`."""

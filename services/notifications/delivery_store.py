@@ -23,10 +23,11 @@ settled delivery is never unsettled again, so what one claim's snapshot saw sett
 settled for good; one it saw unsettled holds the later one back until a later claim. A
 held-back delivery takes no place in the batch: other visits' deliveries are claimed
 instead. One settled delivery still holds the later ones back for a while: one recorded
-``failed`` in doubt (:data:`ABANDONED_IN_DOUBT`) by the claim that found it abandoned,
-marked as being handed over. The worker whose lease ran out may not be dead but slow, still
-handing it over; so the later ones wait until the lease of that claim is over too (as long
-again as the first worker had), unless it is recorded ``sent`` meanwhile.
+``failed`` in doubt (:data:`ABANDONED_IN_DOUBT`) by the claim that found it abandoned (an
+email marked as being handed over; a push past its resend window). The worker whose lease
+ran out may not be dead but slow, still handing it over; so the later ones wait until the
+lease of that claim is over too (as long again as the first worker had), unless it is
+recorded ``sent`` meanwhile.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def outdated_by(
     kind: str,
     attempts: int,
     appointment_status: str | None,
-    visit_ends_at: datetime | None = None,
-    now: datetime | None = None,
+    visit_ends_at: datetime | None,
+    now: datetime,
     *,
     window_opens_at: datetime | None = None,
 ) -> str | None:
@@ -145,7 +146,7 @@ def outdated_by(
         kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1)
     ):
         return f"after {news}"
-    if kind not in REMINDER_KINDS or now is None:
+    if kind not in REMINDER_KINDS:
         return None
     if visit_ends_at is not None and now >= visit_ends_at:
         return AFTER_THE_VISIT

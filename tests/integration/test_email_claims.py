@@ -15,27 +15,25 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import nats
 import pytest
 
-from contracts.notifications import DirectoryContactReply
 from services.embedded import EmbeddedNats
-from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import DeliveryStore
 from services.notifications.directory import Directory
 from services.notifications.domain import PlannedNotification
-from services.notifications.email import EmailChannel, SmtpConfig
-from services.notifications.runtime import Hooks
 from services.notifications.store import Channel, NotificationStore
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
     Booking,
     Clinic,
+    GatedDirectory,
     SmtpSink,
     clinic,
+    email_worker,
     eventually,
     smtp,
 )
@@ -133,23 +131,6 @@ async def test_an_email_its_worker_was_killed_handing_over_is_never_sent_again(
 # -------------------------------------------------------------------- a lease run out
 
 
-class _GatedDirectory:
-    """The directory port: answers at once, or (``gate``) once the test lets it; with an
-    address, or (not ``known``) with none."""
-
-    def __init__(self, gate: asyncio.Event | None = None, *, known: bool = True) -> None:
-        self.gate = gate
-        self.known = known
-        self.waiting = asyncio.Event()
-
-    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
-        if self.gate is not None:
-            self.waiting.set()
-            await self.gate.wait()
-        email = f"{user_id}@example.test" if self.known else None
-        return DirectoryContactReply(email=email, locale="en")
-
-
 def _planned() -> PlannedNotification:
     return PlannedNotification(
         notification_id=uuid.uuid4(),
@@ -187,24 +168,17 @@ def _refused_port() -> int:
         return port
 
 
-def _email_worker(
-    pool: asyncpg.Pool, directory: Any, smtp_url: str, at: datetime
-) -> DeliveryWorker:
-    channel = EmailChannel(cast(Directory, directory), SmtpConfig.from_url(smtp_url))
-    return DeliveryWorker(DeliveryStore(pool), channel, lambda: at, TEST_TUNING, Hooks(), None)
-
-
 async def test_a_worker_whose_lease_ran_out_does_not_send_what_another_now_holds(
     database_url: str, smtp: tuple[SmtpSink, str]
 ) -> None:
     sink, smtp_url = smtp
     async with _outbox(database_url) as pool:
-        slow = _GatedDirectory(asyncio.Event())
-        first = asyncio.create_task(_email_worker(pool, slow, smtp_url, NOW).deliver_due())
+        slow = GatedDirectory(asyncio.Event())
+        first = asyncio.create_task(email_worker(pool, slow, smtp_url, NOW).deliver_due())
         await asyncio.wait_for(slow.waiting.wait(), 10)
         # The first worker's lease runs out in its lookup; a second one claims and sends.
         later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
-        assert await _email_worker(pool, _GatedDirectory(), smtp_url, later).deliver_due() == 1
+        assert await email_worker(pool, GatedDirectory(), smtp_url, later).deliver_due() == 1
         assert len(sink.messages) == 1
         assert slow.gate is not None
         slow.gate.set()
@@ -354,9 +328,9 @@ async def test_a_worker_whose_lease_ran_out_leaves_the_hand_over_of_another_in_p
     must not reset the row to pending: B may have sent it, and once B dies, worker C would
     take it for never handed over and send it again."""
     async with _outbox(database_url) as pool:
-        slow = _GatedDirectory(asyncio.Event())
+        slow = GatedDirectory(asyncio.Event())
         nowhere = f"smtp://127.0.0.1:{_refused_port()}"
-        first = asyncio.create_task(_email_worker(pool, slow, nowhere, NOW).deliver_due())
+        first = asyncio.create_task(email_worker(pool, slow, nowhere, NOW).deliver_due())
         await asyncio.wait_for(slow.waiting.wait(), 10)
         store = DeliveryStore(pool)
         later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
@@ -372,7 +346,7 @@ async def test_a_worker_whose_lease_ran_out_leaves_the_hand_over_of_another_in_p
         assert not any("could not record" in m for m in messages), messages
         # B dies: C finds the email in doubt, records it failed and sends nothing.
         at = later + TEST_TUNING.lease + timedelta(seconds=1)
-        assert await _email_worker(pool, _GatedDirectory(), nowhere, at).deliver_due() == 1
+        assert await email_worker(pool, GatedDirectory(), nowhere, at).deliver_due() == 1
         row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
         assert row is not None and row["status"] == "failed"
         assert row["last_error"].startswith("in doubt")
@@ -383,11 +357,11 @@ async def test_a_worker_whose_lease_ran_out_does_not_skip_what_another_sent(
 ) -> None:
     sink, smtp_url = smtp
     async with _outbox(database_url) as pool:
-        slow = _GatedDirectory(asyncio.Event(), known=False)  # "no email address known"
-        first = asyncio.create_task(_email_worker(pool, slow, smtp_url, NOW).deliver_due())
+        slow = GatedDirectory(asyncio.Event(), known=False)  # "no email address known"
+        first = asyncio.create_task(email_worker(pool, slow, smtp_url, NOW).deliver_due())
         await asyncio.wait_for(slow.waiting.wait(), 10)
         later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
-        assert await _email_worker(pool, _GatedDirectory(), smtp_url, later).deliver_due() == 1
+        assert await email_worker(pool, GatedDirectory(), smtp_url, later).deliver_due() == 1
         assert len(sink.messages) == 1
         assert slow.gate is not None
         slow.gate.set()
@@ -422,7 +396,7 @@ async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_afte
 
             await eventually(down, what="our connection to notice the outage")
             directory = Directory(nc, TEST_TUNING.directory_timeout)
-            assert await _email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
             row = await pool.fetchrow("SELECT * FROM notification_deliveries")
             assert row is not None
             assert row["status"] == "pending", row["last_error"]  # not skipped for good
@@ -437,7 +411,7 @@ async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_afte
             await eventually(up, within=15, what="both connections back")
             await directory_nc.flush()  # its subscription is the server's again
             later = row["next_attempt_at"]
-            assert await _email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
             status = await pool.fetchval("SELECT status FROM notification_deliveries")
             assert status == "sent"
             assert len(sink.messages) == 1
@@ -457,7 +431,7 @@ async def test_a_silent_directory_on_a_connection_that_is_up_still_means_no_emai
         await nc.flush()
         async with _outbox(database_url) as pool:
             directory = Directory(nc, 0.3)
-            assert await _email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
             row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
             assert row is not None
             assert (row["status"], row["last_error"]) == ("skipped", "no email address known")

@@ -14,27 +14,28 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import asyncpg
 
 from contracts.common import Actor
 from contracts.events import EventEnvelope, decode_event
-from contracts.notifications import DirectoryContactReply
 from services.appointments.domain.rules import Rules
-from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import (
     ABANDONED_IN_DOUBT,
     ClaimedDelivery,
     DeliveryStore,
 )
-from services.notifications.directory import Directory
 from services.notifications.domain import on_timer
-from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.handlers import EventHandler, Outcome
-from services.notifications.runtime import Hooks
 from services.notifications.store import Channel, NotificationStore
-from tests.integration.test_notifications_harness import TEST_TUNING, Booking, SmtpSink, smtp
+from tests.integration.test_notifications_harness import (
+    TEST_TUNING,
+    Booking,
+    GatedDirectory,
+    SmtpSink,
+    email_worker,
+    smtp,
+)
 
 __all__ = ["smtp"]  # fixtures
 
@@ -265,28 +266,6 @@ async def test_push_keeps_a_visits_order_too_apart_from_email(pool: asyncpg.Pool
 # ---------------------------------------------------------- two workers, a real server
 
 
-class _Directory:
-    """The directory port: every user has an address; with a ``gate``, it answers once
-    the test lets it."""
-
-    def __init__(self, gate: asyncio.Event | None = None) -> None:
-        self.gate = gate
-        self.waiting = asyncio.Event()
-
-    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
-        if self.gate is not None:
-            self.waiting.set()
-            await self.gate.wait()
-        return DirectoryContactReply(email=f"{user_id}@example.test", locale="en")
-
-
-def _email_worker(
-    pool: asyncpg.Pool, directory: _Directory, smtp_url: str, at: datetime
-) -> DeliveryWorker:
-    channel = EmailChannel(cast(Directory, directory), SmtpConfig.from_url(smtp_url))
-    return DeliveryWorker(DeliveryStore(pool), channel, lambda: at, TEST_TUNING, Hooks(), None)
-
-
 @contextlib.asynccontextmanager
 async def _process(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """The connections of one notification process."""
@@ -308,17 +287,18 @@ async def test_a_visit_booked_and_cancelled_at_once_is_confirmed_before_it_is_ca
     cancelled_at = T0 + timedelta(seconds=1)
     async with _process(database_url) as first, _process(database_url) as second:
         await _book(first, visit)
-        slow = _Directory(asyncio.Event())
-        confirming = asyncio.create_task(_email_worker(first, slow, smtp_url, T0).deliver_due())
+        slow = GatedDirectory(asyncio.Event())
+        confirming = asyncio.create_task(email_worker(first, slow, smtp_url, T0).deliver_due())
         await asyncio.wait_for(slow.waiting.wait(), 10)
         await _cancel(first, visit, cancelled_at)
 
-        assert await _email_worker(second, _Directory(), smtp_url, cancelled_at).deliver_due() == 0
+        other = email_worker(second, GatedDirectory(), smtp_url, cancelled_at)
+        assert await other.deliver_due() == 0
         assert sink.messages == []
         assert slow.gate is not None
         slow.gate.set()
         assert await asyncio.wait_for(confirming, 10) == 2
-        assert await _email_worker(second, _Directory(), smtp_url, cancelled_at).deliver_due() == 2
+        assert await other.deliver_due() == 2
 
     received = {
         user: [m["Subject"] for m in sink.to(f"{user}@example.test")]
@@ -346,7 +326,7 @@ async def test_a_confirmation_its_worker_still_hands_over_after_its_lease_comes_
         await _book(first, visit)
         await _cancel(first, visit, T0, by=visit.provider)  # to the patient only
         confirming = asyncio.create_task(
-            _email_worker(first, _Directory(), smtp_url, T0).deliver_due()
+            email_worker(first, GatedDirectory(), smtp_url, T0).deliver_due()
         )
 
         async def confirmation(recipient: uuid.UUID) -> asyncpg.Record:
@@ -368,7 +348,7 @@ async def test_a_confirmation_its_worker_still_hands_over_after_its_lease_comes_
                 assert asyncio.get_running_loop().time() < deadline, "the sends never came"
                 await asyncio.sleep(0.01)
             found = T0 + LEASE + timedelta(seconds=1)  # the first one's lease ran out
-            other = _email_worker(second, _Directory(), smtp_url, found)
+            other = email_worker(second, GatedDirectory(), smtp_url, found)
             assert await other.deliver_due() == 1  # the confirmation: in doubt, failed
             row = await confirmation(visit.patient_id)
             assert row["status"] == "failed" and row["last_error"] == ABANDONED_IN_DOUBT

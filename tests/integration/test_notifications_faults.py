@@ -50,8 +50,9 @@ OUTAGE_TUNING = dataclasses.replace(TEST_TUNING, redelivery_backoff=(3.0,))
 
 
 class TcpProxy:
-    """Forwards a local port to PostgreSQL; ``cut`` drops every connection and refuses
-    new ones until ``restore``: to the service, the database is down."""
+    """Forwards a local port to a server (PostgreSQL, or NATS); ``cut`` drops every
+    connection and refuses new ones until ``restore``: to the service, that server is
+    down."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)

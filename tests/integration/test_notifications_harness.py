@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -35,11 +35,15 @@ from contracts.events import (
     event_kind,
     event_type,
 )
-from contracts.notifications import Notification
+from contracts.notifications import DirectoryContactReply, Notification
 from contracts.subjects import EVENTS_STREAM, NOTIFICATIONS_STREAM, event_subject
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.config import Settings, load_settings
 from services.embedded import EmbeddedNats
+from services.notifications.delivery import DeliveryWorker
+from services.notifications.delivery_store import DeliveryStore
+from services.notifications.directory import Directory
+from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.main import run_notifications
 from services.notifications.runtime import Hooks, Tuning
 from tests.integration.test_notifications_mailbox import SmtpSink, free_port, smtp
@@ -74,6 +78,32 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------- an email worker built by hand
+
+
+class GatedDirectory:
+    """The directory port: answers at once, or (``gate``) once the test lets it; with an
+    address, or (not ``known``) with none."""
+
+    def __init__(self, gate: asyncio.Event | None = None, *, known: bool = True) -> None:
+        self.gate = gate
+        self.known = known
+        self.waiting = asyncio.Event()
+
+    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
+        if self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        email = f"{user_id}@example.test" if self.known else None
+        return DirectoryContactReply(email=email, locale="en")
+
+
+def email_worker(pool: asyncpg.Pool, directory: Any, smtp_url: str, at: datetime) -> DeliveryWorker:
+    """An email worker on ``pool`` asking ``directory``, its clock stopped at ``at``."""
+    channel = EmailChannel(cast(Directory, directory), SmtpConfig.from_url(smtp_url))
+    return DeliveryWorker(DeliveryStore(pool), channel, lambda: at, TEST_TUNING, Hooks(), None)
 
 
 # ---------------------------------------------------------------------- the clinic
