@@ -123,6 +123,9 @@ AFTER_THE_VISIT: Final = "after the visit's end"
 #: Why a 24 h reminder claimed once its visit's start window is open is skipped: its timer
 #: would no longer fire then ("your visit can start now" says more, and comes next).
 AFTER_THE_WINDOW_OPENED: Final = "after the visit's start window opened"
+#: Why a confirmation claimed once its visit has begun is skipped (the consumer does not
+#: confirm a booking it applies that late either).
+AFTER_THE_VISIT_BEGAN: Final = "after the visit began"
 
 
 def outdated_by(
@@ -133,6 +136,7 @@ def outdated_by(
     now: datetime,
     *,
     window_opens_at: datetime | None = None,
+    visit_starts_at: datetime | None = None,
 ) -> str | None:
     """Why a claimed delivery would now arrive after the news (None: it would not): the
     skip the consumer makes of pending ones (``skip_outdated``), for those a worker held
@@ -140,14 +144,21 @@ def outdated_by(
     reminder claimed at ``now`` too late to mean anything, as its timer would no longer
     fire (``on_timer``): once its visit is over (``visit_ends_at``; no news came, a
     no-show, but "your visit can start now" after its end says nothing true), and a 24 h
-    one once the start window is open (``window_opens_at``)."""
+    one once the start window is open (``window_opens_at``). And, by the rules the
+    consumer applies to late events (``handlers``), a confirmation claimed once its visit
+    has begun (``visit_starts_at``) and a cancellation once its visit is over: held since
+    (retries, a NATS outage), they no longer tell anything of use."""
     news = _NEWS.get(appointment_status or "")
     if news is not None and (
         kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1)
     ):
         return f"after {news}"
-    if kind not in REMINDER_KINDS:
-        return None
+    if kind == "appointment-confirmed":
+        late = visit_starts_at is not None and now >= visit_starts_at
+        return AFTER_THE_VISIT_BEGAN if late else None
+    if kind == "appointment-cancelled":
+        late = visit_ends_at is not None and now >= visit_ends_at
+        return AFTER_THE_VISIT if late else None
     if visit_ends_at is not None and now >= visit_ends_at:
         return AFTER_THE_VISIT
     if kind == "reminder-24h" and window_opens_at is not None and now >= window_opens_at:
@@ -226,6 +237,7 @@ class DeliveryStore:
                 visit_ends_at,
                 now,
                 window_opens_at=window_opens_at,
+                visit_starts_at=starts_at,
             ),
         )
 

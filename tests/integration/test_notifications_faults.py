@@ -319,6 +319,36 @@ async def test_a_reminder_held_by_a_nats_outage_past_its_visit_is_skipped(
     assert clinic.sink.messages == []
 
 
+async def test_a_confirmation_held_by_a_nats_outage_past_the_visits_start_is_skipped(
+    clinic_on_server: tuple[Clinic, EmbeddedNats], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A booking's confirmations, stored 30 minutes before the visit as NATS stopped, held
+    until the visit has begun: skipped on each channel, as the consumer would not confirm
+    a booking it applied that late, not sent in the middle of the visit or after it."""
+    clinic, server = clinic_on_server
+    booking = Booking()  # 14:00-14:30 UTC
+    clinic.know(booking)
+    clinic.clock.now = booking.starts_at - timedelta(minutes=30)
+    appointment = _appointment(booking)
+    async with clinic.running(tuning=NATS_OUTAGE_TUNING):
+        await asyncio.to_thread(server.stop)
+        await _nats_down(caplog)
+        await _stored(clinic, appointment, on_scheduled(appointment), ["push", "email"])
+        await _outlast_the_retries(clinic, NATS_OUTAGE_TUNING)
+        assert clinic.clock() > appointment.starts_at
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: _all_settled(clinic), 30, what="the deliveries to be recorded")
+        await eventually(lambda: _connected(clinic), what="the test's own connection")
+
+    outcomes = await _outcomes(clinic)
+    assert len(outcomes) == 4  # patient and provider, push and email
+    assert {(kind, status, attempts, why) for kind, _, status, attempts, why in outcomes} == {
+        ("appointment-confirmed", "skipped", 1, "after the visit began")
+    }
+    assert await clinic.pushes() == []
+    assert clinic.sink.messages == []
+
+
 @pytest.mark.parametrize(
     "back_at",
     [

@@ -212,15 +212,32 @@ ENDS_AT = STARTS_AT + timedelta(minutes=30)
         ("reminder-24h", 3, "scheduled", ENDS_AT + timedelta(hours=5), "after the visit's end"),
         ("visit-ready", 1, "cancelled", ENDS_AT, "after AppointmentCancelled"),
         ("reminder-24h", 1, "started", STARTS_AT, "after AppointmentStarted"),
-        # Confirmations and cancellations have their own rules (handlers.py): not this one.
-        ("appointment-confirmed", 1, "scheduled", ENDS_AT + timedelta(days=1), None),
-        ("appointment-cancelled", 1, "cancelled", ENDS_AT + timedelta(days=1), None),
+        # A confirmation once the visit has begun, a cancellation once it is over: the
+        # rules the consumer applies to late events (handlers.py), at claim time too.
+        ("appointment-confirmed", 1, "scheduled", STARTS_AT - timedelta(seconds=1), None),
+        ("appointment-confirmed", 1, "scheduled", STARTS_AT, "after the visit began"),
+        (
+            "appointment-confirmed",
+            4,
+            "scheduled",
+            ENDS_AT + timedelta(days=1),
+            "after the visit began",
+        ),
+        ("appointment-cancelled", 1, "cancelled", ENDS_AT - timedelta(seconds=1), None),
+        ("appointment-cancelled", 1, "cancelled", ENDS_AT, "after the visit's end"),
+        (
+            "appointment-cancelled",
+            2,
+            "cancelled",
+            ENDS_AT + timedelta(days=1),
+            "after the visit's end",
+        ),
     ],
 )
 def test_a_reminder_claimed_once_its_visit_is_over_is_outdated(
     kind: str, attempts: int, status: str, now: datetime, why: str | None
 ) -> None:
-    assert outdated_by(kind, attempts, status, ENDS_AT, now) == why
+    assert outdated_by(kind, attempts, status, ENDS_AT, now, visit_starts_at=STARTS_AT) == why
 
 
 OPENS_AT = STARTS_AT - timedelta(minutes=15)
