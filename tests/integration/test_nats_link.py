@@ -72,6 +72,17 @@ async def test_a_hung_server_is_left_for_a_live_one(two_servers: list[EmbeddedNa
         await link.close()
 
 
+async def _close_while_hung(link: NatsLink, server: EmbeddedNats) -> float:
+    """Seconds ``link.close()`` takes while ``server`` hangs (resumed afterwards)."""
+    server.pause()
+    try:
+        started = time.monotonic()
+        await link.close()
+        return time.monotonic() - started
+    finally:
+        server.resume()
+
+
 async def test_closing_the_link_to_a_hung_server_is_bounded(nats_server: EmbeddedNats) -> None:
     """A stopping process whose NATS server hangs (SIGSTOP: still "connected" until pings
     fail) closes its link in seconds: draining it flushed each subscription with a 10 s
@@ -82,13 +93,7 @@ async def test_closing_the_link_to_a_hung_server_is_bounded(nats_server: Embedde
     await js.add_stream(name="HUNG", subjects=["hung.>"])
     await (await js.publish_async("hung.1", b"x"))  # the relay's reply inbox subscription
     await nc.subscribe("hung-endpoint")  # the service API's endpoints
-    nats_server.pause()
-    try:
-        started = time.monotonic()
-        await link.close()
-        took = time.monotonic() - started
-    finally:
-        nats_server.resume()
+    took = await _close_while_hung(link, nats_server)
     assert nc.is_closed
     # A ping, a drain (if the ping got through before the pause), a close: each bounded.
     assert took < 2 * NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
@@ -106,12 +111,6 @@ async def test_a_drain_that_hangs_after_the_ping_is_left_behind(nats_server: Emb
         nc.flush = ping  # type: ignore[method-assign]  # later flushes go to the server
 
     nc.flush = answered_once  # type: ignore[method-assign]
-    nats_server.pause()
-    try:
-        started = time.monotonic()
-        await link.close()
-        took = time.monotonic() - started
-    finally:
-        nats_server.resume()
+    took = await _close_while_hung(link, nats_server)
     assert nc.is_closed
     assert took < NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
