@@ -137,6 +137,13 @@ def _remove_sysv_segment(shmid: int) -> None:
         libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(0), None)  # 0 = IPC_RMID
 
 
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a ``/proc/…/stat`` file after the command name (state first);
+    ``OSError`` if it cannot be read, ``IndexError`` if it has no command name."""
+    with open(path, encoding="ascii") as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> list[int]:
     """Ids of the live child processes of ``pid`` (read from ``/proc``)."""
     found: list[int] = []
@@ -145,8 +152,7 @@ def _children(pid: int) -> list[int]:
             if not entry.name.isdigit():
                 continue
             try:
-                with open(f"/proc/{entry.name}/stat", encoding="ascii") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
+                fields = _stat_fields(f"/proc/{entry.name}/stat")
             except (OSError, IndexError):
                 continue
             if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
@@ -192,8 +198,7 @@ def _stopped(pid: int) -> bool:
         return True  # gone, or no /proc
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]
+            state = _stat_fields(f"/proc/{pid}/task/{task}/stat")[0]
         except (OSError, IndexError):
             continue
         if state not in ("T", "t", "Z", "X"):
@@ -213,8 +218,7 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists (a zombie not yet reaped counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
+        state = _stat_fields(f"/proc/{pid}/stat")[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     except OSError:  # not Linux-like /proc: fall back to a signal 0 probe
