@@ -59,7 +59,7 @@ def _answer(outcome: CommandOutcome, status: int) -> Response[AppointmentView]:
 class AppointmentsController(Controller):
     path = "/v1/appointments"
     tags = ["appointments"]
-    guards = [authenticated]
+    before_request = staticmethod(authenticated)
 
     @post(
         "/",

@@ -7,9 +7,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.handlers import BaseRouteHandler
 
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
@@ -25,12 +23,17 @@ def container_of(state: State) -> Container:
     return container
 
 
-def authenticated(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: the bearer token is checked before the body and the parameters, so a caller
-    without a valid token gets 401, never an answer about what it sent. (The handler's
-    :func:`request_context` verifies it again, from the verifier's cache of tokens.)"""
-    container_of(connection.app.state).verifier.principal_from_header(
-        connection.headers.get("authorization")
+async def authenticated(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` of the protected controllers: the bearer token is checked before
+    the body and the parameters are parsed, so a caller without a valid token gets 401,
+    never an answer about what it sent. (The handler's :func:`request_context` verifies it
+    again, from the verifier's cache of tokens.)
+
+    Not a Litestar guard: a guard is called with a copy of its route handler on every
+    request, and a plain-function guard in a worker thread, costs a command pays for
+    nothing. A coroutine, so that Litestar awaits it on the event loop."""
+    container_of(request.app.state).verifier.principal_from_header(
+        request.headers.get("authorization")
     )
 
 

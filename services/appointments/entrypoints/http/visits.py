@@ -34,7 +34,7 @@ ConsistencyToken = Annotated[
 class VisitsController(Controller):
     path = "/v1/visits"
     tags = ["visits"]
-    guards = [authenticated]
+    before_request = staticmethod(authenticated)
 
     @get(
         "/",
