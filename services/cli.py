@@ -26,6 +26,7 @@ from services.config import (
     variables_help,
 )
 from services.logs import configure_logging
+from services.nats_client import NatsClosed
 from services.pg_errors import REFUSED_SETTING_STATES
 from services.telemetry import process_tracing
 
@@ -322,5 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"clinic: {error}", file=sys.stderr)
         sys.exit(2)
+    except NatsClosed as exc:
+        print(f"clinic: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

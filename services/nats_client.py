@@ -17,6 +17,12 @@ from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
 
 
+class NatsClosed(Exception):
+    """NATS closed the connection for good (nats-py does not reconnect after a protocol
+    error such as ``-ERR 'Maximum Subscriptions Exceeded'``): the process stops, and exits
+    non-zero so that its supervisor starts it again with a connection of its own."""
+
+
 class NatsClient(NATS):
     """:class:`nats.aio.client.Client` whose :meth:`flush` round trip follows everything
     sent before it (``Subscription.drain`` uses it too)."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +24,7 @@ from services.appointments.service_layer.ports import Clock
 from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
 from services.config import ConfigError, Settings, mask_password
-from services.nats_client import NatsClient
+from services.nats_client import NatsClient, NatsClosed
 from services.pg_errors import REFUSED_SETTING_STATES
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,11 @@ class NatsLink:
     that drops packets) is left for another one of the list once :attr:`MAX_OUTSTANDING_PINGS`
     pings in a row, one every :attr:`PING_INTERVAL_SECONDS`, went unanswered: within ~20 s
     instead of nats-py's default 4-6 minutes, during which nothing would be published.
+
+    A connection nats-py closes for good (a server's ``-ERR`` other than a stale
+    connection or a permissions error) is not made again: :meth:`watch` sets the stop
+    signal, and the process ends with :class:`NatsClosed` (see :meth:`raise_if_closed`)
+    instead of staying live and never ready.
     """
 
     QUIET_SECONDS = 30.0
@@ -179,6 +184,10 @@ class NatsLink:
         self.last_error: str | None = None
         self._failures = 0  # since the last log line
         self._logged_at: float | None = None
+        self._closing = False  # close() was called: the connection's end is ours
+        self.closed_by_server: str | None = None
+        """Why NATS closed the connection for good, once it did (see :meth:`watch`)."""
+        self._closed_by_server = asyncio.Event()
         self._connecting = asyncio.create_task(
             self._connect(settings, name), name=f"nats connect ({name})"
         )
@@ -218,8 +227,42 @@ class NatsLink:
         except StoppedWhileConnecting:
             return None
 
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Wait until ``stop`` is set, or until NATS closed the connection for good: then
+        set ``stop`` (the process stops as on SIGTERM) and return."""
+        stopping = asyncio.ensure_future(stop.wait())
+        closed = asyncio.ensure_future(self._closed_by_server.wait())
+        try:
+            await asyncio.wait([stopping, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            closed.cancel()
+        if self.closed_by_server is not None:
+            stop.set()
+
+    def raise_if_closed(self) -> None:
+        """:class:`NatsClosed` if NATS closed the connection for good."""
+        if self.closed_by_server is not None:
+            raise NatsClosed(
+                f"NATS closed the connection for good ({self.closed_by_server}); "
+                "start the process again"
+            )
+
+    @contextlib.contextmanager
+    def closed_wins(self) -> Iterator[None]:
+        """The block ends in :class:`NatsClosed` if NATS closed the connection for good
+        meanwhile, whatever else it raised: roles fail in their own ways once their
+        connection is gone, and the cause is what the process should exit with."""
+        try:
+            yield
+        except Exception:
+            self.raise_if_closed()
+            raise
+        self.raise_if_closed()
+
     async def close(self) -> None:
         """Stop connecting, or drain the connection made. Never raises."""
+        self._closing = True
         if not self._connecting.done():
             self._connecting.cancel()
             # The task closes its half-built client itself on the way out (not suppressing
@@ -261,6 +304,17 @@ class NatsLink:
         async def on_reconnected() -> None:
             self._answered("reconnected", client)
 
+        async def on_closed() -> None:
+            if self._closing or self.client is not client:  # ours, or a failed attempt
+                return
+            error = client.last_error
+            self.closed_by_server = str(error) if error is not None else "closed"
+            log.error(
+                "nats closed the connection for good (%s); the process stops",
+                self.closed_by_server,
+            )
+            self._closed_by_server.set()
+
         delay = 0.2
         while True:
             client = NatsClient()
@@ -279,6 +333,7 @@ class NatsLink:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
+                    closed_cb=on_closed,
                 )
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):

@@ -152,7 +152,9 @@ async def run_appointments(settings: Settings, roles: Sequence[str], stop: async
     still unreachable (readiness says so), the roles that need NATS wait for it."""
     async with appointments_container(settings, wait_for_nats=False) as container:
         settle_heap()
-        await run_roles(container, roles, stop)
+        link = container.nats_link
+        with link.closed_wins() if link is not None else contextlib.nullcontext():
+            await run_roles(container, roles, stop)
 
 
 async def _until_stopped_or_failed(tasks: set[asyncio.Task[Any]], stop: asyncio.Event) -> None:
@@ -188,6 +190,9 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
     tasks = {asyncio.create_task(runners[role](container, stop), name=role) for role in roles}
     if "api" not in roles:
         tasks.add(asyncio.create_task(_ops(container, stop), name="ops"))
+    link = container.nats_link
+    if link is not None:  # NATS closing the connection for good stops them all
+        tasks.add(asyncio.create_task(link.watch(stop), name="nats-link"))
     log.info("appointments service running", extra={"roles": list(roles)})
     try:
         await _until_stopped_or_failed(tasks, stop)
@@ -206,6 +211,8 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
             continue  # what a role cut short by the grace raised is no failure of its own
         error = task.exception()
         if error is not None:
+            if link is not None and link.closed_by_server is not None:
+                raise error  # the link logged the cause, and the process exits with it
             if config_error_in(error) is None:  # else the command line says it in one line
                 log.error("role %s failed", task.get_name(), exc_info=error)
             raise error

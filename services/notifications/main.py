@@ -36,29 +36,31 @@ async def run_notifications(
     async with pool_and_nats(settings, "notifications") as (pool, link):
         assert link is not None
         started = asyncio.Event()  # ready only once its streams and consumer exist
-        async with asyncio.TaskGroup() as group:
-            if serve_ops_http:
-                probes = Probes(pool, link, started)
-                ops = serve_ops(
-                    probes,
-                    settings.http_host,
-                    settings.http_port,
+        with link.closed_wins():
+            async with asyncio.TaskGroup() as group:
+                if serve_ops_http:
+                    probes = Probes(pool, link, started)
+                    ops = serve_ops(
+                        probes,
+                        settings.http_host,
+                        settings.http_port,
+                        stop,
+                        settings.http_keep_alive_seconds,
+                    )
+                    group.create_task(ops, name="ops")
+                service = _serve(
+                    settings,
+                    clock,
+                    tuning or Tuning(),
+                    hooks or Hooks(),
+                    pool,
+                    link,
+                    smtp,
                     stop,
-                    settings.http_keep_alive_seconds,
+                    started,
                 )
-                group.create_task(ops, name="ops")
-            service = _serve(
-                settings,
-                clock,
-                tuning or Tuning(),
-                hooks or Hooks(),
-                pool,
-                link,
-                smtp,
-                stop,
-                started,
-            )
-            group.create_task(service, name="notifications")
+                group.create_task(service, name="notifications")
+                group.create_task(link.watch(stop), name="nats-link")
     log.info("notification service stopped")
 
 

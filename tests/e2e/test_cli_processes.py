@@ -9,10 +9,12 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 
+from services.embedded import EmbeddedNats
 from tests.e2e.conftest import free_port, wait_until_live, wait_until_ready
 
 SECRET = "cli-test-secret-that-is-long-enough-for-hs256"
@@ -108,3 +110,38 @@ async def test_service_serves_then_exits_0_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("command", ["appointments", "notifications"])
+async def test_nats_closing_the_connection_for_good_ends_the_service_with_exit_1(
+    database_url: str, tmp_path: Path, command: str
+) -> None:
+    """A server that refuses the process's second subscription (``max_subscriptions: 1``)
+    sends ``-ERR``, after which nats-py closes the connection for good: the service stops
+    and exits 1 in one line, for its supervisor to start it again, instead of staying live
+    and never ready."""
+    (tmp_path / "nats.conf").write_text("max_subscriptions: 1\n")
+    server = EmbeddedNats(tmp_path / "nats", extra_args=["-c", str(tmp_path / "nats.conf")])
+    server.start()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *clinic(command),
+            env=env_for(database_url, server.url, free_port()),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            status = await asyncio.wait_for(process.wait(), 60)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    finally:
+        server.stop()
+    assert process.stderr is not None
+    stderr = (await process.stderr.read()).decode()
+    assert status == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("clinic: NATS closed the connection for good"), stderr
+    assert "maximum subscriptions exceeded" in last.lower(), stderr
+    assert "Traceback" not in stderr, stderr

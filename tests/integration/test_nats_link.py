@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from services.appointments.bootstrap import NATS_CLOSE_SECONDS, NATS_DRAIN_SECONDS, NatsLink
 from services.config import load_settings
 from services.embedded import EmbeddedNats
+from services.nats_client import NatsClosed
 from tests.support.cluster import nats_servers
 
 pytestmark = pytest.mark.fault
@@ -114,3 +115,36 @@ async def test_a_drain_that_hangs_after_the_ping_is_left_behind(nats_server: Emb
     took = await _close_while_hung(link, nats_server)
     assert nc.is_closed
     assert took < NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS + 1, took
+
+
+async def test_a_connection_nats_closes_for_good_stops_the_process(
+    nats_server: EmbeddedNats,
+) -> None:
+    """nats-py does not reconnect after a server's protocol ``-ERR`` (here: a control line
+    over the server's limit): the link sets the stop signal and the process ends with
+    :class:`NatsClosed`, where it stayed live and never ready before."""
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": nats_server.url}), "link-test")
+    nc = await asyncio.wait_for(link.wait(), 10)
+    stop = asyncio.Event()
+    watching = asyncio.create_task(link.watch(stop))
+    await nc.subscribe("x" * 5000)  # a SUB line longer than max_control_line (4 KiB)
+    await asyncio.wait_for(watching, 10)
+    assert stop.is_set() and nc.is_closed
+    assert link.closed_by_server is not None and "control line" in link.closed_by_server.lower()
+    with pytest.raises(NatsClosed, match="closed the connection for good"):
+        link.raise_if_closed()
+    await link.close()  # still fine to call on the way out
+
+
+async def test_closing_the_link_is_not_nats_closing_it(nats_server: EmbeddedNats) -> None:
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": nats_server.url}), "link-test")
+    nc = await asyncio.wait_for(link.wait(), 10)
+    stop = asyncio.Event()
+    watching = asyncio.create_task(link.watch(stop))
+    await link.close()
+    assert nc.is_closed
+    await asyncio.sleep(0.2)  # the closed callback has run
+    assert not watching.done() and not stop.is_set()
+    link.raise_if_closed()  # nothing to raise
+    stop.set()
+    await asyncio.wait_for(watching, 1)
