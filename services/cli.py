@@ -98,12 +98,16 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        signalled = False
+
         def on_signal() -> None:
-            if stop.is_set():
+            nonlocal signalled
+            if signalled:
                 # The second: out now. SystemExit would cancel the tasks and then await
                 # every cleanup they run (a NATS drain, a pool closing) before exiting.
                 sys.stderr.flush()
                 os._exit(130)
+            signalled = True  # a first signal, even if the service is stopping already
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -185,8 +185,7 @@ class NatsLink:
         self._failures = 0  # since the last log line
         self._logged_at: float | None = None
         self._closing = False  # close() was called: the connection's end is ours
-        self.closed_by_server: str | None = None
-        """Why NATS closed the connection for good, once it did (see :meth:`watch`)."""
+        self._closed_reason: str | None = None
         self._closed_by_server = asyncio.Event()
         self._connecting = asyncio.create_task(
             self._connect(settings, name), name=f"nats connect ({name})"
@@ -239,6 +238,19 @@ class NatsLink:
             closed.cancel()
         if self.closed_by_server is not None:
             stop.set()
+
+    @property
+    def closed_by_server(self) -> str | None:
+        """Why NATS closed the connection for good, once it did (see :meth:`watch`).
+
+        Also before nats-py calls back (it marks the client closed first, then the
+        callback runs a few turns of the loop later, while roles may already fail on it)."""
+        if self._closed_reason is not None:
+            return self._closed_reason
+        client = self.client
+        if client is None or not client.is_closed or self._closing:
+            return None
+        return _closed_reason(client)
 
     def raise_if_closed(self) -> None:
         """:class:`NatsClosed` if NATS closed the connection for good."""
@@ -307,11 +319,10 @@ class NatsLink:
         async def on_closed() -> None:
             if self._closing or self.client is not client:  # ours, or a failed attempt
                 return
-            error = client.last_error
-            self.closed_by_server = str(error) if error is not None else "closed"
+            self._closed_reason = _closed_reason(client)
             log.error(
                 "nats closed the connection for good (%s); the process stops",
-                self.closed_by_server,
+                self._closed_reason,
             )
             self._closed_by_server.set()
 
@@ -348,6 +359,11 @@ class NatsLink:
             else:
                 self._answered("connected", client)
                 return client
+
+
+def _closed_reason(client: NATS) -> str:
+    error = client.last_error
+    return str(error) if error is not None else "closed"
 
 
 @asynccontextmanager

@@ -153,3 +153,28 @@ def test_tokens_signed_with_the_configured_public_keys_algorithms_verify(algorit
     }
     token = jwt.encode(claims, private, algorithm=algorithm)
     assert TokenVerifier(public_key=public.decode()).verify(token).role == "provider"
+
+
+def test_every_api_route_checks_the_token_before_it_parses_anything() -> None:
+    """The check is the controllers' ``before_request`` (a sync guard ran in a worker
+    thread on every request). Litestar keeps only the innermost layer's hook, so a route
+    given one of its own would silently skip the check: none may."""
+    import asyncio
+
+    from litestar import Litestar
+
+    from services.appointments.entrypoints.http.appointments import AppointmentsController
+    from services.appointments.entrypoints.http.dependencies import authenticated
+    from services.appointments.entrypoints.http.visits import VisitsController
+
+    app = Litestar(route_handlers=[AppointmentsController, VisitsController])
+    checked = []
+    for route in app.routes:
+        if route.path.startswith("/schema"):  # Litestar's OpenAPI routes
+            continue
+        assert route.path.startswith("/v1/"), route.path
+        for handler in route.route_handlers:
+            assert handler.resolve_before_request() is authenticated, (route.path, handler)
+            checked.append((route.path, handler))
+    assert len(checked) >= 7  # schedule, read, cancel, start, history, visits, OPTIONS…
+    assert asyncio.iscoroutinefunction(authenticated)  # else run in a worker thread

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
 from services.appointments import main
 from services.appointments.bootstrap import Container
+
+#: A container without NATS (no link to watch): the roles here are fakes.
+NO_NATS = cast(Container, SimpleNamespace(nats_link=None))
 
 
 async def test_a_role_cancelled_after_the_grace_has_unwound_when_run_roles_returns(
@@ -33,7 +37,7 @@ async def test_a_role_cancelled_after_the_grace_has_unwound_when_run_roles_retur
     stop = asyncio.Event()
 
     with pytest.raises(RuntimeError, match="relay failed"):
-        await main.run_roles(cast(Container, object()), ["api", "relay"], stop)
+        await main.run_roles(NO_NATS, ["api", "relay"], stop)
 
     assert stop.is_set()
     assert unwound.is_set()  # before the container (and its pool) would be closed
@@ -66,7 +70,7 @@ async def test_a_role_slow_to_stop_after_a_signal_is_cancelled_after_the_grace(
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"api": slow_to_stop, "relay": prompt})
     stop = asyncio.Event()
-    running = asyncio.create_task(main.run_roles(object(), ["api", "relay"], stop))
+    running = asyncio.create_task(main.run_roles(NO_NATS, ["api", "relay"], stop))
     await asyncio.sleep(0.05)
     stop.set()
     started = time.monotonic()
@@ -90,7 +94,7 @@ async def test_a_failing_role_stops_the_others_and_its_error_is_raised(
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"relay": failing, "api": waiting})
     with pytest.raises(RuntimeError, match="the stream went away"):
-        await asyncio.wait_for(main.run_roles(object(), ["api", "relay"], asyncio.Event()), 5)
+        await asyncio.wait_for(main.run_roles(NO_NATS, ["api", "relay"], asyncio.Event()), 5)
     assert stopped.is_set()
 
 
@@ -101,7 +105,7 @@ async def test_roles_that_return_on_their_own_end_the_run(
         return None
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"api": done})
-    await asyncio.wait_for(main.run_roles(object(), ["api"], asyncio.Event()), 5)
+    await asyncio.wait_for(main.run_roles(NO_NATS, ["api"], asyncio.Event()), 5)
 
 
 async def test_what_a_role_cut_short_by_the_grace_raises_is_no_failure(
@@ -118,7 +122,7 @@ async def test_what_a_role_cut_short_by_the_grace_raises_is_no_failure(
 
     monkeypatch.setattr(main, "_role_runners", lambda: {"api": grumbling})
     stop = asyncio.Event()
-    running = asyncio.create_task(main.run_roles(object(), ["api"], stop))
+    running = asyncio.create_task(main.run_roles(NO_NATS, ["api"], stop))
     await asyncio.sleep(0.05)
     stop.set()
     await asyncio.wait_for(running, 5)  # returns, raises nothing
