@@ -31,7 +31,9 @@ async def authenticated(request: Request[Any, Any, Any]) -> None:
 
     Not a Litestar guard: a guard is called with a copy of its route handler on every
     request, and a plain-function guard in a worker thread, costs a command pays for
-    nothing. A coroutine, so that Litestar awaits it on the event loop."""
+    nothing. A coroutine, so that Litestar awaits it on the event loop. Litestar keeps only
+    the innermost layer's ``before_request``: a route given its own would skip this check
+    (a unit test walks every API route)."""
     container_of(request.app.state).verifier.principal_from_header(
         request.headers.get("authorization")
     )
