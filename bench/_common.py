@@ -229,6 +229,22 @@ def run(main: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     sys.stdout.write("\n")
 
 
+async def analyze(dsn: str) -> None:
+    """``ANALYZE`` the service's database after a warm-up, as autovacuum does within about a
+    minute of a new database's first writes (and again at every 10 % of growth).
+
+    A script measures a database minutes old at most. Without this, the statements the
+    service prepared in its first seconds keep the generic plans made while ``events`` was
+    empty and never analyzed (the append's gap check then scans every stored event, once
+    per batch holding a cancel) until autovacuum's first pass replans them: the start of a
+    new deployment, not the steady state the scripts measure (bench/PROFILE.md §14)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
 async def pg_version(dsn: str) -> str:
     """``SHOW server_version`` plus the commit settings that decide append rates."""
     conn = await asyncpg.connect(dsn)

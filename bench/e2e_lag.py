@@ -13,6 +13,9 @@ Meanwhile a patient, again and again:
   millisecond until the visit shows: how far the view trails the write.
 
 No baseline: the target is absolute (p99 <= 20 ms at 500 commands/s in the background).
+Before the runs, 2 s of the background load, then ``ANALYZE`` (``bench._common.analyze``:
+what autovacuum does in a new database's first minute, which the runs would otherwise
+measure instead of the steady state).
 
     python -m bench.e2e_lag [--background 500] [--seconds 20] [--runs 3]
 """
@@ -27,6 +30,7 @@ from typing import Any
 
 from bench._common import (
     Sample,
+    analyze,
     base_parser,
     fresh_database,
     machine,
@@ -35,7 +39,14 @@ from bench._common import (
     run,
     servers,
 )
-from bench._load import Background, Connection, mint_token_for, request, schedule_body
+from bench._load import (
+    Background,
+    Connection,
+    generate,
+    mint_token_for,
+    request,
+    schedule_body,
+)
 from bench._service import service_process
 from services.embedded import free_port
 
@@ -147,6 +158,9 @@ async def main() -> dict[str, Any]:
             if workers
             else contextlib.nullcontext(),
         ):
+            if args.background:  # a warm-up, then the statistics autovacuum would take
+                generate(port, "commands", "open", args.background, 2.0)
+            await analyze(dsn)
             for _ in range(args.runs):
                 runs.append(await measure(port, args.background, args.seconds))
         postgresql = await pg_version(env.admin_dsn)

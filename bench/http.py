@@ -12,7 +12,8 @@ framework's ceiling).
 Both closed loops run at each ``--connections`` count: at 32 connections the commands
 leave the service's event loop idle part of the time (every request waiting on
 PostgreSQL), at 128 they keep it busy, while the no-work POST is fastest at the lower
-count. The headline ratio (``best_commands/best_noop``) divides the best commands rate by
+count. A warm-up of commands, then ``ANALYZE`` (``bench._common.analyze``), comes first. The
+headline ratio (``best_commands/best_noop``) divides the best commands rate by
 the best no-work rate, whatever their counts; the per-count ratios pair runs as usual.
 
     python -m bench.http [--connections 32,128] [--rates 250,500,1000] [--seconds 5] [--runs 3]
@@ -24,6 +25,7 @@ from typing import Any
 
 from bench._common import (
     Sample,
+    analyze,
     base_parser,
     fresh_database,
     int_list,
@@ -65,6 +67,7 @@ async def main() -> dict[str, Any]:
         with service_process(dsn, env.nats_url, port, roles):
             warm_up = min(1.0, args.seconds)
             generate(port, "commands", "closed", max(args.connections), warm_up)
+            await analyze(dsn)
             for _ in range(args.runs):
                 for connections in args.connections:
                     for kind in ("noop", "commands"):
