@@ -6,10 +6,12 @@ import asyncio
 import json
 import uuid
 
+import asyncpg
 from nats.aio.msg import Msg
 
-from contracts.subjects import QUERY_GET
-from tests.e2e.nats_support import assert_problem, running_service
+from contracts.subjects import CMD_SCHEDULE, QUERY_GET
+from services.appointments.entrypoints.nats.service import DRAIN_SECONDS
+from tests.e2e.nats_support import assert_ok, assert_problem, running_service
 
 REQUESTS = 400
 
@@ -43,3 +45,30 @@ async def test_requests_on_the_wire_when_the_service_stops_are_all_answered(
         assert len(replies) == REQUESTS
         for msg in replies.values():
             assert_problem(msg, 404, "not-found")
+
+
+async def test_a_request_the_database_holds_past_the_drain_is_answered_unavailable(
+    database_url: str, nats_url: str
+) -> None:
+    async with running_service(database_url, nats_url) as service:
+        staff = service.actor("staff")
+        view = assert_ok(await service.request(CMD_SCHEDULE, service.schedule_body(staff)))
+        body = {"appointment_id": view["appointment_id"], "actor": staff}
+        blocker = await asyncpg.connect(database_url)
+        locked = blocker.transaction()
+        await locked.start()
+        try:
+            # The read waits on a lock for longer than the drain lasts (a database too
+            # slow to answer: statements may take longer than the grace).
+            await blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            pending = asyncio.create_task(
+                service.nc.request(QUERY_GET, json.dumps(body).encode(), timeout=DRAIN_SECONDS + 5)
+            )
+            await asyncio.sleep(0.5)  # accepted, waiting for the lock
+            service.stop.set()
+            reply = await pending
+        finally:
+            await locked.rollback()
+            await blocker.close()
+        doc = assert_problem(reply, 503, "unavailable")
+        assert reply.headers and reply.headers.get("Retry-After") == "1", (reply.headers, doc)

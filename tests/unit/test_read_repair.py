@@ -173,6 +173,28 @@ async def test_a_token_beyond_what_is_stored_writes_nothing() -> None:
     assert visits.writes == 0
 
 
+@pytest.mark.parametrize("whose", ["forged", "not the reader's"])
+async def test_a_read_that_can_never_be_fresh_waits_out_its_time_without_polling(
+    whose: str,
+) -> None:
+    wait = timedelta(milliseconds=60)
+    clock, _store, visits, app, query = _setup(wait=wait)
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    token, reader = booked.consistency_token, staff
+    if whose == "forged":
+        token = f"{booked.view.appointment_id}.99"
+    else:
+        reader = principal("patient")  # not the booking's patient
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _, stale = await query.list_visits(reader, consistency_token=token)
+    # As long as any wait that runs out (so it tells nobody what exists), but one check of
+    # the view only: a flood of such tokens must not poll the database.
+    assert stale and loop.time() - started >= wait.total_seconds() * 0.9
+    assert visits.version_checks == 1 and visits.writes == 0
+
+
 async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> None:
     clock, store, visits, app, query = _setup()
     patient = principal("patient")

@@ -362,21 +362,27 @@ class VisitsQuery:
         if await self._reader.wait_for_version(scope, stream_id, version, 0):
             return True
         started = time.monotonic()
-        if await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS)):
+        repaired = await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS))
+        if repaired is _Repaired.WRITTEN:
             return True  # the row now holds the token's version or a later one
         left = max(0.0, seconds - (time.monotonic() - started))
-        # Outside the scope the row never qualifies (and is not written): the wait runs
-        # out as it always did, so the answer tells nobody whether the appointment exists.
+        if repaired is _Repaired.NEVER:
+            # Outside the scope, or a write the store does not hold (a forged token), the
+            # row never qualifies (and is not written): the wait runs out as it always
+            # did, so the answer tells nobody whether the appointment exists, without
+            # polling the view meanwhile (a flood of such reads costs one load each).
+            await asyncio.sleep(left)
+            return False
         return await self._reader.wait_for_version(scope, stream_id, version, left)
 
     async def _repair_row(
         self, scope: Scope, stream_id: UUID, version: int, seconds: float
-    ) -> bool:
+    ) -> _Repaired:
         """Write the appointment's row from its stored events if the reader may see it and
         the store holds the token's write (best effort, bounded by ``seconds``: a failure
         leaves the read to wait for the projector); whether it was written (the view then
-        holds ``version`` or, the version guard says, a later one). Concurrent reads of one
-        appointment share one load and one write."""
+        holds ``version`` or, the version guard says, a later one), or never will be for
+        this reader. Concurrent reads of one appointment share one load and one write."""
         assert self._repair is not None
         try:
             async with asyncio.timeout(seconds):
@@ -392,15 +398,15 @@ class VisitsQuery:
                     newer = self._repairs.get(stream_id)
                     repair = newer if newer is not repair else None
                 if row is None or row.version < version or not scope.holds(row):
-                    return False  # nothing stored, a forged token, or not the reader's to see
+                    return _Repaired.NEVER  # nothing stored, a forged token, or not visible
                 if repair.write is None:
                     repair.write = asyncio.ensure_future(self._repair[1].write_row(row))
                 await asyncio.shield(repair.write)
-                return True
+                return _Repaired.WRITTEN
         except Exception as exc:  # the read still answers: fresh if the projector catches up
             VIEW_REPAIR_FAILURES.inc()
             log.warning("visits row repair failed (waiting for the projector): %r", exc)
-            return False
+            return _Repaired.FAILED
 
     def _start_repair(self, stream_id: UUID) -> _Repair:
         """A fold of the appointment's stored events, shared with the reads that come
@@ -418,6 +424,14 @@ class VisitsQuery:
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
         return stored_row(stream_id, await self._repair[0].load(stream_id))
+
+
+class _Repaired(Enum):
+    """What a read's repair of its appointment's row came to."""
+
+    WRITTEN = "written"  # the view holds the token's version (or a later one)
+    FAILED = "failed"  # not now (the store or the view unreachable): the projector may
+    NEVER = "never"  # not for this reader: outside its scope, or not a stored write
 
 
 class _Repair:

@@ -4,7 +4,9 @@ A service-API micro service (``$SRV.PING|INFO|STATS`` discovery) whose endpoints
 as one queue group, so every instance of the ``api`` role shares the load. nats-py runs a
 subscription's callback one message at a time, so each request runs in a task of its own,
 bounded per endpoint: visits queries waiting for their consistency tokens (as long as the
-configured wait, for a token nobody will reach) never hold up a cancel.
+configured wait, for a token nobody will reach) never hold up a cancel, nor take the
+place of other visits queries (they wait outside the endpoint's in-flight bound; the
+pool bounds their reads).
 """
 
 from __future__ import annotations
@@ -37,8 +39,14 @@ QUEUE_GROUP: Final = SERVICE_NAME
 #: Requests of one endpoint handed to the application layer at once (the pool bounds
 #: them further).
 MAX_IN_FLIGHT: Final = 64
-#: Requests accepted in all (running or waiting); beyond, ``unavailable`` at once.
+#: Requests of one endpoint accepted (running or waiting); beyond, ``unavailable`` at once.
 MAX_ACCEPTED: Final = 1024
+#: Endpoints whose requests mostly wait (a visits query for its consistency token, up to
+#: the configured wait): not held to :data:`MAX_IN_FLIGHT`, which they would fill with
+#: waits while other requests of the endpoint queue; only to :data:`MAX_ACCEPTED`.
+WAITING_ENDPOINTS: Final = frozenset({"visits"})
+#: How long a request cancelled at the end of the drain may take to send its 503.
+_LAST_REPLY_SECONDS: Final = 0.5
 #: On stop, how long the requests already sent to this instance may take to be received,
 #: finished and answered (within the process's shutdown grace, leaving room to flush).
 DRAIN_SECONDS: Final = SHUTDOWN_GRACE_SECONDS - 1.0
@@ -91,30 +99,50 @@ class Dispatcher:
         if missing:
             raise ValueError(f"no handler for the endpoints {sorted(missing)}")
         self._api = api
-        self._slots = {endpoint.name: asyncio.Semaphore(max_in_flight) for endpoint in ENDPOINTS}
+        self._slots = {
+            endpoint.name: asyncio.Semaphore(
+                max_accepted if endpoint.name in WAITING_ENDPOINTS else max_in_flight
+            )
+            for endpoint in ENDPOINTS
+        }
         self._max_accepted = max_accepted
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, set[asyncio.Task[None]]] = {e.name: set() for e in ENDPOINTS}
         self._counters = {endpoint.name: _Counters() for endpoint in ENDPOINTS}
 
     def handler(self, endpoint: str) -> Handler:
         """The micro handler of ``endpoint``: accept the request, answer it in a task."""
 
+        tasks = self._tasks[endpoint]  # a flood of one endpoint never refuses another's
+
         async def accept(request: Request) -> None:
-            if len(self._tasks) >= self._max_accepted:
+            if len(tasks) >= self._max_accepted:
                 doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
                 await self._respond(endpoint, request, failure(doc, retry_after=1), 0)
                 return
             task = asyncio.create_task(self._run(endpoint, request), name=f"nats-{endpoint}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         return accept
 
     async def _run(self, endpoint: str, request: Request) -> None:
-        async with self._slots[endpoint]:
-            started = time.perf_counter_ns()
-            reply = await self._api.answer(endpoint, request.data, request.headers)
-            await self._respond(endpoint, request, reply, time.perf_counter_ns() - started)
+        started = time.perf_counter_ns()
+        try:
+            async with self._slots[endpoint]:
+                started = time.perf_counter_ns()
+                reply = await self._api.answer(endpoint, request.data, request.headers)
+        except asyncio.CancelledError:
+            # The drain's grace ran out (a database too slow to answer in time): the caller
+            # gets an answer it can act on, not silence until its own timeout. A command
+            # may have been applied or not; its retry (same appointment id or
+            # Idempotency-Key) is safe.
+            doc = problem(ErrorCode.UNAVAILABLE, "The service stopped; retry shortly.")
+            elapsed = time.perf_counter_ns() - started
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(_LAST_REPLY_SECONDS):
+                    await self._respond(endpoint, request, failure(doc, retry_after=1), elapsed)
+            raise
+        await self._respond(endpoint, request, reply, time.perf_counter_ns() - started)
 
     async def _respond(self, endpoint: str, request: Request, reply: Reply, elapsed: int) -> None:
         counters = self._counters[endpoint]
@@ -141,16 +169,19 @@ class Dispatcher:
             "error_replies": counters.error_replies,
             "last_error_status": counters.last_error,
             "average_processing_time": average,
-            "in_flight": len(self._tasks),
+            "in_flight": len(self._tasks.get(endpoint.name, ())),
         }
 
     async def drain(self, grace: float) -> int:
-        """Wait up to ``grace`` s for accepted requests to be answered; how many were not."""
-        pending = set(self._tasks)
+        """Wait up to ``grace`` s for accepted requests to be answered; how many were not
+        (those are cancelled, each answering ``unavailable``)."""
+        pending: set[asyncio.Task[None]] = set().union(*self._tasks.values())
         if pending:
             _, pending = await asyncio.wait(pending, timeout=grace)
             for task in pending:
                 task.cancel()
+            if pending:  # their 503s
+                await asyncio.wait(pending, timeout=_LAST_REPLY_SECONDS)
         return len(pending)
 
 
@@ -241,10 +272,13 @@ async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
         except TimeoutError:
             log.warning("NATS service endpoints not drained in time")
         await _stop_service(service)
-        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
-        unanswered = await dispatcher.drain(remaining)
+        # What is left of the drain, less the time the unanswered take to send their 503s.
+        left = deadline - asyncio.get_running_loop().time() - _LAST_REPLY_SECONDS
+        unanswered = await dispatcher.drain(max(left, 0.0))
         if unanswered:
-            log.warning("stopped with %d NATS requests unanswered", unanswered)
+            log.warning(
+                "stopped with %d NATS requests unfinished (answered unavailable)", unanswered
+            )
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
         log.info("NATS service API stopped")
