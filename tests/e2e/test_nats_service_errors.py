@@ -188,6 +188,28 @@ async def test_a_stale_expected_version_is_version_conflict(service: NatsService
     assert assert_ok(await service.request(QUERY_GET, key))["version"] == 1
 
 
+@pytest.mark.parametrize(
+    ("header", "value", "field"),
+    [
+        ("If-Match", '"7"', "expected_version"),
+        ("idempotency-key", "k1", "idempotency_key"),
+        ("X-Consistency-Token", "x", "consistency_token"),
+    ],
+)
+async def test_http_headers_whose_meaning_is_a_body_field_are_refused_not_ignored(
+    service: NatsService, header: str, value: str, field: str
+) -> None:
+    patient = service.actor("patient")
+    view = await scheduled(service, patient)
+    key = {"appointment_id": view["appointment_id"], "actor": patient}
+    # A stale If-Match ignored would cancel anyway: refused, naming the field to use.
+    doc = assert_problem(
+        await service.request(CMD_CANCEL, key, headers={header: value}), 400, "invalid-request"
+    )
+    assert header in doc["detail"] and field in doc["detail"]
+    assert assert_ok(await service.request(QUERY_GET, key))["status"] == "scheduled"
+
+
 async def test_an_idempotency_key_reused_for_another_request_is_refused(
     service: NatsService,
 ) -> None:

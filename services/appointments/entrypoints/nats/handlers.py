@@ -97,6 +97,25 @@ def correlation_of(headers: Mapping[str, str] | None) -> uuid.UUID:
     return correlation_header(headers) or uuid.uuid4()
 
 
+#: HTTP's request headers whose meaning a NATS request carries in its body instead. Sent
+#: as headers they would be ignored, silently dropping a condition (a stale If-Match would
+#: cancel anyway), so a request carrying one is refused, naming the field to use.
+_BODY_FIELD_OF_HEADER = {
+    "if-match": "expected_version",
+    "idempotency-key": "idempotency_key",
+    CONSISTENCY_TOKEN_HEADER.lower(): "consistency_token",
+}
+
+
+def _refuse_http_only_headers(headers: Mapping[str, str] | None) -> None:
+    for name in headers or {}:
+        field = _BODY_FIELD_OF_HEADER.get(name.lower())
+        if field is not None:
+            raise InvalidRequest(
+                f"Over NATS, {name} is not a header: send it as the request's {field!r} field."
+            )
+
+
 def _command_reply(outcome: CommandOutcome) -> Reply:
     return success(
         outcome.view,
@@ -136,17 +155,24 @@ class ServiceApi:
         ) as span:
             correlation = current_trace_id() or correlation_of(headers)
             with correlated(correlation):
-                reply = await self._answer(endpoint, data, correlation)
+                reply = await self._answer(endpoint, data, correlation, headers)
             if reply.error_code is not None:
                 span.set_attribute("clinic.error_status", reply.error_code)
                 if int(reply.error_code) >= 500:
                     span.set_status(Status(StatusCode.ERROR))
         return Reply(reply.data, {**reply.headers, CORRELATION_HEADER: str(correlation)})
 
-    async def _answer(self, endpoint: str, data: bytes, correlation: uuid.UUID) -> Reply:
+    async def _answer(
+        self,
+        endpoint: str,
+        data: bytes,
+        correlation: uuid.UUID,
+        headers: Mapping[str, str] | None,
+    ) -> Reply:
         try:
             if len(data) > MAX_REQUEST_BYTES:
                 raise PayloadTooLarge(f"Requests are limited to {MAX_REQUEST_BYTES} bytes.")
+            _refuse_http_only_headers(headers)
             return await self.calls[endpoint](data, correlation)
         except ClinicError as exc:
             retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
