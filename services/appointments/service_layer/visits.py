@@ -56,9 +56,6 @@ from services.metrics import VIEW_REPAIR_FAILURES
 
 log = logging.getLogger(__name__)
 
-#: A read's repair may take this long even when the consistency wait is shorter (or 0).
-REPAIR_SECONDS = 1.0
-
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
 #: which bounds the Upcoming index range from below.
 LONGEST_VISIT = timedelta(minutes=MAX_DURATION_MINUTES)
@@ -361,8 +358,12 @@ class VisitsQuery:
             return await self._reader.wait_for_version(scope, stream_id, version, seconds)
         if await self._reader.wait_for_version(scope, stream_id, version, 0):
             return True
+        if seconds <= 0:
+            return False  # no time to repair in: the read answers at once, stale
         started = time.monotonic()
-        repaired = await self._repair_row(scope, stream_id, version, max(seconds, REPAIR_SECONDS))
+        # Within the wait, as any read with a token (a row locked by a slow writer, a store
+        # slow to load: the read answers stale on time rather than late).
+        repaired = await self._repair_row(scope, stream_id, version, seconds)
         if repaired is _Repaired.WRITTEN:
             return True  # the row now holds the token's version or a later one
         left = max(0.0, seconds - (time.monotonic() - started))
