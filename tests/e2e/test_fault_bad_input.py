@@ -69,7 +69,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 @contextlib.asynccontextmanager
 async def serving(database_url: str, nats_url: str, **env: str) -> AsyncIterator[Api]:
     """Every role of the service with these ``CLINIC_*`` settings (a short consistency wait)."""
-    env = {"CLINIC_JWT_SECRET": JWT_SECRET, "CLINIC_CONSISTENCY_WAIT_MS": "300", **env}
+    env = {"CLINIC_JWT_SECRET": JWT_SECRET, "CLINIC_CONSISTENCY_WAIT_MS": "1000", **env}
     async with running_service(service_env(database_url, [nats_url], **env)) as client:
         yield Api(base_url=str(client.base_url), clock=ManualClock(), client=client)
 
