@@ -239,8 +239,7 @@ class VisitsProjector:
         event up to this one, instead of waiting for the stream. Whether the row now holds
         it; if not (the store lacks it, or cannot be read), the event waits as before."""
         try:
-            recorded = await self._store.load(envelope.stream_id)
-            row = stored_row(envelope.stream_id, recorded)
+            row = stored_row(await self._store.load_envelopes(envelope.stream_id))
             if row is None or row.version < envelope.stream_version:
                 return False
             await self._visits.write_row_durably(row)  # the event is acked right after

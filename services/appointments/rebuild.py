@@ -28,14 +28,13 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from contracts.events import EventEnvelope
 from services.appointments.adapters.postgres.event_store import envelope_from_row
 from services.appointments.adapters.postgres.visits import (
     COLUMNS,
     upsert_args,
     upsert_statement,
 )
-from services.appointments.service_layer.visits import Outcome, VisitRow, project
+from services.appointments.service_layer.visits import VisitRow, fold_envelope
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 #: (events folded, events in the snapshot)
@@ -129,7 +128,7 @@ async def _build(conn: Connection, progress: Progress | None, batch_size: int) -
             if row is not None and row.appointment_id != envelope.stream_id:
                 pending.append(row)
                 row = None
-            row = _fold(row, envelope)
+            row = fold_envelope(row, envelope)
             done += 1
             if len(pending) >= batch_size:
                 await _copy(conn, pending)
@@ -141,11 +140,6 @@ async def _build(conn: Connection, progress: Progress | None, batch_size: int) -
         await _copy(conn, pending)
         if progress is not None:
             progress(done, max(total, done))
-
-
-def _fold(row: VisitRow | None, envelope: EventEnvelope) -> VisitRow | None:
-    outcome, folded = project(row, envelope)
-    return folded if outcome in (Outcome.APPLIED, Outcome.SKIPPED) else row
 
 
 async def _copy(conn: Connection, rows: list[VisitRow]) -> None:
@@ -192,7 +186,7 @@ async def _catch_up(conn: Connection) -> int:
         f"{_EVENTS} WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version", ids
     ):
         envelope = envelope_from_row(record)
-        rows[envelope.stream_id] = _fold(rows.get(envelope.stream_id), envelope)
+        rows[envelope.stream_id] = fold_envelope(rows.get(envelope.stream_id), envelope)
     folded = [row for row in rows.values() if row is not None]
     await conn.execute(upsert_statement(ASIDE), *upsert_args(folded))
     return len(folded)

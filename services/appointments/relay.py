@@ -75,9 +75,9 @@ from services.appointments.adapters.postgres.event_store import envelope_fields
 from services.appointments.adapters.postgres.outbox import CHANNEL
 from services.appointments.service_layer.ports import (
     AppendResult,
-    EventStore,
     IdempotencyRecord,
     NewEvent,
+    ReadableEventStore,
     RecordedEvent,
 )
 from services.config import ConfigError
@@ -479,13 +479,17 @@ class OutboxDoorbell:
 class RingingEventStore:
     """An :class:`EventStore` that rings an :class:`OutboxDoorbell` after each append."""
 
-    def __init__(self, inner: EventStore, doorbell: OutboxDoorbell) -> None:
+    def __init__(self, inner: ReadableEventStore, doorbell: OutboxDoorbell) -> None:
         self._inner = inner
         self._doorbell = doorbell
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:
         """The inner store's events of the stream."""
         return await self._inner.load(stream_id)
+
+    async def load_envelopes(self, stream_id: UUID) -> list[EventEnvelope]:
+        """The inner store's events of the stream, as stored."""
+        return await self._inner.load_envelopes(stream_id)
 
     async def append(
         self,

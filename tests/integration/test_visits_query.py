@@ -27,8 +27,10 @@ from contracts.events import (
 )
 from contracts.views import VisitView
 from services.appointments.adapters.postgres import visits as visits_adapter
+from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates, page_query
 from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.ports import NewEvent
 from services.appointments.service_layer.visits import Outcome, PageKey, Scope, VisitsQuery
 from services.errors import InvalidRequest
 from tests.support.clock import ManualClock
@@ -464,3 +466,44 @@ async def test_a_row_the_database_refuses_fails_alone_among_concurrent_repairs(
     assert isinstance(results[5], asyncpg.CheckViolationError)
     for row in cancelled[:5] + cancelled[6:]:
         assert await view.get(row.appointment_id) == row
+
+
+async def test_a_read_repairs_a_stream_holding_an_event_type_of_a_newer_release(
+    pool: asyncpg.Pool,
+) -> None:
+    """A rolling upgrade: a newer release stored an event type this one does not know. The
+    read repair folds the row as the projector does (the version moves past the unknown
+    event), instead of failing to decode the stream and answering stale."""
+    store, view = PostgresEventStore(pool), PostgresVisits(pool)
+    clinic, patient, stream = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    staff = Actor(id=uuid.uuid4(), role="staff")
+    booked = AppointmentScheduled(
+        clinic_id=clinic,
+        patient_id=patient,
+        provider_id=uuid.uuid4(),
+        starts_at=now + timedelta(days=2),
+        duration_minutes=30,
+        timezone="UTC",
+        scheduled_by=staff,
+    )
+    await store.append(stream, 0, [NewEvent(event_id=uuid.uuid4(), event=booked, occurred_at=now)])
+    await pool.execute(
+        "INSERT INTO events (event_id, stream_id, stream_version, clinic_id, type,"
+        " schema_version, data, occurred_at) VALUES ($1, $2, 2, $3, 'AppointmentNoteAdded', 1,"
+        " $4::jsonb, now())",
+        uuid.uuid4(),
+        stream,
+        clinic,
+        json.dumps({"clinic_id": str(clinic), "note": "bring your test results"}),
+    )
+    cancel = AppointmentCancelled(clinic_id=clinic, cancelled_by=staff, cancelled_at=now)
+    await store.append(stream, 2, [NewEvent(event_id=uuid.uuid4(), event=cancel, occurred_at=now)])
+    query = VisitsQuery(
+        view, lambda: datetime.now(UTC), Rules(), timedelta(seconds=2), repair=(store, view)
+    )
+    patient_principal = Principal(id=patient, role="patient", clinic_id=clinic)
+    upcoming, stale = await query.list_visits(patient_principal, consistency_token=f"{stream}.3")
+    assert not stale and upcoming.items == []
+    past, _ = await query.list_visits(patient_principal, "past")
+    assert [(v.appointment_id, v.status) for v in past.items] == [(stream, "cancelled")]

@@ -47,6 +47,9 @@ class FakeEventStore:
         await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
         return list(self.streams.get(stream_id, []))
 
+    async def load_envelopes(self, stream_id: UUID) -> list[EventEnvelope]:
+        return [recorded.envelope for recorded in await self.load(stream_id)]
+
     async def append(
         self,
         stream_id: UUID,

@@ -97,6 +97,19 @@ class EventStore(Protocol):
         ...
 
 
+class StoredStreams(Protocol):
+    """The event store, as the read side folds an appointment's row from it."""
+
+    async def load_envelopes(self, stream_id: UUID) -> list[EventEnvelope]:
+        """The stream's events as stored (``data`` not decoded, so that types of a newer
+        release pass), in version order (empty if none)."""
+        ...
+
+
+class ReadableEventStore(EventStore, StoredStreams, Protocol):
+    """An event store the read side folds rows from, too."""
+
+
 class IdempotencyStore(Protocol):
     """Answers of idempotent requests, keyed by (principal, key)."""
 

@@ -47,10 +47,10 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
-from services.appointments.domain.state import Booking, NotScheduled, State, fold
+from services.appointments.domain.state import Booking, NotScheduled, State
 from services.appointments.domain.view import status_of
 from services.appointments.service_layer.consistency import parse_token
-from services.appointments.service_layer.ports import Clock, EventStore, RecordedEvent
+from services.appointments.service_layer.ports import Clock, StoredStreams
 from services.errors import InvalidRequest
 from services.metrics import VIEW_REPAIR_FAILURES
 
@@ -161,10 +161,22 @@ def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | No
     return _row(appointment_id, state.booking, status_of(state), version)
 
 
-def stored_row(appointment_id: UUID, recorded: Sequence[RecordedEvent]) -> VisitRow | None:
-    """The row of an appointment folded from all of its stored events (``recorded``, in
-    version order): the row the projector writes once it has applied them all."""
-    return visit_row(appointment_id, fold(r.event for r in recorded), len(recorded))
+def fold_envelope(row: VisitRow | None, envelope: EventEnvelope) -> VisitRow | None:
+    """``row`` after the stored ``envelope``, as :func:`project` folds it (an event of a
+    type this release does not know moves the version past it, an unreadable one leaves
+    the row as it was)."""
+    outcome, folded = project(row, envelope)
+    return folded if outcome in (Outcome.APPLIED, Outcome.SKIPPED) else row
+
+
+def stored_row(envelopes: Sequence[EventEnvelope]) -> VisitRow | None:
+    """The row of an appointment folded from all of its stored events (``envelopes``, in
+    version order): the row the projector writes once it has applied them all, types of
+    a newer release included."""
+    row = None
+    for envelope in envelopes:
+        row = fold_envelope(row, envelope)
+    return row
 
 
 class VisitWrites(Protocol):
@@ -276,7 +288,7 @@ class VisitsQuery:
         clock: Clock,
         rules: Rules,
         consistency_wait: timedelta,
-        repair: tuple[EventStore, VisitWrites] | None = None,
+        repair: tuple[StoredStreams, VisitWrites] | None = None,
     ) -> None:
         """``repair``: the event store and the view's writer, for a read whose consistency
         token is ahead of the view to write its row itself (without: it only waits)."""
@@ -424,7 +436,7 @@ class VisitsQuery:
 
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
-        return stored_row(stream_id, await self._repair[0].load(stream_id))
+        return stored_row(await self._repair[0].load_envelopes(stream_id))
 
 
 class _Repaired(Enum):

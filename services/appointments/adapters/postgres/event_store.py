@@ -163,14 +163,17 @@ class PostgresEventStore:
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:
         """All events of the stream, upcast to the current schema, in version order."""
-        with database_errors():
-            rows = await self._pool.fetch(_LOAD, stream_id)
         recorded = []
-        for row in rows:
-            envelope = envelope_from_row(row)
+        for envelope in await self.load_envelopes(stream_id):
             event = decode_event(envelope.type, envelope.schema_version, envelope.data)
             recorded.append(RecordedEvent(envelope=envelope, event=event))
         return recorded
+
+    async def load_envelopes(self, stream_id: UUID) -> list[EventEnvelope]:
+        """All events of the stream as stored (``data`` not decoded), in version order."""
+        with database_errors():
+            rows = await self._pool.fetch(_LOAD, stream_id)
+        return [envelope_from_row(row) for row in rows]
 
     async def append(
         self,
