@@ -4,12 +4,19 @@
    projector's own :func:`~services.appointments.service_layer.visits.project` and copied
    into ``visits_rebuild``, which then gets the live table's indexes (read from the
    catalog, so the migrations stay their only definition).
-2. Catch up: appointments the running projector moved past the snapshot (or created
-   after it) are folded again from their streams — once without a lock, then again
-   while ``visits`` is locked for the swap.
-3. Swap: the old table is dropped and the new one takes its name and index names, in one
-   short transaction. Events the projector has not applied yet it applies to the new
-   table as usual (its version check makes that exact).
+2. Catch up: appointments whose live row was written after the snapshot (by the running
+   projector or a read's repair) are folded again from their streams — without a lock
+   until few are left, then the last of them while ``visits`` is locked for the swap. A
+   trigger on ``visits``, created before the snapshot is taken, notes each one in
+   ``visits_rebuild_changed``, so the locked part costs what changed since the last pass,
+   not a comparison of the two tables (which grows with the view).
+3. Swap: the old table (and the trigger with it) is dropped and the new one takes its
+   name and index names, in one short transaction. Events the projector has not applied
+   yet it applies to the new table as usual (its version check makes that exact).
+
+A rebuild that stops midway drops its trigger on the way out; if it cannot (PostgreSQL
+went away), the next rebuild does, and until then the projector notes every appointment
+it writes once in ``visits_rebuild_changed``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ Progress = Callable[[int, int], None]
 
 REBUILD_LOCK_ID: Final = 0x72656275696C64  # "rebuild"
 ASIDE: Final = "visits_rebuild"
+#: Appointments whose live row was written since the rebuild began, noted by ``_WATCH``.
+CHANGED: Final = "visits_rebuild_changed"
+_WATCH: Final = "visits_rebuild_watch"
+_NOTE: Final = "visits_rebuild_note"
+#: An unlocked catch-up pass follows another while it found more than this many.
+_CATCH_UP_FEW: Final = 100
+_CATCH_UP_PASSES: Final = 5
 _SUFFIX: Final = "__rebuild"
 _EVENTS = """SELECT global_position, event_id, stream_id, stream_version, type, schema_version,
        data, occurred_at, correlation_id, causation_id FROM events"""
@@ -99,20 +113,48 @@ async def rebuild_visits(
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_ID):
             raise RebuildAlreadyRunning("another rebuild-visits is running")
         try:
+            await _unwatch(conn)  # a stopped rebuild's, if it could not
+            await _watch(conn)  # before the snapshot: every later write is noted
             await conn.execute(
-                f"DROP TABLE IF EXISTS {ASIDE}; CREATE TABLE {ASIDE} (LIKE visits"
+                f"CREATE TABLE {ASIDE} (LIKE visits"
                 " INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING CONSTRAINTS)"
             )
             await _build(conn, progress, batch_size)
             indexes = await _copy_indexes(conn)
             await conn.execute(f"ANALYZE {ASIDE}")
-            await _catch_up(conn)
+            for _ in range(_CATCH_UP_PASSES):
+                if await _catch_up(conn) <= _CATCH_UP_FEW:
+                    break
             await _swap(conn, indexes)
             return int(await conn.fetchval("SELECT count(*) FROM visits"))
         finally:
             with contextlib.suppress(asyncpg.PostgresError, OSError):
-                await conn.execute(f"DROP TABLE IF EXISTS {ASIDE}")
+                await _unwatch(conn)
                 await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+
+
+async def _watch(conn: Connection) -> None:
+    """Note in :data:`CHANGED` every appointment whose live row is written from now on."""
+    async with conn.transaction():
+        await conn.execute(
+            f"""CREATE TABLE {CHANGED} (appointment_id uuid PRIMARY KEY);
+                CREATE FUNCTION {_NOTE}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    INSERT INTO {CHANGED} VALUES (NEW.appointment_id) ON CONFLICT DO NOTHING;
+                    RETURN NULL;
+                END $$;
+                CREATE TRIGGER {_WATCH} AFTER INSERT OR UPDATE ON visits
+                    FOR EACH ROW EXECUTE FUNCTION {_NOTE}();"""
+        )
+
+
+async def _unwatch(conn: Connection) -> None:
+    """Drop the trigger (if still on the live table), its notes and the aside table."""
+    await conn.execute(
+        f"""DROP TRIGGER IF EXISTS {_WATCH} ON visits;
+            DROP FUNCTION IF EXISTS {_NOTE}() CASCADE;
+            DROP TABLE IF EXISTS {CHANGED}, {ASIDE}"""
+    )
 
 
 async def _build(conn: Connection, progress: Progress | None, batch_size: int) -> None:
@@ -170,14 +212,11 @@ async def _copy_indexes(conn: Connection) -> list[str]:
 
 
 async def _catch_up(conn: Connection) -> int:
-    """Fold again every appointment the live view has further than the aside table."""
+    """Fold again every appointment whose live row was written since the last pass (the
+    notes taken, so a write after this pass is noted for the next); how many."""
     ids: list[UUID] = [
         record["appointment_id"]
-        for record in await conn.fetch(
-            f"""SELECT v.appointment_id FROM visits v
-                LEFT JOIN {ASIDE} r USING (appointment_id)
-                WHERE r.appointment_id IS NULL OR v.version > r.version"""
-        )
+        for record in await conn.fetch(f"DELETE FROM {CHANGED} RETURNING appointment_id")
     ]
     if not ids:
         return 0
@@ -189,7 +228,7 @@ async def _catch_up(conn: Connection) -> int:
         rows[envelope.stream_id] = fold_envelope(rows.get(envelope.stream_id), envelope)
     folded = [row for row in rows.values() if row is not None]
     await conn.execute(upsert_statement(ASIDE), *upsert_args(folded))
-    return len(folded)
+    return len(ids)
 
 
 async def _swap(conn: Connection, indexes: list[str]) -> None:
@@ -200,8 +239,11 @@ async def _swap(conn: Connection, indexes: list[str]) -> None:
                 # Readers queue behind a waiting exclusive lock: wait briefly, then retry.
                 await conn.execute(f"SET LOCAL lock_timeout = '{_SWAP_LOCK_TIMEOUT}'")
                 await conn.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
-                await _catch_up(conn)
-                await conn.execute(f"DROP TABLE visits; ALTER TABLE {ASIDE} RENAME TO visits")
+                await _catch_up(conn)  # what was written since the last pass, no more
+                await conn.execute(
+                    f"DROP TABLE visits, {CHANGED}; DROP FUNCTION {_NOTE}();"
+                    f" ALTER TABLE {ASIDE} RENAME TO visits"
+                )
                 for name in indexes:
                     await conn.execute(f"ALTER INDEX {name}{_SUFFIX} RENAME TO {name}")
                 return

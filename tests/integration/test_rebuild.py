@@ -20,9 +20,11 @@ from services.appointments.adapters.postgres.event_store import PostgresEventSto
 from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.projector import run_projector
 from services.appointments.rebuild import (
+    CHANGED,
     REBUILD_LOCK_ID,
     RebuildAlreadyRunning,
     StderrProgress,
+    _watch,
     rebuild_visits,
 )
 from services.appointments.relay import run_relay
@@ -246,3 +248,41 @@ async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
     (row,) = await view(pool)
     assert (row["status"], row["version"]) == ("cancelled", 2)
     assert row["duration_minutes"] == 45, "the damaged row came back through the held write"
+
+
+_TRIGGERS = (
+    "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'visits'::regclass AND NOT tgisinternal"
+)
+
+
+async def test_a_rebuild_that_stops_midway_leaves_the_live_table_as_it_was(
+    pool: asyncpg.Pool,
+) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    streams = [await lifecycle(store, clinic_id, i) for i in range(3)]
+    await project_directly(pool, streams)
+    before = await view(pool)
+
+    def interrupted(done: int, total: int) -> None:
+        raise RuntimeError("stopped while it folds")
+
+    with pytest.raises(RuntimeError, match="stopped while it folds"):
+        await rebuild_visits(pool, progress=interrupted, batch_size=1)
+    assert await pool.fetchval(_TRIGGERS) == 0  # the projector writes as before
+    assert await pool.fetchval("SELECT to_regclass($1) IS NULL", CHANGED)
+    assert await view(pool) == before
+
+
+async def test_a_rebuild_removes_what_a_crashed_one_left_on_the_live_table(
+    pool: asyncpg.Pool,
+) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    streams = [await lifecycle(store, clinic_id, i) for i in range(2)]
+    async with pool.acquire() as conn:
+        await _watch(conn)  # and then the process was killed
+    await project_directly(pool, streams)
+    noted = await pool.fetch(f"SELECT appointment_id FROM {CHANGED}")  # each write noted once
+    assert sorted(r["appointment_id"] for r in noted) == sorted(streams)
+    assert await rebuild_visits(pool) == 2
+    assert await pool.fetchval(_TRIGGERS) == 0
+    assert await pool.fetchval("SELECT to_regclass($1) IS NULL", CHANGED)
