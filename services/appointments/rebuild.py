@@ -121,6 +121,7 @@ async def rebuild_visits(
             )
             await _build(conn, progress, batch_size)
             indexes = await _copy_indexes(conn)
+            await _copy_privileges(conn)
             await conn.execute(f"ANALYZE {ASIDE}")
             for _ in range(_CATCH_UP_PASSES):
                 if await _catch_up(conn) <= _CATCH_UP_FEW:
@@ -209,6 +210,29 @@ async def _copy_indexes(conn: Connection) -> list[str]:
                 f" PRIMARY KEY USING INDEX {name}{_SUFFIX}"
             )
     return [record["name"] for record in records]
+
+
+async def _copy_privileges(conn: Connection) -> None:
+    """Give the aside table the live table's owner and grants (``LIKE`` copies neither),
+    so that roles granted access to ``visits`` (a service role apart from the owner that
+    migrates) keep it after the swap."""
+    owner = await conn.fetchval(
+        "SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = 'visits'::regclass"
+    )
+    if owner != await conn.fetchval("SELECT quote_ident(current_user)"):
+        await conn.execute(f"ALTER TABLE {ASIDE} OWNER TO {owner}")
+    grants = await conn.fetch(
+        """SELECT a.privilege_type, a.is_grantable,
+                  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee))
+                  END AS grantee
+           FROM pg_class c, aclexplode(c.relacl) a
+           WHERE c.oid = 'visits'::regclass AND a.grantee <> c.relowner"""
+    )
+    for grant in grants:
+        option = " WITH GRANT OPTION" if grant["is_grantable"] else ""
+        await conn.execute(
+            f"GRANT {grant['privilege_type']} ON {ASIDE} TO {grant['grantee']}{option}"
+        )
 
 
 async def _catch_up(conn: Connection) -> int:

@@ -286,3 +286,23 @@ async def test_a_rebuild_removes_what_a_crashed_one_left_on_the_live_table(
     assert await rebuild_visits(pool) == 2
     assert await pool.fetchval(_TRIGGERS) == 0
     assert await pool.fetchval("SELECT to_regclass($1) IS NULL", CHANGED)
+
+
+async def test_roles_granted_the_view_keep_their_access_after_a_rebuild(
+    pool: asyncpg.Pool,
+) -> None:
+    reader = f"clinic_reader_{uuid.uuid4().hex[:12]}"  # roles are the server's, not the db's
+    await pool.execute(f"CREATE ROLE {reader}")
+    try:
+        await pool.execute(f"GRANT SELECT, UPDATE ON visits TO {reader}")
+        await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
+        assert await rebuild_visits(pool) == 1
+        granted = await pool.fetch(
+            "SELECT privilege_type FROM information_schema.role_table_grants"
+            " WHERE table_name = 'visits' AND grantee = $1 ORDER BY 1",
+            reader,
+        )
+        assert [g["privilege_type"] for g in granted] == ["SELECT", "UPDATE"]
+    finally:
+        await pool.execute(f"DROP OWNED BY {reader}")
+        await pool.execute(f"DROP ROLE {reader}")
