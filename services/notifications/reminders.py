@@ -96,7 +96,13 @@ class ReminderScheduler:
                     log.info("reminder dropped: the appointment ended on the stream", extra=extra)
                     await tx.delete_timer(timer)
                     continue
-                planned = on_timer(appointment, timer, now)
+                try:
+                    planned = on_timer(appointment, timer, now)
+                except Exception:  # its message cannot be written (a time zone unknown here)
+                    # The same every round: dropped, or it would hold back every later one.
+                    log.exception("reminder dropped: its message cannot be written", extra=extra)
+                    await tx.delete_timer(timer)
+                    continue
                 if not planned:
                     log.info("reminder dropped", extra=extra)
                 added += await tx.add_notifications(planned, self._channels, now)

@@ -325,3 +325,32 @@ async def _email_retrying(clinic: Clinic, kind: str) -> bool:
         and d["attempts"] >= 1
         for d in await clinic.deliveries()
     )
+
+
+async def test_a_reminder_whose_message_cannot_be_written_does_not_hold_back_the_others(
+    clinic: Clinic,
+) -> None:
+    first_start = clinic.clock()
+    async with clinic.running():
+        await clinic.wait_settled()
+        # Down for three days: a booking made meanwhile, its visit begun, arrives now (owed
+        # no confirmation, so nothing writes its message until its visit-ready timer fires),
+        # with a time zone this host does not know.
+        clinic.clock.now = first_start + timedelta(days=3, hours=5, minutes=5)
+        unknown = Booking(
+            starts_at=clinic.clock() - timedelta(minutes=5), timezone="Mars/Olympus_Mons"
+        )
+        await clinic.publish(unknown.scheduled(first_start + timedelta(hours=1)), unknown.clinic_id)
+        good = Booking(starts_at=clinic.clock() + timedelta(minutes=10))
+        clinic.know(good)
+        await clinic.publish(good.scheduled(clinic.clock()), good.clinic_id)
+
+        async def ready() -> bool:
+            return any(
+                p.kind == "visit-ready" and p.appointment_id == good.appointment_id
+                for p in await clinic.pushes()
+            )
+
+        await eventually(ready, within=15, what="the good visit's visit-ready")
+        await _scheduler_ran(clinic)
+    assert await _timers(clinic) == 0  # the unwritable one dropped, not retried forever
