@@ -45,6 +45,7 @@ from services.metrics import NOTIFICATIONS
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import (
     ABANDONED_IN_DOUBT,
+    AFTER_THE_CANCELLATION,
     HAND_OVER_MARKED,
     ClaimedDelivery,
     DeliveryStore,
@@ -169,13 +170,19 @@ class DeliveryWorker:
             if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
                 NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
-        if claimed.outdated is not None:
+        resend = claimed.in_doubt and claimed.outdated == AFTER_THE_CANCELLATION
+        if claimed.outdated is not None and not resend:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead. Or a reminder
             # held (retries, a NATS outage) until its visit was over, or a 24 h one until
             # the start window opened.
             await self._skip(claimed, claimed.outdated)
             return
+        # In doubt (here: a push within its resend window) and followed by its visit's
+        # cancellation, it is sent again though outdated: its worker may have sent it, or
+        # may yet (stalled past its lease, not dead), and skipping it would let the
+        # cancellation go first. Sent again as the same message, which JetStream drops as
+        # a duplicate if the first one went out.
         try:
             skipped = await self._send(claimed, n.sent(now))
         except ClaimLost:

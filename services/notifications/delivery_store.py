@@ -115,6 +115,8 @@ def abandoned_in_doubt(channel: str, previous_status: str, previous_phase: str |
 #: What a cancel or a start makes outdated: a reminder whenever it would go out, and a
 #: confirmation once it is tried again (its first attempt went out before the news did).
 _NEWS: Final = {"cancelled": "AppointmentCancelled", "started": "AppointmentStarted"}
+#: Why a delivery is outdated once its visit was cancelled: its cancellation follows it.
+AFTER_THE_CANCELLATION: Final = f"after {_NEWS['cancelled']}"
 
 
 #: Why a reminder claimed once its visit is over is skipped (held by retries, or by an

@@ -1,0 +1,102 @@
+"""Push order when a worker stalls past its lease (a collector pause, SIGSTOP, a frozen
+VM) while it holds a visit's confirmation: the cancel is applied meanwhile and another
+worker claims the confirmation again, in doubt and outdated. Skipping it would settle it
+and let the cancellation go at once, ahead of the stalled worker's late publish; it is sent
+again instead (JetStream keeps one copy), so the patient reads the confirmation first."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+import nats
+
+from contracts.events import EventEnvelope, decode_event
+from contracts.notifications import Notification
+from contracts.subjects import NOTIFICATIONS_STREAM
+from services.appointments.adapters.nats.streams import ensure_stream
+from services.appointments.domain.rules import Rules
+from services.notifications.bootstrap import PUSH_RESEND_WINDOW
+from services.notifications.channels import PushChannel, notifications_stream_config
+from services.notifications.delivery import DeliveryWorker
+from services.notifications.delivery_store import DeliveryStore
+from services.notifications.handlers import EventHandler, Outcome
+from services.notifications.runtime import Hooks
+from services.notifications.store import NotificationStore
+from tests.integration.test_notifications_harness import TEST_TUNING, Booking
+
+T0 = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
+_seq = itertools.count(1)
+
+
+async def _apply(pool: asyncpg.Pool, envelope: EventEnvelope, at: datetime) -> None:
+    handler = EventHandler(NotificationStore(pool), lambda: at, Rules(), ["push"], TEST_TUNING)
+    event = decode_event(envelope.type, envelope.schema_version, envelope.data)
+    assert await handler.apply(envelope, event, next(_seq)) is Outcome.APPLIED
+
+
+class StalledPush:
+    """The real push channel, in a worker that stalls before publishing."""
+
+    name = "push"
+
+    def __init__(self, real: PushChannel) -> None:
+        self.real = real
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def send(self, notification: Notification) -> str | None:
+        self.waiting.set()
+        await self.gate.wait()
+        return await self.real.send(notification)
+
+
+async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
+    pool: asyncpg.Pool, nats_url: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, notifications_stream_config())
+        visit = Booking()
+        await _apply(pool, visit.scheduled(T0), T0)
+
+        stalled = StalledPush(PushChannel(js))
+        worker_a = DeliveryWorker(
+            DeliveryStore(pool), stalled, lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+        )
+        a = asyncio.create_task(worker_a.deliver_due())  # claims both confirmations
+        await asyncio.wait_for(stalled.waiting.wait(), 10)
+
+        # The provider cancels (the patient is told); worker A still holds the confirmations.
+        await _apply(pool, visit.cancelled(T0 + timedelta(seconds=5), visit.provider), T0)
+
+        later = T0 + TEST_TUNING.lease + timedelta(seconds=1)  # A's lease ran out
+        worker_b = DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(js),
+            lambda: later,
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+        assert await worker_b.deliver_due() == 2  # the confirmations: in doubt, sent again
+        assert await worker_b.deliver_due() == 1  # then the cancellation
+
+        stalled.gate.set()  # A wakes up and publishes what it claimed
+        await asyncio.wait_for(a, 10)
+
+        info = await js.stream_info(NOTIFICATIONS_STREAM)
+        pushed = [
+            msgspec.json.decode(
+                (await js.get_msg(NOTIFICATIONS_STREAM, s)).data or b"", type=Notification
+            )
+            for s in range(info.state.first_seq, info.state.last_seq + 1)
+        ]
+        to_patient = [p.kind for p in pushed if p.recipient_id == visit.patient_id]
+        assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+    finally:
+        await nc.close()
