@@ -111,24 +111,6 @@ async def test_overlapping_booking_of_one_provider_is_slot_taken(
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
 
 
-async def test_a_provider_is_not_double_booked_across_clinics(
-    store: PostgresEventStore, pool: asyncpg.Pool
-) -> None:
-    """The rule is the provider's (domain.md), not the clinic's: a provider who works for
-    two clinics cannot be booked by both at once."""
-    now = datetime.now(UTC)
-    first = scheduled(now)
-    await store.append(uuid.uuid4(), 0, [new(first)])
-    elsewhere = msgspec_replace(
-        first, clinic_id=uuid.uuid4(), starts_at=first.starts_at + timedelta(minutes=15)
-    )
-    with pytest.raises(SlotTaken):
-        await store.append(uuid.uuid4(), 0, [new(elsewhere)])
-    other_provider = msgspec_replace(elsewhere, provider_id=uuid.uuid4())
-    await store.append(uuid.uuid4(), 0, [new(other_provider)])
-    assert await pool.fetchval("SELECT count(*) FROM provider_bookings") == 2
-
-
 async def test_cancel_frees_the_providers_slot(app: Appointments, clock: ManualClock) -> None:
     staff = principal("staff")
     ctx = RequestContext(principal=staff)

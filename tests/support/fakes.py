@@ -35,7 +35,7 @@ class FakeEventStore:
 
     def __init__(self) -> None:
         self.streams: dict[UUID, list[RecordedEvent]] = {}
-        self.bookings: dict[UUID, tuple[UUID, object, object]] = {}
+        self.bookings: dict[UUID, tuple[UUID, UUID, object, object]] = {}
         self.answers: dict[tuple[UUID, str], StoredAnswer] = {}
         self.outbox: list[int] = []
         self.position = 0
@@ -92,12 +92,12 @@ class FakeEventStore:
             self.bookings.pop(stream_id, None)
         elif isinstance(event, AppointmentScheduled):
             ends = event.starts_at + timedelta(minutes=event.duration_minutes)
-            for provider, starts, other_ends in self.bookings.values():
-                if provider == event.provider_id and (
+            for clinic, provider, starts, other_ends in self.bookings.values():
+                if (clinic, provider) == (event.clinic_id, event.provider_id) and (
                     starts < ends and event.starts_at < other_ends  # type: ignore[operator]
                 ):
                     raise SlotTaken("The provider already has an appointment at that time.")
-            self.bookings[stream_id] = (event.provider_id, event.starts_at, ends)
+            self.bookings[stream_id] = (event.clinic_id, event.provider_id, event.starts_at, ends)
 
     async def find_answer(self, principal_id: UUID, key: str) -> StoredAnswer | None:
         return self.answers.get((principal_id, key))
