@@ -111,6 +111,20 @@ async def test_overlapping_booking_of_one_provider_is_slot_taken(
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
 
 
+async def test_the_double_booking_guard_stays_within_the_clinic(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    """Nothing crosses clinics (domain.md): a provider id another clinic books at the same
+    time is that clinic's business, and refusing it would tell one tenant of another's
+    bookings."""
+    now = datetime.now(UTC)
+    first = scheduled(now)
+    await store.append(uuid.uuid4(), 0, [new(first)])
+    elsewhere = msgspec_replace(first, clinic_id=uuid.uuid4())
+    await store.append(uuid.uuid4(), 0, [new(elsewhere)])
+    assert await pool.fetchval("SELECT count(*) FROM provider_bookings") == 2
+
+
 async def test_cancel_frees_the_providers_slot(app: Appointments, clock: ManualClock) -> None:
     staff = principal("staff")
     ctx = RequestContext(principal=staff)
