@@ -528,8 +528,10 @@ def test_double_start_by_another_allowed_actor_produces_no_events() -> None:
     assert when([scheduled(), started(by=PATIENT)], start(PROVIDER), STARTS_AT) == []
 
 
-def test_double_start_after_the_end_produces_no_events() -> None:
-    assert when([scheduled(), started()], start(), ENDS_AT + timedelta(hours=1)) == []
+def test_double_start_until_the_end_produces_no_events_and_after_it_is_past() -> None:
+    assert when([scheduled(), started()], start(), ENDS_AT - MICROSECOND) == []
+    refused([scheduled(), started()], start(), ENDS_AT, AppointmentPast)
+    refused([scheduled(), started()], start(), ENDS_AT + timedelta(hours=1), AppointmentPast)
 
 
 def test_start_of_another_clinics_started_appointment_is_not_found() -> None:

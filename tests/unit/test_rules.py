@@ -31,7 +31,7 @@ from services.appointments.domain.state import (
     Started,
 )
 from services.appointments.domain.view import appointment_view
-from services.errors import ClinicError
+from services.errors import AppointmentPast, ClinicError
 
 APPOINTMENT_ID = UUID(int=1)
 CLINIC_ID = UUID(int=10)
@@ -305,16 +305,19 @@ def test_view_of_a_started_appointment_says_when_and_allows_only_rejoining() -> 
 def test_a_started_visit_offers_rejoining_exactly_while_it_is_upcoming(
     offset: timedelta,
 ) -> None:
-    # Starting again always succeeds without a new event (as cancelling again does); the
-    # view offers it while the visit is upcoming, as the rejoin of an ongoing visit.
+    # Starting again succeeds without a new event while the visit goes on (the rejoin of
+    # an ongoing visit) and is refused once it is over: exactly when the view offers it.
     now = STARTS_AT + offset
     state = Started(booking(), PATIENT.actor, STARTS_AT)
     command = StartAppointment(appointment_id=APPOINTMENT_ID, actor=PATIENT)
 
-    assert decide(state, command, now, RULES) == []
-    assert can_start("started", STARTS_AT, ENDS_AT, now, RULES) == is_upcoming(
-        "started", ENDS_AT, now
-    )
+    offered = can_start("started", STARTS_AT, ENDS_AT, now, RULES)
+    assert offered == is_upcoming("started", ENDS_AT, now)
+    if offered:
+        assert decide(state, command, now, RULES) == []
+    else:
+        with pytest.raises(AppointmentPast):
+            decide(state, command, now, RULES)
 
 
 def test_an_unscheduled_appointment_has_no_view() -> None:

@@ -212,7 +212,9 @@ def _start(state: State, command: StartAppointment, now: datetime, rules: Rules)
     booking = visible_booking(state, command.actor)
     match state:
         case Started():
-            return []
+            if now >= booking.ends_at:  # the visit is over: no rejoining (rules.can_start)
+                raise AppointmentPast("The appointment is over and can no longer be started.")
+            return []  # the patient rejoins
         case Cancelled():
             raise AppointmentIsCancelled("A cancelled appointment cannot be started.")
         case Scheduled():
