@@ -729,3 +729,48 @@ async def test_fetching_a_batch_reads_only_the_unpublished_events(pool: asyncpg.
         after = await outbox.unpublished_after(conn, last - 3, 2, 2000)
         assert [row["global_position"] for row in after] == list(range(last - 2, last + 1))
         assert await outbox.unpublished_after(conn, last - 3, 1, 2000) == []
+
+
+async def test_a_refused_publish_is_not_overtaken_by_the_next_event_of_its_appointment(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    store = PostgresEventStore(pool)
+    clinic, stream = uuid.uuid4(), uuid.uuid4()
+    await store.append(stream, 0, [recorded(booking(clinic))])
+    await store.append(stream, 1, [recorded(cancellation(clinic))])
+    relay = OutboxRelay(pool, nc, ack_timeout=1.0)
+    real = relay._js.publish_async
+    refused = False
+
+    async def publish_async(subject: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        nonlocal refused
+        if subject.endswith(".scheduled") and not refused:
+            # JetStream refuses this one publish (a 503 while the stream's leader is being
+            # elected); the next, a moment later, would be stored.
+            refused = True
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(nats.js.errors.ServiceUnavailableError())
+            return future
+        return await real(subject, *args, **kwargs)
+
+    relay._js.publish_async = publish_async  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+
+        async def drained() -> bool:
+            return not await pool.fetchval("SELECT EXISTS (SELECT FROM outbox)")
+
+        await eventually(drained, within=20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert refused
+    sub = await nc.jetstream().pull_subscribe(
+        EVENTS_SUBJECTS,
+        stream=EVENTS_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, filter_subject=EVENTS_SUBJECTS),
+    )
+    messages = await sub.fetch(2, timeout=5)
+    versions = [msgspec.json.decode(m.data, type=EventEnvelope).stream_version for m in messages]
+    assert versions == [1, 2]  # domain.md: one appointment's events in version order
