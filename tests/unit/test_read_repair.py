@@ -7,10 +7,12 @@ import asyncio
 import uuid
 from datetime import timedelta, timezone
 
+import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
 from contracts.common import Principal
+from contracts.events import EventEnvelope
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import RecordedEvent
@@ -321,3 +323,45 @@ async def test_a_stop_cuts_a_hanging_repair_short() -> None:
     query.stop_waiting()
     page, stale = await asyncio.wait_for(read, 5)
     assert stale and _listed(page) == []
+
+
+class _GatedStore(FakeEventStore):
+    """Its loads read the store, then wait for ``gate`` (while set up) before answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+
+    async def load_envelopes(self, stream_id: uuid.UUID) -> list[EventEnvelope]:
+        envelopes = await super().load_envelopes(stream_id)
+        if self.gate is not None:
+            await self.gate.wait()
+        return envelopes
+
+
+async def test_a_read_does_not_settle_for_a_fold_made_before_its_appointment_existed() -> None:
+    clock, store, visits = ManualClock(), _GatedStore(), FakeVisits()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), timedelta(seconds=1), repair=(store, visits))
+    patient, stranger = principal("patient"), principal("staff")
+    appointment_id = uuid.uuid4()
+    store.gate = asyncio.Event()
+    # A token for an id nobody booked yet (forged): its read's fold finds nothing...
+    early = asyncio.create_task(
+        query.list_visits(stranger, consistency_token=f"{appointment_id}.1")
+    )
+    await asyncio.sleep(0.01)
+    # ...then the patient books that id (chosen by the client) and reads with its token,
+    # while that fold is still out: joining it would answer stale after the whole wait.
+    body = msgspec.structs.replace(
+        schedule_body(clock.now, patient_id=patient.id), appointment_id=appointment_id
+    )
+    booked = await app.schedule(RequestContext(principal=patient), body)
+    mine = asyncio.create_task(
+        query.list_visits(patient, consistency_token=booked.consistency_token)
+    )
+    await asyncio.sleep(0.01)
+    store.gate.set()
+    page, stale = await mine
+    await early
+    assert not stale and _listed(page) == [appointment_id]

@@ -404,10 +404,11 @@ class VisitsQuery:
                     if repair is None:
                         repair, mine = self._start_repair(stream_id), True
                     row = await asyncio.shield(repair.row)
-                    if mine or row is None or row.version >= version:
+                    if mine or (row is not None and row.version >= version):
                         break
-                    # Folded for an older read, before this write: join a fold started
-                    # since (by another read like this one), or fold again.
+                    # Folded for an older read, before this write (or before the booking:
+                    # nothing then): join a fold started since (by another read like this
+                    # one), or fold again.
                     newer = self._repairs.get(stream_id)
                     repair = newer if newer is not repair else None
                 if row is None or row.version < version or not scope.holds(row):
