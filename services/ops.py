@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 import uvicorn
-from litestar import Controller, Litestar, Response, get
+from litestar import Controller, Litestar, Response, get, head
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -138,6 +138,18 @@ class HealthController(Controller):
     @get("/health/live", summary="The process is up")
     async def live(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    # HEAD as well (RFC 9110 9.1; load balancers probe with it): the GET's status, no body.
+    @head("/health/live", include_in_schema=False)
+    async def live_head(self) -> None:
+        return None
+
+    @head("/health/ready", include_in_schema=False)
+    async def ready_head(self, state: State) -> Response[None]:
+        probes: Probes = state.probes
+        if await probes.failing():
+            return Response(None, status_code=503, headers={"Retry-After": "1"})
+        return Response(None)
 
     @get(
         "/health/ready",

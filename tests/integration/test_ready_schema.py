@@ -78,3 +78,15 @@ async def test_why_postgresql_fails_readiness_is_logged_once_and_kept_out_of_the
     logged = [r.getMessage() for r in caplog.records if "readiness" in r.getMessage()]
     assert len(logged) == 1, logged  # not once per probe
     assert 'InvalidCatalogNameError: database "no_such_database_here" does not exist' in logged[0]
+
+
+async def test_the_probes_answer_head_as_they_answer_get(
+    pool: asyncpg.Pool, empty_schema_pool: asyncpg.Pool
+) -> None:
+    async with serving(Probes(pool, None)) as client:
+        live, ready = await client.head("/health/live"), await client.head("/health/ready")
+    assert (live.status_code, live.content) == (200, b"")
+    assert (ready.status_code, ready.content) == (200, b"")
+    async with serving(Probes(empty_schema_pool, None)) as client:
+        ready = await client.head("/health/ready")
+    assert (ready.status_code, ready.headers["retry-after"], ready.content) == (503, "1", b"")

@@ -6,9 +6,11 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components
 
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.http.appointments import AppointmentsController
+from services.appointments.entrypoints.http.openapi import SECURITY_SCHEMES
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.appointments.entrypoints.http.tracing import RequestTracing
 from services.appointments.entrypoints.http.visits import VisitsController
@@ -30,6 +32,7 @@ def create_app(container: Container) -> Litestar:
             description="Appointments and visits of a telehealth clinic, for the mobile gateway.",
             path="/schema",
             render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
+            components=Components(security_schemes=SECURITY_SCHEMES),
         ),
         state=State(
             {"container": container, "probes": Probes(container.pool, container.nats_link)}

@@ -20,12 +20,13 @@ from services.appointments.entrypoints.http.dependencies import (
     strict_body,
 )
 from services.appointments.entrypoints.http.openapi import (
+    BEARER,
     COMMAND_HEADERS,
     ETAG,
     documented,
     problem_responses,
 )
-from services.appointments.service_layer.handlers import CommandOutcome
+from services.appointments.service_layer.handlers import MAX_IDEMPOTENCY_KEY_LENGTH, CommandOutcome
 
 IfMatch = Annotated[
     str | None,
@@ -38,6 +39,8 @@ IdempotencyKey = Annotated[
     HeaderParameter(
         name="Idempotency-Key",
         description="Retries with the same key and body get the first answer",
+        # Documented only: the service layer checks it, answering a problem (400).
+        schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
     ),
 ]
 
@@ -58,6 +61,7 @@ def _answer(outcome: CommandOutcome, status: int) -> Response[AppointmentView]:
 
 class AppointmentsController(Controller):
     path = "/v1/appointments"
+    security = BEARER
     tags = ["appointments"]
     before_request = staticmethod(authenticated)
 
@@ -123,7 +127,7 @@ class AppointmentsController(Controller):
         "/{appointment_id:uuid}/start",
         status_code=200,
         summary="Start a visit (inside its start window), or rejoin a started one",
-        responses=problem_responses(400, 401, 404, 409, 412, 422, 503),
+        responses=problem_responses(400, 401, 404, 409, 412, 413, 422, 503),
         operation_class=documented(COMMAND_HEADERS),
     )
     async def start(

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, Operation, RequestBody, Schema
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIResponse,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
 from litestar.openapi.spec.enums import OpenAPIType
 
 from contracts.errors import ERRORS, PROBLEM_CONTENT_TYPE, Problem
@@ -40,6 +48,19 @@ CONSISTENCY = _header(
 RETRY_AFTER = _header(
     "Seconds to wait before retrying.", Schema(type=OpenAPIType.INTEGER, minimum=0)
 )
+
+#: The bearer token every ``/v1`` route requires (``securitySchemes``, and each route's
+#: ``security``).
+BEARER_SCHEME = "BearerToken"
+SECURITY_SCHEMES: dict[str, SecurityScheme | Reference] = {
+    BEARER_SCHEME: SecurityScheme(
+        type="http",
+        scheme="bearer",
+        bearer_format="JWT",
+        description="A JWT naming the caller: sub, role (patient, provider, staff), clinic_id.",
+    )
+}
+BEARER: list[dict[str, list[str]]] = [{BEARER_SCHEME: []}]
 
 #: Headers of a command's answer (status -> headers).
 COMMAND_HEADERS = {

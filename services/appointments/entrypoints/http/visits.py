@@ -16,6 +16,7 @@ from services.appointments.entrypoints.http.dependencies import (
     request_context,
 )
 from services.appointments.entrypoints.http.openapi import (
+    BEARER,
     CONSISTENCY,
     documented,
     problem_responses,
@@ -33,6 +34,7 @@ ConsistencyToken = Annotated[
 
 class VisitsController(Controller):
     path = "/v1/visits"
+    security = BEARER
     tags = ["visits"]
     before_request = staticmethod(authenticated)
 
