@@ -68,7 +68,9 @@ class TokenVerifier:
             )
         public_key = None
         if settings.jwt_public_key_file:
-            public_key = Path(settings.jwt_public_key_file).read_text(encoding="utf-8")
+            # As the configuration check reads it: bytes, whatever text sits around the
+            # (ASCII) PEM block; latin-1 decodes any byte, leaving the block as it is.
+            public_key = Path(settings.jwt_public_key_file).read_bytes().decode("latin-1")
         return cls(
             secret=settings.jwt_secret,
             public_key=public_key,

@@ -154,7 +154,10 @@ def check_database_url(url: str) -> None:
         if parts.scheme not in DATABASE_SCHEMES:
             raise ValueError("scheme")
         # libpq allows several hosts: postgresql://h1:5432,h2:5433/db
-        for host in parts.netloc.rpartition("@")[2].split(","):
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        if len(hosts) > 1 and not all(hosts):  # "h1,,h2", "h1,": asyncpg fails at connect
+            raise ValueError("empty host")
+        for host in hosts:
             _port_of(host)
     except ValueError:
         raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -11,6 +12,7 @@ import pytest
 
 from services import auth
 from services.auth import TokenVerifier, mint_token
+from services.config import load_settings
 from services.errors import Unauthenticated
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
@@ -153,6 +155,29 @@ def test_tokens_signed_with_the_configured_public_keys_algorithms_verify(algorit
     }
     token = jwt.encode(claims, private, algorithm=algorithm)
     assert TokenVerifier(public_key=public.decode()).verify(token).role == "provider"
+
+
+def test_a_key_file_with_non_utf8_text_around_its_pem_block_verifies(tmp_path: Path) -> None:
+    """The configuration check reads the file as bytes; so does the verifier: a comment in
+    latin-1 above the PEM block (an operator's note) must not crash the service at start."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path = tmp_path / "key.pem"
+    path.write_bytes("Schl\u00fcssel der Praxis\n".encode("latin-1") + pem)
+    settings = load_settings({"CLINIC_JWT_PUBLIC_KEY_FILE": str(path)})
+    claims = {
+        "sub": str(uuid.uuid4()),
+        "role": "staff",
+        "clinic_id": str(uuid.uuid4()),
+        "exp": int(time.time()) + 60,
+    }
+    token = jwt.encode(claims, private, algorithm="ES256")
+    assert TokenVerifier.from_settings(settings).verify(token).role == "staff"
 
 
 def test_every_api_route_checks_the_token_before_it_parses_anything() -> None:

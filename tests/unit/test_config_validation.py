@@ -64,6 +64,8 @@ def test_usable_nats_urls_are_kept(value: str, urls: list[str]) -> None:
         "postgresql://db:port/clinic",
         "postgresql://db:70000/clinic",
         "postgresql://[::1/clinic",
+        "postgresql://127.0.0.1:5432,/clinic",
+        "postgresql://h1,,h2/clinic",
     ],
 )
 def test_a_malformed_database_url_is_refused_before_connecting(dsn: str) -> None:
