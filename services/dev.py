@@ -101,7 +101,12 @@ def url_host(host: str) -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Fail early, before starting any server, when the HTTP port is taken."""
+    """Fail early, before starting any server, when the HTTP port is taken (or 0: the
+    URL it prints, and its own readiness check, need the port it listens on)."""
+    if port == 0:
+        raise ConfigError(
+            "clinic dev needs a fixed CLINIC_HTTP_PORT (not 0): it prints the API's URL"
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1", "::"
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -35,3 +35,9 @@ def test_an_ipv4_listener_does_not_make_ipv6_any_taken() -> None:
 
 def test_urls_name_ipv6_hosts_in_brackets() -> None:
     assert url_host("::1") == "[::1]" and url_host("127.0.0.1") == "127.0.0.1"
+
+
+def test_port_0_is_refused_for_clinic_dev() -> None:
+    """It prints the API's URL and checks its readiness there: it needs the real port."""
+    with pytest.raises(ConfigError, match="fixed CLINIC_HTTP_PORT"):
+        check_port_free("127.0.0.1", 0)
