@@ -588,16 +588,18 @@ async def _resumed_after(server: EmbeddedNats) -> AsyncIterator[None]:
 
 
 async def _read_waits_on_the_view(database_url: str) -> None:
-    """Until the service polls the view for a consistency token (the request is in flight)."""
+    """Until the service has read the stream of a consistency token's appointment (its
+    read repair, after which a token nobody can reach waits out its time): the request is
+    in flight, waiting."""
     conn = await asyncpg.connect(database_url)
     try:
         for _ in range(1500):  # 30 s
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()"
-                " AND query LIKE 'SELECT version FROM visits%')"
+                " AND query LIKE '%FROM events WHERE stream_id = $1%')"
             ):
                 return
             await asyncio.sleep(0.02)
-        raise AssertionError("the read never waited on the view")
+        raise AssertionError("the read never waited for its token")
     finally:
         await conn.close()
