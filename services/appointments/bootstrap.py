@@ -314,12 +314,20 @@ class NatsLink:
                 log.warning("nats disconnected")
 
         async def on_reconnected() -> None:
+            refusal = _plaintext_refusal(client)
+            if refusal is not None:  # another server of the list, offering no TLS
+                self._closed_reason = refusal
+                log.error("nats: %s; the process stops", refusal)
+                self._closed_by_server.set()
+                await client.close()
+                return
             self._answered("reconnected", client)
 
         async def on_closed() -> None:
             if self._closing or self.client is not client:  # ours, or a failed attempt
                 return
-            self._closed_reason = _closed_reason(client)
+            if self._closed_reason is None:  # not already given (a server without TLS)
+                self._closed_reason = _closed_reason(client)
             log.error(
                 "nats closed the connection for good (%s); the process stops",
                 self._closed_reason,
@@ -357,8 +365,29 @@ class NatsLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             else:
-                self._answered("connected", client)
-                return client
+                refusal = _plaintext_refusal(client)
+                if refusal is None:
+                    self._answered("connected", client)
+                    return client
+                # As if it had not answered: no ready process talking in the clear.
+                self._failed(ConnectionError(refusal))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 2)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _plaintext_refusal(client: NATS) -> str | None:
+    """Why ``client``'s connection must not be used: a ``tls://`` server that offered no
+    TLS (nats-py upgrades only when the server requires it, and talks in the clear
+    otherwise); None when it may."""
+    url = client.connected_url
+    if url is None or url.scheme != "tls" or client._server_info.get("tls_required"):
+        return None
+    return (
+        f"the NATS server at {url.hostname}:{url.port} offers no TLS, and CLINIC_NATS_URL"
+        " asks for tls://"
+    )
 
 
 def _closed_reason(client: NATS) -> str:

@@ -148,3 +148,21 @@ async def test_closing_the_link_is_not_nats_closing_it(nats_server: EmbeddedNats
     link.raise_if_closed()  # nothing to raise
     stop.set()
     await asyncio.wait_for(watching, 1)
+
+
+async def test_a_tls_url_is_never_served_in_plaintext(nats_server: EmbeddedNats) -> None:
+    """nats-py upgrades to TLS only when the server requires it: a ``tls://`` URL naming a
+    server without TLS would be talked to in the clear. The link treats it as a server
+    that does not answer (the process stays not ready, saying why)."""
+    url = nats_server.url.replace("nats://", "tls://")
+    link = NatsLink(load_settings({"CLINIC_NATS_URL": url}), "link-test")
+    try:
+        for _ in range(100):
+            if link.last_error is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert link.last_error is not None and "offers no TLS" in link.last_error
+        await asyncio.sleep(0.5)
+        assert link.client is None and not link.is_connected
+    finally:
+        await link.close()
