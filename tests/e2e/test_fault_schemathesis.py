@@ -188,6 +188,18 @@ async def test_the_document_lists_every_operation_fuzzed(api: Api) -> None:
     doc = (await api.client.get("/schema/openapi.json")).json()
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == {(m, p) for m, p, *_ in OPERATIONS}
+    # What else a client reads there: unknown body fields are refused (400), every /v1
+    # route wants the bearer token.
+    schemas = doc["components"]["schemas"]
+    assert schemas["ScheduleBody"]["additionalProperties"] is False
+    assert schemas["CancelBody"]["additionalProperties"] is False
+    assert doc["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
+    assert all(
+        op.get("security") == [{"BearerToken": []}]
+        for path, ops in doc["paths"].items()
+        if path.startswith("/v1/")
+        for op in ops.values()
+    )
 
 
 def problem_of(response: httpx.Response) -> str:

@@ -6,8 +6,9 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components
+from litestar.openapi.spec import Components, Schema
 
+from contracts.commands import CancelBody, ScheduleBody
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.http.appointments import AppointmentsController
 from services.appointments.entrypoints.http.openapi import SECURITY_SCHEMES
@@ -21,7 +22,7 @@ MAX_BODY_BYTES = 64 * 1024
 
 def create_app(container: Container) -> Litestar:
     """The HTTP API over an already-built container (its lifespan is the caller's)."""
-    return Litestar(
+    app = Litestar(
         route_handlers=[AppointmentsController, VisitsController, HealthController],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[RequestTracing()],
@@ -40,3 +41,16 @@ def create_app(container: Container) -> Litestar:
         debug=False,
         logging_config=None,
     )
+    close_body_schemas(app)
+    return app
+
+
+def close_body_schemas(app: Litestar) -> None:
+    """Mark the request bodies' schemas closed (``additionalProperties: false``): the
+    service refuses unknown fields (400), which Litestar's document does not say. The
+    document is made once; this edits it before it is first served."""
+    schemas = app.openapi_schema.components.schemas or {}
+    for struct in (ScheduleBody, CancelBody):
+        schema = schemas.get(struct.__name__)
+        if isinstance(schema, Schema):
+            schema.additional_properties = False
