@@ -47,8 +47,6 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
-from services.appointments.domain.state import Booking, NotScheduled, State
-from services.appointments.domain.view import status_of
 from services.appointments.service_layer.consistency import parse_token
 from services.appointments.service_layer.ports import Clock, StoredStreams
 from services.errors import InvalidRequest
@@ -133,7 +131,7 @@ def _fold_one(
 
 def _row(
     appointment_id: UUID,
-    booked: AppointmentScheduled | Booking,
+    booked: AppointmentScheduled,
     status: AppointmentStatus,
     version: int,
 ) -> VisitRow:
@@ -151,14 +149,6 @@ def _row(
         status=status,
         version=version,
     )
-
-
-def visit_row(appointment_id: UUID, state: State, version: int) -> VisitRow | None:
-    """The row of an appointment in ``state`` at ``version``: the row :func:`project` folds
-    from the same events (a read that outran the projector writes it)."""
-    if isinstance(state, NotScheduled):
-        return None
-    return _row(appointment_id, state.booking, status_of(state), version)
 
 
 def fold_envelope(row: VisitRow | None, envelope: EventEnvelope) -> VisitRow | None:
