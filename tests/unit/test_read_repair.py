@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from contracts.common import Principal
-from contracts.events import EventEnvelope
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import RecordedEvent
@@ -325,32 +324,18 @@ async def test_a_stop_cuts_a_hanging_repair_short() -> None:
     assert stale and _listed(page) == []
 
 
-class _GatedStore(FakeEventStore):
-    """Its loads read the store, then wait for ``gate`` (while set up) before answering."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate: asyncio.Event | None = None
-
-    async def load_envelopes(self, stream_id: uuid.UUID) -> list[EventEnvelope]:
-        envelopes = await super().load_envelopes(stream_id)
-        if self.gate is not None:
-            await self.gate.wait()
-        return envelopes
-
-
 async def test_a_read_does_not_settle_for_a_fold_made_before_its_appointment_existed() -> None:
-    clock, store, visits = ManualClock(), _GatedStore(), FakeVisits()
+    clock, store, visits = ManualClock(), _HeldLoad(), FakeVisits()
     app = Appointments(store, store, clock, uuid.uuid4, Rules())
     query = VisitsQuery(visits, clock, Rules(), timedelta(seconds=1), repair=(store, visits))
     patient, stranger = principal("patient"), principal("staff")
     appointment_id = uuid.uuid4()
-    store.gate = asyncio.Event()
+    release = store.release = asyncio.Event()
     # A token for an id nobody booked yet (forged): its read's fold finds nothing...
     early = asyncio.create_task(
         query.list_visits(stranger, consistency_token=f"{appointment_id}.1")
     )
-    await asyncio.sleep(0.01)
+    await store.holding.wait()
     # ...then the patient books that id (chosen by the client) and reads with its token,
     # while that fold is still out: joining it would answer stale after the whole wait.
     body = msgspec.structs.replace(
@@ -360,8 +345,8 @@ async def test_a_read_does_not_settle_for_a_fold_made_before_its_appointment_exi
     mine = asyncio.create_task(
         query.list_visits(patient, consistency_token=booked.consistency_token)
     )
-    await asyncio.sleep(0.01)
-    store.gate.set()
+    await asyncio.sleep(0.01)  # it finds that fold in flight and waits for it
+    release.set()
     page, stale = await mine
     await early
     assert not stale and _listed(page) == [appointment_id]
