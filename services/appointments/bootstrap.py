@@ -354,6 +354,9 @@ class NatsLink:
                     reconnected_cb=on_reconnected,
                     closed_cb=on_closed,
                 )
+                refusal = _plaintext_refusal(client)
+                if refusal is not None:  # as if it had not answered: never in the clear
+                    raise ConnectionError(refusal)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.close(), 2)
@@ -365,16 +368,8 @@ class NatsLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             else:
-                refusal = _plaintext_refusal(client)
-                if refusal is None:
-                    self._answered("connected", client)
-                    return client
-                # As if it had not answered: no ready process talking in the clear.
-                self._failed(ConnectionError(refusal))
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.close(), 2)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                self._answered("connected", client)
+                return client
 
 
 def _plaintext_refusal(client: NATS) -> str | None:
