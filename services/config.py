@@ -45,6 +45,10 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
         "24",
         "how long a retry with the same Idempotency-Key gets the first answer",
     ),
+    "CLINIC_NOTIFICATION_RETENTION_DAYS": (
+        "30",
+        "how long after a visit's end the notification service keeps its notifications",
+    ),
     "CLINIC_SMTP_URL": (None, "e.g. smtp://127.0.0.1:1025; email is off when unset"),
     "CLINIC_LOG_LEVEL": ("INFO", "log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"),
 }
@@ -100,6 +104,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     start_window_minutes: int
     consistency_wait_ms: int
     idempotency_key_ttl_hours: int = 24
+    notification_retention_days: int = 30
     smtp_url: str | None
     log_level: str
 
@@ -274,6 +279,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         start_window_minutes=_int(env, "CLINIC_START_WINDOW_MINUTES", 0, 24 * 60),
         consistency_wait_ms=_int(env, "CLINIC_CONSISTENCY_WAIT_MS", 0, 60_000),
         idempotency_key_ttl_hours=_int(env, "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS", 1, 24 * 366),
+        notification_retention_days=_int(env, "CLINIC_NOTIFICATION_RETENTION_DAYS", 1, 3660),
         smtp_url=_get(env, "CLINIC_SMTP_URL"),
         log_level=_log_level(env),
     )

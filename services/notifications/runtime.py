@@ -61,6 +61,10 @@ class Tuning:
     retry_cap: timedelta = timedelta(minutes=15)
     max_attempts: int = 8
     directory_timeout: float = 1.0
+    #: How often the service looks for visits past their retention (seconds), and how
+    #: many it forgets per statement.
+    retention_interval: float = 600.0
+    retention_batch: int = 1000
 
     def retry_delay(self, attempts: int) -> timedelta:
         """Exponential backoff after the ``attempts``-th failed attempt."""

@@ -212,6 +212,7 @@ def test_settings_carry_what_the_variables_say() -> None:
             "CLINIC_CONSISTENCY_WAIT_MS": "750",
             "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS": "48",
             "CLINIC_NATS_STREAM_REPLICAS": "3",
+            "CLINIC_NOTIFICATION_RETENTION_DAYS": "90",
         }
     )
     assert settings.rules.start_window == timedelta(minutes=30)
@@ -219,6 +220,8 @@ def test_settings_carry_what_the_variables_say() -> None:
     assert settings.consistency_wait_ms == 750
     assert settings.idempotency_key_ttl_hours == 48
     assert settings.nats_stream_replicas == 3
+    assert settings.notification_retention_days == 90
+    assert load_settings({}).notification_retention_days == 30
 
 
 BOUNDS = [
@@ -228,6 +231,7 @@ BOUNDS = [
     ("CLINIC_NATS_STREAM_REPLICAS", "1", "5", "0", "6"),
     ("CLINIC_CONSISTENCY_WAIT_MS", "0", "60000", "-1", "60001"),
     ("CLINIC_HTTP_KEEP_ALIVE_SECONDS", "1", "3600", "0", "3601"),
+    ("CLINIC_NOTIFICATION_RETENTION_DAYS", "1", "3660", "0", "3661"),
 ]
 
 
