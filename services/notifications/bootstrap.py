@@ -105,7 +105,13 @@ async def notification_service(
     # no delivery's attempts. They look again at their next poll once it is back.
     workers = [
         DeliveryWorker(
-            deliveries, PushChannel(js), clock, tuning, hooks, PUSH_RESEND_WINDOW, nats_connected
+            deliveries,
+            PushChannel(js, stream=notifications_stream_config(settings.nats_stream_replicas)),
+            clock,
+            tuning,
+            hooks,
+            PUSH_RESEND_WINDOW,
+            nats_connected,
         )
     ]
     if smtp is not None:

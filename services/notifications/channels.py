@@ -12,12 +12,14 @@ from typing import Final, Protocol
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError
 
 from contracts.notifications import Notification
 from contracts.subjects import NOTIFICATIONS_STREAM, NOTIFICATIONS_SUBJECTS, notification_subject
+from services.appointments.adapters.nats.streams import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +72,31 @@ class PushChannel:
 
     name = "push"
 
-    def __init__(self, js: JetStreamContext, timeout: float = PUBLISH_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        timeout: float = PUBLISH_TIMEOUT_SECONDS,
+        stream: StreamConfig | None = None,
+    ) -> None:
+        """``stream``: ``NOTIFICATIONS`` as the service makes it at start (made again if
+        it goes away meanwhile)."""
         self._js = js
         self._timeout = timeout
+        self._stream = stream or notifications_stream_config()
 
     async def send(self, notification: Notification) -> str | None:
-        """Publish and wait for the stream's acknowledgement."""
+        """Publish and wait for the stream's acknowledgement. No stream taking the subject
+        (``NOTIFICATIONS`` deleted, or lost by a server restarted without its storage) is
+        not the notification's fault: the stream is made again, as at start, and the
+        publish tried once more, instead of failing every push until the next restart."""
         try:
-            ack = await self._js.publish(
-                notification_subject(notification.kind),
-                msgspec.json.encode(notification),
-                timeout=self._timeout,
-                stream=NOTIFICATIONS_STREAM,
-                headers={"Nats-Msg-Id": str(notification.notification_id)},
-            )
+            try:
+                ack = await self._publish(notification)
+            except nats.js.errors.NoStreamResponseError:  # no stream takes the subject
+                await self._make_stream_again()
+                ack = await self._publish(notification)
+        except DeliveryFailed:
+            raise
         except APIError as exc:
             # 503 (no JetStream leader yet) passes; any other refusal will not change.
             permanent = exc.code is not None and exc.code != 503
@@ -96,3 +109,21 @@ class PushChannel:
                 extra={"notification_id": str(notification.notification_id)},
             )
         return None
+
+    async def _make_stream_again(self) -> None:
+        log.warning("stream %s is gone: making it again", NOTIFICATIONS_STREAM)
+        try:
+            await ensure_stream(self._js, self._stream)
+        except Exception as exc:  # JetStream's state, not the notification's: try later
+            raise DeliveryFailed(
+                f"stream {NOTIFICATIONS_STREAM} is gone: {exc!r}", permanent=False
+            ) from exc
+
+    async def _publish(self, notification: Notification) -> PubAck:
+        return await self._js.publish(
+            notification_subject(notification.kind),
+            msgspec.json.encode(notification),
+            timeout=self._timeout,
+            stream=NOTIFICATIONS_STREAM,
+            headers={"Nats-Msg-Id": str(notification.notification_id)},
+        )

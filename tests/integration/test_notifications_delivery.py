@@ -11,7 +11,9 @@ import nats
 import pytest
 
 from contracts.common import Actor
+from contracts.subjects import NOTIFICATIONS_STREAM
 from services.notifications import email as email_channel
+from services.notifications.channels import notifications_stream_config
 from services.notifications.directory import Directory
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
@@ -258,3 +260,23 @@ async def test_an_email_whose_acceptance_never_arrived_is_not_sent_again(
     emails = [d for d in await clinic.deliveries() if d["channel"] == "email"]
     assert emails and all(d["status"] == "failed" for d in emails)
     assert all("in doubt" in d["last_error"] for d in emails)
+
+
+async def test_a_push_finds_the_notifications_stream_made_again_after_it_was_lost(
+    clinic: Clinic,
+) -> None:
+    first, second = Booking(), Booking()
+    async with clinic.running():
+        await clinic.publish(first.scheduled(clinic.clock()), first.clinic_id)
+        await clinic.wait_settled()
+        # Deleted, as by an operator, or lost by a server restarted without its storage.
+        await clinic.js.delete_stream(NOTIFICATIONS_STREAM)
+        await clinic.publish(second.scheduled(clinic.clock()), second.clinic_id)
+        await clinic.wait_settled()
+        pushes = await clinic.pushes()
+        assert {p.appointment_id for p in pushes} == {second.appointment_id}
+        assert len(pushes) == 2
+        info = await clinic.js.stream_info(NOTIFICATIONS_STREAM)
+        assert info.config.max_age == notifications_stream_config().max_age
+    push = [r for r in await clinic.deliveries() if r["channel"] == "push"]
+    assert [(r["status"], r["attempts"]) for r in push] == [("sent", 1)] * 4
