@@ -278,6 +278,7 @@ def test_schedule_with_an_iana_timezone_is_allowed(name: str) -> None:
         "right/UTC",
         "posix/Europe/Paris",
         "posixrules",
+        "Factory",  # the placeholder of a system whose zone is not set
     ],
 )
 def test_schedule_with_an_unknown_timezone_is_invalid(name: str) -> None:

@@ -113,8 +113,10 @@ def _validate_schedule(command: ScheduleAppointment, now: datetime) -> None:
 def _zone_names() -> frozenset[str]:
     """The zones of this machine's tz database. ``available_timezones`` leaves out the
     ``posix/`` and ``right/`` copies and ``posixrules``, which ``ZoneInfo`` would open;
-    ``localtime`` is the host's own zone, whatever it is, under a name of its own."""
-    return frozenset(available_timezones() - {"localtime"})
+    ``localtime`` is the host's own zone, whatever it is, under a name of its own;
+    ``Factory`` is the database's placeholder for "no zone set yet" (its time is UTC,
+    its abbreviation ``-00``): no place, and a meaningless time in a message."""
+    return frozenset(available_timezones() - {"localtime", "Factory"})
 
 
 def is_valid_timezone(name: str) -> bool:
