@@ -563,20 +563,16 @@ async def test_a_stop_answers_waiting_reads_and_a_second_sigterm_exits_130_at_on
         await _read_waits_on_the_view(database_url)
         # NATS hangs: the graceful stop's drain of the NATS service API waits long.
         nats_server.pause()
-        loop = asyncio.get_running_loop()
-        first = loop.time()
         process.send_signal(signal.SIGTERM)
-        answered = await asyncio.wait_for(waiting, 10)
+        # At once: its wait is 60 s, and the graceful stop itself takes ~10 s.
+        answered = await asyncio.wait_for(waiting, 8)
         assert answered.status_code == 200 and answered.headers["X-Consistency"] == "stale"
-        assert loop.time() - first < 3.0, "the stop did not answer the waiting read at once"
         await wait_for_line(process, "Finished server process")
         assert process.returncode is None  # still draining the NATS service API
-        second = loop.time()
         process.send_signal(signal.SIGTERM)
-        status = await asyncio.wait_for(process.wait(), 30)
-        took = loop.time() - second
+        # At once, not after the drain's ~10 s.
+        status = await asyncio.wait_for(process.wait(), 6)
     assert status == 130
-    assert took < 3.0, f"the second signal took {took:.1f} s to end the process"
 
 
 @contextlib.asynccontextmanager

@@ -147,7 +147,7 @@ async def test_closing_the_link_is_not_nats_closing_it(nats_server: EmbeddedNats
     assert not watching.done() and not stop.is_set()
     link.raise_if_closed()  # nothing to raise
     stop.set()
-    await asyncio.wait_for(watching, 1)
+    await asyncio.wait_for(watching, 10)
 
 
 async def test_a_tls_url_is_never_served_in_plaintext(nats_server: EmbeddedNats) -> None:

@@ -3,6 +3,7 @@ time as their clock shows it; email depends on the directory and never holds up 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime
@@ -158,15 +159,14 @@ async def test_a_directory_request_without_an_answer_gives_up_after_one_second(
     directory = Directory(clinic.nc)
     started = time.monotonic()
     assert await directory.contact(uuid.uuid4()) is None  # subscribed, never answers
-    assert 0.9 <= time.monotonic() - started <= 1.5  # 1 s, and a loaded machine's slack
+    assert 0.9 <= time.monotonic() - started < 5  # its 1 s, not less (nor for ever)
 
 
 async def test_no_directory_at_all_means_no_email_at_once(nats_url: str) -> None:
     nc = await nats.connect(nats_url)
     try:
-        started = time.monotonic()
-        assert await Directory(nc).contact(uuid.uuid4()) is None
-        assert time.monotonic() - started < 1.0
+        # At once: with a 60 s timeout, a request that waited for an answer fails the test.
+        assert await asyncio.wait_for(Directory(nc, timeout=60).contact(uuid.uuid4()), 10) is None
     finally:
         await nc.close()
 

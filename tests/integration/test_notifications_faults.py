@@ -102,6 +102,7 @@ async def test_a_database_outage_delays_notifications_but_loses_or_repeats_none(
         await clinic.wait_settled()
         await proxy.cut()
         await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await eventually(lambda: _holds_the_second_event(clinic), what="the cancel delivered")
         await asyncio.sleep(3.5)  # longer than the ack wait: the consumer holds the event
         assert len(await clinic.pushes()) == 2
         await proxy.restore()
@@ -132,6 +133,7 @@ async def test_a_read_only_database_holds_the_event_instead_of_spending_its_deli
             what="the service to be back, on a read-only database",
         )
         await clinic.publish(booking.cancelled(clinic.clock(), booking.patient), booking.clinic_id)
+        await eventually(lambda: _holds_the_second_event(clinic), what="the cancel delivered")
         await asyncio.sleep(3.5)  # longer than the ack wait, and than max_deliver quick naks
         assert len(await clinic.pushes()) == 2
         info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
@@ -534,3 +536,9 @@ async def test_a_first_start_on_a_long_history_announces_none_of_its_old_news(
 
 async def _has_sent(clinic: Clinic, what: tuple[str, str]) -> bool:
     return what in await _sent(clinic)
+
+
+async def _holds_the_second_event(clinic: Clinic) -> bool:
+    """The consumer was handed the second event and has not acknowledged it."""
+    info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
+    return info.delivered.consumer_seq == 2 and info.num_ack_pending == 1

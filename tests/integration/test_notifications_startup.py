@@ -95,14 +95,22 @@ async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
 
 
 async def test_a_stop_while_waiting_for_jetstream_ends_the_start_quietly(
-    cluster: list[EmbeddedNats], database_url: str, pool: asyncpg.Pool
+    cluster: list[EmbeddedNats],
+    database_url: str,
+    pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = cluster[0]
     first.start()
     stop = asyncio.Event()
     async with _client(first) as nc:
-        starting = asyncio.create_task(_service(database_url, first.url, pool, nc, stop=stop))
-        await asyncio.sleep(1.0)  # refused at least once by then (a 5 s request at most)
+        with caplog.at_level(logging.WARNING, logger="services.notifications.bootstrap"):
+            starting = asyncio.create_task(_service(database_url, first.url, pool, nc, stop=stop))
+            deadline = asyncio.get_running_loop().time() + 30
+            while "cannot make the streams yet" not in caplog.text:  # waiting to retry
+                assert not starting.done(), starting.exception()
+                assert asyncio.get_running_loop().time() < deadline, "never refused"
+                await asyncio.sleep(0.05)
         stop.set()
         with pytest.raises(StoppedWhileConnecting):
             await asyncio.wait_for(starting, 15)

@@ -292,7 +292,7 @@ async def test_a_consistency_token_not_reached_in_time_answers_stale(
     started = loop.time()
     page, stale = await query.list_visits(PATIENT, consistency_token=f"{stream}.2")
     assert stale
-    assert 0.2 <= loop.time() - started < 2
+    assert 0.2 <= loop.time() - started < 10  # its wait, not less
     assert [v.appointment_id for v in page.items] == [stream]
     _, stale = await query.list_visits(PATIENT, consistency_token=f"{uuid.uuid4()}.1")
     assert stale

@@ -104,12 +104,18 @@ def test_a_configuration_error_inside_a_task_group_is_found() -> None:
 
 
 class _DeadNats:
-    """A client whose server is gone: draining fails, and then closing fails too."""
+    """A client whose server went away after the flush: draining fails, and then closing
+    fails too."""
 
     def __init__(self) -> None:
+        self.calls: list[str] = []
         self.closed = False
 
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (nats-py)
+        self.calls.append("flush")
+
     async def drain(self) -> None:
+        self.calls.append("drain")
         raise ConnectionResetError("nats: connection lost")
 
     async def close(self) -> None:
@@ -120,7 +126,7 @@ class _DeadNats:
 async def test_closing_nats_after_a_failed_drain_never_raises() -> None:
     nc = _DeadNats()
     await close_nats(cast(NATS, nc))
-    assert nc.closed
+    assert nc.calls == ["flush", "drain"] and nc.closed
 
 
 def test_a_nats_api_error_is_described_by_its_description() -> None:

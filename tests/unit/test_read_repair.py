@@ -137,8 +137,9 @@ async def test_a_hanging_repair_is_bounded_by_the_consistency_wait() -> None:
     page, stale = await asyncio.wait_for(
         query.list_visits(staff, consistency_token=booked.consistency_token), 5
     )
-    # Stale on time: the repair counts against the wait (CLINIC_CONSISTENCY_WAIT_MS).
-    assert loop.time() - started < wait.total_seconds() + 0.1
+    # Stale on time: the repair counts against the wait (CLINIC_CONSISTENCY_WAIT_MS), not
+    # the second a repair once had of its own.
+    assert loop.time() - started < wait.total_seconds() + 0.6
     assert stale and _listed(page) == [] and visits.writes == 1
 
 
