@@ -466,6 +466,8 @@ async def test_a_request_without_a_valid_token_is_401_before_its_body_or_paramet
         ("POST", f"{location}/start", {"If-Match": "seven"}, b""),
         ("GET", "/v1/visits?limit=0&tab=nope", {}, b""),
         ("GET", "/v1/visits?cursor=forged", {}, b""),
+        ("GET", "/v1/appointments/not-a-uuid", {}, b""),
+        ("POST", "/v1/appointments/not-a-uuid/cancel", {}, b""),
     ]
     for name, header in forged_tokens(staff).items():
         auth = {"Authorization": header} if header else {}
@@ -530,11 +532,19 @@ async def test_unknown_appointment_is_404(api: Api) -> None:
         404,
         "not-found",
     )
-    assert_problem(
-        await api.client.get("/v1/appointments/not-a-uuid", headers=api.auth(staff)),
-        404,
-        "not-found",
-    )
+
+
+async def test_a_malformed_appointment_id_is_400_as_over_nats(api: Api) -> None:
+    staff = api.principal("staff")
+    for method, path in (
+        ("GET", "/v1/appointments/not-a-uuid"),
+        ("GET", "/v1/appointments/not-a-uuid/history"),
+        ("POST", "/v1/appointments/not-a-uuid/cancel"),
+        ("POST", "/v1/appointments/12345/start"),
+    ):
+        answer = await api.client.request(method, path, headers=api.auth(staff))
+        doc = assert_problem(answer, 400, "invalid-request")
+        assert "appointment_id" in doc["detail"], doc
 
 
 async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
@@ -548,3 +558,9 @@ async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
     schema = await api.client.get("/schema/openapi.json")
     assert schema.status_code == 200
     assert "/v1/appointments/{appointment_id}/cancel" in schema.json()["paths"]
+    for path, item in schema.json()["paths"].items():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "appointment_id":
+                    assert parameter["in"] == "path", path
+                    assert parameter["schema"] == {"type": "string", "format": "uuid"}, path

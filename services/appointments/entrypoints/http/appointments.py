@@ -88,7 +88,7 @@ class AppointmentsController(Controller):
         return _answer(outcome, 201 if outcome.created else 200)
 
     @get(
-        "/{appointment_id:uuid}",
+        "/{appointment_id:str}",
         summary="Read an appointment (strongly consistent)",
         responses=problem_responses(400, 401, 404, 503),
         operation_class=documented({"200": {"ETag": ETAG}}),
@@ -101,7 +101,7 @@ class AppointmentsController(Controller):
         return Response(view, headers={"ETag": f'"{view.version}"'})
 
     @post(
-        "/{appointment_id:uuid}/cancel",
+        "/{appointment_id:str}/cancel",
         status_code=200,
         summary="Cancel an appointment",
         responses=problem_responses(400, 401, 404, 409, 412, 413, 422, 503),
@@ -124,7 +124,7 @@ class AppointmentsController(Controller):
         return _answer(outcome, 200)
 
     @post(
-        "/{appointment_id:uuid}/start",
+        "/{appointment_id:str}/start",
         status_code=200,
         summary="Start a visit (inside its start window), or rejoin a started one",
         responses=problem_responses(400, 401, 404, 409, 412, 413, 422, 503),
@@ -148,7 +148,7 @@ class AppointmentsController(Controller):
         return _answer(outcome, 200)
 
     @get(
-        "/{appointment_id:uuid}/history",
+        "/{appointment_id:str}/history",
         summary="The appointment's events in order (staff and its provider)",
         responses=problem_responses(400, 401, 403, 404, 503),
         operation_class=documented({}),
