@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
 from services.appointments.adapters.postgres.migrate import migration_files
+from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.config import HTTP_KEEP_ALIVE_SECONDS, ConfigError
 
 READY_TIMEOUT_SECONDS = 1.0
@@ -185,10 +186,11 @@ class HealthController(Controller):
 
 
 def create_ops_app(probes: Probes) -> Litestar:
-    """An app with only the operations endpoints."""
+    """An app with only the operations endpoints (errors as the API's: problem+json)."""
     return Litestar(
         route_handlers=[HealthController],
         state=State({"probes": probes}),
+        exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=None,
         logging_config=None,
     )

@@ -61,6 +61,19 @@ async def test_ready_is_200_on_a_migrated_database(pool: asyncpg.Pool) -> None:
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
 
 
+async def test_the_operations_port_answers_errors_as_problems_like_the_api(
+    pool: asyncpg.Pool,
+) -> None:
+    async with serving(Probes(pool, None)) as client:  # a process without the api role
+        missing = await client.get("/v1/visits")
+        wrong = await client.post("/health/live")
+    for answer, status in ((missing, 404), (wrong, 405)):
+        assert answer.status_code == status
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        assert {"type", "title", "status", "detail", "code"} <= set(answer.json())
+    assert missing.json()["code"] == "not-found"
+
+
 async def test_why_postgresql_fails_readiness_is_logged_once_and_kept_out_of_the_answer(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
