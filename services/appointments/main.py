@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+import asyncpg
 
 from services.appointments.adapters.postgres.pruning import run_pruner
 from services.appointments.bootstrap import (
@@ -20,9 +22,11 @@ from services.appointments.bootstrap import (
 from services.appointments.entrypoints.http.app import create_app
 from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
-from services.appointments.relay import run_relay
+from services.appointments.relay import STANDBY_SECONDS, observe_outbox, run_relay
 from services.config import Settings, config_error_in
 from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +116,37 @@ async def _stopping_on_failure(work: Coroutine[Any, Any, None], stop: asyncio.Ev
 
 
 async def _relay(container: Container, stop: asyncio.Event) -> None:
-    nats = await container.connected_nats(stop)
-    if nats is None:  # stopped before NATS ever answered
-        return
-    replicas = container.settings.nats_stream_replicas
-    # The relay's leadership lock and LISTEN are session state: a pool of its own.
-    pool = await create_session_pool(container.settings.require_database_url())
     key_ttl = timedelta(hours=container.settings.idempotency_key_ttl_hours)
-    # Every relay instance prunes; SKIP LOCKED keeps them out of each other's way.
+    # Every relay instance prunes, NATS or not; SKIP LOCKED keeps them out of each other's way.
     pruner = asyncio.create_task(run_pruner(container.pool, stop, key_ttl), name="pruner")
     try:
-        await run_relay(pool, nats, stop, replicas, container.doorbell)
+        nats = await _measuring_the_outbox(container.connected_nats(stop), container.pool)
+        if nats is None:  # stopped before NATS ever answered
+            return
+        replicas = container.settings.nats_stream_replicas
+        # The relay's leadership lock and LISTEN are session state: a pool of its own.
+        pool = await create_session_pool(container.settings.require_database_url())
+        try:
+            await run_relay(pool, nats, stop, replicas, container.doorbell)
+        finally:
+            await close_pool(pool)
     finally:
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
-        await close_pool(pool)
+
+
+async def _measuring_the_outbox(connecting: Awaitable[T], pool: asyncpg.Pool) -> T:
+    """``connecting``'s result; meanwhile (NATS not reached since the start) the relay's
+    backlog and lag gauges are measured every second, as a relay that lost NATS does."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        while not task.done():
+            await observe_outbox(pool)
+            await asyncio.wait({task}, timeout=STANDBY_SECONDS)
+        return task.result()
+    finally:
+        task.cancel()
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:

@@ -95,6 +95,10 @@ from services.tracing import publish_headers
 log = logging.getLogger(__name__)
 
 _RETRY_MAX = 5.0
+#: Outbox rows a relay reads (and publishes) at a time; the backlog gauge counts up to it.
+BATCH_SIZE = 2000
+#: How often a relay that does not lead (standing by, or without NATS) looks again.
+STANDBY_SECONDS = 1.0
 #: Leading this long counts as having worked (resets the retry delay) even if idle.
 _LEAD_PROVEN_SECONDS = 30.0
 #: Failed batches in a row after which the active relay gives up the lock.
@@ -133,10 +137,10 @@ class OutboxRelay:
         pool: asyncpg.Pool,
         nc: NATS,
         *,
-        batch_size: int = 2000,
+        batch_size: int = BATCH_SIZE,
         in_flight: int = 2,
         poll_interval: float = 0.05,
-        standby_interval: float = 1.0,
+        standby_interval: float = STANDBY_SECONDS,
         ack_timeout: float = 5.0,
         stream_replicas: int | None = None,
         doorbell: OutboxDoorbell | None = None,
@@ -234,16 +238,7 @@ class OutboxRelay:
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _observe_outbox(self) -> None:
-        """Backlog and lag measured without leading (standing by, or NATS unreachable), so
-        that the gauges still grow while no relay publishes, and a relay that stepped down
-        reports what waits now rather than what it last read."""
-        try:
-            waiting, age = await outbox.backlog(self._pool, self._batch_size)
-        except Exception as exc:  # PostgreSQL away too: the gauges keep their last values
-            log.debug("relay could not measure the outbox: %s", describe(exc))
-            return
-        RELAY_BACKLOG.set(waiting)
-        RELAY_LAG_SECONDS.set(age)
+        await observe_outbox(self._pool, self._batch_size)
 
     async def _lead(self, conn: PoolConnectionProxy, stop: asyncio.Event) -> None:
         wake = asyncio.Event()
@@ -433,6 +428,20 @@ def _observe_backlog(waiting: int, oldest: asyncpg.Record | None) -> None:
         RELAY_LAG_SECONDS.set(max(age, 0.0))
     else:
         RELAY_LAG_SECONDS.set(0.0)
+
+
+async def observe_outbox(pool: asyncpg.Pool, batch_size: int = BATCH_SIZE) -> None:
+    """Backlog and lag measured without leading (standing by, NATS unreachable, or not
+    reached yet since the process started), so that the gauges still grow while no relay
+    publishes, and a relay that stepped down reports what waits now rather than what it
+    last read."""
+    try:
+        waiting, age = await outbox.backlog(pool, batch_size)
+    except Exception as exc:  # PostgreSQL away too: the gauges keep their last values
+        log.debug("relay could not measure the outbox: %s", describe(exc))
+        return
+    RELAY_BACKLOG.set(waiting)
+    RELAY_LAG_SECONDS.set(age)
 
 
 async def run_relay(

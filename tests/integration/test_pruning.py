@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from datetime import timedelta
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.pruning import prune_idempotency_keys, run_pruner
 from services.appointments.adapters.system import new_uuid
+from services.appointments.bootstrap import appointments_container
 from services.appointments.domain.rules import Rules
+from services.appointments.main import run_roles
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import IdempotencyRecord, StoredAnswer
 from services.config import ConfigError, load_settings
 from services.errors import IdempotencyKeyReused, TooEarly
+from services.metrics import RELAY_BACKLOG
 from tests.support.builders import principal, schedule_body
+from tests.support.checks import wait_for
 from tests.support.clock import ManualClock
 
 DAY = timedelta(hours=24)
@@ -129,3 +135,35 @@ async def test_an_unmigrated_database_is_one_warning_per_try_not_a_traceback(
     (record,) = [r for r in caplog.records if "pruning" in r.getMessage()]
     assert record.levelname == "WARNING" and record.exc_info is None
     assert 'relation "idempotency_keys" does not exist' in record.getMessage()
+
+
+async def test_a_relay_role_that_never_reached_nats_prunes_and_measures_the_outbox(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A relay process started while NATS is down (restarted during an outage) still does
+    what needs only PostgreSQL: keys are pruned, and its gauges say what waits."""
+    old = await keep_answers(pool, 3, DAY + timedelta(minutes=1))
+    store = PostgresEventStore(pool)
+    clock = ManualClock()
+    app = Appointments(store, store, clock, new_uuid, Rules())
+    for _ in range(4):  # events the relay cannot publish
+        await app.schedule(RequestContext(principal=principal("staff")), schedule_body(clock.now))
+    RELAY_BACKLOG.set(0)
+    with socket.socket() as closed:  # a port nothing listens on: NATS unreachable
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"nats://127.0.0.1:{closed.getsockname()[1]}"
+    settings = load_settings({"CLINIC_DATABASE_URL": database_url, "CLINIC_NATS_URL": nowhere})
+    stop = asyncio.Event()
+    async with appointments_container(settings, pool_size=2, wait_for_nats=False) as container:
+        relay = asyncio.create_task(run_roles(container, ["relay"], stop))
+        try:
+
+            async def pruned_and_measured() -> bool:
+                backlog = REGISTRY.get_sample_value("clinic_relay_backlog_events")
+                return not set(old) & await kept(pool) and backlog == 4.0
+
+            await wait_for(pruned_and_measured, 20, "pruning and the backlog gauge")
+            assert not relay.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(relay, 20)
