@@ -21,6 +21,7 @@ from litestar import Controller, Litestar, Response, get, head
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
 from services.appointments.adapters.postgres.migrate import migration_files
@@ -200,6 +201,67 @@ class ListenError(ConfigError):
     """The HTTP server could not listen on CLINIC_HTTP_HOST:CLINIC_HTTP_PORT."""
 
 
+#: The longest request head (request line and headers) read before the server answers 431
+#: and closes: httptools, uvicorn's fast parser, buffers a head of any size (h11, its other
+#: one, stops at 16 KiB), so a 100 MB header took ~700 MB and held the event loop for
+#: seconds, before any token was looked at. Tokens and proxies' headers need a few KiB.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+#: How long a refused request's connection is read (and dropped) before it is closed.
+LINGER_SECONDS = 2.0
+
+
+class _BoundedHead(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing a request whose head grows past
+    :data:`MAX_REQUEST_HEAD_BYTES` (431, then the connection is closed). What arrived before
+    the chunk being read is counted: a head and its body in one read are never refused, and
+    what is buffered stays under the limit plus one read. After the 431 what the client
+    still sends is read and dropped for a moment before the close (a close with unread data
+    resets the connection, and the client may never see the answer)."""
+
+    _head_bytes = 0
+    _in_body = False
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self._in_body:
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse_head()
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    def _refuse_head(self) -> None:
+        body = msgspec.json.encode(
+            {
+                "type": "about:blank",
+                "title": "Request Header Fields Too Large",
+                "status": 431,
+                "detail": f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes.",
+                "code": ErrorCode.INVALID_REQUEST.value,
+            }
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+        self._refused = True
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the process's stop event rules."""
 
@@ -227,6 +289,7 @@ async def serve_asgi(
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
         timeout_keep_alive=keep_alive,
+        http=_BoundedHead,
     )
     server = _Server(config)
     serving = asyncio.create_task(_serve(server, host, port))

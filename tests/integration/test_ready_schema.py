@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from services.appointments.adapters.postgres.migrate import migration_files
@@ -103,3 +104,53 @@ async def test_the_probes_answer_head_as_they_answer_get(
     async with serving(Probes(empty_schema_pool, None)) as client:
         ready = await client.head("/health/ready")
     assert (ready.status_code, ready.headers["retry-after"], ready.content) == (503, "1", b"")
+
+
+async def _exchange(port: int, head: bytes, body: bytes = b"", chunk: int = 16_384) -> bytes:
+    """Send a raw request (its head in ``chunk``-byte writes, as a slow client would) and
+    read the answer until the server closes or answers in full."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(head), chunk):
+                writer.write(head[start : start + chunk])
+                await writer.drain()
+            writer.write(body)
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65_536), 10)
+    finally:
+        writer.close()
+    return answer
+
+
+async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole(
+    pool: asyncpg.Pool,
+) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_until_live(client)
+        filler = b"a" * 1024
+        fine = b"GET /health/live HTTP/1.1\r\nhost: x\r\n" + b"x-some: " + filler * 16 + b"\r\n\r\n"
+        assert (await _exchange(port, fine)).startswith(b"HTTP/1.1 200")
+        # A body read with its head (one write) is no head, however long.
+        big_body = b"b" * 200_000
+        with_body = (
+            b"GET /health/live HTTP/1.1\r\nhost: x\r\n"
+            + f"content-length: {len(big_body)}\r\n\r\n".encode()
+        )
+        assert (await _exchange(port, with_body + big_body, chunk=1 << 20)).startswith(
+            b"HTTP/1.1 200"
+        )
+        huge = b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-big: " + filler * 4096  # 4 MiB
+        answer = await _exchange(port, huge)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+        head, _, body = rest.partition(b"\r\n\r\n")
+        assert b"content-type: application/problem+json" in head
+        assert msgspec.json.decode(body)["code"] == "invalid-request"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
