@@ -125,8 +125,13 @@ def mask_password(url: str) -> str:
     """``url`` (or a comma-separated list of them) with every password replaced by
     ``***``: the userinfo's (found by the last ``@``, so a password holding ``/``, ``#`` or
     ``?`` is masked too), a NATS URL's token (a user without a password) and a
-    ``password=`` query parameter's (for messages)."""
-    return ",".join(_mask_one(part) for part in url.split(","))
+    ``password=`` query parameter's (for messages). A list is split only where a URL with a
+    scheme begins: a comma may be in a password, or between a DSN's hosts."""
+    return ",".join(_mask_one(part) for part in _URL_START.split(url))
+
+
+#: A comma that begins another ``scheme://`` URL of a list.
+_URL_START = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def _mask_one(url: str) -> str:

@@ -11,6 +11,7 @@ mark leaves nothing sent.
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -163,15 +164,29 @@ def _hand_over(smtp: _Connection, message: EmailMessage) -> None:
 
 
 def _failure(exc: Exception) -> DeliveryFailed:
-    """SMTP 5xx replies are final; 4xx replies and broken connections are worth a retry."""
+    """SMTP 5xx replies are final; 4xx replies and broken connections are worth a retry.
+    The reason (logged, and kept in ``last_error``) never holds the recipient's address:
+    servers repeat it in their refusals."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in exc.recipients.values()]
-        return DeliveryFailed(f"recipient refused: {exc.recipients}", permanent=min(codes) >= 500)
+        codes = sorted({code for code, _ in exc.recipients.values()})
+        return DeliveryFailed(f"recipient refused: smtp {codes}", permanent=min(codes) >= 500)
     if isinstance(exc, smtplib.SMTPResponseException):
-        return DeliveryFailed(
-            f"smtp {exc.smtp_code}: {exc.smtp_error!r}", permanent=exc.smtp_code >= 500
+        text = (
+            exc.smtp_error.decode("utf-8", "replace")
+            if isinstance(exc.smtp_error, bytes)
+            else str(exc.smtp_error)
         )
-    return DeliveryFailed(f"smtp: {exc!r}", permanent=False)
+        return DeliveryFailed(
+            f"smtp {exc.smtp_code}: {_without_addresses(text)}", permanent=exc.smtp_code >= 500
+        )
+    return DeliveryFailed(_without_addresses(f"smtp: {exc!r}"), permanent=False)
+
+
+_ADDRESS = re.compile(r"[^\s<>()\[\]:;,'\"]+@[^\s<>()\[\]:;,'\"]+")
+
+
+def _without_addresses(text: str) -> str:
+    return _ADDRESS.sub("<address>", text)
 
 
 async def _no_mark() -> None:

@@ -153,6 +153,11 @@ def test_a_pem_public_key_file_is_accepted(tmp_path: Path) -> None:
         ("TLS://tok@h1,nats://h2", "TLS://***@h1,nats://h2"),
         ("s3cr3t@h:4222", "***@h:4222"),
         ("postgresql://user@h/db", "postgresql://user@h/db"),
+        # A comma in a password (asyncpg takes it), or between a DSN's hosts.
+        ("postgresql://u:Sup3r,Tail@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p@h1:5432,h2:5432/db", "postgresql://u:***@h1:5432,h2:5432/db"),
+        ("nats://u:a,b@h1,nats://v:c,d@h2", "nats://u:***@h1,nats://v:***@h2"),
+        ("tok,en@h:4222", "***@h:4222"),
     ],
 )
 def test_mask_password_hides_only_the_password(url: str, masked: str) -> None:
