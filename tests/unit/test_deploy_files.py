@@ -239,3 +239,18 @@ def test_kubernetes_objects_match_the_kubernetes_schemas() -> None:
         if doc["kind"] in ("Kustomization", "Cluster"):  # not core API objects
             continue
         kubernetes_validate.validate(doc, "1.33", strict=True)
+
+
+def test_only_clinic_pods_and_labelled_clients_reach_the_nats_client_port() -> None:
+    policy = _k8s_object("NetworkPolicy", "nats-clients")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nats"}
+    assert policy["policyTypes"] == ["Ingress"]
+    client_rules = [r for r in policy["ingress"] if {"port": 4222} in r.get("ports", [])]
+    assert len(client_rules) == 1 and client_rules[0]["from"], "4222 open to every pod"
+    allowed = [peer["podSelector"]["matchLabels"] for peer in client_rules[0]["from"]]
+    assert {"app.kubernetes.io/part-of": "clinic"} in allowed
+    assert all(peer.get("podSelector") for peer in client_rules[0]["from"])
+    # Every clinic process that talks to NATS carries the label the policy lets in.
+    for name in ("api", "relay", "projector", "notifications"):
+        labels = _k8s_object("Deployment", f"clinic-{name}")["spec"]["template"]["metadata"]
+        assert labels["labels"]["app.kubernetes.io/part-of"] == "clinic", name
