@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -154,3 +155,17 @@ async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
+
+
+async def test_the_shipped_postgresql_config_names_only_real_settings(pool: asyncpg.Pool) -> None:
+    conf = Path(__file__).parents[2] / "deploy" / "postgresql.conf"
+    settings = {}
+    for line in conf.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, value = line.partition("=")
+            settings[name.strip().lower()] = value.strip().strip("'")
+    names = await pool.fetch("SELECT lower(name) AS name FROM pg_settings")  # any case
+    known = {row["name"] for row in names}
+    assert settings and set(settings) <= known, set(settings) - known
+    assert settings["synchronous_commit"] == "on" and settings["fsync"] == "on"

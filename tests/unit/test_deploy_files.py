@@ -254,3 +254,11 @@ def test_only_clinic_pods_and_labelled_clients_reach_the_nats_client_port() -> N
     for name in ("api", "relay", "projector", "notifications"):
         labels = _k8s_object("Deployment", f"clinic-{name}")["spec"]["template"]["metadata"]
         assert labels["labels"]["app.kubernetes.io/part-of"] == "clinic", name
+
+
+def test_compose_runs_postgresql_with_the_shipped_config() -> None:
+    postgres = _compose()["services"]["postgres"]
+    assert "config_file=/etc/postgresql/postgresql.conf" in postgres["command"]
+    mounts = [v.split(":") for v in postgres["volumes"]]
+    (source,) = [s for s, target, *_ in mounts if target == "/etc/postgresql/postgresql.conf"]
+    assert (DEPLOY / source).resolve().is_file()
