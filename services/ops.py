@@ -208,32 +208,42 @@ class ListenError(ConfigError):
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 #: How long a refused request's connection is read (and dropped) before it is closed.
 LINGER_SECONDS = 2.0
+#: How long a request's head may take to arrive, from its first byte (nginx's
+#: client_header_timeout is 60 s; a client on a slow mobile link sends a head in one go).
+HEAD_TIMEOUT_SECONDS = 30.0
 
 
 class _BoundedHead(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing a request whose head grows past
-    :data:`MAX_REQUEST_HEAD_BYTES` (431, then the connection is closed). What arrived before
-    the chunk being read is counted: a head and its body in one read are never refused, and
-    what is buffered stays under the limit plus one read. After the 431 what the client
-    still sends is read and dropped for a moment before the close (a close with unread data
+    :data:`MAX_REQUEST_HEAD_BYTES` (431) or takes longer than :data:`HEAD_TIMEOUT_SECONDS`
+    to arrive from its first byte (408; a client dripping a head holds a connection for as
+    long as it likes otherwise), then closing the connection. What arrived before the chunk
+    being read is counted: a head and its body in one read are never refused, and what is
+    buffered stays under the limit plus one read. After the refusal what the client still
+    sends is read and dropped for a moment before the close (a close with unread data
     resets the connection, and the client may never see the answer)."""
 
     _head_bytes = 0
     _in_body = False
     _refused = False
+    _head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         if not self._in_body:
             if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-                self._refuse_head()
+                detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
+                self._refuse(b"431 Request Header Fields Too Large", detail)
                 return
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
             self._head_bytes += len(data)
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
         self._in_body = True
+        self._stop_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -241,23 +251,46 @@ class _BoundedHead(HttpToolsProtocol):
         self._head_bytes = 0
         super().on_message_complete()
 
-    def _refuse_head(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if not self._in_body and not self._refused:
+            detail = f"The request's head took longer than {HEAD_TIMEOUT_SECONDS:g} s to arrive."
+            self._refuse(b"408 Request Timeout", detail)
+
+    def _refuse(self, status_line: bytes, detail: str) -> None:
+        self._refused = True
+        self._stop_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # The previous request's answer is still being written: no second one amid it.
+            self.transport.close()
+            return
+        status, _, title = status_line.decode().partition(" ")
         body = msgspec.json.encode(
             {
                 "type": "about:blank",
-                "title": "Request Header Fields Too Large",
-                "status": 431,
-                "detail": f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes.",
+                "title": title,
+                "status": int(status),
+                "detail": detail,
                 "code": ErrorCode.INVALID_REQUEST.value,
             }
         )
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 "
+            + status_line
+            + b"\r\n"
             + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()
             + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
             + body
         )
-        self._refused = True
         self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
 

@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import pytest
 
+from services import ops
 from services.appointments.adapters.postgres.migrate import migration_files
 from services.embedded import free_port
 from services.ops import Probes, serve_ops
@@ -152,6 +153,33 @@ async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole
         head, _, body = rest.partition(b"\r\n\r\n")
         assert b"content-type: application/problem+json" in head
         assert msgspec.json.decode(body)["code"] == "invalid-request"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+
+
+async def test_a_head_dripped_slower_than_its_timeout_is_refused_408(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ops, "HEAD_TIMEOUT_SECONDS", 1.0)
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_until_live(client)
+            await asyncio.sleep(1.5)  # an idle keep-alive connection is no slow head
+            assert (await client.get("/health/live")).status_code == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /health/live HTTP/1.1\r\nhost: x\r\n")  # never finished
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(65_536), 10)
+        finally:
+            writer.close()
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout", answer[:200]
+        assert msgspec.json.decode(rest.partition(b"\r\n\r\n")[2])["status"] == 408
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
