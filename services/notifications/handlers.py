@@ -74,9 +74,10 @@ class EventHandler:
     async def apply(self, envelope: EventEnvelope, event: Event, stream_sequence: int) -> Outcome:
         """Apply ``event`` once: a second call with the same event changes nothing."""
         appointment_id = envelope.stream_id
+        mark = (envelope.event_id, appointment_id, stream_sequence, self._clock())
         async with self._store.transaction() as tx:
             if isinstance(event, AppointmentScheduled):
-                if not await tx.mark_processed(envelope.event_id, appointment_id, stream_sequence):
+                if not await tx.mark_processed(*mark):
                     return Outcome.DUPLICATE
                 appointment = appointment_of(appointment_id, envelope.event_id, event)
                 await tx.add_appointment(appointment)
@@ -87,7 +88,7 @@ class EventHandler:
             known = await tx.locked_appointment(appointment_id)
             if known is None:
                 return Outcome.NOT_READY
-            if not await tx.mark_processed(envelope.event_id, appointment_id, stream_sequence):
+            if not await tx.mark_processed(*mark):
                 return Outcome.DUPLICATE
             await tx.drop_timers(appointment_id)
             # Reminders not sent yet (a retry waiting, say) are never sent now.

@@ -5,11 +5,13 @@ any more), so what the service stored of it is history: the appointment as it kn
 its notifications with their deliveries, its reminders, the marks of its processed events.
 That history says who saw which provider when, so it is not kept for ever: it goes
 ``CLINIC_NOTIFICATION_RETENTION_DAYS`` after the visit's end, unless a delivery of it is
-still pending or being sent. A replay of the APPOINTMENTS stream after that (a consumer
-created anew) sends nothing again, as the marks' absence would allow: a booking applied
-after its visit began is not confirmed, a cancellation applied after its visit's end not
-announced, and a reminder past its expiry is dropped (see ``handlers`` and ``domain``);
-what the replay writes again is forgotten again.
+still pending or being sent (one that has waited a whole retention, on a channel no
+longer served, does not count), or one of its events was applied within that time. A replay
+of the APPOINTMENTS stream after that (a consumer created anew) sends nothing again, as the
+marks' absence would allow: a booking applied after its visit began is not confirmed, a
+cancellation applied after its visit's end not announced, and a reminder past its expiry
+is dropped (see ``handlers`` and ``domain``). What the replay writes again is kept while
+the replay runs (its later events find their appointment) and forgotten a retention later.
 
 Visits go in batches of ``Tuning.retention_batch``, each its own short transaction,
 oldest first; ``SKIP LOCKED`` leaves alone an appointment the consumer is applying an
@@ -36,7 +38,14 @@ WITH ended AS (
       AND NOT EXISTS (SELECT FROM notifications n
                       JOIN notification_deliveries d USING (notification_id)
                       WHERE n.appointment_id = a.appointment_id
-                        AND d.status IN ('pending', 'sending'))
+                        AND d.status IN ('pending', 'sending')
+                        -- (not one due since before the cutoff: its channel is no longer
+                        -- served, email after CLINIC_SMTP_URL was unset, say)
+                        AND d.next_attempt_at >= $1)
+      -- An event of it applied within the retention: a replay wrote its rows again, and
+      -- its later events (a cancel, a start) must find them.
+      AND NOT EXISTS (SELECT FROM notification_processed_events p
+                      WHERE p.appointment_id = a.appointment_id AND p.processed_at >= $1)
     ORDER BY a.starts_at
     LIMIT $2
     FOR UPDATE OF a SKIP LOCKED

@@ -53,16 +53,18 @@ class StoreTransaction:
         self._conn = conn
 
     async def mark_processed(
-        self, event_id: UUID, appointment_id: UUID, stream_sequence: int
+        self, event_id: UUID, appointment_id: UUID, stream_sequence: int, at: datetime
     ) -> bool:
-        """Record ``event_id`` as processed; False when it already was (a redelivery)."""
+        """Record ``event_id`` as processed ``at`` (the service's clock, which retention
+        compares it with); False when it already was (a redelivery)."""
         inserted = await self._conn.fetchval(
             """INSERT INTO notification_processed_events
-                   (event_id, appointment_id, stream_sequence)
-               VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING RETURNING true""",
+                   (event_id, appointment_id, stream_sequence, processed_at)
+               VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING RETURNING true""",
             event_id,
             appointment_id,
             stream_sequence,
+            at,
         )
         return bool(inserted)
 

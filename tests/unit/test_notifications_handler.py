@@ -39,7 +39,9 @@ class FakeTransaction:
         self.skipped: list[UUID] = []
         self.started_at: datetime | None = None
 
-    async def mark_processed(self, event_id: UUID, appointment_id: UUID, sequence: int) -> bool:
+    async def mark_processed(
+        self, event_id: UUID, appointment_id: UUID, sequence: int, at: datetime
+    ) -> bool:
         if event_id in self.processed:
             return False
         self.processed.add(event_id)
