@@ -217,10 +217,12 @@ class _BoundedHead(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing a request whose head grows past
     :data:`MAX_REQUEST_HEAD_BYTES` (431) or takes longer than :data:`HEAD_TIMEOUT_SECONDS`
     to arrive from its first byte (408; a client dripping a head holds a connection for as
-    long as it likes otherwise), then closing the connection. What arrived before the chunk
-    being read is counted: a head and its body in one read are never refused, and what is
-    buffered stays under the limit plus one read. After the refusal what the client still
-    sends is read and dropped for a moment before the close (a close with unread data
+    long as it likes otherwise), then closing the connection. Every byte of a request but
+    its body counts: the head, and a chunked body's framing and trailers (fields after the
+    body, which httptools buffers as it does headers). What arrived before the read being
+    parsed is what is checked: a head and its body in one read are never refused, and what
+    is buffered stays under the limit plus one read. After the refusal what the client
+    still sends is read and dropped for a moment before the close (a close with unread data
     resets the connection, and the client may never see the answer)."""
 
     _head_bytes = 0
@@ -231,15 +233,18 @@ class _BoundedHead(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if not self._in_body:
-            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-                detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
-                self._refuse(b"431 Request Header Fields Too Large", detail)
-                return
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
-            self._head_bytes += len(data)
+        if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+            detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
+            self._refuse(b"431 Request Header Fields Too Large", detail)
+            return
+        if not self._in_body and self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
+        self._head_bytes += len(data)  # what of it is body, on_body takes back
         super().data_received(data)
+
+    def on_body(self, body: bytes) -> None:
+        self._head_bytes -= len(body)
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -269,8 +274,9 @@ class _BoundedHead(HttpToolsProtocol):
     def _refuse(self, status_line: bytes, detail: str) -> None:
         self._refused = True
         self._stop_head_timer()
-        if self.cycle is not None and not self.cycle.response_complete:
-            # The previous request's answer is still being written: no second one amid it.
+        if self._in_body or (self.cycle is not None and not self.cycle.response_complete):
+            # A request whose body or trailers run on has its answer, given or coming; or
+            # the previous request's answer is still being written: no second one amid it.
             self.transport.close()
             return
         status, _, title = status_line.decode().partition(" ")

@@ -158,6 +158,40 @@ async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole
         await asyncio.wait_for(server, 10)
 
 
+async def test_trailers_after_a_chunked_body_count_as_head(pool: asyncpg.Pool) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_until_live(client)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"GET /health/live HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n"  # the body, then trailer fields that never end
+            )
+            closed = False
+            with contextlib.suppress(ConnectionError):
+                for _ in range(4096):  # 4 MiB of trailers
+                    writer.write(b"x-trailer: " + b"t" * 1010 + b"\r\n")
+                    await writer.drain()
+
+            async def until_closed() -> None:
+                while await reader.read(65_536):
+                    pass
+
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(until_closed(), 10)
+            closed = True
+        finally:
+            writer.close()
+        assert closed  # the server hung up instead of buffering them all and waiting on
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+
+
 async def test_a_head_dripped_slower_than_its_timeout_is_refused_408(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
