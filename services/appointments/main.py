@@ -146,7 +146,9 @@ async def _measuring_the_outbox(connecting: Awaitable[T], pool: asyncpg.Pool) ->
             await asyncio.wait({task}, timeout=STANDBY_SECONDS)
         return task.result()
     finally:
-        task.cancel()
+        if not task.done():  # this role is being cancelled: so is its wait for NATS
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
 
 
 async def _projector(container: Container, stop: asyncio.Event) -> None:
