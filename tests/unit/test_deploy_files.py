@@ -29,6 +29,8 @@ CLINIC_SERVICES = {
     "projector": ["appointments", "--roles", "projector"],
     "notifications": ["notifications"],
 }
+#: The users of deploy/nats-auth.conf.
+NATS_USERS = ("appointments", "notifications", "gateway", "directory")
 #: Variables the manifests may set beyond services/config.py's (none now).
 PENDING_VARIABLES: set[str] = set()
 
@@ -139,11 +141,15 @@ def test_nats_server_accepts_the_config(source: str, tmp_path: Path) -> None:
     binary = _nats_server()
     if source == "compose":
         conf = (DEPLOY / "nats.conf").read_text()
+        auth = (DEPLOY / "nats-auth.conf").read_text()
     else:
-        conf = _k8s_object("ConfigMap", "nats-config")["data"]["nats.conf"]
+        data = _k8s_object("ConfigMap", "nats-config")["data"]
+        conf, auth = data["nats.conf"], data["nats-auth.conf"]
     path = tmp_path / "nats.conf"
     path.write_text(conf)
-    env = {**os.environ, "POD_NAME": "nats-0"}
+    (tmp_path / "nats-auth.conf").write_text(auth)
+    passwords = {f"NATS_{user.upper()}_PASSWORD": "x" for user in NATS_USERS}
+    env = {**os.environ, "POD_NAME": "nats-0", **passwords}
     result = subprocess.run(
         [binary, "-c", str(path), "-t"], capture_output=True, text=True, env=env, check=False
     )
@@ -173,8 +179,44 @@ def test_nats_is_a_three_node_jetstream_cluster_with_fsync_always() -> None:
 def test_streams_are_replicated_on_three_nodes() -> None:
     config = _k8s_object("ConfigMap", "clinic-config")["data"]
     assert config["CLINIC_NATS_STREAM_REPLICAS"] == "3"
-    assert len(config["CLINIC_NATS_URL"].split(",")) == 3
     assert set(config) <= set(VARIABLES) | PENDING_VARIABLES
+
+
+def test_nats_users_are_the_shipped_ones_on_every_side() -> None:
+    """The k8s NATS config carries deploy/nats-auth.conf as it is, its passwords come from
+    the Secret clinic-nats, and each process logs in as its user on every node."""
+    data = _k8s_object("ConfigMap", "nats-config")["data"]
+    assert data["nats-auth.conf"].strip() == (DEPLOY / "nats-auth.conf").read_text().strip()
+    assert "include ./nats-auth.conf" in data["nats.conf"]
+    assert "include ./nats-auth.conf" in (DEPLOY / "nats.conf").read_text()
+    refs = _secret_refs(_container("StatefulSet", "nats"))
+    assert refs == {f"NATS_{u.upper()}_PASSWORD": ("clinic-nats", u) for u in NATS_USERS}
+    for name, user in (
+        ("api", "appointments"),
+        ("relay", "appointments"),
+        ("projector", "appointments"),
+        ("notifications", "notifications"),
+    ):
+        env = {e["name"]: e for e in _container("Deployment", f"clinic-{name}")["env"]}
+        assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "clinic-nats",
+            "key": user,
+        }
+        urls = env["CLINIC_NATS_URL"]["value"].split(",")
+        assert urls == [
+            f"nats://{user}:$(NATS_PASSWORD)@nats-{i}.nats-headless:4222" for i in range(3)
+        ]
+        names = [e["name"] for e in _container("Deployment", f"clinic-{name}")["env"]]
+        assert names.index("NATS_PASSWORD") < names.index("CLINIC_NATS_URL")  # $(…) order
+    services = _compose()["services"]
+    assert {f"NATS_{u.upper()}_PASSWORD" for u in NATS_USERS} <= set(
+        services["nats"]["environment"]
+    )
+    assert any(v.endswith(":/etc/nats/nats-auth.conf:ro") for v in services["nats"]["volumes"])
+    for name in CLINIC_SERVICES:
+        user = "notifications" if name == "notifications" else "appointments"
+        url = services[name]["environment"]["CLINIC_NATS_URL"]
+        assert url.startswith(f"nats://{user}:${{NATS_{user.upper()}_PASSWORD:?"), (name, url)
 
 
 def test_stream_replicas_is_a_known_variable() -> None:
@@ -223,7 +265,7 @@ def test_each_process_is_a_probed_deployment_with_secrets_from_secrets(name: str
         assert refs["CLINIC_JWT_SECRET"] == ("clinic-jwt", "secret")
     else:
         assert "CLINIC_JWT_SECRET" not in {e["name"] for e in container.get("env", [])}
-    assert not {e["name"] for e in container["env"]} - set(VARIABLES)
+    assert not {e["name"] for e in container["env"]} - set(VARIABLES) - {"NATS_PASSWORD"}
 
 
 def test_migrations_run_as_a_job() -> None:

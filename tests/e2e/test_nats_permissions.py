@@ -1,0 +1,188 @@
+"""The shipped NATS permissions (deploy/nats-auth.conf) let every clinic process do its work
+and keep each client to its own: a booking and its cancel over the service API reach the
+gateway as events and pushes, an email goes to the address the directory gave, and no
+process's log shows a permissions violation; a client without credentials is refused, and
+the gateway cannot publish an event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+
+from services.embedded import EmbeddedNats, free_port
+from tests.e2e.conftest import JWT_SECRET
+from tests.e2e.nats_support import assert_ok, wait_for_service
+from tests.integration.test_notifications_mailbox import SmtpSink, smtp
+from tests.support.checks import wait_for
+from tests.support.processes import Worker, clinic_command
+
+__all__ = ["smtp"]  # fixtures
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PASSWORDS = {
+    "appointments": "appointments-secret",
+    "notifications": "notifications-secret",
+    "gateway": "gateway-secret",
+    "directory": "directory-secret",
+}
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedNats]:
+    """A NATS server whose users and permissions are deploy/nats-auth.conf's."""
+    for user, password in PASSWORDS.items():
+        monkeypatch.setenv(f"NATS_{user.upper()}_PASSWORD", password)
+    shutil.copy(DEPLOY / "nats-auth.conf", tmp_path / "nats-auth.conf")
+    config = tmp_path / "nats.conf"
+    config.write_text("include ./nats-auth.conf\n")  # as deploy/nats.conf does
+    server = EmbeddedNats(tmp_path / "jetstream", extra_args=["-c", str(config)])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def url_of(server: EmbeddedNats, user: str) -> str:
+    return f"nats://{user}:{PASSWORDS[user]}@127.0.0.1:{server.port}"
+
+
+async def connect(server: EmbeddedNats, user: str, errors: list[str]) -> nats.NATS:
+    async def on_error(exc: Exception) -> None:
+        errors.append(f"{user}: {exc}")
+
+    return await nats.connect(url_of(server, user), error_cb=on_error, max_reconnect_attempts=0)
+
+
+async def test_each_clinic_process_works_within_its_permissions(
+    secured_nats: EmbeddedNats,
+    database_url: str,
+    smtp: tuple[SmtpSink, str],
+    tmp_path: Path,
+) -> None:
+    sink, smtp_url = smtp
+    violations: list[str] = []  # what NATS told the test's own clients
+    common = {
+        "CLINIC_DATABASE_URL": database_url,
+        "CLINIC_JWT_SECRET": JWT_SECRET,
+        "CLINIC_LOG_LEVEL": "INFO",
+    }
+    workers = [
+        Worker(
+            "appointments",
+            clinic_command("appointments"),
+            {
+                **common,
+                "CLINIC_NATS_URL": url_of(secured_nats, "appointments"),
+                "CLINIC_HTTP_PORT": str(free_port()),
+            },
+            tmp_path,
+        ),
+        Worker(
+            "notifications",
+            clinic_command("notifications"),
+            {
+                **common,
+                "CLINIC_NATS_URL": url_of(secured_nats, "notifications"),
+                "CLINIC_HTTP_PORT": str(free_port()),
+                "CLINIC_SMTP_URL": smtp_url,
+            },
+            tmp_path,
+        ),
+    ]
+    directory = await connect(secured_nats, "directory", violations)
+    gateway = await connect(secured_nats, "gateway", violations)
+    patient = {"id": str(uuid.uuid4()), "role": "patient", "clinic_id": str(uuid.uuid4())}
+
+    async def contact(msg: Msg) -> None:
+        user = msg.subject.rsplit(".", 1)[1]
+        await msg.respond(json.dumps({"email": f"{user}@example.test", "locale": "en"}).encode())
+
+    events: list[str] = []
+    pushes: list[str] = []
+
+    async def event(msg: Msg) -> None:
+        events.append(msg.subject.rsplit(".", 1)[1])
+
+    async def push(msg: Msg) -> None:
+        pushes.append(msgspec.json.decode(msg.data)["kind"])
+
+    await directory.subscribe("directory.v1.contact.*", cb=contact)
+    await gateway.subscribe("appointments.v1.events.>", cb=event)
+    await gateway.subscribe("notifications.v1.sent.>", cb=push)
+    try:
+        for worker in workers:
+            await worker.start()
+        await wait_for_service(gateway, seconds=60)
+        starts_at = datetime.now(UTC) + timedelta(days=3)
+        booked = assert_ok(
+            await gateway.request(
+                "appointments.v1.cmd.schedule",
+                json.dumps(
+                    {
+                        "patient_id": patient["id"],
+                        "provider_id": str(uuid.uuid4()),
+                        "starts_at": starts_at.isoformat(),
+                        "duration_minutes": 30,
+                        "timezone": "Europe/Berlin",
+                        "actor": patient,
+                    }
+                ).encode(),
+                timeout=10,
+            )
+        )
+        cancel = {"appointment_id": booked["appointment_id"], "actor": patient}
+        assert_ok(
+            await gateway.request("appointments.v1.cmd.cancel", json.dumps(cancel).encode(), 10)
+        )
+
+        async def told() -> bool:  # patient and provider: confirmed, then cancelled
+            return (
+                sorted(pushes) == ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+                and len(sink.messages) == 4
+            )
+
+        await wait_for(told, 60, "the pushes and the emails")
+        assert events == ["scheduled", "cancelled"]
+        assert f"{patient['id']}@example.test" in {m["To"] for m in sink.messages}
+
+        # What others may not do.
+        with pytest.raises(Exception) as anonymous:  # nats-py raises kinds of its own
+            await asyncio.wait_for(nats.connect(secured_nats.url, allow_reconnect=False), 10)
+        assert "authorization" in repr(anonymous.value).lower(), repr(anonymous.value)
+        await gateway.publish("appointments.v1.events.forged", b"{}")
+        await gateway.flush()
+
+        async def refused() -> bool:
+            return any(v.startswith("gateway") and "violation" in v.lower() for v in violations)
+
+        with contextlib.suppress(AssertionError):
+            await wait_for(refused, 10, "the gateway's forged event refused")
+        assert await refused(), violations
+    finally:
+        for worker in workers:
+            await worker.stop()
+        await gateway.close()
+        await directory.close()
+    logs = "\n".join(w.log_path.read_text(errors="replace") for w in workers)
+    assert "violation" not in logs.lower(), "\n".join(w.log_tail(60) for w in workers)
+    refusals = [
+        line
+        for line in secured_nats.log_file.read_text(errors="replace").splitlines()
+        if "Violation" in line and "gateway" not in line  # (2.9 and 2.15 word it apart)
+    ]
+    assert refusals == []  # the server refused nothing the clinic's processes did
+    assert [v for v in violations if "gateway" not in v] == []
+    assert events == ["scheduled", "cancelled"]  # the forged one never reached anyone
