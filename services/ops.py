@@ -226,6 +226,7 @@ class _BoundedHead(HttpToolsProtocol):
     resets the connection, and the client may never see the answer)."""
 
     _head_bytes = 0
+    _in_head = False  # a request's first bytes came, its headers are not complete
     _in_body = False
     _refused = False
     _head_timer: asyncio.TimerHandle | None = None
@@ -237,16 +238,22 @@ class _BoundedHead(HttpToolsProtocol):
             detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
             self._refuse(b"431 Request Header Fields Too Large", detail)
             return
-        if not self._in_body and self._head_timer is None:
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
         self._head_bytes += len(data)  # what of it is body, on_body takes back
         super().data_received(data)
+        if self._in_head and self._head_timer is None and not self._refused:
+            # A head that did not come whole in one read (most do: no timer for them).
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
 
     def on_body(self, body: bytes) -> None:
         self._head_bytes -= len(body)
         super().on_body(body)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._in_body = True
         self._stop_head_timer()
         super().on_headers_complete()
@@ -267,7 +274,7 @@ class _BoundedHead(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._head_timer = None
-        if not self._in_body and not self._refused:
+        if self._in_head and not self._refused:
             detail = f"The request's head took longer than {HEAD_TIMEOUT_SECONDS:g} s to arrive."
             self._refuse(b"408 Request Timeout", detail)
 
