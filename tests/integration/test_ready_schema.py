@@ -128,12 +128,9 @@ async def _exchange(port: int, head: bytes, body: bytes = b"", chunk: int = 16_3
 async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole(
     pool: asyncpg.Pool,
 ) -> None:
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            await wait_until_live(client)
+    async with serving(Probes(pool, None)) as client:
+        port = client.base_url.port
+        assert port is not None
         filler = b"a" * 1024
         fine = b"GET /health/live HTTP/1.1\r\nhost: x\r\n" + b"x-some: " + filler * 16 + b"\r\n\r\n"
         assert (await _exchange(port, fine)).startswith(b"HTTP/1.1 200")
@@ -153,18 +150,12 @@ async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole
         head, _, body = rest.partition(b"\r\n\r\n")
         assert b"content-type: application/problem+json" in head
         assert msgspec.json.decode(body)["code"] == "invalid-request"
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
 
 
 async def test_trailers_after_a_chunked_body_count_as_head(pool: asyncpg.Pool) -> None:
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            await wait_until_live(client)
+    async with serving(Probes(pool, None)) as client:
+        port = client.base_url.port
+        assert port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(
@@ -187,21 +178,15 @@ async def test_trailers_after_a_chunked_body_count_as_head(pool: asyncpg.Pool) -
         finally:
             writer.close()
         assert closed  # the server hung up instead of buffering them all and waiting on
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
 
 
 async def test_a_head_dripped_slower_than_its_timeout_is_refused_408(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ops, "HEAD_TIMEOUT_SECONDS", 1.0)
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            await wait_until_live(client)
+    async with serving(Probes(pool, None)) as client:
+        port = client.base_url.port
+        assert port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:  # an idle keep-alive connection between requests is no slow head
             for _ in range(2):
@@ -221,9 +206,6 @@ async def test_a_head_dripped_slower_than_its_timeout_is_refused_408(
         status, _, rest = answer.partition(b"\r\n")
         assert status == b"HTTP/1.1 408 Request Timeout", answer[:200]
         assert msgspec.json.decode(rest.partition(b"\r\n\r\n")[2])["status"] == 408
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
 
 
 async def test_the_shipped_postgresql_config_names_only_real_settings(pool: asyncpg.Pool) -> None:
