@@ -95,8 +95,6 @@ class PushChannel:
             except nats.js.errors.NoStreamResponseError:  # no stream takes the subject
                 await self._make_stream_again()
                 ack = await self._publish(notification)
-        except DeliveryFailed:
-            raise
         except APIError as exc:
             # 503 (no JetStream leader yet) passes; any other refusal will not change.
             permanent = exc.code is not None and exc.code != 503
