@@ -112,6 +112,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def rules(self) -> Rules:
         return Rules(start_window=timedelta(minutes=self.start_window_minutes))
 
+    @property
+    def nats_inbox_prefix(self) -> str:
+        """Where this process's reply inboxes live: ``_INBOX.<user>`` when
+        ``CLINIC_NATS_URL`` names a NATS user (``user:password@``), so that the server's
+        permissions can keep each user's replies from every other (deploy/nats-auth.conf);
+        else NATS's default ``_INBOX``."""
+        for url in self.nats_urls:
+            userinfo, at, _ = _nats_url(url).netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            if at and colon and _SUBJECT_TOKEN.fullmatch(user):  # (as nats-py sends it)
+                return f"_INBOX.{user}"
+        return "_INBOX"
+
     def require_database_url(self) -> str:
         """The DSN; a missing or malformed one is a :class:`ConfigError`. (Checked here, not
         in :func:`load_settings`: commands that need no database run without one.)"""
@@ -129,6 +142,9 @@ def mask_password(url: str) -> str:
     scheme begins: a comma may be in a password, or between a DSN's hosts."""
     return ",".join(_mask_one(part) for part in _URL_START.split(url))
 
+
+#: A user name that can be a token of a subject (no dot, wildcard or space).
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 #: A comma that begins another ``scheme://`` URL of a list.
 _URL_START = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")

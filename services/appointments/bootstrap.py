@@ -343,6 +343,7 @@ class NatsLink:
                 await client.connect(
                     servers=settings.nats_urls,
                     name=name,
+                    inbox_prefix=settings.nats_inbox_prefix,
                     connect_timeout=2,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,

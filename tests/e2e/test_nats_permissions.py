@@ -119,7 +119,13 @@ async def test_each_clinic_process_works_within_its_permissions(
     async def push(msg: Msg) -> None:
         pushes.append(msgspec.json.decode(msg.data)["kind"])
 
+    snooped: list[str] = []  # what the gateway's "_INBOX.>" got
+
+    async def snoop(msg: Msg) -> None:
+        snooped.append(msg.subject)
+
     await directory.subscribe("directory.v1.contact.*", cb=contact)
+    await gateway.subscribe("_INBOX.>", cb=snoop)
     await gateway.subscribe("appointments.v1.events.>", cb=event)
     await gateway.subscribe("notifications.v1.sent.>", cb=push)
     try:
@@ -171,6 +177,35 @@ async def test_each_clinic_process_works_within_its_permissions(
         with contextlib.suppress(AssertionError):
             await wait_for(refused, 10, "the gateway's forged event refused")
         assert await refused(), violations
+        # The clinic's durable consumers are not the gateway's to delete or to pull from,
+        # and what went to the clinic processes' inboxes (the directory's answers, the
+        # JetStream API's) never reached the gateway's "_INBOX.>".
+        theirs = ("_INBOX.appointments.", "_INBOX.notifications.")
+        assert snooped and not [s for s in snooped if s.startswith(theirs)], snooped
+        tampering = [
+            "$JS.API.CONSUMER.DELETE.APPOINTMENTS.visits-projector",
+            "$JS.API.CONSUMER.DELETE.APPOINTMENTS.notifications",
+            "$JS.API.CONSUMER.MSG.NEXT.APPOINTMENTS.notifications",
+        ]
+        for subject in tampering:
+            await gateway.publish(subject, b'{"batch": 1}', reply=gateway.new_inbox())
+        await gateway.flush()
+
+        async def all_refused() -> bool:
+            told = " ".join(violations).lower()  # (nats-py lowers the server's words)
+            return all(subject.lower() in told for subject in tampering)
+
+        with contextlib.suppress(AssertionError):
+            await wait_for(all_refused, 10, "the gateway's tampering refused")
+        assert await all_refused(), violations
+        owner = await nats.connect(
+            url_of(secured_nats, "appointments"), inbox_prefix="_INBOX.appointments"
+        )
+        try:
+            for consumer in ("visits-projector", "notifications"):
+                await owner.jetstream().consumer_info("APPOINTMENTS", consumer)  # still there
+        finally:
+            await owner.close()
     finally:
         for worker in workers:
             await worker.stop()

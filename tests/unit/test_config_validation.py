@@ -248,3 +248,20 @@ def test_numbers_are_accepted_up_to_their_bounds_and_refused_past_them(
         load_settings({name: accepted})
     for refused in (below, above):
         assert name in refusal({name: refused})
+
+
+@pytest.mark.parametrize(
+    ("value", "prefix"),
+    [
+        ("nats://appointments:secret@nats:4222", "_INBOX.appointments"),
+        ("nats://a:1@n1:4222,nats://b:2@n2:4222", "_INBOX.a"),  # the first that names one
+        ("nats://n1:4222,tls://notifications:s%2Cx@n2:4222", "_INBOX.notifications"),
+        ("nats://appointments:@nats:4222", "_INBOX.appointments"),  # nats-py: still a user
+        ("nats://127.0.0.1:4222", "_INBOX"),
+        ("nats://s3cr3t-token@nats:4222", "_INBOX"),  # a token, not a user
+        ("nats://clinic.api:secret@nats:4222", "_INBOX"),  # a dot would be a subject token
+        ("nats://%3E:secret@nats:4222", "_INBOX"),
+    ],
+)
+def test_the_reply_inbox_is_the_nats_users_own(value: str, prefix: str) -> None:
+    assert load_settings({"CLINIC_NATS_URL": value}).nats_inbox_prefix == prefix
