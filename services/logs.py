@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -41,6 +43,49 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(entry, enc_hook=str).decode()
 
 
+#: What uvicorn logs (at WARNING) for any client's malformed or unwanted request: one
+#: unauthenticated client could fill the logs with them.
+CLIENT_CAUSED: Final = (
+    "Invalid HTTP request received.",
+    "Unsupported upgrade request.",
+    "No supported WebSocket library detected. Please use \"pip install 'uvicorn[standard]'\","
+    " or install 'websockets' or 'wsproto' manually.",
+    "Exceeded concurrency limit.",
+)
+
+
+class Throttle(logging.Filter):
+    """Lets one record of each of ``messages`` through per ``interval`` seconds and holds
+    back the others; the next one let through says how many were held back
+    (``suppressed``). Other records pass untouched."""
+
+    def __init__(
+        self,
+        messages: Iterable[str],
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        #: message → (when one was last let through, how many held back since)
+        self._seen: dict[str, tuple[float | None, int]] = dict.fromkeys(messages, (None, 0))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str) or message not in self._seen:
+            return True
+        now = self._clock()
+        last, held = self._seen[message]
+        if last is not None and now - last < self._interval:
+            self._seen[message] = (last, held + 1)
+            return False
+        if held:
+            record.suppressed = held
+        self._seen[message] = (now, 0)
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every log record to stderr as JSON at ``level``, library warnings included
     (PyJWT's InsecureKeyLengthWarning, say: a JSON line, not raw text on stderr)."""
@@ -52,3 +97,15 @@ def configure_logging(level: str = "INFO") -> None:
     logging.captureWarnings(True)
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    throttle_client_noise()
+
+
+def throttle_client_noise() -> Throttle:
+    """Let uvicorn's warnings about clients' requests (:data:`CLIENT_CAUSED`) through once
+    a minute each, with how many were held back; the filter, which replaces an earlier one."""
+    server = logging.getLogger("uvicorn.error")
+    for old in [f for f in server.filters if isinstance(f, Throttle)]:
+        server.removeFilter(old)
+    throttle = Throttle(CLIENT_CAUSED)
+    server.addFilter(throttle)
+    return throttle

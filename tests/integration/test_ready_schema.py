@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from services import ops
 from services.appointments.adapters.postgres.migrate import migration_files
 from services.embedded import free_port
+from services.logs import CLIENT_CAUSED, throttle_client_noise
 from services.ops import Probes, serve_ops
 from tests.support.service import wait_until_live
 
@@ -150,6 +152,24 @@ async def test_a_request_head_past_64_kib_is_refused_431_before_it_is_read_whole
         head, _, body = rest.partition(b"\r\n\r\n")
         assert b"content-type: application/problem+json" in head
         assert msgspec.json.decode(body)["code"] == "invalid-request"
+
+
+async def test_malformed_requests_are_logged_once_a_minute_not_once_each(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    throttle = throttle_client_noise()  # as configure_logging installs it
+    try:
+        with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+            async with serving(Probes(pool, None)) as client:
+                port = client.base_url.port
+                assert port is not None
+                for _ in range(20):
+                    answer = await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+                    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(throttle)
+    told = [r for r in caplog.records if r.getMessage() == CLIENT_CAUSED[0]]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
 
 
 async def test_trailers_after_a_chunked_body_count_as_head(pool: asyncpg.Pool) -> None:

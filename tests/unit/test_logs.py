@@ -1,0 +1,34 @@
+"""Log lines a client can cause are throttled, with a count of what was held back."""
+
+from __future__ import annotations
+
+import logging
+
+from services.logs import CLIENT_CAUSED, Throttle
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.makeLogRecord({"msg": message, "levelno": logging.WARNING})
+
+
+def test_one_record_of_a_message_per_interval_then_the_count_held_back() -> None:
+    now = [100.0]
+    throttle = Throttle(CLIENT_CAUSED, interval=60.0, clock=lambda: now[0])
+    invalid = CLIENT_CAUSED[0]
+    first = _record(invalid)
+    assert throttle.filter(first) and not hasattr(first, "suppressed")
+    passed = []
+    for _ in range(99):
+        now[0] += 0.5
+        passed.append(throttle.filter(_record(invalid)))
+    assert not any(passed)
+    assert throttle.filter(_record(CLIENT_CAUSED[1]))  # each message has its own interval
+    assert throttle.filter(_record("something else"))  # not a throttled one
+    now[0] = 160.0  # a minute after the first let through
+    after = _record(invalid)
+    assert throttle.filter(after) and after.suppressed == 99
+    now[0] = 161.0
+    assert not throttle.filter(_record(invalid))
+    now[0] = 300.0
+    quiet = _record(invalid)
+    assert throttle.filter(quiet) and quiet.suppressed == 1
