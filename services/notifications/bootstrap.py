@@ -35,7 +35,7 @@ from services.notifications.directory import Directory
 from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.handlers import EventHandler
 from services.notifications.reminders import ReminderScheduler
-from services.notifications.retention import run_retention
+from services.notifications.retention import Retention
 from services.notifications.runtime import Clock, Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore
 
@@ -56,10 +56,7 @@ class NotificationService:
     workers: list[DeliveryWorker]
     wakeups: list[asyncio.Event]
     """The scheduler's, then each worker's: set when there is new work for them."""
-    clock: Clock
-    tuning: Tuning
-    retention: timedelta
-    """How long after its end what is kept of a visit is forgotten."""
+    retention: Retention
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every part until ``stop`` is set; one failing stops them all."""
@@ -69,8 +66,7 @@ class NotificationService:
             group.create_task(self.scheduler.run(stop, scheduler_wake), name="reminders")
             for worker, wake in zip(self.workers, worker_wakes, strict=True):
                 group.create_task(worker.run(stop, wake), name=f"{worker.channel} delivery")
-            forget = run_retention(self.pool, self.clock, self.retention, self.tuning, stop)
-            group.create_task(forget, name="retention")
+            group.create_task(self.retention.run(stop), name="retention")
 
 
 async def notification_service(
@@ -134,9 +130,9 @@ async def notification_service(
         scheduler=ReminderScheduler(store, JetStreamEndings(js), clock, channels, tuning, wake),
         workers=workers,
         wakeups=wakeups,
-        clock=clock,
-        tuning=tuning,
-        retention=timedelta(days=settings.notification_retention_days),
+        retention=Retention(
+            pool, clock, timedelta(days=settings.notification_retention_days), tuning
+        ),
     )
 
 

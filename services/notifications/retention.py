@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -66,18 +67,27 @@ async def forget_ended_visits(pool: asyncpg.Pool, ended_before: datetime, batch:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def run_retention(
-    pool: asyncpg.Pool, clock: Clock, keep: timedelta, tuning: Tuning, stop: asyncio.Event
-) -> None:
-    """Forget visits ended more than ``keep`` ago until ``stop`` is set: batch after batch
-    while there are any, then every ``tuning.retention_interval`` seconds. A failing round
-    (the database down) is logged and tried again later."""
+@dataclass
+class Retention:
+    """Forgets visits ended more than ``keep`` ago, for as long as the service runs."""
 
-    async def step() -> int:
-        forgotten = await forget_ended_visits(pool, clock() - keep, tuning.retention_batch)
+    pool: asyncpg.Pool
+    clock: Clock
+    keep: timedelta
+    tuning: Tuning
+
+    async def step(self) -> int:
+        """Forget one batch; how many visits it held."""
+        forgotten = await forget_ended_visits(
+            self.pool, self.clock() - self.keep, self.tuning.retention_batch
+        )
         if forgotten:
             log.info("forgot ended visits past their retention", extra={"count": forgotten})
         return forgotten
 
-    never = asyncio.Event()  # nothing wakes it early: new work only comes with time
-    await run_loop("retention", step, stop, never, tuning.retention_interval)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Batch after batch while there are any, then every ``tuning.retention_interval``
+        seconds, until ``stop`` is set. A failing round (the database down) is logged and
+        tried again later."""
+        never = asyncio.Event()  # nothing wakes it early: new work only comes with time
+        await run_loop("retention", self.step, stop, never, self.tuning.retention_interval)

@@ -157,4 +157,4 @@ async def test_the_service_forgets_visits_past_the_configured_retention(clinic: 
 
 
 async def _read_by_retention(clinic: Clinic, rounds: int) -> bool:
-    return clinic.clock.reads["run_retention.<locals>.step"] >= rounds
+    return clinic.clock.reads["Retention.step"] >= rounds
