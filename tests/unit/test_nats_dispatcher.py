@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, cast
+
+from prometheus_client import REGISTRY
 
 from contracts.service_api import ENDPOINTS
 from services.appointments.entrypoints.nats.handlers import ServiceApi
@@ -111,3 +114,40 @@ async def test_a_request_unfinished_when_the_drain_ends_is_answered_unavailable(
     assert await dispatcher.drain(0.05) == 1
     assert len(stuck.replies) == 1
     assert stuck.replies[0]["Nats-Service-Error-Code"] == "503"
+
+
+class _SlowFirstCancel(_Api):
+    """The first cancel waits for ``release``; the others are answered at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancels = 0
+
+    async def answer(self, endpoint: str, data: bytes, headers: Mapping[str, str] | None) -> Reply:
+        if endpoint == "cancel":
+            self.cancels += 1
+            if self.cancels == 1:
+                await self.release.wait()
+        return await super().answer(endpoint, data, headers)
+
+
+async def test_the_request_histogram_counts_the_wait_for_a_slot_and_stats_do_not() -> None:
+    api = _SlowFirstCancel()
+    dispatcher = Dispatcher(cast(ServiceApi, api), max_in_flight=1)
+    labels = {"endpoint": "cancel", "status": "200"}
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("clinic_nats_request_duration_seconds_sum", labels) or 0
+
+    before = observed()
+    holding, queued = _Request(), _Request()  # the second waits only for the slot
+    await dispatcher.handler("cancel")(holding)  # type: ignore[arg-type]
+    await dispatcher.handler("cancel")(queued)  # type: ignore[arg-type]
+    hold = 0.2
+    await asyncio.sleep(hold)
+    api.release.set()
+    await asyncio.wait_for(queued.answered.wait(), 1)
+    assert observed() - before >= 2 * hold * 0.9  # both waited: the second for the first
+    stats = dispatcher.stats(cast(Any, SimpleNamespace(name="cancel")))
+    assert stats["average_processing_time"] < 0.75 * hold * 1e9  # the second's, ~0
+    assert await dispatcher.drain(1) == 0

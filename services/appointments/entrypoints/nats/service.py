@@ -117,7 +117,8 @@ class Dispatcher:
         async def accept(request: Request) -> None:
             if len(tasks) >= self._max_accepted:
                 doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
-                await self._respond(endpoint, request, failure(doc, retry_after=1), 0)
+                now = time.perf_counter_ns()
+                await self._respond(endpoint, request, failure(doc, retry_after=1), now, now)
                 return
             task = asyncio.create_task(self._run(endpoint, request), name=f"nats-{endpoint}")
             tasks.add(task)
@@ -126,10 +127,10 @@ class Dispatcher:
         return accept
 
     async def _run(self, endpoint: str, request: Request) -> None:
-        started = time.perf_counter_ns()
+        received = started = time.perf_counter_ns()
         try:
             async with self._slots[endpoint]:
-                started = time.perf_counter_ns()
+                started = time.perf_counter_ns()  # processing: after waiting for a slot
                 reply = await self._api.answer(endpoint, request.data, request.headers)
         except asyncio.CancelledError:
             # The drain's grace ran out (a database too slow to answer in time): the caller
@@ -137,22 +138,28 @@ class Dispatcher:
             # may have been applied or not; its retry (same appointment id or
             # Idempotency-Key) is safe.
             doc = problem(ErrorCode.UNAVAILABLE, "The service stopped; retry shortly.")
-            elapsed = time.perf_counter_ns() - started
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 async with asyncio.timeout(_LAST_REPLY_SECONDS):
-                    await self._respond(endpoint, request, failure(doc, retry_after=1), elapsed)
+                    stopped = failure(doc, retry_after=1)
+                    await self._respond(endpoint, request, stopped, received, started)
             raise
-        await self._respond(endpoint, request, reply, time.perf_counter_ns() - started)
+        await self._respond(endpoint, request, reply, received, started)
 
-    async def _respond(self, endpoint: str, request: Request, reply: Reply, elapsed: int) -> None:
+    async def _respond(
+        self, endpoint: str, request: Request, reply: Reply, received: int, started: int
+    ) -> None:
+        """Send ``reply``; ``received``/``started``: when the request was taken and when its
+        processing began (``perf_counter_ns``): the histogram has the caller's wait, slot
+        included, ``$SRV.STATS`` the processing time as the service API defines it."""
+        now = time.perf_counter_ns()
         counters = self._counters[endpoint]
         counters.answered += 1
-        counters.processing_ns += elapsed
+        counters.processing_ns += now - started
         status = reply.error_code or "200"
         if reply.error_code is not None:
             counters.error_replies += 1
             counters.last_error = status
-        REQUEST_SECONDS.labels(endpoint, status).observe(elapsed / 1e9)
+        REQUEST_SECONDS.labels(endpoint, status).observe((now - received) / 1e9)
         try:
             await request.respond(reply.data, headers=reply.headers)
         except ValueError:
