@@ -56,8 +56,8 @@ PROJECTOR_EVENTS = Counter(
 )
 PROJECTOR_LAG_SECONDS = Gauge(
     "clinic_projector_lag_seconds",
-    "Time between an event's occurrence and the projector handling it (last event applied"
-    " or found already written by a read).",
+    "Time between an event's occurrence and the projector handling it (the last event"
+    " handled, whatever came of it; 0 once the consumer has nothing pending).",
 )
 CONSUMER_REDELIVERIES = Counter(
     "clinic_consumer_redeliveries_total",
@@ -69,6 +69,17 @@ NOTIFICATIONS = Counter(
     "Notification deliveries, by kind, channel and result.",
     ["kind", "channel", "result"],
 )
+NOTIFICATION_PARKED = Counter(
+    "clinic_notification_parked_messages_total",
+    "Events the notification service gave up on and kept in notification_parked_messages.",
+)
+
+
+def zeroed(counter: Counter, *label_sets: tuple[str, ...]) -> None:
+    """Export ``counter``'s series of ``label_sets`` at 0 from now on: Prometheus's
+    ``increase()`` does not see the first count of a series that appears with it."""
+    for labels in label_sets:
+        counter.labels(*labels)
 
 
 @contextmanager

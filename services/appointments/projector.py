@@ -51,12 +51,19 @@ from services.appointments.adapters.postgres.visits import PostgresVisits, ViewU
 from services.appointments.service_layer.visits import Outcome, stored_row
 from services.config import ConfigError
 from services.errors import Unavailable
-from services.metrics import CONSUMER_REDELIVERIES, PROJECTOR_EVENTS, PROJECTOR_LAG_SECONDS
+from services.metrics import (
+    CONSUMER_REDELIVERIES,
+    PROJECTOR_EVENTS,
+    PROJECTOR_LAG_SECONDS,
+    zeroed,
+)
 from services.tracing import consuming
 
 log = logging.getLogger(__name__)
 
 CONSUMER: Final = "visits-projector"
+#: The ``outcome`` label values of ``clinic_projector_events_total``.
+OUTCOMES: Final = (*(outcome.value for outcome in Outcome), "parked", "failed")
 #: Redelivery delays of unacked messages; the first is the ack wait.
 BACKOFF: Final = (10.0, 20.0, 40.0, 60.0, 120.0)
 MAX_DELIVER: Final = 20
@@ -108,9 +115,12 @@ class VisitsProjector:
         self._stream_replicas = stream_replicas
         self._check_after = check_after
         """Idle seconds after which the consumer is checked to still exist."""
+        self._lagging = False
+        """The lag gauge reads above 0: while idle, look whether the consumer caught up."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
+        zeroed(PROJECTOR_EVENTS, *((outcome,) for outcome in OUTCOMES))
         delay = 0.1
         stream = EventsStream(self._stream_replicas)
         while not stop.is_set():
@@ -141,11 +151,14 @@ class VisitsProjector:
             try:
                 msgs = await subscription.fetch(self._batch_size, timeout=self._fetch_timeout)
             except TimeoutError:
-                if time.monotonic() - idle_since > self._check_after:
+                if self._lagging or time.monotonic() - idle_since > self._check_after:
                     # A deleted consumer only times out (NATS 2.9): this raises
                     # NotFoundError then, and run() creates it again.
-                    await self._js.consumer_info(EVENTS_STREAM, CONSUMER)
+                    info = await self._js.consumer_info(EVENTS_STREAM, CONSUMER)
                     idle_since = time.monotonic()
+                    if not info.num_pending and not info.num_ack_pending:
+                        PROJECTOR_LAG_SECONDS.set(0.0)  # caught up: no lag to report
+                        self._lagging = False
                 continue
             await self.handle(msgs, stop)
             idle_since = time.monotonic()
@@ -212,13 +225,13 @@ class VisitsProjector:
     ) -> None:
         if outcome is Outcome.GAP and await self._folded_from_store(envelope):
             outcome = Outcome.APPLIED
-        PROJECTOR_EVENTS.labels(outcome.name.lower() if outcome else "failed").inc()
+        PROJECTOR_EVENTS.labels(outcome.value if outcome else "failed").inc()
         if _deliveries(msg) > 1:
             CONSUMER_REDELIVERIES.labels("projector").inc()
-        if outcome is Outcome.APPLIED or outcome is Outcome.DUPLICATE:
-            # Duplicates too: a read with a consistency token may have written the row first.
-            lag = (datetime.now(UTC) - envelope.occurred_at).total_seconds()
-            PROJECTOR_LAG_SECONDS.set(max(lag, 0.0))
+        # Whatever came of it: one that keeps failing shows its growing age.
+        lag = max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
+        PROJECTOR_LAG_SECONDS.set(lag)
+        self._lagging = lag > 0
         match outcome:
             case Outcome.APPLIED | Outcome.DUPLICATE | Outcome.SKIPPED:
                 await msg.ack()

@@ -29,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
 from contracts.subjects import EVENTS_STREAM, event_subject
-from services.metrics import CONSUMER_REDELIVERIES
+from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore
@@ -245,7 +245,7 @@ class EventConsumer:
 
     async def _park(self, msg: Msg, reason: str, stop: asyncio.Event) -> None:
         meta = msg.metadata
-        log.warning(
+        log.error(
             "message parked",
             extra={
                 "stream_sequence": meta.sequence.stream,
@@ -268,6 +268,7 @@ class EventConsumer:
             log.exception("parking a message failed")
             await _quietly(msg.nak(delay=self._tuning.not_ready_delay))
             return
+        NOTIFICATION_PARKED.inc()
         await _quietly(msg.term())
 
     async def _with_database(

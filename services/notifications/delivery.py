@@ -40,8 +40,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar, runtime_checkable
 
-from contracts.notifications import Notification
-from services.metrics import NOTIFICATIONS
+from contracts.notifications import NOTIFICATION_KINDS, Notification
+from services.metrics import NOTIFICATIONS, zeroed
 from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import (
     ABANDONED_IN_DOUBT,
@@ -110,6 +110,8 @@ class DeliveryWorker:
         self._held = False
         """Deliveries were held back in this outage of the connection (logged once)."""
         self._stop = asyncio.Event()
+        results = ("sent", "skipped", "retried", "failed")
+        zeroed(NOTIFICATIONS, *((k, channel.name, r) for k in NOTIFICATION_KINDS for r in results))
 
     @property
     def channel(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import msgspec
+from prometheus_client import REGISTRY
 
 from contracts.subjects import EVENTS_STREAM
 from tests.integration.test_notifications_harness import (
@@ -33,6 +34,7 @@ async def test_undecodable_messages_are_parked_and_never_block_the_stream(clinic
     clinic.know(booking)
     scheduled = booking.scheduled(clinic.clock())
     broken = msgspec.structs.replace(scheduled, event_id=uuid.uuid4(), data={"clinic_id": 1})
+    counted = REGISTRY.get_sample_value("clinic_notification_parked_messages_total")
     async with clinic.running():
         await clinic.publish_raw(b"\x00 not json", booking.clinic_id)
         await clinic.publish(broken, booking.clinic_id)
@@ -42,6 +44,7 @@ async def test_undecodable_messages_are_parked_and_never_block_the_stream(clinic
     reasons = await _parked(clinic)
     assert len(reasons) == 2
     assert all(reason.startswith("undecodable") for reason in reasons)
+    assert REGISTRY.get_sample_value("clinic_notification_parked_messages_total") == counted + 2
     assert len(await clinic.pushes()) == 2
     info = await clinic.js.consumer_info(EVENTS_STREAM, TEST_TUNING.consumer_name)
     assert info.delivered.consumer_seq == 3  # each delivered once: terminated, not retried

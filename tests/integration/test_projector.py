@@ -470,3 +470,31 @@ async def test_a_write_folded_from_a_stale_read_never_takes_a_row_back(
         assert not replay.done()
     assert await replay == [Outcome.APPLIED]
     assert [row_of(record) for record in await view(pool)] == [v2]
+
+
+async def test_the_lag_reads_the_last_event_handled_then_zero_once_caught_up(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    old = msgspec.structs.replace(of(stream, 1, scheduled(clinic_id)), occurred_at=an_hour_ago)
+    await publish(nc, clinic_id, old)
+
+    def lag() -> float | None:
+        return REGISTRY.get_sample_value("clinic_projector_lag_seconds")
+
+    async def lagging() -> bool:
+        return (lag() or 0) >= 3590
+
+    async def caught_up() -> bool:
+        return lag() == 0
+
+    async with running(pool, nc, run_projector):
+        await eventually(lagging, within=30)  # the hour-old event handled
+        for outcome in ("parked", "failed", "poison", "gap"):  # counted from 0, not absent
+            assert (
+                REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": outcome})
+                is not None
+            )
+        await eventually(caught_up, within=30)  # and not left at an hour once caught up
+    assert await pool.fetchval("SELECT count(*) FROM visits WHERE appointment_id = $1", stream)

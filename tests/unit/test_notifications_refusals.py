@@ -13,8 +13,9 @@ from typing import cast
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
-from contracts.notifications import Notification
+from contracts.notifications import NOTIFICATION_KINDS, Notification
 from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
 from services.notifications.domain import PlannedNotification
@@ -166,3 +167,16 @@ async def test_a_worker_claims_nothing_while_its_nats_connection_is_down(
         "push delivery resumes: NATS is connected again",
         "notification sent",
     ]
+
+
+def test_a_worker_exports_its_channels_failures_at_zero_before_the_first() -> None:
+    """``increase()`` misses the first count of a series that appears with it: the alert on
+    failed deliveries must see a series at 0 from the start."""
+
+    class _Pigeon(_Push):
+        name = "pigeon"  # a channel no other test counts on
+
+    _worker(_Outbox(), _Pigeon())
+    for kind in NOTIFICATION_KINDS:
+        labels = {"kind": kind, "channel": "pigeon", "result": "failed"}
+        assert REGISTRY.get_sample_value("clinic_notifications_total", labels) == 0
