@@ -62,6 +62,20 @@ class Directory:
     def __init__(self, nc: NATS, timeout: float = DIRECTORY_TIMEOUT_SECONDS) -> None:
         self._nc = nc
         self._timeout = timeout
+        self._silent = False
+        """The directory did not answer the last question (warned once per silence)."""
+
+    def _unanswered(self, why: str, user_id: UUID) -> None:
+        """No address for ``user_id``, as no directory answered: a WARNING for the first of
+        a silence (every email is skipped while it lasts), INFO for the others."""
+        level = logging.INFO if self._silent else logging.WARNING
+        self._silent = True
+        log.log(level, "%s: email skipped", why, extra={"user_id": str(user_id)})
+
+    def _answered(self) -> None:
+        if self._silent:
+            log.info("the directory answers again")
+        self._silent = False
 
     async def contact(self, user_id: UUID) -> DirectoryContactReply | None:
         """The user's contact details; None when the directory does not answer in time,
@@ -77,7 +91,7 @@ class Directory:
         except _NOT_CONNECTED as exc:
             raise DirectoryUnavailable(f"NATS connection down: {exc!r}") from exc
         except nats.errors.NoRespondersError:
-            log.info("no directory", extra={"user_id": str(user_id)})
+            self._unanswered("no directory listens on directory.v1.contact.*", user_id)
             return None
         except nats.errors.TimeoutError as exc:
             # Unanswered: a silent directory, unless the question never got out (the
@@ -87,8 +101,9 @@ class Directory:
                 down = "reconnected meanwhile"
             if down is not None:
                 raise DirectoryUnavailable(f"NATS connection {down}") from exc
-            log.info("directory did not answer", extra={"user_id": str(user_id)})
+            self._unanswered(f"the directory did not answer within {self._timeout}s", user_id)
             return None
+        self._answered()
         try:
             return _decoder.decode(reply.data)
         except msgspec.DecodeError as exc:

@@ -4,12 +4,14 @@ time as their clock shows it; email depends on the directory and never holds up 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from datetime import UTC, datetime
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from contracts.common import Actor
 from contracts.subjects import NOTIFICATIONS_STREAM
@@ -169,6 +171,31 @@ async def test_no_directory_at_all_means_no_email_at_once(nats_url: str) -> None
         assert await asyncio.wait_for(Directory(nc, timeout=60).contact(uuid.uuid4()), 10) is None
     finally:
         await nc.close()
+
+
+async def test_a_silent_directory_is_warned_of_once_per_silence(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_url)
+    directory = Directory(nc, timeout=0.2)
+    try:
+        with caplog.at_level(logging.INFO, logger="services.notifications.directory"):
+            for _ in range(3):
+                assert await directory.contact(uuid.uuid4()) is None  # nobody listens
+
+            async def answer(msg: Msg) -> None:
+                await msg.respond(b'{"email": null}')
+
+            answering = await nc.subscribe("directory.v1.contact.*", cb=answer)
+            assert (await directory.contact(uuid.uuid4())) is not None
+            await answering.unsubscribe()
+            assert await directory.contact(uuid.uuid4()) is None
+    finally:
+        await nc.close()
+    told = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in told] == ["WARNING", "INFO", "INFO", "INFO", "WARNING"], told
+    assert "no directory listens" in told[0][1] and "email skipped" in told[0][1]
+    assert told[3][1] == "the directory answers again"
 
 
 async def test_a_refused_recipient_fails_for_good_without_holding_up_the_others(
