@@ -47,3 +47,16 @@ def is_transient(exc: BaseException) -> bool:
     """Whether the same work, tried again later, can succeed: PostgreSQL is unreachable or
     refused for a reason that passes (a crash shutdown, 57P02, is one of those)."""
     return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc)
+
+
+#: A table, column or function the statement names does not exist: the schema is older
+#: than the code (``clinic migrate`` has not run yet, as in a rolling upgrade).
+_SCHEMA_BEHIND_STATES: Final = frozenset({"42P01", "42703", "42883"})
+
+
+def schema_behind(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused because the schema lacks what the statement names."""
+    return (
+        isinstance(exc, asyncpg.PostgresError)
+        and getattr(exc, "sqlstate", None) in _SCHEMA_BEHIND_STATES
+    )

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 from uuid import UUID
 
-import asyncpg
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -33,7 +32,7 @@ from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
 from services.notifications.store import NotificationStore
-from services.pg_errors import is_transient
+from services.pg_errors import is_transient, schema_behind
 from services.tracing import consuming
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,7 @@ class EventConsumer:
             except Exception as exc:
                 if is_transient(exc):
                     log.warning("database unavailable, retrying in %.1fs: %r", delay, exc)
-                elif isinstance(exc, asyncpg.UndefinedTableError):
+                elif schema_behind(exc):
                     log.warning(
                         "database not migrated yet (run clinic migrate), retrying in %.1fs: %s",
                         delay,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from services.pg_errors import is_transient
+from services.pg_errors import is_transient, schema_behind
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,13 @@ async def run_loop(
             backoff = min(max(backoff * 2, interval, 0.2), MAX_FAILURE_BACKOFF)
             if is_transient(exc):
                 log.warning("%s: database unavailable, retrying in %.1fs: %r", name, backoff, exc)
+            elif schema_behind(exc):  # the migrate Job may run alongside a new pod
+                log.warning(
+                    "%s: database not migrated yet (run clinic migrate), retrying in %.1fs: %s",
+                    name,
+                    backoff,
+                    exc,
+                )
             else:
                 log.exception("%s failed, retrying in %.1fs", name, backoff)
             await sleep_unless_stopped(stop, backoff)

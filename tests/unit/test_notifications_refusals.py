@@ -139,6 +139,37 @@ async def test_a_worker_waits_out_a_read_only_database_without_reporting_a_failu
     assert record.exc_info is None
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        asyncpg.UndefinedColumnError("column d.sending_phase does not exist"),
+        asyncpg.UndefinedTableError('relation "notification_deliveries" does not exist'),
+    ],
+)
+async def test_a_worker_before_clinic_migrate_warns_without_a_traceback(
+    caplog: pytest.LogCaptureFixture, refusal: asyncpg.PostgresError
+) -> None:
+    """A new pod may start before the migrate Job has run (operations.md, upgrades)."""
+    stop = asyncio.Event()
+    calls = 0
+
+    async def step() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise refusal
+        stop.set()
+        return 0
+
+    with caplog.at_level(logging.INFO, logger="services.notifications.runtime"):
+        await asyncio.wait_for(run_loop("push delivery", step, stop, asyncio.Event(), 0.01), 5)
+
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "not migrated yet" in record.getMessage()
+    assert record.exc_info is None
+
+
 # ------------------------------------------------------------- NATS connection down
 
 
