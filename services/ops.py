@@ -316,6 +316,46 @@ class _Server(uvicorn.Server):
         yield
 
 
+class AnswerWhenCut:
+    """ASGI middleware: a request that uvicorn cancels when its graceful shutdown runs out
+    (a dependency that hangs) is answered ``503 unavailable`` (problem+json, retry in 1 s),
+    not uvicorn's 500 with an ERROR traceback. A command cut short this way may have been
+    applied or not; its retry (same appointment id or ``Idempotency-Key``) is safe."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if started:
+                raise  # uvicorn closes the connection: the answer cannot change now
+            doc = problem(ErrorCode.UNAVAILABLE, "The service is stopping; retry shortly.")
+            headers = [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": msgspec.json.encode(doc)})
+            log.warning("request cut short by the shutdown: answered 503", extra=_where(scope))
+
+
+def _where(scope: Any) -> dict[str, str]:
+    return {"method": str(scope.get("method")), "path": str(scope.get("path"))}
+
+
 async def serve_asgi(
     app: Litestar,
     host: str,
@@ -327,7 +367,7 @@ async def serve_asgi(
     seconds an idle connection stays open (uvicorn's default, 5, is shorter than the idle
     timeout of most proxies, which then reuse a connection as it closes: a 502)."""
     config = uvicorn.Config(
-        app,
+        AnswerWhenCut(app),
         host=host,
         port=port,
         log_config=None,
