@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -91,30 +93,70 @@ def _database_errors(settings: Settings) -> Iterator[None]:
         sys.exit(status)
 
 
+#: However its cleanup fares, a process that was told to stop exits within this many
+#: seconds of it (docs/operations.md; under Compose's 25 s and Kubernetes' 30 s grace).
+STOP_DEADLINE_SECONDS = 20.0
+
+log = logging.getLogger(__name__)
+
+
+def _exit_at_the_deadline() -> threading.Timer:
+    """Start the stop's deadline: past it the process exits with status 1 from a thread of
+    its own, even if the event loop waits for ever on a task that cannot be cancelled
+    (asyncpg shields a connection's release while a database that hangs never answers)."""
+    seconds = STOP_DEADLINE_SECONDS
+
+    def overran() -> None:
+        log.error("stop did not finish within %.0fs (a dependency that hangs?): exiting", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, overran)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills)."""
+    """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills).
+    From the first signal (or ``main``'s return) the process has
+    :data:`STOP_DEADLINE_SECONDS` to exit."""
+    deadline: threading.Timer | None = None
 
     async def runner() -> None:
+        nonlocal deadline
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         signalled = False
 
         def on_signal() -> None:
-            nonlocal signalled
+            nonlocal deadline, signalled
             if signalled:
                 # The second: out now. SystemExit would cancel the tasks and then await
                 # every cleanup they run (a NATS drain, a pool closing) before exiting.
                 sys.stderr.flush()
                 os._exit(130)
             signalled = True  # a first signal, even if the service is stopping already
+            if deadline is None:
+                deadline = _exit_at_the_deadline()
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        await main(stop)
+        try:
+            await main(stop)
+        finally:  # what the loop still runs (tasks it cancels) is bounded too
+            if deadline is None:
+                deadline = _exit_at_the_deadline()
 
-    run_loop(runner())
+    try:
+        run_loop(runner())
+    finally:
+        if deadline is not None:
+            deadline.cancel()
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

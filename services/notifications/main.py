@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncpg
 
 from services.appointments.adapters.system import utc_now
 from services.appointments.bootstrap import NatsLink, StoppedWhileConnecting, pool_and_nats
+from services.appointments.main import CANCEL_GRACE_SECONDS, ROLE_GRACE_SECONDS
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
 from services.notifications.email import SmtpConfig
@@ -59,7 +63,7 @@ async def run_notifications(
                     stop,
                     started,
                 )
-                group.create_task(service, name="notifications")
+                group.create_task(within_grace(service, stop), name="notifications")
                 group.create_task(link.watch(stop), name="nats-link")
     log.info("notification service stopped")
 
@@ -92,3 +96,37 @@ async def _serve(
         extra={"channels": [worker.channel for worker in service.workers]},
     )
     await service.run(stop)
+
+
+async def within_grace(
+    work: Coroutine[Any, Any, None],
+    stop: asyncio.Event,
+    grace: float = ROLE_GRACE_SECONDS,
+    cancel_grace: float = CANCEL_GRACE_SECONDS,
+) -> None:
+    """Run ``work``; once ``stop`` is set it has ``grace`` seconds to end by itself (as the
+    appointments roles have), then it is cancelled and given ``cancel_grace`` more. One that
+    outlasts both (a database that hangs: asyncpg shields a release from cancellation) is
+    left behind, for the process's stop deadline; its failure is raised."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        if not task.done():
+            log.warning("the notification service did not stop within %.1fs: cancelled", grace)
+            task.cancel()
+            await asyncio.wait({task}, timeout=cancel_grace)
+            if not task.done():
+                log.error("the notification service does not end: left behind")
+                return
+            with contextlib.suppress(asyncio.CancelledError):
+                task.result()
+            return
+        task.result()
+    except asyncio.CancelledError:  # cancelled itself (a sibling failed): so is its work
+        task.cancel()
+        raise
+    finally:
+        stopping.cancel()

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -145,3 +147,87 @@ async def test_nats_closing_the_connection_for_good_ends_the_service_with_exit_1
     assert last.startswith("clinic: NATS closed the connection for good"), stderr
     assert "maximum subscriptions exceeded" in last.lower(), stderr
     assert "Traceback" not in stderr, stderr
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can freeze: it keeps every connection open and
+    forwards nothing more (a database or network that hangs, not one that refuses)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._server: asyncio.Server | None = None
+        self.port = free_port()
+
+    async def __aenter__(self) -> FreezingProxy:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._thawed.set()
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        await asyncio.gather(
+            self._pump(reader, upstream_writer),
+            self._pump(upstream_reader, writer),
+            return_exceptions=True,
+        )
+        for w in (writer, upstream_writer):
+            w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            await self._thawed.wait()
+            writer.write(data)
+            await writer.drain()
+
+
+async def test_a_stop_that_a_hung_database_holds_up_ends_at_the_deadline(
+    database_url: str, nats_url: str
+) -> None:
+    """The relay idles on its session connection; PostgreSQL then hangs (accepts, never
+    answers) and SIGTERM comes: asyncpg shields a connection's release from cancellation,
+    so the stop would wait for ever. The deadline ends the process (status 1, one line)."""
+    deadline = 3.0
+    target = urlsplit(database_url)
+    async with FreezingProxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+        userinfo = target.netloc.rpartition("@")[0]
+        proxied = target._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}").geturl()
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            f"import services.cli as c; c.STOP_DEADLINE_SECONDS = {deadline}; c.main()",
+            "appointments",
+            "--roles",
+            "relay",
+            env=env_for(proxied, nats_url, port),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+                await wait_until_live(client, 20)
+                await wait_until_ready(client)
+            await asyncio.sleep(0.5)  # the relay idles, LISTENing on its session
+            proxy.freeze()
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            status = await asyncio.wait_for(process.wait(), deadline + 10)
+            took = time.monotonic() - started
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert process.stderr is not None
+    log = (await process.stderr.read()).decode(errors="replace")
+    assert status == 1, log[-3000:]
+    assert took < deadline + 5, took
+    assert f"stop did not finish within {deadline:.0f}s" in log
