@@ -96,15 +96,16 @@ def _database_errors(settings: Settings) -> Iterator[None]:
 #: However its cleanup fares, a process that was told to stop exits within this many
 #: seconds of it (docs/operations.md; under Compose's 25 s and Kubernetes' 30 s grace).
 STOP_DEADLINE_SECONDS = 20.0
+#: ``clinic dev`` also stops (or is still starting) its PostgreSQL and NATS.
+DEV_STOP_DEADLINE_SECONDS = 90.0
 
 log = logging.getLogger(__name__)
 
 
-def _exit_at_the_deadline() -> threading.Timer:
+def _exit_at_the_deadline(seconds: float) -> threading.Timer:
     """Start the stop's deadline: past it the process exits with status 1 from a thread of
     its own, even if the event loop waits for ever on a task that cannot be cancelled
     (asyncpg shields a connection's release while a database that hangs never answers)."""
-    seconds = STOP_DEADLINE_SECONDS
 
     def overran() -> None:
         log.error("stop did not finish within %.0fs (a dependency that hangs?): exiting", seconds)
@@ -119,10 +120,15 @@ def _exit_at_the_deadline() -> threading.Timer:
     return timer
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+def run_until_signalled(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    deadline_seconds: float | None = None,
+) -> None:
     """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills).
-    From the first signal (or ``main``'s return) the process has
-    :data:`STOP_DEADLINE_SECONDS` to exit."""
+    From the first signal (or ``main``'s return) the process has ``deadline_seconds``
+    (default :data:`STOP_DEADLINE_SECONDS`) to exit, what follows this call (flushing the
+    spans) included: the caller's process is to end."""
+    seconds = STOP_DEADLINE_SECONDS if deadline_seconds is None else deadline_seconds
     deadline: threading.Timer | None = None
 
     async def runner() -> None:
@@ -141,7 +147,7 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
                 os._exit(130)
             signalled = True  # a first signal, even if the service is stopping already
             if deadline is None:
-                deadline = _exit_at_the_deadline()
+                deadline = _exit_at_the_deadline(seconds)
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,13 +156,9 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
             await main(stop)
         finally:  # what the loop still runs (tasks it cancels) is bounded too
             if deadline is None:
-                deadline = _exit_at_the_deadline()
+                deadline = _exit_at_the_deadline(seconds)
 
-    try:
-        run_loop(runner())
-    finally:
-        if deadline is not None:
-            deadline.cancel()
+    run_loop(runner())
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -217,7 +219,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
     options = DevOptions(data_dir=Path(args.data_dir), demo=args.demo)
     try:
         with process_tracing("clinic-dev"):
-            run_until_signalled(lambda stop: run_dev(settings, options, stop))
+            run_until_signalled(
+                lambda stop: run_dev(settings, options, stop), DEV_STOP_DEADLINE_SECONDS
+            )
     except (DevError, ServerStartError) as exc:
         print(f"clinic dev: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -49,9 +49,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc)
 
 
-#: A table, column or function the statement names does not exist: the schema is older
-#: than the code (``clinic migrate`` has not run yet, as in a rolling upgrade).
-_SCHEMA_BEHIND_STATES: Final = frozenset({"42P01", "42703", "42883"})
+#: A table or column the statement names does not exist: the schema is older than the code
+#: (``clinic migrate`` has not run yet, as in a rolling upgrade). (No migration adds a
+#: function: an undefined function or operator is the code's own mistake.)
+_SCHEMA_BEHIND_STATES: Final = frozenset({"42P01", "42703"})
 
 
 def schema_behind(exc: BaseException) -> bool:

@@ -125,8 +125,9 @@ async def within_grace(
                 task.result()
             return
         task.result()
-    except asyncio.CancelledError:  # cancelled itself (a sibling failed): so is its work
-        task.cancel()
+    except asyncio.CancelledError:  # cancelled itself (a sibling failed): so is its work,
+        task.cancel()  # which unwinds before the pool and NATS close under it
+        await asyncio.wait({task}, timeout=cancel_grace)
         raise
     finally:
         stopping.cancel()

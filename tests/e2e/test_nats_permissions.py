@@ -20,6 +20,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.embedded import EmbeddedNats, free_port
 from tests.e2e.conftest import JWT_SECRET
@@ -189,6 +190,19 @@ async def test_each_clinic_process_works_within_its_permissions(
         ]
         for subject in tampering:
             await gateway.publish(subject, b'{"batch": 1}', reply=gateway.new_inbox())
+        # The create request without a name in its subject takes it from its body.
+        rewrite = {
+            "stream_name": "APPOINTMENTS",
+            "config": {
+                "name": "visits-projector",
+                "durable_name": "visits-projector",
+                "ack_policy": "explicit",
+                "max_deliver": 1,
+            },
+        }
+        unnamed = "$JS.API.CONSUMER.CREATE.APPOINTMENTS"
+        await gateway.publish(unnamed, json.dumps(rewrite).encode(), reply=gateway.new_inbox())
+        tampering.append(unnamed)
         await gateway.flush()
 
         async def all_refused() -> bool:
@@ -203,9 +217,17 @@ async def test_each_clinic_process_works_within_its_permissions(
         )
         try:
             for consumer in ("visits-projector", "notifications"):
-                await owner.jetstream().consumer_info("APPOINTMENTS", consumer)  # still there
+                info = await owner.jetstream().consumer_info("APPOINTMENTS", consumer)
+                assert info.config.max_deliver != 1  # still there, unchanged
         finally:
             await owner.close()
+        # A consumer of the gateway's own, named, it may make and read.
+        gateway_js = gateway.jetstream()
+        await gateway_js.add_consumer(
+            "APPOINTMENTS", ConsumerConfig(name="gateway-events", ack_policy=AckPolicy.EXPLICIT)
+        )
+        mine = await gateway_js.consumer_info("APPOINTMENTS", "gateway-events")
+        assert mine.num_pending == 2  # the booking and its cancel
     finally:
         for worker in workers:
             await worker.stop()

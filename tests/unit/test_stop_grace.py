@@ -64,3 +64,26 @@ async def test_a_failure_is_raised() -> None:
 
     with pytest.raises(RuntimeError, match="broken"):
         await within_grace(work(), asyncio.Event(), grace=1, cancel_grace=1)
+
+
+async def test_cancelled_itself_it_lets_its_work_unwind_first() -> None:
+    """A sibling failing cancels it: the pool and NATS close after it, so its work must
+    have unwound by then."""
+    events: list[str] = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append("work cancelled")
+            await asyncio.sleep(0.1)  # a batch handed back, say
+            events.append("work unwound")
+            raise
+
+    runner = asyncio.create_task(within_grace(work(), asyncio.Event(), grace=5, cancel_grace=2))
+    await asyncio.sleep(0.05)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    events.append("runner done")
+    assert events == ["work cancelled", "work unwound", "runner done"]
