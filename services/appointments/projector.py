@@ -48,6 +48,7 @@ from services.appointments.adapters.nats.streams import (
 from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
+from services.appointments.relay import idle
 from services.appointments.service_layer.visits import Outcome, stored_row
 from services.config import ConfigError
 from services.errors import Unavailable
@@ -139,7 +140,7 @@ class VisitsProjector:
             except Exception as exc:  # asyncpg, nats and OS errors share no base
                 raise_if_cancelling()
                 log.warning("projector interrupted, retrying in %.1fs: %s", delay, describe(exc))
-                await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=delay)
+                await idle(stop, delay)
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _consume(

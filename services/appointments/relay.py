@@ -118,7 +118,8 @@ def subject_of(row: asyncpg.Record) -> str:
     return event_subject(row["clinic_id"], row["stream_id"], kind or "unknown")
 
 
-async def _pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+async def idle(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    """Wait ``seconds``, or less if ``stop`` (or ``wake``) is set; nothing left waiting."""
     waiters = [asyncio.ensure_future(stop.wait())]
     if wake is not None:
         waiters.append(asyncio.ensure_future(wake.wait()))
@@ -222,7 +223,7 @@ class OutboxRelay:
                                 await outbox.step_down(conn)
                         continue
                 await self._observe_outbox()
-                await _pause(stop, self._standby_interval)
+                await idle(stop, self._standby_interval)
             except ConfigError:  # JetStream refused the stream for good: exit 2
                 raise
             except Exception as exc:  # asyncpg, nats and OS errors share no base
@@ -234,7 +235,7 @@ class OutboxRelay:
                 if isinstance(exc, RelayStalled):
                     # Stay away for longer than a standby's poll, so that one takes over.
                     pause = max(delay, 2 * self._standby_interval)
-                await _pause(stop, pause)
+                await idle(stop, pause)
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _observe_outbox(self) -> None:
@@ -289,9 +290,9 @@ class OutboxRelay:
                     # Let a relay that reaches NATS take over (and re-check the stream).
                     raise RelayStalled(f"{failures} batches in a row not acked by JetStream")
                 if failed:
-                    await _pause(stop, min(0.1 * 2**failures, _RETRY_MAX))
+                    await idle(stop, min(0.1 * 2**failures, _RETRY_MAX))
                 elif from_start and not more:
-                    await _pause(stop, self._poll_interval, wake)
+                    await idle(stop, self._poll_interval, wake)
             while in_flight:  # stopping: what was sent is acked and deleted, not sent again
                 await self._settle(conn, in_flight.popleft())
         finally:
@@ -359,7 +360,8 @@ class OutboxRelay:
                 for f in futures
                 if not f.cancelled() and (error := f.exception()) is not None
             }
-            log.warning("relay: %d of %d publishes not acked %s", failed, len(rows), errors)
+            why = "; ".join(sorted(errors)) or "no acknowledgement in time"
+            log.warning("relay: %d of %d publishes not acked: %s", failed, len(rows), why)
         return failed
 
 

@@ -498,3 +498,26 @@ async def test_the_lag_reads_the_last_event_handled_then_zero_once_caught_up(
             )
         await eventually(caught_up, within=30)  # and not left at an hour once caught up
     assert await pool.fetchval("SELECT count(*) FROM visits WHERE appointment_id = $1", stream)
+
+
+async def test_retrying_leaves_no_task_behind(pool: asyncpg.Pool, nats_url: str) -> None:
+    """Each retry of a projector that cannot reach JetStream waited on a new ``stop.wait()``
+    task it never cancelled: ~720 more an hour through an outage."""
+    closed = await nats.connect(nats_url)
+    await closed.close()  # every attempt fails at once
+
+    def waiting_on_stop() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if not task.done() and "Event.wait" in repr(task.get_coro())
+        )
+
+    stop = asyncio.Event()
+    before = waiting_on_stop()
+    projector = asyncio.create_task(VisitsProjector(pool, closed).run(stop))
+    await asyncio.sleep(2.0)  # retries after 0.1, 0.2, 0.4, 0.8 s
+    during = waiting_on_stop()
+    stop.set()
+    await asyncio.wait_for(projector, 10)
+    assert during - before <= 1, (before, during)  # the one wait in progress at most
