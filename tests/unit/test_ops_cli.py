@@ -136,8 +136,10 @@ def test_a_nats_api_error_is_described_by_its_description() -> None:
     assert describe(ConnectionRefusedError()) == "ConnectionRefusedError()"
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def root_logging() -> Iterator[None]:
+    """Every test here leaves the root logger as it found it (``main`` configures it: INFO
+    at the root would let later tests of this worker capture other libraries' lines)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     logging.captureWarnings(False)  # a test before may have left it half on
@@ -147,7 +149,6 @@ def root_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-@pytest.mark.usefixtures("root_logging")
 def test_library_warnings_are_logged_as_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("WARNING")
     with warnings.catch_warnings():
