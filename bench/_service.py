@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
-import uvicorn
 from litestar import post
 
 from services.appointments.bootstrap import appointments_container, create_session_pool
@@ -27,6 +26,7 @@ from services.appointments.main import settle_heap
 from services.appointments.projector import run_projector
 from services.appointments.relay import run_relay
 from services.config import load_settings
+from services.ops import serve_asgi
 
 JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256-tokens"
 
@@ -35,12 +35,6 @@ JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256-tokens"
 async def noop(data: dict[str, Any]) -> dict[str, str]:
     """The framework's work alone: route, decode the JSON body, encode an answer."""
     return {"status": "ok"}
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
@@ -52,17 +46,12 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
         app = create_app(container)
         app.register(noop)
         settle_heap()  # as run_appointments does
-        config = uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_keep_alive=settings.http_keep_alive_seconds,
+        # Served as ``clinic appointments`` serves it (the bounded request head, 503 for a
+        # request cut short by the shutdown).
+        http = serve_asgi(
+            app, settings.http_host, settings.http_port, stop, settings.http_keep_alive_seconds
         )
-        server = _Server(config)
-        tasks = [asyncio.create_task(server.serve())]
+        tasks = [asyncio.create_task(http)]
         if "relay" in roles:
             # As ``clinic appointments`` runs it: its lock and LISTEN on a pool of their own.
             assert container.nats is not None
@@ -75,7 +64,6 @@ async def _serve(env: Mapping[str, str], roles: Sequence[str]) -> None:
             projector = run_projector(container.pool, container.nats, stop, updates=updates)
             tasks.append(asyncio.create_task(projector))
         await stop.wait()
-        server.should_exit = True
         await asyncio.gather(*tasks)
         if "relay" in roles:
             await relay_pool.close()
