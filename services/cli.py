@@ -125,18 +125,17 @@ def run_until_signalled(
     deadline_seconds: float | None = None,
 ) -> None:
     """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills).
-    From the first signal (or ``main``'s return) the process has ``deadline_seconds``
-    (default :data:`STOP_DEADLINE_SECONDS`) to exit, what follows this call (flushing the
-    spans) included: the caller's process is to end."""
+    From the first signal the process has ``deadline_seconds`` (default
+    :data:`STOP_DEADLINE_SECONDS`) to exit, what follows this call (flushing the spans)
+    included; from ``main``'s own return, the loop's teardown has as long."""
     seconds = STOP_DEADLINE_SECONDS if deadline_seconds is None else deadline_seconds
     deadline: threading.Timer | None = None
+    signalled = False
 
     async def runner() -> None:
         nonlocal deadline
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-
-        signalled = False
 
         def on_signal() -> None:
             nonlocal deadline, signalled
@@ -158,7 +157,14 @@ def run_until_signalled(
             if deadline is None:
                 deadline = _exit_at_the_deadline(seconds)
 
-    run_loop(runner())
+    try:
+        run_loop(runner())
+    finally:
+        # Signalled, the process is to end: the deadline bounds what follows too (flushing
+        # the spans). Ended by itself (a failure; ``main()`` called in a test), the loop's
+        # teardown is over and the caller goes on: no deadline outlives the call.
+        if deadline is not None and not signalled:
+            deadline.cancel()
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

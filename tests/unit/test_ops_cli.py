@@ -3,8 +3,10 @@ is in: one line, a meaningful exit status, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from services.appointments.adapters.nats.streams import describe
 from services.appointments.bootstrap import close_nats
 from services.appointments.main import parse_roles
 from services.auth import TokenVerifier
-from services.cli import build_parser, database_failure, main
+from services.cli import build_parser, database_failure, main, run_until_signalled
 from services.config import ConfigError, config_error_in, load_settings
 from services.embedded import free_port
 from services.logs import configure_logging
@@ -248,3 +250,20 @@ def test_clinic_token_mints_what_the_configured_verifier_accepts(
     token = capsys.readouterr().out.strip()
     verified = TokenVerifier.from_settings(load_settings(env)).verify(token)
     assert (verified.id, verified.clinic_id, verified.role) == (sub, clinic, "patient")
+
+
+def test_a_run_that_ends_by_itself_leaves_no_stop_deadline_behind() -> None:
+    """The deadline bounds the loop's teardown, then goes: a process (a test, say) that
+    carries on after ``main`` failed is not ended by it later."""
+
+    async def failing(_: asyncio.Event) -> None:
+        raise RuntimeError("failed at start")
+
+    with pytest.raises(RuntimeError, match="failed at start"):
+        run_until_signalled(failing)
+    pending = [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, threading.Timer) and not t.finished.is_set()
+    ]
+    assert pending == []
