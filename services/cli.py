@@ -95,7 +95,7 @@ def _database_errors(settings: Settings) -> Iterator[None]:
 
 #: However its cleanup fares, a process that was told to stop exits within this many
 #: seconds of it (docs/operations.md; under Compose's 25 s and Kubernetes' 30 s grace).
-STOP_DEADLINE_SECONDS = 20.0
+STOP_DEADLINE_SECONDS = 22.0
 #: ``clinic dev`` also stops (or is still starting) its PostgreSQL and NATS.
 DEV_STOP_DEADLINE_SECONDS = 90.0
 

@@ -122,6 +122,7 @@ class VisitsProjector:
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         zeroed(PROJECTOR_EVENTS, *((outcome,) for outcome in OUTCOMES))
+        zeroed(CONSUMER_REDELIVERIES, ("projector",))
         delay = 0.1
         stream = EventsStream(self._stream_replicas)
         while not stop.is_set():

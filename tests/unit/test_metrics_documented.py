@@ -4,8 +4,11 @@ exports, with their types and labels, and every metric of ours is in the table."
 from __future__ import annotations
 
 import re
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import services.appointments.entrypoints.nats.service
@@ -44,3 +47,16 @@ def test_the_alerts_name_only_metrics_that_exist() -> None:
     alerts = text[text.index("Alerts worth setting") :]
     named = set(re.findall(r"\b(clinic_\w+)", alerts))
     assert named and named <= set(_ours())
+
+
+def test_the_series_the_alerts_count_exist_at_0_before_the_first() -> None:
+    """``increase()``/``rate()`` miss the first count of a series that appears with it."""
+    from services.appointments.domain.rules import Rules
+    from services.appointments.service_layer.handlers import Appointments
+    from tests.support.fakes import FakeEventStore
+
+    store = FakeEventStore()
+    Appointments(store, store, lambda: datetime.now(UTC), uuid.uuid4, Rules())
+    for command in ("schedule", "cancel", "start", "get"):
+        labels = {"command": command, "outcome": "unavailable"}
+        assert REGISTRY.get_sample_value("clinic_commands_total", labels) is not None, command

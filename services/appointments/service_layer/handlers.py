@@ -58,7 +58,7 @@ from services.errors import (
     VersionConflict,
     error_of,
 )
-from services.metrics import COMMAND_RETRIES, observe_command
+from services.metrics import COMMAND_RETRIES, COMMANDS, observe_command, zeroed
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,10 @@ class Appointments:
         self._rules = rules
         self._max_attempts = max_attempts
         self._cache = cache if cache is not None else StateCache()
+        # The alert on `unavailable` sees a process's first one (see metrics.zeroed).
+        zeroed(
+            COMMANDS, *((name, "unavailable") for name in ("schedule", "cancel", "start", "get"))
+        )
 
     async def schedule(self, ctx: RequestContext, body: ScheduleBody) -> CommandOutcome:
         """Book an appointment (``appointment_id`` chosen by the client makes retries safe)."""
