@@ -205,6 +205,22 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+async def wind_down(
+    tasks: set[asyncio.Task[Any]], grace: float, cancel_grace: float
+) -> set[asyncio.Task[Any]]:
+    """Give ``tasks``, asked to stop, ``grace`` seconds to end by themselves, then cancel
+    those still running and give them ``cancel_grace`` more to unwind (before the pool and
+    NATS close under them). The ones cancelled: cut short, what they raise is no failure of
+    their own; one still running outlasts every cancellation (the stop deadline ends it)."""
+    await asyncio.wait(tasks, timeout=grace)
+    late = {task for task in tasks if not task.done()}
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late, timeout=cancel_grace)
+    return late
+
+
 async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Event) -> None:
     """Run ``roles`` on ``container`` until ``stop`` is set; a failing role stops them all."""
     runners = _role_runners()
@@ -221,12 +237,7 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
         # The grace starts now: a role slow to stop (a drain against a NATS server that
         # hangs) is cancelled after it, whatever stopped the service.
         stop.set()
-        await asyncio.wait(tasks, timeout=ROLE_GRACE_SECONDS)
-        late = [task for task in tasks if not task.done()]
-        for task in late:
-            task.cancel()
-        if late:  # let them unwind before the container closes the pool under them
-            await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
+        late = await wind_down(tasks, ROLE_GRACE_SECONDS, CANCEL_GRACE_SECONDS)
     for task in tasks:
         if not task.done() or task.cancelled() or task in late:
             continue  # what a role cut short by the grace raised is no failure of its own

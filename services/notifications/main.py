@@ -12,7 +12,7 @@ import asyncpg
 
 from services.appointments.adapters.system import utc_now
 from services.appointments.bootstrap import NatsLink, StoppedWhileConnecting, pool_and_nats
-from services.appointments.main import CANCEL_GRACE_SECONDS, ROLE_GRACE_SECONDS
+from services.appointments.main import CANCEL_GRACE_SECONDS, ROLE_GRACE_SECONDS, wind_down
 from services.config import Settings
 from services.notifications.bootstrap import notification_service
 from services.notifications.email import SmtpConfig
@@ -112,22 +112,19 @@ async def within_grace(
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            await asyncio.wait({task}, timeout=grace)
-        if not task.done():
-            log.warning("the notification service did not stop within %.1fs: cancelled", grace)
-            task.cancel()
-            await asyncio.wait({task}, timeout=cancel_grace)
-            if not task.done():
-                log.error("the notification service does not end: left behind")
-                return
-            with contextlib.suppress(asyncio.CancelledError):
-                task.result()
-            return
-        task.result()
+        late = await wind_down({task}, grace, cancel_grace)
     except asyncio.CancelledError:  # cancelled itself (a sibling failed): so is its work,
         task.cancel()  # which unwinds before the pool and NATS close under it
         await asyncio.wait({task}, timeout=cancel_grace)
         raise
     finally:
         stopping.cancel()
+    if late:
+        log.warning("the notification service did not stop within %.1fs: cancelled", grace)
+        if not task.done():
+            log.error("the notification service does not end: left behind")
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
+        return
+    task.result()
