@@ -120,6 +120,35 @@ def _exit_at_the_deadline(seconds: float) -> threading.Timer:
     return timer
 
 
+class _EarlyStop:
+    """A SIGTERM that comes while the process is still starting (importing, reading its
+    settings), before the event loop's handler takes over: remembered, so that a service
+    told to stop then exits 0 without starting rather than being killed (status 143)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._before: Any = signal.SIG_DFL
+
+    def install(self) -> None:
+        self.requested = False
+        self._before = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self.requested = True
+
+    def uninstall(self, *, deliver: bool = False) -> None:
+        """The handler from before again (unless the event loop's took over) and, if
+        ``deliver``, a SIGTERM that came meanwhile handed to it: a command that runs no
+        service (``migrate``) is killed by SIGTERM as ever."""
+        if signal.getsignal(signal.SIGTERM) == self._note:
+            signal.signal(signal.SIGTERM, self._before)
+        if deliver and self.requested:
+            signal.raise_signal(signal.SIGTERM)
+
+
+_early_stop = _EarlyStop()
+
+
 def run_until_signalled(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
     deadline_seconds: float | None = None,
@@ -127,7 +156,8 @@ def run_until_signalled(
     """Run ``main(stop)`` and set ``stop`` on SIGINT or SIGTERM (a second signal kills).
     From the first signal the process has ``deadline_seconds`` (default
     :data:`STOP_DEADLINE_SECONDS`) to exit, what follows this call (flushing the spans)
-    included; from ``main``'s own return, the loop's teardown has as long."""
+    included; from ``main``'s own return, the loop's teardown has as long. Told to stop
+    while starting (:class:`_EarlyStop`), ``main`` is not run."""
     seconds = STOP_DEADLINE_SECONDS if deadline_seconds is None else deadline_seconds
     deadline: threading.Timer | None = None
     signalled = False
@@ -151,6 +181,10 @@ def run_until_signalled(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        if _early_stop.requested:  # told to stop while starting: nothing to run
+            on_signal()
+            log.info("stopped before it started (SIGTERM while starting)")
+            return
         try:
             await main(stop)
         finally:  # what the loop still runs (tasks it cancels) is bounded too
@@ -197,6 +231,9 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
     with process_tracing("clinic-appointments"):
         run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
 
+
+#: The commands that run until told to stop (SIGTERM stops them cleanly, even while starting).
+SERVICES: Final = ("appointments", "notifications", "dev")
 
 #: What ``clinic dev`` does not read (it runs its own PostgreSQL and NATS): not checked.
 DEV_IGNORES: Final = ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
@@ -360,7 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``clinic`` console script."""
-    args = build_parser().parse_args(argv)
+    _early_stop.install()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command not in SERVICES:
+            _early_stop.uninstall(deliver=True)
+        _run(args)
+    finally:
+        _early_stop.uninstall()
+
+
+def _run(args: argparse.Namespace) -> None:
     env: Mapping[str, str] = os.environ
     if args.command == "dev":  # it runs its own servers: their variables are ignored
         env = {k: v for k, v in env.items() if k not in DEV_IGNORES}

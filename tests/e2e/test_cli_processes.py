@@ -74,6 +74,54 @@ def test_commands_refuse_missing_configuration_clearly() -> None:
     assert bad.returncode == 2 and "nope" in bad.stderr
 
 
+#: ``clinic`` with a SIGTERM of its own while it starts (as it reads its settings), before
+#: the event loop's signal handler is installed.
+SIGTERM_WHILE_STARTING = """
+import os, signal, sys
+import services.cli as cli
+
+reading = cli.load_settings
+
+def load_settings(env):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return reading(env)
+
+cli.load_settings = load_settings
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("command", ["appointments", "notifications", "dev"])
+def test_a_service_told_to_stop_while_starting_exits_0_without_starting(
+    tmp_path: Path, command: str
+) -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    args = ["--data-dir", str(tmp_path / "dev")] if command == "dev" else []
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_STARTING, command, *args],
+        env={**env_for(unreachable, f"nats://127.0.0.1:{free_port()}", free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr  # killed by the signal: -15 (shell: 143)
+    assert "stopped before it started" in result.stderr
+    assert "running" not in result.stderr and "PostgreSQL" not in result.stderr
+    assert not (tmp_path / "dev").exists()  # clinic dev made no data directory
+
+
+def test_a_command_that_runs_no_service_is_still_killed_by_sigterm() -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_STARTING, "migrate"],
+        env={**os.environ, "CLINIC_DATABASE_URL": unreachable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == -signal.SIGTERM, result.stderr
+
+
 @pytest.mark.parametrize("command", [("appointments",), ("notifications",)])
 async def test_service_serves_then_exits_0_on_sigterm(
     database_url: str, nats_url: str, command: tuple[str, ...]
