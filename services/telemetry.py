@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 EXPORTERS: Final = ("otlp", "console")
 #: The only OTLP protocol the ``otel`` extra ships an exporter for.
 OTLP_PROTOCOL: Final = "http/protobuf"
-#: How long the flush at exit may take.
+#: How long the flush at exit may take, all told.
 SHUTDOWN_TIMEOUT_MILLIS: Final = 5000
 
 
@@ -140,9 +141,26 @@ def install_tracing(plan: TracingPlan) -> Callable[[], None] | None:
         extra={"service_name": plan.service_name, "exporters": list(plan.exporters)},
     )
 
+    def flush_and_shut_down() -> None:
+        try:
+            provider.force_flush(SHUTDOWN_TIMEOUT_MILLIS)
+            provider.shutdown()
+        except Exception as exc:  # an exporter failing at exit must not fail the exit
+            log.warning("tracing: flushing spans at exit failed: %r", exc)
+
     def shutdown() -> None:
-        provider.force_flush(SHUTDOWN_TIMEOUT_MILLIS)
-        provider.shutdown()
+        # The exporter's own time-outs and retries (a collector that accepts and never
+        # answers holds the flush and then the shut-down ~5 s each) do not bound it: a
+        # thread does, which the process leaves behind when it exits.
+        flushing = threading.Thread(target=flush_and_shut_down, name="span-flush", daemon=True)
+        flushing.start()
+        flushing.join(SHUTDOWN_TIMEOUT_MILLIS / 1000)
+        if flushing.is_alive():
+            log.warning(
+                "tracing: spans not flushed within %.0fs (the collector does not answer):"
+                " exiting without them",
+                SHUTDOWN_TIMEOUT_MILLIS / 1000,
+            )
 
     return shutdown
 
@@ -160,7 +178,4 @@ def process_tracing(
         yield
     finally:
         if shutdown is not None:
-            try:
-                shutdown()
-            except Exception as exc:  # an exporter failing at exit must not fail the exit
-                log.warning("tracing: flushing spans at exit failed: %r", exc)
+            shutdown()

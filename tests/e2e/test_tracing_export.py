@@ -12,6 +12,9 @@ import contextlib
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -166,3 +169,45 @@ async def test_spans_are_exported_over_otlp_and_flushed_on_sigterm(
     assert {service for service, _, _ in ours.values()} == {"clinic-appointments"}
     server, producer = ours["POST /v1/appointments"], ours["publish APPOINTMENTS"]
     assert server[1] == caller_span and producer[1] == server[2]
+
+
+#: A process that makes ten spans and exits, timing the flush at its exit.
+TEN_SPANS_THEN_EXIT = """
+import time
+from opentelemetry import trace
+from services.telemetry import process_tracing
+
+with process_tracing("clinic-test"):
+    tracer = trace.get_tracer("test")
+    for _ in range(10):
+        with tracer.start_as_current_span("work"):
+            pass
+    leaving = time.monotonic()
+print(f"flushed in {time.monotonic() - leaving:.1f}s")
+"""
+
+
+def test_a_collector_that_never_answers_holds_the_exit_5_seconds_at_most() -> None:
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        accepting = threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True)
+        accepting.start()
+        env = {
+            **os.environ,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", TEN_SPANS_THEN_EXIT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        for connection in held:
+            connection.close()
+    assert result.returncode == 0, result.stderr
+    assert "spans not flushed within 5s" in result.stderr
+    seconds = float(result.stdout.split()[-1].rstrip("s"))
+    assert seconds < 7.5, result.stdout  # the exporter's own time-outs: ~10 s
