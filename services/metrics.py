@@ -64,6 +64,17 @@ CONSUMER_REDELIVERIES = Counter(
     "JetStream messages received more than once, by consumer.",
     ["consumer"],
 )
+HTTP_REQUESTS = Counter(
+    "clinic_http_requests_total",
+    "HTTP requests answered, by method, route (the path template) and status.",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "clinic_http_request_duration_seconds",
+    "Time from an HTTP request's receipt to the end of its answer, by method and route.",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 NOTIFICATIONS = Counter(
     "clinic_notifications_total",
     "Notification deliveries, by kind, channel and result.",

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
+from services import metrics
 from services.appointments.adapters.postgres.migrate import migration_files
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.config import HTTP_KEEP_ALIVE_SECONDS, ConfigError
@@ -352,6 +354,53 @@ class AnswerWhenCut:
             log.warning("request cut short by the shutdown: answered 503", extra=_where(scope))
 
 
+#: Methods counted by name; any other token a client sends is counted as ``other``, as a path
+#: no route serves is ``unmatched``: a client cannot add series at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class Measured:
+    """ASGI middleware: every HTTP request counted (``clinic_http_requests_total``) and
+    timed (``clinic_http_request_duration_seconds``) by method and route, the path template
+    Litestar routed it by (``/v1/appointments/{appointment_id}/cancel``)."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 500  # what uvicorn answers for an app that fails before its answer
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        finally:
+            method = scope.get("method", "")
+            key = (
+                method if method in _METHODS else "other",
+                scope.get("path_template") or "unmatched",  # set by Litestar's router
+                status,
+            )
+            series = self._series.get(key)
+            if series is None:
+                method, route, _ = key
+                series = self._series[key] = (
+                    metrics.HTTP_REQUESTS.labels(method, route, str(status)),
+                    metrics.HTTP_SECONDS.labels(method, route),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - began)
+
+
 def _where(scope: Any) -> dict[str, str]:
     return {"method": str(scope.get("method")), "path": str(scope.get("path"))}
 
@@ -367,7 +416,7 @@ async def serve_asgi(
     seconds an idle connection stays open (uvicorn's default, 5, is shorter than the idle
     timeout of most proxies, which then reuse a connection as it closes: a 502)."""
     config = uvicorn.Config(
-        AnswerWhenCut(app),
+        Measured(AnswerWhenCut(app)),
         host=host,
         port=port,
         log_config=None,

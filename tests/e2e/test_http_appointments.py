@@ -564,3 +564,47 @@ async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
                 if parameter["name"] == "appointment_id":
                     assert parameter["in"] == "path", path
                     assert parameter["schema"] == {"type": "string", "format": "uuid"}, path
+
+
+def http_samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``clinic_http_*`` samples of a ``/metrics`` answer, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name.startswith("clinic_http_")
+        for sample in family.samples
+    }
+
+
+async def test_http_requests_are_counted_and_timed_by_route_never_by_raw_path(api: Api) -> None:
+    before = http_samples((await api.client.get("/metrics")).text)
+    staff = api.principal("staff")
+    created = await schedule(api, staff)
+    assert created.status_code == 201
+    appointment_id = created.json()["appointment_id"]
+    cancelled = await api.client.post(
+        f"/v1/appointments/{appointment_id}/cancel", json={}, headers=api.auth(staff)
+    )
+    assert cancelled.status_code == 200
+    unknown = f"/nowhere/{uuid.uuid4()}"
+    assert (await api.client.get(unknown)).status_code == 404
+    assert (await api.client.request("PROPFIND", "/v1/appointments")).status_code == 405
+    after = http_samples((await api.client.get("/metrics")).text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    counted = "clinic_http_requests_total"
+    assert grew(counted, method="POST", route="/v1/appointments", status="201") == 1
+    cancel_route = "/v1/appointments/{appointment_id}/cancel"
+    assert grew(counted, method="POST", route=cancel_route, status="200") == 1
+    assert grew(counted, method="GET", route="unmatched", status="404") == 1
+    assert grew(counted, method="other", route="unmatched", status="405") == 1
+    timed = "clinic_http_request_duration_seconds_count"
+    assert grew(timed, method="POST", route="/v1/appointments") == 1
+    assert grew(timed, method="POST", route=cancel_route) == 1
+    labels = " ".join(str(key) for key in after)
+    assert appointment_id not in labels and unknown not in labels and "PROPFIND" not in labels
