@@ -59,7 +59,7 @@ class AlreadyExists(ClinicError):
     decided = True
 
 
-class AppointmentStarted(ClinicError):
+class AppointmentAlreadyStarted(ClinicError):
     code = ErrorCode.APPOINTMENT_STARTED
     decided = True
 

@@ -44,7 +44,8 @@ class Container:
     doorbell: OutboxDoorbell | None = None
     """Appends ring it; a relay of this process attaches to it (else it sends NOTIFY)."""
     view_updates: ViewUpdates | None = None
-    """A projector of this process announces written rows there; reads wait on it."""
+    """Rows written in this process (by its projector or a read's repair) are announced
+    there; reads wait on it."""
 
     @property
     def nats(self) -> NATS | None:

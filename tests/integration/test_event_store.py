@@ -283,3 +283,12 @@ async def test_saving_an_answer_under_a_key_a_twin_is_committing_returns_the_twi
             await asyncio.sleep(0.01)
         await transaction.commit()
     assert await saving == twins
+
+
+async def test_an_append_of_no_event_is_refused_and_writes_nothing(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    stream = uuid.uuid4()
+    with pytest.raises(ValueError, match="at least one event"):
+        await store.append(stream, 0, [])
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE stream_id = $1", stream) == 0

@@ -23,6 +23,7 @@ from services.appointments.domain.state import CorruptStream, booking_of, fold
 from services.appointments.domain.view import appointment_view
 from services.errors import (
     AlreadyExists,
+    AppointmentAlreadyStarted,
     AppointmentIsCancelled,
     AppointmentPast,
     ClinicError,
@@ -30,9 +31,6 @@ from services.errors import (
     InvalidRequest,
     NotFound,
     TooEarly,
-)
-from services.errors import (
-    AppointmentStarted as AppointmentAlreadyStarted,
 )
 
 APPOINTMENT_ID = UUID(int=1)

@@ -35,15 +35,13 @@ from services.appointments.domain.state import (
 )
 from services.errors import (
     AlreadyExists,
+    AppointmentAlreadyStarted,
     AppointmentIsCancelled,
     AppointmentPast,
     Forbidden,
     InvalidRequest,
     NotFound,
     TooEarly,
-)
-from services.errors import (
-    AppointmentStarted as AppointmentAlreadyStarted,
 )
 
 DEFAULT_RULES = Rules()

@@ -341,7 +341,7 @@ class Appointments:
                 raise
             self._cache.put(stream_id, new_state, new_version)
             return outcome
-        log.warning("command gave up after %d conflicts", self._max_attempts)
+        log.warning("command gave up after %d attempts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
 
 

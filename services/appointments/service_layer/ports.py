@@ -88,8 +88,8 @@ class EventStore(Protocol):
         events: Sequence[NewEvent],
         idempotency: IdempotencyRecord | None = None,
     ) -> AppendResult:
-        """Append ``events`` if the stream is at ``expected_version``, atomically with the
-        outbox rows, the provider-booking guard and ``idempotency``.
+        """Append ``events`` (at least one) if the stream is at ``expected_version``,
+        atomically with the outbox rows, the provider-booking guard and ``idempotency``.
 
         Raises :class:`StreamVersionConflict`, :class:`services.errors.SlotTaken`,
         :class:`IdempotencyKeyTaken`, or :class:`services.errors.Unavailable`.

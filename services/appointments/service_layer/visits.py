@@ -385,7 +385,8 @@ class VisitsQuery:
         the store holds the token's write (best effort, bounded by ``seconds``: a failure
         leaves the read to wait for the projector); whether it was written (the view then
         holds ``version`` or, the version guard says, a later one), or never will be for
-        this reader. Concurrent reads of one appointment share one load and one write."""
+        this reader. Reads of one appointment that come while its events are loaded share that
+        load and its write."""
         assert self._repair is not None
         try:
             async with asyncio.timeout(seconds):
@@ -434,7 +435,7 @@ class _Repaired(Enum):
     """What a read's repair of its appointment's row came to."""
 
     WRITTEN = "written"  # the view holds the token's version (or a later one)
-    FAILED = "failed"  # not now (the store or the view unreachable): the projector may
+    FAILED = "failed"  # not now (store or view unreachable): the projector may catch up
     NEVER = "never"  # not for this reader: outside its scope, or not a stored write
 
 

@@ -7,9 +7,10 @@ answer of an idempotent request commit together or not at all.
 Concurrent appends share that statement (group commit, see ``group_commit``): the ones
 that queue while a statement is in flight go together in the next, over arrays, so a
 batch costs one round trip and one commit. A batch PostgreSQL refuses (a stale version,
-a taken slot or key, a deadlock) is sent again apart: the appends its refusal names (by
-stream, provider or idempotency key) one by one, the others together again, so each append
-still gets exactly the answer it would get alone.
+a taken slot or key, a deadlock) is sent again apart: the appends its refusal does not name
+together again (one by one if refused again), then those it names (by stream, provider or
+idempotency key) one by one, so each append still gets exactly the answer it would get
+alone.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ FROM new_events
 
 # The same statement for many appends (of different streams): events, outbox rows,
 # booked ranges and stored answers over arrays, freed bookings by ``= ANY``. Parameters
-# are numbered as in _APPEND. Global positions follow array order (the batch's order).
+# are numbered as in _APPEND. Global positions follow array order (the batch's order,
+# appends that free a booking first: see ``_append_batch``).
 _APPEND_BATCH = f"""
 {_INSERT_EVENTS}    RETURNING global_position, stream_id
 ), queued AS (
@@ -186,11 +188,10 @@ class PostgresEventStore:
 
         Waits for the batch statement in flight, if any, then goes with the appends queued
         meanwhile (never with another append of the same stream)."""
+        if not events:  # a decision to do nothing is not appended (the handlers' no-op)
+            raise ValueError("an append needs at least one event")
         args = _append_args(stream_id, expected_version, events, idempotency, current_traceparent())
-        append = _Append(stream_id, expected_version + len(events), args)
-        if not events:  # nothing to batch by (and the answer carries no position)
-            return await self._append_one(append)
-        return await self._appends.submit(append)
+        return await self._appends.submit(_Append(stream_id, expected_version + len(events), args))
 
     async def _append_one(self, append: _Append) -> AppendResult:
         """One append in a statement of its own, with its own errors."""

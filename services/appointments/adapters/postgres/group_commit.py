@@ -141,13 +141,13 @@ class GroupCommit(Generic[Item, Result]):
         """A refused batch again: the writes its refusal does not name together (one by
         one if refused again), then those it names alone. Each gets its own answer."""
         try:
-            await self._send_named_then_rest(batch, cause)
+            await self._send_rest_then_named(batch, cause)
         except BaseException as exc:  # the sender cancelled (shutdown): nobody is left waiting
             for waiter in batch:
                 _fail(waiter, exc)
             raise
 
-    async def _send_named_then_rest(
+    async def _send_rest_then_named(
         self, batch: list[_Waiter[Item, Result]], cause: BaseException | None
     ) -> None:
         batch = [w for w in batch if not w.future.done()]  # callers that gave up

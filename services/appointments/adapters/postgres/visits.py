@@ -83,16 +83,17 @@ _WRITE_ROW = (
 )
 
 #: A read-your-writes wait polls the view every ``_WAIT_POLL_FIRST`` seconds for
-#: ``_WAIT_POLL_FAST`` seconds, then backs off to at most ``_WAIT_POLL_MAX``; a commit of
-#: the projector in this process wakes it at once.
+#: ``_WAIT_POLL_FAST`` seconds, then backs off to at most ``_WAIT_POLL_MAX``; a write of
+#: its row in this process (the projector's, or another read's repair) wakes it at once.
 _WAIT_POLL_FIRST = 0.001
 _WAIT_POLL_FAST = 0.02
 _WAIT_POLL_MAX = 0.05
 
 
 class ViewUpdates:
-    """Wakes the read-your-writes waits of this process after the projector of this
-    process wrote their appointments' rows (in-process only; waits keep polling too)."""
+    """Wakes the read-your-writes waits of this process after a write of this process (the
+    projector's, or a read's repair) committed their appointments' rows (in-process only;
+    waits keep polling too)."""
 
     def __init__(self) -> None:
         self._waiting: dict[UUID, list[asyncio.Event]] = {}
@@ -146,7 +147,8 @@ class PostgresVisits:
         self._pool = pool
         self._projection = projection
         self._updates = updates
-        """Written rows are announced there (by the projector) and waited on (by reads)."""
+        """Written rows are announced there (the projector's and repairs') and waited on
+        (by reads)."""
         self._writes: GroupCommit[VisitRow, None] = GroupCommit(
             self._write_rows, self._write_row, _appointment_id
         )
