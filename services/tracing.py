@@ -9,11 +9,11 @@ propagator:
 * a request (HTTP, or the NATS service API) continues an incoming ``traceparent`` (a
   server span); without one, an ``X-Correlation-Id`` becomes its trace id; without
   either, a new trace starts (its trace id is the correlation id when a span records,
-  else a random UUID as before);
+  else the correlation id is a random UUID);
 * the append stores the command's span context with its events (``events.traceparent``);
 * the relay publishes each event in a producer span, child of that context, injected as
-  the message's ``traceparent`` (an event stored without one gets a ``traceparent`` built
-  from its correlation id and event id, as before);
+  the message's ``traceparent`` (an event stored without one, from before traces were
+  stored, gets a ``traceparent`` built from its correlation id and event id);
 * the projector and the notification consumer handle each message in a consumer span
   whose parent is the message's ``traceparent``.
 """
@@ -64,6 +64,18 @@ class _HeaderGetter(Getter[Mapping[str, str]]):
 
 
 _GETTER: Final = _HeaderGetter()
+
+
+def correlation_id_of(value: str | None) -> UUID | None:
+    """The correlation id an ``X-Correlation-Id`` header gives: a UUID, not the nil one
+    (no valid trace id, so it would be no correlation: every such caller would share it)."""
+    if not value:
+        return None
+    try:
+        correlation = UUID(value)
+    except ValueError:
+        return None
+    return correlation if correlation.int else None
 
 
 def trace_id_of(traceparent: str | None) -> UUID | None:
@@ -123,7 +135,7 @@ def parent_context(headers: Mapping[str, str] | None, correlation: UUID | None =
         context = PROPAGATOR.extract(headers, Context(), _GETTER)
         if trace.get_current_span(context).get_span_context().is_valid:
             return context
-    if correlation is None or correlation.int == 0:
+    if correlation is None or not correlation.int:
         return Context()
     parent = SpanContext(
         trace_id=correlation.int,

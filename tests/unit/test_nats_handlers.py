@@ -100,12 +100,13 @@ async def test_the_correlation_id_is_echoed_and_recorded_on_the_events() -> None
     assert stream[0].envelope.causation_id not in (None, correlation)
 
 
-async def test_a_malformed_correlation_id_is_replaced_by_a_new_one() -> None:
+@pytest.mark.parametrize("sent", ["not-a-uuid", str(UUID(int=0))])
+async def test_a_malformed_or_nil_correlation_id_is_replaced_by_a_new_one(sent: str) -> None:
     clock = ManualClock()
     reply = await api_on(FakeEventStore(), clock).answer(
-        "schedule", schedule_request(clock), {"X-Correlation-Id": "not-a-uuid"}
+        "schedule", schedule_request(clock), {"X-Correlation-Id": sent}
     )
-    assert UUID(reply.headers["X-Correlation-Id"])
+    assert UUID(reply.headers["X-Correlation-Id"]).int != 0
 
 
 async def test_an_oversized_request_is_refused_before_it_is_decoded() -> None:

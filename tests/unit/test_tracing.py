@@ -15,6 +15,7 @@ from services.logs import JsonFormatter
 from services.tracing import (
     consuming,
     correlated,
+    correlation_id_of,
     current_correlation,
     current_trace_id,
     current_traceparent,
@@ -100,3 +101,11 @@ def test_a_consumed_message_logs_under_its_correlation_id() -> None:
     with consuming("test", {"traceparent": traceparent(correlation, uuid.uuid4())}, correlation):
         assert current_correlation.get() == correlation
     assert current_correlation.get() is None
+
+
+def test_a_correlation_header_gives_a_uuid_but_never_the_nil_one() -> None:
+    correlation = uuid.uuid4()
+    assert correlation_id_of(str(correlation)) == correlation
+    assert correlation_id_of(correlation.hex.upper()) == correlation
+    for refused in (None, "", "not-a-uuid", str(uuid.UUID(int=0)), "0" * 32):
+        assert correlation_id_of(refused) is None, refused

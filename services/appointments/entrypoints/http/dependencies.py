@@ -12,7 +12,12 @@ from litestar.datastructures import State
 from services.appointments.bootstrap import Container
 from services.appointments.service_layer.handlers import RequestContext
 from services.errors import InvalidRequest
-from services.tracing import current_correlation, current_trace_id, trace_id_of
+from services.tracing import (
+    correlation_id_of,
+    current_correlation,
+    current_trace_id,
+    trace_id_of,
+)
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -47,7 +52,7 @@ def request_context(request: Request[Any, Any, Any], state: State) -> RequestCon
     # traceparent, or its X-Correlation-Id; without either, of a new recording span.
     correlation = (
         current_trace_id()
-        or _uuid_header(request, "x-correlation-id")
+        or correlation_id_of(request.headers.get("x-correlation-id"))
         or trace_id_of(request.headers.get("traceparent"))
         or uuid.uuid4()
     )
@@ -90,13 +95,3 @@ def parse_if_match(value: str | None) -> int | None:
     if not (tag.isascii() and tag.isdigit()) or len(tag) > 9:
         raise InvalidRequest('If-Match must be an ETag of this API, e.g. "3".')
     return int(tag)
-
-
-def _uuid_header(request: Request[Any, Any, Any], name: str) -> uuid.UUID | None:
-    value = request.headers.get(name)
-    if not value:
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None

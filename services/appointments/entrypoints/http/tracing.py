@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Final
 
 from litestar.enums import ScopeType
@@ -10,17 +9,10 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from opentelemetry.trace import Status, StatusCode
 
-from services.tracing import recording, serving
+from services.tracing import correlation_id_of, recording, serving
 
 _TRACED_PREFIX: Final = "/v1/"
 _WANTED: Final = (b"traceparent", b"x-correlation-id")
-
-
-def _uuid(value: str | None) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value) if value else None
-    except ValueError:
-        return None
 
 
 class RequestTracing(ASGIMiddleware):
@@ -41,7 +33,7 @@ class RequestTracing(ASGIMiddleware):
             for name, value in scope["headers"]
             if name in _WANTED
         }
-        correlation = _uuid(headers.get("x-correlation-id"))
+        correlation = correlation_id_of(headers.get("x-correlation-id"))
         if not recording():  # no span records: only the caller's trace context matters
             if not headers:
                 await next_app(scope, receive, send)

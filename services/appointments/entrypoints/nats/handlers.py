@@ -43,7 +43,7 @@ from services.appointments.service_layer.handlers import (
     RequestContext,
 )
 from services.errors import ClinicError, InvalidRequest, PayloadTooLarge, Unavailable
-from services.tracing import correlated, current_trace_id, serving
+from services.tracing import correlated, correlation_id_of, current_trace_id, serving
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def correlation_header(headers: Mapping[str, str] | None) -> uuid.UUID | None:
     """The caller's correlation id (header ``X-Correlation-Id``), if it is a UUID."""
     for name, value in (headers or {}).items():
         if name.lower() == CORRELATION_HEADER.lower():
-            try:
-                return uuid.UUID(value)
-            except ValueError:
-                break
+            return correlation_id_of(value)
     return None
 
 
