@@ -430,17 +430,16 @@ async def appointments_container(
     clock: Clock = utc_now,
     with_nats: bool = True,
     pool_size: int = 10,
-    stop: asyncio.Event | None = None,
     wait_for_nats: bool = True,
 ) -> AsyncIterator[Container]:
     """Build the container, and close its pool and NATS connection on exit.
 
-    ``wait_for_nats``: enter only once NATS has answered (``stop`` set meanwhile raises
-    :class:`StoppedWhileConnecting`); else at once, with NATS still connecting (the roles
-    that need it wait on :attr:`Container.nats_link`)."""
+    ``wait_for_nats``: enter only once NATS has answered (the tools and tests that build
+    one); else at once, with NATS still connecting (the service: the roles that need it
+    wait on :attr:`Container.nats_link`)."""
     async with pool_and_nats(settings, "appointments", pool_size, with_nats) as (pool, link):
         if link is not None and wait_for_nats:
-            await link.wait(stop)
+            await link.wait()
         store = PostgresEventStore(pool)
         # Appends ring the relay awake right after they commit (never inside the
         # transaction): in-process while a relay of this process leads, by NOTIFY otherwise.

@@ -259,8 +259,9 @@ class DeliveryStore:
     async def sent(
         self, notification_id: UUID, channel: Channel, attempts: int, at: datetime
     ) -> bool:
-        """The notification of this claim (the ``attempts``-th) went out on ``channel``:
-        recorded whatever became of the claim, since it is a fact (a worker whose lease ran
+        """The notification of a claim went out on ``channel``: recorded whatever became of
+        the claim (``attempts``, which names it as for the other outcomes, is not checked),
+        since it is a fact (a worker whose lease ran
         out while its email was with the server, recorded ``failed`` in doubt by another
         meanwhile; a push another worker sent again, de-duplicated). It keeps the next
         claim from sending it once more. False if it was recorded ``sent`` already."""

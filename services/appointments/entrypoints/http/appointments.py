@@ -60,6 +60,10 @@ def _answer(outcome: CommandOutcome, status: int) -> Response[AppointmentView]:
 
 
 class AppointmentsController(Controller):
+    """The commands and the read of one appointment. ``data`` and ``idempotency_key`` are
+    declared for the OpenAPI document only: the body is decoded again, strictly, by
+    :func:`strict_body`, and the key is read by :func:`request_context`."""
+
     path = "/v1/appointments"
     security = BEARER
     tags = ["appointments"]
