@@ -48,7 +48,6 @@ from services.appointments.adapters.nats.streams import (
 from services.appointments.adapters.postgres.errors import passing_refusal
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
-from services.appointments.relay import idle
 from services.appointments.service_layer.visits import Outcome, stored_row
 from services.config import ConfigError
 from services.errors import Unavailable
@@ -59,6 +58,7 @@ from services.metrics import (
     zeroed,
 )
 from services.tracing import consuming
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 

@@ -91,6 +91,7 @@ from services.metrics import (
     RELAY_PUBLISHED,
 )
 from services.tracing import publish_headers
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +117,6 @@ def subject_of(row: asyncpg.Record) -> str:
     except UnknownEventType:
         kind = re.sub(r"[^a-z0-9_-]", "", row["type"].removeprefix("Appointment").lower())
     return event_subject(row["clinic_id"], row["stream_id"], kind or "unknown")
-
-
-async def idle(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
-    """Wait ``seconds``, or less if ``stop`` (or ``wake``) is set; nothing left waiting."""
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 class OutboxRelay:

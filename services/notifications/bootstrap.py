@@ -36,8 +36,9 @@ from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.handlers import EventHandler
 from services.notifications.reminders import ReminderScheduler
 from services.notifications.retention import Retention
-from services.notifications.runtime import Clock, Hooks, Tuning, sleep_unless_stopped
+from services.notifications.runtime import Clock, Hooks, Tuning
 from services.notifications.store import NotificationStore
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,6 @@ async def _ensure_streams(
             log.warning("JetStream cannot make the streams yet, retrying in %.1fs: %s", delay, why)
         if stop is None:
             await asyncio.sleep(delay)
-        elif await sleep_unless_stopped(stop, delay):
+        elif await idle(stop, delay):
             raise StoppedWhileConnecting("stopped while JetStream made the streams")
         delay = min(delay * 2, 5.0)

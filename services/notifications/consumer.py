@@ -30,10 +30,11 @@ from contracts.events import Event, EventEnvelope, UnknownEventType, decode_even
 from contracts.subjects import EVENTS_STREAM, event_subject
 from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED, zeroed
 from services.notifications.handlers import EventHandler, Outcome
-from services.notifications.runtime import Hooks, Tuning, sleep_unless_stopped
+from services.notifications.runtime import Hooks, Tuning
 from services.notifications.store import NotificationStore
 from services.pg_errors import is_transient, schema_behind
 from services.tracing import consuming
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class EventConsumer:
                     continue
                 except Exception as exc:  # NATS reconnecting, consumer deleted…
                     log.warning("fetching events failed: %r", exc)
-                    await sleep_unless_stopped(stop, 1.0)
+                    await idle(stop, 1.0)
                     await _quietly(ensure_consumer(self._js, self._tuning))
                     continue
                 for index, msg in enumerate(messages):
@@ -191,7 +192,7 @@ class EventConsumer:
             else:
                 log.info("consuming", extra={"first_start": first_start.isoformat()})
                 return True
-            await sleep_unless_stopped(stop, delay)
+            await idle(stop, delay)
             delay = min(delay * 2, 5.0)
         return False
 
@@ -289,7 +290,7 @@ class EventConsumer:
             while waited < delay:
                 await _quietly(msg.in_progress())
                 step = min(delay - waited, heartbeat)
-                if await sleep_unless_stopped(stop, step):
+                if await idle(stop, step):
                     raise _Stopping
                 waited += step
             delay = min(delay * 2, 5.0)

@@ -51,8 +51,9 @@ from services.notifications.delivery_store import (
     DeliveryStore,
 )
 from services.notifications.domain import PlannedNotification
-from services.notifications.runtime import Clock, Hooks, Tuning, run_loop, sleep_unless_stopped
+from services.notifications.runtime import Clock, Hooks, Tuning, run_loop
 from services.pg_errors import is_transient
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class DeliveryWorker:
                 if not is_transient(exc) or attempt == _RECORD_ATTEMPTS - 1:
                     raise
                 log.warning("could not record a delivery outcome, retrying: %r", exc)
-                if await sleep_unless_stopped(self._stop, delay):
+                if await idle(self._stop, delay):
                     raise
                 delay *= 2
         raise AssertionError("unreachable")

@@ -1,9 +1,8 @@
-"""What the consumer and the workers share: the clock, their tuning, test hooks, waiting."""
+"""What the consumer and the workers share: the clock, their tuning, test hooks, the loop."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from services.pg_errors import is_transient, schema_behind
+from services.waiting import idle
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +85,6 @@ class Hooks:
     after_send: Callable[[str, UUID], Awaitable[None]] = field(default=_nothing)
 
 
-async def wait_for_wakeup(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
-    """Wait until ``stop`` or ``wake`` is set, or ``seconds`` pass; clear ``wake``."""
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        wake.clear()
-
-
-async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep ``seconds``; True if ``stop`` was set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    return stop.is_set()
-
-
 async def run_loop(
     name: str,
     step: Callable[[], Awaitable[int]],
@@ -131,7 +113,8 @@ async def run_loop(
                 )
             else:
                 log.exception("%s failed, retrying in %.1fs", name, backoff)
-            await sleep_unless_stopped(stop, backoff)
+            await idle(stop, backoff)
             continue
         if not worked:
-            await wait_for_wakeup(stop, wake, interval)
+            await idle(stop, interval, wake)
+            wake.clear()
