@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from services.errors import ClinicError
 
@@ -28,26 +30,34 @@ COMMAND_SECONDS = Histogram(
 COMMAND_RETRIES = Counter(
     "clinic_command_conflict_retries_total",
     "Commands decided again after losing an optimistic-concurrency race.",
+    registry=None,
 )
 VIEW_REPAIR_FAILURES = Counter(
     "clinic_visits_repair_failures_total",
     "Reads ahead of the visits view whose row could not be written from the event store"
     " (they wait for the projector).",
+    registry=None,
 )
 RELAY_PUBLISHED = Counter(
-    "clinic_relay_published_total", "Events the relay published and JetStream acknowledged."
+    "clinic_relay_published_total",
+    "Events the relay published and JetStream acknowledged.",
+    registry=None,
 )
 RELAY_DUPLICATES = Counter(
     "clinic_relay_duplicates_total",
     "Of the events published, those JetStream had stored already (sent again after a relay"
     " crash or a lost ack; de-duplicated by Nats-Msg-Id, not stored twice).",
+    registry=None,
 )
 RELAY_BACKLOG = Gauge(
     "clinic_relay_backlog_events",
     "Committed events not yet published (outbox rows, counted up to a relay batch).",
+    registry=None,
 )
 RELAY_LAG_SECONDS = Gauge(
-    "clinic_relay_lag_seconds", "Age of the oldest committed event not yet published."
+    "clinic_relay_lag_seconds",
+    "Age of the oldest committed event not yet published.",
+    registry=None,
 )
 PROJECTOR_EVENTS = Counter(
     "clinic_projector_events_total",
@@ -58,6 +68,7 @@ PROJECTOR_LAG_SECONDS = Gauge(
     "clinic_projector_lag_seconds",
     "Time between an event's occurrence and the projector handling it (the last event"
     " handled, whatever came of it; 0 once the consumer has nothing pending).",
+    registry=None,
 )
 CONSUMER_REDELIVERIES = Counter(
     "clinic_consumer_redeliveries_total",
@@ -83,7 +94,25 @@ NOTIFICATIONS = Counter(
 NOTIFICATION_PARKED = Counter(
     "clinic_notification_parked_messages_total",
     "Events the notification service gave up on and kept in notification_parked_messages.",
+    registry=None,
 )
+
+
+# The metrics above made with ``registry=None`` belong to one role and have no labels:
+# registered at import they would read 0 in every process whatever its roles (a relay lag of
+# 0 from the api and notification pods, a healthy graph while no relay runs). Each is
+# exported from the start of the part that counts it (:func:`exported`).
+RELAY_METRICS: Final = (RELAY_PUBLISHED, RELAY_DUPLICATES, RELAY_BACKLOG, RELAY_LAG_SECONDS)
+
+_exported: set[MetricWrapperBase] = set()
+
+
+def exported(*metrics: MetricWrapperBase) -> None:
+    """Serve ``metrics`` on ``/metrics`` from now on (once each, however often asked)."""
+    for metric in metrics:
+        if metric not in _exported:
+            REGISTRY.register(metric)
+            _exported.add(metric)
 
 
 def zeroed(counter: Counter, *label_sets: tuple[str, ...]) -> None:

@@ -55,6 +55,7 @@ from services.metrics import (
     CONSUMER_REDELIVERIES,
     PROJECTOR_EVENTS,
     PROJECTOR_LAG_SECONDS,
+    exported,
     zeroed,
 )
 from services.tracing import consuming
@@ -123,6 +124,7 @@ class VisitsProjector:
         """Project until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         zeroed(PROJECTOR_EVENTS, *((outcome,) for outcome in OUTCOMES))
         zeroed(CONSUMER_REDELIVERIES, ("projector",))
+        exported(PROJECTOR_LAG_SECONDS)
         delay = 0.1
         stream = EventsStream(self._stream_replicas)
         while not stop.is_set():

@@ -88,7 +88,9 @@ from services.metrics import (
     RELAY_BACKLOG,
     RELAY_DUPLICATES,
     RELAY_LAG_SECONDS,
+    RELAY_METRICS,
     RELAY_PUBLISHED,
+    exported,
 )
 from services.tracing import publish_headers
 from services.waiting import idle
@@ -146,6 +148,7 @@ class OutboxRelay:
         self._ack_timeout = ack_timeout
         self._stream_replicas = stream_replicas
         self._doorbell = doorbell
+        exported(*RELAY_METRICS)
         self.published = 0
         """Events this relay published and deleted from the outbox (for tests and logs)."""
 
@@ -426,6 +429,7 @@ async def observe_outbox(pool: asyncpg.Pool, batch_size: int = BATCH_SIZE) -> No
     reached yet since the process started), so that the gauges still grow while no relay
     publishes, and a relay that stepped down reports what waits now rather than what it
     last read."""
+    exported(*RELAY_METRICS)
     try:
         waiting, age = await outbox.backlog(pool, batch_size)
     except Exception as exc:  # PostgreSQL away too: the gauges keep their last values

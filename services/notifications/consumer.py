@@ -28,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
 from contracts.subjects import EVENTS_STREAM, event_subject
-from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED, zeroed
+from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED, exported, zeroed
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning
 from services.notifications.store import NotificationStore
@@ -135,6 +135,7 @@ class EventConsumer:
         """Consume until ``stop`` is set; messages fetched but not handled are handed back.
         Fetches nothing before the service's first start is recorded (:meth:`_begin`)."""
         zeroed(CONSUMER_REDELIVERIES, ("notifications",))
+        exported(NOTIFICATION_PARKED)
         if not await self._begin(stop):
             return
         sub = await self._js.pull_subscribe_bind(

@@ -162,6 +162,54 @@ async def test_service_serves_then_exits_0_on_sigterm(
             await process.wait()
 
 
+@pytest.mark.parametrize(
+    ("command", "exports", "never"),
+    [
+        (
+            ("appointments", "--roles", "api"),
+            ["clinic_commands_total", "clinic_command_conflict_retries_total"],
+            ["clinic_relay_lag_seconds", "clinic_relay_backlog_events", "clinic_projector_lag"],
+        ),
+        (
+            ("appointments", "--roles", "relay,projector"),
+            ["clinic_relay_lag_seconds", "clinic_relay_published_total", "clinic_projector_lag"],
+            ["clinic_notification_parked"],
+        ),
+        (
+            ("notifications",),
+            ["clinic_notification_parked_messages_total", "clinic_notifications_total"],
+            ["clinic_relay_lag_seconds", "clinic_projector_lag", "clinic_visits_repair"],
+        ),
+    ],
+)
+async def test_a_process_exports_the_gauges_of_the_roles_it_runs_only(
+    database_url: str, nats_url: str, command: tuple[str, ...], exports: list[str], never: list[str]
+) -> None:
+    """A relay lag of 0 from every api and notification process would hide a relay that
+    runs nowhere behind a healthy graph."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *clinic(*command),
+        env=env_for(database_url, nats_url, port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            await wait_until_live(client, 20)
+            await wait_until_ready(client)  # every role started
+            text = (await client.get("/metrics")).text
+        for name in exports:
+            assert name in text, name
+        for name in never:
+            assert name not in text, name
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 @pytest.mark.parametrize("command", ["appointments", "notifications"])
 async def test_nats_closing_the_connection_for_good_ends_the_service_with_exit_1(
     database_url: str, tmp_path: Path, command: str

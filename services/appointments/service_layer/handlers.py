@@ -58,7 +58,7 @@ from services.errors import (
     VersionConflict,
     error_of,
 )
-from services.metrics import COMMAND_RETRIES, COMMANDS, observe_command, zeroed
+from services.metrics import COMMAND_RETRIES, COMMANDS, exported, observe_command, zeroed
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Appointments:
         self._rules = rules
         self._max_attempts = max_attempts
         self._cache = cache if cache is not None else StateCache()
+        exported(COMMAND_RETRIES)
         # The alert on `unavailable` sees a process's first one (see metrics.zeroed).
         zeroed(
             COMMANDS, *((name, "unavailable") for name in ("schedule", "cancel", "start", "get"))

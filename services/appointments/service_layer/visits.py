@@ -50,7 +50,7 @@ from services.appointments.domain.rules import (
 from services.appointments.service_layer.consistency import parse_token
 from services.appointments.service_layer.ports import Clock, StoredStreams
 from services.errors import InvalidRequest
-from services.metrics import VIEW_REPAIR_FAILURES
+from services.metrics import VIEW_REPAIR_FAILURES, exported
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,7 @@ class VisitsQuery:
         self._rules = rules
         self._wait = consistency_wait
         self._repair = repair
+        exported(VIEW_REPAIR_FAILURES)
         self._repairs: dict[UUID, _Repair] = {}
         self._waits: set[asyncio.Timeout] = set()
         self._stopping = False
