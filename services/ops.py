@@ -53,8 +53,9 @@ class NatsConnection(Protocol):
 
 @dataclass
 class Probes:
-    """What readiness checks: the process's pool (and that its database has this code's
-    schema) and NATS connection."""
+    """What readiness checks: PostgreSQL through ``pool`` (readiness's own, see
+    :func:`~services.appointments.bootstrap.pool_and_nats`), that its database has this
+    code's schema, and the NATS connection."""
 
     pool: asyncpg.Pool
     nats: NatsConnection | None
@@ -233,6 +234,15 @@ class _BoundedHead(HttpToolsProtocol):
     _refused = False
     _head_timer: asyncio.TimerHandle | None = None
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that has sent nothing yet is idle like one between requests: uvicorn
+        # starts its keep-alive timer only after an answer, and kept such connections (a
+        # file descriptor each) for ever. The first byte stops it (``data_received``).
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
@@ -343,15 +353,60 @@ class AnswerWhenCut:
         except asyncio.CancelledError:
             if started:
                 raise  # uvicorn closes the connection: the answer cannot change now
-            doc = problem(ErrorCode.UNAVAILABLE, "The service is stopping; retry shortly.")
-            headers = [
-                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": msgspec.json.encode(doc)})
+            await _unavailable(send, "The service is stopping; retry shortly.")
             log.warning("request cut short by the shutdown: answered 503", extra=_where(scope))
+
+
+#: HTTP requests a process works on at once at most; the next are answered ``503`` at once.
+#: Each waiting request holds its body (up to 64 KiB) and some 25 KiB more: a stall (a
+#: locked table, a gateway retrying) must not grow the process until it is killed.
+MAX_REQUESTS_IN_FLIGHT = 1024
+
+
+class InFlightLimit:
+    """ASGI middleware: past :data:`MAX_REQUESTS_IN_FLIGHT` requests in progress, the next
+    is answered ``503 unavailable`` (problem+json, retry in 1 s) before its body is read."""
+
+    def __init__(self, app: Any, limit: int | None = None) -> None:
+        self._app = app
+        self._limit = MAX_REQUESTS_IN_FLIGHT if limit is None else limit
+        self._in_flight = 0
+        self._refused = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if self._in_flight >= self._limit:
+            self._refused += 1
+            if self._refused == 1 or self._refused % 1000 == 0:
+                log.warning(
+                    "%d requests in progress: answering 503 to the next (%d so far)",
+                    self._in_flight,
+                    self._refused,
+                )
+            await _unavailable(
+                send, "The service has too many requests in progress; retry shortly."
+            )
+            return
+        self._in_flight += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+
+
+async def _unavailable(send: Any, detail: str) -> None:
+    """Answer ``503 unavailable`` below the application (problem+json, retry in 1 s), and
+    close the connection: the request's body may be unread."""
+    headers = [
+        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    body = msgspec.json.encode(problem(ErrorCode.UNAVAILABLE, detail))
+    await send({"type": "http.response.body", "body": body})
 
 
 #: Methods counted by name; any other token a client sends is counted as ``other``, as a path
@@ -416,7 +471,7 @@ async def serve_asgi(
     seconds an idle connection stays open (uvicorn's default, 5, is shorter than the idle
     timeout of most proxies, which then reuse a connection as it closes: a 502)."""
     config = uvicorn.Config(
-        Measured(AnswerWhenCut(app)),
+        Measured(InFlightLimit(AnswerWhenCut(app))),
         host=host,
         port=port,
         log_config=None,

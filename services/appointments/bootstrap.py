@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -36,6 +37,8 @@ class Container:
 
     settings: Settings
     pool: asyncpg.Pool
+    probe_pool: asyncpg.Pool
+    """Readiness's own connection (see :func:`pool_and_nats`)."""
     nats_link: NatsLink | None
     """The NATS connection (None: a process that runs without NATS)."""
     appointments: Appointments
@@ -115,15 +118,56 @@ async def check_dsn_settings(dsn: str) -> None:
             conn.terminate()  # no round trip to a server that may not answer
 
 
+#: How long a statement waits for a lock another session holds (an operator's ``ALTER`` or
+#: ``VACUUM FULL``, a long transaction) before it gives up (``503``, retry): one locked table
+#: must not hold the pool's connections, and with them every endpoint, while the lock lasts.
+#: The DSN may set another (``?lock_timeout=5s``).
+LOCK_TIMEOUT: Final = "2s"
+#: Seconds a query waits for a connection of its pool, all of them busy, before it gives
+#: up (``503``); also how long a connection's release may take.
+ACQUIRE_SECONDS: Final = 2.0
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose connections are waited for :data:`ACQUIRE_SECONDS` at most
+    (asyncpg's own wait has no bound: queries queued behind a locked table waited for as
+    long as the lock), by every query made through it."""
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
+
+
+async def _bounded_pool(
+    dsn: str, max_size: int, server_settings: dict[str, str], **options: Any
+) -> asyncpg.Pool:
+    query = parse_qs(urlsplit(dsn).query)
+    settings = {"lock_timeout": LOCK_TIMEOUT} if "lock_timeout" not in query else {}
+    pool = BoundedPool(
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        connect=None,
+        setup=None,
+        init=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        command_timeout=10,
+        timeout=2,
+        server_settings={**settings, **server_settings},
+        **options,
+    )
+    await pool  # opens it (asyncpg.create_pool, which makes only its own class, does so)
+    return pool
+
+
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     """A connection pool that starts even while PostgreSQL is down (readiness says so),
     but not with a DSN that can never connect (:func:`check_dsn_settings`)."""
     await check_dsn_settings(dsn)
-    pool = await asyncpg.create_pool(
-        dsn, min_size=0, max_size=max_size, command_timeout=10, timeout=2, reset=_keep_session
-    )
-    assert pool is not None
-    return pool
+    return await _bounded_pool(dsn, max_size, {}, reset=_keep_session)
 
 
 #: The server ends a session whose client stopped answering (its node lost power, a
@@ -141,16 +185,7 @@ async def create_session_pool(dsn: str, max_size: int = 2) -> asyncpg.Pool:
     """A pool whose connections are fully reset on release (locks, LISTEN, settings), for
     work that holds session state: the relay's leadership lock (see
     :data:`SESSION_KEEPALIVES`; the reset keeps them, they are the session's own)."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=0,
-        max_size=max_size,
-        command_timeout=10,
-        timeout=2,
-        server_settings=SESSION_KEEPALIVES,
-    )
-    assert pool is not None
-    return pool
+    return await _bounded_pool(dsn, max_size, SESSION_KEEPALIVES, reset=None)
 
 
 class StoppedWhileConnecting(Exception):
@@ -395,19 +430,29 @@ def _closed_reason(client: NATS) -> str:
 @asynccontextmanager
 async def pool_and_nats(
     settings: Settings, name: str, pool_size: int = 10, with_nats: bool = True
-) -> AsyncIterator[tuple[asyncpg.Pool, NatsLink | None]]:
-    """The process's pool (which starts even while PostgreSQL is down) and its NATS link
-    (connecting in the background, see :class:`NatsLink`); both closed on exit."""
-    pool = await create_pool(settings.require_database_url(), pool_size)
+) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, NatsLink | None]]:
+    """The process's pool (which starts even while PostgreSQL is down), the one connection
+    readiness asks PostgreSQL through, and its NATS link (connecting in the background, see
+    :class:`NatsLink`); all closed on exit.
+
+    Readiness has a connection of its own: through the busy pool of a loaded process, or of
+    one whose queries wait for a locked table, it would fail, and every instance with it (the
+    load balancer then has none left) while PostgreSQL answers."""
+    dsn = settings.require_database_url()
+    pool = await create_pool(dsn, pool_size)
+    probe_pool = await create_pool(dsn, 1)
     link = NatsLink(settings, name) if with_nats else None
     try:
-        yield pool, link
+        yield pool, probe_pool, link
     finally:
         try:
             if link is not None:
                 await link.close()
         finally:
-            await close_pool(pool)
+            try:
+                await close_pool(pool)
+            finally:
+                await close_pool(probe_pool)
 
 
 #: How long closing a pool waits for its connections to come back (a query to a server
@@ -437,7 +482,8 @@ async def appointments_container(
     ``wait_for_nats``: enter only once NATS has answered (the tools and tests that build
     one); else at once, with NATS still connecting (the service: the roles that need it
     wait on :attr:`Container.nats_link`)."""
-    async with pool_and_nats(settings, "appointments", pool_size, with_nats) as (pool, link):
+    async with pool_and_nats(settings, "appointments", pool_size, with_nats) as connections:
+        pool, probe_pool, link = connections
         if link is not None and wait_for_nats:
             await link.wait()
         store = PostgresEventStore(pool)
@@ -451,6 +497,7 @@ async def appointments_container(
         yield Container(
             settings=settings,
             pool=pool,
+            probe_pool=probe_pool,
             nats_link=link,
             appointments=Appointments(ringing, store, clock, new_uuid, settings.rules),
             visits=VisitsQuery(view, clock, settings.rules, wait, repair=(store, view)),

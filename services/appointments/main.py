@@ -65,7 +65,7 @@ async def serve_http(container: Container, stop: asyncio.Event) -> None:
 async def _ops(container: Container, stop: asyncio.Event) -> None:
     """Health and metrics for a process without the api role."""
     settings = container.settings
-    probes = Probes(container.pool, container.nats_link)
+    probes = Probes(container.probe_pool, container.nats_link)
     await serve_ops(
         probes, settings.http_host, settings.http_port, stop, settings.http_keep_alive_seconds
     )

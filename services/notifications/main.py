@@ -37,13 +37,13 @@ async def run_notifications(
     (a process of its own; not inside ``clinic dev``, where the API serves them), from the
     start: while NATS is unreachable the process is live and not ready."""
     smtp = SmtpConfig.from_url(settings.smtp_url) if settings.smtp_url else None
-    async with pool_and_nats(settings, "notifications") as (pool, link):
+    async with pool_and_nats(settings, "notifications") as (pool, probe_pool, link):
         assert link is not None
         started = asyncio.Event()  # ready only once its streams and consumer exist
         with link.closed_wins():
             async with asyncio.TaskGroup() as group:
                 if serve_ops_http:
-                    probes = Probes(pool, link, started)
+                    probes = Probes(probe_pool, link, started)
                     ops = serve_ops(
                         probes,
                         settings.http_host,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 
 from services.appointments.bootstrap import appointments_container
 from services.appointments.main import run_roles
+from services.auth import mint_token
 from services.config import load_settings
 from services.embedded import EmbeddedNats
 from tests.e2e.conftest import free_port, wait_until_live
@@ -80,3 +83,40 @@ async def _eventually_status(client: httpx.AsyncClient, status: int) -> httpx.Re
             return answer
         assert asyncio.get_running_loop().time() < deadline, answer.text
         await asyncio.sleep(0.1)
+
+
+async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
+    database_url: str, nats_url: str
+) -> None:
+    """A loaded process, or one whose queries wait for a table an operator locked, stays
+    ready (readiness asks through a connection of its own) and answers what it cannot serve
+    with a quick 503, not after the lock."""
+    port = free_port()
+    secret = "x" * 40
+    settings = load_settings(
+        {
+            "CLINIC_DATABASE_URL": database_url,
+            "CLINIC_NATS_URL": nats_url,
+            "CLINIC_HTTP_PORT": str(port),
+            "CLINIC_JWT_SECRET": secret,
+        }
+    )
+    stop = asyncio.Event()
+    token = mint_token(secret, "patient", uuid.uuid4(), uuid.uuid4())
+    async with appointments_container(settings, pool_size=1) as container:
+        running = asyncio.create_task(run_roles(container, ["api"], stop))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            await wait_until_live(client)
+            busy = asyncio.ensure_future(container.pool.execute("SELECT pg_sleep(5)"))
+            await asyncio.sleep(0.3)  # it holds the pool's only connection
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+            began = time.monotonic()
+            visits = await client.get("/v1/visits", headers={"Authorization": f"Bearer {token}"})
+            waited = time.monotonic() - began
+            assert visits.status_code == 503, visits.text
+            assert visits.headers["retry-after"] and "busy" in visits.json()["detail"]
+            assert waited < 4, waited  # not until the busy query ends (5 s)
+            await busy
+        stop.set()
+        await asyncio.wait_for(running, 10)

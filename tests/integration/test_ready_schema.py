@@ -228,6 +228,25 @@ async def test_a_head_dripped_slower_than_its_timeout_is_refused_408(
         assert msgspec.json.decode(rest.partition(b"\r\n\r\n")[2])["status"] == 408
 
 
+async def test_a_connection_that_never_sends_a_byte_is_closed_when_its_keep_alive_ends(
+    pool: asyncpg.Pool,
+) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop, 1))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_until_live(client)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:  # silent: uvicorn starts no timer before a first request
+            assert await asyncio.wait_for(reader.read(1), 10) == b""  # closed by the server
+        finally:
+            writer.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+
+
 async def test_the_shipped_postgresql_config_names_only_real_settings(pool: asyncpg.Pool) -> None:
     conf = Path(__file__).parents[2] / "deploy" / "postgresql.conf"
     settings = {}
@@ -240,3 +259,25 @@ async def test_the_shipped_postgresql_config_names_only_real_settings(pool: asyn
     known = {row["name"] for row in names}
     assert settings and set(settings) <= known, set(settings) - known
     assert settings["synchronous_commit"] == "on" and settings["fsync"] == "on"
+
+
+async def test_the_served_app_bounds_the_requests_in_progress(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ops, "MAX_REQUESTS_IN_FLIGHT", 0)  # every request is one too many
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_ops(Probes(pool, None), "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    answer = await client.get("/health/live")
+                    break
+                await asyncio.sleep(0.05)
+            assert answer.status_code == 503
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["code"] == "unavailable"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)

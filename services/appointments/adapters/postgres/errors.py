@@ -22,6 +22,8 @@ def database_errors() -> Iterator[None]:
     serialization failures stay as they are: the append decides again after those."""
     try:
         yield
+    except TimeoutError as exc:  # no connection of the pool free in time, or no answer
+        raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
     except CONNECTION_ERRORS as exc:
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:

@@ -36,7 +36,7 @@ def create_app(container: Container) -> Litestar:
             components=Components(security_schemes=SECURITY_SCHEMES),
         ),
         state=State(
-            {"container": container, "probes": Probes(container.pool, container.nats_link)}
+            {"container": container, "probes": Probes(container.probe_pool, container.nats_link)}
         ),
         debug=False,
         logging_config=None,
