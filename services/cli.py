@@ -19,7 +19,9 @@ import asyncpg
 
 from contracts.generate import SCHEMAS_DIR
 from services.config import (
+    COMMAND_VARIABLES,
     DEV_VARIABLES,
+    TOKEN_VARIABLES,
     ConfigError,
     Settings,
     config_error_in,
@@ -235,17 +237,13 @@ def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
 #: The commands that run until told to stop (SIGTERM stops them cleanly, even while starting).
 SERVICES: Final = ("appointments", "notifications", "dev")
 
-#: What ``clinic dev`` does not read (it runs its own PostgreSQL and NATS): not checked.
-DEV_IGNORES: Final = ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
 
-
-#: The only variables of commands that run no service: the others are not checked.
-ONLY_READS: Final = {
-    "migrate": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
-    "rebuild-visits": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
-    "token": ("CLINIC_JWT_SECRET", "CLINIC_JWT_ISSUER", "CLINIC_JWT_AUDIENCE", "CLINIC_LOG_LEVEL"),
-    "contracts": ("CLINIC_LOG_LEVEL",),
-}
+def _reads(args: argparse.Namespace) -> tuple[str, ...]:
+    """The variables the command ``args`` runs reads (:data:`COMMAND_VARIABLES`)."""
+    names = COMMAND_VARIABLES[args.command]
+    if args.command == "appointments" and "api" not in {r.strip() for r in args.roles.split(",")}:
+        names = tuple(name for name in names if name not in TOKEN_VARIABLES)
+    return names
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
@@ -337,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_,
             description=help_,
-            epilog=variables_help(extra_variables) if extra_variables else epilog,
+            epilog=variables_help(COMMAND_VARIABLES[name], extra_variables),
             formatter_class=formatter,
         )
         command.set_defaults(handler=handler)
@@ -408,11 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    env: Mapping[str, str] = os.environ
-    if args.command == "dev":  # it runs its own servers: their variables are ignored
-        env = {k: v for k, v in env.items() if k not in DEV_IGNORES}
-    elif args.command in ONLY_READS:  # a malformed variable it never reads is no concern
-        env = {k: v for k, v in env.items() if k in ONLY_READS[args.command]}
+    reads = _reads(args)  # a malformed variable it never reads is no concern
+    env = {name: value for name, value in os.environ.items() if name in reads}
     try:
         settings = load_settings(env)
         configure_logging(settings.log_level)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
@@ -62,6 +62,50 @@ DEV_VARIABLES: dict[str, tuple[str | None, str]] = {
     "CLINIC_PG_INSTALL_DIR": (
         None,
         "a PostgreSQL installation (bin/, lib/, share/) to run instead of the embedded one",
+    ),
+}
+
+_SERVICE_VARIABLES = (
+    "CLINIC_DATABASE_URL",
+    "CLINIC_NATS_URL",
+    "CLINIC_NATS_STREAM_REPLICAS",
+    "CLINIC_HTTP_HOST",
+    "CLINIC_HTTP_PORT",
+    "CLINIC_HTTP_KEEP_ALIVE_SECONDS",
+    "CLINIC_START_WINDOW_MINUTES",
+)
+#: Read by the processes that check tokens: ``clinic appointments`` with the api role.
+TOKEN_VARIABLES = (
+    "CLINIC_JWT_SECRET",
+    "CLINIC_JWT_PUBLIC_KEY_FILE",
+    "CLINIC_JWT_ISSUER",
+    "CLINIC_JWT_AUDIENCE",
+)
+#: The variables each command reads. One it does not read is neither checked nor listed in
+#: its ``--help``: a value of a ConfigMap every process shares that is meant for others (a
+#: key file mounted in the api pods only) must not stop it. ``appointments`` reads
+#: :data:`TOKEN_VARIABLES` only with the api role.
+COMMAND_VARIABLES: dict[str, tuple[str, ...]] = {
+    "migrate": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
+    "rebuild-visits": ("CLINIC_DATABASE_URL", "CLINIC_LOG_LEVEL"),
+    "token": ("CLINIC_JWT_SECRET", "CLINIC_JWT_ISSUER", "CLINIC_JWT_AUDIENCE", "CLINIC_LOG_LEVEL"),
+    "contracts": ("CLINIC_LOG_LEVEL",),
+    "appointments": (
+        *_SERVICE_VARIABLES,
+        *TOKEN_VARIABLES,
+        "CLINIC_CONSISTENCY_WAIT_MS",
+        "CLINIC_IDEMPOTENCY_KEY_TTL_HOURS",
+        "CLINIC_LOG_LEVEL",
+    ),
+    "notifications": (
+        *_SERVICE_VARIABLES,
+        "CLINIC_NOTIFICATION_RETENTION_DAYS",
+        "CLINIC_SMTP_URL",
+        "CLINIC_LOG_LEVEL",
+    ),
+    # It runs its own PostgreSQL and NATS: their variables are not read.
+    "dev": tuple(
+        name for name in VARIABLES if name not in ("CLINIC_DATABASE_URL", "CLINIC_NATS_URL")
     ),
 }
 
@@ -306,9 +350,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def variables_help(extra: Mapping[str, tuple[str | None, str]] | None = None) -> str:
-    """The table of variables, for ``--help``; ``extra``: those only that command reads."""
-    variables = {**VARIABLES, **(extra or {})}
+def variables_help(
+    names: Iterable[str] | None = None, extra: Mapping[str, tuple[str | None, str]] | None = None
+) -> str:
+    """The table of variables (``names`` of them; default all), for ``--help``; ``extra``:
+    those only that command reads."""
+    chosen = VARIABLES if names is None else {name: VARIABLES[name] for name in names}
+    variables = {**chosen, **(extra or {})}
     lines = ["environment variables:"]
     width = max(map(len, variables))
     for name, (default, meaning) in variables.items():

@@ -19,12 +19,13 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import APIError
 
+from services import cli
 from services.appointments.adapters.nats.streams import describe
 from services.appointments.bootstrap import close_nats
 from services.appointments.main import parse_roles
 from services.auth import TokenVerifier
 from services.cli import build_parser, database_failure, main, run_until_signalled
-from services.config import ConfigError, config_error_in, load_settings
+from services.config import ConfigError, Settings, config_error_in, load_settings
 from services.embedded import free_port
 from services.logs import configure_logging
 
@@ -61,11 +62,60 @@ def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
-def test_dev_help_lists_the_variables_only_dev_reads(capsys: pytest.CaptureFixture[str]) -> None:
-    text = _help("dev", capsys)
-    assert "CLINIC_NATS_SERVER_BIN" in text and "CLINIC_PG_INSTALL_DIR" in text
-    assert "CLINIC_DATABASE_URL" in text
-    assert "CLINIC_PG_INSTALL_DIR" not in _help("migrate", capsys)
+def test_each_command_s_help_lists_the_variables_it_reads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dev = _help("dev", capsys)
+    assert "CLINIC_NATS_SERVER_BIN" in dev and "CLINIC_PG_INSTALL_DIR" in dev
+    assert "CLINIC_SMTP_URL" in dev and "CLINIC_JWT_SECRET" in dev
+    assert "CLINIC_DATABASE_URL" not in dev and "CLINIC_NATS_URL" not in dev  # its own servers
+    migrate = _help("migrate", capsys)
+    assert "CLINIC_DATABASE_URL" in migrate and "CLINIC_LOG_LEVEL" in migrate
+    for other in ("CLINIC_PG_INSTALL_DIR", "CLINIC_NATS_URL", "CLINIC_JWT_SECRET", "CLINIC_SMTP"):
+        assert other not in migrate, other
+    notifications = _help("notifications", capsys)
+    assert "CLINIC_SMTP_URL" in notifications and "CLINIC_NOTIFICATION_RETENTION" in notifications
+    assert "CLINIC_JWT" not in notifications and "CLINIC_IDEMPOTENCY" not in notifications
+    appointments = _help("appointments", capsys)
+    assert "CLINIC_JWT_PUBLIC_KEY_FILE" in appointments and "CLINIC_SMTP_URL" not in appointments
+    assert "CLINIC_DATABASE_URL" not in _help("token", capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["notifications"],
+        ["appointments", "--roles", "relay,projector"],
+        ["migrate"],
+    ],
+)
+def test_a_command_does_not_check_a_variable_it_does_not_read(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key file mounted in the api pods only, named in the ConfigMap every pod shares,
+    must not stop the relay's or the notification service's pods (a restart loop)."""
+    read: list[Settings] = []
+    monkeypatch.setenv("CLINIC_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/x")
+    monkeypatch.setenv("CLINIC_JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")
+    monkeypatch.setenv("CLINIC_JWT_SECRET", "short")
+    if argv[0] != "notifications":
+        monkeypatch.setenv("CLINIC_NOTIFICATION_RETENTION_DAYS", "0")
+        monkeypatch.setenv("CLINIC_SMTP_URL", "ftp://nowhere")
+    args = cli.build_parser().parse_args(argv)
+    monkeypatch.setattr(args, "handler", lambda settings, _: read.append(settings))
+    cli._run(args)
+    (settings,) = read
+    assert settings.jwt_public_key_file is None and settings.jwt_secret is None
+
+
+def test_the_api_role_still_checks_the_token_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLINIC_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/x")
+    monkeypatch.setenv("CLINIC_JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")
+    args = cli.build_parser().parse_args(["appointments", "--roles", "relay,api"])
+    monkeypatch.setattr(args, "handler", lambda *_: None)
+    with pytest.raises(SystemExit) as exited:
+        cli._run(args)
+    assert exited.value.code == 2
 
 
 @pytest.mark.parametrize(
