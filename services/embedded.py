@@ -280,19 +280,25 @@ class _Server:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_fh:
             self._log_offset = log_fh.tell()
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=dict(env) if env is not None else None,
-                start_new_session=True,  # own process group: stop/kill reach its children
-                user=user,
-                group=group,
-                extra_groups=[] if user is not None else None,
-                preexec_fn=_parent_death_signal(death_signal) if self.die_with_parent else None,
-            )
+            try:
+                proc = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=cwd,
+                    env=dict(env) if env is not None else None,
+                    start_new_session=True,  # own process group: stop/kill reach its children
+                    user=user,
+                    group=group,
+                    extra_groups=[] if user is not None else None,
+                    preexec_fn=(
+                        _parent_death_signal(death_signal) if self.die_with_parent else None
+                    ),
+                )
+            except OSError as exc:  # not a program for this machine, not executable...
+                reason = exc.strerror or str(exc)
+                raise ServerStartError(f"cannot run {argv[0]}: {reason}") from None
         self._proc = proc
         with _LIVE_LOCK:
             _LIVE.add(self)

@@ -26,6 +26,7 @@ from contracts.events import AppointmentCancelled, AppointmentScheduled, EventEn
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS, event_subject
 from services.appointments.adapters.nats.streams import (
     DUPLICATE_WINDOW_SECONDS,
+    StreamConfigConflict,
     ensure_events_stream,
     events_stream_config,
 )
@@ -351,6 +352,25 @@ async def test_the_stream_is_created_and_updated_from_code(nc: NATS) -> None:
     assert info.config.duplicate_window == pytest.approx(DUPLICATE_WINDOW_SECONDS)
     assert info.config.max_msgs == 10_000  # an operator's setting the code does not manage
     assert (await ensure_events_stream(js)).config == info.config
+
+
+async def test_a_stream_is_not_grown_past_one_replica_on_a_server_that_is_not_clustered(
+    nc: NATS,
+) -> None:
+    """NATS 2.9 takes that update (and claims three copies that do not exist); 2.10+ refuse
+    it. Either way the process is told its configuration is wrong, and the stream is left."""
+    js = nc.jetstream()
+    await ensure_events_stream(js, 1)
+    with pytest.raises(StreamConfigConflict, match="3 replicas: the NATS server is not clustered"):
+        await ensure_events_stream(js, 3)
+    assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
+
+
+async def test_a_stream_of_another_storage_is_refused_in_words(nc: NATS) -> None:
+    js = nc.jetstream()
+    await js.add_stream(events_stream_config().evolve(storage=StorageType.MEMORY))
+    with pytest.raises(StreamConfigConflict, match="has storage memory, the code wants file"):
+        await ensure_events_stream(js)
 
 
 @pytest.mark.fault

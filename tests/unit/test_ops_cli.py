@@ -17,16 +17,16 @@ import asyncpg
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.errors import APIError
+from nats.js.errors import APIError, ServiceUnavailableError
 
 from services import cli
-from services.appointments.adapters.nats.streams import describe
+from services.appointments.adapters.nats.streams import describe, stream_refused
 from services.appointments.bootstrap import close_nats
 from services.appointments.main import parse_roles
 from services.auth import TokenVerifier
 from services.cli import build_parser, database_failure, main, run_until_signalled
 from services.config import ConfigError, Settings, config_error_in, load_settings
-from services.embedded import free_port
+from services.embedded import EmbeddedNats, ServerStartError, free_port
 from services.logs import configure_logging
 
 
@@ -186,6 +186,11 @@ def test_a_nats_api_error_is_described_by_its_description() -> None:
     assert repr(error) in ("ServerError()", "APIError()")  # why repr will not do
     assert "insufficient resources" in describe(error)
     assert describe(ConnectionRefusedError()) == "ConnectionRefusedError()"
+    missing = asyncpg.UndefinedTableError('relation "events" does not exist')
+    assert "not migrated yet: run clinic migrate" in describe(missing)
+    # The notification service's last word after a minute of it, as the retries' warnings.
+    refused = str(stream_refused(1, ServiceUnavailableError()))
+    assert "JetStream does not answer" in refused and "`-js`" in refused
 
 
 @pytest.fixture(autouse=True)
@@ -243,6 +248,18 @@ def test_clinic_dev_refuses_a_server_variable_naming_nothing_usable(
     message = capsys.readouterr().err.strip()
     assert message.startswith("clinic:") and f"{variable}={value}" in message and words in message
     assert not (tmp_path / "dev").exists()  # refused before anything started
+
+
+def test_a_server_program_this_machine_cannot_run_is_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    program = tmp_path / "nats-server"
+    program.write_bytes(b"\x7fELF not for this machine")  # no shebang: exec format error
+    program.chmod(0o755)
+    server = EmbeddedNats(tmp_path / "nats", binary=program)
+    with pytest.raises(ServerStartError, match=r"cannot run .*nats-server: Exec format error"):
+        server.start()
+    assert not server.is_running
 
 
 def test_clinic_dev_refuses_a_data_dir_it_cannot_make_in_one_line(

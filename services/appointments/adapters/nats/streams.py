@@ -26,6 +26,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.config import ConfigError
+from services.pg_errors import schema_behind
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,12 @@ DUPLICATE_WINDOW_SECONDS: Final = 300.0
 
 
 def describe(exc: BaseException) -> str:
-    """The type and message of a failure to reach or use JetStream, for a log line: the
-    ``repr`` of a nats-py APIError is an empty ``ServerError()``, its ``str`` carries the
-    server's description and codes; a JetStream API that nobody answers is named as such
-    (a server started without JetStream says nothing else)."""
+    """The type and message of a failure of a loop over JetStream and PostgreSQL (the relay,
+    the projector, the notification service's consumer), for a log line: the ``repr`` of a
+    nats-py APIError is an empty ``ServerError()``, its ``str`` carries the server's
+    description and codes; a JetStream API that nobody answers is named as such (a server
+    started without JetStream says nothing else), and a table or column the database lacks
+    as a schema not migrated yet."""
     text = str(exc)
     described = f"{type(exc).__name__}: {text}" if text else repr(exc)
     if isinstance(exc, ServiceUnavailableError | NoRespondersError):
@@ -46,6 +49,8 @@ def describe(exc: BaseException) -> str:
             " (JetStream does not answer: is it enabled on the NATS server, `-js` or a"
             " `jetstream` block, and has its cluster elected a leader?)"
         )
+    elif schema_behind(exc):
+        described += " (the database is not migrated yet: run clinic migrate)"
     return described
 
 
@@ -88,9 +93,13 @@ def _differences(current: StreamConfig, wanted: StreamConfig) -> dict[str, objec
         changes["num_replicas"] = wanted.num_replicas
     for name in ("storage", "retention"):
         if getattr(current, name) != getattr(wanted, name):
+            have, want = (
+                getattr(v, "value", v) for v in (getattr(current, name), getattr(wanted, name))
+            )
             raise StreamConfigConflict(
-                f"stream {wanted.name} has {name}={getattr(current, name)}, the code wants"
-                f" {getattr(wanted, name)}: this cannot change in place; migrate the stream."
+                f"stream {wanted.name} has {name} {have}, the code wants {want}: this cannot"
+                " change in place; move its messages to a stream made anew (nats stream"
+                " backup, delete, then restore with the config edited) or delete it."
             )
     return changes
 
@@ -121,6 +130,14 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInf
     changes = _differences(info.config, config)
     if not changes:
         return info
+    if "num_replicas" in changes and (info.cluster is None or not info.cluster.name):
+        # NATS 2.9 takes this update on a server that is not clustered (and then claims
+        # copies that do not exist); later servers refuse it, as every server refuses to
+        # create such a stream.
+        raise StreamConfigConflict(
+            f"stream {config.name} cannot have {config.num_replicas} replicas: the NATS"
+            " server is not clustered (CLINIC_NATS_STREAM_REPLICAS)"
+        )
     updated = await js.update_stream(info.config.evolve(**changes))
     log.info("stream updated", extra={"stream": config.name, "changed": sorted(changes)})
     return updated
@@ -165,7 +182,7 @@ def stream_refused(replicas: int | None, exc: BaseException) -> ConfigError:
         hint = f"; {replicas} replicas need a JetStream cluster of {replicas} nodes"
     return ConfigError(
         f"JetStream refused the streams (CLINIC_NATS_URL, CLINIC_NATS_STREAM_REPLICAS="
-        f"{replicas or 1}): {str(exc) or type(exc).__name__}{hint}"
+        f"{replicas or 1}): {describe(exc)}{hint}"
     )
 
 

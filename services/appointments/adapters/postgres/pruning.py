@@ -18,6 +18,7 @@ import asyncpg
 
 from services.appointments.adapters.postgres.errors import database_errors
 from services.errors import Unavailable
+from services.pg_errors import schema_behind
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,12 @@ async def run_pruner(
         try:
             pruned = await prune_idempotency_keys(pool, older_than)
         except (Unavailable, asyncpg.PostgresError) as exc:  # down, or not migrated yet
-            log.warning("pruning idempotency keys failed; retrying later: %s", exc)
+            hint = " (the database is not migrated yet: run clinic migrate)"
+            log.warning(
+                "pruning idempotency keys failed; retrying later: %s%s",
+                exc,
+                hint if schema_behind(exc) else "",
+            )
         except Exception:  # housekeeping must never take the relay role down
             log.exception("pruning idempotency keys failed; retrying later")
         else:
