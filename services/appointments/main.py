@@ -238,6 +238,7 @@ async def run_roles(container: Container, roles: Sequence[str], stop: asyncio.Ev
         # hangs) is cancelled after it, whatever stopped the service.
         stop.set()
         late = await wind_down(tasks, ROLE_GRACE_SECONDS, CANCEL_GRACE_SECONDS)
+    log.info("appointments service stopped", extra={"roles": list(roles)})
     for task in tasks:
         if not task.done() or task.cancelled() or task in late:
             continue  # what a role cut short by the grace raised is no failure of its own

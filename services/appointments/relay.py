@@ -191,6 +191,7 @@ class OutboxRelay:
         """Relay until ``stop`` is set; outages of PostgreSQL or NATS are waited out."""
         delay = 0.1
         stream_ready = False
+        standing_by = False  # said once, until this relay leads
         stream = EventsStream(self._stream_replicas)
         while not stop.is_set():
             raise_if_cancelling()
@@ -200,6 +201,7 @@ class OutboxRelay:
                     stream_ready = True
                 async with self._pool.acquire() as conn:
                     if await outbox.try_lead(conn):
+                        standing_by = False
                         log.info("relay active")
                         published, started = self.published, time.monotonic()
                         try:
@@ -214,6 +216,9 @@ class OutboxRelay:
                             with contextlib.suppress(Exception):
                                 await outbox.step_down(conn)
                         continue
+                if not standing_by:
+                    standing_by = True
+                    log.info("relay standing by: another relay holds the lead")
                 await self._observe_outbox()
                 await idle(stop, self._standby_interval)
             except ConfigError:  # JetStream refused the stream for good: exit 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -217,8 +218,9 @@ async def test_a_transaction_committing_late_is_published_after_it_commits(
 
 
 async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_over(
-    pool: asyncpg.Pool, database_url: str, nats_url: str, nc: NATS
+    pool: asyncpg.Pool, database_url: str, nats_url: str, nc: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="services.appointments.relay")
     store = PostgresEventStore(pool)
     other_pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     other_nc = await nats.connect(nats_url)
@@ -248,6 +250,8 @@ async def test_two_relays_at_once_publish_each_event_once_and_the_standby_takes_
     # Each outbox row was published (and deleted) by exactly one relay.
     assert first.published + second.published == 2020
     assert second.published == 1000
+    said = [r.getMessage() for r in caplog.records if r.name == "services.appointments.relay"]
+    assert said.count("relay standing by: another relay holds the lead") == 1  # once, not per poll
 
 
 async def test_the_doorbell_wakes_the_relay_before_its_poll(pool: asyncpg.Pool, nc: NATS) -> None:
