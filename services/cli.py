@@ -144,7 +144,8 @@ class _EarlyStop:
         service (``migrate``) is killed by SIGTERM as ever."""
         if signal.getsignal(signal.SIGTERM) == self._note:
             signal.signal(signal.SIGTERM, self._before)
-        if deliver and self.requested:
+        requested, self.requested = self.requested, False  # no later run of this process sees it
+        if deliver and requested:
             signal.raise_signal(signal.SIGTERM)
 
 
@@ -184,6 +185,7 @@ def run_until_signalled(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         if _early_stop.requested:  # told to stop while starting: nothing to run
+            _early_stop.requested = False
             on_signal()
             log.info("stopped before it started (SIGTERM while starting)")
             return

@@ -368,12 +368,15 @@ class _Server:
     def _failed_start(self, exc: BaseException, attempt: int) -> bool:
         """Clean up after a failed start; whether to try again on another port."""
         self._terminate(None, 0.0, None)
-        return (
+        if (
             isinstance(exc, ServerStartError)
             and self._port_chosen
             and attempt < 2
             and self._bind_failed()
-        )
+        ):
+            self.port = None  # the next attempt chooses another
+            return True
+        return False
 
     def start(self) -> Self:
         """Start the server and return once it serves clients.

@@ -363,9 +363,19 @@ class AnswerWhenCut:
 MAX_REQUESTS_IN_FLIGHT = 1024
 
 
+#: Paths never refused for the requests in progress: the probes and the scrape, which must
+#: answer most when the process is busiest (a failed liveness would restart it mid-stall).
+_ALWAYS_SERVED = ("/health/", "/metrics")
+#: What of a refused request's body is read (and dropped) before the answer, at most: a
+#: connection closed with unread data is reset, and the client may never see the 503.
+_DRAINED_BYTES = 64 * 1024
+_DRAIN_SECONDS = 1.0
+
+
 class InFlightLimit:
     """ASGI middleware: past :data:`MAX_REQUESTS_IN_FLIGHT` requests in progress, the next
-    is answered ``503 unavailable`` (problem+json, retry in 1 s) before its body is read."""
+    is answered ``503 unavailable`` (problem+json, retry in 1 s) after its body is read and
+    dropped (64 KiB and 1 s at most). Health probes and metrics are always served."""
 
     def __init__(self, app: Any, limit: int | None = None) -> None:
         self._app = app
@@ -377,7 +387,7 @@ class InFlightLimit:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        if self._in_flight >= self._limit:
+        if self._in_flight >= self._limit and not scope["path"].startswith(_ALWAYS_SERVED):
             self._refused += 1
             if self._refused == 1 or self._refused % 1000 == 0:
                 log.warning(
@@ -385,6 +395,7 @@ class InFlightLimit:
                     self._in_flight,
                     self._refused,
                 )
+            await _drain(receive)
             await _unavailable(
                 send, "The service has too many requests in progress; retry shortly."
             )
@@ -394,6 +405,19 @@ class InFlightLimit:
             await self._app(scope, receive, send)
         finally:
             self._in_flight -= 1
+
+
+async def _drain(receive: Any) -> None:
+    """Read a request's body and drop it, up to :data:`_DRAINED_BYTES` or
+    :data:`_DRAIN_SECONDS`."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while read <= _DRAINED_BYTES:
+                message = await receive()
+                read += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
 
 
 async def _unavailable(send: Any, detail: str) -> None:

@@ -137,11 +137,17 @@ class BoundedPool(asyncpg.Pool):
         return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
 
 
+def _sets_lock_timeout(dsn: str) -> bool:
+    return "lock_timeout" in parse_qs(urlsplit(dsn).query)
+
+
+async def _limit_lock_waits(conn: asyncpg.Connection) -> None:
+    await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+
+
 async def _bounded_pool(
-    dsn: str, max_size: int, server_settings: dict[str, str], **options: Any
+    dsn: str, max_size: int, server_settings: dict[str, str] | None = None, **options: Any
 ) -> asyncpg.Pool:
-    query = parse_qs(urlsplit(dsn).query)
-    settings = {"lock_timeout": LOCK_TIMEOUT} if "lock_timeout" not in query else {}
     pool = BoundedPool(
         dsn,
         min_size=0,
@@ -150,24 +156,31 @@ async def _bounded_pool(
         max_inactive_connection_lifetime=300.0,
         connect=None,
         setup=None,
-        init=None,
         loop=None,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
         command_timeout=10,
         timeout=2,
-        server_settings={**settings, **server_settings},
+        server_settings=server_settings,
         **options,
     )
     await pool  # opens it (asyncpg.create_pool, which makes only its own class, does so)
     return pool
 
 
+async def _statement_pool(dsn: str, max_size: int) -> asyncpg.Pool:
+    """A pool of connections that hold no session state: :data:`LOCK_TIMEOUT` is set on
+    each new one (by ``SET``, not a startup parameter: PgBouncer refuses those it does not
+    know), and their release skips the reset."""
+    init = None if _sets_lock_timeout(dsn) else _limit_lock_waits
+    return await _bounded_pool(dsn, max_size, init=init, reset=_keep_session)
+
+
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     """A connection pool that starts even while PostgreSQL is down (readiness says so),
     but not with a DSN that can never connect (:func:`check_dsn_settings`)."""
     await check_dsn_settings(dsn)
-    return await _bounded_pool(dsn, max_size, {}, reset=_keep_session)
+    return await _statement_pool(dsn, max_size)
 
 
 #: The server ends a session whose client stopped answering (its node lost power, a
@@ -185,7 +198,10 @@ async def create_session_pool(dsn: str, max_size: int = 2) -> asyncpg.Pool:
     """A pool whose connections are fully reset on release (locks, LISTEN, settings), for
     work that holds session state: the relay's leadership lock (see
     :data:`SESSION_KEEPALIVES`; the reset keeps them, they are the session's own)."""
-    return await _bounded_pool(dsn, max_size, SESSION_KEEPALIVES, reset=None)
+    # Startup parameters, which the reset of a release (RESET ALL) keeps: this pool is
+    # never behind a pooler (its session is the relay's lead).
+    lock_timeout = {} if _sets_lock_timeout(dsn) else {"lock_timeout": LOCK_TIMEOUT}
+    return await _bounded_pool(dsn, max_size, {**lock_timeout, **SESSION_KEEPALIVES}, init=None)
 
 
 class StoppedWhileConnecting(Exception):
@@ -440,7 +456,7 @@ async def pool_and_nats(
     load balancer then has none left) while PostgreSQL answers."""
     dsn = settings.require_database_url()
     pool = await create_pool(dsn, pool_size)
-    probe_pool = await create_pool(dsn, 1)
+    probe_pool = await _statement_pool(dsn, 1)  # the DSN checked once, above
     link = NatsLink(settings, name) if with_nats else None
     try:
         yield pool, probe_pool, link

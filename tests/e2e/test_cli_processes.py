@@ -110,6 +110,43 @@ def test_a_service_told_to_stop_while_starting_exits_0_without_starting(
     assert not (tmp_path / "dev").exists()  # clinic dev made no data directory
 
 
+#: A start that notes a SIGTERM and then fails in another way (a malformed variable); then
+#: another run in the same interpreter (``main()`` called again, as by a test).
+NOTED_THEN_FAILED = """
+import os, signal
+import services.cli as cli
+from services.config import ConfigError
+
+def load_settings(env):
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise ConfigError("a malformed variable")
+
+cli.load_settings = load_settings
+try:
+    cli.main(["notifications"])
+except SystemExit as exc:
+    assert exc.code == 2, exc.code
+ran = []
+
+async def work(stop):
+    ran.append(True)
+
+cli.run_until_signalled(work)
+print("ran" if ran else "skipped")
+"""
+
+
+def test_a_sigterm_noted_by_a_start_that_failed_is_not_left_for_the_next_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", NOTED_THEN_FAILED],
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ran", result.stderr
+
+
 def test_a_command_that_runs_no_service_is_still_killed_by_sigterm() -> None:
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     result = subprocess.run(

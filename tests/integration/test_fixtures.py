@@ -326,3 +326,25 @@ def _processes_mentioning(text: str) -> list[int]:
             if text in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+def test_a_chosen_port_taken_before_the_server_binds_it_is_left_for_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.embedded as embedded
+
+    with socket.create_server(("127.0.0.1", 0)) as squatter:  # takes the first choice
+        taken = squatter.getsockname()[1]
+        choices: list[int] = []
+
+        def racing(host: str = embedded.LOOPBACK) -> int:
+            choices.append(taken if not choices else free_port(host))
+            return choices[-1]
+
+        monkeypatch.setattr(embedded, "free_port", racing)
+        server = EmbeddedNats(tmp_path / "nats", startup_timeout=10)
+        server.start()
+        try:
+            assert server.port != taken and len(choices) == 2
+        finally:
+            server.stop()

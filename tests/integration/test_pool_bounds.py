@@ -40,6 +40,24 @@ async def test_a_statement_waits_2_s_at_most_for_a_lock_and_is_answered_503(
         await pool.close()
 
 
+async def test_every_pool_keeps_its_lock_timeout_across_releases(database_url: str) -> None:
+    """Set by ``SET`` on the statement pools (PgBouncer refuses unknown startup parameters),
+    by a startup parameter on the relay's session pool, whose release runs ``RESET ALL``."""
+    for make in (create_pool, create_session_pool):
+        pool = await make(database_url, 1)
+        try:
+            for _ in range(3):  # the same connection, released and taken again
+                async with pool.acquire() as conn:
+                    assert await conn.fetchval("SHOW lock_timeout") == "2s"
+                    source = await conn.fetchval(
+                        "SELECT source FROM pg_settings WHERE name = 'lock_timeout'"
+                    )
+                    # Not a startup parameter where a pooler may stand in between.
+                    assert source == ("session" if make is create_pool else "client"), source
+        finally:
+            await pool.close()
+
+
 async def test_the_dsn_may_set_its_own_lock_timeout(database_url: str) -> None:
     for make in (create_pool, create_session_pool):
         pool = await make(f"{database_url}?lock_timeout=150ms", 1)

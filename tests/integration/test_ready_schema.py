@@ -272,12 +272,15 @@ async def test_the_served_app_bounds_the_requests_in_progress(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             for _ in range(100):
                 with contextlib.suppress(httpx.TransportError):
-                    answer = await client.get("/health/live")
+                    answer = await client.get("/health/live")  # always served
                     break
                 await asyncio.sleep(0.05)
-            assert answer.status_code == 503
-            assert answer.headers["content-type"] == "application/problem+json"
-            assert answer.json()["code"] == "unavailable"
+            assert answer.status_code == 200
+            assert (await client.get("/metrics")).status_code == 200
+            refused = await client.get("/anything/else")
+            assert refused.status_code == 503
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["code"] == "unavailable"
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)

@@ -24,16 +24,25 @@ class Held:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def request(app: Any) -> list[dict[str, Any]]:
+async def request(
+    app: Any, path: str = "/v1/appointments", body: list[bytes] | None = None
+) -> list[dict[str, Any]]:
+    """What ``app`` sends for a request of ``path`` whose body comes in ``body``'s parts."""
     sent: list[dict[str, Any]] = []
+    parts = list(body or [b"{}"])
 
     async def receive() -> dict[str, Any]:
-        raise AssertionError("a refused request's body is never read")
+        if not parts:
+            await asyncio.Event().wait()  # a client that sends no more
+        part = parts.pop(0)
+        return {"type": "http.request", "body": part, "more_body": bool(parts)}
 
     async def send(message: dict[str, Any]) -> None:
+        if message.get("status") == 503:  # a refusal closes: unread data would reset it
+            assert not parts, "refused with the body still unread"
         sent.append(message)
 
-    await app({"type": "http", "method": "POST", "path": "/v1/appointments"}, receive, send)
+    await app({"type": "http", "method": "POST", "path": path}, receive, send)
     return sent
 
 
@@ -43,7 +52,8 @@ async def test_past_the_limit_the_next_request_is_answered_503_before_its_body()
     working = [asyncio.ensure_future(request(limited)) for _ in range(2)]
     await asyncio.sleep(0)
     assert held.entered == 2
-    start, body = await asyncio.wait_for(request(limited), 1)  # not held: refused at once
+    chunks = [b"x" * 16_384] * 4  # read and dropped before the answer
+    start, body = await asyncio.wait_for(request(limited, body=chunks), 1)  # not held
     assert start["status"] == 503
     headers = dict(start["headers"])
     assert headers[b"content-type"] == b"application/problem+json"
@@ -55,3 +65,31 @@ async def test_past_the_limit_the_next_request_is_answered_503_before_its_body()
         assert done[0]["status"] == 200
     assert (await request(limited))[0]["status"] == 200  # room again
     assert held.entered == 3
+
+
+async def test_the_probes_and_the_scrape_are_served_past_the_limit() -> None:
+    held = Held()
+    limited = InFlightLimit(held, limit=0)
+    held.release.set()
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert (await request(limited, path))[0]["status"] == 200, path
+    assert (await request(limited, "/v1/visits"))[0]["status"] == 503
+
+
+async def test_a_body_that_never_ends_is_drained_for_a_second_at_most() -> None:
+    limited = InFlightLimit(Held(), limit=0)
+    endless = [b"x" * 1024] * 10 + []  # then nothing more comes
+    sent: list[dict[str, Any]] = []
+    parts = list(endless)
+
+    async def receive() -> dict[str, Any]:
+        if not parts:
+            await asyncio.Event().wait()
+        return {"type": "http.request", "body": parts.pop(0), "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/appointments"}
+    await asyncio.wait_for(limited(scope, receive, send), 3)
+    assert sent[0]["status"] == 503
