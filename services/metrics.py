@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -86,6 +86,17 @@ HTTP_SECONDS = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+DB_POOL_CONNECTIONS = Gauge(
+    "clinic_db_pool_connections",
+    "Connections of a PostgreSQL pool of this process: busy (running a query or held) or"
+    " idle (open, free), read at each scrape.",
+    ["pool", "state"],
+)
+DB_POOL_MAX = Gauge(
+    "clinic_db_pool_max_connections",
+    "The most connections a PostgreSQL pool of this process opens.",
+    ["pool"],
+)
 NOTIFICATIONS = Counter(
     "clinic_notifications_total",
     "Notification deliveries, by kind, channel and result.",
@@ -113,6 +124,24 @@ def exported(*metrics: MetricWrapperBase) -> None:
         if metric not in _exported:
             REGISTRY.register(metric)
             _exported.add(metric)
+
+
+def watch_pool(name: str, pool: PoolSizes) -> None:
+    """Report ``pool``'s connections as ``pool=name`` from now on (read at each scrape; a
+    pool watched later under the same name takes its place)."""
+    DB_POOL_CONNECTIONS.labels(name, "busy").set_function(
+        lambda: pool.get_size() - pool.get_idle_size()
+    )
+    DB_POOL_CONNECTIONS.labels(name, "idle").set_function(pool.get_idle_size)
+    DB_POOL_MAX.labels(name).set(pool.get_max_size())
+
+
+class PoolSizes(Protocol):
+    """What :func:`watch_pool` reads of an asyncpg pool."""
+
+    def get_size(self) -> int: ...
+    def get_idle_size(self) -> int: ...
+    def get_max_size(self) -> int: ...
 
 
 def zeroed(counter: Counter, *label_sets: tuple[str, ...]) -> None:

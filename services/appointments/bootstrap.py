@@ -25,6 +25,7 @@ from services.appointments.service_layer.ports import Clock
 from services.appointments.service_layer.visits import VisitsQuery
 from services.auth import TokenVerifier
 from services.config import ConfigError, Settings, mask_password
+from services.metrics import watch_pool
 from services.nats_client import NatsClient, NatsClosed
 from services.pg_errors import REFUSED_SETTING_STATES
 
@@ -457,6 +458,8 @@ async def pool_and_nats(
     dsn = settings.require_database_url()
     pool = await create_pool(dsn, pool_size)
     probe_pool = await _statement_pool(dsn, 1)  # the DSN checked once, above
+    watch_pool("main", pool)
+    watch_pool("readiness", probe_pool)
     link = NatsLink(settings, name) if with_nats else None
     try:
         yield pool, probe_pool, link

@@ -24,6 +24,7 @@ from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
 from services.appointments.relay import STANDBY_SECONDS, observe_outbox, run_relay
 from services.config import Settings, config_error_in
+from services.metrics import watch_pool
 from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
 
 T = TypeVar("T")
@@ -126,6 +127,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
         replicas = container.settings.nats_stream_replicas
         # The relay's leadership lock and LISTEN are session state: a pool of its own.
         pool = await create_session_pool(container.settings.require_database_url())
+        watch_pool("relay", pool)
         try:
             await run_relay(pool, nats, stop, replicas, container.doorbell)
         finally:

@@ -111,6 +111,9 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
             await asyncio.sleep(0.3)  # it holds the pool's only connection
             ready = await client.get("/health/ready")
             assert ready.status_code == 200, ready.text
+            scraped = (await client.get("/metrics")).text  # what an operator sees of it
+            assert 'clinic_db_pool_connections{pool="main",state="busy"} 1.0' in scraped
+            assert 'clinic_db_pool_max_connections{pool="main"} 1.0' in scraped
             began = time.monotonic()
             visits = await client.get("/v1/visits", headers={"Authorization": f"Bearer {token}"})
             waited = time.monotonic() - began
