@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -159,10 +161,12 @@ def test_a_command_that_runs_no_service_is_still_killed_by_sigterm() -> None:
     assert result.returncode == -signal.SIGTERM, result.stderr
 
 
-@pytest.mark.parametrize("command", [("appointments",), ("notifications",)])
-async def test_service_serves_then_exits_0_on_sigterm(
-    database_url: str, nats_url: str, command: tuple[str, ...]
-) -> None:
+@contextlib.asynccontextmanager
+async def ready_process(
+    database_url: str, nats_url: str, *command: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """``clinic COMMAND`` as a process, ready (NATS answers too); a client of its port.
+    Stopped by SIGTERM when the block ends, which it must exit 0 on."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         *clinic(*command),
@@ -173,30 +177,38 @@ async def test_service_serves_then_exits_0_on_sigterm(
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             await wait_until_live(client, 20)
-            await wait_until_ready(client)  # NATS answers too
-            if command == ("appointments",):
-                from services.auth import mint_token
-
-                me, clinic_id = uuid.uuid4(), uuid.uuid4()
-                token = mint_token(SECRET, "patient", me, clinic_id)
-                starts = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-                created = await client.post(
-                    "/v1/appointments",
-                    headers={"Authorization": f"Bearer {token}"},
-                    json={
-                        "patient_id": str(me),
-                        "provider_id": str(uuid.uuid4()),
-                        "starts_at": starts,
-                        "duration_minutes": 30,
-                        "timezone": "UTC",
-                    },
-                )
-                assert created.status_code == 201
+            await wait_until_ready(client)
+            yield client
         assert await stop(process) == 0
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("command", [("appointments",), ("notifications",)])
+async def test_service_serves_then_exits_0_on_sigterm(
+    database_url: str, nats_url: str, command: tuple[str, ...]
+) -> None:
+    async with ready_process(database_url, nats_url, *command) as client:
+        if command == ("appointments",):
+            from services.auth import mint_token
+
+            me, clinic_id = uuid.uuid4(), uuid.uuid4()
+            token = mint_token(SECRET, "patient", me, clinic_id)
+            starts = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+            created = await client.post(
+                "/v1/appointments",
+                headers={"Authorization": f"Bearer {token}"},
+                json={
+                    "patient_id": str(me),
+                    "provider_id": str(uuid.uuid4()),
+                    "starts_at": starts,
+                    "duration_minutes": 30,
+                    "timezone": "UTC",
+                },
+            )
+            assert created.status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -224,27 +236,12 @@ async def test_a_process_exports_the_gauges_of_the_roles_it_runs_only(
 ) -> None:
     """A relay lag of 0 from every api and notification process would hide a relay that
     runs nowhere behind a healthy graph."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *clinic(*command),
-        env=env_for(database_url, nats_url, port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            await wait_until_live(client, 20)
-            await wait_until_ready(client)  # every role started
-            text = (await client.get("/metrics")).text
-        for name in exports:
-            assert name in text, name
-        for name in never:
-            assert name not in text, name
-        assert await stop(process) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    async with ready_process(database_url, nats_url, *command) as client:  # every role started
+        text = (await client.get("/metrics")).text
+    for name in exports:
+        assert name in text, name
+    for name in never:
+        assert name not in text, name
 
 
 @pytest.mark.parametrize("command", ["appointments", "notifications"])
