@@ -17,6 +17,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.pools import BoundedPool
 from services.appointments.adapters.postgres.visits import PostgresVisits, ViewUpdates
 from services.appointments.adapters.system import new_uuid, utc_now
 from services.appointments.relay import OutboxDoorbell, RingingEventStore
@@ -124,18 +125,6 @@ async def check_dsn_settings(dsn: str) -> None:
 #: must not hold the pool's connections, and with them every endpoint, while the lock lasts.
 #: The DSN may set another (``?lock_timeout=5s``).
 LOCK_TIMEOUT: Final = "2s"
-#: Seconds a query waits for a connection of its pool, all of them busy, before it gives
-#: up (``503``); also how long a connection's release may take.
-ACQUIRE_SECONDS: Final = 2.0
-
-
-class BoundedPool(asyncpg.Pool):
-    """An asyncpg pool whose connections are waited for :data:`ACQUIRE_SECONDS` at most
-    (asyncpg's own wait has no bound: queries queued behind a locked table waited for as
-    long as the lock), by every query made through it."""
-
-    def acquire(self, *, timeout: float | None = None) -> Any:
-        return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
 
 
 def _sets_lock_timeout(dsn: str) -> bool:

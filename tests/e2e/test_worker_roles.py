@@ -7,7 +7,9 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 
 from services.appointments.bootstrap import appointments_container
@@ -123,3 +125,57 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
             await busy
         stop.set()
         await asyncio.wait_for(running, 10)
+
+
+async def test_reads_stalled_on_a_locked_view_leave_connections_to_the_commands(
+    database_url: str, nats_url: str
+) -> None:
+    """A bulkhead: the visits view's queries (and the event store's) take at most all but
+    two of the pool's connections, so that an operator's lock on one side leaves the other
+    its connections."""
+    port = free_port()
+    secret = "x" * 40
+    settings = load_settings(
+        {
+            "CLINIC_DATABASE_URL": database_url,
+            "CLINIC_NATS_URL": nats_url,
+            "CLINIC_HTTP_PORT": str(port),
+            "CLINIC_JWT_SECRET": secret,
+        }
+    )
+    stop = asyncio.Event()
+    me, clinic = uuid.uuid4(), uuid.uuid4()
+    auth = {"Authorization": f"Bearer {mint_token(secret, 'patient', me, clinic)}"}
+    holder = await asyncpg.connect(database_url)
+    async with appointments_container(settings, pool_size=4) as container:
+        running = asyncio.create_task(run_roles(container, ["api"], stop))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            await wait_until_live(client)
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
+            reads = [
+                asyncio.ensure_future(client.get("/v1/visits", headers=auth)) for _ in range(6)
+            ]
+            await asyncio.sleep(0.3)  # every read is waiting: for the lock, or for its turn
+            began = time.monotonic()
+            booked = await client.post(
+                "/v1/appointments",
+                headers=auth,
+                json={
+                    "patient_id": str(me),
+                    "provider_id": str(uuid.uuid4()),
+                    "starts_at": (datetime.now(UTC) + timedelta(hours=2)).isoformat(),
+                    "duration_minutes": 30,
+                    "timezone": "UTC",
+                },
+            )
+            waited = time.monotonic() - began
+            assert booked.status_code == 201, booked.text
+            assert waited < 1.5, waited  # not behind the reads' lock waits (2 s each)
+            answers = await asyncio.gather(*reads)
+            assert {answer.status_code for answer in answers} == {503}  # lock_timeout, or turn
+            await locked.rollback()
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    await holder.close()

@@ -10,11 +10,8 @@ import asyncpg
 import pytest
 
 from services.appointments.adapters.postgres.errors import database_errors
-from services.appointments.bootstrap import (
-    ACQUIRE_SECONDS,
-    create_pool,
-    create_session_pool,
-)
+from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS
+from services.appointments.bootstrap import create_pool, create_session_pool
 from services.errors import ClinicError, Unavailable
 
 

@@ -36,6 +36,7 @@ from services.appointments.adapters.postgres.errors import (
     refused_by_content,
 )
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
+from services.appointments.adapters.postgres.pools import share_of
 from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyKeyTaken,
@@ -151,7 +152,9 @@ class PostgresEventStore:
     def __init__(
         self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH, in_flight: int | None = None
     ) -> None:
-        self._pool = pool
+        # A share of the pool: with the event store's tables locked, the reads of the visits
+        # view still find connections (and the other way round).
+        self._pool = share_of(pool, "events")
         if in_flight is None:  # a single connection (tests) runs one statement at a time
             in_flight = IN_FLIGHT if isinstance(pool, asyncpg.Pool) else 1
         self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(

@@ -32,6 +32,7 @@ from contracts.commands import VisitsTab
 from contracts.events import EventEnvelope
 from services.appointments.adapters.postgres.errors import database_errors, refused_by_content
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
+from services.appointments.adapters.postgres.pools import share_of
 from services.appointments.service_layer.visits import (
     LONGEST_VISIT,
     Outcome,
@@ -144,7 +145,7 @@ class PostgresVisits:
     def __init__(
         self, pool: asyncpg.Pool, projection: str = "visits", updates: ViewUpdates | None = None
     ) -> None:
-        self._pool = pool
+        self._pool = share_of(pool, "visits")  # see PostgresEventStore
         self._projection = projection
         self._updates = updates
         """Written rows are announced there (the projector's and repairs') and waited on

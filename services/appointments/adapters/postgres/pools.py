@@ -1,0 +1,92 @@
+"""Bounded waits for PostgreSQL connections: a pool whose connections are waited for a
+while at most, and shares of it that keep one part of the service from taking them all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import asyncpg
+
+#: Seconds a query waits for a connection of its pool, all of them busy, before it gives
+#: up (``503``); also how long a connection's release may take.
+ACQUIRE_SECONDS: Final = 2.0
+#: Connections of a pool a share leaves to the rest of the service.
+SPARE_CONNECTIONS: Final = 2
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose connections are waited for :data:`ACQUIRE_SECONDS` at most
+    (asyncpg's own wait has no bound: queries queued behind a locked table waited for as
+    long as the lock), by every query made through it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shares: dict[str, PoolShare] = {}
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
+
+    def share(self, part: str) -> PoolShare:
+        """``part``'s :class:`PoolShare`, one for every user of that part (the api's and the
+        projector's reads and writes of the visits view share theirs), which leaves the pool
+        :data:`SPARE_CONNECTIONS`."""
+        if part not in self._shares:
+            limit = max(1, self.get_max_size() - SPARE_CONNECTIONS)
+            self._shares[part] = PoolShare(self, limit)
+        return self._shares[part]
+
+
+class PoolShare:
+    """At most ``limit`` of ``pool``'s connections at once, for one part of the service (a
+    bulkhead): when its queries stall (a table of its own locked by an operator), the other
+    parts still find connections. A query waits :data:`ACQUIRE_SECONDS` at most for its turn
+    and its connection together."""
+
+    def __init__(self, pool: asyncpg.Pool, limit: int) -> None:
+        self._pool = pool
+        self._turns = asyncio.Semaphore(limit)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with asyncio.timeout(ACQUIRE_SECONDS):
+            await self._turns.acquire()
+            try:
+                conn = await self._pool.acquire()
+            except BaseException:
+                self._turns.release()
+                raise
+        try:
+            yield conn
+        finally:
+            try:
+                await self._pool.release(conn)
+            finally:
+                self._turns.release()
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            status: str = await conn.execute(query, *args)
+            return status
+
+
+def share_of(pool: Any, part: str) -> Any:
+    """``part``'s share of ``pool`` if it is the service's (:meth:`BoundedPool.share`);
+    another pool or a single connection (tests, benchmarks) as it is."""
+    return pool.share(part) if isinstance(pool, BoundedPool) else pool
