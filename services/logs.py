@@ -109,3 +109,15 @@ def throttle_client_noise() -> Throttle:
     throttle = Throttle(CLIENT_CAUSED)
     server.addFilter(throttle)
     return throttle
+
+
+#: An answer ``503 unavailable`` over HTTP or NATS, said at most once a minute with the
+#: count held back (``suppressed``): an outage of PostgreSQL turns every request into one.
+ANSWERED_UNAVAILABLE: Final = "answered 503 unavailable: %s (cause: %r)"
+_answers = logging.getLogger("services.unavailable")
+_answers.addFilter(Throttle([ANSWERED_UNAVAILABLE]))
+
+
+def answered_unavailable(detail: str, cause: BaseException | None) -> None:
+    """Say (throttled) that a request was answered ``503 unavailable``, and why."""
+    _answers.warning(ANSWERED_UNAVAILABLE, detail, cause)

@@ -6,6 +6,7 @@ Defined once here so every module and docs/operations.md use the same names.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -127,12 +128,20 @@ def exported(*metrics: MetricWrapperBase) -> None:
 
 
 def watch_pool(name: str, pool: PoolSizes) -> None:
-    """Report ``pool``'s connections as ``pool=name`` from now on (read at each scrape; a
-    pool watched later under the same name takes its place)."""
-    DB_POOL_CONNECTIONS.labels(name, "busy").set_function(
-        lambda: pool.get_size() - pool.get_idle_size()
-    )
-    DB_POOL_CONNECTIONS.labels(name, "idle").set_function(pool.get_idle_size)
+    """Report ``pool``'s connections as ``pool=name`` from now on (read at each scrape, 0
+    once the pool is gone; a pool watched later under the same name takes its place)."""
+    watched = weakref.ref(pool)
+
+    def busy() -> int:
+        live = watched()
+        return 0 if live is None else live.get_size() - live.get_idle_size()
+
+    def idle() -> int:
+        live = watched()
+        return 0 if live is None else live.get_idle_size()
+
+    DB_POOL_CONNECTIONS.labels(name, "busy").set_function(busy)
+    DB_POOL_CONNECTIONS.labels(name, "idle").set_function(idle)
     DB_POOL_MAX.labels(name).set(pool.get_max_size())
 
 

@@ -447,8 +447,8 @@ async def pool_and_nats(
     dsn = settings.require_database_url()
     pool = await create_pool(dsn, pool_size)
     probe_pool = await _statement_pool(dsn, 1)  # the DSN checked once, above
-    watch_pool("main", pool)
-    watch_pool("readiness", probe_pool)
+    watch_pool(name, pool)  # one process may run both services (clinic dev)
+    watch_pool(f"{name}-readiness", probe_pool)
     link = NatsLink(settings, name) if with_nats else None
     try:
         yield pool, probe_pool, link

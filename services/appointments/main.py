@@ -127,7 +127,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
         replicas = container.settings.nats_stream_replicas
         # The relay's leadership lock and LISTEN are session state: a pool of its own.
         pool = await create_session_pool(container.settings.require_database_url())
-        watch_pool("relay", pool)
+        watch_pool("appointments-relay", pool)
         try:
             await run_relay(pool, nats, stop, replicas, container.doorbell)
         finally:

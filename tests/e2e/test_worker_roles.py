@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,12 +12,15 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import pytest
 
+from services import logs
 from services.appointments.bootstrap import appointments_container
 from services.appointments.main import run_roles
 from services.auth import mint_token
 from services.config import load_settings
 from services.embedded import EmbeddedNats
+from services.logs import ANSWERED_UNAVAILABLE, Throttle
 from tests.e2e.conftest import free_port, wait_until_live
 
 
@@ -88,7 +92,10 @@ async def _eventually_status(client: httpx.AsyncClient, status: int) -> httpx.Re
 
 
 async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
-    database_url: str, nats_url: str
+    database_url: str,
+    nats_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A loaded process, or one whose queries wait for a table an operator locked, stays
     ready (readiness asks through a connection of its own) and answers what it cannot serve
@@ -105,6 +112,9 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
     )
     stop = asyncio.Event()
     token = mint_token(secret, "patient", uuid.uuid4(), uuid.uuid4())
+    # Said once a minute per process: this test's own throttle.
+    monkeypatch.setattr(logs._answers, "filters", [Throttle([ANSWERED_UNAVAILABLE])])
+    caplog.set_level(logging.WARNING, logger="services.unavailable")
     async with appointments_container(settings, pool_size=1) as container:
         running = asyncio.create_task(run_roles(container, ["api"], stop))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -114,14 +124,16 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
             ready = await client.get("/health/ready")
             assert ready.status_code == 200, ready.text
             scraped = (await client.get("/metrics")).text  # what an operator sees of it
-            assert 'clinic_db_pool_connections{pool="main",state="busy"} 1.0' in scraped
-            assert 'clinic_db_pool_max_connections{pool="main"} 1.0' in scraped
+            assert 'clinic_db_pool_connections{pool="appointments",state="busy"} 1.0' in scraped
+            assert 'clinic_db_pool_max_connections{pool="appointments"} 1.0' in scraped
             began = time.monotonic()
             visits = await client.get("/v1/visits", headers={"Authorization": f"Bearer {token}"})
             waited = time.monotonic() - began
             assert visits.status_code == 503, visits.text
             assert visits.headers["retry-after"] and "busy" in visits.json()["detail"]
             assert waited < 4, waited  # not until the busy query ends (5 s)
+            answered = [r for r in caplog.records if r.name == "services.unavailable"]
+            assert answered and "busy" in answered[0].getMessage()  # said, not only counted
             await busy
         stop.set()
         await asyncio.wait_for(running, 10)

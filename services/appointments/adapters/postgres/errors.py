@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +9,6 @@ import asyncpg
 
 from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
-from services.logs import Throttle
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal
 
 __all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
@@ -25,30 +23,15 @@ def database_errors() -> Iterator[None]:
     try:
         yield
     except TimeoutError as exc:  # no connection of the pool free in time, or no answer
-        _said("no free connection or no answer in time", exc)
         raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
     except CONNECTION_ERRORS as exc:
-        _said("unreachable", exc)
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:
         if _statement_gave_up(exc):
-            _said("a statement gave up (lock or statement timeout)", exc)
             raise StatementGaveUp("The database gave up on this request; retry shortly.") from exc
         if not _server_refuses_all(exc):
             raise
-        _said("refusing for now", exc)
         raise Unavailable("The database cannot take this right now; retry shortly.") from exc
-
-
-#: Said at most once a minute, with the count of those held back (``suppressed``): an
-#: outage turns every request into one.
-_ANSWERING_UNAVAILABLE = "PostgreSQL %s: answering unavailable (503): %r"
-log = logging.getLogger(__name__)
-log.addFilter(Throttle([_ANSWERING_UNAVAILABLE]))
-
-
-def _said(what: str, exc: BaseException) -> None:
-    log.warning(_ANSWERING_UNAVAILABLE, what, exc)
 
 
 def refused_by_content(exc: BaseException) -> bool:

@@ -29,13 +29,14 @@ class BoundedPool(asyncpg.Pool):
     def acquire(self, *, timeout: float | None = None) -> Any:
         return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
 
-    def share(self, part: str) -> PoolShare:
+    def share(self, part: str) -> PoolShare | BoundedPool:
         """``part``'s :class:`PoolShare`, one for every user of that part (the api's and the
         projector's reads and writes of the visits view share theirs), which leaves the pool
-        :data:`SPARE_CONNECTIONS`."""
+        :data:`SPARE_CONNECTIONS`; a pool too small to leave them is not shared out."""
+        if self.get_max_size() < 2 * SPARE_CONNECTIONS:
+            return self
         if part not in self._shares:
-            limit = max(1, self.get_max_size() - SPARE_CONNECTIONS)
-            self._shares[part] = PoolShare(self, limit)
+            self._shares[part] = PoolShare(self, self.get_max_size() - SPARE_CONNECTIONS)
         return self._shares[part]
 
 

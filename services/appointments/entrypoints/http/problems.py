@@ -22,6 +22,7 @@ from litestar.types import ExceptionHandlersMap
 
 from contracts.errors import PROBLEM_CONTENT_TYPE, ErrorCode, Problem, problem
 from services.errors import ClinicError, Unauthenticated, Unavailable
+from services.logs import answered_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def _clinic_error(_: Request[Any, Any, Any], exc: ClinicError) -> Response[bytes
     headers = None
     if isinstance(exc, Unavailable):
         headers = {"Retry-After": str(exc.retry_after)}
+        answered_unavailable(str(exc), exc.__cause__)
     elif isinstance(exc, Unauthenticated):
         headers = {"WWW-Authenticate": BEARER_CHALLENGE}
     return problem_response(exc.to_problem(), headers)

@@ -43,6 +43,7 @@ from services.appointments.service_layer.handlers import (
     RequestContext,
 )
 from services.errors import ClinicError, InvalidRequest, PayloadTooLarge, Unavailable
+from services.logs import answered_unavailable
 from services.tracing import correlated, correlation_id_of, current_trace_id, serving
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,10 @@ class ServiceApi:
             _refuse_http_only_headers(headers)
             return await self.calls[endpoint](data, correlation)
         except ClinicError as exc:
-            retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
+            retry_after = None
+            if isinstance(exc, Unavailable):
+                retry_after = exc.retry_after
+                answered_unavailable(str(exc), exc.__cause__)
             return failure(exc.to_problem(), retry_after)
         except Exception:
             # A bug or a dependency failing in an unforeseen way: the caller learns to
