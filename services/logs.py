@@ -57,32 +57,41 @@ CLIENT_CAUSED: Final = (
 class Throttle(logging.Filter):
     """Lets one record of each of ``messages`` through per ``interval`` seconds and holds
     back the others; the next one let through says how many were held back
-    (``suppressed``). Other records pass untouched."""
+    (``suppressed``). With ``per_first_argument``, records of one message with another
+    first argument (a cause among a few) are throttled apart. Other records pass untouched."""
 
     def __init__(
         self,
         messages: Iterable[str],
         interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        per_first_argument: bool = False,
     ) -> None:
         super().__init__()
+        self._messages = frozenset(messages)
         self._interval = interval
         self._clock = clock
-        #: message → (when one was last let through, how many held back since)
-        self._seen: dict[str, tuple[float | None, int]] = dict.fromkeys(messages, (None, 0))
+        self._per_first_argument = per_first_argument
+        #: message (and first argument) → (when one was last let through, how many held
+        #: back since)
+        self._seen: dict[object, tuple[float | None, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg
-        if not isinstance(message, str) or message not in self._seen:
+        if not isinstance(message, str) or message not in self._messages:
             return True
+        key: object = message
+        if self._per_first_argument and isinstance(record.args, tuple) and record.args:
+            key = (message, record.args[0])
         now = self._clock()
-        last, held = self._seen[message]
+        last, held = self._seen.get(key, (None, 0))
         if last is not None and now - last < self._interval:
-            self._seen[message] = (last, held + 1)
+            self._seen[key] = (last, held + 1)
             return False
         if held:
             record.suppressed = held
-        self._seen[message] = (now, 0)
+        self._seen[key] = (now, 0)
         return True
 
 
@@ -111,11 +120,12 @@ def throttle_client_noise() -> Throttle:
     return throttle
 
 
-#: An answer ``503 unavailable`` over HTTP or NATS, said at most once a minute with the
-#: count held back (``suppressed``): an outage of PostgreSQL turns every request into one.
+#: An answer ``503 unavailable`` over HTTP or NATS, said at most once a minute for each
+#: reason (the answer's detail: unreachable, busy, refusing…) with the count held back
+#: (``suppressed``): an outage of PostgreSQL turns every request into one.
 ANSWERED_UNAVAILABLE: Final = "answered 503 unavailable: %s (cause: %r)"
 _answers = logging.getLogger("services.unavailable")
-_answers.addFilter(Throttle([ANSWERED_UNAVAILABLE]))
+_answers.addFilter(Throttle([ANSWERED_UNAVAILABLE], per_first_argument=True))
 
 
 def answered_unavailable(detail: str, cause: BaseException | None) -> None:

@@ -17,7 +17,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The answers' throttle, afresh, on a clock the test moves."""
     now = [0.0]
     monkeypatch.setattr(
-        logs._answers, "filters", [Throttle([ANSWERED_UNAVAILABLE], clock=lambda: now[0])]
+        logs._answers,
+        "filters",
+        [Throttle([ANSWERED_UNAVAILABLE], clock=lambda: now[0], per_first_argument=True)],
     )
     return now
 
@@ -32,12 +34,15 @@ def test_answers_unavailable_are_logged_once_a_minute_with_what_was_held_back(
     caplog.set_level(logging.WARNING, logger="services.unavailable")
     for _ in range(5):  # an outage: every request is answered alike
         answered_unavailable("The database is unreachable", ConnectionRefusedError(111, "refused"))
+    answered_unavailable("The database is busy or does not answer", TimeoutError())  # another
     clock[0] = 61.0
-    answered_unavailable("The database is busy or does not answer", TimeoutError())
+    answered_unavailable("The database is unreachable", ConnectionRefusedError(111, "refused"))
     records = said(caplog)
-    assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING]
+    assert [r.levelno for r in records] == [logging.WARNING] * 3
     assert "unreachable" in records[0].getMessage() and "refused" in records[0].getMessage()
-    assert "busy" in records[1].getMessage() and getattr(records[1], "suppressed", None) == 4
+    assert "busy" in records[1].getMessage()  # a new reason within the minute is said too
+    assert "unreachable" in records[2].getMessage()
+    assert getattr(records[2], "suppressed", None) == 4
 
 
 async def test_a_nats_answer_of_503_is_said(
