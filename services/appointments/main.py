@@ -24,7 +24,7 @@ from services.appointments.entrypoints.nats.service import serve_nats
 from services.appointments.projector import run_projector
 from services.appointments.relay import STANDBY_SECONDS, observe_outbox, run_relay
 from services.config import Settings, config_error_in
-from services.metrics import watch_pool
+from services.metrics import RELAY_METRICS, exported, watch_pool
 from services.ops import SHUTDOWN_GRACE_SECONDS, Probes, serve_asgi, serve_ops
 
 T = TypeVar("T")
@@ -141,6 +141,7 @@ async def _relay(container: Container, stop: asyncio.Event) -> None:
 async def _measuring_the_outbox(connecting: Awaitable[T], pool: asyncpg.Pool) -> T:
     """``connecting``'s result; meanwhile (NATS not reached since the start) the relay's
     backlog and lag gauges are measured every second, as a relay that lost NATS does."""
+    exported(*RELAY_METRICS)  # from the relay role's start, before any OutboxRelay exists
     task = asyncio.ensure_future(connecting)
     try:
         while not task.done():

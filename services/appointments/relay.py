@@ -434,7 +434,6 @@ async def observe_outbox(pool: asyncpg.Pool, batch_size: int = BATCH_SIZE) -> No
     reached yet since the process started), so that the gauges still grow while no relay
     publishes, and a relay that stepped down reports what waits now rather than what it
     last read."""
-    exported(*RELAY_METRICS)
     try:
         waiting, age = await outbox.backlog(pool, batch_size)
     except Exception as exc:  # PostgreSQL away too: the gauges keep their last values
