@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from services import logs
-from services.appointments.bootstrap import appointments_container
+from services.appointments.bootstrap import Container, appointments_container
 from services.appointments.main import run_roles
 from services.auth import mint_token
 from services.config import load_settings
@@ -23,27 +23,31 @@ from services.embedded import EmbeddedNats
 from services.logs import ANSWERED_UNAVAILABLE, Throttle
 from tests.e2e.conftest import free_port, wait_until_live
 
+#: The token secret of the processes these tests run.
+SECRET = "x" * 40
+
 
 @contextlib.asynccontextmanager
 async def serving(
-    database_url: str, nats_url: str, roles: list[str]
-) -> AsyncIterator[httpx.AsyncClient]:
-    """``roles`` of the appointments service in this process; a client of its HTTP port."""
+    database_url: str, nats_url: str, roles: list[str], pool_size: int = 3
+) -> AsyncIterator[tuple[httpx.AsyncClient, Container]]:
+    """``roles`` of the appointments service in this process; a client of its HTTP port,
+    and the process's container."""
     port = free_port()
     settings = load_settings(
         {
             "CLINIC_DATABASE_URL": database_url,
             "CLINIC_NATS_URL": nats_url,
             "CLINIC_HTTP_PORT": str(port),
-            "CLINIC_JWT_SECRET": "x" * 40,
+            "CLINIC_JWT_SECRET": SECRET,
         }
     )
     stop = asyncio.Event()
-    async with appointments_container(settings, pool_size=3) as container:
+    async with appointments_container(settings, pool_size=pool_size) as container:
         running = asyncio.create_task(run_roles(container, roles, stop))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             await wait_until_live(client)
-            yield client
+            yield client, container
         stop.set()
         await asyncio.wait_for(running, 10)
 
@@ -51,7 +55,7 @@ async def serving(
 async def test_relay_and_projector_process_serves_health_and_metrics_only(
     database_url: str, nats_url: str
 ) -> None:
-    async with serving(database_url, nats_url, ["relay", "projector"]) as client:
+    async with serving(database_url, nats_url, ["relay", "projector"]) as (client, _):
         assert (await client.get("/health/ready")).json() == {"status": "ready"}
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200 and "clinic_relay_backlog_events" in metrics.text
@@ -61,7 +65,7 @@ async def test_relay_and_projector_process_serves_health_and_metrics_only(
 async def test_ready_is_503_with_retry_after_while_postgresql_is_unreachable(nats_url: str) -> None:
     dead = free_port()  # nothing listens there
     unreachable = f"postgresql://postgres@127.0.0.1:{dead}/none"
-    async with serving(unreachable, nats_url, ["api"]) as client:
+    async with serving(unreachable, nats_url, ["api"]) as (client, _):
         ready = await client.get("/health/ready")
         assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
         assert ready.json()["code"] == "unavailable" and "postgresql" in ready.json()["detail"]
@@ -70,7 +74,7 @@ async def test_ready_is_503_with_retry_after_while_postgresql_is_unreachable(nat
 async def test_ready_is_503_while_nats_is_unreachable_and_ready_again_after(
     database_url: str, nats_server: EmbeddedNats
 ) -> None:
-    async with serving(database_url, nats_server.url, ["api"]) as client:
+    async with serving(database_url, nats_server.url, ["api"]) as (client, _):
         assert (await client.get("/health/ready")).status_code == 200
         nats_server.stop()
         ready = await _eventually_status(client, 503)
@@ -100,43 +104,27 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
     """A loaded process, or one whose queries wait for a table an operator locked, stays
     ready (readiness asks through a connection of its own) and answers what it cannot serve
     with a quick 503, not after the lock."""
-    port = free_port()
-    secret = "x" * 40
-    settings = load_settings(
-        {
-            "CLINIC_DATABASE_URL": database_url,
-            "CLINIC_NATS_URL": nats_url,
-            "CLINIC_HTTP_PORT": str(port),
-            "CLINIC_JWT_SECRET": secret,
-        }
-    )
-    stop = asyncio.Event()
-    token = mint_token(secret, "patient", uuid.uuid4(), uuid.uuid4())
+    token = mint_token(SECRET, "patient", uuid.uuid4(), uuid.uuid4())
     # Said once a minute per process: this test's own throttle.
     monkeypatch.setattr(logs._answers, "filters", [Throttle([ANSWERED_UNAVAILABLE])])
     caplog.set_level(logging.WARNING, logger="services.unavailable")
-    async with appointments_container(settings, pool_size=1) as container:
-        running = asyncio.create_task(run_roles(container, ["api"], stop))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            await wait_until_live(client)
-            busy = asyncio.ensure_future(container.pool.execute("SELECT pg_sleep(5)"))
-            await asyncio.sleep(0.3)  # it holds the pool's only connection
-            ready = await client.get("/health/ready")
-            assert ready.status_code == 200, ready.text
-            scraped = (await client.get("/metrics")).text  # what an operator sees of it
-            assert 'clinic_db_pool_connections{pool="appointments",state="busy"} 1.0' in scraped
-            assert 'clinic_db_pool_max_connections{pool="appointments"} 1.0' in scraped
-            began = time.monotonic()
-            visits = await client.get("/v1/visits", headers={"Authorization": f"Bearer {token}"})
-            waited = time.monotonic() - began
-            assert visits.status_code == 503, visits.text
-            assert visits.headers["retry-after"] and "busy" in visits.json()["detail"]
-            assert waited < 4, waited  # not until the busy query ends (5 s)
-            answered = [r for r in caplog.records if r.name == "services.unavailable"]
-            assert answered and "busy" in answered[0].getMessage()  # said, not only counted
-            await busy
-        stop.set()
-        await asyncio.wait_for(running, 10)
+    async with serving(database_url, nats_url, ["api"], pool_size=1) as (client, container):
+        busy = asyncio.ensure_future(container.pool.execute("SELECT pg_sleep(5)"))
+        await asyncio.sleep(0.3)  # it holds the pool's only connection
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        scraped = (await client.get("/metrics")).text  # what an operator sees of it
+        assert 'clinic_db_pool_connections{pool="appointments",state="busy"} 1.0' in scraped
+        assert 'clinic_db_pool_max_connections{pool="appointments"} 1.0' in scraped
+        began = time.monotonic()
+        visits = await client.get("/v1/visits", headers={"Authorization": f"Bearer {token}"})
+        waited = time.monotonic() - began
+        assert visits.status_code == 503, visits.text
+        assert visits.headers["retry-after"] and "busy" in visits.json()["detail"]
+        assert waited < 4, waited  # not until the busy query ends (5 s)
+        answered = [r for r in caplog.records if r.name == "services.unavailable"]
+        assert answered and "busy" in answered[0].getMessage()  # said, not only counted
+        await busy
 
 
 async def test_reads_stalled_on_a_locked_view_leave_connections_to_the_commands(
@@ -145,24 +133,11 @@ async def test_reads_stalled_on_a_locked_view_leave_connections_to_the_commands(
     """A bulkhead: the visits view's queries (and the event store's) take at most all but
     two of the pool's connections, so that an operator's lock on one side leaves the other
     its connections."""
-    port = free_port()
-    secret = "x" * 40
-    settings = load_settings(
-        {
-            "CLINIC_DATABASE_URL": database_url,
-            "CLINIC_NATS_URL": nats_url,
-            "CLINIC_HTTP_PORT": str(port),
-            "CLINIC_JWT_SECRET": secret,
-        }
-    )
-    stop = asyncio.Event()
     me, clinic = uuid.uuid4(), uuid.uuid4()
-    auth = {"Authorization": f"Bearer {mint_token(secret, 'patient', me, clinic)}"}
+    auth = {"Authorization": f"Bearer {mint_token(SECRET, 'patient', me, clinic)}"}
     holder = await asyncpg.connect(database_url)
-    async with appointments_container(settings, pool_size=4) as container:
-        running = asyncio.create_task(run_roles(container, ["api"], stop))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            await wait_until_live(client)
+    try:
+        async with serving(database_url, nats_url, ["api"], pool_size=4) as (client, _):
             locked = holder.transaction()
             await locked.start()
             await holder.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
@@ -188,6 +163,5 @@ async def test_reads_stalled_on_a_locked_view_leave_connections_to_the_commands(
             answers = await asyncio.gather(*reads)
             assert {answer.status_code for answer in answers} == {503}  # lock_timeout, or turn
             await locked.rollback()
-        stop.set()
-        await asyncio.wait_for(running, 10)
-    await holder.close()
+    finally:
+        await holder.close()
