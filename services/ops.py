@@ -209,6 +209,8 @@ class ListenError(ConfigError):
 #: one, stops at 16 KiB), so a 100 MB header took ~700 MB and held the event loop for
 #: seconds, before any token was looked at. Tokens and proxies' headers need a few KiB.
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
+#: The longest request body the API reads (413 past it): a command's body is under 1 KiB.
+MAX_REQUEST_BODY_BYTES = 64 * 1024
 #: How long a refused request's connection is read (and dropped) before it is closed.
 LINGER_SECONDS = 2.0
 #: How long a request's head may take to arrive, from its first byte (nginx's
@@ -358,8 +360,9 @@ class AnswerWhenCut:
 
 
 #: HTTP requests a process works on at once at most; the next are answered ``503`` at once.
-#: Each waiting request holds its body (up to 64 KiB) and some 25 KiB more: a stall (a
-#: locked table, a gateway retrying) must not grow the process until it is killed.
+#: Each waiting request holds its body (up to :data:`MAX_REQUEST_BODY_BYTES`) and some 25 KiB
+#: more: a stall (a locked table, a gateway retrying) must not grow the process until it is
+#: killed.
 MAX_REQUESTS_IN_FLIGHT = 1024
 
 
@@ -368,7 +371,7 @@ MAX_REQUESTS_IN_FLIGHT = 1024
 _ALWAYS_SERVED = ("/health/", "/metrics")
 #: What of a refused request's body is read (and dropped) before the answer, at most: a
 #: connection closed with unread data is reset, and the client may never see the 503.
-_DRAINED_BYTES = 64 * 1024
+_DRAINED_BYTES = MAX_REQUEST_BODY_BYTES
 _DRAIN_SECONDS = 1.0
 
 

@@ -15,9 +15,7 @@ from services.appointments.entrypoints.http.openapi import SECURITY_SCHEMES
 from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.appointments.entrypoints.http.tracing import RequestTracing
 from services.appointments.entrypoints.http.visits import VisitsController
-from services.ops import HealthController, Probes
-
-MAX_BODY_BYTES = 64 * 1024
+from services.ops import MAX_REQUEST_BODY_BYTES, HealthController, Probes
 
 
 def create_app(container: Container) -> Litestar:
@@ -26,7 +24,7 @@ def create_app(container: Container) -> Litestar:
         route_handlers=[AppointmentsController, VisitsController, HealthController],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[RequestTracing()],
-        request_max_body_size=MAX_BODY_BYTES,
+        request_max_body_size=MAX_REQUEST_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title="Clinic appointments",
             version="1.0.0",
