@@ -21,12 +21,13 @@ from contracts.generate import SCHEMAS_DIR
 from services.config import (
     COMMAND_VARIABLES,
     DEV_VARIABLES,
-    TOKEN_VARIABLES,
     ConfigError,
     Settings,
+    command_variables,
     config_error_in,
     load_settings,
     mask_password,
+    parse_roles,
     variables_help,
 )
 from services.logs import configure_logging
@@ -225,27 +226,23 @@ def cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
 
 
 def cmd_appointments(settings: Settings, args: argparse.Namespace) -> None:
-    from services.appointments.main import parse_roles, run_appointments
+    from services.appointments.main import run_appointments
 
-    try:
-        roles = parse_roles(args.roles)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     settings.require_database_url()
     with process_tracing("clinic-appointments"):
-        run_until_signalled(lambda stop: run_appointments(settings, roles, stop))
+        run_until_signalled(lambda stop: run_appointments(settings, args.roles, stop))
 
 
 #: The commands that run until told to stop (SIGTERM stops them cleanly, even while starting).
 SERVICES: Final = ("appointments", "notifications", "dev")
 
 
-def _reads(args: argparse.Namespace) -> tuple[str, ...]:
-    """The variables the command ``args`` runs reads (:data:`COMMAND_VARIABLES`)."""
-    names = COMMAND_VARIABLES[args.command]
-    if args.command == "appointments" and "api" not in {r.strip() for r in args.roles.split(",")}:
-        names = tuple(name for name in names if name not in TOKEN_VARIABLES)
-    return names
+def _roles(value: str) -> list[str]:
+    """``--roles``, checked as argparse checks an argument (its usage line and exit 2)."""
+    try:
+        return parse_roles(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
@@ -351,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     appointments = add("appointments", "run the appointments service", cmd_appointments)
     appointments.add_argument(
         "--roles",
+        type=_roles,
         default="api,relay,projector",
         help="comma-separated subset of api,relay,projector (default: all)",
     )
@@ -408,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    reads = _reads(args)  # a malformed variable it never reads is no concern
+    # a malformed variable it never reads is no concern
+    reads = command_variables(args.command, getattr(args, "roles", ()))
     env = {name: value for name, value in os.environ.items() if name in reads}
     try:
         settings = load_settings(env)

@@ -109,6 +109,30 @@ COMMAND_VARIABLES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: The roles of ``clinic appointments --roles``.
+ROLES = ("api", "relay", "projector")
+
+
+def parse_roles(value: str) -> list[str]:
+    """``api,relay`` -> ``["api", "relay"]``, each once; unknown roles are an error."""
+    roles = list(dict.fromkeys(role.strip() for role in value.split(",") if role.strip()))
+    if not roles:
+        raise ConfigError(f"no role given in --roles {value!r}; choose from {', '.join(ROLES)}")
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"unknown roles {unknown}; choose from {', '.join(ROLES)}")
+    return roles
+
+
+def command_variables(command: str, roles: Iterable[str] = ROLES) -> tuple[str, ...]:
+    """The variables ``command`` reads (:data:`COMMAND_VARIABLES`); ``appointments`` reads
+    :data:`TOKEN_VARIABLES` only with the api role among ``roles``."""
+    names = COMMAND_VARIABLES[command]
+    if command == "appointments" and "api" not in roles:
+        names = tuple(name for name in names if name not in TOKEN_VARIABLES)
+    return names
+
+
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 #: The standard levels only: a library may register more names in some processes only.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")

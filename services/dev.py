@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from services.config import ConfigError, Settings
+from services.config import ROLES, ConfigError, Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ async def _demo_text(settings: Settings, api: str) -> str:
 async def run_dev(settings: Settings, options: DevOptions, stop: asyncio.Event) -> None:
     """Start the servers, migrate, optionally seed the demo, run every service until ``stop``."""
     from services.appointments.adapters.postgres.migrate import migrate
-    from services.appointments.main import ROLES, run_appointments
+    from services.appointments.main import run_appointments
     from services.notifications.main import run_notifications
 
     started = time.monotonic()

@@ -31,24 +31,12 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-ROLES = ("api", "relay", "projector")
 #: How long a role cancelled after the shutdown grace has to unwind.
 CANCEL_GRACE_SECONDS = 2.0
 #: How long the roles have to stop once asked: a little more than their own limits (the
 #: HTTP server's and the NATS service API's drains, SHUTDOWN_GRACE_SECONDS), so that those
 #: run out first and the roles end on their own.
 ROLE_GRACE_SECONDS = SHUTDOWN_GRACE_SECONDS + 1.5
-
-
-def parse_roles(value: str) -> list[str]:
-    """``api,relay`` -> ``["api", "relay"]``, each once; unknown roles are an error."""
-    roles = list(dict.fromkeys(role.strip() for role in value.split(",") if role.strip()))
-    if not roles:
-        raise ValueError(f"no role given in --roles {value!r}; choose from {', '.join(ROLES)}")
-    unknown = sorted(set(roles) - set(ROLES))
-    if unknown:
-        raise ValueError(f"unknown roles {unknown}; choose from {', '.join(ROLES)}")
-    return roles
 
 
 async def serve_http(container: Container, stop: asyncio.Event) -> None:

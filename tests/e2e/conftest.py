@@ -13,9 +13,9 @@ import pytest
 
 from contracts.common import Principal, Role
 from services.appointments.bootstrap import appointments_container
-from services.appointments.main import ROLES, run_roles
+from services.appointments.main import run_roles
 from services.auth import mint_token
-from services.config import load_settings
+from services.config import ROLES, load_settings
 from tests.support.clock import ManualClock
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"

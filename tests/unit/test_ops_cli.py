@@ -22,10 +22,9 @@ from nats.js.errors import APIError, ServiceUnavailableError
 from services import cli
 from services.appointments.adapters.nats.streams import describe, stream_refused
 from services.appointments.bootstrap import close_nats
-from services.appointments.main import parse_roles
 from services.auth import TokenVerifier
 from services.cli import build_parser, database_failure, main, run_until_signalled
-from services.config import ConfigError, Settings, config_error_in, load_settings
+from services.config import ConfigError, Settings, config_error_in, load_settings, parse_roles
 from services.embedded import EmbeddedNats, ServerStartError, free_port
 from services.logs import configure_logging
 
@@ -36,7 +35,7 @@ def test_repeated_roles_run_once() -> None:
 
 @pytest.mark.parametrize("value", [",", " ", ", ,"])
 def test_roles_naming_no_role_say_so(value: str) -> None:
-    with pytest.raises(ValueError, match="no role given"):
+    with pytest.raises(ConfigError, match="no role given"):
         parse_roles(value)
 
 
@@ -334,3 +333,16 @@ def test_a_run_that_ends_by_itself_leaves_no_stop_deadline_behind() -> None:
         if isinstance(t, threading.Timer) and not t.finished.is_set()
     ]
     assert pending == []
+
+
+@pytest.mark.parametrize(
+    ("value", "words"), [("api,foo", "unknown roles ['foo']"), (",", "no role")]
+)
+def test_a_wrong_role_is_refused_before_any_variable_is_read(
+    value: str, words: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CLINIC_DATABASE_URL", raising=False)  # would be the error otherwise
+    with pytest.raises(SystemExit) as exited:
+        main(["appointments", "--roles", value])
+    assert exited.value.code == 2
+    assert words in capsys.readouterr().err
