@@ -62,10 +62,16 @@ class PoolShare:
         try:
             yield conn
         finally:
-            try:
-                await self._pool.release(conn)
-            finally:
-                self._turns.release()
+            # Shielded as asyncpg shields the release itself: a query cancelled here (its
+            # request cut short) leaves the connection's release running, and the turn
+            # must come back with the connection, not before it.
+            await asyncio.shield(self._give_back(conn))
+
+    async def _give_back(self, conn: Any) -> None:
+        try:
+            await self._pool.release(conn)
+        finally:
+            self._turns.release()
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self.acquire() as conn:
