@@ -14,6 +14,15 @@ ROLES: tuple[Role, ...] = ("patient", "provider", "staff")
 #: A timestamp that must carry an offset (RFC 3339); naive times are refused on decode.
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
+#: What msgspec's JSON decoders raise for bytes that are not readable JSON of the type asked
+#: for: a DecodeError (ValidationError is one), a UnicodeDecodeError for invalid UTF-8 inside
+#: a string, a RecursionError for nesting deeper than the decoder goes.
+UNREADABLE_JSON: tuple[type[Exception], ...] = (
+    msgspec.DecodeError,
+    UnicodeDecodeError,
+    RecursionError,
+)
+
 MAX_TEXT_LENGTH = 500
 #: Optional free text (visit reason, cancellation reason).
 FreeText = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LENGTH)]

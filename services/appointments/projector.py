@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from contracts.common import UNREADABLE_JSON
 from contracts.events import EventEnvelope
 from contracts.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.appointments.adapters.nats import raise_if_cancelling
@@ -173,12 +174,7 @@ class VisitsProjector:
         for msg in msgs:
             try:
                 batch.append((msg, msgspec.json.decode(msg.data, type=EventEnvelope)))
-            except (
-                msgspec.DecodeError,
-                msgspec.ValidationError,
-                RecursionError,  # nested deeper than the decoder goes (in ``data``)
-                UnicodeDecodeError,  # invalid UTF-8 inside a string
-            ) as exc:
+            except UNREADABLE_JSON as exc:
                 await self._park(msg, f"undecodable envelope: {exc}", stop)
         if not batch:
             return

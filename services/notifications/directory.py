@@ -17,6 +17,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from contracts.common import UNREADABLE_JSON
 from contracts.notifications import DirectoryContactReply
 from contracts.subjects import directory_contact_subject
 
@@ -106,7 +107,7 @@ class Directory:
         self._answered()
         try:
             return _decoder.decode(reply.data)
-        except msgspec.DecodeError as exc:
+        except UNREADABLE_JSON as exc:
             log.warning(
                 "unreadable directory reply", extra={"user_id": str(user_id), "error": str(exc)}
             )
