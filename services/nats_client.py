@@ -7,14 +7,32 @@ here: a caller that publishes and flushes could not count on the server having t
 messages, and draining a subscription (``UNSUB``, flush, then stop reading) could stop
 reading before the server had taken the ``UNSUB``, dropping the requests it routed in
 between, at every graceful stop of the NATS service API.
+
+And a message nats-py cannot read (a reply subject or a subject that is not UTF-8, a header
+block shorter than ``NATS/1.0``) raised out of its read loop, which then stopped reading for
+good while the connection looked up: one ``PUB`` from any client allowed to send a request
+left the process deaf until its pings went unanswered (~15 s), and one on the events stream
+did so again at every redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Final
 
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
+
+from services.logs import Throttle
+
+log = logging.getLogger(__name__)
+
+#: The headers of a message whose header block nats-py cannot read, instead of an error out
+#: of its read loop: the NATS service API refuses such a request (``invalid-request``).
+UNREADABLE_HEADERS: Final = "Clinic-Unreadable-Headers"
+DROPPED: Final = "NATS message dropped, unreadable: %s (subject %r, reply %r)"
+log.addFilter(Throttle([DROPPED]))  # anyone allowed to publish could flood the log
 
 
 class NatsClosed(Exception):
@@ -34,3 +52,18 @@ class NatsClient(NATS):
         # flusher stops while the connection is down), then the PING goes after it.
         await asyncio.wait_for(self._flush_pending(force_flush=True), timeout)
         await super().flush(timeout)
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        try:
+            parsed: dict[str, str] | None = await super()._process_headers(headers)
+        except Exception as exc:
+            return {UNREADABLE_HEADERS: repr(exc)}
+        return parsed
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except Exception as exc:
+            log.warning(DROPPED, repr(exc), bytes(subject[:200]), bytes(reply[:200]))

@@ -305,6 +305,54 @@ async def test_malformed_and_oversized_nats_requests_get_error_replies(
         await nc.close()
 
 
+async def raw_nats(nats_url: str, frames: bytes, until: bytes) -> bytes:
+    """What the server sends a raw client that sends ``frames``, read until ``until`` (10 s
+    at most): frames no nats-py client would write."""
+    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"headers":true,"protocol":1}\r\n' + frames)
+        writer.write(b"PING\r\n")
+        seen = b""
+        async with asyncio.timeout(10):
+            while until not in seen:
+                chunk = await reader.read(65536)
+                assert chunk, seen
+                seen += chunk
+        return seen
+    finally:
+        writer.close()
+
+
+#: A header block shorter than ``NATS/1.0`` and a reply subject that is not UTF-8: nats-py
+#: raised on each out of its read loop, which stopped reading (the process deaf to NATS).
+SHORT_HEADERS = b"\r\n\r\n"
+
+
+async def test_a_request_nats_py_cannot_read_leaves_the_service_listening(
+    api: Api, nats_url: str
+) -> None:
+    patient = api.principal("patient")
+    appointment_id = (await book(api, api.auth(patient), patient.id)).rsplit("/", 1)[1]
+    actor = {"id": str(patient.id), "role": "patient", "clinic_id": str(patient.clinic_id)}
+    key = json.dumps({"appointment_id": appointment_id, "actor": actor}).encode()
+    size = len(SHORT_HEADERS)
+    short = f"SUB _INBOX.raw 1\r\nHPUB {QUERY_GET} _INBOX.raw {size} {size + 2}\r\n".encode()
+    short += SHORT_HEADERS + b"{}\r\n"
+    answer = await raw_nats(nats_url, short, until=b"invalid-request")
+    assert b"headers are malformed" in answer, answer
+    not_utf8 = f"PUB {QUERY_GET} ".encode() + b"\xff\xfe" + f" {len(key)}\r\n".encode() + key
+    await raw_nats(nats_url, not_utf8 + b"\r\n", until=b"PONG")
+    nc = await nats.connect(nats_url)
+    try:
+        for _ in range(3):  # answered at once, not after ~15 s of a reconnect
+            reply = await nc.request(QUERY_GET, key, timeout=2)
+            assert json.loads(reply.data)["version"] == 1, reply.data
+    finally:
+        await nc.close()
+
+
 def envelope(type_: str, data: bytes) -> bytes:
     head = {
         "event_id": str(uuid.uuid4()),
@@ -334,6 +382,10 @@ async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
     try:
         js = nc.jetstream()
         await ensure_events_stream(js)  # as the service does at start, maybe not yet done
+        subject = event_subject(api.clinic_id, uuid.uuid4(), "scheduled")
+        size = len(SHORT_HEADERS)
+        unreadable = f"HPUB {subject} {size} {size + 2}\r\n".encode() + SHORT_HEADERS + b"{}\r\n"
+        await raw_nats(nats_url, unreadable, until=b"PONG")  # the first: nothing before it
         for data in [*poison, unknown]:
             await js.publish(event_subject(api.clinic_id, uuid.uuid4(), "scheduled"), data)
         # A booking after the poison: the projector must get past it to list the visit.
@@ -360,15 +412,15 @@ async def test_poison_on_the_stream_is_parked_and_the_projector_keeps_going(
     try:
         parked = await conn.fetch("SELECT stream_sequence, deliveries FROM parked_messages")
         # The projector itself got past the poison (a read could repair its row without it):
-        # it applied the booking, the stream's seventh message.
+        # it applied the booking, the stream's eighth message.
         checkpoint = await conn.fetchval(
             "SELECT stream_sequence FROM projection_checkpoints WHERE projection = $1", CONSUMER
         )
     finally:
         await conn.close()
-    assert checkpoint is not None and checkpoint >= 7, checkpoint
-    assert sorted(row["stream_sequence"] for row in parked) == [1, 2, 3, 4, 5], parked
+    assert checkpoint is not None and checkpoint >= 8, checkpoint
+    assert sorted(row["stream_sequence"] for row in parked) == [1, 2, 3, 4, 5, 6], parked
     assert all(row["deliveries"] == 1 for row in parked), parked
-    figures = {"poison": len(poison), "parked": len(parked), "max deliveries": 1, "skipped": 1}
+    figures = {"poison": len(poison) + 1, "parked": len(parked), "max deliveries": 1, "skipped": 1}
     record_property("figures", json.dumps(figures))
     print("poison:", json.dumps(figures))

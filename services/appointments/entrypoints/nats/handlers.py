@@ -44,6 +44,7 @@ from services.appointments.service_layer.handlers import (
 )
 from services.errors import ClinicError, InvalidRequest, PayloadTooLarge, Unavailable
 from services.logs import answered_unavailable
+from services.nats_client import UNREADABLE_HEADERS
 from services.tracing import correlated, correlation_id_of, current_trace_id, serving
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ _BODY_FIELD_OF_HEADER = {
 }
 
 
-def _refuse_http_only_headers(headers: Mapping[str, str] | None) -> None:
+def _refuse_unusable_headers(headers: Mapping[str, str] | None) -> None:
+    if headers and UNREADABLE_HEADERS in headers:
+        raise InvalidRequest("The request's headers are malformed (NATS/1.0 header block).")
     for name in headers or {}:
         field = _BODY_FIELD_OF_HEADER.get(name.lower())
         if field is not None:
@@ -170,7 +173,7 @@ class ServiceApi:
         try:
             if len(data) > MAX_REQUEST_BYTES:
                 raise PayloadTooLarge(f"Requests are limited to {MAX_REQUEST_BYTES} bytes.")
-            _refuse_http_only_headers(headers)
+            _refuse_unusable_headers(headers)
             return await self.calls[endpoint](data, correlation)
         except ClinicError as exc:
             retry_after = None
