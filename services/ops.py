@@ -216,6 +216,38 @@ LINGER_SECONDS = 2.0
 #: How long a request's head may take to arrive, from its first byte (nginx's
 #: client_header_timeout is 60 s; a client on a slow mobile link sends a head in one go).
 HEAD_TIMEOUT_SECONDS = 30.0
+#: How long a request's body may take to arrive, from the end of its head (nginx's
+#: client_body_timeout is 60 s between two reads; a body here is 64 KiB at most).
+BODY_TIMEOUT_SECONDS = 30.0
+#: The key of an ASGI scope whose answer the server gave itself (the status), the app's
+#: being dropped: :class:`Measured` counts that one.
+ANSWERED_BY_SERVER = "clinic.answered_by_server"
+#: The status :class:`Measured` counts for a request whose client went away before its
+#: answer (nginx's "client closed request"): not a 5xx of the service's.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _problem_answer(status_line: bytes, detail: str) -> bytes:
+    """A whole ``connection: close`` HTTP answer of a problem document (code
+    ``invalid-request``), for the answers the server gives without the app."""
+    status, _, title = status_line.decode().partition(" ")
+    body = msgspec.json.encode(
+        {
+            "type": "about:blank",
+            "title": title,
+            "status": int(status),
+            "detail": detail,
+            "code": ErrorCode.INVALID_REQUEST.value,
+        }
+    )
+    return (
+        b"HTTP/1.1 "
+        + status_line
+        + b"\r\n"
+        + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
 
 
 class _BoundedHead(HttpToolsProtocol):
@@ -224,17 +256,20 @@ class _BoundedHead(HttpToolsProtocol):
     to arrive from its first byte (408; a client dripping a head holds a connection for as
     long as it likes otherwise), then closing the connection. Every byte of a request but
     its body counts: the head, and a chunked body's framing and trailers (fields after the
-    body, which httptools buffers as it does headers). What arrived before the read being
-    parsed is what is checked: a head and its body in one read are never refused, and what
-    is buffered stays under the limit plus one read. After the refusal what the client
-    still sends is read and dropped for a moment before the close (a close with unread data
-    resets the connection, and the client may never see the answer)."""
+    body, which httptools buffers as it does headers; 413 there). What arrived before the
+    read being parsed is what is checked: a head and its body in one read are never
+    refused, and what is buffered stays under the limit plus one read. A body that takes
+    longer than :data:`BODY_TIMEOUT_SECONDS` to arrive is refused too (408): its request
+    held one of the requests in progress (:class:`InFlightLimit`) for as long as the client
+    liked. Malformed requests get uvicorn's 400 as a problem document. After a refusal what
+    the client still sends is read and dropped for a moment before the close (a close with
+    unread data resets the connection, and the client may never see the answer)."""
 
     _head_bytes = 0
     _in_head = False  # a request's first bytes came, its headers are not complete
     _in_body = False
     _refused = False
-    _head_timer: asyncio.TimerHandle | None = None
+    _timer: asyncio.TimerHandle | None = None  # of the head or of the body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -249,14 +284,21 @@ class _BoundedHead(HttpToolsProtocol):
         if self._refused:
             return
         if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-            detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
-            self._refuse(b"431 Request Header Fields Too Large", detail)
+            if self._in_body:
+                detail = (
+                    f"The body's chunk framing and trailers pass {MAX_REQUEST_HEAD_BYTES} bytes."
+                )
+                self._refuse(b"413 Content Too Large", detail)
+            else:
+                detail = f"The request's head is longer than {MAX_REQUEST_HEAD_BYTES} bytes."
+                self._refuse(b"431 Request Header Fields Too Large", detail)
             return
         self._head_bytes += len(data)  # what of it is body, on_body takes back
         super().data_received(data)
-        if self._in_head and self._head_timer is None and not self._refused:
-            # A head that did not come whole in one read (most do: no timer for them).
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
+        if self._timer is None and not self._refused and (self._in_head or self._in_body):
+            # A head or a body that did not come whole in one read (most do: no timer).
+            seconds = HEAD_TIMEOUT_SECONDS if self._in_head else BODY_TIMEOUT_SECONDS
+            self._timer = self.loop.call_later(seconds, self._too_slow)
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -269,55 +311,59 @@ class _BoundedHead(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._in_body = True
-        self._stop_head_timer()
+        self._stop_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self._head_bytes = 0
+        self._stop_timer()
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
+        self._stop_timer()
         super().connection_lost(exc)
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes httptools cannot parse, as a problem document."""
+        self._refuse(b"400 Bad Request", f"{msg} The request is not well-formed HTTP/1.1.")
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _too_slow(self) -> None:
-        self._head_timer = None
-        if self._in_head and not self._refused:
+        self._timer = None
+        if self._refused:
+            return
+        if self._in_head:
             detail = f"The request's head took longer than {HEAD_TIMEOUT_SECONDS:g} s to arrive."
+            self._refuse(b"408 Request Timeout", detail)
+        elif self._in_body:
+            if self.flow.read_paused:  # the app has not taken the body so far, or the
+                # previous request's answer is not written yet: no slowness of the client's
+                self._timer = self.loop.call_later(BODY_TIMEOUT_SECONDS, self._too_slow)
+                return
+            detail = f"The request's body took longer than {BODY_TIMEOUT_SECONDS:g} s to arrive."
             self._refuse(b"408 Request Timeout", detail)
 
     def _refuse(self, status_line: bytes, detail: str) -> None:
         self._refused = True
-        self._stop_head_timer()
-        if self._in_body or (self.cycle is not None and not self.cycle.response_complete):
-            # A request whose body or trailers run on has its answer, given or coming; or
-            # the previous request's answer is still being written: no second one amid it.
+        self._stop_timer()
+        cycle = self.cycle
+        if self._in_body and cycle is not None and not cycle.response_started and not self.pipeline:
+            # The app waits for the body: it reads the end of the request instead, and its
+            # answer is dropped, ours given (and counted, :class:`Measured`).
+            cycle.scope[ANSWERED_BY_SERVER] = int(status_line[:3])  # type: ignore[literal-required]
+            cycle.disconnected = True
+            cycle.message_event.set()
+        elif self._in_body or (cycle is not None and not cycle.response_complete):
+            # A request whose answer is under way, or the previous request's answer is
+            # still being written: no second one amid it.
             self.transport.close()
             return
-        status, _, title = status_line.decode().partition(" ")
-        body = msgspec.json.encode(
-            {
-                "type": "about:blank",
-                "title": title,
-                "status": int(status),
-                "detail": detail,
-                "code": ErrorCode.INVALID_REQUEST.value,
-            }
-        )
-        self.transport.write(
-            b"HTTP/1.1 "
-            + status_line
-            + b"\r\n"
-            + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        self.transport.write(_problem_answer(status_line, detail))
         self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
@@ -456,16 +502,26 @@ class Measured:
             return
         began = time.perf_counter()
         status = 500  # what uvicorn answers for an app that fails before its answer
+        answered = False
+
+        async def receiving() -> Any:
+            nonlocal status
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered:
+                status = CLIENT_CLOSED_REQUEST  # whatever the app answers now, nobody reads it
+            return message
 
         async def sending(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
+            nonlocal status, answered
+            if message["type"] == "http.response.start" and status != CLIENT_CLOSED_REQUEST:
                 status = message["status"]
+                answered = True
             await send(message)
 
         try:
-            await self._app(scope, receive, sending)
+            await self._app(scope, receiving, sending)
         finally:
+            status = scope.get(ANSWERED_BY_SERVER, status)
             method = scope.get("method", "")
             key = (
                 method if method in _METHODS else "other",
