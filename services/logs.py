@@ -55,21 +55,22 @@ CLIENT_CAUSED: Final = (
 
 
 class Throttle(logging.Filter):
-    """Lets one record of each of ``messages`` through per ``interval`` seconds and holds
-    back the others; the next one let through says how many were held back
-    (``suppressed``). With ``per_first_argument``, records of one message with another
-    first argument (a cause among a few) are throttled apart. Other records pass untouched."""
+    """Lets one record of each of ``messages`` (every message: None) through per
+    ``interval`` seconds and holds back the others; the next one let through says how many
+    were held back (``suppressed``). With ``per_first_argument``, records of one message
+    with another first argument (a cause among a few) are throttled apart. Other records
+    pass untouched."""
 
     def __init__(
         self,
-        messages: Iterable[str],
+        messages: Iterable[str] | None,
         interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         *,
         per_first_argument: bool = False,
     ) -> None:
         super().__init__()
-        self._messages = frozenset(messages)
+        self._messages = None if messages is None else frozenset(messages)
         self._interval = interval
         self._clock = clock
         self._per_first_argument = per_first_argument
@@ -79,7 +80,9 @@ class Throttle(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg
-        if not isinstance(message, str) or message not in self._messages:
+        if not isinstance(message, str):
+            return True
+        if self._messages is not None and message not in self._messages:
             return True
         key: object = message
         if self._per_first_argument and isinstance(record.args, tuple) and record.args:
@@ -107,6 +110,15 @@ def configure_logging(level: str = "INFO") -> None:
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     throttle_client_noise()
+    throttle_trace_state_noise()
+
+
+def throttle_trace_state_noise() -> None:
+    """OpenTelemetry's warnings about a request's malformed ``tracestate`` (a client's to
+    write: a line per request otherwise) said once a minute each."""
+    trace_state = logging.getLogger("opentelemetry.trace.span")
+    if not any(isinstance(f, Throttle) for f in trace_state.filters):
+        trace_state.addFilter(Throttle(None))
 
 
 def throttle_client_noise() -> Throttle:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from services.logs import CLIENT_CAUSED, Throttle
+import pytest
+
+from services.logs import CLIENT_CAUSED, Throttle, throttle_trace_state_noise
 
 
 def _record(message: str) -> logging.LogRecord:
@@ -32,3 +34,25 @@ def test_one_record_of_a_message_per_interval_then_the_count_held_back() -> None
     now[0] = 300.0
     quiet = _record(invalid)
     assert throttle.filter(quiet) and quiet.suppressed == 1
+
+
+def test_without_messages_every_message_of_its_logger_is_throttled_apart() -> None:
+    now = [0.0]
+    throttle = Throttle(None, clock=lambda: now[0])
+    assert throttle.filter(_record("Duplicate key: %s found."))
+    assert throttle.filter(_record("Invalid key/value pair (%s, %s) found."))
+    assert not throttle.filter(_record("Duplicate key: %s found."))
+
+
+def test_a_clients_malformed_tracestate_is_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    throttle_trace_state_noise()  # as configure_logging does
+    propagator = TraceContextTextMapPropagator()
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with caplog.at_level(logging.WARNING, logger="opentelemetry.trace.span"):
+        for n in range(50):
+            propagator.extract({"traceparent": parent, "tracestate": f"a=b=c{n}"})
+    assert len([r for r in caplog.records if r.name == "opentelemetry.trace.span"]) == 1

@@ -4,6 +4,7 @@ token writes the appointment's row itself, the row the projector folds from its 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import timedelta, timezone
 
@@ -15,7 +16,12 @@ from contracts.common import Principal
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import RecordedEvent
-from services.appointments.service_layer.visits import VisitRow, VisitsQuery, project
+from services.appointments.service_layer.visits import (
+    REPAIR_FAILED,
+    VisitRow,
+    VisitsQuery,
+    project,
+)
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
 from tests.support.fakes import FakeEventStore, FakeVisits
@@ -124,6 +130,23 @@ async def test_a_failed_repair_leaves_the_read_waiting_and_is_counted() -> None:
     assert stale and _listed(page) == []
     assert visits.writes == 1
     assert REGISTRY.get_sample_value(FAILURES) == before + 1
+
+
+async def test_failed_repairs_are_said_once_a_minute_and_all_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Hundreds of reads with tokens in a stall: one WARNING line, not one each."""
+    clock, _store, visits, app, query = _setup(wait=timedelta(milliseconds=20))
+    staff = principal("staff")
+    visits.down = True
+    before = REGISTRY.get_sample_value(FAILURES) or 0.0
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+            await query.list_visits(staff, consistency_token=booked.consistency_token)
+    said = [r for r in caplog.records if r.msg == REPAIR_FAILED]
+    assert len(said) <= 1, [r.getMessage() for r in said]  # one per minute, this one or earlier
+    assert REGISTRY.get_sample_value(FAILURES) == before + 5
 
 
 async def test_a_hanging_repair_is_bounded_by_the_consistency_wait() -> None:

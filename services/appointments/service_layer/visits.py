@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 from uuid import UUID
 
 import msgspec
@@ -50,9 +50,14 @@ from services.appointments.domain.rules import (
 from services.appointments.service_layer.consistency import parse_token
 from services.appointments.service_layer.ports import Clock, StoredStreams
 from services.errors import InvalidRequest
+from services.logs import Throttle
 from services.metrics import VIEW_REPAIR_FAILURES, exported
 
 log = logging.getLogger(__name__)
+#: Said once a minute at most (with the count held back): reads with tokens of writes the
+#: view lacks, by the hundred in a stall, would each say it.
+REPAIR_FAILED: Final = "visits row repair failed (waiting for the projector): %r"
+log.addFilter(Throttle([REPAIR_FAILED]))
 
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
 #: which bounds the Upcoming index range from below.
@@ -411,7 +416,7 @@ class VisitsQuery:
                 return _Repaired.WRITTEN
         except Exception as exc:  # the read still answers: fresh if the projector catches up
             VIEW_REPAIR_FAILURES.inc()
-            log.warning("visits row repair failed (waiting for the projector): %r", exc)
+            log.warning(REPAIR_FAILED, exc)
             return _Repaired.FAILED
 
     def _start_repair(self, stream_id: UUID) -> _Repair:
