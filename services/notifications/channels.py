@@ -96,8 +96,9 @@ class PushChannel:
                 await self._make_stream_again()
                 ack = await self._publish(notification)
         except APIError as exc:
-            # 503 (no JetStream leader yet) passes; any other refusal will not change.
-            permanent = exc.code is not None and exc.code != 503
+            # A request error (400: the message too large) will not change; JetStream's
+            # own trouble passes (503 no leader yet, 500 a stream offline in a cluster).
+            permanent = exc.code is not None and 400 <= exc.code < 500
             raise DeliveryFailed(f"publish refused: {exc}", permanent=permanent) from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise DeliveryFailed(f"publish failed: {exc!r}", permanent=False) from exc

@@ -1,13 +1,17 @@
-"""Which refusals of JetStream stop ``clinic appointments`` (exit 2), and when."""
+"""Which refusals of JetStream stop ``clinic appointments`` (exit 2), and when; which fail a
+push for good."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, ServerError, ServiceUnavailableError
 
+from contracts.notifications import Notification
 from services.appointments.adapters.nats.streams import (
     EventsStream,
     StreamConfigConflict,
@@ -16,6 +20,7 @@ from services.appointments.adapters.nats.streams import (
     refused_for_good,
 )
 from services.config import ConfigError
+from services.notifications.channels import DeliveryFailed, PushChannel
 
 NOT_CLUSTERED = ServerError(
     code=500, err_code=10074, description="replicas > 1 not supported in non-clustered mode"
@@ -100,3 +105,49 @@ async def test_a_role_stops_on_a_refusal_for_good_only_before_it_made_the_stream
     with pytest.raises(APIError) as raised:
         await running.ensure(cast(JetStreamContext, js))
     assert raised.value is NOT_CLUSTERED
+
+
+class RefusingPublish:
+    """A JetStream context whose publishes fail with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def publish(self, *_: Any, **__: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (
+            BadRequestError(code=400, err_code=10054, description="maximum message size exceeded"),
+            True,
+        ),
+        (OFFLINE, False),  # a cluster incident: the push is tried again
+        (NO_LEADER, False),
+        (ServerError(code=500, err_code=10049, description="stream store failed"), False),
+        (ServiceUnavailableError(code=503), False),
+    ],
+)
+async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_error(
+    error: APIError, permanent: bool
+) -> None:
+    channel = PushChannel(cast(JetStreamContext, RefusingPublish(error)))
+    with pytest.raises(DeliveryFailed) as failed:
+        await channel.send(NOTIFICATION)
+    assert failed.value.permanent is permanent
+
+
+NOTIFICATION = Notification(
+    notification_id=uuid.uuid4(),
+    kind="appointment-confirmed",
+    recipient_id=uuid.uuid4(),
+    recipient_role="patient",
+    appointment_id=uuid.uuid4(),
+    clinic_id=uuid.uuid4(),
+    cause_event_id=uuid.uuid4(),
+    title="Visit confirmed",
+    body="Your video visit is booked.",
+    sent_at=datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
+)
