@@ -118,7 +118,7 @@ class Probes:
                             newest_migration(),
                         )
                     )
-                except asyncpg.PostgresError:  # no schema_migrations table at all
+                except asyncpg.UndefinedTableError:  # no schema_migrations table at all
                     return False
         return self._schema_current
 

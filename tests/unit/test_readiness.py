@@ -49,8 +49,9 @@ async def test_a_silent_database_fails_readiness_in_time_with_one_query_out(
 class AnsweringPool:
     """Answers ``SELECT 1``; the schema question as told (or no migrations table at all)."""
 
-    def __init__(self, migrated: bool | None) -> None:
+    def __init__(self, migrated: bool | None, refusal: Exception | None = None) -> None:
         self.migrated = migrated
+        self.refusal = refusal
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[AnsweringPool]:
@@ -59,6 +60,8 @@ class AnsweringPool:
     async def fetchval(self, query: str, *_: Any) -> Any:
         if "schema_migrations" not in query:
             return 1
+        if self.refusal is not None:
+            raise self.refusal
         if self.migrated is None:
             raise asyncpg.UndefinedTableError("relation schema_migrations does not exist")
         return self.migrated
@@ -95,3 +98,10 @@ async def test_a_process_still_starting_is_not_ready() -> None:
     assert await probes.failing() == ["starting"]
     started.set()
     assert await probes.failing() == []
+
+
+async def test_a_refused_schema_question_is_no_missing_schema() -> None:
+    """PostgreSQL shutting down (57P01) mid-probe: unreachable, not "run clinic migrate"."""
+    refusal = asyncpg.AdminShutdownError("terminating connection due to administrator command")
+    probes = Probes(AnsweringPool(True, refusal), SimpleNamespace(is_connected=True))  # type: ignore[arg-type]
+    assert await probes.failing() == ["postgresql unreachable"]
