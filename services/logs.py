@@ -113,12 +113,21 @@ def configure_logging(level: str = "INFO") -> None:
     throttle_trace_state_noise()
 
 
+#: OpenTelemetry's loggers of what it makes of a request's ``traceparent`` and
+#: ``tracestate`` headers (malformed, too long): a client's to write.
+TRACE_HEADER_LOGGERS: Final = (
+    "opentelemetry.trace.span",
+    "opentelemetry.trace.propagation.tracecontext",
+)
+
+
 def throttle_trace_state_noise() -> None:
-    """OpenTelemetry's warnings about a request's malformed ``tracestate`` (a client's to
-    write: a line per request otherwise) said once a minute each."""
-    trace_state = logging.getLogger("opentelemetry.trace.span")
-    if not any(isinstance(f, Throttle) for f in trace_state.filters):
-        trace_state.addFilter(Throttle(None))
+    """OpenTelemetry's warnings about a request's trace headers (a line per request
+    otherwise) said once a minute each."""
+    for name in TRACE_HEADER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Throttle) for f in logger.filters):
+            logger.addFilter(Throttle(None))
 
 
 def throttle_client_noise() -> Throttle:

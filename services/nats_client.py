@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final
+from typing import Any, Final
 
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
@@ -59,6 +59,15 @@ class NatsClient(NATS):
         except Exception as exc:
             return {UNREADABLE_HEADERS: repr(exc)}
         return parsed
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Any:
+        # A subject that is not UTF-8 (a message JetStream stored so) still reaches its
+        # consumer, which parks what it cannot read; a reply subject that is not cannot be
+        # answered (the message is dropped: ``_process_msg``).
+        subject = subject.decode("utf-8", "replace").encode()
+        return super()._build_message(sid, subject, reply, data, headers)
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes

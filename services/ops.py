@@ -341,8 +341,11 @@ class _BoundedHead(HttpToolsProtocol):
             detail = f"The request's head took longer than {HEAD_TIMEOUT_SECONDS:g} s to arrive."
             self._refuse(b"408 Request Timeout", detail)
         elif self._in_body:
-            if self.flow.read_paused:  # the app has not taken the body so far, or the
-                # previous request's answer is not written yet: no slowness of the client's
+            cycle = self.cycle
+            if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+                # The app has not taken the body so far (nor asked for it: ``Expect:
+                # 100-continue``), or the previous request's answer is not written yet: no
+                # slowness of the client's.
                 self._timer = self.loop.call_later(BODY_TIMEOUT_SECONDS, self._too_slow)
                 return
             detail = f"The request's body took longer than {BODY_TIMEOUT_SECONDS:g} s to arrive."
@@ -356,6 +359,7 @@ class _BoundedHead(HttpToolsProtocol):
             # The app waits for the body: it reads the end of the request instead, and its
             # answer is dropped, ours given (and counted, :class:`Measured`).
             cycle.scope[ANSWERED_BY_SERVER] = int(status_line[:3])  # type: ignore[literal-required]
+            cycle.waiting_for_100_continue = False  # no "100 Continue" after our answer
             cycle.disconnected = True
             cycle.message_event.set()
         elif self._in_body or (cycle is not None and not cycle.response_complete):

@@ -97,8 +97,11 @@ class PushChannel:
                 ack = await self._publish(notification)
         except APIError as exc:
             # A request error (400: the message too large) will not change; JetStream's
-            # own trouble passes (503 no leader yet, 500 a stream offline in a cluster).
-            permanent = exc.code is not None and 400 <= exc.code < 500
+            # own trouble passes (503 no leader yet, 500 a stream offline in a cluster, 429
+            # too many requests).
+            permanent = (
+                exc.code is not None and 400 <= exc.code < 500 and exc.code not in (408, 429)
+            )
             raise DeliveryFailed(f"publish refused: {exc}", permanent=permanent) from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise DeliveryFailed(f"publish failed: {exc!r}", permanent=False) from exc

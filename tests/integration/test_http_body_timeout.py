@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,12 @@ async def echo(request: Request) -> bytes:  # type: ignore[type-arg]
     return await request.body()
 
 
+@post("/slow", status_code=200)
+async def slow(request: Request) -> bytes:  # type: ignore[type-arg]
+    await asyncio.sleep(1.5)  # a dependency before the body is read, past the body's bound
+    return await request.body()
+
+
 @get("/quick")
 async def quick() -> str:
     return "fine"
@@ -36,7 +43,7 @@ async def quick() -> str:
 async def serving(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[int]:
     monkeypatch.setattr(ops, "BODY_TIMEOUT_SECONDS", 1.0)
     port, stop = free_port(), asyncio.Event()
-    app = Litestar([echo, quick], exception_handlers=EXCEPTION_HANDLERS)
+    app = Litestar([echo, slow, quick], exception_handlers=EXCEPTION_HANDLERS, logging_config=None)
     server = asyncio.create_task(ops.serve_asgi(app, "127.0.0.1", port, stop))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -180,3 +187,35 @@ async def test_a_chunked_body_of_one_byte_chunks_past_the_framing_bound_is_answe
         )
         status, doc = problem_of(answer)
         assert status == b"HTTP/1.1 413 Content Too Large", (status, doc)
+
+
+async def test_a_client_waiting_for_100_continue_is_not_taken_for_a_slow_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body is not sent before the app asks for it; the app takes its time."""
+    async with serving(monkeypatch) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            head = f"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: {len(BODY)}\r\n"
+            writer.write(head.encode() + b"expect: 100-continue\r\nconnection: close\r\n\r\n")
+            async with asyncio.timeout(10):
+                interim = await reader.readuntil(b"\r\n\r\n")
+                assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+                writer.write(BODY)
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_refusal_of_an_expect_100_continue_request_is_its_only_answer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(monkeypatch) as port:
+        expecting = CHUNKED.replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n")
+        answer = await exchange(port, [expecting + b"zz\r\nhello\r\n0\r\n\r\n"])
+        status, doc = problem_of(answer)
+        assert status == b"HTTP/1.1 400 Bad Request", (status, doc)
+        await asyncio.sleep(0.2)  # the app's task, which reads the end of the request
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -128,6 +128,7 @@ class RefusingPublish:
         (NO_LEADER, False),
         (ServerError(code=500, err_code=10049, description="stream store failed"), False),
         (ServiceUnavailableError(code=503), False),
+        (APIError(code=429, description="too many requests"), False),
     ],
 )
 async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_error(
