@@ -6,11 +6,14 @@ locked screen, and those free texts may hold health information.
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+from datetime import UTC, datetime, tzinfo
 from typing import Final
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from contracts.common import Role
+
+log = logging.getLogger(__name__)
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS: Final = (
@@ -21,12 +24,23 @@ Text = tuple[str, str]
 """(title, body)"""
 
 
+def zone(timezone: str) -> tzinfo:
+    """``timezone``, or UTC when this process's tz database lacks it (the API that took the
+    booking had another one: an image built on another base): the message then names the
+    time in UTC, rightly, where failing would leave the visit without any notification."""
+    try:
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        log.warning("time zone %r unknown here: the message names the time in UTC", timezone)
+        return UTC
+
+
 def local_time(at: datetime, timezone: str) -> str:
     """``Tue 15 Jan 2030 at 15:00 CET``: ``at`` as a clock on the wall of ``timezone`` shows it.
 
     Spelled out here rather than with ``strftime`` so the process locale never changes it.
     """
-    local = at.astimezone(ZoneInfo(timezone))
+    local = at.astimezone(zone(timezone))
     day = f"{_DAYS[local.weekday()]} {local.day} {_MONTHS[local.month - 1]} {local.year}"
     return f"{day} at {local:%H:%M} {local.tzname()}"
 
@@ -67,8 +81,8 @@ def reminder_24h(starts_at: datetime, timezone: str, now: datetime) -> Text:
     out late (after an outage, a backlog) says "today" for a visit today, and one across a
     daylight-saving change never says "tomorrow" of a visit two dates away."""
     when = local_time(starts_at, timezone)
-    zone = ZoneInfo(timezone)
-    days = (starts_at.astimezone(zone).date() - now.astimezone(zone).date()).days
+    local = zone(timezone)
+    days = (starts_at.astimezone(local).date() - now.astimezone(local).date()).days
     title = {0: "Visit today", 1: "Visit tomorrow"}.get(days, "Upcoming visit")
     return (title, f"Reminder: your video visit is on {when}.")
 

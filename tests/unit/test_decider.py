@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -17,7 +18,7 @@ from services.appointments.domain.commands import (
     ScheduleAppointment,
     StartAppointment,
 )
-from services.appointments.domain.decider import decide, may_see
+from services.appointments.domain.decider import _zone_names, decide, may_see
 from services.appointments.domain.rules import Rules
 from services.appointments.domain.state import CorruptStream, booking_of, fold
 from services.appointments.domain.view import appointment_view
@@ -259,6 +260,22 @@ def test_schedule_duration_outside_5_to_240_minutes_is_invalid(minutes: int) -> 
 @pytest.mark.parametrize("name", ["UTC", "Europe/Paris", "America/Argentina/Buenos_Aires"])
 def test_schedule_with_an_iana_timezone_is_allowed(name: str) -> None:
     assert len(when([], schedule(timezone=name), NOW)) == 1
+
+
+@pytest.mark.parametrize("name", ["US/Eastern", "Asia/Calcutta", "Europe/Kiev", "EST5EDT"])
+def test_backward_zone_names_are_known_without_the_hosts_tz_database(name: str) -> None:
+    """Phones still send the tz database's backward names, which Debian 13 moved out of
+    its slim images: the tzdata package knows them wherever the host does not."""
+    zoneinfo.reset_tzpath(to=[])  # no tz database of the host's at all
+    _zone_names.cache_clear()
+    ZoneInfo.clear_cache()
+    try:
+        assert len(when([], schedule(timezone=name), NOW)) == 1
+        assert ZoneInfo(name).utcoffset(NOW) is not None
+    finally:
+        zoneinfo.reset_tzpath()
+        _zone_names.cache_clear()
+        ZoneInfo.clear_cache()
 
 
 @pytest.mark.parametrize(

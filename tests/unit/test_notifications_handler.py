@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import msgspec
+
 from contracts.common import Actor
 from contracts.events import (
     SCHEMA_VERSIONS,
@@ -253,3 +255,16 @@ async def test_a_booking_and_its_cancel_made_during_an_outage_are_both_told() ->
     assert sorted(n.kind for n in tx.notifications) == (
         ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
     )
+
+
+async def test_a_booking_in_a_zone_unknown_here_is_still_confirmed_and_cancelled_in_utc() -> None:
+    """The API took the name with its tz database; this process's lacks it (another image)."""
+    handler, tx, _ = setup()
+    stream = uuid.uuid4()
+    event = msgspec.structs.replace(booking(), timezone="Atlantis/Lost_City")
+    assert await handler.apply(envelope(stream, 1, event), event, 1) is Outcome.APPLIED
+    confirmations = [n for n in tx.notifications if n.kind == "appointment-confirmed"]
+    assert len(confirmations) == 2 and all("UTC" in n.body for n in confirmations)
+    cancel = cancellation(Actor(id=event.provider_id, role="provider"))
+    assert await handler.apply(envelope(stream, 2, cancel), cancel, 2) is Outcome.APPLIED
+    assert [n.kind for n in tx.notifications].count("appointment-cancelled") == 1

@@ -63,3 +63,8 @@ def test_reminders_state_the_local_time() -> None:
     title, body = messages.visit_ready(STARTS_AT, "Europe/Berlin")
     assert title == "Your visit can start now"
     assert "15:00 CET" in body
+
+
+def test_a_zone_this_process_does_not_know_names_the_time_in_utc() -> None:
+    assert messages.local_time(STARTS_AT, "Atlantis/Lost_City") == "Tue 15 Jan 2030 at 14:00 UTC"
+    assert messages.reminder_24h(STARTS_AT, "Atlantis/Lost_City", STARTS_AT)[0] == "Visit today"
