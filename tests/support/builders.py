@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from contracts.commands import ScheduleBody
 from contracts.common import Principal, Role
+from contracts.notifications import Notification
 
 
 def principal(role: Role = "staff", clinic_id: uuid.UUID | None = None) -> Principal:
@@ -46,3 +47,19 @@ def schedule_json(
         "duration_minutes": 30,
         "timezone": timezone,
     }
+
+
+def notification(sent_at: datetime | None = None) -> Notification:
+    """A patient's confirmation of a new booking, every id new."""
+    return Notification(
+        notification_id=uuid.uuid4(),
+        kind="appointment-confirmed",
+        recipient_id=uuid.uuid4(),
+        recipient_role="patient",
+        appointment_id=uuid.uuid4(),
+        clinic_id=uuid.uuid4(),
+        cause_event_id=uuid.uuid4(),
+        title="Visit confirmed",
+        body="Your video visit is booked.",
+        sent_at=sent_at or datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
+    )

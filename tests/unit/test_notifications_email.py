@@ -4,15 +4,14 @@ the retry backoff."""
 from __future__ import annotations
 
 import smtplib
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
-from contracts.notifications import Notification
 from services.config import ConfigError
 from services.notifications.email import DEFAULT_SENDER, SmtpConfig, _failure, email_message
 from services.notifications.runtime import Tuning
+from tests.support import builders
 
 
 def test_a_plain_smtp_url_names_host_and_port() -> None:
@@ -43,18 +42,7 @@ def test_a_malformed_smtp_url_is_a_configuration_error(url: str) -> None:
 
 
 def test_the_mail_carries_the_notification_and_its_id() -> None:
-    notification = Notification(
-        notification_id=uuid.uuid4(),
-        kind="appointment-confirmed",
-        recipient_id=uuid.uuid4(),
-        recipient_role="patient",
-        appointment_id=uuid.uuid4(),
-        clinic_id=uuid.uuid4(),
-        cause_event_id=uuid.uuid4(),
-        title="Visit confirmed",
-        body="Your video visit is booked.",
-        sent_at=datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
-    )
+    notification = builders.notification()
     mail = email_message(notification, "pat@example.test", "clinic@example.test")
     assert (mail["To"], mail["From"], mail["Subject"]) == (
         "pat@example.test",

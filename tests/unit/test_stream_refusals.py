@@ -3,15 +3,12 @@ push for good."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, ServerError, ServiceUnavailableError
 
-from contracts.notifications import Notification
 from services.appointments.adapters.nats.streams import (
     EventsStream,
     StreamConfigConflict,
@@ -21,6 +18,7 @@ from services.appointments.adapters.nats.streams import (
 )
 from services.config import ConfigError
 from services.notifications.channels import DeliveryFailed, PushChannel
+from tests.support.builders import notification
 
 NOT_CLUSTERED = ServerError(
     code=500, err_code=10074, description="replicas > 1 not supported in non-clustered mode"
@@ -136,19 +134,5 @@ async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_err
 ) -> None:
     channel = PushChannel(cast(JetStreamContext, RefusingPublish(error)))
     with pytest.raises(DeliveryFailed) as failed:
-        await channel.send(NOTIFICATION)
+        await channel.send(notification())
     assert failed.value.permanent is permanent
-
-
-NOTIFICATION = Notification(
-    notification_id=uuid.uuid4(),
-    kind="appointment-confirmed",
-    recipient_id=uuid.uuid4(),
-    recipient_role="patient",
-    appointment_id=uuid.uuid4(),
-    clinic_id=uuid.uuid4(),
-    cause_event_id=uuid.uuid4(),
-    title="Visit confirmed",
-    body="Your video visit is booked.",
-    sent_at=datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
-)
