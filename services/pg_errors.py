@@ -12,6 +12,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # asyncpg's protocol out of step with a connection PostgreSQL terminated under an
+    # operation ("cannot switch to state 12; another operation (2) is in progress"): the
+    # pool replaces the connection, the next try gets another.
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,

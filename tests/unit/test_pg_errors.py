@@ -32,6 +32,8 @@ from services.pg_errors import CONNECTION_ERRORS, is_transient, passing_refusal
         asyncpg.InvalidCatalogNameError('database "clinic" does not exist'),
         asyncpg.InvalidPasswordError('password authentication failed for user "clinic"'),
         asyncpg.InvalidAuthorizationSpecificationError('role "clinic" does not exist'),
+        # asyncpg's own state, when a connection was terminated under an operation
+        asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in"),
     ],
     ids=lambda error: type(error).__name__,
 )
