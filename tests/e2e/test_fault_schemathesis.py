@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -194,6 +195,12 @@ async def test_the_document_lists_every_operation_fuzzed(api: Api) -> None:
     assert schemas["ScheduleBody"]["additionalProperties"] is False
     assert schemas["CancelBody"]["additionalProperties"] is False
     assert doc["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
+    # A consistency token is documented as the commands answer it, and refused otherwise.
+    (token,) = [p for p in doc["paths"]["/v1/visits"]["get"]["parameters"] if p["in"] == "header"]
+    pattern = token["schema"]["pattern"]
+    assert re.fullmatch(pattern, f"{uuid.uuid4()}.12") and not re.fullmatch(pattern, "0")
+    staff = api.auth(api.principal("staff"), **{"X-Consistency-Token": "0"})
+    assert problem_of(await api.client.get("/v1/visits", headers=staff)) == "400 invalid-request"
     assert all(
         op.get("security") == [{"BearerToken": []}]
         for path, ops in doc["paths"].items()

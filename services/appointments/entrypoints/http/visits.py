@@ -18,6 +18,7 @@ from services.appointments.entrypoints.http.dependencies import (
 from services.appointments.entrypoints.http.openapi import (
     BEARER,
     CONSISTENCY,
+    CONSISTENCY_TOKEN_PATTERN,
     documented,
     problem_responses,
 )
@@ -28,6 +29,7 @@ ConsistencyToken = Annotated[
         name="X-Consistency-Token",
         description="From a command answer: wait until the view includes that write",
         max_length=100,
+        pattern=CONSISTENCY_TOKEN_PATTERN,
     ),
 ]
 
