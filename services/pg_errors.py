@@ -12,10 +12,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    # asyncpg's protocol out of step with a connection PostgreSQL terminated under an
-    # operation ("cannot switch to state 12; another operation (2) is in progress"): the
-    # pool replaces the connection, the next try gets another.
-    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
@@ -47,10 +43,20 @@ def passing_refusal(exc: BaseException) -> bool:
     return state[:2] in _PASSING_CLASSES or state in _PASSING_STATES
 
 
+def protocol_out_of_step(exc: BaseException) -> bool:
+    """asyncpg's protocol out of step with a connection PostgreSQL terminated under an
+    operation ("cannot switch to state 12; another operation (2) is in progress"): the
+    connection is lost like any other, the next try gets another. Only that one of asyncpg's
+    internal errors: the others (no codec for a type, a malformed argument) are mistakes."""
+    return type(exc) is asyncpg.InternalClientError and str(exc).startswith(
+        "cannot switch to state"
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether the same work, tried again later, can succeed: PostgreSQL is unreachable or
     refused for a reason that passes (a crash shutdown, 57P02, is one of those)."""
-    return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc)
+    return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc) or protocol_out_of_step(exc)
 
 
 #: A table or column the statement names does not exist: the schema is older than the code

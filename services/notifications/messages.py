@@ -6,6 +6,7 @@ locked screen, and those free texts may hold health information.
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime, tzinfo
 from typing import Final
@@ -24,10 +25,12 @@ Text = tuple[str, str]
 """(title, body)"""
 
 
+@functools.lru_cache(maxsize=1024)
 def zone(timezone: str) -> tzinfo:
     """``timezone``, or UTC when this process's tz database lacks it (the API that took the
     booking had another one: an image built on another base): the message then names the
-    time in UTC, rightly, where failing would leave the visit without any notification."""
+    time in UTC, rightly, where failing would leave the visit without any notification.
+    Said once per name (each message asks several times)."""
     try:
         return ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, OSError):

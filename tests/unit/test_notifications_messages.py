@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -65,6 +66,13 @@ def test_reminders_state_the_local_time() -> None:
     assert "15:00 CET" in body
 
 
-def test_a_zone_this_process_does_not_know_names_the_time_in_utc() -> None:
-    assert messages.local_time(STARTS_AT, "Atlantis/Lost_City") == "Tue 15 Jan 2030 at 14:00 UTC"
-    assert messages.reminder_24h(STARTS_AT, "Atlantis/Lost_City", STARTS_AT)[0] == "Visit today"
+def test_a_zone_this_process_does_not_know_names_the_time_in_utc_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="services.notifications.messages"):
+        for _ in range(3):
+            shown = messages.local_time(STARTS_AT, "Atlantis/Lost_City_Again")
+            assert shown == "Tue 15 Jan 2030 at 14:00 UTC"
+            title, _ = messages.reminder_24h(STARTS_AT, "Atlantis/Lost_City_Again", STARTS_AT)
+            assert title == "Visit today"
+    assert len(caplog.records) == 1, caplog.text

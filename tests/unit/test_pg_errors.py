@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from services.appointments.adapters.postgres import errors
+from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, is_transient, passing_refusal
 
 
@@ -32,8 +33,6 @@ from services.pg_errors import CONNECTION_ERRORS, is_transient, passing_refusal
         asyncpg.InvalidCatalogNameError('database "clinic" does not exist'),
         asyncpg.InvalidPasswordError('password authentication failed for user "clinic"'),
         asyncpg.InvalidAuthorizationSpecificationError('role "clinic" does not exist'),
-        # asyncpg's own state, when a connection was terminated under an operation
-        asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in"),
     ],
     ids=lambda error: type(error).__name__,
 )
@@ -80,3 +79,18 @@ def test_everything_the_notifications_retried_before_is_still_transient() -> Non
 def test_the_appointments_adapter_uses_the_same_definitions() -> None:
     assert errors.CONNECTION_ERRORS is CONNECTION_ERRORS
     assert errors.passing_refusal is passing_refusal
+
+
+def test_only_asyncpgs_protocol_state_error_is_an_unreachable_database() -> None:
+    lost = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in")
+    assert is_transient(lost)
+    with pytest.raises(Unavailable), errors.database_errors():
+        raise lost
+    # asyncpg's other internal errors are mistakes of the code's, not a database away.
+    for mistake in (
+        asyncpg.InternalClientError("no decoder for OID 1234"),
+        asyncpg.OutdatedSchemaCacheError("cache lookup failed for type 1234"),
+    ):
+        assert not is_transient(mistake)
+        with pytest.raises(type(mistake)), errors.database_errors():
+            raise mistake

@@ -9,7 +9,7 @@ import asyncpg
 
 from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
-from services.pg_errors import CONNECTION_ERRORS, passing_refusal
+from services.pg_errors import CONNECTION_ERRORS, passing_refusal, protocol_out_of_step
 
 __all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
 
@@ -25,6 +25,10 @@ def database_errors() -> Iterator[None]:
     except TimeoutError as exc:  # no connection of the pool free in time, or no answer
         raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
     except CONNECTION_ERRORS as exc:
+        raise Unavailable("The database is unreachable; retry shortly.") from exc
+    except asyncpg.InternalClientError as exc:
+        if not protocol_out_of_step(exc):
+            raise
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:
         if _statement_gave_up(exc):
