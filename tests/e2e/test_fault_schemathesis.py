@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -195,10 +194,9 @@ async def test_the_document_lists_every_operation_fuzzed(api: Api) -> None:
     assert schemas["ScheduleBody"]["additionalProperties"] is False
     assert schemas["CancelBody"]["additionalProperties"] is False
     assert doc["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
-    # A consistency token is documented as the commands answer it, and refused otherwise.
+    # A consistency token is documented as a string (an empty one is no token: a read that
+    # does not wait; the service refuses another that it did not issue, naming the header).
     (token,) = [p for p in doc["paths"]["/v1/visits"]["get"]["parameters"] if p["in"] == "header"]
-    pattern = token["schema"]["pattern"]
-    assert re.fullmatch(pattern, f"{uuid.uuid4()}.12") and not re.fullmatch(pattern, "0")
     staff = api.principal("staff")
     refused = await api.client.get("/v1/visits", headers=api.auth(staff, **{token["name"]: "0"}))
     assert problem_of(refused) == "400 invalid-request"
