@@ -66,7 +66,8 @@ class NatsClient(NATS):
         # A subject that is not UTF-8 (a message JetStream stored so) still reaches its
         # consumer, which parks what it cannot read; a reply subject that is not cannot be
         # answered (the message is dropped: ``_process_msg``).
-        subject = subject.decode("utf-8", "replace").encode()
+        if not subject.isascii():  # most are: no decoding twice on the hot path
+            subject = subject.decode("utf-8", "replace").encode()
         return super()._build_message(sid, subject, reply, data, headers)
 
     async def _process_msg(
