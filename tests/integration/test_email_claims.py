@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import socket
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +23,6 @@ import pytest
 from services.embedded import EmbeddedNats
 from services.notifications.delivery_store import DeliveryStore
 from services.notifications.directory import Directory
-from services.notifications.domain import PlannedNotification
 from services.notifications.store import Channel, NotificationStore
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
@@ -37,6 +35,7 @@ from tests.integration.test_notifications_harness import (
     eventually,
     smtp,
 )
+from tests.support.builders import planned_notification
 
 __all__ = ["clinic", "smtp"]  # fixtures
 
@@ -131,20 +130,6 @@ async def test_an_email_its_worker_was_killed_handing_over_is_never_sent_again(
 # -------------------------------------------------------------------- a lease run out
 
 
-def _planned() -> PlannedNotification:
-    return PlannedNotification(
-        notification_id=uuid.uuid4(),
-        kind="visit-ready",
-        recipient_id=uuid.uuid4(),
-        recipient_role="patient",
-        appointment_id=uuid.uuid4(),
-        clinic_id=uuid.uuid4(),
-        cause_event_id=uuid.uuid4(),
-        title="Your visit can start now",
-        body="Your video visit can start now.",
-    )
-
-
 @contextlib.asynccontextmanager
 async def _outbox(
     database_url: str, count: int = 1, channel: Channel = "email"
@@ -154,7 +139,9 @@ async def _outbox(
     assert pool is not None
     try:
         async with NotificationStore(pool).transaction() as tx:
-            await tx.add_notifications([_planned() for _ in range(count)], [channel], NOW)
+            await tx.add_notifications(
+                [planned_notification("visit-ready") for _ in range(count)], [channel], NOW
+            )
         yield pool
     finally:
         await pool.close()

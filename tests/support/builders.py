@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from contracts.commands import ScheduleBody
 from contracts.common import Principal, Role
 from contracts.notifications import Notification
+from services.notifications.domain import PlannedNotification
 
 
 def principal(role: Role = "staff", clinic_id: uuid.UUID | None = None) -> Principal:
@@ -49,17 +51,31 @@ def schedule_json(
     }
 
 
-def notification(sent_at: datetime | None = None) -> Notification:
-    """A patient's confirmation of a new booking, every id new."""
-    return Notification(
+#: (title, body) of the kinds the tests send.
+_WORDING: dict[str, tuple[str, str]] = {
+    "appointment-confirmed": ("Visit confirmed", "Your video visit is booked."),
+    "visit-ready": ("Your visit can start now", "Your video visit can start now."),
+}
+
+
+def planned_notification(
+    kind: Literal["appointment-confirmed", "visit-ready"] = "appointment-confirmed",
+) -> PlannedNotification:
+    """A notification to a patient, decided on, not sent yet, every id new."""
+    title, body = _WORDING[kind]
+    return PlannedNotification(
         notification_id=uuid.uuid4(),
-        kind="appointment-confirmed",
+        kind=kind,
         recipient_id=uuid.uuid4(),
         recipient_role="patient",
         appointment_id=uuid.uuid4(),
         clinic_id=uuid.uuid4(),
         cause_event_id=uuid.uuid4(),
-        title="Visit confirmed",
-        body="Your video visit is booked.",
-        sent_at=sent_at or datetime(2030, 1, 12, 9, 0, tzinfo=UTC),
+        title=title,
+        body=body,
     )
+
+
+def notification(sent_at: datetime | None = None) -> Notification:
+    """A patient's confirmation of a new booking, every id new, as sent."""
+    return planned_notification().sent(sent_at or datetime(2030, 1, 12, 9, 0, tzinfo=UTC))

@@ -33,7 +33,6 @@ from services.notifications.delivery_store import (
 from services.notifications.directory import Directory, DirectoryUnavailable
 from services.notifications.domain import (
     VISIT_ORDER,
-    PlannedNotification,
     appointment_of,
     on_cancelled,
     on_scheduled,
@@ -42,6 +41,7 @@ from services.notifications.domain import (
 )
 from services.notifications.email import EmailChannel, SmtpConfig
 from services.notifications.runtime import Hooks, Tuning
+from tests.support.builders import planned_notification
 
 NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
 
@@ -110,26 +110,12 @@ def test_a_visit_decides_its_notifications_in_the_order_they_are_delivered(
 # ------------------------------------------------------------- the worker's hand-over
 
 
-def _planned() -> PlannedNotification:
-    return PlannedNotification(
-        notification_id=uuid.uuid4(),
-        kind="visit-ready",
-        recipient_id=uuid.uuid4(),
-        recipient_role="patient",
-        appointment_id=uuid.uuid4(),
-        clinic_id=uuid.uuid4(),
-        cause_event_id=uuid.uuid4(),
-        title="Your visit can start now",
-        body="Your video visit can start now.",
-    )
-
-
 class _Outbox:
     """The deliveries outbox, in memory: one claimable delivery of ``channel``; it keeps
     the order of what is written (``steps``, shared with the channel)."""
 
     def __init__(self, channel: str, steps: list[str], *, claim_ours: bool = True) -> None:
-        self.notification = _planned()
+        self.notification = planned_notification("visit-ready")
         self.due = [
             ClaimedDelivery(
                 notification=self.notification,
@@ -385,7 +371,7 @@ class _Directory:
 
 
 def _notification() -> Notification:
-    return _planned().sent(NOW)
+    return planned_notification("visit-ready").sent(NOW)
 
 
 async def _never_hand_over() -> None:

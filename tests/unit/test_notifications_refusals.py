@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 from contracts.notifications import NOTIFICATION_KINDS, Notification
 from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import ClaimedDelivery, DeliveryStore
-from services.notifications.domain import PlannedNotification
 from services.notifications.runtime import Hooks, Tuning, run_loop
+from tests.support.builders import planned_notification
 
 NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
 
@@ -32,17 +32,7 @@ class _Outbox:
     """One claimable delivery; each outcome write fails with the next of ``refusals``."""
 
     def __init__(self, *refusals: Exception) -> None:
-        notification = PlannedNotification(
-            notification_id=uuid.uuid4(),
-            kind="appointment-confirmed",
-            recipient_id=uuid.uuid4(),
-            recipient_role="patient",
-            appointment_id=uuid.uuid4(),
-            clinic_id=uuid.uuid4(),
-            cause_event_id=uuid.uuid4(),
-            title="Visit confirmed",
-            body="Your video visit is booked.",
-        )
+        notification = planned_notification()
         self.due = [
             ClaimedDelivery(
                 notification=notification,

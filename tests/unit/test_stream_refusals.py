@@ -28,12 +28,15 @@ OFFLINE = ServerError(code=500, err_code=10118, description="stream is offline")
 
 
 class Refusing:
-    """A JetStream context whose stream lookups fail with ``error``."""
+    """A JetStream context whose stream lookups and publishes fail with ``error``."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
 
     async def stream_info(self, *_: Any, **__: Any) -> Any:
+        raise self.error
+
+    async def publish(self, *_: Any, **__: Any) -> Any:
         raise self.error
 
 
@@ -105,16 +108,6 @@ async def test_a_role_stops_on_a_refusal_for_good_only_before_it_made_the_stream
     assert raised.value is NOT_CLUSTERED
 
 
-class RefusingPublish:
-    """A JetStream context whose publishes fail with ``error``."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    async def publish(self, *_: Any, **__: Any) -> Any:
-        raise self.error
-
-
 @pytest.mark.parametrize(
     ("error", "permanent"),
     [
@@ -132,7 +125,7 @@ class RefusingPublish:
 async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_error(
     error: APIError, permanent: bool
 ) -> None:
-    channel = PushChannel(cast(JetStreamContext, RefusingPublish(error)))
+    channel = PushChannel(cast(JetStreamContext, Refusing(error)))
     with pytest.raises(DeliveryFailed) as failed:
         await channel.send(notification())
     assert failed.value.permanent is permanent

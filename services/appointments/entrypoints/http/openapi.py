@@ -33,11 +33,9 @@ ETAG = _header(
     'The appointment\'s version, "<version>": send it back in If-Match.',
     Schema(type=OpenAPIType.STRING, pattern='^"[0-9]+"$'),
 )
-#: A consistency token as the commands answer it (and as GET /v1/visits takes it).
-CONSISTENCY_TOKEN_PATTERN = rf"^{_UUID}\.[0-9]+$"
 CONSISTENCY_TOKEN = _header(
     "<id>.<version> of this write: send it to GET /v1/visits to read your write.",
-    Schema(type=OpenAPIType.STRING, pattern=CONSISTENCY_TOKEN_PATTERN),
+    Schema(type=OpenAPIType.STRING, pattern=rf"^{_UUID}\.[0-9]+$"),
 )
 LOCATION = _header(
     "Where the new appointment is.",
