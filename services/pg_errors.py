@@ -53,10 +53,16 @@ def protocol_out_of_step(exc: BaseException) -> bool:
     )
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "PostgreSQL is not reachable right now": one of
+    :data:`CONNECTION_ERRORS`, or asyncpg's protocol out of step with a lost connection."""
+    return isinstance(exc, CONNECTION_ERRORS) or protocol_out_of_step(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether the same work, tried again later, can succeed: PostgreSQL is unreachable or
     refused for a reason that passes (a crash shutdown, 57P02, is one of those)."""
-    return isinstance(exc, CONNECTION_ERRORS) or passing_refusal(exc) or protocol_out_of_step(exc)
+    return unreachable(exc) or passing_refusal(exc)
 
 
 #: A table or column the statement names does not exist: the schema is older than the code

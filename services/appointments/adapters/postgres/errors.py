@@ -9,9 +9,15 @@ import asyncpg
 
 from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
-from services.pg_errors import CONNECTION_ERRORS, passing_refusal, protocol_out_of_step
+from services.pg_errors import CONNECTION_ERRORS, passing_refusal, unreachable
 
 __all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
+
+#: What :func:`~services.pg_errors.unreachable` tells apart.
+_MAYBE_UNREACHABLE: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.InternalClientError,
+)
 
 
 @contextmanager
@@ -24,10 +30,8 @@ def database_errors() -> Iterator[None]:
         yield
     except TimeoutError as exc:  # no connection of the pool free in time, or no answer
         raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable("The database is unreachable; retry shortly.") from exc
-    except asyncpg.InternalClientError as exc:
-        if not protocol_out_of_step(exc):
+    except _MAYBE_UNREACHABLE as exc:
+        if not unreachable(exc):  # asyncpg's other internal errors are mistakes
             raise
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:
