@@ -356,13 +356,14 @@ class _Server:
         except OSError:
             return ""
 
-    def _log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` of what the server logged since it was last spawned."""
         return "\n".join(self._new_log().splitlines()[-lines:]) or "(nothing logged)"
 
     def _not_ready(self, started: float) -> None:
         if time.monotonic() > started + self.startup_timeout:
             raise ServerStartError(
-                f"{self._name} not ready after {self.startup_timeout:.0f}s:\n{self._log_tail()}"
+                f"{self._name} not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}"
             )
 
     def _failed_start(self, exc: BaseException, attempt: int) -> bool:
@@ -853,7 +854,7 @@ class EmbeddedPostgres(_Server):
         code = proc.poll()
         if code is not None:
             raise ServerStartError(
-                f"PostgreSQL exited with {code} while starting:\n{self._log_tail()}"
+                f"PostgreSQL exited with {code} while starting:\n{self.log_tail()}"
             )
         assert self.port is not None
         return self._status() == "ready" and port_answers(self.host, self.port)
@@ -1020,7 +1021,7 @@ class EmbeddedNats(_Server):
         code = proc.poll()
         if code is not None:
             raise ServerStartError(
-                f"nats-server exited with {code} while starting:\n{self._log_tail()}"
+                f"nats-server exited with {code} while starting:\n{self.log_tail()}"
             )
         # "Server is ready" in *its* log: the port may answer for someone else.
         if "Server is ready" not in self._new_log():

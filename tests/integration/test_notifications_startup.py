@@ -87,7 +87,11 @@ async def test_streams_refused_while_the_cluster_starts_are_made_once_it_has(
                 await asyncio.sleep(0.05)
             for node in others:  # the rest of the cluster comes up: a leader is elected
                 await node.astart()
-            service = await asyncio.wait_for(starting, 60)
+            try:
+                service = await asyncio.wait_for(starting, 60)
+            except (TimeoutError, ConfigError) as exc:  # say what the cluster was doing
+                logs = "\n".join(f"--- {n.server_name}:\n{n.log_tail(60)}" for n in cluster)
+                raise AssertionError(f"no streams: {exc}\n{logs}") from exc
         js = nc.jetstream()
         for stream in (EVENTS_STREAM, NOTIFICATIONS_STREAM):
             assert (await js.stream_info(stream)).config.num_replicas == 3
