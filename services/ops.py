@@ -103,7 +103,7 @@ class Probes:
         probe = self._probe
         done, _ = await asyncio.wait([probe], timeout=READY_TIMEOUT_SECONDS)
         if not done:
-            raise TimeoutError(f"no answer within {READY_TIMEOUT_SECONDS} s")
+            raise TimeoutError
         migrated: bool = probe.result()
         return migrated
 
@@ -124,7 +124,12 @@ class Probes:
 
     def _database_failed(self, exc: BaseException) -> None:
         # The answer says only "unreachable" (it is public); the reason goes to the log.
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            # One reason, however it timed out (this probe's wait, or the pool's wait for
+            # a connection that an earlier probe saw end): a hang is logged once.
+            reason = f"no answer within {READY_TIMEOUT_SECONDS} s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if reason != self._database_failure:
             self._database_failure = reason
             log.warning("readiness: postgresql unreachable: %s", reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -105,3 +106,26 @@ async def test_a_refused_schema_question_is_no_missing_schema() -> None:
     refusal = asyncpg.AdminShutdownError("terminating connection due to administrator command")
     probes = Probes(AnsweringPool(True, refusal), SimpleNamespace(is_connected=True))  # type: ignore[arg-type]
     assert await probes.failing() == ["postgresql unreachable"]
+
+
+class HangingPool(SilentPool):
+    """A hanging server as the probes meet it: the pool's wait for a connection runs out
+    (a bare ``TimeoutError``) while a probe's own wait runs out first."""
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[SilentPool]:
+        await asyncio.sleep(0.08)
+        raise TimeoutError
+        yield self  # pragma: no cover
+
+
+async def test_a_hanging_database_is_logged_once_however_the_probes_time_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(ops, "READY_TIMEOUT_SECONDS", 0.05)
+    probes = Probes(HangingPool(), None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="services.ops"):
+        for _ in range(6):  # the probe's wait, then the pool's (seen by the next), by turns
+            assert await probes.failing() == ["postgresql unreachable"]
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert warnings == ["readiness: postgresql unreachable: no answer within 0.05 s"], warnings
