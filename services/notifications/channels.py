@@ -31,13 +31,24 @@ PUSH_RETENTION_SECONDS: Final = 14 * 24 * 3600.0
 PUBLISH_TIMEOUT_SECONDS: Final = 5.0
 
 
-class DeliveryFailed(Exception):
-    """A send failed; ``permanent`` when trying again cannot help."""
+#: Publish failures that say the message was not stored: nobody took it (no stream), or
+#: it never left the client (its buffer full while reconnecting).
+_NOT_SENT: Final = (
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+)
 
-    def __init__(self, reason: str, *, permanent: bool) -> None:
+
+class DeliveryFailed(Exception):
+    """A send failed; ``permanent`` when trying again cannot help; ``in_doubt`` when the
+    message may have arrived all the same (handed over, and no answer came)."""
+
+    def __init__(self, reason: str, *, permanent: bool, in_doubt: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.in_doubt = in_doubt
 
 
 class DeliveryChannel(Protocol):
@@ -104,7 +115,11 @@ class PushChannel:
             )
             raise DeliveryFailed(f"publish refused: {exc}", permanent=permanent) from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise DeliveryFailed(f"publish failed: {exc!r}", permanent=False) from exc
+            # No answer (a timeout, a connection lost meanwhile): the message may be stored
+            # all the same, or still on its way in a connection being given up.
+            raise DeliveryFailed(
+                f"publish failed: {exc!r}", permanent=False, in_doubt=not isinstance(exc, _NOT_SENT)
+            ) from exc
         if ack.duplicate:
             log.info(
                 "push was already sent",

@@ -173,7 +173,9 @@ class DeliveryWorker:
             if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
                 NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return
-        resend = claimed.in_doubt and claimed.outdated == AFTER_THE_CANCELLATION
+        resend = claimed.outdated == AFTER_THE_CANCELLATION and (
+            claimed.in_doubt or (claimed.unanswered and self._may_resend(claimed, now))
+        )
         if claimed.outdated is not None and not resend:
             # Held by a worker when the news came (a retry now, or its worker died): the
             # consumer's skip passed it by; it is given up here instead. Or a reminder
@@ -184,8 +186,9 @@ class DeliveryWorker:
         # In doubt (here: a push within its resend window) and followed by its visit's
         # cancellation, it is sent again though outdated: its worker may have sent it, or
         # may yet (stalled past its lease, not dead), and skipping it would let the
-        # cancellation go first. Sent again as the same message, which JetStream drops as
-        # a duplicate if the first one went out.
+        # cancellation go first. So is one whose earlier publish got no answer (its message
+        # may still be on its way in a connection given up). Sent again as the same
+        # message, which JetStream drops as a duplicate if the first one went out.
         try:
             skipped = await self._send(claimed, n.sent(now))
         except ClaimLost:
@@ -196,11 +199,11 @@ class DeliveryWorker:
             )
             return
         except DeliveryFailed as exc:
-            await self._failed(claimed, exc.reason, permanent=exc.permanent)
+            await self._failed(claimed, exc.reason, permanent=exc.permanent, in_doubt=exc.in_doubt)
             return
         except Exception as exc:
             log.exception("%s delivery crashed", self.channel)
-            await self._failed(claimed, repr(exc), permanent=False)
+            await self._failed(claimed, repr(exc), permanent=False, in_doubt=True)
             return
         await self._hooks.after_send(self.channel, n.notification_id)
         if skipped is not None:
@@ -267,7 +270,9 @@ class DeliveryWorker:
             },
         )
 
-    async def _failed(self, claimed: ClaimedDelivery, reason: str, *, permanent: bool) -> None:
+    async def _failed(
+        self, claimed: ClaimedDelivery, reason: str, *, permanent: bool, in_doubt: bool
+    ) -> None:
         n = claimed.notification
         extra = {
             "notification_id": str(n.notification_id),
@@ -282,7 +287,10 @@ class DeliveryWorker:
             return
         log.info("delivery failed, will retry", extra=extra)
         retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
-        if await self._settle(claimed, self._store.retry, retry_at, reason):
+        # Once in doubt, in doubt until sent: that message may still arrive. Only where a
+        # resend is de-duplicated (push) does it matter (it is then sent again, not skipped).
+        unanswered = self._resend_window is not None and (in_doubt or claimed.unanswered)
+        if await self._settle(claimed, self._store.retry, retry_at, reason, unanswered):
             NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
 
     async def _record(self, write: Callable[..., Awaitable[_T]], *args: object) -> _T:

@@ -179,6 +179,9 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     """A previous worker claimed it and vanished, and it may have been sent (on a channel
     that marks the hand-over: that worker marked it, see :func:`abandoned_in_doubt`)."""
     previous_claimed_at: datetime | None
+    unanswered: bool = False
+    """An earlier attempt's publish got no answer (a retry marked ``handing-over``): that
+    message may have arrived, or may arrive yet (see :meth:`DeliveryStore.retry`)."""
     outdated: str | None = None
     """Why sending it now would tell of the visit after its cancel or start, or remind of
     it too late (after its end; a 24 h one once the start window is open), then it is
@@ -232,6 +235,8 @@ class DeliveryStore:
             attempts=row["attempts"],
             in_doubt=abandoned_in_doubt(channel, row["previous_status"], row["previous_phase"]),
             previous_claimed_at=row["previous_claimed_at"],
+            unanswered=row["previous_status"] == "pending"
+            and row["previous_phase"] == "handing-over",
             outdated=outdated_by(
                 row["kind"],
                 row["attempts"],
@@ -276,21 +281,32 @@ class DeliveryStore:
         return bool(status == "UPDATE 1")
 
     async def retry(
-        self, notification_id: UUID, channel: Channel, attempts: int, at: datetime, error: str
+        self,
+        notification_id: UUID,
+        channel: Channel,
+        attempts: int,
+        at: datetime,
+        error: str,
+        unanswered: bool = False,
     ) -> bool:
-        """A transient failure of this claim (the message was not taken): try again at
-        ``at``. False, and nothing written, if the claim is no longer this worker's: a
-        worker whose lease ran out must not put back, as never handed over, a delivery
-        another worker holds (and may have marked as being handed over) or recorded."""
+        """A transient failure of this claim: try again at ``at``. ``unanswered``: the
+        message may have been taken all the same (on a channel that de-duplicates a resend,
+        push: a publish that got no answer, now or at an earlier attempt); the pending row
+        says so (phase ``handing-over``) so that its visit's cancellation does not skip it
+        but sends it again first (:attr:`ClaimedDelivery.unanswered`). False, and nothing
+        written, if the claim is no longer this worker's: a worker whose lease ran out must
+        not put back, as never handed over, a delivery another worker holds (and may have
+        marked as being handed over) or recorded."""
         return await self._settle(
             """UPDATE notification_deliveries
                SET status = 'pending', next_attempt_at = $4, last_error = $5,
-                   sending_phase = NULL""",
+                   sending_phase = CASE WHEN $6 THEN 'handing-over' END""",
             notification_id,
             channel,
             attempts,
             at,
             error,
+            unanswered,
         )
 
     async def finish(

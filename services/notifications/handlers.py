@@ -92,7 +92,7 @@ class EventHandler:
                 return Outcome.DUPLICATE
             await tx.drop_timers(appointment_id)
             # Reminders not sent yet (a retry waiting, say) are never sent now.
-            await tx.skip_outdated(appointment_id, f"after {envelope.type}")
+            await tx.skip_outdated(appointment_id, f"after {envelope.type}", self._clock())
             match event:
                 case AppointmentCancelled():
                     await tx.set_status(appointment_id, "cancelled")

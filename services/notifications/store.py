@@ -178,14 +178,26 @@ class StoreTransaction:
             "DELETE FROM notification_timers WHERE appointment_id = $1", appointment_id
         )
 
-    async def skip_outdated(self, appointment_id: UUID, why: str) -> None:
+    async def skip_outdated(self, appointment_id: UUID, why: str, now: datetime) -> None:
         """Give up what would now tell of a visit still to come (it was cancelled or
         started): its reminders not sent yet, and a confirmation waiting for a retry, which
         would arrive after the news. (A confirmation not tried yet goes out first, in
         order; one a worker holds right now may still go out, and if it is claimed again, a
-        retry or after its worker died, the worker gives it up: ``outdated_by``.)"""
+        retry or after its worker died, the worker gives it up: ``outdated_by``.)
+
+        Not one whose publish got no answer (``handing-over``, see
+        :meth:`DeliveryStore.retry`): that message may still arrive, after the news if
+        skipped. It is made due ``now`` instead, for a worker to send it again first (a
+        duplicate JetStream drops), ahead of the cancellation it holds back."""
         await self._conn.execute(
-            """UPDATE notification_deliveries d SET status = 'skipped', last_error = $2
+            """UPDATE notification_deliveries d
+               SET status = CASE WHEN d.sending_phase = 'handing-over' THEN d.status
+                                 ELSE 'skipped' END,
+                   last_error = CASE WHEN d.sending_phase = 'handing-over' THEN d.last_error
+                                     ELSE $2 END,
+                   next_attempt_at = CASE WHEN d.sending_phase = 'handing-over'
+                                          THEN LEAST(d.next_attempt_at, $4)
+                                          ELSE d.next_attempt_at END
                FROM notifications n
                WHERE n.notification_id = d.notification_id AND n.appointment_id = $1
                  AND d.status = 'pending'
@@ -194,6 +206,7 @@ class StoreTransaction:
             appointment_id,
             why,
             sorted(REMINDER_KINDS),
+            now,
         )
 
     async def claim_due_timers(

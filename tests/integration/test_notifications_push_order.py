@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import asyncpg
 import msgspec
 import nats
+import nats.errors
+import pytest
+from nats.js import JetStreamContext
 
 from contracts.events import EventEnvelope, decode_event
 from contracts.notifications import Notification
@@ -98,5 +102,103 @@ async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
         ]
         to_patient = [p.kind for p in pushed if p.recipient_id == visit.patient_id]
         assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+    finally:
+        await nc.close()
+
+
+class UnansweredPublish:
+    """A JetStream context whose publishes get no answer in time (a link dripping, a
+    partition): each one is held, to arrive later (``arrive``), and the publisher is told
+    what nats-py tells it, a timeout. ``gate``: publishes wait for it first."""
+
+    def __init__(self, real: JetStreamContext) -> None:
+        self.real = real
+        self.held: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        self.waiting.set()
+        await self.gate.wait()
+        self.held.append((args, kwargs))
+        raise nats.errors.TimeoutError
+
+    async def arrive(self) -> None:
+        for args, kwargs in self.held:
+            await self.real.publish(*args, **kwargs)
+
+
+async def _pushed(js: JetStreamContext) -> list[Notification]:
+    info = await js.stream_info(NOTIFICATIONS_STREAM)
+    return [
+        msgspec.json.decode(
+            (await js.get_msg(NOTIFICATIONS_STREAM, s)).data or b"", type=Notification
+        )
+        for s in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+
+
+@pytest.mark.parametrize("cancelled", ["after the timeout", "during the publish"])
+async def test_a_confirmation_whose_publish_got_no_answer_never_follows_the_cancellation(
+    pool: asyncpg.Pool, nats_url: str, cancelled: str
+) -> None:
+    """Its message may still arrive (held in a connection being given up): skipping it
+    would let the cancellation go first; it is sent again instead, and the late copy is
+    dropped as a duplicate. Whether the cancel comes while the confirmation waits for its
+    retry (the consumer's skip) or while its publish is out (the next claim's skip)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, notifications_stream_config())
+        visit = Booking()
+        await _apply(pool, visit.scheduled(T0), T0)
+
+        unanswered = UnansweredPublish(js)
+        worker_a = DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(cast(JetStreamContext, unanswered)),
+            lambda: T0,
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+        cancel_at = T0 + timedelta(seconds=5)
+        if cancelled == "after the timeout":
+            assert await worker_a.deliver_due() == 2  # both confirmations: retries now
+            await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+            later = cancel_at + timedelta(seconds=1)
+        else:
+            unanswered.gate.clear()
+            a = asyncio.create_task(worker_a.deliver_due())
+            await asyncio.wait_for(unanswered.waiting.wait(), 10)
+            await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+            unanswered.gate.set()
+            assert await asyncio.wait_for(a, 10) == 2
+            later = T0 + TEST_TUNING.retry_delay(1)  # the retries are due
+        assert len(unanswered.held) == 2
+
+        worker_b = DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(js),
+            lambda: later,
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+        while await worker_b.deliver_due():
+            pass
+        await unanswered.arrive()  # the first copies land at last
+
+        to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+        assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+        statuses = await pool.fetch(
+            """SELECT n.kind, d.status FROM notification_deliveries d
+               JOIN notifications n USING (notification_id) ORDER BY n.kind, n.recipient_id"""
+        )
+        assert {(r["kind"], r["status"]) for r in statuses} == {
+            ("appointment-confirmed", "sent"),  # it did go out: recorded so, not skipped
+            ("appointment-cancelled", "sent"),
+        }, statuses
     finally:
         await nc.close()

@@ -82,7 +82,7 @@ class FakeTransaction:
     async def drop_timers(self, appointment_id: UUID) -> None:
         self.timers.pop(appointment_id, None)
 
-    async def skip_outdated(self, appointment_id: UUID, why: str) -> None:
+    async def skip_outdated(self, appointment_id: UUID, why: str, now: datetime) -> None:
         self.skipped.append(appointment_id)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import nats.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, ServerError, ServiceUnavailableError
@@ -129,3 +130,23 @@ async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_err
     with pytest.raises(DeliveryFailed) as failed:
         await channel.send(notification())
     assert failed.value.permanent is permanent
+    assert not failed.value.in_doubt  # JetStream answered: it did not store the message
+
+
+@pytest.mark.parametrize(
+    ("error", "in_doubt"),
+    [
+        (nats.errors.TimeoutError(), True),  # no answer: it may be stored all the same
+        (TimeoutError(), True),
+        (nats.errors.ConnectionClosedError(), True),
+        (ConnectionResetError(), True),
+        (nats.errors.NoRespondersError(), False),  # nobody took it
+        (nats.errors.OutboundBufferLimitError(), False),  # it never left the client
+    ],
+)
+async def test_a_push_that_got_no_answer_is_in_doubt(error: Exception, in_doubt: bool) -> None:
+    channel = PushChannel(cast(JetStreamContext, Refusing(error)))
+    with pytest.raises(DeliveryFailed) as failed:
+        await channel.send(notification())
+    assert not failed.value.permanent
+    assert failed.value.in_doubt is in_doubt
