@@ -18,6 +18,7 @@ from services.appointments.service_layer.handlers import Appointments, RequestCo
 from services.appointments.service_layer.ports import RecordedEvent
 from services.appointments.service_layer.visits import (
     REPAIR_FAILED,
+    Scope,
     VisitRow,
     VisitsQuery,
     project,
@@ -374,3 +375,33 @@ async def test_a_read_does_not_settle_for_a_fold_made_before_its_appointment_exi
     page, stale = await mine
     await early
     assert not stale and _listed(page) == [appointment_id]
+
+
+class _SlowVisits(FakeVisits):
+    """A database slow to answer (or its pool's connections all taken): every check of the
+    view takes ``seconds`` before it is even asked."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def wait_for_version(
+        self, scope: Scope, appointment_id: uuid.UUID, version: int, wait_seconds: float
+    ) -> bool:
+        await asyncio.sleep(self.seconds)
+        return await super().wait_for_version(scope, appointment_id, version, wait_seconds)
+
+
+@pytest.mark.parametrize("repair", [True, False])
+async def test_a_slow_view_keeps_a_read_within_its_wait_in_all(repair: bool) -> None:
+    clock, store, visits = ManualClock(), FakeEventStore(), _SlowVisits(seconds=1.0)
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    wait = timedelta(milliseconds=300)
+    query = VisitsQuery(visits, clock, Rules(), wait, repair=(store, visits) if repair else None)
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+    assert stale  # its first check of the view alone took longer than the wait
+    assert loop.time() - started < 0.9, "the wait was stretched by the view's slow answers"

@@ -342,10 +342,14 @@ class VisitsQuery:
     async def _read_your_write_until_stop(
         self, scope: Scope, stream_id: UUID, version: int
     ) -> bool:
-        """:meth:`_read_your_write`, cut short (not fresh) by :meth:`stop_waiting`."""
+        """:meth:`_read_your_write`, cut short (not fresh) by :meth:`stop_waiting`, and at
+        the end of the configured wait: every query of it counts (a database slow to answer,
+        or its pool's connections all taken, would otherwise stretch a wait of 2 s to
+        several times that, a poll at a time)."""
         if self._stopping:
             return await self._reader.wait_for_version(scope, stream_id, version, 0)
-        wait = asyncio.timeout(None)
+        seconds = self._wait.total_seconds()
+        wait = asyncio.timeout(seconds if seconds > 0 else None)
         try:
             async with wait:
                 self._waits.add(wait)
