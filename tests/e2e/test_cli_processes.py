@@ -13,13 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from services.embedded import EmbeddedNats
 from tests.e2e.conftest import free_port, wait_until_live, wait_until_ready
+from tests.support.proxy import FreezingProxy
 
 SECRET = "cli-test-secret-that-is-long-enough-for-hs256"
 
@@ -279,46 +279,6 @@ async def test_nats_closing_the_connection_for_good_ends_the_service_with_exit_1
     assert "Traceback" not in stderr, stderr
 
 
-class FreezingProxy:
-    """A TCP proxy to PostgreSQL that can freeze: it keeps every connection open and
-    forwards nothing more (a database or network that hangs, not one that refuses)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._thawed = asyncio.Event()
-        self._thawed.set()
-        self._server: asyncio.Server | None = None
-        self.port = free_port()
-
-    async def __aenter__(self) -> FreezingProxy:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self._thawed.set()
-
-    def freeze(self) -> None:
-        self._thawed.clear()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        await asyncio.gather(
-            self._pump(reader, upstream_writer),
-            self._pump(upstream_reader, writer),
-            return_exceptions=True,
-        )
-        for w in (writer, upstream_writer):
-            w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            await self._thawed.wait()
-            writer.write(data)
-            await writer.drain()
-
-
 async def test_a_stop_that_a_hung_database_holds_up_ends_at_the_deadline(
     database_url: str, nats_url: str
 ) -> None:
@@ -326,10 +286,8 @@ async def test_a_stop_that_a_hung_database_holds_up_ends_at_the_deadline(
     answers) and SIGTERM comes: asyncpg shields a connection's release from cancellation,
     so the stop would wait for ever. The deadline ends the process (status 1, one line)."""
     deadline = 3.0
-    target = urlsplit(database_url)
-    async with FreezingProxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
-        userinfo = target.netloc.rpartition("@")[0]
-        proxied = target._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}").geturl()
+    async with FreezingProxy(database_url) as proxy:
+        proxied = proxy.url
         port = free_port()
         process = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -10,9 +10,16 @@ import asyncpg
 import pytest
 
 from services.appointments.adapters.postgres.errors import database_errors
+from services.appointments.adapters.postgres.event_store import IN_FLIGHT, PostgresEventStore
 from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS
+from services.appointments.adapters.system import new_uuid
 from services.appointments.bootstrap import create_pool, create_session_pool
+from services.appointments.domain.rules import Rules
+from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.errors import ClinicError, Unavailable
+from tests.support.builders import principal, schedule_body
+from tests.support.clock import ManualClock
+from tests.support.proxy import FreezingProxy
 
 
 async def test_a_statement_waits_2_s_at_most_for_a_lock_and_is_answered_503(
@@ -77,3 +84,54 @@ async def test_a_query_waits_for_a_busy_pool_s_connection_2_s_at_most(database_u
         await busy
     finally:
         await pool.close()
+
+
+async def test_appends_queued_behind_a_hung_database_are_answered_503_unsent(
+    database_url: str,
+) -> None:
+    """PostgreSQL stops answering (a partition) with appends in flight: those queued behind
+    them answer ``503`` once they have waited a pooled connection's time, not when the
+    statements in flight give up (~10 s each, more on a server that hangs); and they were
+    never sent. Once the database answers again, the ones in flight are written."""
+    async with FreezingProxy(database_url) as proxy:
+        pool = await create_pool(proxy.url, 4)
+        store = PostgresEventStore(pool)
+        clock = ManualClock()
+        app = Appointments(store, store, clock, new_uuid, Rules())
+        staff = RequestContext(principal=principal("staff"))
+        try:
+            await app.schedule(staff, schedule_body(clock.now))
+            # Connections for every statement in flight are made (a pool warm from load).
+            await asyncio.gather(*(pool.execute("SELECT pg_sleep(0.1)") for _ in range(4)))
+            proxy.freeze()
+            in_flight = []
+            for _ in range(IN_FLIGHT):  # each in a statement of its own
+                in_flight.append(
+                    asyncio.ensure_future(app.schedule(staff, schedule_body(clock.now)))
+                )
+                await asyncio.sleep(0.1)  # out, on a connection that will not answer
+            began = time.monotonic()
+            queued = [
+                asyncio.ensure_future(app.schedule(staff, schedule_body(clock.now)))
+                for _ in range(5)
+            ]
+            done, _ = await asyncio.wait(queued, timeout=8)
+            waited = time.monotonic() - began
+            assert len(done) == 5, "the queued appends waited for the hung statements"
+            for append in queued:
+                refused = append.exception()
+                assert isinstance(refused, Unavailable), refused
+            assert waited < ACQUIRE_SECONDS + 2, waited
+            assert not any(append.done() for append in in_flight)
+            proxy.thaw()
+            written = await asyncio.wait_for(asyncio.gather(*in_flight), 30)
+        finally:
+            proxy.thaw()
+            await pool.close()
+    check = await asyncpg.connect(database_url)
+    try:
+        stored = {row["stream_id"] for row in await check.fetch("SELECT stream_id FROM events")}
+    finally:
+        await check.close()
+    assert {w.view.appointment_id for w in written} <= stored
+    assert len(stored) == 1 + IN_FLIGHT  # the first booking and those in flight; none queued

@@ -242,3 +242,49 @@ async def test_a_cancelled_sender_leaves_no_write_waiting() -> None:
         task.cancel()  # the process stops
     done, pending = await asyncio.wait(writes, timeout=1)
     assert not pending and all(w.cancelled() for w in done)
+
+
+async def test_a_write_still_queued_after_its_queue_timeout_is_answered_unsent() -> None:
+    """The statement in flight hangs (a database that stopped answering): the writes queued
+    behind it get ``Unavailable`` after ``queue_timeout``, and are never sent; the write in
+    flight still gets its own statement's answer."""
+    gate = asyncio.Event()
+    sent: list[str] = []
+
+    async def send_batch(items: Sequence[str]) -> list[str]:
+        sent.extend(items)
+        await gate.wait()
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(item: str) -> str:
+        return (await send_batch([item]))[0]
+
+    group: GroupCommit[str, str] = GroupCommit(
+        send_batch, send_one, key=lambda i: i, in_flight=1, queue_timeout=0.05
+    )
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0.01)
+    queued = [asyncio.ensure_future(group.submit(i)) for i in "abc"]
+    done, _ = await asyncio.wait(queued, timeout=1)
+    assert len(done) == 3
+    for write in queued:
+        assert isinstance(write.exception(), Unavailable)
+    assert not first.done()  # taken before its time: it waits for its statement
+    gate.set()
+    assert await first == "ok:first"
+    assert await group.submit("d") == "ok:d"  # the next write goes as usual
+    assert sent == ["first", "d"]  # the expired ones were never sent
+
+
+async def test_a_write_taken_in_time_is_not_expired_while_its_statement_runs() -> None:
+    async def send_batch(items: Sequence[str]) -> list[str]:
+        await asyncio.sleep(0.1)  # longer than the queue timeout: the statement's own time
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(item: str) -> str:
+        return (await send_batch([item]))[0]
+
+    group: GroupCommit[str, str] = GroupCommit(
+        send_batch, send_one, key=lambda i: i, in_flight=2, queue_timeout=0.05
+    )
+    assert await asyncio.gather(*(group.submit(i) for i in "ab")) == ["ok:a", "ok:b"]

@@ -36,7 +36,7 @@ from services.appointments.adapters.postgres.errors import (
     refused_by_content,
 )
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
-from services.appointments.adapters.postgres.pools import share_of
+from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS, share_of
 from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyKeyTaken,
@@ -122,6 +122,10 @@ SELECT stream_id, max(global_position) AS global_position FROM new_events GROUP 
 #: Appends per batch statement at most, and batch statements in flight at most.
 MAX_BATCH = 128
 IN_FLIGHT = 2
+#: How long an append may wait for its turn before it is answered ``503`` unsent (a
+#: database that stopped answering holds the statements in flight for their whole
+#: timeout): as long as any query waits for a pooled connection.
+APPEND_QUEUE_SECONDS = ACQUIRE_SECONDS
 
 _LOAD = """
 SELECT global_position, event_id, stream_id, stream_version, type, schema_version, data,
@@ -164,6 +168,7 @@ class PostgresEventStore:
             implicated=_implicated,
             in_flight=in_flight,
             max_batch=max_batch,
+            queue_timeout=APPEND_QUEUE_SECONDS,
         )
 
     async def load(self, stream_id: UUID) -> list[RecordedEvent]:

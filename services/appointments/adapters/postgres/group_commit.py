@@ -15,6 +15,12 @@ costs two statements more, not one per write; many cost about one each, as befor
 other failure of a batch (the database unreachable) is every write's answer. A caller
 cancelled while its batch is in flight leaves the batch alone; every other caller gets a
 result or an exception, never silence.
+
+A write still queued ``queue_timeout`` seconds after it came (the statements in flight
+held by a database that stopped answering, each until its own timeout) is answered
+:class:`~services.errors.Unavailable` and never sent: its caller learns at once, and for
+certain, that nothing was written, instead of waiting for statements that may take tens
+of seconds to give up.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
@@ -42,6 +48,8 @@ class _Waiter(Generic[Item, Result]):
     item: Item
     key: Hashable
     future: asyncio.Future[Result] = field(repr=False)
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    """Answers the write ``Unavailable`` if it is still queued then; cancelled once taken."""
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -56,11 +64,14 @@ class GroupCommit(Generic[Item, Result]):
         implicated: Callable[[Item, BaseException], bool] | None = None,
         in_flight: int = 2,
         max_batch: int = 128,
+        queue_timeout: float | None = None,
     ) -> None:
         """``implicated(item, cause)``: whether the cause of a :class:`DecideEach` (the
-        database's refusal) names ``item``, which is then sent alone."""
+        database's refusal) names ``item``, which is then sent alone. ``queue_timeout``:
+        how long a write may wait for its turn (None: as long as it takes)."""
         if in_flight < 1 or max_batch < 1:
             raise ValueError("in_flight and max_batch must be at least 1")
+        self._queue_timeout = queue_timeout
         self._send_batch = send_batch
         self._send_one = send_one
         self._key = key
@@ -76,14 +87,20 @@ class GroupCommit(Generic[Item, Result]):
         """The answer to ``item``, once its batch (or its own statement) is through."""
         loop = asyncio.get_running_loop()
         waiter: _Waiter[Item, Result] = _Waiter(item, self._key(item), loop.create_future())
+        if self._queue_timeout is not None:
+            waiter.expiry = loop.call_later(self._queue_timeout, _expire, waiter)
         self._pending.append(waiter)
         if self._senders < self._in_flight:
             self._senders += 1
             task = loop.create_task(self._send_pending())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        # Cancelling the caller cancels only its future: the sender task runs on.
-        return await waiter.future
+        try:
+            # Cancelling the caller cancels only its future: the sender task runs on.
+            return await waiter.future
+        finally:
+            if waiter.expiry is not None:
+                waiter.expiry.cancel()
 
     async def _send_pending(self) -> None:
         try:
@@ -112,6 +129,8 @@ class GroupCommit(Generic[Item, Result]):
             else:
                 keys.add(waiter.key)
                 batch.append(waiter)
+                if waiter.expiry is not None:
+                    waiter.expiry.cancel()  # on its way: its statement's timeout applies
         left.extend(self._pending)
         self._pending = left
         self._busy |= keys
@@ -228,3 +247,11 @@ def _fail(waiter: _Waiter[Item, Result], exc: BaseException) -> None:
         waiter.future.set_exception(exc)
     else:  # the sender task itself was cancelled (shutdown)
         waiter.future.cancel()
+
+
+def _expire(waiter: _Waiter[Any, Any]) -> None:
+    """A write that waited its ``queue_timeout`` without being taken: never sent."""
+    if not waiter.future.done():
+        waiter.future.set_exception(
+            Unavailable("The database did not take the write in time; nothing was written.")
+        )
