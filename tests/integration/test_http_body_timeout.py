@@ -124,8 +124,8 @@ async def test_a_slow_body_that_comes_within_the_bound_is_served(
     async with serving(monkeypatch) as port:
         halves = [HEAD, BODY[:40], BODY[40:]]
         answer = await exchange(
-            port, [p.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n") for p in halves], 0.4
-        )
+            port, [p.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n") for p in halves], 0.25
+        )  # half the bound in all: a loaded machine's stalls have room
         assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
         assert answer.endswith(BODY)
 

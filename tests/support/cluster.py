@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def nats_cluster(
 ) -> Iterator[list[EmbeddedNats]]:
     """``size`` clustered ``nats-server``s with JetStream, each storing in a folder of its
     own, not started. ``monitored``: each also serves its monitoring endpoint (``-m``, on a
-    port of its own), to see which node a client is connected to."""
+    port of its own), to see which node a client is connected to. The cluster's name is
+    ``name`` and a suffix of its own: a route port handed to another test's cluster too
+    (chosen here, bound only when its node starts) cannot join the two."""
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
     routes = [f"nats://127.0.0.1:{free_port()}" for _ in range(size)]
 
     def make(root: Path) -> list[EmbeddedNats]:
