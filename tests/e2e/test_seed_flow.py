@@ -175,6 +175,10 @@ async def test_bad_visits_queries_are_400(api: Api) -> None:
         ({"tab": "future"}, {}),
         ({"limit": "0"}, {}),
         ({"limit": "101"}, {}),
+        # Not whole numbers as written (a number in JSON over NATS is refused so too).
+        ({"limit": "1.0"}, {}),
+        ({"limit": "2e0"}, {}),
+        ({"limit": "+5"}, {}),
         ({"cursor": "garbage"}, {}),
         ({}, {"X-Consistency-Token": "nope"}),
     ):
@@ -182,3 +186,6 @@ async def test_bad_visits_queries_are_400(api: Api) -> None:
         assert response.status_code == 400, (params, response.text)
         assert response.json()["code"] == "invalid-request"
     assert (await api.client.get("/v1/visits")).status_code == 401
+    for whole in ("5", "100"):
+        answer = await api.client.get("/v1/visits", params={"limit": whole}, headers=headers)
+        assert answer.status_code == 200, (whole, answer.text)
