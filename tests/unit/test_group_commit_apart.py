@@ -288,3 +288,29 @@ async def test_a_write_taken_in_time_is_not_expired_while_its_statement_runs() -
         send_batch, send_one, key=lambda i: i, in_flight=2, queue_timeout=0.05
     )
     assert await asyncio.gather(*(group.submit(i) for i in "ab")) == ["ok:a", "ok:b"]
+
+
+async def test_queued_writes_expire_each_at_its_own_time() -> None:
+    gate = asyncio.Event()
+
+    async def send_batch(items: Sequence[str]) -> list[str]:
+        await gate.wait()
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(item: str) -> str:
+        return (await send_batch([item]))[0]
+
+    group: GroupCommit[str, str] = GroupCommit(
+        send_batch, send_one, key=lambda i: i, in_flight=1, queue_timeout=0.2
+    )
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0.01)
+    older = asyncio.ensure_future(group.submit("older"))
+    await asyncio.sleep(0.1)
+    newer = asyncio.ensure_future(group.submit("newer"))
+    await asyncio.wait([older], timeout=1)
+    assert isinstance(older.exception(), Unavailable)
+    assert not newer.done()  # it came 0.1 s later: its time is not up yet
+    gate.set()  # the statement in flight answers before the newer write's time is up
+    assert await first == "ok:first"
+    assert await newer == "ok:newer"

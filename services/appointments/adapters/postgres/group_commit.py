@@ -29,10 +29,12 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from services.appointments.service_layer.ports import StatementGaveUp
 from services.errors import Unavailable
+
+_NOT_TAKEN = "The database did not take the write in time; nothing was written."
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -48,8 +50,8 @@ class _Waiter(Generic[Item, Result]):
     item: Item
     key: Hashable
     future: asyncio.Future[Result] = field(repr=False)
-    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
-    """Answers the write ``Unavailable`` if it is still queued then; cancelled once taken."""
+    queued_at: float = 0.0
+    """The event loop's time when it came."""
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -72,6 +74,7 @@ class GroupCommit(Generic[Item, Result]):
         if in_flight < 1 or max_batch < 1:
             raise ValueError("in_flight and max_batch must be at least 1")
         self._queue_timeout = queue_timeout
+        self._expiry: asyncio.TimerHandle | None = None  # of the oldest queued write
         self._send_batch = send_batch
         self._send_one = send_one
         self._key = key
@@ -88,19 +91,33 @@ class GroupCommit(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         waiter: _Waiter[Item, Result] = _Waiter(item, self._key(item), loop.create_future())
         if self._queue_timeout is not None:
-            waiter.expiry = loop.call_later(self._queue_timeout, _expire, waiter)
+            waiter.queued_at = loop.time()
+            if self._expiry is None:
+                self._expiry = loop.call_at(waiter.queued_at + self._queue_timeout, self._expire)
         self._pending.append(waiter)
         if self._senders < self._in_flight:
             self._senders += 1
             task = loop.create_task(self._send_pending())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        try:
-            # Cancelling the caller cancels only its future: the sender task runs on.
-            return await waiter.future
-        finally:
-            if waiter.expiry is not None:
-                waiter.expiry.cancel()
+        # Cancelling the caller cancels only its future: the sender task runs on.
+        return await waiter.future
+
+    def _expire(self) -> None:
+        """Answer the writes queued ``queue_timeout`` ago and not taken yet (the oldest come
+        first in the queue: taking keeps their order) ``Unavailable``, never to be sent;
+        then look again when the oldest left is due."""
+        assert self._queue_timeout is not None
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        expired_before = loop.time() - self._queue_timeout
+        while self._pending and (
+            self._pending[0].future.done() or self._pending[0].queued_at <= expired_before
+        ):
+            _fail(self._pending.popleft(), Unavailable(_NOT_TAKEN))
+        if self._pending:
+            due = self._pending[0].queued_at + self._queue_timeout
+            self._expiry = loop.call_at(due, self._expire)
 
     async def _send_pending(self) -> None:
         try:
@@ -128,9 +145,7 @@ class GroupCommit(Generic[Item, Result]):
                 left.append(waiter)
             else:
                 keys.add(waiter.key)
-                batch.append(waiter)
-                if waiter.expiry is not None:
-                    waiter.expiry.cancel()  # on its way: its statement's timeout applies
+                batch.append(waiter)  # on its way: its statement's own timeout applies
         left.extend(self._pending)
         self._pending = left
         self._busy |= keys
@@ -247,11 +262,3 @@ def _fail(waiter: _Waiter[Item, Result], exc: BaseException) -> None:
         waiter.future.set_exception(exc)
     else:  # the sender task itself was cancelled (shutdown)
         waiter.future.cancel()
-
-
-def _expire(waiter: _Waiter[Any, Any]) -> None:
-    """A write that waited its ``queue_timeout`` without being taken: never sent."""
-    if not waiter.future.done():
-        waiter.future.set_exception(
-            Unavailable("The database did not take the write in time; nothing was written.")
-        )
