@@ -289,7 +289,9 @@ class DeliveryWorker:
         retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
         # Once in doubt, in doubt until sent: that message may still arrive. Only where a
         # resend is de-duplicated (push) does it matter (it is then sent again, not skipped).
-        unanswered = self._resend_window is not None and (in_doubt or claimed.unanswered)
+        unanswered = self._resend_window is not None and (
+            in_doubt or claimed.unanswered or claimed.in_doubt
+        )
         if await self._settle(claimed, self._store.retry, retry_at, reason, unanswered):
             NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
 

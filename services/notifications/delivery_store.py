@@ -150,21 +150,20 @@ def outdated_by(
     consumer applies to late events (``handlers``), a confirmation claimed once its visit
     has begun (``visit_starts_at``) and a cancellation once its visit is over: held since
     (retries, a NATS outage), they no longer tell anything of use."""
+    # Too late first: such a delivery is given up whatever came since (even one that would
+    # be sent again ahead of a cancellation, see ``delivery``: none follows it then).
+    if kind == "appointment-confirmed":
+        if visit_starts_at is not None and now >= visit_starts_at:
+            return AFTER_THE_VISIT_BEGAN
+    elif visit_ends_at is not None and now >= visit_ends_at:
+        return AFTER_THE_VISIT
+    elif kind == "reminder-24h" and window_opens_at is not None and now >= window_opens_at:
+        return AFTER_THE_WINDOW_OPENED
     news = _NEWS.get(appointment_status or "")
     if news is not None and (
         kind in REMINDER_KINDS or (kind == "appointment-confirmed" and attempts > 1)
     ):
         return f"after {news}"
-    if kind == "appointment-confirmed":
-        late = visit_starts_at is not None and now >= visit_starts_at
-        return AFTER_THE_VISIT_BEGAN if late else None
-    if kind == "appointment-cancelled":
-        late = visit_ends_at is not None and now >= visit_ends_at
-        return AFTER_THE_VISIT if late else None
-    if visit_ends_at is not None and now >= visit_ends_at:
-        return AFTER_THE_VISIT
-    if kind == "reminder-24h" and window_opens_at is not None and now >= window_opens_at:
-        return AFTER_THE_WINDOW_OPENED
     return None
 
 

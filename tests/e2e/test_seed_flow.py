@@ -179,6 +179,7 @@ async def test_bad_visits_queries_are_400(api: Api) -> None:
         ({"limit": "1.0"}, {}),
         ({"limit": "2e0"}, {}),
         ({"limit": "+5"}, {}),
+        ({"limit": ["5", "1e0"]}, {}),  # the last one given is the one used
         ({"cursor": "garbage"}, {}),
         ({}, {"X-Consistency-Token": "nope"}),
     ):

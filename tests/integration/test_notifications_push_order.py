@@ -17,6 +17,7 @@ import nats
 import nats.errors
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from contracts.events import EventEnvelope, decode_event
 from contracts.notifications import Notification
@@ -58,8 +59,25 @@ class StalledPush:
         return await self.real.send(notification)
 
 
+class RefusedOnce:
+    """JetStream refusing each confirmation's first publish (no leader yet): a refusal,
+    not a doubt, of the resend."""
+
+    def __init__(self, real: JetStreamContext) -> None:
+        self.real = real
+        self.refused: set[str] = set()
+
+    async def publish(self, subject: str, payload: bytes, **kwargs: Any) -> Any:
+        msg_id = kwargs["headers"]["Nats-Msg-Id"]
+        if msg_id not in self.refused and subject.endswith("appointment-confirmed"):
+            self.refused.add(msg_id)
+            raise ServiceUnavailableError(code=503, description="JetStream has no leader")
+        return await self.real.publish(subject, payload, **kwargs)
+
+
+@pytest.mark.parametrize("resend", ["taken", "refused once"])
 async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
-    pool: asyncpg.Pool, nats_url: str
+    pool: asyncpg.Pool, nats_url: str, resend: str
 ) -> None:
     nc = await nats.connect(nats_url)
     try:
@@ -78,16 +96,20 @@ async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
         # The provider cancels (the patient is told); worker A still holds the confirmations.
         await _apply(pool, visit.cancelled(T0 + timedelta(seconds=5), visit.provider), T0)
 
-        later = T0 + TEST_TUNING.lease + timedelta(seconds=1)  # A's lease ran out
+        now = [T0 + TEST_TUNING.lease + timedelta(seconds=1)]  # A's lease ran out
+        b_js = js if resend == "taken" else cast(JetStreamContext, RefusedOnce(js))
         worker_b = DeliveryWorker(
             DeliveryStore(pool),
-            PushChannel(js),
-            lambda: later,
+            PushChannel(b_js),
+            lambda: now[0],
             TEST_TUNING,
             Hooks(),
             PUSH_RESEND_WINDOW,
         )
         assert await worker_b.deliver_due() == 2  # the confirmations: in doubt, sent again
+        if resend == "refused once":  # still in doubt: A may yet publish; tried again
+            now[0] += TEST_TUNING.retry_delay(2)
+            assert await worker_b.deliver_due() == 2
         assert await worker_b.deliver_due() == 1  # then the cancellation
 
         stalled.gate.set()  # A wakes up and publishes what it claimed
@@ -131,6 +153,8 @@ class UnansweredPublish:
 
 async def _pushed(js: JetStreamContext) -> list[Notification]:
     info = await js.stream_info(NOTIFICATIONS_STREAM)
+    if not info.state.messages:
+        return []
     return [
         msgspec.json.decode(
             (await js.get_msg(NOTIFICATIONS_STREAM, s)).data or b"", type=Notification
@@ -200,5 +224,51 @@ async def test_a_confirmation_whose_publish_got_no_answer_never_follows_the_canc
             ("appointment-confirmed", "sent"),  # it did go out: recorded so, not skipped
             ("appointment-cancelled", "sent"),
         }, statuses
+    finally:
+        await nc.close()
+
+
+async def test_a_confirmation_without_an_answer_is_not_sent_again_once_too_late(
+    pool: asyncpg.Pool, nats_url: str
+) -> None:
+    """Its publish got no answer, then the service's NATS was down; the cancel, made during
+    the visit, is applied once the visit has begun: no cancellation follows then, so
+    nothing is sent ahead of one. The confirmation is skipped, as it would be uncancelled."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, notifications_stream_config())
+        visit = Booking(starts_at=T0 + timedelta(minutes=10))
+        await _apply(pool, visit.scheduled(T0), T0)
+        worker_a = DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(cast(JetStreamContext, UnansweredPublish(js))),
+            lambda: T0,
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+        assert await worker_a.deliver_due() == 2
+        applied = visit.starts_at + timedelta(minutes=35)  # after the visit's end
+        await _apply(
+            pool, visit.cancelled(visit.starts_at + timedelta(minutes=25), visit.provider), applied
+        )
+        worker_b = DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(js),
+            lambda: applied + timedelta(seconds=1),
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+        while await worker_b.deliver_due():
+            pass
+        assert await _pushed(js) == []
+        statuses = await pool.fetch(
+            "SELECT status, last_error FROM notification_deliveries ORDER BY notification_id"
+        )
+        assert [(r["status"], r["last_error"]) for r in statuses] == [
+            ("skipped", "after the visit began")
+        ] * 2, statuses
     finally:
         await nc.close()

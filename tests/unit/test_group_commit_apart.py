@@ -268,7 +268,9 @@ async def test_a_write_still_queued_after_its_queue_timeout_is_answered_unsent()
     done, _ = await asyncio.wait(queued, timeout=1)
     assert len(done) == 3
     for write in queued:
-        assert isinstance(write.exception(), Unavailable)
+        # A 503 that leaves cached states alone: the database is slow, not known to have
+        # lost anything.
+        assert isinstance(write.exception(), StatementGaveUp)
     assert not first.done()  # taken before its time: it waits for its statement
     gate.set()
     assert await first == "ok:first"

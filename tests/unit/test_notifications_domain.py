@@ -210,7 +210,23 @@ ENDS_AT = STARTS_AT + timedelta(minutes=30)
         ("visit-ready", 1, "scheduled", ENDS_AT - timedelta(seconds=1), None),
         ("visit-ready", 1, "scheduled", ENDS_AT, "after the visit's end"),
         ("reminder-24h", 3, "scheduled", ENDS_AT + timedelta(hours=5), "after the visit's end"),
-        ("visit-ready", 1, "cancelled", ENDS_AT, "after AppointmentCancelled"),
+        # Too late whatever the news: not sent again ahead of a cancellation either.
+        ("visit-ready", 1, "cancelled", ENDS_AT, "after the visit's end"),
+        (
+            "visit-ready",
+            1,
+            "cancelled",
+            ENDS_AT - timedelta(seconds=1),
+            "after AppointmentCancelled",
+        ),
+        ("appointment-confirmed", 2, "cancelled", STARTS_AT, "after the visit began"),
+        (
+            "appointment-confirmed",
+            2,
+            "cancelled",
+            STARTS_AT - timedelta(seconds=1),
+            "after AppointmentCancelled",
+        ),
         ("reminder-24h", 1, "started", STARTS_AT, "after AppointmentStarted"),
         # A confirmation once the visit has begun, a cancellation once it is over: the
         # rules the consumer applies to late events (handlers.py), at claim time too.

@@ -405,3 +405,37 @@ async def test_a_slow_view_keeps_a_read_within_its_wait_in_all(repair: bool) -> 
     _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
     assert stale  # its first check of the view alone took longer than the wait
     assert loop.time() - started < 0.9, "the wait was stretched by the view's slow answers"
+
+
+class _SlowToGiveBack(FakeVisits):
+    """A check of the view that, once cut short, takes a while to unwind (asyncpg cancelling
+    the statement, the pool resetting the connection)."""
+
+    async def wait_for_version(
+        self, scope: Scope, appointment_id: uuid.UUID, version: int, wait_seconds: float
+    ) -> bool:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.sleep(0.2))
+            raise
+        return False
+
+
+async def test_a_stop_while_a_reads_wait_is_running_out_cuts_the_others_short() -> None:
+    clock, store, visits = ManualClock(), FakeEventStore(), _SlowToGiveBack()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), timedelta(milliseconds=100))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    token = booked.consistency_token
+    expiring = asyncio.ensure_future(query.list_visits(staff, consistency_token=token))
+    await asyncio.sleep(0.15)  # its wait ran out; its check of the view is unwinding
+    query._wait = timedelta(seconds=60)  # a later read waits long
+    waiting = asyncio.ensure_future(query.list_visits(staff, consistency_token=token))
+    await asyncio.sleep(0.01)
+    query.stop_waiting()  # the process is told to stop
+    _, stale = await asyncio.wait_for(expiring, 5)
+    assert stale
+    _, stale = await asyncio.wait_for(waiting, 1)  # cut short, not left to its 60 s
+    assert stale

@@ -306,7 +306,8 @@ class VisitsQuery:
         self._stopping = True
         now = asyncio.get_running_loop().time()
         for wait in self._waits:
-            wait.reschedule(now)
+            if not wait.expired():  # one past its deadline is still unwinding: it ends anyway
+                wait.reschedule(now)
 
     async def list_visits(
         self,

@@ -36,7 +36,7 @@ from services.appointments.adapters.postgres.errors import (
     refused_by_content,
 )
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
-from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS, share_of
+from services.appointments.adapters.postgres.pools import share_of
 from services.appointments.service_layer.ports import (
     AppendResult,
     IdempotencyKeyTaken,
@@ -124,8 +124,9 @@ MAX_BATCH = 128
 IN_FLIGHT = 2
 #: How long an append may wait for its turn before it is answered ``503`` unsent (a
 #: database that stopped answering holds the statements in flight for their whole
-#: timeout): as long as any query waits for a pooled connection.
-APPEND_QUEUE_SECONDS = ACQUIRE_SECONDS
+#: timeout): longer than a statement in flight waits for a lock (``lock_timeout``, 2 s)
+#: and then runs, so that only a hang, not a lock held for a while, turns it away.
+APPEND_QUEUE_SECONDS = 5.0
 
 _LOAD = """
 SELECT global_position, event_id, stream_id, stream_version, type, schema_version, data,

@@ -18,9 +18,9 @@ result or an exception, never silence.
 
 A write still queued ``queue_timeout`` seconds after it came (the statements in flight
 held by a database that stopped answering, each until its own timeout) is answered
-:class:`~services.errors.Unavailable` and never sent: its caller learns at once, and for
-certain, that nothing was written, instead of waiting for statements that may take tens
-of seconds to give up.
+:class:`~services.appointments.service_layer.ports.StatementGaveUp` (a ``503``) and never
+sent: its caller learns at once, and for certain, that nothing was written, instead of
+waiting for statements that may take tens of seconds to give up.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class GroupCommit(Generic[Item, Result]):
 
     def _expire(self) -> None:
         """Answer the writes queued ``queue_timeout`` ago and not taken yet (the oldest come
-        first in the queue: taking keeps their order) ``Unavailable``, never to be sent;
+        first in the queue: taking keeps their order) ``503``, never to be sent;
         then look again when the oldest left is due."""
         assert self._queue_timeout is not None
         self._expiry = None
@@ -114,7 +114,9 @@ class GroupCommit(Generic[Item, Result]):
         while self._pending and (
             self._pending[0].future.done() or self._pending[0].queued_at <= expired_before
         ):
-            _fail(self._pending.popleft(), Unavailable(_NOT_TAKEN))
+            # Not the database's failure (it may only be slow): as for a statement it gave
+            # up on, nothing that cached states rely on is in doubt.
+            _fail(self._pending.popleft(), StatementGaveUp(_NOT_TAKEN))
         if self._pending:
             due = self._pending[0].queued_at + self._queue_timeout
             self._expiry = loop.call_at(due, self._expire)

@@ -55,10 +55,9 @@ class VisitsController(Controller):
         consistency_token: ConsistencyToken = None,
     ) -> Response[VisitsPage]:
         ctx = request_context(request, state)
-        written = request.query_params.get("limit")
-        if written is not None and not (written.isascii() and written.isdigit()):
-            # Litestar takes "1.0", "2e0" or "+5" for the number they make; NATS, whose
-            # requests are JSON, refuses a limit that is not an integer.
+        if not all(n.isascii() and n.isdigit() for n in request.query_params.getall("limit", [])):
+            # Litestar takes "1.0", "2e0" or "+5" for the number they make (of the last
+            # limit given); NATS, whose requests are JSON, refuses a limit not an integer.
             raise InvalidRequest("limit must be a whole number between 1 and 100.")
         page, stale = await container_of(state).visits.list_visits(
             ctx.principal, tab, limit, cursor, consistency_token
