@@ -439,3 +439,30 @@ async def test_a_stop_while_a_reads_wait_is_running_out_cuts_the_others_short() 
     assert stale
     _, stale = await asyncio.wait_for(waiting, 1)  # cut short, not left to its 60 s
     assert stale
+
+
+async def test_a_read_repairing_its_row_when_the_process_stops_still_answers_fresh() -> None:
+    """A graceful stop cuts the waits for the projector short, not a repair (one load, one
+    write): the visit the patient just cancelled is not shown for want of milliseconds."""
+    clock, store, visits = ManualClock(), _HeldLoad(), FakeVisits()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), timedelta(seconds=60), repair=(store, visits))
+    patient = principal("patient")
+    ctx = RequestContext(principal=patient)
+    booked = await app.schedule(ctx, schedule_body(clock.now, patient_id=patient.id))
+    cancelled = await app.cancel(ctx, booked.view.appointment_id)
+    release = store.release = asyncio.Event()
+    read = asyncio.create_task(
+        query.list_visits(patient, consistency_token=cancelled.consistency_token)
+    )
+    await store.holding.wait()  # its load is out
+    query.stop_waiting()
+    release.set()
+    page, stale = await asyncio.wait_for(read, 5)
+    assert not stale and _listed(page) == []
+    # One that comes after the stop repairs its row too.
+    again = await app.schedule(ctx, schedule_body(clock.now, patient_id=patient.id))
+    page, stale = await asyncio.wait_for(
+        query.list_visits(patient, consistency_token=again.consistency_token), 5
+    )
+    assert not stale and _listed(page) == [again.view.appointment_id]

@@ -19,7 +19,7 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Final, Protocol
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 #: Said once a minute at most (with the count held back): reads with tokens of writes the
 #: view lacks, by the hundred in a stall, would each say it.
 REPAIR_FAILED: Final = "visits row repair failed (waiting for the projector): %r"
+#: How long a read with a consistency token may still take once the process stops (to
+#: repair its row: one load, one write), within the configured wait.
+STOP_REPAIR_SECONDS: Final = 1.0
 log.addFilter(Throttle([REPAIR_FAILED]))
 
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
@@ -294,13 +297,17 @@ class VisitsQuery:
         self._repair = repair
         exported(VIEW_REPAIR_FAILURES)
         self._repairs: dict[UUID, _Repair] = {}
-        self._waits: set[asyncio.Timeout] = set()
+        self._waits: set[asyncio.Timeout] = set()  # reads waiting for the projector
+        self._deadlines: set[asyncio.Timeout] = set()  # reads with a token, in all
         self._stopping = False
 
     def stop_waiting(self) -> None:
-        """The process is stopping: reads waiting for a consistency token answer now (stale
-        unless the view has caught up), and later ones do not wait. A graceful stop then
-        drains them at once instead of cancelling them when its grace runs out."""
+        """The process is stopping: reads waiting for the projector to reach their
+        consistency token answer now (stale unless the view has caught up), and later
+        ones do not wait for it. A read repairing its row (one load, one write) still
+        does, within :data:`STOP_REPAIR_SECONDS`: a visit just cancelled is not shown
+        for want of a wait of milliseconds. A graceful stop then drains them on time
+        instead of cancelling them when its grace runs out."""
         if self._stopping:
             return
         self._stopping = True
@@ -308,6 +315,10 @@ class VisitsQuery:
         for wait in self._waits:
             if not wait.expired():  # one past its deadline is still unwinding: it ends anyway
                 wait.reschedule(now)
+        for deadline in self._deadlines:
+            when = deadline.when()
+            if not deadline.expired() and (when is None or when > now + STOP_REPAIR_SECONDS):
+                deadline.reschedule(now + STOP_REPAIR_SECONDS)
 
     async def list_visits(
         self,
@@ -325,9 +336,7 @@ class VisitsQuery:
         stale = False
         if consistency_token:
             stream_id, version = parse_token(consistency_token)
-            stale = not await self._read_your_write_until_stop(
-                Scope.of(principal), stream_id, version
-            )
+            stale = not await self._read_your_write_in_time(Scope.of(principal), stream_id, version)
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.
@@ -340,35 +349,36 @@ class VisitsQuery:
             next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
         return VisitsPage(items=items, next_cursor=next_cursor), stale
 
-    async def _read_your_write_until_stop(
-        self, scope: Scope, stream_id: UUID, version: int
-    ) -> bool:
-        """:meth:`_read_your_write`, cut short (not fresh) by :meth:`stop_waiting`, and at
-        the end of the configured wait: every query of it counts (a database slow to answer,
-        or its pool's connections all taken, would otherwise stretch a wait of 2 s to
-        several times that, a poll at a time)."""
-        if self._stopping:
-            return await self._reader.wait_for_version(scope, stream_id, version, 0)
+    async def _read_your_write_in_time(self, scope: Scope, stream_id: UUID, version: int) -> bool:
+        """:meth:`_read_your_write` within the configured wait in all, every query of it
+        counted (a database slow to answer, or its pool's connections all taken, would
+        otherwise stretch a wait of 2 s to several times that, a query at a time); within
+        :data:`STOP_REPAIR_SECONDS` once the process stops. Not fresh when it runs out."""
         seconds = self._wait.total_seconds()
-        wait = asyncio.timeout(seconds if seconds > 0 else None)
+        if seconds <= 0:
+            return await self._read_your_write(scope, stream_id, version)
+        if self._stopping:
+            seconds = min(seconds, STOP_REPAIR_SECONDS)
+        deadline = asyncio.timeout(seconds)
         try:
-            async with wait:
-                self._waits.add(wait)
+            async with deadline:
+                self._deadlines.add(deadline)
                 try:
                     return await self._read_your_write(scope, stream_id, version)
                 finally:
-                    self._waits.discard(wait)
+                    self._deadlines.discard(deadline)
         except TimeoutError:
-            if not wait.expired():
+            if not deadline.expired():
                 raise
             return False
 
     async def _read_your_write(self, scope: Scope, stream_id: UUID, version: int) -> bool:
         """Whether the view reflects ``version`` of the appointment in ``scope``: at once,
-        after repairing its row, or within the rest of the configured wait."""
+        after repairing its row, or within the rest of the configured wait (for the
+        projector: none once the process stops)."""
         seconds = self._wait.total_seconds()
         if self._repair is None:
-            return await self._reader.wait_for_version(scope, stream_id, version, seconds)
+            return await self._wait_for_view(scope, stream_id, version, seconds)
         if await self._reader.wait_for_version(scope, stream_id, version, 0):
             return True
         if seconds <= 0:
@@ -385,9 +395,35 @@ class VisitsQuery:
             # row never qualifies (and is not written): the wait runs out as it always
             # did, so the answer tells nobody whether the appointment exists, without
             # polling the view meanwhile (a flood of such reads costs one load each).
-            await asyncio.sleep(left)
+            await self._until_stop(_idle(left))
             return False
-        return await self._reader.wait_for_version(scope, stream_id, version, left)
+        return await self._wait_for_view(scope, stream_id, version, left)
+
+    async def _wait_for_view(
+        self, scope: Scope, stream_id: UUID, version: int, seconds: float
+    ) -> bool:
+        """Wait up to ``seconds`` for the projector to bring the view to ``version``; once
+        the process stops, only look (the wait of a read already waiting ends then)."""
+        if self._stopping:
+            return await self._reader.wait_for_version(scope, stream_id, version, 0)
+        return await self._until_stop(
+            self._reader.wait_for_version(scope, stream_id, version, seconds)
+        )
+
+    async def _until_stop(self, waiting: Awaitable[bool]) -> bool:
+        """``waiting``, cut short (False) by :meth:`stop_waiting`."""
+        wait = asyncio.timeout(None)
+        try:
+            async with wait:
+                self._waits.add(wait)
+                try:
+                    return await waiting
+                finally:
+                    self._waits.discard(wait)
+        except TimeoutError:
+            if not wait.expired():
+                raise
+            return False
 
     async def _repair_row(
         self, scope: Scope, stream_id: UUID, version: int, seconds: float
@@ -440,6 +476,11 @@ class VisitsQuery:
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
         return stored_row(await self._repair[0].load_envelopes(stream_id))
+
+
+async def _idle(seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return False
 
 
 class _Repaired(Enum):
