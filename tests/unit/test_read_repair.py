@@ -466,3 +466,10 @@ async def test_a_read_repairing_its_row_when_the_process_stops_still_answers_fre
         query.list_visits(patient, consistency_token=again.consistency_token), 5
     )
     assert not stale and _listed(page) == [again.view.appointment_id]
+    # One whose token can never be fresh for it (another's) does not sit out the wait.
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    _, stale = await query.list_visits(
+        principal("patient"), consistency_token=again.consistency_token
+    )
+    assert stale and loop.time() - began < 0.5

@@ -19,10 +19,10 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from uuid import UUID
 
 import msgspec
@@ -410,8 +410,12 @@ class VisitsQuery:
             self._reader.wait_for_version(scope, stream_id, version, seconds)
         )
 
-    async def _until_stop(self, waiting: Awaitable[bool]) -> bool:
-        """``waiting``, cut short (False) by :meth:`stop_waiting`."""
+    async def _until_stop(self, waiting: Coroutine[Any, Any, bool]) -> bool:
+        """``waiting``, cut short (False) by :meth:`stop_waiting`; not at all once the
+        process stops."""
+        if self._stopping:
+            waiting.close()
+            return False
         wait = asyncio.timeout(None)
         try:
             async with wait:
