@@ -4,6 +4,7 @@ token writes the appointment's row itself, the row the projector folds from its 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from datetime import timedelta, timezone
@@ -18,11 +19,13 @@ from services.appointments.service_layer.handlers import Appointments, RequestCo
 from services.appointments.service_layer.ports import RecordedEvent
 from services.appointments.service_layer.visits import (
     REPAIR_FAILED,
+    STOP_REPAIR_SECONDS,
     Scope,
     VisitRow,
     VisitsQuery,
     project,
 )
+from services.errors import Unavailable
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
 from tests.support.fakes import FakeEventStore, FakeVisits
@@ -473,3 +476,87 @@ async def test_a_read_repairing_its_row_when_the_process_stops_still_answers_fre
         principal("patient"), consistency_token=again.consistency_token
     )
     assert stale and loop.time() - began < 0.5
+
+
+class _LateFailingLoad(FakeEventStore):
+    """Loads that fail, but only after the reads that wanted them have left."""
+
+    async def load(self, stream_id: uuid.UUID) -> list[RecordedEvent]:
+        await asyncio.sleep(0.2)
+        raise Unavailable("The database is unreachable.")
+
+
+async def test_a_repair_that_fails_after_its_reads_left_is_no_unretrieved_error() -> None:
+    clock, store, visits = ManualClock(), _LateFailingLoad(), FakeVisits()
+    booked_in = FakeEventStore()
+    app = Appointments(booked_in, booked_in, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(visits, clock, Rules(), timedelta(milliseconds=50), repair=(store, visits))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        for _ in range(3):
+            _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+            assert stale
+        await asyncio.sleep(0.3)  # the load fails now, its reads long gone
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
+
+
+async def test_a_read_that_comes_after_the_stop_answers_within_a_second_of_it() -> None:
+    clock, _store, visits, app, query = _setup(wait=timedelta(seconds=60))
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    visits.hang = True  # its repair's write never comes back
+    loop = asyncio.get_running_loop()
+    query.stop_waiting()
+    stopped = loop.time()
+    await asyncio.sleep(0.6)  # a request read meanwhile (the drain of the NATS endpoints)
+    _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+    assert stale
+    assert loop.time() - stopped < STOP_REPAIR_SECONDS + 0.3
+
+
+class _CountedPolls(FakeVisits):
+    """Counts the waits for the projector that were cut mid-way rather than ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = 0
+
+    async def wait_for_version(
+        self, scope: Scope, appointment_id: uuid.UUID, version: int, wait_seconds: float
+    ) -> bool:
+        try:
+            return await super().wait_for_version(scope, appointment_id, version, wait_seconds)
+        except asyncio.CancelledError:
+            self.cut += 1
+            raise
+
+
+@pytest.mark.parametrize("repair", [True, False])
+async def test_a_wait_for_the_projector_ends_by_itself_before_the_reads_deadline(
+    repair: bool,
+) -> None:
+    """Not cut mid-query by the deadline (with asyncpg: a cancel request and a reset)."""
+    clock, store, visits = ManualClock(), FakeEventStore(), _CountedPolls()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    visits.down = True  # a repair fails: the read waits for the projector, which never comes
+    query = VisitsQuery(
+        visits,
+        clock,
+        Rules(),
+        timedelta(milliseconds=200),
+        repair=(store, visits) if repair else None,
+    )
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    for _ in range(5):
+        _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
+        assert stale
+    assert visits.cut == 0

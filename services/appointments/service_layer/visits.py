@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import time
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -300,6 +299,7 @@ class VisitsQuery:
         self._waits: set[asyncio.Timeout] = set()  # reads waiting for the projector
         self._deadlines: set[asyncio.Timeout] = set()  # reads with a token, in all
         self._stopping = False
+        self._stop_by = 0.0  # the event loop's time by which reads answer, once stopping
 
     def stop_waiting(self) -> None:
         """The process is stopping: reads waiting for the projector to reach their
@@ -312,13 +312,14 @@ class VisitsQuery:
             return
         self._stopping = True
         now = asyncio.get_running_loop().time()
+        self._stop_by = now + STOP_REPAIR_SECONDS
         for wait in self._waits:
             if not wait.expired():  # one past its deadline is still unwinding: it ends anyway
                 wait.reschedule(now)
         for deadline in self._deadlines:
             when = deadline.when()
-            if not deadline.expired() and (when is None or when > now + STOP_REPAIR_SECONDS):
-                deadline.reschedule(now + STOP_REPAIR_SECONDS)
+            if not deadline.expired() and (when is None or when > self._stop_by):
+                deadline.reschedule(self._stop_by)
 
     async def list_visits(
         self,
@@ -353,18 +354,23 @@ class VisitsQuery:
         """:meth:`_read_your_write` within the configured wait in all, every query of it
         counted (a database slow to answer, or its pool's connections all taken, would
         otherwise stretch a wait of 2 s to several times that, a query at a time); within
-        :data:`STOP_REPAIR_SECONDS` once the process stops. Not fresh when it runs out."""
+        :data:`STOP_REPAIR_SECONDS` of the stop once the process stops. Not fresh when it
+        runs out; a wait of 0 is one look."""
         seconds = self._wait.total_seconds()
-        if seconds <= 0:
-            return await self._read_your_write(scope, stream_id, version)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
         if self._stopping:
-            seconds = min(seconds, STOP_REPAIR_SECONDS)
-        deadline = asyncio.timeout(seconds)
+            until = min(until, self._stop_by)
+        if until <= loop.time():
+            return await self._reader.wait_for_version(scope, stream_id, version, 0)
+        # The last look for the projector starts by ``until`` (as a read that can never be
+        # fresh ends its wait: the two take as long); the deadline leaves it its answer.
+        deadline = asyncio.timeout_at(until + _LAST_LOOK_SECONDS)
         try:
             async with deadline:
                 self._deadlines.add(deadline)
                 try:
-                    return await self._read_your_write(scope, stream_id, version)
+                    return await self._read_your_write(scope, stream_id, version, until)
                 finally:
                     self._deadlines.discard(deadline)
         except TimeoutError:
@@ -372,42 +378,39 @@ class VisitsQuery:
                 raise
             return False
 
-    async def _read_your_write(self, scope: Scope, stream_id: UUID, version: int) -> bool:
+    async def _read_your_write(
+        self, scope: Scope, stream_id: UUID, version: int, until: float
+    ) -> bool:
         """Whether the view reflects ``version`` of the appointment in ``scope``: at once,
-        after repairing its row, or within the rest of the configured wait (for the
-        projector: none once the process stops)."""
-        seconds = self._wait.total_seconds()
+        after repairing its row, or by ``until`` (the event loop's time; waiting for the
+        projector: not once the process stops)."""
         if self._repair is None:
-            return await self._wait_for_view(scope, stream_id, version, seconds)
+            return await self._wait_for_view(scope, stream_id, version, until)
         if await self._reader.wait_for_version(scope, stream_id, version, 0):
             return True
-        if seconds <= 0:
-            return False  # no time to repair in: the read answers at once, stale
-        started = time.monotonic()
         # Within the wait, as any read with a token (a row locked by a slow writer, a store
         # slow to load: the read answers stale on time rather than late).
-        repaired = await self._repair_row(scope, stream_id, version, seconds)
+        repaired = await self._repair_row(scope, stream_id, version)
         if repaired is _Repaired.WRITTEN:
             return True  # the row now holds the token's version or a later one
-        left = max(0.0, seconds - (time.monotonic() - started))
         if repaired is _Repaired.NEVER:
             # Outside the scope, or a write the store does not hold (a forged token), the
             # row never qualifies (and is not written): the wait runs out as it always
             # did, so the answer tells nobody whether the appointment exists, without
             # polling the view meanwhile (a flood of such reads costs one load each).
-            await self._until_stop(_idle(left))
+            await self._until_stop(_idle(_left(until)))
             return False
-        return await self._wait_for_view(scope, stream_id, version, left)
+        return await self._wait_for_view(scope, stream_id, version, until)
 
     async def _wait_for_view(
-        self, scope: Scope, stream_id: UUID, version: int, seconds: float
+        self, scope: Scope, stream_id: UUID, version: int, until: float
     ) -> bool:
-        """Wait up to ``seconds`` for the projector to bring the view to ``version``; once
+        """Wait until ``until`` for the projector to bring the view to ``version``; once
         the process stops, only look (the wait of a read already waiting ends then)."""
         if self._stopping:
             return await self._reader.wait_for_version(scope, stream_id, version, 0)
         return await self._until_stop(
-            self._reader.wait_for_version(scope, stream_id, version, seconds)
+            self._reader.wait_for_version(scope, stream_id, version, _left(until))
         )
 
     async def _until_stop(self, waiting: Coroutine[Any, Any, bool]) -> bool:
@@ -429,36 +432,34 @@ class VisitsQuery:
                 raise
             return False
 
-    async def _repair_row(
-        self, scope: Scope, stream_id: UUID, version: int, seconds: float
-    ) -> _Repaired:
+    async def _repair_row(self, scope: Scope, stream_id: UUID, version: int) -> _Repaired:
         """Write the appointment's row from its stored events if the reader may see it and
-        the store holds the token's write (best effort, bounded by ``seconds``: a failure
-        leaves the read to wait for the projector); whether it was written (the view then
-        holds ``version`` or, the version guard says, a later one), or never will be for
-        this reader. Reads of one appointment that come while its events are loaded share that
-        load and its write."""
+        the store holds the token's write (best effort, within the read's deadline: a
+        failure leaves the read to wait for the projector); whether it was written (the
+        view then holds ``version`` or, the version guard says, a later one), or never will
+        be for this reader. Reads of one appointment that come while its events are loaded
+        share that load and its write (which run on if those reads leave)."""
         assert self._repair is not None
         try:
-            async with asyncio.timeout(seconds):
-                repair, mine = self._repairs.get(stream_id), False
-                while True:
-                    if repair is None:
-                        repair, mine = self._start_repair(stream_id), True
-                    row = await asyncio.shield(repair.row)
-                    if mine or (row is not None and row.version >= version):
-                        break
-                    # Folded for an older read, before this write (or before the booking:
-                    # nothing then): join a fold started since (by another read like this
-                    # one), or fold again.
-                    newer = self._repairs.get(stream_id)
-                    repair = newer if newer is not repair else None
-                if row is None or row.version < version or not scope.holds(row):
-                    return _Repaired.NEVER  # nothing stored, a forged token, or not visible
-                if repair.write is None:
-                    repair.write = asyncio.ensure_future(self._repair[1].write_row(row))
-                await asyncio.shield(repair.write)
-                return _Repaired.WRITTEN
+            repair, mine = self._repairs.get(stream_id), False
+            while True:
+                if repair is None:
+                    repair, mine = self._start_repair(stream_id), True
+                row = await asyncio.shield(repair.row)
+                if mine or (row is not None and row.version >= version):
+                    break
+                # Folded for an older read, before this write (or before the booking:
+                # nothing then): join a fold started since (by another read like this
+                # one), or fold again.
+                newer = self._repairs.get(stream_id)
+                repair = newer if newer is not repair else None
+            if row is None or row.version < version or not scope.holds(row):
+                return _Repaired.NEVER  # nothing stored, a forged token, or not visible
+            if repair.write is None:
+                repair.write = asyncio.ensure_future(self._repair[1].write_row(row))
+                repair.write.add_done_callback(_retrieved)
+            await asyncio.shield(repair.write)
+            return _Repaired.WRITTEN
         except Exception as exc:  # the read still answers: fresh if the projector catches up
             VIEW_REPAIR_FAILURES.inc()
             log.warning(REPAIR_FAILED, exc)
@@ -470,7 +471,8 @@ class VisitsQuery:
         repair = _Repair(asyncio.ensure_future(self._fold(stream_id)))
         self._repairs[stream_id] = repair
 
-        def done(_: object) -> None:
+        def done(fold: asyncio.Future[VisitRow | None]) -> None:
+            _retrieved(fold)
             if self._repairs.get(stream_id) is repair:
                 del self._repairs[stream_id]
 
@@ -485,6 +487,24 @@ class VisitsQuery:
 async def _idle(seconds: float) -> bool:
     await asyncio.sleep(seconds)
     return False
+
+
+#: How long a read's deadline leaves the last look of its wait for the projector (made at
+#: the end of the wait) to come back: a cancelled query costs asyncpg a cancel request and
+#: a reset of the connection; a look slower than that is cut all the same.
+_LAST_LOOK_SECONDS: Final = 0.05
+
+
+def _left(until: float) -> float:
+    """How long a wait may last that must be over by ``until`` (the event loop's time)."""
+    return max(0.0, until - asyncio.get_running_loop().time())
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A shared repair's failure is its reads' to report: one that all its reads left
+    (their deadline, the stop, a client gone) is not an unretrieved task's ERROR."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Repaired(Enum):
