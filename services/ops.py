@@ -31,6 +31,8 @@ from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.config import HTTP_KEEP_ALIVE_SECONDS, ConfigError
 
 READY_TIMEOUT_SECONDS = 1.0
+#: Failures of the connection itself, whatever they say (one kind to the readiness log).
+_NO_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
 METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 SHUTDOWN_GRACE_SECONDS = 8.0
@@ -123,15 +125,17 @@ class Probes:
         return self._schema_current
 
     def _database_failed(self, exc: BaseException) -> None:
-        # The answer says only "unreachable" (it is public); the reason goes to the log.
+        # The answer says only "unreachable" (it is public); the reason goes to the log,
+        # once per kind of failure: a hang (this probe's wait, or the pool's wait for a
+        # connection that an earlier probe saw end) and connections lost or refused (reset
+        # at once by a balancer without a backend, say) each read in more than one way.
         if isinstance(exc, TimeoutError):
-            # One reason, however it timed out (this probe's wait, or the pool's wait for
-            # a connection that an earlier probe saw end): a hang is logged once.
-            reason = f"no answer within {READY_TIMEOUT_SECONDS} s"
+            kind = reason = f"no answer within {READY_TIMEOUT_SECONDS} s"
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if reason != self._database_failure:
-            self._database_failure = reason
+            kind = "no connection" if isinstance(exc, _NO_CONNECTION) else reason
+        if kind != self._database_failure:
+            self._database_failure = kind
             log.warning("readiness: postgresql unreachable: %s", reason)
 
 

@@ -129,3 +129,31 @@ async def test_a_hanging_database_is_logged_once_however_the_probes_time_out(
             assert await probes.failing() == ["postgresql unreachable"]
     warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert warnings == ["readiness: postgresql unreachable: no answer within 0.05 s"], warnings
+
+
+class ResettingPool(SilentPool):
+    """Connections reset at once (a balancer without a backend), told in two ways by turns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resets = 0
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[SilentPool]:
+        self.resets += 1
+        if self.resets % 2:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        raise ConnectionError("unexpected connection_lost() call")
+        yield self  # pragma: no cover
+
+
+async def test_connections_reset_are_logged_once_however_they_are_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    probes = Probes(ResettingPool(), None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="services.ops"):
+        for _ in range(6):
+            assert await probes.failing() == ["postgresql unreachable"]
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "Connection reset by peer" in warnings[0]
