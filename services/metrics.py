@@ -103,6 +103,12 @@ NOTIFICATIONS = Counter(
     "Notification deliveries, by kind, channel and result.",
     ["kind", "channel", "result"],
 )
+NOTIFICATIONS_LAG_SECONDS = Gauge(
+    "clinic_notifications_lag_seconds",
+    "Time between an event's occurrence and the notification service handling it (the last"
+    " event handled, whatever came of it; 0 once the consumer has nothing pending).",
+    registry=None,
+)
 NOTIFICATION_PARKED = Counter(
     "clinic_notification_parked_messages_total",
     "Events the notification service gave up on and kept in notification_parked_messages.",

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Final, TypeVar
 from uuid import UUID
 
@@ -28,7 +29,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
 from contracts.subjects import EVENTS_STREAM, event_subject
-from services.metrics import CONSUMER_REDELIVERIES, NOTIFICATION_PARKED, exported, zeroed
+from services.metrics import (
+    CONSUMER_REDELIVERIES,
+    NOTIFICATION_PARKED,
+    NOTIFICATIONS_LAG_SECONDS,
+    exported,
+    zeroed,
+)
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning
 from services.notifications.store import NotificationStore
@@ -130,12 +137,14 @@ class EventConsumer:
         self._tuning = tuning
         self._hooks = hooks
         self._on_new_work = on_new_work
+        self._lagging = False  # the lag gauge says more than 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; messages fetched but not handled are handed back.
         Fetches nothing before the service's first start is recorded (:meth:`_begin`)."""
         zeroed(CONSUMER_REDELIVERIES, ("notifications",))
         exported(NOTIFICATION_PARKED)
+        exported(NOTIFICATIONS_LAG_SECONDS)
         if not await self._begin(stop):
             return
         sub = await self._js.pull_subscribe_bind(
@@ -149,6 +158,8 @@ class EventConsumer:
                         self._tuning.fetch_batch, timeout=self._tuning.fetch_timeout
                     )
                 except TimeoutError:  # nothing to fetch (nats-py raises either kind)
+                    if self._lagging:
+                        await _quietly(self._caught_up())
                     # A deleted consumer looks just like an idle one to some servers.
                     if time.monotonic() - checked > self._tuning.consumer_check_interval:
                         checked = time.monotonic()
@@ -167,6 +178,14 @@ class EventConsumer:
                     await self.handle(msg, stop)
         finally:
             await _quietly(sub.unsubscribe())
+
+    async def _caught_up(self) -> None:
+        """Nothing fetched: once the consumer has nothing pending (this instance's or
+        another's), there is no lag to report."""
+        info = await self._js.consumer_info(EVENTS_STREAM, self._tuning.consumer_name)
+        if not info.num_pending and not info.num_ack_pending:
+            NOTIFICATIONS_LAG_SECONDS.set(0.0)
+            self._lagging = False
 
     async def _begin(self, stop: asyncio.Event) -> bool:
         """Record, once for the database, when the service first started consuming: the
@@ -215,6 +234,10 @@ class EventConsumer:
     async def _handle_event(
         self, msg: Msg, envelope: EventEnvelope, event: Event, stop: asyncio.Event
     ) -> None:
+        # Whatever comes of it: one that keeps failing shows its growing age.
+        lag = max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
+        NOTIFICATIONS_LAG_SECONDS.set(lag)
+        self._lagging = lag > 0
         sequence = msg.metadata.sequence.stream
         if msg.metadata.num_delivered > 1:
             CONSUMER_REDELIVERIES.labels("notifications").inc()

@@ -7,11 +7,12 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import nats
 import pytest
 from nats.aio.msg import Msg
+from prometheus_client import REGISTRY
 
 from contracts.common import Actor
 from contracts.subjects import NOTIFICATIONS_STREAM
@@ -315,3 +316,27 @@ async def test_a_push_finds_the_notifications_stream_made_again_after_it_was_los
         assert info.config.max_age == notifications_stream_config().max_age
     push = [r for r in await clinic.deliveries() if r["channel"] == "push"]
     assert [(r["status"], r["attempts"]) for r in push] == [("sent", 1)] * 4
+
+
+async def test_the_lag_reads_the_last_event_handled_then_zero_once_caught_up(
+    clinic: Clinic,
+) -> None:
+    """An event that happened an hour ago shows an hour of lag (a backlog after an outage
+    of the service), and 0 once nothing is pending: not left at an hour."""
+    booking = Booking()
+    clinic.know(booking)
+
+    def lag() -> float | None:
+        return REGISTRY.get_sample_value("clinic_notifications_lag_seconds")
+
+    async def lagging() -> bool:
+        return (lag() or 0) >= 3590
+
+    async def caught_up() -> bool:
+        return lag() == 0
+
+    async with clinic.running():
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        await clinic.publish(booking.scheduled(an_hour_ago), booking.clinic_id)
+        await eventually(lagging, what="an hour of lag")
+        await eventually(caught_up, what="no lag once caught up")
