@@ -170,14 +170,36 @@ class EventConsumer:
                     await idle(stop, 1.0)
                     await _quietly(ensure_consumer(self._js, self._tuning))
                     continue
-                for index, msg in enumerate(messages):
-                    if stop.is_set():
-                        for unhandled in messages[index:]:
-                            await _quietly(unhandled.nak())
-                        break
-                    await self.handle(msg, stop)
+                await self._handle_fetched(messages, stop)
         finally:
             await _quietly(sub.unsubscribe())
+
+    async def _handle_fetched(self, messages: list[Msg], stop: asyncio.Event) -> None:
+        """Handle a fetched batch: the events of up to ``handle_concurrency`` appointments
+        at once, each appointment's one after another in stream order (its events apply
+        in order; those of different appointments touch different rows). Once ``stop`` is
+        set, what is not handled yet is handed back."""
+        by_appointment: dict[str, list[Msg]] = {}
+        for msg in messages:
+            by_appointment.setdefault(_appointment_of(msg.subject), []).append(msg)
+        turns = asyncio.Semaphore(self._tuning.handle_concurrency)
+
+        async def handle_in_order(msgs: list[Msg]) -> None:
+            async with turns:
+                for index, msg in enumerate(msgs):
+                    if stop.is_set():
+                        for unhandled in msgs[index:]:
+                            await _quietly(unhandled.nak())
+                        return
+                    await self.handle(msg, stop)
+
+        tasks = [asyncio.ensure_future(handle_in_order(msgs)) for msgs in by_appointment.values()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed beyond handling (or the consumer is cancelled): the rest too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _caught_up(self) -> None:
         """Nothing fetched: once the consumer has nothing pending (this instance's or
@@ -318,6 +340,13 @@ class EventConsumer:
                     raise _Stopping
                 waited += step
             delay = min(delay * 2, 5.0)
+
+
+def _appointment_of(subject: str) -> str:
+    """The appointment an event's subject names (``appointments.v1.events.<clinic>.<id>.
+    <kind>``); a subject of another shape stands for itself."""
+    tokens = subject.split(".")
+    return tokens[4] if len(tokens) == 6 else subject
 
 
 async def _quietly(operation: Awaitable[object]) -> None:

@@ -32,6 +32,10 @@ class Tuning:
     max_deliver: int = 10
     max_ack_pending: int = 1000
     fetch_batch: int = 32
+    #: Appointments whose fetched events are applied at once (each one's in order): one
+    #: transaction after another, a round trip each, caught up at ~440 events/s here; 4 at
+    #: once at ~800/s (more gained nothing on 2 cores).
+    handle_concurrency: int = 4
     fetch_timeout: float = 2.0
     #: While idle, how often the consumer makes sure its durable still exists (seconds).
     consumer_check_interval: float = 30.0
