@@ -105,8 +105,8 @@ NOTIFICATIONS = Counter(
 )
 NOTIFICATIONS_LAG_SECONDS = Gauge(
     "clinic_notifications_lag_seconds",
-    "Time between an event's occurrence and the notification service handling it (the last"
-    " event handled, whatever came of it; 0 once the consumer has nothing pending).",
+    "Time between an event's occurrence and the notification service handling it (the"
+    " oldest being handled, else the last handled; 0 once the consumer has nothing pending).",
     registry=None,
 )
 NOTIFICATION_PARKED = Counter(

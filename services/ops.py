@@ -31,8 +31,9 @@ from services.appointments.entrypoints.http.problems import EXCEPTION_HANDLERS
 from services.config import HTTP_KEEP_ALIVE_SECONDS, ConfigError
 
 READY_TIMEOUT_SECONDS = 1.0
-#: Failures of the connection itself, whatever they say (one kind to the readiness log).
-_NO_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+#: Connections lost or refused, however they are told (one kind to the readiness log); not
+#: a certificate refused or a name not found, which say something else.
+_NO_CONNECTION = (ConnectionError, asyncpg.ConnectionDoesNotExistError)
 #: Litestar appends "; charset=utf-8" to every text/* type: without it here, or twice.
 METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 SHUTDOWN_GRACE_SECONDS = 8.0

@@ -137,7 +137,8 @@ class EventConsumer:
         self._tuning = tuning
         self._hooks = hooks
         self._on_new_work = on_new_work
-        self._lagging = False  # the lag gauge says more than 0
+        self._in_flight: dict[int, datetime] = {}  # events being handled: their occurrence
+        self._last_lag = 0.0  # of the last event handled (0 once caught up)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; messages fetched but not handled are handed back.
@@ -145,6 +146,7 @@ class EventConsumer:
         zeroed(CONSUMER_REDELIVERIES, ("notifications",))
         exported(NOTIFICATION_PARKED)
         exported(NOTIFICATIONS_LAG_SECONDS)
+        NOTIFICATIONS_LAG_SECONDS.set_function(self._lag)
         if not await self._begin(stop):
             return
         sub = await self._js.pull_subscribe_bind(
@@ -158,8 +160,8 @@ class EventConsumer:
                         self._tuning.fetch_batch, timeout=self._tuning.fetch_timeout
                     )
                 except TimeoutError:  # nothing to fetch (nats-py raises either kind)
-                    if self._lagging:
-                        await _quietly(self._caught_up())
+                    if self._last_lag > 0:
+                        await self._caught_up()
                     # A deleted consumer looks just like an idle one to some servers.
                     if time.monotonic() - checked > self._tuning.consumer_check_interval:
                         checked = time.monotonic()
@@ -201,13 +203,24 @@ class EventConsumer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _lag(self) -> float:
+        """The age of the oldest event being handled (held by a database outage, it grows),
+        else that of the last one handled; 0 once caught up."""
+        if not self._in_flight:
+            return self._last_lag
+        oldest = min(self._in_flight.values())
+        return max((datetime.now(UTC) - oldest).total_seconds(), 0.0)
+
     async def _caught_up(self) -> None:
         """Nothing fetched: once the consumer has nothing pending (this instance's or
-        another's), there is no lag to report."""
-        info = await self._js.consumer_info(EVENTS_STREAM, self._tuning.consumer_name)
+        another's), there is no lag to report. Not asked while NATS is away (the gauge
+        keeps its value; a warning every idle fetch would say nothing more)."""
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, self._tuning.consumer_name)
+        except (nats.errors.Error, OSError, TimeoutError):
+            return
         if not info.num_pending and not info.num_ack_pending:
-            NOTIFICATIONS_LAG_SECONDS.set(0.0)
-            self._lagging = False
+            self._last_lag = 0.0
 
     async def _begin(self, stop: asyncio.Event) -> bool:
         """Record, once for the database, when the service first started consuming: the
@@ -256,11 +269,19 @@ class EventConsumer:
     async def _handle_event(
         self, msg: Msg, envelope: EventEnvelope, event: Event, stop: asyncio.Event
     ) -> None:
-        # Whatever comes of it: one that keeps failing shows its growing age.
-        lag = max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
-        NOTIFICATIONS_LAG_SECONDS.set(lag)
-        self._lagging = lag > 0
         sequence = msg.metadata.sequence.stream
+        # Whatever comes of it (one that keeps failing shows its growing age), and while
+        # it is held (a database outage: the backlog behind it grows).
+        self._in_flight[sequence] = envelope.occurred_at
+        try:
+            await self._apply_event(msg, envelope, event, sequence, stop)
+        finally:
+            self._in_flight.pop(sequence, None)
+            self._last_lag = max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
+
+    async def _apply_event(
+        self, msg: Msg, envelope: EventEnvelope, event: Event, sequence: int, stop: asyncio.Event
+    ) -> None:
         if msg.metadata.num_delivered > 1:
             CONSUMER_REDELIVERIES.labels("notifications").inc()
         try:

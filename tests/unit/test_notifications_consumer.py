@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
 import msgspec
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -81,9 +82,13 @@ class _Client:
 
     def __init__(self) -> None:
         self.acks: list[str] = []
+        self.naks: list[str] = []
 
     async def publish(self, subject: str, payload: bytes = b"", **_: Any) -> None:
-        self.acks.append(subject)
+        if payload.startswith(b"-NAK"):
+            self.naks.append(subject)
+        elif payload in (b"", b"+ACK"):  # an empty reply acknowledges
+            self.acks.append(subject)
 
 
 class RecordingHandler:
@@ -139,3 +144,68 @@ async def test_a_batchs_appointments_are_handled_at_once_each_in_order() -> None
     assert handler.applied == {b.appointment_id: [1, 2, 3] for b in bookings}  # in order
     assert handler.most == 3  # appointments at once, as many as allowed
     assert len(client.acks) == 15
+
+
+def _recording_consumer(handler: object, js: object = None) -> EventConsumer:
+    return EventConsumer(
+        cast(Any, js),
+        cast(EventHandler, handler),
+        cast(NotificationStore, None),
+        Tuning(handle_concurrency=3),
+        Hooks(),
+        lambda: None,
+    )
+
+
+async def test_a_stop_hands_back_what_is_not_handled_yet() -> None:
+    client, handler = _Client(), RecordingHandler()
+    booking = Booking()
+    batch = [_message(client, booking, booking.scheduled(NOW), 1)]
+    stop = asyncio.Event()
+    stop.set()
+    await _recording_consumer(handler)._handle_fetched(batch, stop)
+    assert handler.applied == {} and client.acks == [] and len(client.naks) == 1
+
+
+class OutageHandler(RecordingHandler):
+    """PostgreSQL refusing connections until ``back`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = asyncio.Event()
+
+    async def apply(self, envelope: EventEnvelope, event: object, sequence: int) -> Outcome:
+        if not self.back.is_set():
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await super().apply(envelope, event, sequence)
+
+
+async def test_the_lag_grows_while_a_database_outage_holds_an_event() -> None:
+    client, handler = _Client(), OutageHandler()
+    consumer = _recording_consumer(handler)
+    booking = Booking()
+    now = datetime.now(UTC)
+    batch = [_message(client, booking, booking.scheduled(now - timedelta(seconds=1)), 1)]
+    handling = asyncio.create_task(consumer._handle_fetched(batch, asyncio.Event()))
+    await asyncio.sleep(0.1)
+    assert 1.0 <= consumer._lag() < 1.5
+    await asyncio.sleep(1.2)  # still held: the backlog behind it ages
+    assert consumer._lag() >= 2.2
+    handler.back.set()
+    await asyncio.wait_for(handling, 10)
+    assert consumer._lag() >= 2.2 and len(client.acks) == 1  # the last handled, until caught up
+
+
+class NatsAway:
+    async def consumer_info(self, *_: object) -> object:
+        raise nats.errors.TimeoutError
+
+
+async def test_an_idle_consumer_without_nats_keeps_its_lag_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = _recording_consumer(RecordingHandler(), NatsAway())
+    consumer._last_lag = 12.0
+    with caplog.at_level(logging.DEBUG, logger="services.notifications.consumer"):
+        await consumer._caught_up()
+    assert consumer._lag() == 12.0 and caplog.records == []

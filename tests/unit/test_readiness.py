@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -157,3 +158,24 @@ async def test_connections_reset_are_logged_once_however_they_are_told(
     warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "Connection reset by peer" in warnings[0]
+
+
+async def test_a_new_cause_after_lost_connections_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A certificate refused once connections come back is news, not more of the same."""
+    pool = ResettingPool()
+    probes = Probes(pool, None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="services.ops"):
+        await probes.failing()
+
+        @contextlib.asynccontextmanager
+        async def refused(*_: object) -> AsyncIterator[None]:
+            raise ssl.SSLCertVerificationError("certificate has expired")
+            yield  # pragma: no cover
+
+        pool.acquire = refused  # type: ignore[method-assign,assignment]
+        await probes.failing()
+        await probes.failing()
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 2 and "certificate has expired" in warnings[1], warnings
