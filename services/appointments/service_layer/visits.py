@@ -18,7 +18,7 @@ import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final, Protocol
@@ -365,18 +365,11 @@ class VisitsQuery:
             return await self._reader.wait_for_version(scope, stream_id, version, 0)
         # The last look for the projector starts by ``until`` (as a read that can never be
         # fresh ends its wait: the two take as long); the deadline leaves it its answer.
-        deadline = asyncio.timeout_at(until + _LAST_LOOK_SECONDS)
-        try:
-            async with deadline:
-                self._deadlines.add(deadline)
-                try:
-                    return await self._read_your_write(scope, stream_id, version, until)
-                finally:
-                    self._deadlines.discard(deadline)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            return False
+        return await _within(
+            asyncio.timeout_at(until + _LAST_LOOK_SECONDS),
+            self._deadlines,
+            self._read_your_write(scope, stream_id, version, until),
+        )
 
     async def _read_your_write(
         self, scope: Scope, stream_id: UUID, version: int, until: float
@@ -419,18 +412,7 @@ class VisitsQuery:
         if self._stopping:
             waiting.close()
             return False
-        wait = asyncio.timeout(None)
-        try:
-            async with wait:
-                self._waits.add(wait)
-                try:
-                    return await waiting
-                finally:
-                    self._waits.discard(wait)
-        except TimeoutError:
-            if not wait.expired():
-                raise
-            return False
+        return await _within(asyncio.timeout(None), self._waits, waiting)
 
     async def _repair_row(self, scope: Scope, stream_id: UUID, version: int) -> _Repaired:
         """Write the appointment's row from its stored events if the reader may see it and
@@ -482,6 +464,24 @@ class VisitsQuery:
     async def _fold(self, stream_id: UUID) -> VisitRow | None:
         assert self._repair is not None
         return stored_row(await self._repair[0].load_envelopes(stream_id))
+
+
+async def _within(
+    limit: asyncio.Timeout, held: set[asyncio.Timeout], work: Awaitable[bool]
+) -> bool:
+    """``work``, False if ``limit`` (kept in ``held`` meanwhile, for :meth:`VisitsQuery.
+    stop_waiting` to move) runs out first. A ``TimeoutError`` of the work's own is raised."""
+    try:
+        async with limit:
+            held.add(limit)
+            try:
+                return await work
+            finally:
+                held.discard(limit)
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        return False
 
 
 async def _idle(seconds: float) -> bool:
