@@ -70,6 +70,32 @@ def commit(db: FakeDatabase, *, names: bool = True) -> GroupCommit[str, str]:
     )
 
 
+class Gate(asyncio.Event):
+    """A database whose statements answer once the gate is set; notes what was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def send_batch(self, items: Sequence[str]) -> list[str]:
+        self.sent.extend(items)
+        await self.wait()
+        return [f"ok:{i}" for i in items]
+
+    async def send_one(self, item: str) -> str:
+        return (await self.send_batch([item]))[0]
+
+    def commit(self, queue_timeout: float | None = None) -> GroupCommit[str, str]:
+        """Group commit over it, one statement in flight."""
+        return GroupCommit(
+            self.send_batch,
+            self.send_one,
+            key=lambda i: i,
+            in_flight=1,
+            queue_timeout=queue_timeout,
+        )
+
+
 async def _submit_all(group: GroupCommit[str, str], items: list[str]) -> list[object]:
     first = asyncio.ensure_future(group.submit("first"))  # in flight: the rest queue
     await asyncio.sleep(0)
@@ -226,16 +252,8 @@ async def test_at_most_in_flight_statements_and_never_two_writes_of_one_key_at_o
 
 
 async def test_a_cancelled_sender_leaves_no_write_waiting() -> None:
-    gate = asyncio.Event()
-
-    async def send_batch(items: Sequence[str]) -> list[str]:
-        await gate.wait()
-        return [f"ok:{i}" for i in items]
-
-    async def send_one(item: str) -> str:
-        return (await send_batch([item]))[0]
-
-    group: GroupCommit[str, str] = GroupCommit(send_batch, send_one, key=lambda i: i, in_flight=1)
+    gate = Gate()
+    group = gate.commit()
     writes = [asyncio.ensure_future(group.submit(i)) for i in "abc"]
     await asyncio.sleep(0.01)
     for task in list(group._tasks):
@@ -248,20 +266,8 @@ async def test_a_write_still_queued_after_its_queue_timeout_is_answered_unsent()
     """The statement in flight hangs (a database that stopped answering): the writes queued
     behind it get ``Unavailable`` after ``queue_timeout``, and are never sent; the write in
     flight still gets its own statement's answer."""
-    gate = asyncio.Event()
-    sent: list[str] = []
-
-    async def send_batch(items: Sequence[str]) -> list[str]:
-        sent.extend(items)
-        await gate.wait()
-        return [f"ok:{i}" for i in items]
-
-    async def send_one(item: str) -> str:
-        return (await send_batch([item]))[0]
-
-    group: GroupCommit[str, str] = GroupCommit(
-        send_batch, send_one, key=lambda i: i, in_flight=1, queue_timeout=0.05
-    )
+    gate = Gate()
+    group = gate.commit(queue_timeout=0.05)
     first = asyncio.ensure_future(group.submit("first"))
     await asyncio.sleep(0.01)
     queued = [asyncio.ensure_future(group.submit(i)) for i in "abc"]
@@ -275,7 +281,7 @@ async def test_a_write_still_queued_after_its_queue_timeout_is_answered_unsent()
     gate.set()
     assert await first == "ok:first"
     assert await group.submit("d") == "ok:d"  # the next write goes as usual
-    assert sent == ["first", "d"]  # the expired ones were never sent
+    assert gate.sent == ["first", "d"]  # the expired ones were never sent
 
 
 async def test_a_write_taken_in_time_is_not_expired_while_its_statement_runs() -> None:
@@ -293,18 +299,8 @@ async def test_a_write_taken_in_time_is_not_expired_while_its_statement_runs() -
 
 
 async def test_queued_writes_expire_each_at_its_own_time() -> None:
-    gate = asyncio.Event()
-
-    async def send_batch(items: Sequence[str]) -> list[str]:
-        await gate.wait()
-        return [f"ok:{i}" for i in items]
-
-    async def send_one(item: str) -> str:
-        return (await send_batch([item]))[0]
-
-    group: GroupCommit[str, str] = GroupCommit(
-        send_batch, send_one, key=lambda i: i, in_flight=1, queue_timeout=0.2
-    )
+    gate = Gate()
+    group = gate.commit(queue_timeout=0.2)
     first = asyncio.ensure_future(group.submit("first"))
     await asyncio.sleep(0.01)
     older = asyncio.ensure_future(group.submit("older"))
