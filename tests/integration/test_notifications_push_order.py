@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -35,6 +36,18 @@ from tests.integration.test_notifications_harness import TEST_TUNING, Booking
 
 T0 = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
 _seq = itertools.count(1)
+
+
+@pytest.fixture
+async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    """JetStream of a connection of the test's own, with ``NOTIFICATIONS``."""
+    nc = await nats.connect(nats_url)
+    try:
+        context = nc.jetstream()
+        await ensure_stream(context, notifications_stream_config())
+        yield context
+    finally:
+        await nc.close()
 
 
 async def _apply(pool: asyncpg.Pool, envelope: EventEnvelope, at: datetime) -> None:
@@ -77,55 +90,49 @@ class RefusedOnce:
 
 @pytest.mark.parametrize("resend", ["taken", "refused once"])
 async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
-    pool: asyncpg.Pool, nats_url: str, resend: str
+    pool: asyncpg.Pool, js: JetStreamContext, resend: str
 ) -> None:
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, notifications_stream_config())
-        visit = Booking()
-        await _apply(pool, visit.scheduled(T0), T0)
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
 
-        stalled = StalledPush(PushChannel(js))
-        worker_a = DeliveryWorker(
-            DeliveryStore(pool), stalled, lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    stalled = StalledPush(PushChannel(js))
+    worker_a = DeliveryWorker(
+        DeliveryStore(pool), stalled, lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    )
+    a = asyncio.create_task(worker_a.deliver_due())  # claims both confirmations
+    await asyncio.wait_for(stalled.waiting.wait(), 10)
+
+    # The provider cancels (the patient is told); worker A still holds the confirmations.
+    await _apply(pool, visit.cancelled(T0 + timedelta(seconds=5), visit.provider), T0)
+
+    now = [T0 + TEST_TUNING.lease + timedelta(seconds=1)]  # A's lease ran out
+    b_js = js if resend == "taken" else cast(JetStreamContext, RefusedOnce(js))
+    worker_b = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(b_js),
+        lambda: now[0],
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    assert await worker_b.deliver_due() == 2  # the confirmations: in doubt, sent again
+    if resend == "refused once":  # still in doubt: A may yet publish; tried again
+        now[0] += TEST_TUNING.retry_delay(2)
+        assert await worker_b.deliver_due() == 2
+    assert await worker_b.deliver_due() == 1  # then the cancellation
+
+    stalled.gate.set()  # A wakes up and publishes what it claimed
+    await asyncio.wait_for(a, 10)
+
+    info = await js.stream_info(NOTIFICATIONS_STREAM)
+    pushed = [
+        msgspec.json.decode(
+            (await js.get_msg(NOTIFICATIONS_STREAM, s)).data or b"", type=Notification
         )
-        a = asyncio.create_task(worker_a.deliver_due())  # claims both confirmations
-        await asyncio.wait_for(stalled.waiting.wait(), 10)
-
-        # The provider cancels (the patient is told); worker A still holds the confirmations.
-        await _apply(pool, visit.cancelled(T0 + timedelta(seconds=5), visit.provider), T0)
-
-        now = [T0 + TEST_TUNING.lease + timedelta(seconds=1)]  # A's lease ran out
-        b_js = js if resend == "taken" else cast(JetStreamContext, RefusedOnce(js))
-        worker_b = DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(b_js),
-            lambda: now[0],
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
-        assert await worker_b.deliver_due() == 2  # the confirmations: in doubt, sent again
-        if resend == "refused once":  # still in doubt: A may yet publish; tried again
-            now[0] += TEST_TUNING.retry_delay(2)
-            assert await worker_b.deliver_due() == 2
-        assert await worker_b.deliver_due() == 1  # then the cancellation
-
-        stalled.gate.set()  # A wakes up and publishes what it claimed
-        await asyncio.wait_for(a, 10)
-
-        info = await js.stream_info(NOTIFICATIONS_STREAM)
-        pushed = [
-            msgspec.json.decode(
-                (await js.get_msg(NOTIFICATIONS_STREAM, s)).data or b"", type=Notification
-            )
-            for s in range(info.state.first_seq, info.state.last_seq + 1)
-        ]
-        to_patient = [p.kind for p in pushed if p.recipient_id == visit.patient_id]
-        assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
-    finally:
-        await nc.close()
+        for s in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    to_patient = [p.kind for p in pushed if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
 
 
 class UnansweredPublish:
@@ -165,110 +172,98 @@ async def _pushed(js: JetStreamContext) -> list[Notification]:
 
 @pytest.mark.parametrize("cancelled", ["after the timeout", "during the publish"])
 async def test_a_confirmation_whose_publish_got_no_answer_never_follows_the_cancellation(
-    pool: asyncpg.Pool, nats_url: str, cancelled: str
+    pool: asyncpg.Pool, js: JetStreamContext, cancelled: str
 ) -> None:
     """Its message may still arrive (held in a connection being given up): skipping it
     would let the cancellation go first; it is sent again instead, and the late copy is
     dropped as a duplicate. Whether the cancel comes while the confirmation waits for its
     retry (the consumer's skip) or while its publish is out (the next claim's skip)."""
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, notifications_stream_config())
-        visit = Booking()
-        await _apply(pool, visit.scheduled(T0), T0)
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
 
-        unanswered = UnansweredPublish(js)
-        worker_a = DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(cast(JetStreamContext, unanswered)),
-            lambda: T0,
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
-        cancel_at = T0 + timedelta(seconds=5)
-        if cancelled == "after the timeout":
-            assert await worker_a.deliver_due() == 2  # both confirmations: retries now
-            await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
-            later = cancel_at + timedelta(seconds=1)
-        else:
-            unanswered.gate.clear()
-            a = asyncio.create_task(worker_a.deliver_due())
-            await asyncio.wait_for(unanswered.waiting.wait(), 10)
-            await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
-            unanswered.gate.set()
-            assert await asyncio.wait_for(a, 10) == 2
-            later = T0 + TEST_TUNING.retry_delay(1)  # the retries are due
-        assert len(unanswered.held) == 2
+    unanswered = UnansweredPublish(js)
+    worker_a = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(cast(JetStreamContext, unanswered)),
+        lambda: T0,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    cancel_at = T0 + timedelta(seconds=5)
+    if cancelled == "after the timeout":
+        assert await worker_a.deliver_due() == 2  # both confirmations: retries now
+        await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+        later = cancel_at + timedelta(seconds=1)
+    else:
+        unanswered.gate.clear()
+        a = asyncio.create_task(worker_a.deliver_due())
+        await asyncio.wait_for(unanswered.waiting.wait(), 10)
+        await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+        unanswered.gate.set()
+        assert await asyncio.wait_for(a, 10) == 2
+        later = T0 + TEST_TUNING.retry_delay(1)  # the retries are due
+    assert len(unanswered.held) == 2
 
-        worker_b = DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(js),
-            lambda: later,
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
-        while await worker_b.deliver_due():
-            pass
-        await unanswered.arrive()  # the first copies land at last
+    worker_b = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(js),
+        lambda: later,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    while await worker_b.deliver_due():
+        pass
+    await unanswered.arrive()  # the first copies land at last
 
-        to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
-        assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
-        statuses = await pool.fetch(
-            """SELECT n.kind, d.status FROM notification_deliveries d
-               JOIN notifications n USING (notification_id) ORDER BY n.kind, n.recipient_id"""
-        )
-        assert {(r["kind"], r["status"]) for r in statuses} == {
-            ("appointment-confirmed", "sent"),  # it did go out: recorded so, not skipped
-            ("appointment-cancelled", "sent"),
-        }, statuses
-    finally:
-        await nc.close()
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+    statuses = await pool.fetch(
+        """SELECT n.kind, d.status FROM notification_deliveries d
+           JOIN notifications n USING (notification_id) ORDER BY n.kind, n.recipient_id"""
+    )
+    assert {(r["kind"], r["status"]) for r in statuses} == {
+        ("appointment-confirmed", "sent"),  # it did go out: recorded so, not skipped
+        ("appointment-cancelled", "sent"),
+    }, statuses
 
 
 async def test_a_confirmation_without_an_answer_is_not_sent_again_once_too_late(
-    pool: asyncpg.Pool, nats_url: str
+    pool: asyncpg.Pool, js: JetStreamContext
 ) -> None:
     """Its publish got no answer, then the service's NATS was down; the cancel, made during
     the visit, is applied once the visit has begun: no cancellation follows then, so
     nothing is sent ahead of one. The confirmation is skipped, as it would be uncancelled."""
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, notifications_stream_config())
-        visit = Booking(starts_at=T0 + timedelta(minutes=10))
-        await _apply(pool, visit.scheduled(T0), T0)
-        worker_a = DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(cast(JetStreamContext, UnansweredPublish(js))),
-            lambda: T0,
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
-        assert await worker_a.deliver_due() == 2
-        applied = visit.starts_at + timedelta(minutes=35)  # after the visit's end
-        await _apply(
-            pool, visit.cancelled(visit.starts_at + timedelta(minutes=25), visit.provider), applied
-        )
-        worker_b = DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(js),
-            lambda: applied + timedelta(seconds=1),
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
-        while await worker_b.deliver_due():
-            pass
-        assert await _pushed(js) == []
-        statuses = await pool.fetch(
-            "SELECT status, last_error FROM notification_deliveries ORDER BY notification_id"
-        )
-        assert [(r["status"], r["last_error"]) for r in statuses] == [
-            ("skipped", "after the visit began")
-        ] * 2, statuses
-    finally:
-        await nc.close()
+    visit = Booking(starts_at=T0 + timedelta(minutes=10))
+    await _apply(pool, visit.scheduled(T0), T0)
+    worker_a = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(cast(JetStreamContext, UnansweredPublish(js))),
+        lambda: T0,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    assert await worker_a.deliver_due() == 2
+    applied = visit.starts_at + timedelta(minutes=35)  # after the visit's end
+    await _apply(
+        pool, visit.cancelled(visit.starts_at + timedelta(minutes=25), visit.provider), applied
+    )
+    worker_b = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(js),
+        lambda: applied + timedelta(seconds=1),
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    while await worker_b.deliver_due():
+        pass
+    assert await _pushed(js) == []
+    statuses = await pool.fetch(
+        "SELECT status, last_error FROM notification_deliveries ORDER BY notification_id"
+    )
+    assert [(r["status"], r["last_error"]) for r in statuses] == [
+        ("skipped", "after the visit began")
+    ] * 2, statuses
