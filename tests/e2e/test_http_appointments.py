@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -201,6 +202,23 @@ async def test_if_match_with_a_stale_version_is_412(api: Api) -> None:
     )
     ok = await api.client.post(f"{location}/cancel", headers=api.auth(staff, **{"If-Match": '"1"'}))
     assert ok.status_code == 200
+
+
+async def test_a_double_tap_on_yes_with_the_etag_shows_no_error(api: Api) -> None:
+    # The details screen showed ETag "1"; the patient taps "YES" twice, at once and again.
+    patient = api.principal("patient")
+    location = (await schedule(api, patient)).headers["location"]
+    shown = api.auth(patient, **{"If-Match": '"1"'})
+    taps = await asyncio.gather(
+        *(api.client.post(f"{location}/cancel", headers=shown) for _ in range(2))
+    )
+    late = await api.client.post(f"{location}/cancel", headers=shown)
+    for answer in (*taps, late):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "cancelled" and answer.headers["etag"] == '"2"'
+    # A change not already made is still refused for the stale version.
+    refused = await api.client.post(f"{location}/start", headers=shown)
+    assert_problem(refused, 412, "version-conflict")
 
 
 async def test_if_match_any_version_needs_only_the_appointment(api: Api) -> None:
