@@ -15,11 +15,12 @@ from services.appointments.adapters.postgres.event_store import (
     IN_FLIGHT,
     PostgresEventStore,
 )
-from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS
+from services.appointments.adapters.postgres.pools import ACQUIRE_SECONDS, share_of
 from services.appointments.adapters.system import new_uuid
 from services.appointments.bootstrap import create_pool, create_session_pool
 from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.ports import NotSent
 from services.errors import ClinicError, Unavailable
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
@@ -81,13 +82,53 @@ async def test_a_query_waits_for_a_busy_pool_s_connection_2_s_at_most(database_u
         busy = asyncio.ensure_future(pool.execute("SELECT pg_sleep(6)"))
         await asyncio.sleep(0.3)  # it holds the only connection
         began = time.monotonic()
-        with pytest.raises(Unavailable, match="busy"), database_errors():
+        with pytest.raises(NotSent, match="came free"), database_errors():
             await pool.fetchval("SELECT 1")
         waited = time.monotonic() - began
         assert ACQUIRE_SECONDS - 0.2 < waited < ACQUIRE_SECONDS + 2, waited
         await busy
     finally:
         await pool.close()
+
+
+async def test_an_append_with_no_connection_in_time_is_answered_unsent(database_url: str) -> None:
+    """Its events' share of the pool all taken (slow reads, say): the append is not sent,
+    and says so, so the command's cached states stay (they are not in doubt)."""
+    pool = await create_pool(database_url, 4)  # the events' share: 2 connections
+    store = PostgresEventStore(pool)
+    clock = ManualClock()
+    app = Appointments(store, store, clock, new_uuid, Rules())
+    staff = RequestContext(principal=principal("staff"))
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with share_of(pool, "events").acquire():
+            await release.wait()
+
+    holders = []
+    try:
+        cached = (await app.schedule(staff, schedule_body(clock.now))).view.appointment_id
+        holders = [asyncio.ensure_future(hold()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(NotSent, match="nothing was written"):
+            await app.schedule(staff, schedule_body(clock.now))
+        with pytest.raises(NotSent), database_errors():  # the pool itself, not shared out
+            async with (
+                pool.acquire(timeout=0.1),
+                pool.acquire(timeout=0.1),
+                pool.acquire(timeout=0.1),
+            ):
+                pass
+        assert app._cache.get(cached) is not None
+    finally:
+        release.set()
+        await asyncio.gather(*holders)
+        await pool.close()
+    check = await asyncpg.connect(database_url)
+    try:
+        assert await check.fetchval("SELECT count(*) FROM events") == 1
+    finally:
+        await check.close()
 
 
 async def test_appends_queued_behind_a_hung_database_are_answered_503_unsent(

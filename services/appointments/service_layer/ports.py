@@ -74,6 +74,11 @@ class StatementGaveUp(Unavailable):
     well pass meanwhile."""
 
 
+class NotSent(StatementGaveUp):
+    """Nothing reached the database (no connection came free in time, a write's turn did
+    not come): a ``503`` whose request certainly changed nothing."""
+
+
 class EventStore(Protocol):
     """Append-only streams of appointment events, with the outbox written alongside."""
 

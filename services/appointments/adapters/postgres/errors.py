@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import asyncpg
 
-from services.appointments.service_layer.ports import StatementGaveUp
+from services.appointments.adapters.postgres.pools import NoConnectionInTime
+from services.appointments.service_layer.ports import NotSent, StatementGaveUp
 from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal, unreachable
 
@@ -24,11 +25,14 @@ _MAYBE_UNREACHABLE: tuple[type[BaseException], ...] = (
 def database_errors() -> Iterator[None]:
     """Re-raise connection-level failures, and refusals that pass with time (a read-only
     server after a failover, a full disk, a statement timeout), as :class:`Unavailable`
-    (HTTP 503); :class:`StatementGaveUp` where only that statement failed. Deadlocks and
+    (HTTP 503); :class:`StatementGaveUp` where only that statement failed, :class:`NotSent`
+    where it was not sent. Deadlocks and
     serialization failures stay as they are: the append decides again after those."""
     try:
         yield
-    except TimeoutError as exc:  # no connection of the pool free in time, or no answer
+    except NoConnectionInTime as exc:
+        raise NotSent("No database connection came free in time; nothing was written.") from exc
+    except TimeoutError as exc:  # no answer in time: the statement's outcome is unknown
         raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
     except _MAYBE_UNREACHABLE as exc:
         if not unreachable(exc):  # asyncpg's other internal errors are mistakes

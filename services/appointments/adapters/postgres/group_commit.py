@@ -18,7 +18,7 @@ result or an exception, never silence.
 
 A write still queued ``queue_timeout`` seconds after it came (the statements in flight
 held by a database that stopped answering, each until its own timeout) is answered
-:class:`~services.appointments.service_layer.ports.StatementGaveUp` (a ``503``) and never
+:class:`~services.appointments.service_layer.ports.NotSent` (a ``503``) and never
 sent: its caller learns at once, and for certain, that nothing was written, instead of
 waiting for statements that may take tens of seconds to give up.
 """
@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from services.appointments.service_layer.ports import StatementGaveUp
+from services.appointments.service_layer.ports import NotSent, StatementGaveUp
 from services.errors import Unavailable
 
 _NOT_TAKEN = "The database did not take the write in time; nothing was written."
@@ -116,7 +116,7 @@ class GroupCommit(Generic[Item, Result]):
         ):
             # Not the database's failure (it may only be slow): as for a statement it gave
             # up on, nothing that cached states rely on is in doubt.
-            _fail(self._pending.popleft(), StatementGaveUp(_NOT_TAKEN))
+            _fail(self._pending.popleft(), NotSent(_NOT_TAKEN))
         if self._pending:
             due = self._pending[0].queued_at + self._queue_timeout
             self._expiry = loop.call_at(due, self._expire)

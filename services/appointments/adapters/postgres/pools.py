@@ -17,6 +17,31 @@ ACQUIRE_SECONDS: Final = 2.0
 SPARE_CONNECTIONS: Final = 2
 
 
+class NoConnectionInTime(TimeoutError):
+    """No connection of the pool (or of the share) came free within
+    :data:`ACQUIRE_SECONDS`: the query was not sent."""
+
+
+class _BoundedAcquire:
+    """asyncpg's acquire (awaited, or as a context) with its timeout told apart from a
+    query's: :class:`NoConnectionInTime`."""
+
+    def __init__(self, acquiring: Any) -> None:
+        self._acquiring = acquiring
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await self._acquiring.__aenter__()
+        except TimeoutError as exc:
+            raise NoConnectionInTime("no connection came free in time") from exc
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._acquiring.__aexit__(*exc_info)
+
+    def __await__(self) -> Any:
+        return self.__aenter__().__await__()
+
+
 class BoundedPool(asyncpg.Pool):
     """An asyncpg pool whose connections are waited for :data:`ACQUIRE_SECONDS` at most
     (asyncpg's own wait has no bound: queries queued behind a locked table waited for as
@@ -27,7 +52,9 @@ class BoundedPool(asyncpg.Pool):
         self._shares: dict[str, PoolShare] = {}
 
     def acquire(self, *, timeout: float | None = None) -> Any:
-        return super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
+        return _BoundedAcquire(
+            super().acquire(timeout=ACQUIRE_SECONDS if timeout is None else timeout)
+        )
 
     def share(self, part: str) -> PoolShare | BoundedPool:
         """``part``'s :class:`PoolShare`, one for every user of that part (the api's and the
@@ -52,13 +79,16 @@ class PoolShare:
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
-        async with asyncio.timeout(ACQUIRE_SECONDS):
-            await self._turns.acquire()
-            try:
-                conn = await self._pool.acquire()
-            except BaseException:
-                self._turns.release()
-                raise
+        try:
+            async with asyncio.timeout(ACQUIRE_SECONDS):
+                await self._turns.acquire()
+                try:
+                    conn = await self._pool.acquire()
+                except BaseException:
+                    self._turns.release()
+                    raise
+        except TimeoutError as exc:
+            raise NoConnectionInTime("no connection came free in time") from exc
         try:
             yield conn
         finally:
