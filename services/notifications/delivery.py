@@ -20,10 +20,12 @@ outage of a few minutes would record them ``failed`` for good. They wait, due, a
 claimed once the connection is back (at the next poll). A send in flight when the
 connection drops still fails and counts: once per disconnect, not once per retry.
 
-On email the worker marks the hand-over: just before a message goes to the SMTP server
-(after the directory lookup and the connection) it records, durably and only if the claim
-is still its own, that the message is leaving. A worker that vanished before that mark sent
-nothing, so its deliveries are simply sent again; only those it marked are in doubt.
+The worker marks the hand-over: just before a message goes to the SMTP server (after the
+directory lookup and the connection) or is published on the stream, it records, durably and
+only if the claim is still its own, that the message is leaving. A worker that vanished
+before that mark sent nothing, so its deliveries are simply sent again (or skipped, if
+outdated meanwhile: a reminder of a visit cancelled since); only those it marked are in
+doubt.
 
 Every outcome (sent, retry, failed, skipped) is written only under the claim it belongs to
 (the row still ``sending`` with that claim's ``attempts``): a worker whose lease ran out
@@ -46,6 +48,7 @@ from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import (
     ABANDONED_IN_DOUBT,
     AFTER_THE_CANCELLATION,
+    GAVE_UP_IN_DOUBT,
     HAND_OVER_MARKED,
     ClaimedDelivery,
     DeliveryStore,
@@ -280,18 +283,21 @@ class DeliveryWorker:
             "attempts": claimed.attempts,
             "reason": reason,
         }
-        if permanent or claimed.attempts >= self._tuning.max_attempts:
-            log.warning("delivery failed for good", extra=extra)
-            if await self._settle(claimed, self._store.finish, "failed", reason):
-                NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
-            return
-        log.info("delivery failed, will retry", extra=extra)
-        retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
         # Once in doubt, in doubt until sent: that message may still arrive. Only where a
         # resend is de-duplicated (push) does it matter (it is then sent again, not skipped).
         unanswered = self._resend_window is not None and (
             in_doubt or claimed.unanswered or claimed.in_doubt
         )
+        if permanent or claimed.attempts >= self._tuning.max_attempts:
+            log.warning("delivery failed for good", extra=extra)
+            # Given up in doubt, it holds the visit's later deliveries back a while: its
+            # message may still arrive, and a cancellation must not overtake it.
+            why = GAVE_UP_IN_DOUBT if unanswered and not permanent else reason
+            if await self._settle(claimed, self._store.finish, "failed", why):
+                NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+            return
+        log.info("delivery failed, will retry", extra=extra)
+        retry_at = self._clock() + self._tuning.retry_delay(claimed.attempts)
         if await self._settle(claimed, self._store.retry, retry_at, reason, unanswered):
             NOTIFICATIONS.labels(n.kind, self.channel, "retried").inc()
 

@@ -3,11 +3,10 @@
 A worker claims due rows with ``FOR UPDATE SKIP LOCKED`` (so any number of workers can
 run) and marks them ``sending`` (phase ``claimed``) until a lease runs out, commits, sends,
 then records the outcome. A row still ``sending`` after its lease is one whose worker died
-on the way; it is claimed again. Where the worker marks the hand-over (email: phase
-``handing-over``, written durably just before the message goes to the server), only a row
+on the way; it is claimed again. The worker marks the hand-over (phase ``handing-over``,
+written durably just before the message goes to the server or the stream), so only a row
 so marked may have been sent: it comes back ``in_doubt``, for the worker to decide whether
-resending is safe; one still ``claimed`` never left and is simply sent. On other channels
-(push) every such row comes back in doubt.
+resending is safe; one still ``claimed`` never left and is simply sent.
 
 Each claim counts an attempt, so ``attempts`` names the claim: the hand-over mark and every
 outcome (sent, retry, failed, skipped) are written only while the row is still ``sending``
@@ -27,7 +26,8 @@ instead. One settled delivery still holds the later ones back for a while: one r
 email marked as being handed over; a push past its resend window). The worker whose lease
 ran out may not be dead but slow, still handing it over; so the later ones wait until the
 lease of that claim is over too (as long again as the first worker had), unless it is
-recorded ``sent`` meanwhile.
+recorded ``sent`` meanwhile. So does a push whose attempts ran out on a publish without an
+answer (:data:`GAVE_UP_IN_DOUBT`), until the lease of its last claim is over.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ WITH due AS (
             AND earlier.recipient_id = n.recipient_id
             AND array_position($5::text[], earlier.kind) < array_position($5::text[], n.kind)
             AND (e.status IN ('pending', 'sending')
-                 OR (e.status = 'failed' AND e.last_error = $6 AND e.next_attempt_at > $2))
+                 OR (e.status = 'failed' AND e.last_error = ANY($6::text[])
+                     AND e.next_attempt_at > $2))
       )
     ORDER BY d.next_attempt_at, d.notification_id
     LIMIT $4
@@ -98,9 +99,18 @@ ABANDONED_IN_DOUBT: Final = (
     "in doubt: a worker stopped while sending it; not resent, to send at most once"
 )
 
+#: Why a delivery whose last attempt may have been taken all the same (a push whose
+#: publish got no answer) is recorded ``failed`` when its attempts are used up. Its message
+#: may still arrive (in a connection being given up): it holds the visit's later
+#: deliveries back as :data:`ABANDONED_IN_DOUBT` does, until its claim's lease is over.
+GAVE_UP_IN_DOUBT: Final = "in doubt: its last attempt got no answer; not resent, attempts used up"
+#: The failures that hold the visit's later deliveries back for a while.
+HOLDING_BACK: Final = (ABANDONED_IN_DOUBT, GAVE_UP_IN_DOUBT)
+
 #: Channels whose worker marks the hand-over of each message (``handing_over``): for them
-#: a delivery abandoned before that mark never left and is sent again.
-HAND_OVER_MARKED: Final = frozenset({"email"})
+#: a delivery abandoned before that mark never left and is sent again (or, outdated
+#: meanwhile, skipped: a reminder of a visit cancelled since never goes out).
+HAND_OVER_MARKED: Final = frozenset({"email", "push"})
 
 
 def abandoned_in_doubt(channel: str, previous_status: str, previous_phase: str | None) -> bool:
@@ -203,7 +213,7 @@ class DeliveryStore:
         ``VISIT_ORDER``) still unsettled on ``channel`` (or maybe still being handed over:
         :data:`ABANDONED_IN_DOUBT`). A 24 h reminder comes titled for ``now``."""
         rows = await self._pool.fetch(
-            _CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER), ABANDONED_IN_DOUBT
+            _CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER), list(HOLDING_BACK)
         )
         return [self._claimed(row, channel, now) for row in rows]
 

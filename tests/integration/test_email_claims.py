@@ -290,14 +290,14 @@ async def test_the_claim_that_holds_a_delivery_records_its_outcome_once(
 
 
 async def test_a_lost_push_claim_writes_no_outcome_either(database_url: str) -> None:
-    """Push marks no hand-over, but its claims count attempts all the same: the first
-    worker's outcome does not undo the second's claim, nor what the second recorded."""
+    """Push claims count attempts as email's do: the first worker's outcome does not undo
+    the second's claim, nor what the second recorded."""
     async with _outbox(database_url, channel="push") as pool:
         store = DeliveryStore(pool)
         (old,) = await store.claim("push", NOW, NOW + TEST_TUNING.lease, 10)
         later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
         (new,) = await store.claim("push", later, later + TEST_TUNING.lease, 10)
-        assert new.in_doubt  # push: as before
+        assert not new.in_doubt  # its worker died before it marked the hand-over
         n = new.notification.notification_id
         assert not await store.retry(n, "push", old.attempts, later, "stream unavailable")
         assert not await store.finish(n, "push", old.attempts, "failed", "in doubt")

@@ -30,6 +30,7 @@ from services.notifications.channels import PushChannel, notifications_stream_co
 from services.notifications.delivery import DeliveryWorker
 from services.notifications.delivery_store import DeliveryStore
 from services.notifications.handlers import EventHandler, Outcome
+from services.notifications.reminders import ReminderScheduler
 from services.notifications.runtime import Hooks
 from services.notifications.store import NotificationStore
 from tests.integration.test_notifications_harness import TEST_TUNING, Booking
@@ -267,3 +268,94 @@ async def test_a_confirmation_without_an_answer_is_not_sent_again_once_too_late(
     assert [(r["status"], r["last_error"]) for r in statuses] == [
         ("skipped", "after the visit began")
     ] * 2, statuses
+
+
+async def test_a_push_given_up_without_an_answer_still_comes_before_the_cancellation(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    """Every attempt at the confirmation gets no answer, the last one too: it is recorded
+    ``failed``, but in doubt, so its visit's cancellation waits out that claim's lease, and
+    the last copy (still in a connection being given up) cannot land after it."""
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
+    unanswered = UnansweredPublish(js)
+    now = [T0]
+    giving_up = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(cast(JetStreamContext, unanswered)),
+        lambda: now[0],
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    for attempt in range(1, TEST_TUNING.max_attempts + 1):
+        assert await giving_up.deliver_due() == 2, attempt
+        last_claim = now[0]
+        now[0] += TEST_TUNING.retry_delay(attempt) + timedelta(seconds=1)
+    statuses = await pool.fetch("SELECT DISTINCT status FROM notification_deliveries")
+    assert [row["status"] for row in statuses] == ["failed"]
+    cancel_at = last_claim + timedelta(seconds=5)
+    await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+    at = [cancel_at]
+    worker = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(js),
+        lambda: at[0],
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    assert await worker.deliver_due() == 0  # held back: the confirmation may still arrive
+    unanswered.held = unanswered.held[-2:]  # the last attempt's copies land now
+    await unanswered.arrive()
+    at[0] = last_claim + TEST_TUNING.lease + timedelta(seconds=1)
+    assert await worker.deliver_due() == 1  # the patient's cancellation (the provider's own)
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+
+
+class _VisitNotOver:
+    async def ended(self, clinic_id: object, appointment_id: object) -> bool:
+        return False
+
+
+async def test_a_reminder_its_worker_died_holding_is_not_sent_once_cancelled(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    """A worker claims the 24 h reminder and is killed before it publishes (before the
+    hand-over mark). The visit is cancelled meanwhile: the next worker skips the reminder,
+    which never left, instead of sending it ahead of the cancellation."""
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
+    first = DeliveryWorker(
+        DeliveryStore(pool), PushChannel(js), lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    )
+    while await first.deliver_due():
+        pass  # the confirmations
+    due = visit.starts_at - timedelta(hours=24) + timedelta(seconds=1)
+    scheduler = ReminderScheduler(
+        NotificationStore(pool), _VisitNotOver(), lambda: due, ["push"], TEST_TUNING, lambda: None
+    )
+    assert await scheduler.fire_due() == 1
+    claimed = await DeliveryStore(pool).claim("push", due, due + TEST_TUNING.lease, 20)
+    assert [c.notification.kind for c in claimed] == ["reminder-24h"]  # then the kill
+    cancel_at = due + timedelta(seconds=10)
+    await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
+    after = due + TEST_TUNING.lease + timedelta(seconds=1)
+    worker = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(js),
+        lambda: after,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    while await worker.deliver_due():
+        pass
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed", "appointment-cancelled"], to_patient
+    reminder = await pool.fetchrow(
+        "SELECT d.status FROM notification_deliveries d JOIN notifications n USING"
+        " (notification_id) WHERE n.kind = 'reminder-24h'"
+    )
+    assert reminder is not None and reminder["status"] == "skipped"

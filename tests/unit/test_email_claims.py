@@ -56,11 +56,12 @@ NOW = datetime(2030, 1, 12, 9, 0, tzinfo=UTC)
         ("email", "sending", "handing-over", True),  # the server may have it
         ("email", "sending", None, True),  # claimed by a release that did not mark it
         ("push", "pending", None, False),
-        ("push", "sending", "claimed", True),  # push marks nothing: as before
-        ("push", "sending", None, True),
+        ("push", "sending", "claimed", False),  # never published: sent, or skipped if outdated
+        ("push", "sending", "handing-over", True),  # JetStream may have it
+        ("push", "sending", None, True),  # claimed by a release that did not mark it
     ],
 )
-def test_only_an_email_marked_as_handed_over_is_in_doubt(
+def test_only_a_delivery_marked_as_handed_over_is_in_doubt(
     channel: str, previous_status: str, previous_phase: str | None, in_doubt: bool
 ) -> None:
     assert abandoned_in_doubt(channel, previous_status, previous_phase) is in_doubt
@@ -240,12 +241,12 @@ async def test_an_email_channel_that_cannot_say_when_is_marked_before_its_send()
     assert outbox.recorded == ["sent"]
 
 
-async def test_push_marks_nothing() -> None:
+async def test_push_marks_the_hand_over_before_it_publishes() -> None:
     steps: list[str] = []
     outbox = _Outbox("push", steps)
     assert await _worker(outbox, _PlainChannel("push", steps)).deliver_due() == 1
-    assert steps == ["send"]
-    assert outbox.marks == []
+    assert steps == ["mark", "send"]
+    assert len(outbox.marks) == 1
     assert outbox.recorded == ["sent"]
 
 

@@ -50,6 +50,9 @@ class _Outbox:
         due, self.due = self.due, []
         return due
 
+    async def handing_over(self, *_: object) -> bool:
+        return True  # the hand-over mark; ``refusals`` are for the outcome's record
+
     async def sent(self, notification_id: uuid.UUID, *_: object) -> bool:
         return await self._write("sent", notification_id)
 
