@@ -25,6 +25,7 @@ from services.appointments.service_layer.ports import (
     IdempotencyKeyTaken,
     IdempotencyRecord,
     NewEvent,
+    StatementGaveUp,
     StoredAnswer,
     StreamVersionConflict,
 )
@@ -447,6 +448,37 @@ async def test_a_statement_given_up_on_fails_only_its_own_append(database_url: s
     assert isinstance(results[1], Unavailable), results  # a 503 for the one that waited
     assert isinstance(results[0], AppendResult) and isinstance(results[2], AppendResult)
     assert recording.sent == [3, 1, 1, 1]
+
+
+async def test_two_appends_waiting_on_one_held_slot_fail_only_themselves(
+    database_url: str,
+) -> None:
+    # Two timeouts in a row used to read as a stall: every later append of the batch was
+    # turned away unsent, though it waited on nothing.
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=2, server_settings={"lock_timeout": "200ms"}
+    )
+    blocker = await asyncpg.connect(database_url)
+    try:
+        store, recording = recording_store(pool)
+        provider = uuid.uuid4()
+        held = await hold_a_booking(blocker, provider)
+        first = asyncio.ensure_future(store.append(uuid.uuid4(), 0, booking()))  # alone
+        await asyncio.sleep(0)
+        items = [booking(provider), booking(provider), *(booking() for _ in range(5))]
+        results = await asyncio.gather(
+            *(store.append(uuid.uuid4(), 0, events) for events in items), return_exceptions=True
+        )
+        await first
+        await held.rollback()
+        stored = await counts(pool)
+    finally:
+        await blocker.close()
+        await pool.close()
+    assert isinstance(results[0], StatementGaveUp) and isinstance(results[1], StatementGaveUp)
+    assert all(isinstance(r, AppendResult) for r in results[2:]), results
+    assert recording.sent == [1, 7, 1, 1, 5]
+    assert stored[0] == 6
 
 
 async def test_an_append_past_the_stored_version_is_a_conflict_not_a_gap(

@@ -194,8 +194,9 @@ async def test_a_stall_costs_a_few_timeouts_not_one_per_write() -> None:
     rest = [asyncio.ensure_future(group.submit(str(i))) for i in range(16)]
     results = await asyncio.gather(first, *rest, return_exceptions=True)
     assert all(isinstance(r, StatementGaveUp) for r in results)
-    # The lone first write, the batch, then two timeouts in a row: the rest fail with it.
-    assert [len(s) for s in db.statements] == [1, 16, 1, 1]
+    # The lone first write, the batch, then two timeouts in a row, the rest together
+    # once: given up on too, a stall, they fail with it.
+    assert [len(s) for s in db.statements] == [1, 16, 1, 1, 14]
 
 
 async def test_one_write_that_times_out_fails_alone() -> None:
@@ -221,6 +222,34 @@ async def test_one_write_that_times_out_fails_alone() -> None:
     results = await _submit_all(group, ["a", "slow", "b", "c"])
     assert isinstance(results[1], StatementGaveUp)
     assert [results[0], results[2], results[3]] == ["ok:a", "ok:b", "ok:c"]
+
+
+async def test_two_writes_waiting_on_one_lock_do_not_fail_the_rest() -> None:
+    # Two bookings of a slot another transaction holds, side by side: two timeouts in a
+    # row, but the rest wait on nothing and pass.
+    db = FakeDatabase()
+    send_batch, send_one = db.send_batch, db.send_one
+
+    async def batch(items: Sequence[str]) -> list[str]:
+        if any(item.startswith("held") for item in items):
+            db._statement(items)
+            try:
+                raise StatementGaveUp("lock timeout")
+            except StatementGaveUp as gave_up:
+                raise DecideEach() from gave_up
+        return await send_batch(items)
+
+    async def one(item: str) -> str:
+        if item.startswith("held"):
+            db._statement([item])
+            raise StatementGaveUp("lock timeout")
+        return await send_one(item)
+
+    group = GroupCommit(batch, one, key=lambda item: item, in_flight=1)
+    results = await _submit_all(group, ["held1", "held2", "a", "b", "c"])
+    assert isinstance(results[0], StatementGaveUp) and isinstance(results[1], StatementGaveUp)
+    assert results[2:] == ["ok:a", "ok:b", "ok:c"]
+    assert [len(s) for s in db.statements] == [1, 5, 1, 1, 3]
 
 
 async def test_at_most_in_flight_statements_and_never_two_writes_of_one_key_at_once() -> None:

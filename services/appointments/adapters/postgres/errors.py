@@ -12,7 +12,13 @@ from services.appointments.service_layer.ports import NotSent, StatementGaveUp
 from services.errors import Unavailable
 from services.pg_errors import CONNECTION_ERRORS, passing_refusal, unreachable
 
-__all__ = ["CONNECTION_ERRORS", "database_errors", "passing_refusal", "refused_by_content"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "database_errors",
+    "passing_refusal",
+    "refused_by_content",
+    "statement_gave_up",
+]
 
 #: What :func:`~services.pg_errors.unreachable` tells apart.
 _MAYBE_UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -39,7 +45,7 @@ def database_errors() -> Iterator[None]:
             raise
         raise Unavailable("The database is unreachable; retry shortly.") from exc
     except asyncpg.PostgresError as exc:
-        if _statement_gave_up(exc):
+        if statement_gave_up(exc):
             raise StatementGaveUp("The database gave up on this request; retry shortly.") from exc
         if not _server_refuses_all(exc):
             raise
@@ -64,7 +70,9 @@ def refused_by_content(exc: BaseException) -> bool:
 _GAVE_UP_STATES = ("57014", "55P03")
 
 
-def _statement_gave_up(exc: BaseException) -> bool:
+def statement_gave_up(exc: BaseException) -> bool:
+    """Whether PostgreSQL gave up on the statement (a statement or lock timeout, a cancel):
+    rolled back, and other statements may pass."""
     return getattr(exc, "sqlstate", None) in _GAVE_UP_STATES
 
 

@@ -34,6 +34,7 @@ from contracts.events import (
 from services.appointments.adapters.postgres.errors import (
     database_errors,
     refused_by_content,
+    statement_gave_up,
 )
 from services.appointments.adapters.postgres.group_commit import DecideEach, GroupCommit
 from services.appointments.adapters.postgres.pools import share_of
@@ -43,6 +44,7 @@ from services.appointments.service_layer.ports import (
     IdempotencyRecord,
     NewEvent,
     RecordedEvent,
+    StatementGaveUp,
     StoredAnswer,
     StreamVersionConflict,
 )
@@ -259,6 +261,9 @@ class PostgresEventStore:
                     _APPEND_BATCH, *events, *bookings, freed, *answers, traceparents, follows_stored
                 )
             except Exception as exc:
+                if statement_gave_up(exc):  # a lock waited for: it names no write
+                    gave_up = StatementGaveUp("The database gave up on this request.")
+                    raise DecideEach() from gave_up
                 if refused_by_content(exc):
                     raise DecideEach() from exc
                 raise

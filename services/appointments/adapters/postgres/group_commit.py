@@ -10,7 +10,9 @@ A batch the database refuses as a whole (:class:`DecideEach`: a constraint one o
 writes broke, a deadlock...) is sent again so that each write gets its own answer: the
 writes the refusal does not name together (refused again: one by one), then those it
 names (``implicated``: a taken key or slot that they hold) one by one, in order; a refusal
-that names none sends every write one by one, in order. One bad write among many then
+that names none sends every write one by one, in order. Two of those in a row given up on
+(each waited out a lock or statement timeout) send the rest together once: through if they
+wait on nothing (the two waited on one held slot), else a stall, whose answer is theirs. One bad write among many then
 costs two statements more, not one per write; many cost about one each, as before. Any
 other failure of a batch (the database unreachable) is every write's answer. A caller
 cancelled while its batch is in flight leaves the batch alone; every other caller gets a
@@ -221,12 +223,14 @@ class GroupCommit(Generic[Item, Result]):
     def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
         return self._implicated is not None and self._implicated(waiter.item, cause)
 
-    async def _send_each(self, batch: list[_Waiter[Item, Result]]) -> BaseException | None:
+    async def _send_each(
+        self, batch: list[_Waiter[Item, Result]], *, together_after_two: bool = True
+    ) -> BaseException | None:
         """Each write on its own, in order (the first one wins); the failure that made the
         database unreachable, if one did (the writes after it got that answer too)."""
         down: BaseException | None = None
         gave_up = 0  # statements in a row the database gave up on (a timeout, say)
-        for waiter in batch:
+        for position, waiter in enumerate(batch):
             if waiter.future.done():  # its caller gave up; the batch wrote nothing
                 continue
             if down is not None:
@@ -241,6 +245,8 @@ class GroupCommit(Generic[Item, Result]):
                         _fail(rest, exc)
                     raise
                 gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
+                if gave_up >= 2 and together_after_two:
+                    return await self._send_rest_after_two(batch[position + 1 :])
                 if _database_down(exc) or gave_up >= 2:
                     # The rest would only wait for the same answer (a stall: the second
                     # timeout in a row, not one per write).
@@ -250,6 +256,34 @@ class GroupCommit(Generic[Item, Result]):
                 if not waiter.future.done():
                     waiter.future.set_result(result)
         return down
+
+    async def _send_rest_after_two(self, rest: list[_Waiter[Item, Result]]) -> BaseException | None:
+        """Two writes in a row the database gave up on: a stall (a locked table, every
+        write waiting out its timeout), or two writes waiting on one lock (two bookings
+        of a slot another transaction holds). The rest go together once: through, if they
+        wait on nothing; if that statement is given up on too, a stall, whose answer is
+        theirs (never sent one by one, each waiting out its own timeout). As
+        :meth:`_send_each`, the failure that made the database unreachable, or the stall."""
+        rest = [w for w in rest if not w.future.done()]
+        if len(rest) < 2:
+            return await self._send_each(rest, together_after_two=False)
+        try:
+            results = await self._send_batch([w.item for w in rest])
+        except DecideEach as refusal:
+            stall = refusal.__cause__
+            if not isinstance(stall, StatementGaveUp):
+                return await self._send_each(rest, together_after_two=False)
+            for waiter in rest:
+                _fail(waiter, stall)
+            return stall
+        except Exception as exc:
+            for waiter in rest:
+                _fail(waiter, exc)
+            return exc if _database_down(exc) else None
+        for waiter, result in zip(rest, results, strict=True):
+            if not waiter.future.done():
+                waiter.future.set_result(result)
+        return None
 
 
 def _database_down(exc: BaseException) -> bool:
