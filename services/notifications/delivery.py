@@ -172,7 +172,10 @@ class DeliveryWorker:
     async def _deliver(self, claimed: ClaimedDelivery) -> None:
         n = claimed.notification
         now = self._clock()
-        if claimed.in_doubt and not self._may_resend(claimed, now):
+        # Past the window in which JetStream drops a resend as a duplicate (an outage of
+        # NATS longer than it held the claims back), a message that may have gone out is
+        # not sent again: at most once, as email.
+        if (claimed.in_doubt or claimed.unanswered) and not self._may_resend(claimed, now):
             if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
                 NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return

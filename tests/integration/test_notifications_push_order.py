@@ -28,7 +28,7 @@ from services.appointments.domain.rules import Rules
 from services.notifications.bootstrap import PUSH_RESEND_WINDOW
 from services.notifications.channels import PushChannel, notifications_stream_config
 from services.notifications.delivery import DeliveryWorker
-from services.notifications.delivery_store import DeliveryStore
+from services.notifications.delivery_store import ABANDONED_IN_DOUBT, DeliveryStore
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.reminders import ReminderScheduler
 from services.notifications.runtime import Hooks
@@ -359,3 +359,42 @@ async def test_a_reminder_its_worker_died_holding_is_not_sent_once_cancelled(
         " (notification_id) WHERE n.kind = 'reminder-24h'"
     )
     assert reminder is not None and reminder["status"] == "skipped"
+
+
+class StoredNoAnswer:
+    """Publishes for real; the answer is lost (nats-py says: a timeout)."""
+
+    def __init__(self, real: JetStreamContext) -> None:
+        self.real = real
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        await self.real.publish(*args, **kwargs)
+        raise nats.errors.TimeoutError
+
+
+async def test_an_unanswered_push_is_not_sent_again_past_the_duplicate_window(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    """Its publish was stored, the answer lost; NATS then stays away for longer than
+    JetStream remembers message ids (the workers claim nothing meanwhile). A resend would
+    be stored twice: it is recorded ``failed`` in doubt instead, as one found abandoned."""
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
+    lost_answer = DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(cast(JetStreamContext, StoredNoAnswer(js))),
+        lambda: T0,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
+    assert await lost_answer.deliver_due() == 2
+    back = T0 + PUSH_RESEND_WINDOW + timedelta(minutes=10)
+    worker = DeliveryWorker(
+        DeliveryStore(pool), PushChannel(js), lambda: back, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    )
+    assert await worker.deliver_due() == 2
+    rows = await pool.fetch("SELECT status, last_error FROM notification_deliveries")
+    assert {(row["status"], row["last_error"]) for row in rows} == {("failed", ABANDONED_IN_DOUBT)}
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed"]

@@ -12,11 +12,11 @@ writes the refusal does not name together (refused again: one by one), then thos
 names (``implicated``: a taken key or slot that they hold) one by one, in order; a refusal
 that names none sends every write one by one, in order. Two of those in a row given up on
 (each waited out a lock or statement timeout) send the rest together once: through if they
-wait on nothing (the two waited on one held slot), else a stall, whose answer is theirs. One bad write among many then
-costs two statements more, not one per write; many cost about one each, as before. Any
-other failure of a batch (the database unreachable) is every write's answer. A caller
-cancelled while its batch is in flight leaves the batch alone; every other caller gets a
-result or an exception, never silence.
+wait on nothing (the two waited on one held slot), else a stall, whose answer is theirs.
+One bad write among many then costs two statements more, not one per write; many cost
+about one each, as before. Any other failure of a batch (the database unreachable) is every
+write's answer. A caller cancelled while its batch is in flight leaves the batch alone;
+every other caller gets a result or an exception, never silence.
 
 A write still queued ``queue_timeout`` seconds after it came (the statements in flight
 held by a database that stopped answering, each until its own timeout) is answered
