@@ -23,9 +23,10 @@ PageLimit = Annotated[int, msgspec.Meta(ge=1, le=100)]
 Version = Annotated[int, msgspec.Meta(ge=0, le=999_999_999)]
 #: As HTTP ``Idempotency-Key`` takes it (U+0000 is refused too).
 IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-#: As HTTP's ``cursor`` query parameter and ``X-Consistency-Token`` header take them.
+#: As HTTP's ``cursor`` query parameter and ``X-Consistency-Token`` header take them (a
+#: token, or up to 16 separated by commas).
 Cursor = Annotated[str, msgspec.Meta(max_length=200)]
-ConsistencyToken = Annotated[str, msgspec.Meta(max_length=100)]
+ConsistencyToken = Annotated[str, msgspec.Meta(max_length=1000)]
 
 
 class ScheduleBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

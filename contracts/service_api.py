@@ -93,7 +93,8 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
         VisitsRequest,
         VisitsPage,
         "One page of the actor's Upcoming or Past visits (eventually consistent; a "
-        "consistency_token waits, bounded, for that write).",
+        "consistency_token waits, bounded, for that write; several tokens, comma-separated, "
+        "for each of their writes).",
         command=False,
     ),
 )

@@ -248,6 +248,18 @@ async def test_another_clinics_tokens_never_learn_an_appointment_exists(
         )
         assert mine.headers["x-consistency"] == "fresh"
         assert [v["appointment_id"] for v in mine.json()["items"]] == [appointment_id]
+        # Several tokens at once: each of their writes (one of them not this patient's).
+        several = [f"{appointment_id}.2", f"{appointment_id}.1", f"{uuid.uuid4()}.1"]
+        freshness = [
+            (
+                await api.client.get(
+                    "/v1/visits?tab=past",
+                    headers=api.auth(patient, **{"X-Consistency-Token": ",".join(tokens)}),
+                )
+            ).headers["x-consistency"]
+            for tokens in (several[:2], several)
+        ]
+        assert freshness == ["fresh", "stale"]
         figures = {"outsiders": len(outsiders), "requests": sent, "answers": "404, or stale"}
         record_property("figures", json.dumps(figures))
         print("other clinics:", json.dumps(figures))

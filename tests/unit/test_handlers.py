@@ -12,7 +12,7 @@ from contracts.common import Principal
 from contracts.errors import ErrorCode, problem
 from services.appointments.domain.rules import Rules
 from services.appointments.domain.state import INITIAL
-from services.appointments.service_layer.consistency import make_token, parse_token
+from services.appointments.service_layer.consistency import make_token, parse_token, parse_tokens
 from services.appointments.service_layer.handlers import Appointments, RequestContext, key_owner
 from services.appointments.service_layer.ports import (
     AppendResult,
@@ -714,3 +714,16 @@ def test_a_token_round_trips_from_version_0() -> None:
     stream = uuid.uuid4()
     assert parse_token(make_token(stream, 0)) == (stream, 0)
     assert parse_token(f" {make_token(stream, 12)} ") == (stream, 12)
+
+
+def test_several_tokens_are_each_parsed_the_latest_version_of_one_appointment_kept() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    tokens = f"{make_token(a, 1)}, {make_token(b, 1)},{make_token(a, 2)}"
+    assert parse_tokens(tokens) == [(a, 2), (b, 1)]
+    assert parse_tokens(make_token(a, 3)) == [(a, 3)]
+    for bad in (f"{make_token(a, 1)},", f",{make_token(a, 1)}", f"{make_token(a, 1)},,x"):
+        with pytest.raises(InvalidRequest):
+            parse_tokens(bad)
+    with pytest.raises(InvalidRequest, match="at most 16"):
+        parse_tokens(",".join(make_token(uuid.uuid4(), 1) for _ in range(17)))
+    assert len(parse_tokens(",".join(make_token(uuid.uuid4(), 1) for _ in range(16)))) == 16

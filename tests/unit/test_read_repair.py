@@ -100,6 +100,34 @@ async def test_a_read_ahead_of_the_view_writes_the_row_the_projector_folds(
     assert (row.status, row.version) == ("started", 2)
 
 
+async def test_a_read_with_several_tokens_reflects_each_of_their_writes() -> None:
+    # The patient cancels X, then Y, and comes back to Visits: Y's token alone would leave
+    # X's cancel to the projector (behind, or NATS away), the page saying "fresh".
+    clock, store, visits, app, query = _setup(wait=timedelta(milliseconds=50))
+    patient = principal("patient")
+    ctx = RequestContext(principal=patient)
+    x, y, z = [
+        await app.schedule(ctx, schedule_body(clock.now, patient_id=patient.id, starts_in=later))
+        for later in (timedelta(hours=1), timedelta(hours=2), timedelta(hours=3))
+    ]
+    for booked in (x, y, z):  # the projector saw the bookings, then fell behind
+        row = _folded(store, booked.view.appointment_id)
+        assert row is not None
+        visits.rows[booked.view.appointment_id] = row
+    cancel_x = await app.cancel(ctx, x.view.appointment_id)
+    cancel_y = await app.cancel(ctx, y.view.appointment_id)
+    page, stale = await query.list_visits(patient, consistency_token=cancel_y.consistency_token)
+    assert not stale and _listed(page) == [x.view.appointment_id, z.view.appointment_id]
+    tokens = f"{cancel_x.consistency_token}, {cancel_y.consistency_token},{x.consistency_token}"
+    page, stale = await query.list_visits(patient, consistency_token=tokens)
+    assert not stale and _listed(page) == [z.view.appointment_id]
+    assert visits.rows[x.view.appointment_id].status == "cancelled"
+    # One of them another patient's (or forged): stale, after the wait, as for one token.
+    other = f"{cancel_x.consistency_token},{uuid.uuid4()}.1"
+    _, stale = await query.list_visits(patient, consistency_token=other)
+    assert stale
+
+
 async def test_a_read_the_view_already_reflects_writes_nothing() -> None:
     clock, store, visits, app, query = _setup()
     staff = principal("staff")

@@ -46,7 +46,7 @@ from services.appointments.domain.rules import (
     start_window_opens_at,
     visit_status,
 )
-from services.appointments.service_layer.consistency import parse_token
+from services.appointments.service_layer.consistency import parse_tokens
 from services.appointments.service_layer.ports import Clock, StoredStreams
 from services.errors import InvalidRequest
 from services.logs import Throttle
@@ -330,14 +330,15 @@ class VisitsQuery:
         consistency_token: str | None = None,
     ) -> tuple[VisitsPage, bool]:
         """One page of the principal's visits, and whether it is stale: the view had not
-        caught up with ``consistency_token`` within the configured wait."""
+        caught up with ``consistency_token`` (one token, or several separated by commas)
+        within the configured wait."""
         if not 1 <= limit <= 100:
             raise InvalidRequest("limit must be between 1 and 100.")
         after = decode_cursor(cursor, tab) if cursor else None
         stale = False
         if consistency_token:
-            stream_id, version = parse_token(consistency_token)
-            stale = not await self._read_your_write_in_time(Scope.of(principal), stream_id, version)
+            writes = parse_tokens(consistency_token)
+            stale = not await self._read_your_writes_in_time(Scope.of(principal), writes)
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.
@@ -350,8 +351,9 @@ class VisitsQuery:
             next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
         return VisitsPage(items=items, next_cursor=next_cursor), stale
 
-    async def _read_your_write_in_time(self, scope: Scope, stream_id: UUID, version: int) -> bool:
-        """:meth:`_read_your_write` within the configured wait in all, every query of it
+    async def _read_your_writes_in_time(self, scope: Scope, writes: list[tuple[UUID, int]]) -> bool:
+        """:meth:`_read_your_write` of each write within the configured wait in all (one
+        after the other: the first not fresh in time ends it), every query of it
         counted (a database slow to answer, or its pool's connections all taken, would
         otherwise stretch a wait of 2 s to several times that, a query at a time); within
         :data:`STOP_REPAIR_SECONDS` of the stop once the process stops. Not fresh when it
@@ -362,14 +364,25 @@ class VisitsQuery:
         if self._stopping:
             until = min(until, self._stop_by)
         if until <= loop.time():
-            return await self._reader.wait_for_version(scope, stream_id, version, 0)
+            for stream_id, version in writes:
+                if not await self._reader.wait_for_version(scope, stream_id, version, 0):
+                    return False
+            return True
         # The last look for the projector starts by ``until`` (as a read that can never be
         # fresh ends its wait: the two take as long); the deadline leaves it its answer.
         return await _within(
             asyncio.timeout_at(until + _LAST_LOOK_SECONDS),
             self._deadlines,
-            self._read_your_write(scope, stream_id, version, until),
+            self._read_your_writes(scope, writes, until),
         )
+
+    async def _read_your_writes(
+        self, scope: Scope, writes: list[tuple[UUID, int]], until: float
+    ) -> bool:
+        for stream_id, version in writes:
+            if not await self._read_your_write(scope, stream_id, version, until):
+                return False
+        return True
 
     async def _read_your_write(
         self, scope: Scope, stream_id: UUID, version: int, until: float

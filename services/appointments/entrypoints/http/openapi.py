@@ -42,7 +42,8 @@ LOCATION = _header(
     Schema(type=OpenAPIType.STRING, pattern=rf"^/v1/appointments/{_UUID}$"),
 )
 CONSISTENCY = _header(
-    "stale: the view had not reached X-Consistency-Token's write in the allowed wait.",
+    "fresh: the view holds the write of each X-Consistency-Token (no token: the view as it "
+    "is); stale: it had not reached one of them in the allowed wait.",
     Schema(type=OpenAPIType.STRING, enum=["fresh", "stale"]),
 )
 RETRY_AFTER = _header(

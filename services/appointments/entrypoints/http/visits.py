@@ -27,8 +27,9 @@ ConsistencyToken = Annotated[
     str | None,
     HeaderParameter(
         name="X-Consistency-Token",
-        description="From a command answer: wait until the view includes that write",
-        max_length=100,
+        description="From a command answer: wait until the view includes that write "
+        "(several, up to 16 separated by commas: each of their writes)",
+        max_length=1000,
     ),
 ]
 
