@@ -36,6 +36,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from services.appointments.adapters.postgres.event_store import envelope_from_row
+from services.appointments.adapters.postgres.migrate import MIGRATION_LOCK_ID
 from services.appointments.adapters.postgres.visits import (
     COLUMNS,
     upsert_args,
@@ -63,11 +64,16 @@ _INDEXDEF = re.compile(
     r"^(CREATE (?:UNIQUE )?INDEX )(\S+)( ON (?:ONLY )?)(\S+?)(visits)( USING .*)$"
 )
 _SWAP_LOCK_TIMEOUT = "1s"
+#: How long the swap may hold the view's lock idle (its client stalled) or in one
+#: statement (the last catch-up: a few visits) before the server ends it.
+_SWAP_IDLE_TIMEOUT = "2s"
+_SWAP_STATEMENT_TIMEOUT = "10s"
 _SWAP_ATTEMPTS = 20
 
 
 class RebuildAlreadyRunning(Exception):
-    """Another ``rebuild-visits`` holds the rebuild lock."""
+    """Another ``rebuild-visits`` holds the rebuild lock, or ``clinic migrate`` its own
+    (a migration of ``visits`` would be undone by the swap)."""
 
 
 class StderrProgress:
@@ -112,6 +118,12 @@ async def rebuild_visits(
     async with _connection(target) as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_ID):
             raise RebuildAlreadyRunning("another rebuild-visits is running")
+        # Held to the end: the swap puts in place a copy of the table as it was at the
+        # start, which would drop what a migration meanwhile added to it (a migration
+        # waits instead).
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+            await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+            raise RebuildAlreadyRunning("clinic migrate is running; rebuild once it is done")
         try:
             await _unwatch(conn)  # a stopped rebuild's, if it could not
             await _watch(conn)  # before the snapshot: every later write is noted
@@ -129,9 +141,14 @@ async def rebuild_visits(
             await _swap(conn, indexes)
             return int(await conn.fetchval("SELECT count(*) FROM visits"))
         finally:
-            with contextlib.suppress(asyncpg.PostgresError, OSError):
+            # (A connection the server closed, the swap stalled: its locks went with it.)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await _unwatch(conn)
-                await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+                await conn.execute(
+                    "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2)",
+                    MIGRATION_LOCK_ID,
+                    REBUILD_LOCK_ID,
+                )
 
 
 async def _watch(conn: Connection) -> None:
@@ -261,7 +278,13 @@ async def _swap(conn: Connection, indexes: list[str]) -> None:
         try:
             async with conn.transaction():
                 # Readers queue behind a waiting exclusive lock: wait briefly, then retry.
-                await conn.execute(f"SET LOCAL lock_timeout = '{_SWAP_LOCK_TIMEOUT}'")
+                # Held, it stops every read of the view: if this process stalls (a paused
+                # pod, Ctrl-Z, a partition), the server ends the session, and the swap.
+                await conn.execute(
+                    f"SET LOCAL lock_timeout = '{_SWAP_LOCK_TIMEOUT}';"
+                    f" SET LOCAL idle_in_transaction_session_timeout = '{_SWAP_IDLE_TIMEOUT}';"
+                    f" SET LOCAL statement_timeout = '{_SWAP_STATEMENT_TIMEOUT}'"
+                )
                 await conn.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
                 await _catch_up(conn)  # what was written since the last pass, no more
                 await conn.execute(

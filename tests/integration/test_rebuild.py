@@ -16,7 +16,9 @@ import pytest
 
 from contracts.common import Actor
 from contracts.events import AppointmentCancelled, AppointmentScheduled, AppointmentStarted, Event
+from services.appointments import rebuild
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
+from services.appointments.adapters.postgres.migrate import MIGRATION_LOCK_ID
 from services.appointments.adapters.postgres.visits import PostgresVisits
 from services.appointments.projector import run_projector
 from services.appointments.rebuild import (
@@ -29,6 +31,7 @@ from services.appointments.rebuild import (
 )
 from services.appointments.relay import run_relay
 from services.appointments.service_layer.ports import NewEvent
+from tests.support.proxy import FreezingProxy
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 STAFF = Actor(id=uuid.uuid4(), role="staff")
@@ -174,6 +177,62 @@ async def test_only_one_rebuild_runs_at_a_time(pool: asyncpg.Pool) -> None:
             await rebuild_visits(pool)
         await other.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
     assert await rebuild_visits(pool) == 0
+
+
+async def test_a_rebuild_and_a_migration_never_run_at_once(pool: asyncpg.Pool) -> None:
+    # The swap puts in place a copy of the table made at the start: a migration of
+    # ``visits`` meanwhile (a column, an index) would be dropped, though recorded applied.
+    async with pool.acquire() as migrating:
+        await migrating.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        with pytest.raises(RebuildAlreadyRunning, match="clinic migrate is running"):
+            await rebuild_visits(pool)
+        await migrating.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        # Nothing of the refused rebuild is left holding its own lock.
+        assert await migrating.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_ID)
+        await migrating.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_ID)
+    held = _Held(pool, lambda query: query.startswith("ANALYZE"))
+    rebuilding = asyncio.create_task(rebuild_visits(held))  # type: ignore[arg-type]
+    await asyncio.wait_for(held.reached.wait(), 30)
+    async with pool.acquire() as migrating:
+        assert not await migrating.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID)
+        held.go.set()
+        assert await rebuilding == 0
+        assert await migrating.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID)
+        await migrating.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
+async def test_a_rebuild_stalled_in_its_swap_holds_the_view_s_lock_two_seconds_at_most(
+    pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap holds ``visits`` exclusively, which stops every read of the view and the
+    projector: a rebuild that stalls there (Ctrl-Z, a paused pod, a partition) is ended by
+    the server, and nothing is changed."""
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    streams = [await lifecycle(store, clinic_id, i) for i in range(2)]
+    await project_directly(pool, streams)
+    before = await view(pool)
+    async with FreezingProxy(database_url) as proxy:
+        catch_up, stalled = rebuild._catch_up, asyncio.Event()
+
+        async def stalling(conn: Any) -> int:
+            if conn.is_in_transaction():  # the swap's, under the lock
+                proxy.freeze()
+                stalled.set()
+            return await catch_up(conn)
+
+        monkeypatch.setattr(rebuild, "_catch_up", stalling)
+        rebuilding = asyncio.create_task(rebuild_visits(proxy.url))
+        await asyncio.wait_for(stalled.wait(), 30)
+        began = time.monotonic()
+        # Waits for the lock, which the server frees.
+        assert await asyncio.wait_for(view(pool), 10) == before
+        assert time.monotonic() - began < 5
+        proxy.thaw()
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await asyncio.wait_for(rebuilding, 30)
+    assert await view(pool) == before
+    monkeypatch.undo()
+    assert await rebuild_visits(pool) == 2  # the stalled one's trigger and table cleared
 
 
 class _Held:

@@ -9,7 +9,8 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-#: Any constant shared by every migrator; serialises concurrent ``clinic migrate`` runs.
+#: Any constant shared by every migrator; serialises concurrent ``clinic migrate`` runs,
+#: and keeps them from a ``rebuild-visits`` (which holds it too).
 MIGRATION_LOCK_ID = 0x636C696E6963  # "clinic"
 
 
@@ -31,7 +32,9 @@ async def migrate(dsn: str) -> list[str]:
         # A DSN without a database name means the user's (libpq): say which one it is.
         database = await conn.fetchval("SELECT current_database()")
         log.info("migrating database %s", database, extra={"database": database})
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+            log.info("waiting for another clinic migrate, or a rebuild-visits, to finish")
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
         try:
             return await _apply_pending(conn)
         finally:
