@@ -25,7 +25,7 @@ directory lookup and the connection) or is published on the stream, it records, 
 only if the claim is still its own, that the message is leaving. A worker that vanished
 before that mark sent nothing, so its deliveries are simply sent again (or skipped, if
 outdated meanwhile: a reminder of a visit cancelled since); only those it marked are in
-doubt.
+doubt (on push, every abandoned one for one more release: ``HAND_OVER_TRUSTED``).
 
 Every outcome (sent, retry, failed, skipped) is written only under the claim it belongs to
 (the row still ``sending`` with that claim's ``attempts``): a worker whose lease ran out

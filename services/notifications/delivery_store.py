@@ -6,7 +6,8 @@ then records the outcome. A row still ``sending`` after its lease is one whose w
 on the way; it is claimed again. The worker marks the hand-over (phase ``handing-over``,
 written durably just before the message goes to the server or the stream), so only a row
 so marked may have been sent: it comes back ``in_doubt``, for the worker to decide whether
-resending is safe; one still ``claimed`` never left and is simply sent.
+resending is safe; one still ``claimed`` never left and is simply sent (on push, once no
+release that did not mark it may run: :data:`HAND_OVER_TRUSTED`).
 
 Each claim counts an attempt, so ``attempts`` names the claim: the hand-over mark and every
 outcome (sent, retry, failed, skipped) are written only while the row is still ``sending``
@@ -107,19 +108,24 @@ GAVE_UP_IN_DOUBT: Final = "in doubt: its last attempt got no answer; not resent,
 #: The failures that hold the visit's later deliveries back for a while.
 HOLDING_BACK: Final = (ABANDONED_IN_DOUBT, GAVE_UP_IN_DOUBT)
 
-#: Channels whose worker marks the hand-over of each message (``handing_over``): for them
-#: a delivery abandoned before that mark never left and is sent again (or, outdated
-#: meanwhile, skipped: a reminder of a visit cancelled since never goes out).
+#: Channels whose worker marks the hand-over of each message (``handing_over``).
 HAND_OVER_MARKED: Final = frozenset({"email", "push"})
+#: Channels whose workers in every release that may still run mark the hand-over: for
+#: them a delivery abandoned before that mark never left and is sent again (or, outdated
+#: meanwhile, skipped). Push is marked since this release; the release before it did not
+#: mark push, and its claims look the same, so an abandoned push stays in doubt (sent
+#: again ahead of a cancellation, de-duplicated) until the next release trusts the mark
+#: (then a reminder its worker died holding is skipped once its visit is cancelled).
+HAND_OVER_TRUSTED: Final = frozenset({"email"})
 
 
 def abandoned_in_doubt(channel: str, previous_status: str, previous_phase: str | None) -> bool:
     """Whether a delivery claimed again may have been sent by the worker that held it: it
-    was still ``sending`` (that worker vanished) and, on a channel that marks the hand-over,
+    was still ``sending`` (that worker vanished) and, on a channel whose mark is trusted,
     it was not known to be short of it (``handing-over``, or claimed without the mark)."""
     if previous_status != "sending":
         return False
-    return channel not in HAND_OVER_MARKED or previous_phase != "claimed"
+    return channel not in HAND_OVER_TRUSTED or previous_phase != "claimed"
 
 
 #: What a cancel or a start makes outdated: a reminder whenever it would go out, and a

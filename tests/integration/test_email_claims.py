@@ -297,7 +297,7 @@ async def test_a_lost_push_claim_writes_no_outcome_either(database_url: str) -> 
         (old,) = await store.claim("push", NOW, NOW + TEST_TUNING.lease, 10)
         later = NOW + TEST_TUNING.lease + timedelta(seconds=1)
         (new,) = await store.claim("push", later, later + TEST_TUNING.lease, 10)
-        assert not new.in_doubt  # its worker died before it marked the hand-over
+        assert new.in_doubt  # a worker of the release before (it marked no push) may have sent it
         n = new.notification.notification_id
         assert not await store.retry(n, "push", old.attempts, later, "stream unavailable")
         assert not await store.finish(n, "push", old.attempts, "failed", "in doubt")
