@@ -62,8 +62,7 @@ class CancelRequest(CancelBody, frozen=True, kw_only=True, forbid_unknown_fields
     appointment_id: UUID
     actor: Principal
     expected_version: Version | None = None
-    """Like HTTP ``If-Match``: refuse with ``version-conflict`` when the version differs,
-    unless the change asked for is already made since (answered as made: a double tap)."""
+    """Like HTTP ``If-Match``: refuse with ``version-conflict`` when the version differs."""
     idempotency_key: IdempotencyKey | None = None
 
 

@@ -204,11 +204,12 @@ async def test_if_match_with_a_stale_version_is_412(api: Api) -> None:
     assert ok.status_code == 200
 
 
-async def test_a_double_tap_on_yes_with_the_etag_shows_no_error(api: Api) -> None:
-    # The details screen showed ETag "1"; the patient taps "YES" twice, at once and again.
+async def test_a_double_tap_on_yes_with_the_etag_and_one_key_shows_no_error(api: Api) -> None:
+    # The details screen showed ETag "1"; the patient taps "YES" twice, at once and again,
+    # each tap with the confirmation's one Idempotency-Key (as the README says).
     patient = api.principal("patient")
     location = (await schedule(api, patient)).headers["location"]
-    shown = api.auth(patient, **{"If-Match": '"1"'})
+    shown = api.auth(patient, **{"If-Match": '"1"', "Idempotency-Key": str(uuid.uuid4())})
     taps = await asyncio.gather(
         *(api.client.post(f"{location}/cancel", headers=shown) for _ in range(2))
     )
@@ -216,8 +217,10 @@ async def test_a_double_tap_on_yes_with_the_etag_shows_no_error(api: Api) -> Non
     for answer in (*taps, late):
         assert answer.status_code == 200, answer.text
         assert answer.json()["status"] == "cancelled" and answer.headers["etag"] == '"2"'
-    # A change not already made is still refused for the stale version.
-    refused = await api.client.post(f"{location}/start", headers=shown)
+    # Without the key, the stale If-Match is refused, as the contract says.
+    refused = await api.client.post(
+        f"{location}/cancel", headers=api.auth(patient, **{"If-Match": '"1"'})
+    )
     assert_problem(refused, 412, "version-conflict")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from datetime import datetime
 from uuid import UUID, uuid5
 
 import msgspec
@@ -273,9 +272,7 @@ class Appointments:
             try:
                 if expected_version is not None:
                     visible_booking(state, ctx.principal)  # never reveal a version to outsiders
-                    if expected_version != version and not (
-                        expected_version < version and self._done_already(state, command, now)
-                    ):
+                    if expected_version != version:
                         raise VersionConflict(
                             f"The appointment is at version {version}, not {expected_version}."
                         )
@@ -332,9 +329,9 @@ class Appointments:
                     self._cache.clear()
                 raise
             except StreamVersionConflict:
-                # Decided again on what is stored; with an If-Match, that answers 412, or
-                # the concurrent change if it was this one (a double tap).
                 self._cache.forget(stream_id)
+                if expected_version is not None:
+                    raise VersionConflict("The appointment changed meanwhile.") from None
                 COMMAND_RETRIES.inc()
                 continue
             except SlotTaken:
@@ -347,16 +344,6 @@ class Appointments:
             return outcome
         log.warning("command gave up after %d attempts", self._max_attempts)
         raise Unavailable("The appointment is too busy right now; retry shortly.")
-
-    def _done_already(self, state: State, command: Command, now: datetime) -> bool:
-        """Whether ``command`` would change nothing: what it asks for is already so (a
-        cancel of a cancelled appointment, a start of a started one). Asked with a stale
-        ``If-Match``, the change is answered as made (RFC 9110 13.1.1), so a double tap on
-        "YES" does not show an error."""
-        try:
-            return not decide(state, command, now, self._rules)
-        except ClinicError:
-            return False
 
 
 def key_owner(principal: Principal) -> UUID:

@@ -31,9 +31,7 @@ from services.appointments.service_layer.handlers import MAX_IDEMPOTENCY_KEY_LEN
 IfMatch = Annotated[
     str | None,
     HeaderParameter(
-        name="If-Match",
-        description='Refuse with 412 unless at this version: "3" (`*`: any); a cancel or '
-        "start already made since is answered 200 as made (a double tap)",
+        name="If-Match", description='Refuse with 412 unless at this version: "3" (`*`: any)'
     ),
 ]
 IdempotencyKey = Annotated[
