@@ -252,6 +252,44 @@ async def test_two_writes_waiting_on_one_lock_do_not_fail_the_rest() -> None:
     assert [len(s) for s in db.statements] == [1, 5, 1, 1, 3]
 
 
+async def test_a_stall_found_in_the_rest_is_the_answer_of_the_named_writes_too() -> None:
+    # The refusal names bad1; the rest (two writes) time out together, then each alone: a
+    # stall, and bad1, which would only wait out its own timeout, gets that answer unsent.
+    db = FakeDatabase()
+
+    async def batch(items: Sequence[str]) -> list[str]:
+        db._statement(items)
+        bad = {item for item in items if item.startswith("bad")}
+        try:
+            if bad:
+                raise Refused(bad)
+            raise StatementGaveUp("lock timeout")
+        except Exception as refusal:
+            raise DecideEach() from refusal
+
+    async def one(item: str) -> str:
+        db._statement([item])
+        raise StatementGaveUp("lock timeout")
+
+    def implicated(item: str, cause: BaseException) -> bool:
+        return isinstance(cause, Refused) and item in cause.names
+
+    group = GroupCommit(batch, one, key=lambda item: item, implicated=implicated, in_flight=1)
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0)
+    results = await asyncio.gather(
+        *(group.submit(i) for i in ["held1", "held2", "bad1"]), return_exceptions=True
+    )
+    await asyncio.gather(first, return_exceptions=True)
+    assert all(isinstance(r, StatementGaveUp) for r in results), results
+    assert db.statements[1:] == [
+        ["held1", "held2", "bad1"],
+        ["held1", "held2"],
+        ["held1"],
+        ["held2"],
+    ]
+
+
 async def test_at_most_in_flight_statements_and_never_two_writes_of_one_key_at_once() -> None:
     running: list[list[str]] = []
     overlaps: list[tuple[str, ...]] = []

@@ -263,6 +263,7 @@ class PostgresEventStore:
             except Exception as exc:
                 if statement_gave_up(exc):  # a lock waited for: it names no write
                     gave_up = StatementGaveUp("The database gave up on this request.")
+                    gave_up.__cause__ = exc
                     raise DecideEach() from gave_up
                 if refused_by_content(exc):
                     raise DecideEach() from exc
