@@ -73,7 +73,11 @@ WITH due AS (
     FOR UPDATE OF d SKIP LOCKED
 ), claimed AS (
     UPDATE notification_deliveries d
-    SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3, claimed_at = $2,
+    SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3,
+        -- Kept while the delivery may have gone out (its hand-over marked, or a publish
+        -- without an answer): the time of the first claim whose message may be stored,
+        -- from which a resend's de-duplication window runs.
+        claimed_at = CASE WHEN due.previous_phase = 'handing-over' THEN d.claimed_at ELSE $2 END,
         -- An abandoned row that may have been handed over keeps saying so (NULL: claimed
         -- by a release that did not mark it), until its worker records it: a crash before
         -- that must not turn it into one safe to send again.
@@ -194,6 +198,8 @@ class ClaimedDelivery(msgspec.Struct, frozen=True, kw_only=True):
     """A previous worker claimed it and vanished, and it may have been sent (on a channel
     that marks the hand-over: that worker marked it, see :func:`abandoned_in_doubt`)."""
     previous_claimed_at: datetime | None
+    """When the previous claim was made; while the delivery may have gone out, the first
+    claim whose message may be stored (a resend is de-duplicated within a window of it)."""
     unanswered: bool = False
     """An earlier attempt's publish got no answer (a retry marked ``handing-over``): that
     message may have arrived, or may arrive yet (see :meth:`DeliveryStore.retry`)."""

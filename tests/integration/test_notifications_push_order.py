@@ -391,3 +391,42 @@ async def test_an_unanswered_push_is_not_sent_again_past_the_duplicate_window(
     assert {(row["status"], row["last_error"]) for row in rows} == {("failed", ABANDONED_IN_DOUBT)}
     to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
     assert to_patient == ["appointment-confirmed"]
+
+
+class NoResponders:
+    """No stream answers the subject: nothing was sent (nats-py says so at once)."""
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        raise nats.errors.NoRespondersError
+
+
+async def test_the_duplicate_window_runs_from_the_first_publish_without_an_answer(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    """Attempt 1's publish is stored, its answer lost; attempt 2, 50 min later, is refused
+    unsent; attempt 3, 75 min after the first, would be stored twice (JetStream forgot the
+    first after its hour): it is recorded failed in doubt, as the window runs from the
+    first publish that may be stored, not from the last claim."""
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
+    now = [T0]
+
+    def worker(channel: Any) -> DeliveryWorker:
+        return DeliveryWorker(
+            DeliveryStore(pool),
+            PushChannel(cast(JetStreamContext, channel)),
+            lambda: now[0],
+            TEST_TUNING,
+            Hooks(),
+            PUSH_RESEND_WINDOW,
+        )
+
+    assert await worker(StoredNoAnswer(js)).deliver_due() == 2
+    now[0] = T0 + timedelta(minutes=50)
+    assert await worker(NoResponders()).deliver_due() == 2
+    now[0] = T0 + timedelta(minutes=75)
+    assert await worker(js).deliver_due() == 2
+    rows = await pool.fetch("SELECT status, last_error FROM notification_deliveries")
+    assert {(row["status"], row["last_error"]) for row in rows} == {("failed", ABANDONED_IN_DOUBT)}
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed"]
