@@ -110,7 +110,7 @@ async def test_an_append_with_no_connection_in_time_is_answered_unsent(database_
         cached = (await app.schedule(staff, schedule_body(clock.now))).view.appointment_id
         holders = [asyncio.ensure_future(hold()) for _ in range(2)]
         await asyncio.sleep(0.1)
-        with pytest.raises(NotSent, match="nothing was written"):
+        with pytest.raises(NotSent, match="nothing was changed"):
             await app.schedule(staff, schedule_body(clock.now))
         with pytest.raises(NotSent), database_errors():  # the pool itself, not shared out
             async with (

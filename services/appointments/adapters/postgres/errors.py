@@ -37,7 +37,10 @@ def database_errors() -> Iterator[None]:
     try:
         yield
     except NoConnectionInTime as exc:
-        raise NotSent("No database connection came free in time; nothing was written.") from exc
+        raise NotSent(
+            "The database is busy: no connection came free in time, nothing was changed;"
+            " retry shortly."
+        ) from exc
     except TimeoutError as exc:  # no answer in time: the statement's outcome is unknown
         raise Unavailable("The database is busy or does not answer; retry shortly.") from exc
     except _MAYBE_UNREACHABLE as exc:
