@@ -74,15 +74,22 @@ WITH due AS (
 ), claimed AS (
     UPDATE notification_deliveries d
     SET status = 'sending', attempts = d.attempts + 1, next_attempt_at = $3,
-        -- Kept while the delivery may have gone out (its hand-over marked, or a publish
-        -- without an answer): the time of the first claim whose message may be stored,
-        -- from which a resend's de-duplication window runs.
-        claimed_at = CASE WHEN due.previous_phase = 'handing-over' THEN d.claimed_at ELSE $2 END,
-        -- An abandoned row that may have been handed over keeps saying so (NULL: claimed
-        -- by a release that did not mark it), until its worker records it: a crash before
-        -- that must not turn it into one safe to send again.
+        -- Kept while the delivery may have gone out (its hand-over marked, a publish
+        -- without an answer, a claim abandoned on a channel whose mark is not trusted
+        -- yet, $7): the time of the first claim whose message may be stored, from which
+        -- a resend's de-duplication window runs.
+        claimed_at = CASE WHEN due.previous_phase = 'handing-over'
+                               OR (due.previous_status = 'sending'
+                                   AND (d.channel <> ALL($7::text[])
+                                        OR due.previous_phase IS DISTINCT FROM 'claimed'))
+                          THEN d.claimed_at ELSE $2 END,
+        -- A row that may have been handed over keeps saying so (abandoned, or a retry of
+        -- a publish without an answer; NULL: claimed by a release that did not mark it),
+        -- until its worker records it: a crash before that must not turn it into one
+        -- safe to send again.
         sending_phase = CASE
-            WHEN due.previous_status = 'sending' AND due.previous_phase IS DISTINCT FROM 'claimed'
+            WHEN due.previous_phase = 'handing-over'
+              OR (due.previous_status = 'sending' AND due.previous_phase IS DISTINCT FROM 'claimed')
             THEN due.previous_phase
             ELSE 'claimed'
         END
@@ -225,7 +232,14 @@ class DeliveryStore:
         ``VISIT_ORDER``) still unsettled on ``channel`` (or maybe still being handed over:
         :data:`ABANDONED_IN_DOUBT`). A 24 h reminder comes titled for ``now``."""
         rows = await self._pool.fetch(
-            _CLAIM, channel, now, lease_until, limit, list(VISIT_ORDER), list(HOLDING_BACK)
+            _CLAIM,
+            channel,
+            now,
+            lease_until,
+            limit,
+            list(VISIT_ORDER),
+            list(HOLDING_BACK),
+            sorted(HAND_OVER_TRUSTED),
         )
         return [self._claimed(row, channel, now) for row in rows]
 

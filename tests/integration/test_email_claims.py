@@ -436,3 +436,47 @@ async def test_a_silent_or_unreadable_directory_on_a_connection_that_is_up_means
             assert (row["status"], row["last_error"]) == ("skipped", "no email address known")
     finally:
         await nc.close()
+
+
+# The resend window of a push runs from the first claim whose message may be stored.
+_M = timedelta(minutes=1)
+
+
+async def test_a_push_claimed_by_the_release_before_keeps_its_first_claim_time(
+    database_url: str,
+) -> None:
+    # claim 1: a worker of the release before (no mark: phase 'claimed', looks the same),
+    # publishes at ~NOW and dies. claim 2 (new release) resends within the window,
+    # marks the hand-over and dies. claim 3 at NOW+70 min: the old copy may be stored at
+    # NOW, so the window should run from NOW (past it: failed in doubt).
+    async with _outbox(database_url, channel="push") as pool:
+        store = DeliveryStore(pool)
+        await store.claim("push", NOW, NOW + _M / 2, 10)
+        t1 = NOW + 40 * _M
+        (c2,) = await store.claim("push", t1, t1 + _M / 2, 10)
+        assert c2.in_doubt and c2.previous_claimed_at == NOW
+        assert await store.handing_over(c2.notification.notification_id, "push", c2.attempts)
+        t2 = NOW + 70 * _M
+        (c3,) = await store.claim("push", t2, t2 + _M / 2, 10)
+        assert c3.in_doubt and c3.previous_claimed_at == NOW  # past the window: not resent
+
+
+async def test_an_unanswered_push_abandoned_twice_keeps_its_first_claim_time(
+    database_url: str,
+) -> None:
+    async with _outbox(database_url, channel="push") as pool:
+        store = DeliveryStore(pool)
+        (c1,) = await store.claim("push", NOW, NOW + _M / 2, 10)
+        n = c1.notification.notification_id
+        assert await store.handing_over(n, "push", c1.attempts)
+        assert await store.retry(n, "push", c1.attempts, NOW + 5 * _M, "no answer", unanswered=True)
+        t = NOW + 10 * _M
+        (c2,) = await store.claim("push", t, t + _M / 2, 10)  # then dies before its mark
+        assert c2.unanswered and c2.previous_claimed_at == NOW
+        t = NOW + 20 * _M
+        (c3,) = await store.claim("push", t, t + _M / 2, 10)
+        assert c3.in_doubt and c3.previous_claimed_at == NOW
+        assert await store.handing_over(n, "push", c3.attempts)  # publishes, dies (or no answer)
+        t = NOW + 70 * _M
+        (c4,) = await store.claim("push", t, t + _M / 2, 10)
+        assert c4.in_doubt and c4.previous_claimed_at == NOW  # past the window: not resent
