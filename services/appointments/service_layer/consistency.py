@@ -35,12 +35,10 @@ def parse_token(token: str) -> tuple[UUID, int]:
 
 def parse_tokens(tokens: str) -> list[tuple[UUID, int]]:
     """(stream_id, version) of each token of ``tokens`` (one, or several separated by
-    commas; empty elements of the list are skipped, RFC 9110 5.6.1), the latest version of
-    an appointment named twice; ``invalid-request`` if one is not a token, there is none,
+    commas; empty elements of the list are skipped, RFC 9110 5.6.1: none, no token), the
+    latest version of an appointment named twice; ``invalid-request`` if one is not a token
     or they are more than :data:`MAX_TOKENS`."""
     parts = [part for part in tokens.split(",") if part.strip()]
-    if not parts:
-        raise InvalidRequest("X-Consistency-Token is not a token this service issued.")
     if len(parts) > MAX_TOKENS:
         raise InvalidRequest(f"X-Consistency-Token holds at most {MAX_TOKENS} tokens.")
     latest: dict[UUID, int] = {}

@@ -329,9 +329,10 @@ class Appointments:
                     self._cache.clear()
                 raise
             except StreamVersionConflict:
+                # Decided again on what is stored. With an If-Match, a version that moved
+                # is then refused (412); one that did not (a deadlock victim, nothing
+                # written) is appended again.
                 self._cache.forget(stream_id)
-                if expected_version is not None:
-                    raise VersionConflict("The appointment changed meanwhile.") from None
                 COMMAND_RETRIES.inc()
                 continue
             except SlotTaken:

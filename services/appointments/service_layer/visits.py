@@ -336,8 +336,8 @@ class VisitsQuery:
             raise InvalidRequest("limit must be between 1 and 100.")
         after = decode_cursor(cursor, tab) if cursor else None
         stale = False
-        if consistency_token:
-            writes = parse_tokens(consistency_token)
+        writes = parse_tokens(consistency_token) if consistency_token else []
+        if writes:
             stale = not await self._read_your_writes_in_time(Scope.of(principal), writes)
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)

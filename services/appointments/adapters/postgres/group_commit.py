@@ -246,7 +246,7 @@ class GroupCommit(Generic[Item, Result]):
                     raise
                 gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
                 if gave_up >= 2 and together_after_two:
-                    return await self._send_rest_after_two(batch[position + 1 :], exc)
+                    return await self._send_rest_after_two(batch[position + 1 :])
                 if _database_down(exc) or gave_up >= 2:
                     # The rest would only wait for the same answer (a stall: the second
                     # timeout in a row, not one per write).
@@ -257,20 +257,16 @@ class GroupCommit(Generic[Item, Result]):
                     waiter.future.set_result(result)
         return down
 
-    async def _send_rest_after_two(
-        self, rest: list[_Waiter[Item, Result]], second: Exception
-    ) -> BaseException | None:
+    async def _send_rest_after_two(self, rest: list[_Waiter[Item, Result]]) -> BaseException | None:
         """Two writes in a row the database gave up on: a stall (a locked table, every
         write waiting out its timeout), or two writes waiting on one lock (two bookings
         of a slot another transaction holds). The rest go together once: through, if they
         wait on nothing; if that statement is given up on too, a stall, whose answer is
         theirs (never sent one by one, each waiting out its own timeout). As
         :meth:`_send_each`, the failure that made the database unreachable, or the stall
-        (``second``, the second timeout, when no write is left: the writes a refusal named,
-        which come after, get it unsent)."""
+        (none when no write is left: the writes a refusal named, which come after, are
+        tried, alone, as if the two had been given up on for what they wait on)."""
         rest = [w for w in rest if not w.future.done()]
-        if not rest:
-            return second
         if len(rest) < 2:
             return await self._send_each(rest, together_after_two=False)
         try:
