@@ -201,16 +201,30 @@ class GroupCommit(Generic[Item, Result]):
             return
         await self._send_each(named)
 
-    async def _send_together(self, batch: list[_Waiter[Item, Result]]) -> BaseException | None:
+    async def _send_together(
+        self, batch: list[_Waiter[Item, Result]], *, after_two: bool = False
+    ) -> BaseException | None:
         """``batch`` in one statement, or one by one if refused again (many bad writes,
         retries after an outage say: one by one costs the least statements then); the
-        failure that made the database unreachable, if one did."""
+        failure that made the database unreachable, if one did.
+
+        ``after_two``: the rest of a batch sent one by one, after two writes in a row the
+        database gave up on: a stall (a locked table, every write waiting out its
+        timeout), or two writes waiting on one lock (two bookings of a slot another
+        transaction holds). Through if they wait on nothing; given up on too, a stall,
+        whose answer is theirs (and returned) instead of each waiting out its own timeout;
+        refused for what they hold, one by one without coming back here."""
         if len(batch) < 2:
-            return await self._send_each(batch)
+            return await self._send_each(batch, together_after_two=not after_two)
         try:
             results = await self._send_batch([w.item for w in batch])
-        except DecideEach:
-            return await self._send_each(batch)
+        except DecideEach as refusal:
+            stall = refusal.__cause__
+            if after_two and isinstance(stall, StatementGaveUp):
+                for waiter in batch:
+                    _fail(waiter, stall)
+                return stall
+            return await self._send_each(batch, together_after_two=not after_two)
         except Exception as exc:
             for waiter in batch:
                 _fail(waiter, exc)
@@ -246,7 +260,10 @@ class GroupCommit(Generic[Item, Result]):
                     raise
                 gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
                 if gave_up >= 2 and together_after_two:
-                    return await self._send_rest_after_two(batch[position + 1 :])
+                    # (None left: the writes a refusal named, which come after, are still
+                    # tried alone.)
+                    left = [w for w in batch[position + 1 :] if not w.future.done()]
+                    return await self._send_together(left, after_two=True)
                 if _database_down(exc) or gave_up >= 2:
                     # The rest would only wait for the same answer (a stall: the second
                     # timeout in a row, not one per write).
@@ -256,36 +273,6 @@ class GroupCommit(Generic[Item, Result]):
                 if not waiter.future.done():
                     waiter.future.set_result(result)
         return down
-
-    async def _send_rest_after_two(self, rest: list[_Waiter[Item, Result]]) -> BaseException | None:
-        """Two writes in a row the database gave up on: a stall (a locked table, every
-        write waiting out its timeout), or two writes waiting on one lock (two bookings
-        of a slot another transaction holds). The rest go together once: through, if they
-        wait on nothing; if that statement is given up on too, a stall, whose answer is
-        theirs (never sent one by one, each waiting out its own timeout). As
-        :meth:`_send_each`, the failure that made the database unreachable, or the stall
-        (none when no write is left: the writes a refusal named, which come after, are
-        tried, alone, as if the two had been given up on for what they wait on)."""
-        rest = [w for w in rest if not w.future.done()]
-        if len(rest) < 2:
-            return await self._send_each(rest, together_after_two=False)
-        try:
-            results = await self._send_batch([w.item for w in rest])
-        except DecideEach as refusal:
-            stall = refusal.__cause__
-            if not isinstance(stall, StatementGaveUp):
-                return await self._send_each(rest, together_after_two=False)
-            for waiter in rest:
-                _fail(waiter, stall)
-            return stall
-        except Exception as exc:
-            for waiter in rest:
-                _fail(waiter, exc)
-            return exc if _database_down(exc) else None
-        for waiter, result in zip(rest, results, strict=True):
-            if not waiter.future.done():
-                waiter.future.set_result(result)
-        return None
 
 
 def _database_down(exc: BaseException) -> bool:
