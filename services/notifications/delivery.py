@@ -48,7 +48,6 @@ from services.notifications.channels import DeliveryChannel, DeliveryFailed
 from services.notifications.delivery_store import (
     ABANDONED_IN_DOUBT,
     AFTER_THE_CANCELLATION,
-    GAVE_UP_IN_DOUBT,
     HAND_OVER_MARKED,
     ClaimedDelivery,
     DeliveryStore,
@@ -187,6 +186,13 @@ class DeliveryWorker:
             # consumer's skip passed it by; it is given up here instead. Or a reminder
             # held (retries, a NATS outage) until its visit was over, or a 24 h one until
             # the start window opened.
+            if claimed.in_doubt:
+                # Its worker may be stalled, not dead, and publish it yet: recorded as found
+                # abandoned, it holds the visit's later deliveries ("your visit can start
+                # now") back until this claim's lease is over, so that copy cannot follow.
+                if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
+                    NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+                return
             await self._skip(claimed, claimed.outdated)
             return
         # In doubt (here: a push within its resend window) and followed by its visit's
@@ -295,7 +301,7 @@ class DeliveryWorker:
             log.warning("delivery failed for good", extra=extra)
             # Given up in doubt, it holds the visit's later deliveries back a while: its
             # message may still arrive, and a cancellation must not overtake it.
-            why = GAVE_UP_IN_DOUBT if unanswered and not permanent else reason
+            why = ABANDONED_IN_DOUBT if unanswered and not permanent else reason
             if await self._settle(claimed, self._store.finish, "failed", why):
                 NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
             return

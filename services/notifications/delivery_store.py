@@ -28,7 +28,8 @@ email marked as being handed over; a push past its resend window). The worker wh
 ran out may not be dead but slow, still handing it over; so the later ones wait until the
 lease of that claim is over too (as long again as the first worker had), unless it is
 recorded ``sent`` meanwhile. So does a push whose attempts ran out on a publish without an
-answer (:data:`GAVE_UP_IN_DOUBT`), until the lease of its last claim is over.
+answer, until the lease of its last claim is over, and one found abandoned and outdated
+(too late: its worker may still publish it).
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ WITH due AS (
             AND earlier.recipient_id = n.recipient_id
             AND array_position($5::text[], earlier.kind) < array_position($5::text[], n.kind)
             AND (e.status IN ('pending', 'sending')
-                 OR (e.status = 'failed' AND e.last_error = ANY($6::text[])
-                     AND e.next_attempt_at > $2))
+                 OR (e.status = 'failed' AND e.last_error = $6 AND e.next_attempt_at > $2))
       )
     ORDER BY d.next_attempt_at, d.notification_id
     LIMIT $4
@@ -105,19 +105,13 @@ WITH due AS (
 SELECT * FROM claimed ORDER BY due_at, notification_id
 """
 
-#: Why a delivery found abandoned, and maybe sent, is recorded ``failed`` (never resent).
-#: Such a record holds the visit's later deliveries back until its claim's lease is over.
+#: Why a delivery that may have been sent, or may be yet, is recorded ``failed`` (never
+#: resent): found abandoned, or outdated while found abandoned, or its attempts used up on
+#: a publish without an answer. Such a record holds the visit's later deliveries back
+#: until its claim's lease is over (the releases before this one know this text: keep it).
 ABANDONED_IN_DOUBT: Final = (
     "in doubt: a worker stopped while sending it; not resent, to send at most once"
 )
-
-#: Why a delivery whose last attempt may have been taken all the same (a push whose
-#: publish got no answer) is recorded ``failed`` when its attempts are used up. Its message
-#: may still arrive (in a connection being given up): it holds the visit's later
-#: deliveries back as :data:`ABANDONED_IN_DOUBT` does, until its claim's lease is over.
-GAVE_UP_IN_DOUBT: Final = "in doubt: its last attempt got no answer; not resent, attempts used up"
-#: The failures that hold the visit's later deliveries back for a while.
-HOLDING_BACK: Final = (ABANDONED_IN_DOUBT, GAVE_UP_IN_DOUBT)
 
 #: Channels whose worker marks the hand-over of each message (``handing_over``).
 HAND_OVER_MARKED: Final = frozenset({"email", "push"})
@@ -238,7 +232,7 @@ class DeliveryStore:
             lease_until,
             limit,
             list(VISIT_ORDER),
-            list(HOLDING_BACK),
+            ABANDONED_IN_DOUBT,
             sorted(HAND_OVER_TRUSTED),
         )
         return [self._claimed(row, channel, now) for row in rows]

@@ -430,3 +430,51 @@ async def test_the_duplicate_window_runs_from_the_first_publish_without_an_answe
     assert {(row["status"], row["last_error"]) for row in rows} == {("failed", ABANDONED_IN_DOUBT)}
     to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
     assert to_patient == ["appointment-confirmed"]
+
+
+async def test_a_reminder_found_abandoned_too_late_still_comes_before_visit_ready(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    """The 24 h reminder, held (an outage) until just before the start window opens, is
+    claimed; its worker marks the hand-over and stalls past its lease. The next worker
+    finds it in doubt and too late: recorded in doubt rather than skipped, it holds
+    "your visit can start now" back for the lease, so the stalled copy cannot follow it."""
+    visit = Booking()
+    await _apply(pool, visit.scheduled(T0), T0)
+    store = DeliveryStore(pool)
+    first = DeliveryWorker(
+        store, PushChannel(js), lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    )
+    while await first.deliver_due():
+        pass  # the confirmations
+    opens = visit.starts_at - timedelta(minutes=15)
+
+    def scheduler(at: datetime) -> ReminderScheduler:
+        return ReminderScheduler(
+            NotificationStore(pool),
+            _VisitNotOver(),
+            lambda: at,
+            ["push"],
+            TEST_TUNING,
+            lambda: None,
+        )
+
+    assert await scheduler(visit.starts_at - timedelta(hours=24)).fire_due() == 1
+    held_until = opens - timedelta(seconds=10)
+    (stalled,) = await store.claim("push", held_until, held_until + TEST_TUNING.lease, 20)
+    assert stalled.notification.kind == "reminder-24h"
+    n = stalled.notification.notification_id
+    assert await store.handing_over(n, "push", stalled.attempts)  # then it stalls
+    assert await scheduler(opens).fire_due() == 1  # visit-ready
+    now = [held_until + TEST_TUNING.lease + timedelta(seconds=1)]
+    worker = DeliveryWorker(
+        store, PushChannel(js), lambda: now[0], TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
+    )
+    while await worker.deliver_due():
+        pass
+    await PushChannel(js).send(stalled.notification.sent(held_until))  # the stalled copy
+    now[0] += TEST_TUNING.lease + timedelta(seconds=1)
+    while await worker.deliver_due():
+        pass
+    to_patient = [p.kind for p in await _pushed(js) if p.recipient_id == visit.patient_id]
+    assert to_patient == ["appointment-confirmed", "reminder-24h", "visit-ready"], to_patient
