@@ -290,6 +290,41 @@ async def test_named_writes_are_tried_after_two_timeouts_in_the_rest() -> None:
     assert db.statements[1:] == sent
 
 
+async def test_a_write_answered_in_a_resend_frees_its_key_for_the_next_write_at_once() -> None:
+    # A refused batch is sent again one by one; "held" waits on a lock. The next write of
+    # "a" (answered first in that resend) goes meanwhile on the other sender, instead of
+    # waiting for the whole resend (lock timeouts, seconds each).
+    released = asyncio.Event()
+    sent: list[list[str]] = []
+
+    async def batch(items: Sequence[str]) -> list[str]:
+        sent.append(list(items))
+        if "held" in items:
+            try:
+                raise StatementGaveUp("lock timeout")
+            except StatementGaveUp as gave_up:
+                raise DecideEach() from gave_up
+        return [f"ok:{item}" for item in items]
+
+    async def one(item: str) -> str:
+        sent.append([item])
+        if item == "held":
+            await released.wait()
+        return f"ok:{item}"
+
+    group = GroupCommit(batch, one, key=lambda item: item.split("#")[0], in_flight=2)
+    first = asyncio.ensure_future(group.submit("first"))
+    second = asyncio.ensure_future(group.submit("second"))  # both senders busy: the rest queue
+    await asyncio.sleep(0)
+    resent = [asyncio.ensure_future(group.submit(i)) for i in ("a", "held", "b")]
+    await asyncio.gather(first, second)
+    assert await asyncio.wait_for(resent[0], 1) == "ok:a"
+    follow_up = await asyncio.wait_for(group.submit("a#2"), 1)  # "held" still waits
+    assert follow_up == "ok:a#2" and not resent[1].done()
+    released.set()
+    assert await asyncio.gather(*resent) == ["ok:a", "ok:held", "ok:b"]
+
+
 async def test_at_most_in_flight_statements_and_never_two_writes_of_one_key_at_once() -> None:
     running: list[list[str]] = []
     overlaps: list[tuple[str, ...]] = []

@@ -4,7 +4,8 @@ A write waits only for a statement already in flight: the first write of an idle
 is sent at once, alone; the writes that queue while statements are in flight go together
 in the next one (no timer fills a batch). At most ``in_flight`` statements run at a time,
 each of at most ``max_batch`` writes, and writes with the same ``key`` never share a
-batch or run concurrently (the later one waits for the next batch).
+batch or run concurrently (the later one waits for the next batch, or, while its batch is
+sent again one by one, until the earlier one is answered).
 
 A batch the database refuses as a whole (:class:`DecideEach`: a constraint one of its
 writes broke, a deadlock...) is sent again so that each write gets its own answer: the
@@ -54,6 +55,8 @@ class _Waiter(Generic[Item, Result]):
     future: asyncio.Future[Result] = field(repr=False)
     queued_at: float = 0.0
     """The event loop's time when it came."""
+    released: bool = False
+    """Its key is free again (its statement is over, or it will not be sent)."""
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -97,13 +100,27 @@ class GroupCommit(Generic[Item, Result]):
             if self._expiry is None:
                 self._expiry = loop.call_at(waiter.queued_at + self._queue_timeout, self._expire)
         self._pending.append(waiter)
-        if self._senders < self._in_flight:
-            self._senders += 1
-            task = loop.create_task(self._send_pending())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._more_senders()
         # Cancelling the caller cancels only its future: the sender task runs on.
         return await waiter.future
+
+    def _more_senders(self) -> None:
+        """A sender for the queued writes, if fewer than ``in_flight`` run."""
+        if self._pending and self._senders < self._in_flight:
+            self._senders += 1
+            task = asyncio.get_running_loop().create_task(self._send_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _release(self, waiter: _Waiter[Item, Result]) -> None:
+        """``waiter``'s key free again, once its statement is over (or it will not be
+        sent): the next write of that key may go, in another statement, while the rest of
+        this batch is still sent one by one (each perhaps waiting out a lock timeout)."""
+        if waiter.released:
+            return
+        waiter.released = True
+        self._busy.discard(waiter.key)
+        self._more_senders()
 
     def _expire(self) -> None:
         """Answer the writes queued ``queue_timeout`` ago and not taken yet (the oldest come
@@ -129,7 +146,8 @@ class GroupCommit(Generic[Item, Result]):
                 try:
                     await self._send(batch)
                 finally:
-                    self._busy.difference_update(w.key for w in batch)
+                    for waiter in batch:
+                        self._release(waiter)
         finally:
             self._senders -= 1
             if self._senders == 0:  # only on cancellation: nobody would send these
@@ -223,15 +241,18 @@ class GroupCommit(Generic[Item, Result]):
             if after_two and isinstance(stall, StatementGaveUp):
                 for waiter in batch:
                     _fail(waiter, stall)
+                    self._release(waiter)
                 return stall
             return await self._send_each(batch, together_after_two=not after_two)
         except Exception as exc:
             for waiter in batch:
                 _fail(waiter, exc)
+                self._release(waiter)
             return exc if _database_down(exc) else None
         for waiter, result in zip(batch, results, strict=True):
             if not waiter.future.done():
                 waiter.future.set_result(result)
+            self._release(waiter)
         return None
 
     def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
@@ -246,9 +267,11 @@ class GroupCommit(Generic[Item, Result]):
         gave_up = 0  # statements in a row the database gave up on (a timeout, say)
         for position, waiter in enumerate(batch):
             if waiter.future.done():  # its caller gave up; the batch wrote nothing
+                self._release(waiter)
                 continue
             if down is not None:
                 _fail(waiter, down)
+                self._release(waiter)
                 continue
             try:
                 result = await self._send_one(waiter.item)
@@ -258,6 +281,7 @@ class GroupCommit(Generic[Item, Result]):
                     for rest in batch:
                         _fail(rest, exc)
                     raise
+                self._release(waiter)
                 gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
                 if gave_up >= 2 and together_after_two:
                     # (None left: the writes a refusal named, which come after, are still
@@ -272,6 +296,7 @@ class GroupCommit(Generic[Item, Result]):
                 gave_up = 0
                 if not waiter.future.done():
                     waiter.future.set_result(result)
+                self._release(waiter)
         return down
 
 
