@@ -39,6 +39,7 @@ from services.appointments.adapters.postgres.event_store import envelope_from_ro
 from services.appointments.adapters.postgres.visits import row_of
 from services.appointments.projector import CONSUMER as PROJECTOR
 from services.appointments.service_layer.visits import Outcome, VisitRow, project
+from services.notifications.delivery_store import ABANDONED_IN_DOUBT
 from services.notifications.domain import appointment_of, on_cancelled, on_scheduled
 
 _EVENTS = """SELECT global_position, event_id, stream_id, stream_version, clinic_id, type,
@@ -212,15 +213,18 @@ async def notifications_exactly_once(pool: asyncpg.Pool, js: JetStreamContext) -
     assert extra <= {"visit-ready"}, f"unexpected notifications of kinds {extra}"
     # A reminder the visit's start (or cancel) overtook is given up, never sent; so is a
     # confirmation that failed once (a push refused while a NATS node died, say) and was
-    # waiting for its retry: it would arrive after the news.
+    # waiting for its retry: it would arrive after the news. One found so while in doubt
+    # (its worker killed as it published) is recorded failed in doubt, not resent.
     outdated = {
         (r["notification_id"], r["channel"])
         for r in await pool.fetch(
             """SELECT d.notification_id, d.channel FROM notification_deliveries d
                    JOIN notifications n USING (notification_id)
-               WHERE d.status = 'skipped' AND d.last_error LIKE 'after %'
+               WHERE ((d.status = 'skipped' AND d.last_error LIKE 'after %')
+                      OR (d.status = 'failed' AND d.last_error = $1))
                  AND (n.kind IN ('reminder-24h', 'visit-ready')
-                      OR (n.kind = 'appointment-confirmed' AND d.attempts > 0))"""
+                      OR (n.kind = 'appointment-confirmed' AND d.attempts > 0))""",
+            ABANDONED_IN_DOUBT,
         )
     }
     unsent = [

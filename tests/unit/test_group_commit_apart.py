@@ -5,7 +5,7 @@ refusal names alone; an outage meanwhile is everybody's answer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -414,3 +414,77 @@ async def test_queued_writes_expire_each_at_its_own_time() -> None:
     gate.set()  # the statement in flight answers before the newer write's time is up
     assert await first == "ok:first"
     assert await newer == "ok:newer"
+
+
+def _held_db(
+    hold: asyncio.Event, sent: list[list[str]]
+) -> tuple[Callable[[Sequence[str]], Awaitable[list[str]]], Callable[[str], Awaitable[str]]]:
+    """A database: \"held\" refuses its batch (a lock timeout) and hangs alone until
+    ``hold``; a batch with \"hang\" hangs until ``hold``; what was sent goes in ``sent``."""
+
+    async def batch(items: Sequence[str]) -> list[str]:
+        sent.append(list(items))
+        await asyncio.sleep(0)
+        if "held" in items:
+            try:
+                raise StatementGaveUp("lock timeout")
+            except StatementGaveUp as gave_up:
+                raise DecideEach() from gave_up
+        if "hang" in items:
+            await hold.wait()
+        return [f"ok:{i}" for i in items]
+
+    async def one(item: str) -> str:
+        sent.append([item])
+        await asyncio.sleep(0)
+        if item == "held":
+            await hold.wait()
+        return f"ok:{item}"
+
+    return batch, one
+
+
+async def test_cancelling_every_sender_sends_no_queued_write_afterwards() -> None:
+    # Shutdown cancels the senders (a snapshot of _tasks); the write queued behind a busy key
+    # must be cancelled, not sent by a sender the cancelled one starts in its finally.
+    hold, sent = asyncio.Event(), list[list[str]]()
+    batch, one = _held_db(hold, sent)
+    group = GroupCommit(batch, one, key=lambda i: i.split("#")[0], in_flight=2)
+    first = asyncio.ensure_future(group.submit("first"))
+    await asyncio.sleep(0)
+    hung = [asyncio.ensure_future(group.submit(i)) for i in ("a", "hang")]
+    await first
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sent[-1] == ["a", "hang"]
+    later = asyncio.ensure_future(group.submit("a#2"))  # waits on key "a"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    for task in list(group._tasks):
+        task.cancel()  # shutdown
+    _, pending = await asyncio.wait([*hung, later], timeout=1)
+    assert not pending
+    assert ["a#2"] not in sent, sent
+    assert later.cancelled()
+    assert group._senders == 0
+
+
+async def test_a_sender_started_by_a_release_and_cancelled_before_it_ran_is_not_counted() -> None:
+    # The resend answers "a" and starts a sender for "a#2"; the caller of "a" wakes first and
+    # shuts down (cancels every sender, the new one before its first step).
+    hold, sent = asyncio.Event(), list[list[str]]()
+    batch, one = _held_db(hold, sent)
+    group = GroupCommit(batch, one, key=lambda i: i.split("#")[0], in_flight=2)
+    first = asyncio.ensure_future(group.submit("first"))
+    second = asyncio.ensure_future(group.submit("second"))
+    await asyncio.sleep(0)
+    resent = [asyncio.ensure_future(group.submit(i)) for i in ("a", "held", "b")]
+    await asyncio.gather(first, second)
+    later = asyncio.ensure_future(group.submit("a#2"))  # queued: "a" busy in the resend
+    assert await resent[0] == "ok:a"
+    # here: the sender for "a#2" exists but has not run yet
+    for task in list(group._tasks):
+        task.cancel()  # shutdown
+    _, pending = await asyncio.wait([*resent, later], timeout=1)
+    assert not pending, f"never answered: {pending}; senders={group._senders}"
+    assert group._senders == 0

@@ -108,11 +108,23 @@ class GroupCommit(Generic[Item, Result]):
         """A sender for the queued writes, if fewer than ``in_flight`` run."""
         if self._pending and self._senders < self._in_flight:
             self._senders += 1
-            task = asyncio.get_running_loop().create_task(self._send_pending())
+            ran: list[bool] = []
+            task = asyncio.get_running_loop().create_task(self._send_pending(ran))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda task: self._sender_gone(task, ran))
 
-    def _release(self, waiter: _Waiter[Item, Result]) -> None:
+    def _sender_gone(self, task: asyncio.Task[None], ran: list[bool]) -> None:
+        self._tasks.discard(task)
+        if not ran:  # cancelled before its first step: its body (and finally) never ran
+            self._sender_stopped()
+
+    def _sender_stopped(self) -> None:
+        self._senders -= 1
+        if self._senders == 0:  # only on cancellation: nobody would send these
+            while self._pending:
+                self._pending.popleft().future.cancel()
+
+    def _release(self, waiter: _Waiter[Item, Result], *, more: bool = True) -> None:
         """``waiter``'s key free again, once its statement is over (or it will not be
         sent): the next write of that key may go, in another statement, while the rest of
         this batch is still sent one by one (each perhaps waiting out a lock timeout)."""
@@ -120,7 +132,8 @@ class GroupCommit(Generic[Item, Result]):
             return
         waiter.released = True
         self._busy.discard(waiter.key)
-        self._more_senders()
+        if more:
+            self._more_senders()
 
     def _expire(self) -> None:
         """Answer the writes queued ``queue_timeout`` ago and not taken yet (the oldest come
@@ -140,19 +153,20 @@ class GroupCommit(Generic[Item, Result]):
             due = self._pending[0].queued_at + self._queue_timeout
             self._expiry = loop.call_at(due, self._expire)
 
-    async def _send_pending(self) -> None:
+    async def _send_pending(self, ran: list[bool]) -> None:
+        ran.append(True)
         try:
             while batch := self._take():
                 try:
                     await self._send(batch)
-                finally:
+                except BaseException:  # cancelled (shutdown): start no other sender
                     for waiter in batch:
-                        self._release(waiter)
+                        self._release(waiter, more=False)
+                    raise
+                for waiter in batch:
+                    self._release(waiter)
         finally:
-            self._senders -= 1
-            if self._senders == 0:  # only on cancellation: nobody would send these
-                while self._pending:
-                    self._pending.popleft().future.cancel()
+            self._sender_stopped()
 
     def _take(self) -> list[_Waiter[Item, Result]]:
         """The next batch, in arrival order; callers that gave up are dropped."""
