@@ -254,19 +254,15 @@ class GroupCommit(Generic[Item, Result]):
             stall = refusal.__cause__
             if after_two and isinstance(stall, StatementGaveUp):
                 for waiter in batch:
-                    _fail(waiter, stall)
-                    self._release(waiter)
+                    self._refuse(waiter, stall)
                 return stall
             return await self._send_each(batch, together_after_two=not after_two)
         except Exception as exc:
             for waiter in batch:
-                _fail(waiter, exc)
-                self._release(waiter)
+                self._refuse(waiter, exc)
             return exc if _database_down(exc) else None
         for waiter, result in zip(batch, results, strict=True):
-            if not waiter.future.done():
-                waiter.future.set_result(result)
-            self._release(waiter)
+            self._succeed(waiter, result)
         return None
 
     def _named(self, waiter: _Waiter[Item, Result], cause: BaseException) -> bool:
@@ -284,18 +280,16 @@ class GroupCommit(Generic[Item, Result]):
                 self._release(waiter)
                 continue
             if down is not None:
-                _fail(waiter, down)
-                self._release(waiter)
+                self._refuse(waiter, down)
                 continue
             try:
                 result = await self._send_one(waiter.item)
             except BaseException as exc:
-                _fail(waiter, exc)
-                if not isinstance(exc, Exception):
+                if not isinstance(exc, Exception):  # the sender cancelled (shutdown)
                     for rest in batch:
                         _fail(rest, exc)
                     raise
-                self._release(waiter)
+                self._refuse(waiter, exc)
                 gave_up = gave_up + 1 if isinstance(exc, StatementGaveUp) else 0
                 if gave_up >= 2 and together_after_two:
                     # (None left: the writes a refusal named, which come after, are still
@@ -308,10 +302,20 @@ class GroupCommit(Generic[Item, Result]):
                     down = exc
             else:
                 gave_up = 0
-                if not waiter.future.done():
-                    waiter.future.set_result(result)
-                self._release(waiter)
+                self._succeed(waiter, result)
         return down
+
+    def _succeed(self, waiter: _Waiter[Item, Result], result: Result) -> None:
+        """Answer ``waiter`` with ``result``, its statement over: its key is free again."""
+        if not waiter.future.done():
+            waiter.future.set_result(result)
+        self._release(waiter)
+
+    def _refuse(self, waiter: _Waiter[Item, Result], exc: BaseException) -> None:
+        """Answer ``waiter`` with ``exc``, its statement over (or never to be sent): its
+        key is free again."""
+        _fail(waiter, exc)
+        self._release(waiter)
 
 
 def _database_down(exc: BaseException) -> bool:
