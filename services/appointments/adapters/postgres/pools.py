@@ -21,6 +21,9 @@ class NoConnectionInTime(TimeoutError):
     """No connection of the pool (or of the share) came free within
     :data:`ACQUIRE_SECONDS`: the query was not sent."""
 
+    def __init__(self) -> None:
+        super().__init__("no connection came free in time")
+
 
 class _BoundedAcquire:
     """asyncpg's acquire (awaited, or as a context) with its timeout told apart from a
@@ -33,7 +36,7 @@ class _BoundedAcquire:
         try:
             return await self._acquiring.__aenter__()
         except TimeoutError as exc:
-            raise NoConnectionInTime("no connection came free in time") from exc
+            raise NoConnectionInTime() from exc
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self._acquiring.__aexit__(*exc_info)
@@ -88,7 +91,7 @@ class PoolShare:
                     self._turns.release()
                     raise
         except TimeoutError as exc:
-            raise NoConnectionInTime("no connection came free in time") from exc
+            raise NoConnectionInTime() from exc
         try:
             yield conn
         finally:
