@@ -175,8 +175,7 @@ class DeliveryWorker:
         # NATS longer than it held the claims back), a message that may have gone out is
         # not sent again: at most once, as email.
         if (claimed.in_doubt or claimed.unanswered) and not self._may_resend(claimed, now):
-            if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
-                NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+            await self._fail_in_doubt(claimed)
             return
         resend = claimed.outdated == AFTER_THE_CANCELLATION and (
             claimed.in_doubt or (claimed.unanswered and self._may_resend(claimed, now))
@@ -190,8 +189,7 @@ class DeliveryWorker:
                 # Its worker may be stalled, not dead, and publish it yet: recorded as found
                 # abandoned, it holds the visit's later deliveries ("your visit can start
                 # now") back until this claim's lease is over, so that copy cannot follow.
-                if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
-                    NOTIFICATIONS.labels(n.kind, self.channel, "failed").inc()
+                await self._fail_in_doubt(claimed)
                 return
             await self._skip(claimed, claimed.outdated)
             return
@@ -245,6 +243,12 @@ class DeliveryWorker:
         # A channel that cannot say when: the whole send is the hand-over.
         await hand_over()
         return await self._channel.send(notification)
+
+    async def _fail_in_doubt(self, claimed: ClaimedDelivery) -> None:
+        """Record ``failed`` for good (never resent) what may have been sent, or may be yet:
+        :data:`ABANDONED_IN_DOUBT` holds the visit's later deliveries back for the lease."""
+        if await self._settle(claimed, self._store.finish, "failed", ABANDONED_IN_DOUBT):
+            NOTIFICATIONS.labels(claimed.notification.kind, self.channel, "failed").inc()
 
     async def _skip(self, claimed: ClaimedDelivery, reason: str) -> None:
         if await self._settle(claimed, self._store.finish, "skipped", reason):
