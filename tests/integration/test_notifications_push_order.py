@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -55,6 +55,21 @@ async def _apply(pool: asyncpg.Pool, envelope: EventEnvelope, at: datetime) -> N
     handler = EventHandler(NotificationStore(pool), lambda: at, Rules(), ["push"], TEST_TUNING)
     event = decode_event(envelope.type, envelope.schema_version, envelope.data)
     assert await handler.apply(envelope, event, next(_seq)) is Outcome.APPLIED
+
+
+def _push_worker(
+    pool: asyncpg.Pool, stream: object, clock: Callable[[], datetime]
+) -> DeliveryWorker:
+    """A push worker publishing on ``stream`` (JetStream, or a stand-in for it), with the
+    tests' tuning and the service's resend window."""
+    return DeliveryWorker(
+        DeliveryStore(pool),
+        PushChannel(cast(JetStreamContext, stream)),
+        clock,
+        TEST_TUNING,
+        Hooks(),
+        PUSH_RESEND_WINDOW,
+    )
 
 
 class StalledPush:
@@ -108,14 +123,7 @@ async def test_a_stalled_workers_confirmation_never_follows_the_cancellation(
 
     now = [T0 + TEST_TUNING.lease + timedelta(seconds=1)]  # A's lease ran out
     b_js = js if resend == "taken" else cast(JetStreamContext, RefusedOnce(js))
-    worker_b = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(b_js),
-        lambda: now[0],
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker_b = _push_worker(pool, b_js, lambda: now[0])
     assert await worker_b.deliver_due() == 2  # the confirmations: in doubt, sent again
     if resend == "refused once":  # still in doubt: A may yet publish; tried again
         now[0] += TEST_TUNING.retry_delay(2)
@@ -183,14 +191,7 @@ async def test_a_confirmation_whose_publish_got_no_answer_never_follows_the_canc
     await _apply(pool, visit.scheduled(T0), T0)
 
     unanswered = UnansweredPublish(js)
-    worker_a = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(cast(JetStreamContext, unanswered)),
-        lambda: T0,
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker_a = _push_worker(pool, unanswered, lambda: T0)
     cancel_at = T0 + timedelta(seconds=5)
     if cancelled == "after the timeout":
         assert await worker_a.deliver_due() == 2  # both confirmations: retries now
@@ -206,14 +207,7 @@ async def test_a_confirmation_whose_publish_got_no_answer_never_follows_the_canc
         later = T0 + TEST_TUNING.retry_delay(1)  # the retries are due
     assert len(unanswered.held) == 2
 
-    worker_b = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(js),
-        lambda: later,
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker_b = _push_worker(pool, js, lambda: later)
     while await worker_b.deliver_due():
         pass
     await unanswered.arrive()  # the first copies land at last
@@ -238,27 +232,13 @@ async def test_a_confirmation_without_an_answer_is_not_sent_again_once_too_late(
     nothing is sent ahead of one. The confirmation is skipped, as it would be uncancelled."""
     visit = Booking(starts_at=T0 + timedelta(minutes=10))
     await _apply(pool, visit.scheduled(T0), T0)
-    worker_a = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(cast(JetStreamContext, UnansweredPublish(js))),
-        lambda: T0,
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker_a = _push_worker(pool, UnansweredPublish(js), lambda: T0)
     assert await worker_a.deliver_due() == 2
     applied = visit.starts_at + timedelta(minutes=35)  # after the visit's end
     await _apply(
         pool, visit.cancelled(visit.starts_at + timedelta(minutes=25), visit.provider), applied
     )
-    worker_b = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(js),
-        lambda: applied + timedelta(seconds=1),
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker_b = _push_worker(pool, js, lambda: applied + timedelta(seconds=1))
     while await worker_b.deliver_due():
         pass
     assert await _pushed(js) == []
@@ -280,14 +260,7 @@ async def test_a_push_given_up_without_an_answer_still_comes_before_the_cancella
     await _apply(pool, visit.scheduled(T0), T0)
     unanswered = UnansweredPublish(js)
     now = [T0]
-    giving_up = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(cast(JetStreamContext, unanswered)),
-        lambda: now[0],
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    giving_up = _push_worker(pool, unanswered, lambda: now[0])
     for attempt in range(1, TEST_TUNING.max_attempts + 1):
         assert await giving_up.deliver_due() == 2, attempt
         last_claim = now[0]
@@ -297,14 +270,7 @@ async def test_a_push_given_up_without_an_answer_still_comes_before_the_cancella
     cancel_at = last_claim + timedelta(seconds=5)
     await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
     at = [cancel_at]
-    worker = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(js),
-        lambda: at[0],
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    worker = _push_worker(pool, js, lambda: at[0])
     assert await worker.deliver_due() == 0  # held back: the confirmation may still arrive
     unanswered.held = unanswered.held[-2:]  # the last attempt's copies land now
     await unanswered.arrive()
@@ -319,6 +285,13 @@ class _VisitNotOver:
         return False
 
 
+def _reminders(pool: asyncpg.Pool, at: datetime) -> ReminderScheduler:
+    """The push reminders' timers, as fired at ``at``."""
+    return ReminderScheduler(
+        NotificationStore(pool), _VisitNotOver(), lambda: at, ["push"], TEST_TUNING, lambda: None
+    )
+
+
 async def test_a_reminder_its_worker_died_holding_still_comes_before_the_cancellation(
     pool: asyncpg.Pool, js: JetStreamContext
 ) -> None:
@@ -328,25 +301,17 @@ async def test_a_reminder_its_worker_died_holding_still_comes_before_the_cancell
     cancellation, so the cancellation is the last word whatever the first worker does."""
     visit = Booking()
     await _apply(pool, visit.scheduled(T0), T0)
-    first = DeliveryWorker(
-        DeliveryStore(pool), PushChannel(js), lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
-    )
+    first = _push_worker(pool, js, lambda: T0)
     while await first.deliver_due():
         pass  # the confirmations
     due = visit.starts_at - timedelta(hours=24) + timedelta(seconds=1)
-    scheduler = ReminderScheduler(
-        NotificationStore(pool), _VisitNotOver(), lambda: due, ["push"], TEST_TUNING, lambda: None
-    )
-    assert await scheduler.fire_due() == 1
+    assert await _reminders(pool, due).fire_due() == 1
     (claimed,) = await DeliveryStore(pool).claim("push", due, due + TEST_TUNING.lease, 20)
     assert claimed.notification.kind == "reminder-24h"  # then the worker stalls, unmarked
     cancel_at = due + timedelta(seconds=10)
     await _apply(pool, visit.cancelled(cancel_at, visit.provider), cancel_at)
     after = due + TEST_TUNING.lease + timedelta(seconds=1)
-    store = DeliveryStore(pool)
-    worker = DeliveryWorker(
-        store, PushChannel(js), lambda: after, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
-    )
+    worker = _push_worker(pool, js, lambda: after)
     while await worker.deliver_due():
         pass
     await PushChannel(js).send(claimed.notification.sent(due))  # the stalled worker's copy
@@ -373,19 +338,10 @@ async def test_an_unanswered_push_is_not_sent_again_past_the_duplicate_window(
     be stored twice: it is recorded ``failed`` in doubt instead, as one found abandoned."""
     visit = Booking()
     await _apply(pool, visit.scheduled(T0), T0)
-    lost_answer = DeliveryWorker(
-        DeliveryStore(pool),
-        PushChannel(cast(JetStreamContext, StoredNoAnswer(js))),
-        lambda: T0,
-        TEST_TUNING,
-        Hooks(),
-        PUSH_RESEND_WINDOW,
-    )
+    lost_answer = _push_worker(pool, StoredNoAnswer(js), lambda: T0)
     assert await lost_answer.deliver_due() == 2
     back = T0 + PUSH_RESEND_WINDOW + timedelta(minutes=10)
-    worker = DeliveryWorker(
-        DeliveryStore(pool), PushChannel(js), lambda: back, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
-    )
+    worker = _push_worker(pool, js, lambda: back)
     assert await worker.deliver_due() == 2
     rows = await pool.fetch("SELECT status, last_error FROM notification_deliveries")
     assert {(row["status"], row["last_error"]) for row in rows} == {("failed", ABANDONED_IN_DOUBT)}
@@ -412,14 +368,7 @@ async def test_the_duplicate_window_runs_from_the_first_publish_without_an_answe
     now = [T0]
 
     def worker(channel: Any) -> DeliveryWorker:
-        return DeliveryWorker(
-            DeliveryStore(pool),
-            PushChannel(cast(JetStreamContext, channel)),
-            lambda: now[0],
-            TEST_TUNING,
-            Hooks(),
-            PUSH_RESEND_WINDOW,
-        )
+        return _push_worker(pool, channel, lambda: now[0])
 
     assert await worker(StoredNoAnswer(js)).deliver_due() == 2
     now[0] = T0 + timedelta(minutes=50)
@@ -442,34 +391,20 @@ async def test_a_reminder_found_abandoned_too_late_still_comes_before_visit_read
     visit = Booking()
     await _apply(pool, visit.scheduled(T0), T0)
     store = DeliveryStore(pool)
-    first = DeliveryWorker(
-        store, PushChannel(js), lambda: T0, TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
-    )
+    first = _push_worker(pool, js, lambda: T0)
     while await first.deliver_due():
         pass  # the confirmations
     opens = visit.starts_at - timedelta(minutes=15)
 
-    def scheduler(at: datetime) -> ReminderScheduler:
-        return ReminderScheduler(
-            NotificationStore(pool),
-            _VisitNotOver(),
-            lambda: at,
-            ["push"],
-            TEST_TUNING,
-            lambda: None,
-        )
-
-    assert await scheduler(visit.starts_at - timedelta(hours=24)).fire_due() == 1
+    assert await _reminders(pool, visit.starts_at - timedelta(hours=24)).fire_due() == 1
     held_until = opens - timedelta(seconds=10)
     (stalled,) = await store.claim("push", held_until, held_until + TEST_TUNING.lease, 20)
     assert stalled.notification.kind == "reminder-24h"
     n = stalled.notification.notification_id
     assert await store.handing_over(n, "push", stalled.attempts)  # then it stalls
-    assert await scheduler(opens).fire_due() == 1  # visit-ready
+    assert await _reminders(pool, opens).fire_due() == 1  # visit-ready
     now = [held_until + TEST_TUNING.lease + timedelta(seconds=1)]
-    worker = DeliveryWorker(
-        store, PushChannel(js), lambda: now[0], TEST_TUNING, Hooks(), PUSH_RESEND_WINDOW
-    )
+    worker = _push_worker(pool, js, lambda: now[0])
     while await worker.deliver_due():
         pass
     await PushChannel(js).send(stalled.notification.sent(held_until))  # the stalled copy
