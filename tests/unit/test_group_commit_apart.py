@@ -43,10 +43,7 @@ class FakeDatabase:
         self._statement(items)
         bad = {item for item in items if item.startswith("bad")}
         if bad:
-            try:
-                raise Refused(bad)
-            except Refused as refusal:
-                raise DecideEach() from refusal
+            raise DecideEach() from Refused(bad)
         return [f"ok:{item}" for item in items]
 
     async def send_one(self, item: str) -> str:
@@ -176,10 +173,7 @@ class Stalled(FakeDatabase):
 
     async def send_batch(self, items: Sequence[str]) -> list[str]:
         self._statement(items)
-        try:
-            raise StatementGaveUp("timeout")
-        except StatementGaveUp as gave_up:
-            raise DecideEach() from gave_up
+        raise DecideEach() from StatementGaveUp("timeout")
 
     async def send_one(self, item: str) -> str:
         self._statement([item])
@@ -206,10 +200,7 @@ async def test_one_write_that_times_out_fails_alone() -> None:
     async def batch(items: Sequence[str]) -> list[str]:
         if "slow" in items:
             db._statement(items)
-            try:
-                raise StatementGaveUp("lock timeout")
-            except StatementGaveUp as gave_up:
-                raise DecideEach() from gave_up
+            raise DecideEach() from StatementGaveUp("lock timeout")
         return await send_batch(items)
 
     async def one(item: str) -> str:
@@ -233,10 +224,7 @@ async def test_two_writes_waiting_on_one_lock_do_not_fail_the_rest() -> None:
     async def batch(items: Sequence[str]) -> list[str]:
         if any(item.startswith("held") for item in items):
             db._statement(items)
-            try:
-                raise StatementGaveUp("lock timeout")
-            except StatementGaveUp as gave_up:
-                raise DecideEach() from gave_up
+            raise DecideEach() from StatementGaveUp("lock timeout")
         return await send_batch(items)
 
     async def one(item: str) -> str:
@@ -261,12 +249,7 @@ async def test_named_writes_are_tried_after_two_timeouts_in_the_rest() -> None:
     async def batch(items: Sequence[str]) -> list[str]:
         db._statement(items)
         bad = {item for item in items if item.startswith("bad")}
-        try:
-            if bad:
-                raise Refused(bad)
-            raise StatementGaveUp("lock timeout")
-        except Exception as refusal:
-            raise DecideEach() from refusal
+        raise DecideEach() from (Refused(bad) if bad else StatementGaveUp("lock timeout"))
 
     async def one(item: str) -> str:
         db._statement([item])
@@ -300,10 +283,7 @@ async def test_a_write_answered_in_a_resend_frees_its_key_for_the_next_write_at_
     async def batch(items: Sequence[str]) -> list[str]:
         sent.append(list(items))
         if "held" in items:
-            try:
-                raise StatementGaveUp("lock timeout")
-            except StatementGaveUp as gave_up:
-                raise DecideEach() from gave_up
+            raise DecideEach() from StatementGaveUp("lock timeout")
         return [f"ok:{item}" for item in items]
 
     async def one(item: str) -> str:
@@ -426,10 +406,7 @@ def _held_db(
         sent.append(list(items))
         await asyncio.sleep(0)
         if "held" in items:
-            try:
-                raise StatementGaveUp("lock timeout")
-            except StatementGaveUp as gave_up:
-                raise DecideEach() from gave_up
+            raise DecideEach() from StatementGaveUp("lock timeout")
         if "hang" in items:
             await hold.wait()
         return [f"ok:{i}" for i in items]

@@ -67,10 +67,7 @@ class RandomDatabase:
         bad = {item for item in items if item.endswith("bad")}
         if bad or roll < 0.15:
             cause = Refused(bad) if self.rng.random() < 0.7 else StatementGaveUp("timeout")
-            try:
-                raise cause
-            except Exception as refusal:
-                raise DecideEach() from refusal
+            raise DecideEach() from cause
         self.committed.update(items)
         return [f"ok:{item}" for item in items]
 
