@@ -8,7 +8,9 @@ statements through to the pool and notes how many appends each carried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -109,6 +111,26 @@ async def hold_a_booking(
         SOON,
     )
     return held
+
+
+@contextlib.asynccontextmanager
+async def a_held_slot(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, uuid.UUID]]:
+    """A pool whose statements wait 200 ms at most for a lock, and a provider whose slot at
+    ``SOON`` another session holds (:func:`hold_a_booking`) until the block ends."""
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=2, server_settings={"lock_timeout": "200ms"}
+    )
+    blocker = await asyncpg.connect(database_url)
+    try:
+        provider = uuid.uuid4()
+        held = await hold_a_booking(blocker, provider)
+        try:
+            yield pool, provider
+        finally:
+            await held.rollback()
+    finally:
+        await blocker.close()
+        await pool.close()
 
 
 async def counts(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
@@ -427,24 +449,14 @@ async def test_a_booking_of_a_slot_its_batch_freed_gets_it_though_the_batch_was_
 
 
 async def test_a_statement_given_up_on_fails_only_its_own_append(database_url: str) -> None:
-    pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=2, server_settings={"lock_timeout": "200ms"}
-    )
-    blocker = await asyncpg.connect(database_url)
-    try:
+    async with a_held_slot(database_url) as (pool, provider):
         store, recording = recording_store(pool)
-        provider = uuid.uuid4()
-        held = await hold_a_booking(blocker, provider)  # its booking waits on the lock
         results = await asyncio.gather(
             store.append(uuid.uuid4(), 0, booking()),
-            store.append(uuid.uuid4(), 0, booking(provider)),
+            store.append(uuid.uuid4(), 0, booking(provider)),  # waits on the lock
             store.append(uuid.uuid4(), 0, booking()),
             return_exceptions=True,
         )
-        await held.rollback()
-    finally:
-        await blocker.close()
-        await pool.close()
     assert isinstance(results[1], Unavailable), results  # a 503 for the one that waited
     assert isinstance(results[0], AppendResult) and isinstance(results[2], AppendResult)
     assert recording.sent == [3, 1, 1, 1]
@@ -455,14 +467,8 @@ async def test_two_appends_waiting_on_one_held_slot_fail_only_themselves(
 ) -> None:
     # Two timeouts in a row used to read as a stall: every later append of the batch was
     # turned away unsent, though it waited on nothing.
-    pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=2, server_settings={"lock_timeout": "200ms"}
-    )
-    blocker = await asyncpg.connect(database_url)
-    try:
+    async with a_held_slot(database_url) as (pool, provider):
         store, recording = recording_store(pool)
-        provider = uuid.uuid4()
-        held = await hold_a_booking(blocker, provider)
         first = asyncio.ensure_future(store.append(uuid.uuid4(), 0, booking()))  # alone
         await asyncio.sleep(0)
         items = [booking(provider), booking(provider), *(booking() for _ in range(5))]
@@ -470,11 +476,7 @@ async def test_two_appends_waiting_on_one_held_slot_fail_only_themselves(
             *(store.append(uuid.uuid4(), 0, events) for events in items), return_exceptions=True
         )
         await first
-        await held.rollback()
         stored = await counts(pool)
-    finally:
-        await blocker.close()
-        await pool.close()
     assert isinstance(results[0], StatementGaveUp) and isinstance(results[1], StatementGaveUp)
     assert all(isinstance(r, AppendResult) for r in results[2:]), results
     assert recording.sent == [1, 7, 1, 1, 5]
