@@ -28,6 +28,13 @@ def event_subject(clinic_id: UUID, appointment_id: UUID, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{clinic_id}.{appointment_id}.{kind}"
 
 
+def event_subject_appointment(subject: str) -> str | None:
+    """The ``<appointment_id>`` token of an :func:`event_subject`; None for a subject of
+    another shape."""
+    tokens = subject.split(".")
+    return tokens[4] if len(tokens) == 6 else None
+
+
 def notification_subject(kind: str) -> str:
     """``notifications.v1.sent.<kind>``."""
     return f"{NOTIFICATIONS_PREFIX}.{kind}"

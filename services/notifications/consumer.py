@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from contracts.events import Event, EventEnvelope, UnknownEventType, decode_event
-from contracts.subjects import EVENTS_STREAM, event_subject
+from contracts.subjects import EVENTS_STREAM, event_subject, event_subject_appointment
 from services.metrics import (
     CONSUMER_REDELIVERIES,
     NOTIFICATION_PARKED,
@@ -183,7 +183,9 @@ class EventConsumer:
         set, what is not handled yet is handed back."""
         by_appointment: dict[str, list[Msg]] = {}
         for msg in messages:
-            by_appointment.setdefault(_appointment_of(msg.subject), []).append(msg)
+            # A subject of another shape stands for itself.
+            appointment = event_subject_appointment(msg.subject) or msg.subject
+            by_appointment.setdefault(appointment, []).append(msg)
         turns = asyncio.Semaphore(self._tuning.handle_concurrency)
 
         async def handle_in_order(msgs: list[Msg]) -> None:
@@ -361,13 +363,6 @@ class EventConsumer:
                     raise _Stopping
                 waited += step
             delay = min(delay * 2, 5.0)
-
-
-def _appointment_of(subject: str) -> str:
-    """The appointment an event's subject names (``appointments.v1.events.<clinic>.<id>.
-    <kind>``); a subject of another shape stands for itself."""
-    tokens = subject.split(".")
-    return tokens[4] if len(tokens) == 6 else subject
 
 
 async def _quietly(operation: Awaitable[object]) -> None:
