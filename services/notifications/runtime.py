@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from services.notifications.directory import DIRECTORY_TIMEOUT_SECONDS
 from services.pg_errors import is_transient, schema_behind
 from services.waiting import idle
 
@@ -64,7 +65,7 @@ class Tuning:
     retry_base: timedelta = timedelta(seconds=5)
     retry_cap: timedelta = timedelta(minutes=15)
     max_attempts: int = 8
-    directory_timeout: float = 1.0
+    directory_timeout: float = DIRECTORY_TIMEOUT_SECONDS
     #: How often the service looks for visits past their retention (seconds), and how
     #: many it forgets per statement.
     retention_interval: float = 600.0

@@ -368,6 +368,39 @@ async def test_invalid_schedule_bodies_are_400(api: Api, changes: dict[str, Any]
     )
 
 
+async def test_reasons_of_500_characters_beyond_ascii_are_kept_whole(api: Api) -> None:
+    patient = api.principal("patient")
+    visit_reason, reason = "😀" * 500, "e\u0301" * 250  # 2,000 bytes; 500 code points
+    assert_problem(
+        await schedule(api, patient, visit_reason=visit_reason + "😀"), 400, "invalid-request"
+    )
+    created = await schedule(api, patient, visit_reason=visit_reason)
+    assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    assert_problem(
+        await api.client.post(
+            f"{location}/cancel", json={"reason": reason + "é"}, headers=api.auth(patient)
+        ),
+        400,
+        "invalid-request",
+    )
+    cancelled = await api.client.post(
+        f"{location}/cancel", json={"reason": reason}, headers=api.auth(patient)
+    )
+    assert cancelled.status_code == 200, cancelled.text
+
+    details = (await api.client.get(location, headers=api.auth(patient))).json()
+    assert (details["visit_reason"], details["cancellation_reason"]) == (visit_reason, reason)
+    past = await api.client.get(
+        "/v1/visits?tab=past",
+        headers={
+            **api.auth(patient),
+            "X-Consistency-Token": cancelled.headers["x-consistency-token"],
+        },
+    )
+    assert [v["visit_reason"] for v in past.json()["items"]] == [visit_reason]
+
+
 async def test_starts_at_in_the_past_or_beyond_a_year_is_400(api: Api) -> None:
     staff = api.principal("staff")
     for when in (api.clock.now - timedelta(minutes=1), api.clock.now + timedelta(days=366)):

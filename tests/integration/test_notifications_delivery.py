@@ -9,6 +9,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import nats
 import pytest
 from nats.aio.msg import Msg
@@ -19,6 +20,7 @@ from contracts.subjects import NOTIFICATIONS_STREAM
 from services.notifications import email as email_channel
 from services.notifications.channels import notifications_stream_config
 from services.notifications.directory import Directory
+from services.notifications.runtime import Tuning
 from tests.integration.test_notifications_harness import (
     TEST_TUNING,
     Booking,
@@ -34,17 +36,39 @@ __all__ = ["clinic", "smtp"]  # fixtures
 async def test_every_kind_reaches_the_right_recipients_with_the_local_time(clinic: Clinic) -> None:
     booking = Booking(timezone="America/New_York")  # 14:00 UTC is 09:00 EST
     clinic.know(booking)
+    booked_at = clinic.clock()
+    sent_at = {
+        "appointment-confirmed": booked_at,
+        "reminder-24h": datetime(2030, 1, 14, 14, 0, tzinfo=UTC),  # 24 h before
+        "visit-ready": datetime(2030, 1, 15, 13, 45, tzinfo=UTC),  # the window opens
+    }
+    scheduled = booking.scheduled(booked_at)
     async with clinic.running():
-        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.publish(scheduled, booking.clinic_id)
         await clinic.wait_settled()
-        clinic.clock.now = datetime(2030, 1, 14, 14, 0, tzinfo=UTC)  # 24 h before
+        clinic.clock.now = sent_at["reminder-24h"]
         await eventually(lambda: _count(clinic, "reminder-24h", 1), what="the reminder")
         await clinic.wait_settled()  # its email too: claimed once the window opens, skipped
-        clinic.clock.now = datetime(2030, 1, 15, 13, 45, tzinfo=UTC)  # the window opens
+        clinic.clock.now = sent_at["visit-ready"]
         await eventually(lambda: _count(clinic, "visit-ready", 1), what="visit-ready")
         await clinic.wait_settled()
 
     pushes = await clinic.pushes()
+    for message, push in zip(await clinic.messages(), pushes, strict=True):
+        assert message.subject == f"notifications.v1.sent.{push.kind}"
+        assert msgspec.json.decode(message.data or b"") == {  # the published body, every field
+            "notification_id": str(push.notification_id),
+            "kind": push.kind,
+            "recipient_id": str(push.recipient_id),
+            "recipient_role": push.recipient_role,
+            "appointment_id": str(booking.appointment_id),
+            "clinic_id": str(booking.clinic_id),
+            "cause_event_id": str(scheduled.event_id),  # reminders too: the booking's news
+            "title": push.title,
+            "body": push.body,
+            "sent_at": sent_at[push.kind].isoformat().replace("+00:00", "Z"),
+        }
+    assert len({p.notification_id for p in pushes}) == len(pushes)
     sent = sorted((p.kind, p.recipient_role, p.recipient_id) for p in pushes)
     assert sent == sorted(
         [
@@ -103,12 +127,14 @@ async def test_a_cancellation_tells_who_did_not_cancel_and_confirms_a_patients_o
     }[by]
     async with clinic.running():
         await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
-        await clinic.publish(booking.cancelled(clinic.clock(), actor), booking.clinic_id)
+        cancelled = booking.cancelled(clinic.clock(), actor)
+        await clinic.publish(cancelled, booking.clinic_id)
         await clinic.wait_settled()
 
     notices = [p for p in await clinic.pushes() if p.kind == "appointment-cancelled"]
     assert sorted(p.recipient_role for p in notices) == sorted(told)
     for notice in notices:
+        assert notice.cause_event_id == cancelled.event_id
         assert notice.title == "Visit cancelled"
         assert notice.body == f"{told[notice.recipient_role]} of Tue 15 Jan 2030 at 15:00 CET."
     for role in told:
@@ -159,7 +185,7 @@ async def test_a_silent_directory_costs_at_most_a_second_and_push_still_goes_out
 async def test_a_directory_request_without_an_answer_gives_up_after_one_second(
     clinic: Clinic,
 ) -> None:
-    directory = Directory(clinic.nc)
+    directory = Directory(clinic.nc, Tuning().directory_timeout)  # as the service makes it
     started = time.monotonic()
     assert await directory.contact(uuid.uuid4()) is None  # subscribed, never answers
     assert 0.9 <= time.monotonic() - started < 5  # its 1 s, not less (nor for ever)

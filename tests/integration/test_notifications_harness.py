@@ -23,6 +23,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 
 from contracts.common import Actor
 from contracts.events import (
@@ -236,6 +237,12 @@ class Clinic:
 
     async def pushes(self) -> list[Notification]:
         """Every message on the NOTIFICATIONS stream."""
+        return [
+            msgspec.json.decode(m.data or b"", type=Notification) for m in await self.messages()
+        ]
+
+    async def messages(self) -> list[RawStreamMsg]:
+        """Every message on the NOTIFICATIONS stream, as stored."""
         try:
             info = await self.js.stream_info(NOTIFICATIONS_STREAM)
         except nats.js.errors.NotFoundError:
@@ -243,8 +250,7 @@ class Clinic:
         first, last = info.state.first_seq, info.state.last_seq
         if not info.state.messages:
             return []
-        raw = [await self.js.get_msg(NOTIFICATIONS_STREAM, seq) for seq in range(first, last + 1)]
-        return [msgspec.json.decode(m.data or b"", type=Notification) for m in raw]
+        return [await self.js.get_msg(NOTIFICATIONS_STREAM, seq) for seq in range(first, last + 1)]
 
     async def deliveries(self, status: str | None = None) -> list[asyncpg.Record]:
         return await self.db.fetch(

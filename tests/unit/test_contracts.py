@@ -96,6 +96,19 @@ def test_cancel_body_may_be_empty() -> None:
     assert msgspec.json.decode(b"{}", type=CancelBody) == CancelBody(reason=None)
 
 
+@pytest.mark.parametrize("char", ["é", "😀", "e\u0301"])
+def test_free_text_is_500_characters_whatever_their_bytes(char: str) -> None:
+    reason = (char * 500)[:500]
+    schedule = msgspec.json.decode(
+        encode({**SCHEDULE_BODY, "visit_reason": reason}), type=ScheduleBody
+    )
+    cancel = msgspec.json.decode(encode({"reason": reason}), type=CancelBody)
+
+    assert (schedule.visit_reason, cancel.reason) == (reason, reason)
+    refuses(ScheduleBody, {**SCHEDULE_BODY, "visit_reason": reason + char[0]})
+    refuses(CancelBody, {"reason": reason + char[0]})
+
+
 # --- commands: what decoding refuses ----------------------------------------------------
 
 

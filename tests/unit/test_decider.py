@@ -312,6 +312,25 @@ def test_schedule_visit_reason_over_500_characters_is_invalid() -> None:
     refused([], schedule(visit_reason="x" * 501), NOW, InvalidRequest)
 
 
+#: Characters beyond ASCII: two and four bytes in UTF-8, and one of two code points (an
+#: "e" and a combining accent). The limit counts code points, as Python and JSON Schema do.
+WIDE_CHARACTERS = ["é", "😀", "e\u0301"]
+
+
+@pytest.mark.parametrize("char", WIDE_CHARACTERS)
+def test_visit_and_cancel_reasons_count_characters_not_bytes(char: str) -> None:
+    reason = (char * 500)[:500]
+    (event,) = when([], schedule(visit_reason=reason), NOW)
+    assert isinstance(event, AppointmentScheduled)
+    assert event.visit_reason == reason
+    (cancelled,) = when([scheduled()], cancel(reason=reason), NOW)
+    assert isinstance(cancelled, AppointmentCancelled)
+    assert cancelled.reason == reason
+
+    refused([], schedule(visit_reason=reason + char[0]), NOW, InvalidRequest)
+    refused([scheduled()], cancel(reason=reason + char[0]), NOW, InvalidRequest)
+
+
 # --- ScheduleAppointment: the same id twice ---------------------------------------------
 
 

@@ -110,6 +110,20 @@ def test_no_24h_reminder_for_a_visit_booked_2h_ahead() -> None:
     assert [t.kind for t in timers_of(a, NOW, RULES)] == ["visit-ready"]
 
 
+def test_the_reminders_edges_are_the_booking_instant_excluded() -> None:
+    # Booked exactly 24 h ahead: the confirmation says it all, no reminder at once; a
+    # microsecond earlier, the reminder is due 24 h before.
+    a = appointment(starts_at=NOW + timedelta(hours=24))
+    assert [t.kind for t in timers_of(a, NOW, RULES)] == ["visit-ready"]
+    earlier = timers_of(a, NOW - timedelta(microseconds=1), RULES)
+    assert [(t.kind, t.due_at) for t in earlier[:1]] == [("reminder-24h", NOW)]
+    # Booked (recorded) exactly at the visit's end: nothing is ready any more.
+    ended = appointment(starts_at=NOW - timedelta(minutes=30))  # 30 minutes long
+    assert timers_of(ended, NOW, RULES) == []
+    (ready,) = timers_of(ended, NOW - timedelta(microseconds=1), RULES)
+    assert (ready.kind, ready.expires_at) == ("visit-ready", NOW)
+
+
 def test_a_visit_booked_inside_its_start_window_is_ready_at_once() -> None:
     a = appointment(starts_at=NOW + timedelta(minutes=10))
     (ready,) = timers_of(a, NOW, RULES)

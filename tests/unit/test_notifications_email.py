@@ -80,3 +80,8 @@ def test_retries_back_off_exponentially_up_to_a_cap() -> None:
     delays = [tuning.retry_delay(n).total_seconds() for n in range(1, 7)]
     assert delays == [5, 10, 20, 40, 60, 60]
     assert tuning.retry_delay(10_000) == timedelta(minutes=1)
+
+
+def test_the_service_waits_one_second_for_the_directory_as_interfaces_md_says() -> None:
+    # "no answer within 1 s means no email": the default the service runs with.
+    assert Tuning().directory_timeout == 1.0
