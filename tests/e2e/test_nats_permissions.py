@@ -228,6 +228,24 @@ async def test_each_clinic_process_works_within_its_permissions(
         )
         mine = await gateway_js.consumer_info("APPOINTMENTS", "gateway-events")
         assert mine.num_pending == 2  # the booking and its cancel
+        # Nor is a reply subject of its choosing a way round them: the appointments process
+        # may answer on any (allow_responses) and publishes on JetStream's API and the event
+        # subjects, so it answers on inboxes only. Else its answer to a query or a ping would
+        # purge the stream (JetStream reads no field it does not know in the purge request),
+        # or be stored as an event, or go out as a push.
+        query = json.dumps({"appointment_id": booked["appointment_id"], "actor": patient})
+        forged = [
+            "$JS.API.STREAM.PURGE.APPOINTMENTS",
+            f"appointments.v1.events.{patient['clinic_id']}.{booked['appointment_id']}.cancelled",
+            "notifications.v1.sent.visit-ready",
+        ]
+        for subject, data in (("appointments.v1.query.get", query.encode()), ("$SRV.PING", b"")):
+            for reply in forged:
+                await gateway.publish(subject, data, reply=reply)
+            assert (await gateway.request(subject, data, timeout=10)).data  # handled in order
+        stream = await gateway_js.stream_info("APPOINTMENTS")
+        assert (stream.state.messages, stream.state.first_seq) == (2, 1)
+        assert sorted(pushes) == ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
     finally:
         for worker in workers:
             await worker.stop()

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
 from contracts.subjects import CMD_CANCEL, CMD_SCHEDULE, CMD_START, QUERY_GET, QUERY_VISITS
@@ -157,6 +158,39 @@ async def test_srv_ping_info_and_stats_discover_the_service(service: NatsService
     get = next(e for e in stats["endpoints"] if e["subject"] == QUERY_GET)
     assert get["num_requests"] == 1
     assert get["data"]["error_replies"] == 1 and get["data"]["last_error_status"] == "400"
+
+
+async def test_a_reply_subject_that_is_no_inbox_is_neither_handled_nor_answered(
+    service: NatsService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The caller picks the reply subject; NATS checks it against nobody's permissions, and
+    # the service may publish on JetStream's API and on the event subjects.
+    landed: list[str] = []
+
+    async def land(msg: Msg) -> None:
+        landed.append(msg.subject)
+
+    await service.nc.subscribe("elsewhere.>", cb=land)
+    patient = service.actor("patient")
+    body = service.schedule_body(patient, appointment_id=str(uuid.uuid4()))
+    sent = [
+        (CMD_SCHEDULE, json.dumps(body).encode()),
+        (QUERY_VISITS, json.dumps({"actor": patient}).encode()),
+        ("$SRV.PING", b""),
+        ("$SRV.INFO.appointments", b""),
+        ("$SRV.STATS.appointments", b""),
+    ]
+    for subject, data in sent:
+        await service.nc.publish(subject, data, reply=f"elsewhere.{subject}")
+    for subject, data in sent[1:]:  # each subject's next request, with an inbox: answered
+        assert (await service.nc.request(subject, data, timeout=5)).data
+
+    assert landed == []
+    gone = await service.request(
+        QUERY_GET, {"appointment_id": body["appointment_id"], "actor": patient}
+    )
+    assert json.loads(gone.data)["code"] == "not-found"  # the booking was never made
+    assert "reply subject is not an inbox" in caplog.text
 
 
 async def test_instances_share_the_load_as_a_queue_group(database_url: str, nats_url: str) -> None:

@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any, Final
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.micro.request import Handler, Request
 from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
 from prometheus_client import Histogram
@@ -81,6 +82,70 @@ def endpoint_metadata(endpoint: Endpoint) -> dict[str, str]:
     }
 
 
+#: Replies go to inboxes only: subjects whose first token begins ``_INBOX`` (the clients'
+#: default ``_INBOX.``, and custom prefixes such as ``_INBOX.<user>.`` or ``_INBOX_<name>.``).
+#: A caller picks a request's reply subject freely, and NATS checks it against nobody's
+#: permissions, while this process may publish on any reply subject (``allow_responses``),
+#: on JetStream's API and on the event subjects: an answer sent to
+#: ``$JS.API.STREAM.PURGE.APPOINTMENTS`` would purge the stream, one sent to an event
+#: subject would be stored as an event.
+INBOX_PREFIX: Final = "_INBOX"
+#: At most one warning of dropped requests per this many seconds (a caller may send many).
+_DROPPED_WARNING_SECONDS: Final = 10.0
+
+
+def is_inbox(subject: str) -> bool:
+    """Whether ``subject`` is one the service answers on (:data:`INBOX_PREFIX`)."""
+    return subject.startswith(INBOX_PREFIX)
+
+
+class _Dropped:
+    """Requests dropped for their reply subject, warned of at most every few seconds."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._warned_at = -_DROPPED_WARNING_SECONDS
+
+    def answerable(self, msg: Msg, what: str) -> bool:
+        """Whether ``msg`` (a request) may be handled: without a reply subject (nobody is
+        answered) or with an inbox; else it is dropped, unhandled, with a warning."""
+        if not msg.reply or is_inbox(msg.reply):
+            return True
+        self._count += 1
+        now = time.monotonic()
+        if now - self._warned_at >= _DROPPED_WARNING_SECONDS:
+            log.warning(
+                "dropped %d NATS request(s) whose reply subject is not an inbox (the last:"
+                " %s, reply to %r); answers go only to subjects beginning %s",
+                self._count,
+                what,
+                msg.reply[:200],
+                INBOX_PREFIX,
+            )
+            self._count, self._warned_at = 0, now
+        return False
+
+
+#: One for the process: the endpoints and the discovery requests share its warnings.
+DROPPED: Final = _Dropped()
+
+
+class InboxOnlyService(Service):
+    """nats-py's micro service, answering ``$SRV.PING|INFO|STATS`` on inboxes only."""
+
+    async def _handle_ping_request(self, msg: Msg) -> None:
+        if DROPPED.answerable(msg, msg.subject):
+            await super()._handle_ping_request(msg)
+
+    async def _handle_info_request(self, msg: Msg) -> None:
+        if DROPPED.answerable(msg, msg.subject):
+            await super()._handle_info_request(msg)
+
+    async def _handle_stats_request(self, msg: Msg) -> None:
+        if DROPPED.answerable(msg, msg.subject):
+            await super()._handle_stats_request(msg)
+
+
 @dataclass
 class _Counters:
     error_replies: int = 0
@@ -115,6 +180,8 @@ class Dispatcher:
         tasks = self._tasks[endpoint]  # a flood of one endpoint never refuses another's
 
         async def accept(request: Request) -> None:
+            if not DROPPED.answerable(request._msg, request.subject):
+                return
             if len(tasks) >= self._max_accepted:
                 doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
                 now = time.perf_counter_ns()
@@ -236,7 +303,7 @@ async def start_service(nc: NATS, dispatcher: Dispatcher, stop: asyncio.Event) -
     """
     delay = 0.2
     while not stop.is_set():
-        service = Service(nc, service_config(dispatcher))
+        service = InboxOnlyService(nc, service_config(dispatcher))
         try:
             await service.start()
             for endpoint in ENDPOINTS:
