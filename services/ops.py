@@ -320,9 +320,11 @@ class _BoundedHead(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._in_body = True
         self._stop_timer()
+        # uvicorn parses the URL here and refuses one it cannot (a port past 65535, a path
+        # past 64 KiB) through send_400_response: not yet in a body, so the 400 is written.
         super().on_headers_complete()
+        self._in_body = True
 
     def on_message_complete(self) -> None:
         self._in_body = False

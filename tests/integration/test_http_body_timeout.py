@@ -165,8 +165,19 @@ async def test_a_client_gone_mid_body_is_counted_499_not_500(
         b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
         CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n",  # not a chunk size
         b"GET /quick HTTP/1.1\r\nhost: x\r\nx-bad: a\x00b\r\n\r\n",
+        # URLs httptools takes in, then cannot parse once the head is complete.
+        b"GET http://a:99999/quick HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET http://[::1/quick HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /quick?x=" + b"a" * 65_600 + b" HTTP/1.1\r\nhost: x\r\n\r\n",
     ],
-    ids=["two-lengths", "bad-chunk-size", "nul-in-a-header"],
+    ids=[
+        "two-lengths",
+        "bad-chunk-size",
+        "nul-in-a-header",
+        "bad-port",
+        "bad-host",
+        "url-past-64k",
+    ],
 )
 async def test_malformed_http_is_answered_400_as_a_problem_document(
     request_bytes: bytes, monkeypatch: pytest.MonkeyPatch
@@ -175,6 +186,20 @@ async def test_malformed_http_is_answered_400_as_a_problem_document(
         status, doc = problem_of(await exchange(port, [request_bytes]))
         assert status == b"HTTP/1.1 400 Bad Request", (status, doc)
         assert doc["code"] == "invalid-request", doc
+
+
+async def test_a_malformed_url_after_an_answered_request_is_answered_400_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving(monkeypatch) as port:
+        good, bad = (
+            f"GET {url} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for url in ("/quick", "http://a:b/")
+        )
+        answer = await exchange(port, [good, bad], pause=0.3)  # the first answered by then
+        first, _, answer = answer.partition(b"fine")
+        assert first.startswith(b"HTTP/1.1 200"), first
+        status, doc = problem_of(answer)
+        assert status == b"HTTP/1.1 400 Bad Request", (status, doc)
 
 
 async def test_a_chunked_body_of_one_byte_chunks_past_the_framing_bound_is_answered_413(
