@@ -30,6 +30,7 @@ from services.config import (
     parse_roles,
     variables_help,
 )
+from services.early_stop import EARLY_STOP
 from services.logs import configure_logging
 from services.nats_client import NatsClosed
 from services.pg_errors import REFUSED_SETTING_STATES
@@ -123,34 +124,7 @@ def _exit_at_the_deadline(seconds: float) -> threading.Timer:
     return timer
 
 
-class _EarlyStop:
-    """A SIGTERM that comes while the process is still starting (importing, reading its
-    settings), before the event loop's handler takes over: remembered, so that a service
-    told to stop then exits 0 without starting rather than being killed (status 143)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._before: Any = signal.SIG_DFL
-
-    def install(self) -> None:
-        self.requested = False
-        self._before = signal.signal(signal.SIGTERM, self._note)
-
-    def _note(self, signum: int, _frame: object) -> None:
-        self.requested = True
-
-    def uninstall(self, *, deliver: bool = False) -> None:
-        """The handler from before again (unless the event loop's took over) and, if
-        ``deliver``, a SIGTERM that came meanwhile handed to it: a command that runs no
-        service (``migrate``) is killed by SIGTERM as ever."""
-        if signal.getsignal(signal.SIGTERM) == self._note:
-            signal.signal(signal.SIGTERM, self._before)
-        requested, self.requested = self.requested, False  # no later run of this process sees it
-        if deliver and requested:
-            signal.raise_signal(signal.SIGTERM)
-
-
-_early_stop = _EarlyStop()
+_early_stop = EARLY_STOP
 
 
 def run_until_signalled(
@@ -161,7 +135,7 @@ def run_until_signalled(
     From the first signal the process has ``deadline_seconds`` (default
     :data:`STOP_DEADLINE_SECONDS`) to exit, what follows this call (flushing the spans)
     included; from ``main``'s own return, the loop's teardown has as long. Told to stop
-    while starting (:class:`_EarlyStop`), ``main`` is not run."""
+    while starting (:class:`~services.early_stop.EarlyStop`), ``main`` is not run."""
     seconds = STOP_DEADLINE_SECONDS if deadline_seconds is None else deadline_seconds
     deadline: threading.Timer | None = None
     signalled = False
@@ -185,10 +159,10 @@ def run_until_signalled(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        if _early_stop.requested:  # told to stop while starting: nothing to run
-            _early_stop.requested = False
+        if _early_stop.requested is not None:  # told to stop while starting: nothing to run
+            noted, _early_stop.requested = _early_stop.requested, None
             on_signal()
-            log.info("stopped before it started (SIGTERM while starting)")
+            log.info("stopped before it started (%s while starting)", noted.name)
             return
         try:
             await main(stop)
@@ -394,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``clinic`` console script."""
+    """The ``clinic`` command (the console script enters at :func:`services.early_stop.main`)."""
     _early_stop.install()
     try:
         args = build_parser().parse_args(argv)

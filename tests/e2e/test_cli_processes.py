@@ -25,7 +25,7 @@ SECRET = "cli-test-secret-that-is-long-enough-for-hs256"
 
 
 def clinic(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from services.cli import main; main()", *args]
+    return [sys.executable, "-c", "from services.early_stop import main; main()", *args]
 
 
 def env_for(database_url: str, nats_url: str, port: int) -> dict[str, str]:
@@ -110,6 +110,41 @@ def test_a_service_told_to_stop_while_starting_exits_0_without_starting(
     assert "stopped before it started" in result.stderr
     assert "running" not in result.stderr and "PostgreSQL" not in result.stderr
     assert not (tmp_path / "dev").exists()  # clinic dev made no data directory
+
+
+#: ``clinic ARGS…`` with a signal of its own (the first argument) amid its imports: as the
+#: program's module is about to be imported, a quarter of a second before its own code runs.
+SIGNAL_AMID_THE_IMPORTS = """
+import importlib.abc, os, sys
+
+class Signal(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "services.cli":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), int(sys.argv.pop(1)))
+        return None
+
+sys.meta_path.insert(0, Signal())
+from services.early_stop import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_the_program_still_imports_stops_it_without_a_traceback(
+    sig: signal.Signals,
+) -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AMID_THE_IMPORTS, str(int(sig)), "appointments"],
+        env=env_for(unreachable, f"nats://127.0.0.1:{free_port()}", free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr  # not killed (-15), no KeyboardInterrupt
+    assert f"stopped before it started ({sig.name} while starting)" in result.stderr
+    assert "Traceback" not in result.stderr and "running" not in result.stderr
 
 
 #: A start that notes a SIGTERM and then fails in another way (a malformed variable); then

@@ -100,7 +100,10 @@ class Dev:
         if clinic is not None:  # an installed `clinic` (argv), run from the data's parent
             env = {"PATH": "/usr/bin:/bin", "HOME": str(data_dir.parent)}
             env.update({"CLINIC_HTTP_PORT": str(port), "CLINIC_LOG_LEVEL": "WARNING"})
-        argv = [*(clinic or [sys.executable, "-c", "from services.cli import main; main()"]), "dev"]
+        argv = [
+            *(clinic or [sys.executable, "-c", "from services.early_stop import main; main()"]),
+            "dev",
+        ]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [*argv, "--data-dir", str(data_dir), *args],

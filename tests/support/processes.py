@@ -24,7 +24,7 @@ _PR_SET_PDEATHSIG = 1
 
 def clinic_command(*args: str) -> list[str]:
     """``clinic ARGS…`` run by this interpreter (the console script's own entry point)."""
-    return [sys.executable, "-c", "from services.cli import main; main()", *args]
+    return [sys.executable, "-c", "from services.early_stop import main; main()", *args]
 
 
 def _die_with_parent() -> Callable[[], None]:

@@ -32,6 +32,8 @@ class _Api:
 class _Request:
     def __init__(self, data: bytes = b"{}") -> None:
         self.data = data
+        self.subject = "appointments.v1.test"
+        self._msg = SimpleNamespace(reply="_INBOX.test")  # as micro's Request keeps it
         self.headers: dict[str, str] = {}
         self.answered = asyncio.Event()
         self.replies: list[Any] = []

@@ -106,10 +106,10 @@ class _Dropped:
         self._count = 0
         self._warned_at = -_DROPPED_WARNING_SECONDS
 
-    def answerable(self, msg: Msg, what: str) -> bool:
-        """Whether ``msg`` (a request) may be handled: without a reply subject (nobody is
-        answered) or with an inbox; else it is dropped, unhandled, with a warning."""
-        if not msg.reply or is_inbox(msg.reply):
+    def answerable(self, reply: str, what: str) -> bool:
+        """Whether a request (on subject ``what``) may be handled: without a ``reply``
+        subject (nobody is answered) or with an inbox; else it is dropped, with a warning."""
+        if not reply or is_inbox(reply):
             return True
         self._count += 1
         now = time.monotonic()
@@ -119,7 +119,7 @@ class _Dropped:
                 " %s, reply to %r); answers go only to subjects beginning %s",
                 self._count,
                 what,
-                msg.reply[:200],
+                reply[:200],
                 INBOX_PREFIX,
             )
             self._count, self._warned_at = 0, now
@@ -134,15 +134,15 @@ class InboxOnlyService(Service):
     """nats-py's micro service, answering ``$SRV.PING|INFO|STATS`` on inboxes only."""
 
     async def _handle_ping_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg, msg.subject):
+        if DROPPED.answerable(msg.reply, msg.subject):
             await super()._handle_ping_request(msg)
 
     async def _handle_info_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg, msg.subject):
+        if DROPPED.answerable(msg.reply, msg.subject):
             await super()._handle_info_request(msg)
 
     async def _handle_stats_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg, msg.subject):
+        if DROPPED.answerable(msg.reply, msg.subject):
             await super()._handle_stats_request(msg)
 
 
@@ -180,7 +180,8 @@ class Dispatcher:
         tasks = self._tasks[endpoint]  # a flood of one endpoint never refuses another's
 
         async def accept(request: Request) -> None:
-            if not DROPPED.answerable(request._msg, request.subject):
+            # (micro's Request keeps the reply subject to itself: its message has it)
+            if not DROPPED.answerable(request._msg.reply, request.subject):
                 return
             if len(tasks) >= self._max_accepted:
                 doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
