@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from uuid import UUID
+from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
 from contracts.commands import ScheduleBody
@@ -200,10 +200,12 @@ def demo_report(
     soon = ids.get(SPECS[0].label, demo_appointment_id(1))
     tomorrow = ids.get(SPECS[1].label, demo_appointment_id(2))
     new_start = (now + timedelta(days=3)).replace(hour=9, minute=0, second=0, microsecond=0)
+    # An id of its own, so that pasting the command again is a retry (201 again), and a
+    # provider of its own, whose 09:00 no earlier run's command has taken (409 slot-taken).
     body = (
-        f'{{"patient_id":"{DEMO_PATIENT_ID}","provider_id":"{DEMO_PROVIDER_ID}",'
-        f'"starts_at":"{new_start.isoformat()}","duration_minutes":30,'
-        f'"timezone":"{DEMO_TIMEZONE}"}}'
+        f'{{"appointment_id":"{uuid4()}","patient_id":"{DEMO_PATIENT_ID}",'
+        f'"provider_id":"{uuid4()}","starts_at":"{new_start.isoformat()}",'
+        f'"duration_minutes":30,"timezone":"{DEMO_TIMEZONE}"}}'
     )
     auth = '-H "Authorization: Bearer $PATIENT_TOKEN"'
     lines = [
@@ -221,7 +223,7 @@ def demo_report(
         f"  export STAFF_TOKEN={tokens['staff']}",
         f'  curl -s "$CLINIC_API/v1/visits" {auth}',
         f'  curl -s -X POST "$CLINIC_API/v1/appointments/{soon}/start" {auth}',
-        f'  curl -s -X POST "$CLINIC_API/v1/appointments/{tomorrow}/cancel" {auth} '
+        f'  curl -si -X POST "$CLINIC_API/v1/appointments/{tomorrow}/cancel" {auth} '
         "-H 'Content-Type: application/json' -d '{\"reason\":\"cannot make it\"}'",
         f'  curl -s "$CLINIC_API/v1/visits?tab=past" {auth}',
         f'  curl -s -X POST "$CLINIC_API/v1/appointments" {auth} '

@@ -8,6 +8,7 @@ data folder) that no PostgreSQL or NATS process outlives it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -139,6 +140,13 @@ class Dev:
         assert match, f"no {name} in:\n{self.stdout}"
         return match.group(1)
 
+    def printed_booking(self) -> dict[str, Any]:
+        """The body of the printed ``curl … POST …/v1/appointments`` command."""
+        match = re.search(r"^\s*curl .*/v1/appointments\" .* -d '(\{.*\})'$", self.stdout, re.M)
+        assert match, f"no booking command in:\n{self.stdout}"
+        body: dict[str, Any] = json.loads(match.group(1))
+        return body
+
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
         try:
             return self.proc.wait(timeout)
@@ -241,6 +249,11 @@ def test_clinic_dev_runs_everything_stops_cleanly_and_keeps_its_data(
     upcoming = client.get("/v1/visits", headers=_bearer(patient, **{"X-Consistency-Token": token}))
     assert upcoming.headers["x-consistency"] == "fresh"
     assert appointment_id not in {v["appointment_id"] for v in upcoming.json()["items"]}
+    # The printed booking command, pasted twice: booked, then answered again as a retry.
+    booking = dev.printed_booking()
+    for _ in range(2):
+        pasted = client.post("/v1/appointments", headers=_bearer(patient), json=booking)
+        assert pasted.status_code == 201, pasted.text
     client.close()
 
     servers = processes_using(data_dir)
@@ -258,6 +271,11 @@ def test_clinic_dev_runs_everything_stops_cleanly_and_keeps_its_data(
         answer = client.get(f"/v1/appointments/{appointment_id}", headers=_bearer(patient))
         assert answer.status_code == 200, answer.text
         assert answer.json()["status"] == "cancelled"
+        # This run's booking command: not the slot the last run's took.
+        pasted = client.post(
+            "/v1/appointments", headers=_bearer(patient), json=again.printed_booking()
+        )
+        assert pasted.status_code == 201, pasted.text
     children = descendants(again.proc.pid)
     assert again.stop(signal.SIGINT) == 0, again.output()
     assert_all_gone(children, data_dir, within=3.0)
