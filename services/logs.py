@@ -152,3 +152,17 @@ _answers.addFilter(Throttle([ANSWERED_UNAVAILABLE], per_first_argument=True))
 def answered_unavailable(detail: str, cause: BaseException | None) -> None:
     """Say (throttled) that a request was answered ``503 unavailable``, and why."""
     _answers.warning(ANSWERED_UNAVAILABLE, detail, cause)
+
+
+#: A NATS message dropped for where it came from or is to go (a request whose reply subject
+#: is no inbox; on a consumer's inbox, a message JetStream did not deliver for that
+#: consumer): said at most once a minute for each kind, with the count held back
+#: (``suppressed``): a client may send any number.
+DROPPED_MESSAGE: Final = "dropped a NATS message %s: %s"
+_dropped = logging.getLogger("services.dropped")
+_dropped.addFilter(Throttle([DROPPED_MESSAGE], per_first_argument=True))
+
+
+def dropped_message(kind: str, detail: str) -> None:
+    """Say (throttled) that a NATS message of ``kind`` was dropped unhandled."""
+    _dropped.warning(DROPPED_MESSAGE, kind, detail)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any, Final
 
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from services.logs import Throttle
+from services.logs import Throttle, dropped_message
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +79,30 @@ class NatsClient(NATS):
             await super()._process_msg(sid, subject, reply, data, headers)
         except Exception as exc:
             log.warning(DROPPED, repr(exc), bytes(subject[:200]), bytes(reply[:200]))
+
+
+def delivered_for(msgs: Iterable[Msg], stream: str, consumer: str) -> list[Msg]:
+    """The messages of a fetch that JetStream delivered for ``consumer`` of ``stream``.
+
+    A pull consumer's fetch takes whatever reaches its inbox, and anyone may aim a message
+    there: a client's request whose reply subject names it makes a service that may answer
+    on any reply subject (``allow_responses``) publish there, and a client's push consumer
+    may deliver there. Such a message is dropped (a throttled warning), never handled as an
+    event, acked or parked (its ``metadata`` is not even readable).
+    """
+    kept: list[Msg] = []
+    for msg in msgs:
+        try:
+            meta = msg.metadata
+            ours = meta.stream == stream and meta.consumer == consumer
+        except Exception:  # nats-py's NotJSMessageError, or a reply it cannot split
+            ours = False
+        if ours:
+            kept.append(msg)
+        else:
+            dropped_message(
+                f"on the inbox of consumer {consumer}",
+                f"not delivered for it by JetStream (subject {msg.subject[:200]!r}, reply"
+                f" {msg.reply[:200]!r})",
+            )
+    return kept

@@ -59,6 +59,7 @@ from services.metrics import (
     exported,
     zeroed,
 )
+from services.nats_client import delivered_for
 from services.tracing import consuming
 from services.waiting import idle
 
@@ -165,7 +166,7 @@ class VisitsProjector:
                         PROJECTOR_LAG_SECONDS.set(0.0)  # caught up: no lag to report
                         self._lagging = False
                 continue
-            await self.handle(msgs, stop)
+            await self.handle(delivered_for(msgs, EVENTS_STREAM, CONSUMER), stop)
             idle_since = time.monotonic()
 
     async def handle(self, msgs: Sequence[Msg], stop: asyncio.Event) -> None:

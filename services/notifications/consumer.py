@@ -36,6 +36,7 @@ from services.metrics import (
     exported,
     zeroed,
 )
+from services.nats_client import delivered_for
 from services.notifications.handlers import EventHandler, Outcome
 from services.notifications.runtime import Hooks, Tuning
 from services.notifications.store import NotificationStore
@@ -172,7 +173,8 @@ class EventConsumer:
                     await idle(stop, 1.0)
                     await _quietly(ensure_consumer(self._js, self._tuning))
                     continue
-                await self._handle_fetched(messages, stop)
+                own = delivered_for(messages, EVENTS_STREAM, self._tuning.consumer_name)
+                await self._handle_fetched(own, stop)
         finally:
             await _quietly(sub.unsubscribe())
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import msgspec
 import nats
 import nats.errors
@@ -48,12 +49,30 @@ def secured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Em
     shutil.copy(DEPLOY / "nats-auth.conf", tmp_path / "nats-auth.conf")
     config = tmp_path / "nats.conf"
     config.write_text("include ./nats-auth.conf\n")  # as deploy/nats.conf does
-    server = EmbeddedNats(tmp_path / "jetstream", extra_args=["-c", str(config)])
+    monitoring = free_port()  # as deploy/nats.conf serves it (8222)
+    server = EmbeddedNats(
+        tmp_path / "jetstream", extra_args=["-c", str(config), "-m", str(monitoring)]
+    )
+    server.monitoring_port = monitoring  # type: ignore[attr-defined]
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+def clinic_inboxes(server: EmbeddedNats) -> list[str]:
+    """The clinic processes' inboxes with a subscription of their own (their consumers'
+    fetches; not the wildcard of their requests' answers), as NATS's monitoring lists them."""
+    port = server.monitoring_port  # type: ignore[attr-defined]
+    connz = httpx.get(f"http://127.0.0.1:{port}/connz?subs=detail&auth=1", timeout=5).json()
+    return sorted(
+        sub["subject"]
+        for conn in connz["connections"]
+        if conn.get("authorized_user") in ("appointments", "notifications")
+        for sub in conn.get("subscriptions_list_detail", [])
+        if sub["subject"].startswith("_INBOX.") and not sub["subject"].endswith("*")
+    )
 
 
 def url_of(server: EmbeddedNats, user: str) -> str:
@@ -246,6 +265,48 @@ async def test_each_clinic_process_works_within_its_permissions(
         stream = await gateway_js.stream_info("APPOINTMENTS")
         assert (stream.state.messages, stream.state.first_seq) == (2, 1)
         assert sorted(pushes) == ["appointment-cancelled"] * 2 + ["appointment-confirmed"] * 2
+        # Nor one of the clinic processes' own inboxes, which NATS's monitoring lists: the
+        # answer lands in the fetch of the projector's or the notification service's
+        # consumer, which drop what JetStream did not deliver for them (the notification
+        # service died of it, the projector stalled while they came).
+        inboxes = clinic_inboxes(secured_nats)
+        assert {i.split(".")[1] for i in inboxes} == {"appointments", "notifications"}, inboxes
+        for inbox in inboxes:  # NATS lets the service answer once on each
+            await gateway.publish("appointments.v1.query.get", query.encode(), reply=inbox)
+            if inbox.startswith("_INBOX.appointments."):  # its own: answered on none
+                await gateway.publish("$SRV.PING", b"", reply=inbox)
+        await gateway.flush()
+        later = assert_ok(
+            await gateway.request(
+                "appointments.v1.cmd.schedule",
+                json.dumps(
+                    {
+                        "patient_id": patient["id"],
+                        "provider_id": str(uuid.uuid4()),
+                        "starts_at": (starts_at + timedelta(days=1)).isoformat(),
+                        "duration_minutes": 30,
+                        "timezone": "Europe/Berlin",
+                        "actor": patient,
+                    }
+                ).encode(),
+                timeout=10,
+            )
+        )
+
+        async def confirmed_too() -> bool:
+            return pushes.count("appointment-confirmed") == 4
+
+        await wait_for(confirmed_too, 30, "the later booking's confirmations")
+        assert all(worker.running for worker in workers)
+        token = f"{later['appointment_id']}.1"
+        visits = assert_ok(
+            await gateway.request(
+                "appointments.v1.query.visits",
+                json.dumps({"actor": patient, "consistency_token": token}).encode(),
+                timeout=10,
+            )
+        )
+        assert later["appointment_id"] in {v["appointment_id"] for v in visits["items"]}
     finally:
         for worker in workers:
             await worker.stop()
@@ -260,4 +321,4 @@ async def test_each_clinic_process_works_within_its_permissions(
     ]
     assert refusals == []  # the server refused nothing the clinic's processes did
     assert [v for v in violations if "gateway" not in v] == []
-    assert events == ["scheduled", "cancelled"]  # the forged one never reached anyone
+    assert events == ["scheduled", "cancelled", "scheduled"]  # no forged one reached anyone

@@ -190,7 +190,7 @@ async def test_a_reply_subject_that_is_no_inbox_is_neither_handled_nor_answered(
         QUERY_GET, {"appointment_id": body["appointment_id"], "actor": patient}
     )
     assert json.loads(gone.data)["code"] == "not-found"  # the booking was never made
-    assert "reply subject is not an inbox" in caplog.text
+    assert "reply subject is no inbox of a caller's" in caplog.text
 
 
 async def test_instances_share_the_load_as_a_queue_group(database_url: str, nats_url: str) -> None:

@@ -292,6 +292,13 @@ def test_only_clinic_pods_and_labelled_clients_reach_the_nats_client_port() -> N
     allowed = [peer["podSelector"]["matchLabels"] for peer in client_rules[0]["from"]]
     assert {"app.kubernetes.io/part-of": "clinic"} in allowed
     assert all(peer.get("podSelector") for peer in client_rules[0]["from"])
+    # Monitoring (every connection's subscriptions: the clinic processes' inboxes) is not
+    # every pod's to read either.
+    monitoring = [r for r in policy["ingress"] if {"port": 8222} in r.get("ports", [])]
+    assert len(monitoring) == 1 and monitoring[0]["from"], "8222 open to every pod"
+    assert [peer["podSelector"]["matchLabels"] for peer in monitoring[0]["from"]] == [
+        {"clinic.example/nats-monitoring": "true"}
+    ]
     # Every clinic process that talks to NATS carries the label the policy lets in.
     for name in ("api", "relay", "projector", "notifications"):
         labels = _k8s_object("Deployment", f"clinic-{name}")["spec"]["template"]["metadata"]

@@ -32,6 +32,7 @@ from contracts.subjects import SERVICE_NAME
 from services.appointments.bootstrap import Container
 from services.appointments.entrypoints.nats.handlers import ServiceApi
 from services.appointments.entrypoints.nats.replies import Reply, failure
+from services.logs import dropped_message
 from services.ops import SHUTDOWN_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -90,59 +91,56 @@ def endpoint_metadata(endpoint: Endpoint) -> dict[str, str]:
 #: ``$JS.API.STREAM.PURGE.APPOINTMENTS`` would purge the stream, one sent to an event
 #: subject would be stored as an event.
 INBOX_PREFIX: Final = "_INBOX"
-#: At most one warning of dropped requests per this many seconds (a caller may send many).
-_DROPPED_WARNING_SECONDS: Final = 10.0
 
 
-def is_inbox(subject: str) -> bool:
-    """Whether ``subject`` is one the service answers on (:data:`INBOX_PREFIX`)."""
-    return subject.startswith(INBOX_PREFIX)
+@dataclass(frozen=True)
+class Replies:
+    """The reply subjects the service answers on: inboxes (:data:`INBOX_PREFIX`), but not
+    this process's own (``own``: its inbox prefix, dot included), where an answer would
+    land in a fetch of its own consumers or among its own requests' answers."""
 
+    own: str = ""
 
-class _Dropped:
-    """Requests dropped for their reply subject, warned of at most every few seconds."""
+    @classmethod
+    def of(cls, nc: NATS) -> Replies:
+        """For the process whose connection is ``nc``: its inboxes are ``_INBOX.<user>.``
+        when its NATS URL names a user, else ``_INBOX.``, everyone's (none told apart)."""
+        prefix = nc.new_inbox().rsplit(".", 1)[0] + "."
+        return cls(own="" if prefix == INBOX_PREFIX + "." else prefix)
 
-    def __init__(self) -> None:
-        self._count = 0
-        self._warned_at = -_DROPPED_WARNING_SECONDS
-
-    def answerable(self, reply: str, what: str) -> bool:
-        """Whether a request (on subject ``what``) may be handled: without a ``reply``
-        subject (nobody is answered) or with an inbox; else it is dropped, with a warning."""
-        if not reply or is_inbox(reply):
+    def answerable(self, reply: str, subject: str) -> bool:
+        """Whether a request on ``subject`` may be handled: without a ``reply`` subject
+        (nobody is answered) or with one to answer on; else it is dropped, said in a
+        throttled warning."""
+        if not reply:
             return True
-        self._count += 1
-        now = time.monotonic()
-        if now - self._warned_at >= _DROPPED_WARNING_SECONDS:
-            log.warning(
-                "dropped %d NATS request(s) whose reply subject is not an inbox (the last:"
-                " %s, reply to %r); answers go only to subjects beginning %s",
-                self._count,
-                what,
-                reply[:200],
-                INBOX_PREFIX,
-            )
-            self._count, self._warned_at = 0, now
+        if reply.startswith(INBOX_PREFIX) and not (self.own and reply.startswith(self.own)):
+            return True
+        dropped_message(
+            "whose reply subject is no inbox of a caller's",
+            f"a request on {subject} to be answered on {reply[:200]!r} (answers go only to"
+            f" subjects beginning {INBOX_PREFIX}, none of this process's own)",
+        )
         return False
 
 
-#: One for the process: the endpoints and the discovery requests share its warnings.
-DROPPED: Final = _Dropped()
-
-
 class InboxOnlyService(Service):
-    """nats-py's micro service, answering ``$SRV.PING|INFO|STATS`` on inboxes only."""
+    """nats-py's micro service, answering ``$SRV.PING|INFO|STATS`` only on ``replies``."""
+
+    def __init__(self, nc: NATS, config: ServiceConfig, replies: Replies) -> None:
+        super().__init__(nc, config)
+        self._replies = replies
 
     async def _handle_ping_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg.reply, msg.subject):
+        if self._replies.answerable(msg.reply, msg.subject):
             await super()._handle_ping_request(msg)
 
     async def _handle_info_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg.reply, msg.subject):
+        if self._replies.answerable(msg.reply, msg.subject):
             await super()._handle_info_request(msg)
 
     async def _handle_stats_request(self, msg: Msg) -> None:
-        if DROPPED.answerable(msg.reply, msg.subject):
+        if self._replies.answerable(msg.reply, msg.subject):
             await super()._handle_stats_request(msg)
 
 
@@ -158,12 +156,17 @@ class Dispatcher:
     """Runs each request of the micro service's endpoints in a bounded task of its own."""
 
     def __init__(
-        self, api: ServiceApi, max_in_flight: int = MAX_IN_FLIGHT, max_accepted: int = MAX_ACCEPTED
+        self,
+        api: ServiceApi,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_accepted: int = MAX_ACCEPTED,
+        replies: Replies = Replies(),
     ) -> None:
         missing = {endpoint.name for endpoint in ENDPOINTS} - set(api.calls)
         if missing:
             raise ValueError(f"no handler for the endpoints {sorted(missing)}")
         self._api = api
+        self.replies = replies
         self._slots = {
             endpoint.name: asyncio.Semaphore(
                 max_accepted if endpoint.name in WAITING_ENDPOINTS else max_in_flight
@@ -181,7 +184,7 @@ class Dispatcher:
 
         async def accept(request: Request) -> None:
             # (micro's Request keeps the reply subject to itself: its message has it)
-            if not DROPPED.answerable(request._msg.reply, request.subject):
+            if not self.replies.answerable(request._msg.reply, request.subject):
                 return
             if len(tasks) >= self._max_accepted:
                 doc = problem(ErrorCode.UNAVAILABLE, "The service is overloaded; retry shortly.")
@@ -304,7 +307,7 @@ async def start_service(nc: NATS, dispatcher: Dispatcher, stop: asyncio.Event) -
     """
     delay = 0.2
     while not stop.is_set():
-        service = InboxOnlyService(nc, service_config(dispatcher))
+        service = InboxOnlyService(nc, service_config(dispatcher), dispatcher.replies)
         try:
             await service.start()
             for endpoint in ENDPOINTS:
@@ -333,7 +336,7 @@ async def start_service(nc: NATS, dispatcher: Dispatcher, stop: asyncio.Event) -
 async def serve(nc: NATS, api: ServiceApi, stop: asyncio.Event) -> None:
     """Serve ``api`` on ``nc`` until ``stop`` is set, then stop taking requests and answer
     every one already sent to this instance (for at most :data:`DRAIN_SECONDS`)."""
-    dispatcher = Dispatcher(api)
+    dispatcher = Dispatcher(api, replies=Replies.of(nc))
     service = await start_service(nc, dispatcher, stop)
     if service is None:
         return
