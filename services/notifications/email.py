@@ -11,6 +11,7 @@ mark leaves nothing sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import smtplib
 import ssl
@@ -26,6 +27,8 @@ from contracts.notifications import Notification
 from services.config import ConfigError, mask_password
 from services.notifications.channels import DeliveryFailed
 from services.notifications.directory import Directory, DirectoryUnavailable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SENDER: Final = "Clinic <no-reply@localhost>"
 SMTP_TIMEOUT_SECONDS: Final = 10.0
@@ -69,6 +72,21 @@ class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
             password=unquote(parts.password) if parts.password else None,
             sender=query.get("from", [DEFAULT_SENDER])[0],
         )
+
+
+#: One plain address (``user@host``): no display name, no list, no spaces, no line break.
+#: The directory's answer becomes the ``To`` header and the envelope's recipient, so a
+#: reply of several addresses would mail each, and one with a line break would fail the
+#: mail's making at every attempt.
+_PLAIN_ADDRESS: Final = re.compile(r"[^@\s<>(),;:\"\[\]\\]+@[^@\s<>(),;:\"\[\]\\]+")
+
+
+def plain_address(value: str) -> str | None:
+    """``value`` (surrounding spaces removed) when it is one plain email address."""
+    address = value.strip()
+    if _PLAIN_ADDRESS.fullmatch(address) and address.isprintable():
+        return address
+    return None
 
 
 def email_message(notification: Notification, to: str, sender: str) -> EmailMessage:
@@ -220,7 +238,14 @@ class EmailChannel:
             raise DeliveryFailed(f"directory not asked: {exc}", permanent=False) from exc
         if contact is None or not contact.email:
             return "no email address known"
-        message = email_message(notification, contact.email, self._config.sender)
+        address = plain_address(contact.email)
+        if address is None:
+            log.warning(
+                "the directory's address is not one plain address: email skipped",
+                extra={"user_id": str(notification.recipient_id)},
+            )
+            return "the directory's address is not one plain address"
+        message = email_message(notification, address, self._config.sender)
         try:
             smtp = await asyncio.to_thread(_connect, self._config)
         except (smtplib.SMTPException, OSError) as exc:

@@ -251,6 +251,25 @@ async def test_a_refused_recipient_fails_for_good_without_holding_up_the_others(
     assert [m["To"] for m in clinic.sink.messages] == [booking.email_of("provider")]
 
 
+async def test_a_directory_address_that_is_not_one_plain_address_gets_no_email(
+    clinic: Clinic,
+) -> None:
+    booking = Booking()
+    clinic.know(booking)
+    patient, provider = booking.email_of("patient"), booking.email_of("provider")
+    clinic.contacts[booking.patient_id]["email"] = f"{patient}, spy@evil.example"
+    clinic.contacts[booking.provider_id]["email"] = f"{provider}\r\nBcc: spy@evil.example"
+    async with clinic.running():
+        await clinic.publish(booking.scheduled(clinic.clock()), booking.clinic_id)
+        await clinic.wait_settled()
+
+    assert clinic.sink.messages == []  # neither to the list nor past the line break
+    emails = [r for r in await clinic.deliveries() if r["channel"] == "email"]
+    assert [r["status"] for r in emails] == ["skipped"] * 2, emails
+    assert {r["last_error"] for r in emails} == {"the directory's address is not one plain address"}
+    assert len(await clinic.pushes()) == 2
+
+
 async def test_a_transient_smtp_refusal_is_retried_with_backoff(clinic: Clinic) -> None:
     booking = Booking()
     clinic.know(booking)

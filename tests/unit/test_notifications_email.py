@@ -9,7 +9,13 @@ from datetime import timedelta
 import pytest
 
 from services.config import ConfigError
-from services.notifications.email import DEFAULT_SENDER, SmtpConfig, _failure, email_message
+from services.notifications.email import (
+    DEFAULT_SENDER,
+    SmtpConfig,
+    _failure,
+    email_message,
+    plain_address,
+)
 from services.notifications.runtime import Tuning
 from tests.support import builders
 
@@ -85,3 +91,27 @@ def test_retries_back_off_exponentially_up_to_a_cap() -> None:
 def test_the_service_waits_one_second_for_the_directory_as_interfaces_md_says() -> None:
     # "no answer within 1 s means no email": the default the service runs with.
     assert Tuning().directory_timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "address"),
+    [
+        ("p1@example.com", "p1@example.com"),
+        ("  p1@example.com ", "p1@example.com"),
+        ("jürgen@bücher.example", "jürgen@bücher.example"),
+        ("p1@example.com, spy@evil.example", None),  # a list: each would be mailed
+        ("p1@example.com\r\nBcc: spy@evil.example", None),
+        ("Patient One <p1@example.com>", None),
+        ("p1@example.com;spy@evil.example", None),
+        ("p1 @example.com", None),
+        ("p1", None),
+        ("@example.com", None),
+        ("p1@", None),
+        ("p1@a@b", None),
+        ("p1@example.com\x00", None),
+    ],
+)
+def test_only_one_plain_address_from_the_directory_is_mailed(
+    reply: str, address: str | None
+) -> None:
+    assert plain_address(reply) == address
