@@ -18,6 +18,7 @@ from services.appointments.domain.rules import Rules
 from services.appointments.service_layer.handlers import Appointments, RequestContext
 from services.appointments.service_layer.ports import RecordedEvent
 from services.appointments.service_layer.visits import (
+    MAX_WAITING_READS_PER_USER,
     REPAIR_FAILED,
     STOP_REPAIR_SECONDS,
     Scope,
@@ -256,6 +257,37 @@ async def test_a_read_that_can_never_be_fresh_waits_out_its_time_without_polling
     # the view only: a flood of such tokens must not poll the database.
     assert stale and loop.time() - started >= wait.total_seconds() * 0.9
     assert visits.version_checks == 1 and visits.writes == 0
+
+
+async def test_a_users_reads_past_its_waiting_bound_look_once_and_answer_at_once() -> None:
+    wait = timedelta(seconds=30)  # a test that waits it out fails its own timeout
+    clock, _store, visits, app, query = _setup(wait=wait)
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    flooder = principal("patient")  # tokens of an appointment not theirs: never fresh
+    token = booked.consistency_token
+    waiting = [
+        asyncio.ensure_future(query.list_visits(flooder, consistency_token=token))
+        for _ in range(MAX_WAITING_READS_PER_USER)
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(read.done() for read in waiting)
+    checks = visits.version_checks
+    for _ in range(20):  # past the bound: one look each, stale at once
+        _, stale = await asyncio.wait_for(query.list_visits(flooder, consistency_token=token), 1)
+        assert stale
+    assert visits.version_checks == checks + 20 and visits.writes == 0
+    # Another user's read still waits for (and repairs) its own write.
+    patient = principal("patient")
+    own = await app.schedule(
+        RequestContext(principal=patient), schedule_body(clock.now, patient_id=patient.id)
+    )
+    page, stale = await asyncio.wait_for(
+        query.list_visits(patient, consistency_token=own.consistency_token), 1
+    )
+    assert not stale and _listed(page) == [own.view.appointment_id]
+    query.stop_waiting()
+    assert all(stale for _, stale in await asyncio.wait_for(asyncio.gather(*waiting), 5))
 
 
 async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> None:

@@ -59,6 +59,12 @@ REPAIR_FAILED: Final = "visits row repair failed (waiting for the projector): %r
 #: How long a read with a consistency token may still take once the process stops (to
 #: repair its row: one load, one write), within the configured wait.
 STOP_REPAIR_SECONDS: Final = 1.0
+#: Reads of one user that wait for their consistency tokens at once; beyond, a read only
+#: looks (one look, no wait, no repair: stale unless the view has it). A read with a token
+#: the view will never hold for its reader (another's appointment, a forged write) waits
+#: out the whole wait, so that it tells nothing: without this bound, one user's flood of
+#: them held every in-flight slot of the process for that long.
+MAX_WAITING_READS_PER_USER: Final = 8
 log.addFilter(Throttle([REPAIR_FAILED]))
 
 #: No visit lasts longer: a visit not yet ended started after ``now - LONGEST_VISIT``,
@@ -300,6 +306,7 @@ class VisitsQuery:
         self._deadlines: set[asyncio.Timeout] = set()  # reads with a token, in all
         self._stopping = False
         self._stop_by = 0.0  # the event loop's time by which reads answer, once stopping
+        self._waiting: dict[Principal, int] = {}  # reads waiting for their tokens, by user
 
     def stop_waiting(self) -> None:
         """The process is stopping: reads waiting for the projector to reach their
@@ -338,7 +345,7 @@ class VisitsQuery:
         stale = False
         writes = parse_tokens(consistency_token) if consistency_token else []
         if writes:
-            stale = not await self._read_your_writes_in_time(Scope.of(principal), writes)
+            stale = not await self._read_your_writes_of(principal, writes)
         now = self._clock()
         rows = await self._reader.page(Scope.of(principal), tab, now, after, limit + 1)
         # The SQL already filters by tab; the rules stay the authority.
@@ -350,6 +357,26 @@ class VisitsQuery:
             last = rows[limit - 1]
             next_cursor = encode_cursor(PageKey(tab, last.starts_at, last.appointment_id))
         return VisitsPage(items=items, next_cursor=next_cursor), stale
+
+    async def _read_your_writes_of(
+        self, principal: Principal, writes: list[tuple[UUID, int]]
+    ) -> bool:
+        """:meth:`_read_your_writes_in_time`, or one look at the view for a user with
+        :data:`MAX_WAITING_READS_PER_USER` reads waiting already."""
+        scope = Scope.of(principal)
+        waiting = self._waiting.get(principal, 0)
+        if waiting >= MAX_WAITING_READS_PER_USER:
+            seconds = self._wait.total_seconds()
+            return await _within(
+                asyncio.timeout(seconds), self._deadlines, self._in_view_or_repaired(scope, writes)
+            )
+        self._waiting[principal] = waiting + 1
+        try:
+            return await self._read_your_writes_in_time(scope, writes)
+        finally:
+            left = self._waiting.pop(principal) - 1
+            if left:
+                self._waiting[principal] = left
 
     async def _read_your_writes_in_time(self, scope: Scope, writes: list[tuple[UUID, int]]) -> bool:
         """:meth:`_read_your_write` of each write within the configured wait in all (one
@@ -364,10 +391,7 @@ class VisitsQuery:
         if self._stopping:
             until = min(until, self._stop_by)
         if until <= loop.time():
-            for stream_id, version in writes:
-                if not await self._reader.wait_for_version(scope, stream_id, version, 0):
-                    return False
-            return True
+            return await self._in_view(scope, writes)
         # The last look for the projector starts by ``until`` (as a read that can never be
         # fresh ends its wait: the two take as long); the deadline leaves it its answer.
         return await _within(
@@ -375,6 +399,26 @@ class VisitsQuery:
             self._deadlines,
             self._read_your_writes(scope, writes, until),
         )
+
+    async def _in_view_or_repaired(self, scope: Scope, writes: list[tuple[UUID, int]]) -> bool:
+        """Whether the view holds every one of ``writes`` now (one look each), or a repair
+        of its row already under way (another read's) writes it: joined, none started."""
+        for stream_id, version in writes:
+            if await self._reader.wait_for_version(scope, stream_id, version, 0):
+                continue
+            if self._repair is None or self._repairs.get(stream_id) is None:
+                return False
+            repaired = await self._repair_row(scope, stream_id, version, join_only=True)
+            if repaired is not _Repaired.WRITTEN:
+                return False
+        return True
+
+    async def _in_view(self, scope: Scope, writes: list[tuple[UUID, int]]) -> bool:
+        """Whether the view holds every one of ``writes`` now (one look each, no wait)."""
+        for stream_id, version in writes:
+            if not await self._reader.wait_for_version(scope, stream_id, version, 0):
+                return False
+        return True
 
     async def _read_your_writes(
         self, scope: Scope, writes: list[tuple[UUID, int]], until: float
@@ -427,18 +471,23 @@ class VisitsQuery:
             return False
         return await _within(asyncio.timeout(None), self._waits, waiting)
 
-    async def _repair_row(self, scope: Scope, stream_id: UUID, version: int) -> _Repaired:
+    async def _repair_row(
+        self, scope: Scope, stream_id: UUID, version: int, *, join_only: bool = False
+    ) -> _Repaired:
         """Write the appointment's row from its stored events if the reader may see it and
         the store holds the token's write (best effort, within the read's deadline: a
         failure leaves the read to wait for the projector); whether it was written (the
         view then holds ``version`` or, the version guard says, a later one), or never will
         be for this reader. Reads of one appointment that come while its events are loaded
-        share that load and its write (which run on if those reads leave)."""
+        share that load and its write (which run on if those reads leave). ``join_only``:
+        only a repair under way is joined (none there: FAILED, nothing done)."""
         assert self._repair is not None
         try:
             repair, mine = self._repairs.get(stream_id), False
             while True:
                 if repair is None:
+                    if join_only:
+                        return _Repaired.FAILED
                     repair, mine = self._start_repair(stream_id), True
                 row = await asyncio.shield(repair.row)
                 if mine or (row is not None and row.version >= version):
