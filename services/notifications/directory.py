@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: The directory answers within this or not at all (interfaces.md).
 DIRECTORY_TIMEOUT_SECONDS: Final = 1.0
+#: The header of a contact request naming the clinic the notification is of.
+CLINIC_ID_HEADER: Final = "Clinic-Id"
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
@@ -78,17 +80,26 @@ class Directory:
             log.info("the directory answers again")
         self._silent = False
 
-    async def contact(self, user_id: UUID) -> DirectoryContactReply | None:
+    async def contact(
+        self, user_id: UUID, clinic_id: UUID | None = None
+    ) -> DirectoryContactReply | None:
         """The user's contact details; None when the directory does not answer in time,
         is not running, or answers something unreadable. :class:`DirectoryUnavailable`
-        when our own connection is down, before or during the request."""
+        when our own connection is down, before or during the request.
+
+        ``clinic_id``, the clinic the notification is of, goes in the request's
+        ``Clinic-Id`` header: a booking names its provider (and staff its patient) by id
+        alone, so a directory that knows who belongs to which clinic should answer no
+        address for a user not of that clinic (else anyone who books could have a
+        "New visit booked" mailed to any user)."""
         subject = directory_contact_subject(user_id)
         down = _down(self._nc)
         if down is not None:
             raise DirectoryUnavailable(f"NATS connection {down}")
         reconnects = _reconnects(self._nc)
         try:
-            reply = await self._nc.request(subject, b"", timeout=self._timeout)
+            headers = None if clinic_id is None else {CLINIC_ID_HEADER: str(clinic_id)}
+            reply = await self._nc.request(subject, b"", timeout=self._timeout, headers=headers)
         except _NOT_CONNECTED as exc:
             raise DirectoryUnavailable(f"NATS connection down: {exc!r}") from exc
         except nats.errors.NoRespondersError:

@@ -232,7 +232,9 @@ class EmailChannel:
         is safe to do again (nothing left), the message from then on may arrive. If
         ``hand_over()`` raises, the connection is dropped and nothing is sent."""
         try:
-            contact = await self._directory.contact(notification.recipient_id)
+            contact = await self._directory.contact(
+                notification.recipient_id, notification.clinic_id
+            )
         except DirectoryUnavailable as exc:
             # Not a "no": the question never reached the directory. Asked again later.
             raise DeliveryFailed(f"directory not asked: {exc}", permanent=False) from exc

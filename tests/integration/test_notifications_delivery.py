@@ -69,6 +69,9 @@ async def test_every_kind_reaches_the_right_recipients_with_the_local_time(clini
             "sent_at": sent_at[push.kind].isoformat().replace("+00:00", "Z"),
         }
     assert len({p.notification_id for p in pushes}) == len(pushes)
+    # Each address asked for names the clinic, for the directory to answer none for a user
+    # not of it (a booking names its provider by id alone).
+    assert clinic.asked and {c for _, c in clinic.asked} == {str(booking.clinic_id)}
     sent = sorted((p.kind, p.recipient_role, p.recipient_id) for p in pushes)
     assert sent == sorted(
         [

@@ -93,7 +93,9 @@ class GatedDirectory:
         self.known = known
         self.waiting = asyncio.Event()
 
-    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply:
+    async def contact(
+        self, user_id: uuid.UUID, clinic_id: uuid.UUID | None = None
+    ) -> DirectoryContactReply:
         if self.gate is not None:
             self.waiting.set()
             await self.gate.wait()
@@ -187,6 +189,8 @@ class Clinic:
     clock: ManualClock
     #: user id -> the directory's reply; unknown users get no answer at all.
     contacts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    #: Who the directory was asked about, and the clinic the request named.
+    asked: list[tuple[uuid.UUID, str | None]] = field(default_factory=list)
 
     def know(self, booking: Booking) -> None:
         for role in ("patient", "provider"):
@@ -324,6 +328,7 @@ async def _clinic(
 
     async def directory(msg: Any) -> None:
         user = uuid.UUID(msg.subject.rsplit(".", 1)[1])
+        world.asked.append((user, (msg.headers or {}).get("Clinic-Id")))
         if user in world.contacts:
             await msg.respond(msgspec.json.encode(world.contacts[user]))
 

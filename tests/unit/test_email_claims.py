@@ -367,7 +367,9 @@ class _Directory:
         self.email = email
         self.unavailable = unavailable
 
-    async def contact(self, user_id: uuid.UUID) -> DirectoryContactReply | None:
+    async def contact(
+        self, user_id: uuid.UUID, clinic_id: uuid.UUID | None = None
+    ) -> DirectoryContactReply | None:
         if self.unavailable:
             raise DirectoryUnavailable("NATS connection reconnecting")
         return DirectoryContactReply(email=self.email, locale="en")
