@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from contracts.events import EVENT_KINDS, EVENT_TYPES
 from contracts.json_schema import Schema, components, event_schema_name
-from contracts.notifications import NOTIFICATION_KINDS
+from contracts.notifications import CLINIC_ID_HEADER, NOTIFICATION_KINDS
 from contracts.service_api import (
     CONSISTENCY_HEADER,
     CONSISTENCY_TOKEN_HEADER,
@@ -112,6 +112,16 @@ def _messages() -> dict[str, Schema]:
     messages["DirectoryContactRequest"] = {
         "name": "DirectoryContactRequest",
         "summary": "An empty request: the user is named by the subject.",
+        "headers": _headers(
+            {
+                CLINIC_ID_HEADER: {
+                    **_UUID,
+                    "description": "The clinic the notification is of: answer no address"
+                    " for a user not of it.",
+                }
+            },
+            {},
+        ),
     }
     messages["DirectoryContactReply"] = _message(
         "DirectoryContactReply", "The user's contact (no reply within 1 s: no e-mail)."

@@ -35,6 +35,11 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: AwareDatetime
 
 
+#: The header of a contact request naming the clinic the notification is of: a directory
+#: that knows who belongs where answers no address for a user not of that clinic.
+CLINIC_ID_HEADER: Final = "Clinic-Id"
+
+
 class DirectoryContactReply(msgspec.Struct, frozen=True, kw_only=True):
     """The clinic directory's answer on ``directory.v1.contact.<user_id>``."""
 

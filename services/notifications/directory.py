@@ -18,15 +18,13 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from contracts.common import UNREADABLE_JSON
-from contracts.notifications import DirectoryContactReply
+from contracts.notifications import CLINIC_ID_HEADER, DirectoryContactReply
 from contracts.subjects import directory_contact_subject
 
 log = logging.getLogger(__name__)
 
 #: The directory answers within this or not at all (interfaces.md).
 DIRECTORY_TIMEOUT_SECONDS: Final = 1.0
-#: The header of a contact request naming the clinic the notification is of.
-CLINIC_ID_HEADER: Final = "Clinic-Id"
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
