@@ -755,20 +755,33 @@ async def test_fetching_a_batch_reads_only_the_unpublished_events(pool: asyncpg.
         assert await outbox.unpublished_after(conn, last - 3, 1, 2000) == []
 
 
+@pytest.mark.parametrize(
+    ("others", "batching"),
+    [
+        (0, {}),
+        # Another appointment's booking in the batch, acked: only it leaves the outbox.
+        (1, {}),
+        # Two batches in flight: the next one must not carry the refused one's successor.
+        (0, {"batch_size": 1, "in_flight": 2}),
+    ],
+    ids=["alone", "batch-partly-acked", "two-batches-in-flight"],
+)
 async def test_a_refused_publish_is_not_overtaken_by_the_next_event_of_its_appointment(
-    pool: asyncpg.Pool, nc: NATS
+    pool: asyncpg.Pool, nc: NATS, others: int, batching: dict[str, int]
 ) -> None:
     store = PostgresEventStore(pool)
     clinic, stream = uuid.uuid4(), uuid.uuid4()
+    for _ in range(others):
+        await store.append(uuid.uuid4(), 0, [recorded(booking(clinic))])
     await store.append(stream, 0, [recorded(booking(clinic))])
     await store.append(stream, 1, [recorded(cancellation(clinic))])
-    relay = OutboxRelay(pool, nc, ack_timeout=1.0)
+    relay = OutboxRelay(pool, nc, ack_timeout=1.0, **batching)
     real = relay._js.publish_async
     refused = False
 
     async def publish_async(subject: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         nonlocal refused
-        if subject.endswith(".scheduled") and not refused:
+        if subject.endswith(f"{stream}.scheduled") and not refused:
             # JetStream refuses this one publish (a 503 while the stream's leader is being
             # elected); the next, a moment later, would be stored.
             refused = True
@@ -795,6 +808,8 @@ async def test_a_refused_publish_is_not_overtaken_by_the_next_event_of_its_appoi
         stream=EVENTS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.NONE, filter_subject=EVENTS_SUBJECTS),
     )
-    messages = await sub.fetch(2, timeout=5)
-    versions = [msgspec.json.decode(m.data, type=EventEnvelope).stream_version for m in messages]
+    messages = await sub.fetch(2 + others, timeout=5)
+    envelopes = [msgspec.json.decode(m.data, type=EventEnvelope) for m in messages]
+    versions = [e.stream_version for e in envelopes if e.stream_id == stream]
     assert versions == [1, 2]  # domain.md: one appointment's events in version order
+    assert len(envelopes) == 2 + others  # nothing lost, nothing twice
