@@ -30,6 +30,7 @@ from contracts.events import (
     event_data,
 )
 from contracts.subjects import EVENTS_STREAM, event_subject
+from services.appointments import projector as projector_module
 from services.appointments.adapters.nats.streams import ensure_events_stream
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.visits import (
@@ -308,6 +309,28 @@ async def test_poison_messages_are_parked_and_never_block(pool: asyncpg.Pool, nc
     assert "undecodable" in parked[0]["reason"]
     assert "unreadable" in parked[1]["reason"]
     assert await pool.fetchval("SELECT appointment_id FROM visits") == stream
+
+
+async def test_an_event_the_database_refuses_is_parked_and_its_batch_mates_applied(
+    pool: asyncpg.Pool, nc: NATS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Readable, and refused by PostgreSQL for its content (no NUL in a text): a batch of
+    # three that fails is applied one by one, so only that one is held, then parked.
+    monkeypatch.setattr(projector_module, "PARK_AFTER", 2)
+    clinic_id = uuid.uuid4()
+    good = [uuid.uuid4(), uuid.uuid4()]
+    refused = msgspec.structs.replace(scheduled(clinic_id), visit_reason="a\u0000b")
+    await publish(nc, clinic_id, of(good[0], 1, scheduled(clinic_id)))
+    await publish(nc, clinic_id, of(uuid.uuid4(), 1, refused))
+    await publish(nc, clinic_id, of(good[1], 1, scheduled(clinic_id)))
+    async with running(pool, nc, run_projector):
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM parked_messages"))
+        await eventually(lambda: consumer_idle(nc))
+    assert sorted(row["appointment_id"] for row in await view(pool)) == sorted(good)
+    parked = await pool.fetchrow("SELECT stream_sequence, reason, deliveries FROM parked_messages")
+    assert parked["stream_sequence"] == 2 and "never applicable" in parked["reason"]
+    assert parked["deliveries"] == 2  # PARK_AFTER's delivery parks it, not the next
+    assert "projector interrupted" not in caplog.text
 
 
 @pytest.mark.fault
