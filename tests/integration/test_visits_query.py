@@ -178,6 +178,20 @@ async def test_a_visit_moves_to_past_when_it_ends_or_is_cancelled(
     assert [(v.appointment_id, v.status) for v in page.items] == [(visit, "missed")]
 
 
+@pytest.mark.parametrize("tab", ["upcoming", "past"])
+async def test_pages_are_whole_with_a_visit_ending_at_this_very_moment(
+    visits: PostgresVisits, query: VisitsQuery, clock: ManualClock, tab: VisitsTab
+) -> None:
+    # The SQL picks each tab's rows by the same edge as the rules (a visit ending now is
+    # past): a page one row short would lose its cursor, and the rest of the tab with it.
+    ending = await book(visits, timedelta(minutes=-30))  # 30 minutes long: ends at NOW
+    later = [await book(visits, timedelta(hours=h)) for h in (1, 2)]
+    earlier = [await book(visits, timedelta(hours=-h)) for h in (2, 3)]
+    clock.now = NOW
+    expected = later if tab == "upcoming" else [ending, *earlier]
+    assert await walk(query, tab, 1) == expected
+
+
 async def test_each_role_sees_only_its_scope(visits: PostgresVisits, query: VisitsQuery) -> None:
     mine = await book(visits, timedelta(hours=1))
     other_patient = await book(visits, timedelta(hours=2), patient=uuid.uuid4())
