@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
+
+
+class RefusedConnection(ConnectionError):
+    """PostgreSQL refused a new connection for a state of its own that no statement is at
+    fault for and that passes (a database closed to connections, ``ALLOW_CONNECTIONS
+    false``: SQLSTATE 55000; ``CONNECT`` revoked: 42501): an outage like any other. The
+    refusal is its ``__cause__``."""
+
+
+async def connect_or_refused(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect`` for the pools: a refusal of the new connection itself that is
+    not already a connection error raises :class:`RefusedConnection` (a DSN that cannot
+    work as written is found at start, by ``check_dsn_settings``)."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, CONNECTION_ERRORS):
+            raise
+        raise RefusedConnection(f"PostgreSQL refused the connection: {exc}") from exc
+
 
 #: Failures that mean "PostgreSQL is not reachable right now", not "the request is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

@@ -28,7 +28,7 @@ from services.auth import TokenVerifier
 from services.config import ConfigError, Settings, mask_password
 from services.metrics import watch_pool
 from services.nats_client import NatsClient, NatsClosed
-from services.pg_errors import REFUSED_SETTING_STATES
+from services.pg_errors import REFUSED_SETTING_STATES, connect_or_refused
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ async def _bounded_pool(
         max_size=max_size,
         max_queries=50_000,
         max_inactive_connection_lifetime=300.0,
-        connect=None,
+        connect=connect_or_refused,
         setup=None,
         loop=None,
         connection_class=asyncpg.Connection,

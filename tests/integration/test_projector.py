@@ -39,11 +39,13 @@ from services.appointments.adapters.postgres.visits import (
     upsert_args,
     upsert_statement,
 )
+from services.appointments.bootstrap import create_pool
 from services.appointments.projector import CONSUMER, VisitsProjector, run_projector
 from services.appointments.rebuild import rebuild_visits
 from services.appointments.relay import run_relay
 from services.appointments.service_layer.ports import NewEvent
 from services.appointments.service_layer.visits import Outcome, project
+from services.pg_errors import RefusedConnection, unreachable
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 STAFF = Actor(id=uuid.uuid4(), role="staff")
@@ -364,6 +366,43 @@ async def test_a_read_only_database_neither_uses_up_deliveries_nor_stops_the_pro
         REGISTRY.get_sample_value("clinic_projector_events_total", {"outcome": "failed"}) == failed
     )
     assert "projector interrupted" not in caplog.text
+
+
+@pytest.mark.fault
+async def test_a_database_closed_to_connections_is_waited_out_as_an_outage(
+    nc: NATS, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ALLOW_CONNECTIONS false`` (an operator's maintenance): new connections are refused
+    with SQLSTATE 55000, which is no statement's fault. The projector holds its message as
+    while PostgreSQL is down, spending no delivery, and applies it once the database opens."""
+    head, database = database_url.rsplit("/", 1)
+    outcome = {"outcome": "failed"}
+    failed = REGISTRY.get_sample_value("clinic_projector_events_total", outcome) or 0.0
+    service_pool = await create_pool(database_url)  # the service's, as the projector has it
+    admin = await asyncpg.connect(f"{head}/postgres")  # (a database can't close itself)
+    clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+        )
+        with pytest.raises(RefusedConnection) as refused:
+            await service_pool.fetchval("SELECT 1")
+        assert unreachable(refused.value)
+        await publish(nc, clinic_id, of(stream, 1, scheduled(clinic_id)))
+        async with running(service_pool, nc, run_projector):
+            await asyncio.sleep(3)  # refused all along
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            await eventually(lambda: service_pool.fetchval("SELECT count(*) = 1 FROM visits"))
+            await eventually(lambda: consumer_idle(nc))
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await service_pool.close()
+    info = await nc.jetstream().consumer_info(EVENTS_STREAM, CONSUMER)
+    assert info.num_redelivered == 0  # held in place: no delivery spent
+    assert (REGISTRY.get_sample_value("clinic_projector_events_total", outcome) or 0.0) == failed
+    assert "cannot apply" not in caplog.text
 
 
 async def _writable(pool: asyncpg.Pool, database: str) -> None:
