@@ -373,7 +373,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = build_parser().parse_args(argv)
         if args.command not in SERVICES:
-            _early_stop.uninstall(deliver=True)
+            try:
+                _early_stop.uninstall(deliver=True)
+            except KeyboardInterrupt:  # Ctrl-C while starting: as one later (130)
+                sys.exit(130)
         _run(args)
     finally:
         _early_stop.uninstall()

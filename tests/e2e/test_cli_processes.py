@@ -147,6 +147,20 @@ def test_a_stop_signal_while_the_program_still_imports_stops_it_without_a_traceb
     assert "Traceback" not in result.stderr and "running" not in result.stderr
 
 
+def test_ctrl_c_while_a_one_shot_command_still_imports_exits_130_without_a_traceback(
+    database_url: str,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AMID_THE_IMPORTS, str(int(signal.SIGINT)), "migrate"],
+        env={**os.environ, "CLINIC_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "applied" not in result.stdout
+
+
 #: A start that notes a SIGTERM and then fails in another way (a malformed variable); then
 #: another run in the same interpreter (``main()`` called again, as by a test).
 NOTED_THEN_FAILED = """

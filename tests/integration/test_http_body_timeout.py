@@ -192,11 +192,15 @@ async def test_a_malformed_url_after_an_answered_request_is_answered_400_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with serving(monkeypatch) as port:
-        good, bad = (
-            f"GET {url} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for url in ("/quick", "http://a:b/")
-        )
-        answer = await exchange(port, [good, bad], pause=0.3)  # the first answered by then
-        first, _, answer = answer.partition(b"fine")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async with asyncio.timeout(10):
+                writer.write(b"GET /quick HTTP/1.1\r\nhost: x\r\n\r\n")
+                first = await reader.readuntil(b"fine")  # answered whole before the next
+                writer.write(b"GET http://a:b/ HTTP/1.1\r\nhost: x\r\n\r\n")
+                answer = await reader.read()
+        finally:
+            writer.close()
         assert first.startswith(b"HTTP/1.1 200"), first
         status, doc = problem_of(answer)
         assert status == b"HTTP/1.1 400 Bad Request", (status, doc)

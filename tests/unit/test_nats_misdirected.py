@@ -49,6 +49,7 @@ class _Nats:
         ("_INBOX.appointments", "_INBOX.gateway.Xyz", True),
         ("_INBOX.appointments", "_INBOX_billing.Xyz", True),
         ("_INBOX.appointments", "", True),  # nobody to answer: handled, unanswered
+        ("_INBOX.appointments", "_R_.3QVfd9.GGtHf8", True),  # from another account
         ("_INBOX.appointments", "_INBOX.appointments.Xyz", False),  # its own fetches'
         ("_INBOX.appointments", "$JS.API.STREAM.PURGE.APPOINTMENTS", False),
         ("_INBOX.appointments", "appointments.v1.events.c.a.cancelled", False),

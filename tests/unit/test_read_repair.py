@@ -286,8 +286,16 @@ async def test_a_users_reads_past_its_waiting_bound_look_once_and_answer_at_once
         query.list_visits(patient, consistency_token=own.consistency_token), 1
     )
     assert not stale and _listed(page) == [own.view.appointment_id]
+    # A waiting read that leaves (its client gone) frees its place: the next one waits.
+    waiting[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    waiting[0] = asyncio.ensure_future(query.list_visits(flooder, consistency_token=token))
+    await asyncio.sleep(0.01)
+    assert not waiting[0].done()
     query.stop_waiting()
     assert all(stale for _, stale in await asyncio.wait_for(asyncio.gather(*waiting), 5))
+    assert query._waiting == {}  # no place kept by a read that is over
 
 
 async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> None:

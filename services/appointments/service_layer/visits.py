@@ -366,9 +366,14 @@ class VisitsQuery:
         scope = Scope.of(principal)
         waiting = self._waiting.get(principal, 0)
         if waiting >= MAX_WAITING_READS_PER_USER:
-            seconds = self._wait.total_seconds()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self._wait.total_seconds()
+            if self._stopping:
+                until = min(until, self._stop_by)
+            if until <= loop.time():
+                return await self._in_view(scope, writes)
             return await _within(
-                asyncio.timeout(seconds), self._deadlines, self._in_view_or_repaired(scope, writes)
+                asyncio.timeout_at(until), self._deadlines, self._in_view_or_repaired(scope, writes)
             )
         self._waiting[principal] = waiting + 1
         try:

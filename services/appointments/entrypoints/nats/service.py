@@ -91,13 +91,17 @@ def endpoint_metadata(endpoint: Endpoint) -> dict[str, str]:
 #: ``$JS.API.STREAM.PURGE.APPOINTMENTS`` would purge the stream, one sent to an event
 #: subject would be stored as an event.
 INBOX_PREFIX: Final = "_INBOX"
+#: The reply subjects nats-server itself makes for a request that crosses accounts (a
+#: service exported by one account, imported by another): ``_R_.<id>.<id>``.
+IMPORT_REPLY_PREFIX: Final = "_R_."
 
 
 @dataclass(frozen=True)
 class Replies:
     """The reply subjects the service answers on: inboxes (:data:`INBOX_PREFIX`), but not
     this process's own (``own``: its inbox prefix, dot included), where an answer would
-    land in a fetch of its own consumers or among its own requests' answers."""
+    land in a fetch of its own consumers or among its own requests' answers; and the
+    server's own for a caller in another account (:data:`IMPORT_REPLY_PREFIX`)."""
 
     own: str = ""
 
@@ -112,7 +116,7 @@ class Replies:
         """Whether a request on ``subject`` may be handled: without a ``reply`` subject
         (nobody is answered) or with one to answer on; else it is dropped, said in a
         throttled warning."""
-        if not reply:
+        if not reply or reply.startswith(IMPORT_REPLY_PREFIX):
             return True
         if reply.startswith(INBOX_PREFIX) and not (self.own and reply.startswith(self.own)):
             return True
