@@ -121,6 +121,7 @@ async def test_a_role_stops_on_a_refusal_for_good_only_before_it_made_the_stream
         (ServerError(code=500, err_code=10049, description="stream store failed"), False),
         (ServiceUnavailableError(code=503), False),
         (APIError(code=429, description="too many requests"), False),
+        (APIError(code=408, description="request timeout"), False),
     ],
 )
 async def test_a_push_refused_by_jetstream_fails_for_good_only_for_a_request_error(
