@@ -18,7 +18,6 @@ did so again at every redelivery.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -26,15 +25,11 @@ from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.logs import Throttle, dropped_message
-
-log = logging.getLogger(__name__)
+from services.logs import dropped_message
 
 #: The headers of a message whose header block nats-py cannot read, instead of an error out
 #: of its read loop: the NATS service API refuses such a request (``invalid-request``).
 UNREADABLE_HEADERS: Final = "Clinic-Unreadable-Headers"
-DROPPED: Final = "NATS message dropped, unreadable: %s (subject %r, reply %r)"
-log.addFilter(Throttle([DROPPED]))  # anyone allowed to publish could flood the log
 
 
 class NatsClosed(Exception):
@@ -77,8 +72,11 @@ class NatsClient(NATS):
     ) -> None:
         try:
             await super()._process_msg(sid, subject, reply, data, headers)
-        except Exception as exc:
-            log.warning(DROPPED, repr(exc), bytes(subject[:200]), bytes(reply[:200]))
+        except Exception as exc:  # anyone allowed to publish could send many: throttled
+            dropped_message(
+                "nats-py cannot read",
+                f"{exc!r} (subject {bytes(subject[:200])!r}, reply {bytes(reply[:200])!r})",
+            )
 
 
 def delivered_for(msgs: Iterable[Msg], stream: str, consumer: str) -> list[Msg]:
