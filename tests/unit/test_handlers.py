@@ -112,11 +112,14 @@ async def test_a_lost_race_with_if_match_is_a_version_conflict(clock: ManualCloc
         await app.cancel(ctx, created.view.appointment_id, expected_version=1)
 
 
-class DeadlockOnce(FakeEventStore):
-    """PostgreSQL aborts one append as a deadlock victim (a ``StreamVersionConflict``, as
-    the event store reports it): nothing written, the version unchanged."""
+class RefusingNext(FakeEventStore):
+    """Its next appends raise ``refusals``, one each, writing nothing: a deadlock victim
+    (``StreamVersionConflict``, as the event store reports it: the version unchanged), the
+    database gone away (a failover)."""
 
-    deadlocks = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[Exception] = []
 
     async def append(
         self,
@@ -125,20 +128,19 @@ class DeadlockOnce(FakeEventStore):
         events: Sequence[NewEvent],
         idempotency: IdempotencyRecord | None = None,
     ) -> AppendResult:
-        if self.deadlocks:
-            self.deadlocks -= 1
-            raise StreamVersionConflict()
+        if self.refusals:
+            raise self.refusals.pop(0)
         return await super().append(stream_id, expected_version, events, idempotency)
 
 
 async def test_a_deadlock_victim_with_a_current_if_match_is_appended_again(
     clock: ManualClock,
 ) -> None:
-    store = DeadlockOnce()
+    store = RefusingNext()
     app = service(store, clock)
     ctx = RequestContext(principal=principal("staff"))
     created = await app.schedule(ctx, schedule_body(clock.now))
-    store.deadlocks = 1
+    store.refusals = [StreamVersionConflict()]
     outcome = await app.cancel(ctx, created.view.appointment_id, expected_version=1)
     assert outcome.appended and outcome.view.status == "cancelled"
 
@@ -523,31 +525,13 @@ def test_the_state_cache_is_bounded_and_never_goes_back_in_time() -> None:
     assert StateCache(size=0).get(a) is None
 
 
-class DownOnce(FakeEventStore):
-    """The next append fails as if the database went away (a failover)."""
-
-    down = False
-
-    async def append(
-        self,
-        stream_id: uuid.UUID,
-        expected_version: int,
-        events: Sequence[NewEvent],
-        idempotency: IdempotencyRecord | None = None,
-    ) -> AppendResult:
-        if self.down:
-            self.down = False
-            raise Unavailable("The database is unreachable; retry shortly.")
-        return await super().append(stream_id, expected_version, events, idempotency)
-
-
 async def test_a_store_outage_drops_the_cached_states(clock: ManualClock) -> None:
-    store = DownOnce()
+    store = RefusingNext()
     app = service(store, clock)
     ctx = RequestContext(principal=principal("staff"))
     first = await app.schedule(ctx, schedule_body(clock.now))
     second = await app.schedule(ctx, schedule_body(clock.now, starts_in=timedelta(hours=5)))
-    store.down = True
+    store.refusals = [Unavailable("The database is unreachable; retry shortly.")]
     with pytest.raises(Unavailable):
         await app.cancel(ctx, first.view.appointment_id)
     # A failover may have lost commits the cache remembers: the next command reads the store.
