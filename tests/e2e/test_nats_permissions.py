@@ -75,6 +75,19 @@ def clinic_inboxes(server: EmbeddedNats) -> list[str]:
     )
 
 
+async def book(gateway: nats.NATS, patient: dict[str, str], starts_at: datetime) -> Msg:
+    """The gateway's booking of ``patient`` with a new provider at ``starts_at``."""
+    body = {
+        "patient_id": patient["id"],
+        "provider_id": str(uuid.uuid4()),
+        "starts_at": starts_at.isoformat(),
+        "duration_minutes": 30,
+        "timezone": "Europe/Berlin",
+        "actor": patient,
+    }
+    return await gateway.request("appointments.v1.cmd.schedule", json.dumps(body).encode(), 10)
+
+
 def url_of(server: EmbeddedNats, user: str) -> str:
     return f"nats://{user}:{PASSWORDS[user]}@127.0.0.1:{server.port}"
 
@@ -153,22 +166,7 @@ async def test_each_clinic_process_works_within_its_permissions(
             await worker.start()
         await wait_for_service(gateway, seconds=60)
         starts_at = datetime.now(UTC) + timedelta(days=3)
-        booked = assert_ok(
-            await gateway.request(
-                "appointments.v1.cmd.schedule",
-                json.dumps(
-                    {
-                        "patient_id": patient["id"],
-                        "provider_id": str(uuid.uuid4()),
-                        "starts_at": starts_at.isoformat(),
-                        "duration_minutes": 30,
-                        "timezone": "Europe/Berlin",
-                        "actor": patient,
-                    }
-                ).encode(),
-                timeout=10,
-            )
-        )
+        booked = assert_ok(await book(gateway, patient, starts_at))
         cancel = {"appointment_id": booked["appointment_id"], "actor": patient}
         assert_ok(
             await gateway.request("appointments.v1.cmd.cancel", json.dumps(cancel).encode(), 10)
@@ -276,22 +274,7 @@ async def test_each_clinic_process_works_within_its_permissions(
             if inbox.startswith("_INBOX.appointments."):  # its own: answered on none
                 await gateway.publish("$SRV.PING", b"", reply=inbox)
         await gateway.flush()
-        later = assert_ok(
-            await gateway.request(
-                "appointments.v1.cmd.schedule",
-                json.dumps(
-                    {
-                        "patient_id": patient["id"],
-                        "provider_id": str(uuid.uuid4()),
-                        "starts_at": (starts_at + timedelta(days=1)).isoformat(),
-                        "duration_minutes": 30,
-                        "timezone": "Europe/Berlin",
-                        "actor": patient,
-                    }
-                ).encode(),
-                timeout=10,
-            )
-        )
+        later = assert_ok(await book(gateway, patient, starts_at + timedelta(days=1)))
 
         async def confirmed_too() -> bool:
             return pushes.count("appointment-confirmed") == 4
