@@ -366,15 +366,7 @@ class VisitsQuery:
         scope = Scope.of(principal)
         waiting = self._waiting.get(principal, 0)
         if waiting >= MAX_WAITING_READS_PER_USER:
-            loop = asyncio.get_running_loop()
-            until = loop.time() + self._wait.total_seconds()
-            if self._stopping:
-                until = min(until, self._stop_by)
-            if until <= loop.time():
-                return await self._in_view(scope, writes)
-            return await _within(
-                asyncio.timeout_at(until), self._deadlines, self._in_view_or_repaired(scope, writes)
-            )
+            return await self._read_your_writes_in_time(scope, writes, wait=False)
         self._waiting[principal] = waiting + 1
         try:
             return await self._read_your_writes_in_time(scope, writes)
@@ -383,13 +375,16 @@ class VisitsQuery:
             if left:
                 self._waiting[principal] = left
 
-    async def _read_your_writes_in_time(self, scope: Scope, writes: list[tuple[UUID, int]]) -> bool:
+    async def _read_your_writes_in_time(
+        self, scope: Scope, writes: list[tuple[UUID, int]], *, wait: bool = True
+    ) -> bool:
         """:meth:`_read_your_write` of each write within the configured wait in all (one
         after the other: the first not fresh in time ends it), every query of it
         counted (a database slow to answer, or its pool's connections all taken, would
         otherwise stretch a wait of 2 s to several times that, a query at a time); within
         :data:`STOP_REPAIR_SECONDS` of the stop once the process stops. Not fresh when it
-        runs out; a wait of 0 is one look."""
+        runs out; a wait of 0 is one look. Without ``wait``, :meth:`_in_view_or_repaired`
+        within the same bound instead: a look, or a repair under way joined."""
         seconds = self._wait.total_seconds()
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
@@ -397,6 +392,10 @@ class VisitsQuery:
             until = min(until, self._stop_by)
         if until <= loop.time():
             return await self._in_view(scope, writes)
+        if not wait:
+            return await _within(
+                asyncio.timeout_at(until), self._deadlines, self._in_view_or_repaired(scope, writes)
+            )
         # The last look for the projector starts by ``until`` (as a read that can never be
         # fresh ends its wait: the two take as long); the deadline leaves it its answer.
         return await _within(
@@ -411,7 +410,7 @@ class VisitsQuery:
         for stream_id, version in writes:
             if await self._reader.wait_for_version(scope, stream_id, version, 0):
                 continue
-            if self._repair is None or self._repairs.get(stream_id) is None:
+            if self._repair is None:
                 return False
             repaired = await self._repair_row(scope, stream_id, version, join_only=True)
             if repaired is not _Repaired.WRITTEN:
