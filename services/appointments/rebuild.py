@@ -26,7 +26,7 @@ import contextlib
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Final
 from uuid import UUID
@@ -63,12 +63,14 @@ _EVENTS = """SELECT global_position, event_id, stream_id, stream_version, type, 
 _INDEXDEF = re.compile(
     r"^(CREATE (?:UNIQUE )?INDEX )(\S+)( ON (?:ONLY )?)(\S+?)(visits)( USING .*)$"
 )
-_SWAP_LOCK_TIMEOUT = "1s"
-#: How long the swap may hold the view's lock idle (its client stalled) or in one
-#: statement (the last catch-up: a few visits) before the server ends it.
-_SWAP_IDLE_TIMEOUT = "2s"
-_SWAP_STATEMENT_TIMEOUT = "10s"
-_SWAP_ATTEMPTS = 20
+_LOCK_TIMEOUT = "1s"
+#: How long a change of ``visits`` may hold its lock idle (its client stalled) or in one
+#: statement (the swap's last catch-up: a few visits) before the server ends it.
+_LOCKED_IDLE_TIMEOUT = "2s"
+_LOCKED_STATEMENT_TIMEOUT = "10s"
+_LOCK_ATTEMPTS = 20
+#: Tries of the clean-up after a failed rebuild (the next rebuild cleans up otherwise).
+_CLEAN_UP_ATTEMPTS = 3
 
 
 class RebuildAlreadyRunning(Exception):
@@ -142,8 +144,11 @@ async def rebuild_visits(
             return int(await conn.fetchval("SELECT count(*) FROM visits"))
         finally:
             # (A connection the server closed, the swap stalled: its locks went with it.)
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await _unwatch(conn)
+            # A trigger still locked out stays until the next rebuild removes it.
+            with contextlib.suppress(
+                asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
+            ):
+                await _unwatch(conn, attempts=_CLEAN_UP_ATTEMPTS)
                 await conn.execute(
                     "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2)",
                     MIGRATION_LOCK_ID,
@@ -153,7 +158,8 @@ async def rebuild_visits(
 
 async def _watch(conn: Connection) -> None:
     """Note in :data:`CHANGED` every appointment whose live row is written from now on."""
-    async with conn.transaction():
+
+    async def create(conn: Connection) -> None:
         await conn.execute(
             f"""CREATE TABLE {CHANGED} (appointment_id uuid PRIMARY KEY);
                 CREATE FUNCTION {_NOTE}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -165,14 +171,49 @@ async def _watch(conn: Connection) -> None:
                     FOR EACH ROW EXECUTE FUNCTION {_NOTE}();"""
         )
 
+    await _locking_briefly(conn, create, "watch it")
 
-async def _unwatch(conn: Connection) -> None:
+
+async def _unwatch(conn: Connection, attempts: int | None = None) -> None:
     """Drop the trigger (if still on the live table), its notes and the aside table."""
-    await conn.execute(
-        f"""DROP TRIGGER IF EXISTS {_WATCH} ON visits;
-            DROP FUNCTION IF EXISTS {_NOTE}() CASCADE;
-            DROP TABLE IF EXISTS {CHANGED}, {ASIDE}"""
-    )
+
+    async def drop(conn: Connection) -> None:
+        await conn.execute(
+            f"""DROP TRIGGER IF EXISTS {_WATCH} ON visits;
+                DROP FUNCTION IF EXISTS {_NOTE}() CASCADE;
+                DROP TABLE IF EXISTS {CHANGED}, {ASIDE}"""
+        )
+
+    await _locking_briefly(conn, drop, "remove the rebuild's trigger from it", attempts)
+
+
+async def _locking_briefly(
+    conn: Connection,
+    change: Callable[[Connection], Awaitable[None]],
+    what: str,
+    attempts: int | None = None,
+) -> None:
+    """Run ``change``, which locks ``visits``, in a transaction that waits for that lock
+    :data:`_LOCK_TIMEOUT` at most, again after a pause until it gets it (``attempts``
+    tries, :data:`_LOCK_ATTEMPTS` by default; then :class:`TimeoutError`, nothing changed).
+
+    The projector's writes (and, for the stronger locks, the view's reads) queue behind a
+    lock waited for: behind a long transaction on ``visits`` (a report, a dump) a change
+    that waited without a bound would stop them for as long. It also holds the lock idle
+    (its client stalled) or in one statement only so long before the server ends it."""
+    for attempt in range(_LOCK_ATTEMPTS if attempts is None else attempts):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}';"
+                    f" SET LOCAL idle_in_transaction_session_timeout = '{_LOCKED_IDLE_TIMEOUT}';"
+                    f" SET LOCAL statement_timeout = '{_LOCKED_STATEMENT_TIMEOUT}'"
+                )
+                await change(conn)
+                return
+        except asyncpg.LockNotAvailableError:
+            await asyncio.sleep(0.1 * (attempt + 1))
+    raise TimeoutError(f"could not lock the visits table to {what}; nothing was changed")
 
 
 async def _build(conn: Connection, progress: Progress | None, batch_size: int) -> None:
@@ -274,26 +315,17 @@ async def _catch_up(conn: Connection) -> int:
 
 async def _swap(conn: Connection, indexes: list[str]) -> None:
     """Replace ``visits`` by the aside table, after a last catch-up under the lock."""
-    for attempt in range(_SWAP_ATTEMPTS):
-        try:
-            async with conn.transaction():
-                # Readers queue behind a waiting exclusive lock: wait briefly, then retry.
-                # Held, it stops every read of the view: if this process stalls (a paused
-                # pod, Ctrl-Z, a partition), the server ends the session, and the swap.
-                await conn.execute(
-                    f"SET LOCAL lock_timeout = '{_SWAP_LOCK_TIMEOUT}';"
-                    f" SET LOCAL idle_in_transaction_session_timeout = '{_SWAP_IDLE_TIMEOUT}';"
-                    f" SET LOCAL statement_timeout = '{_SWAP_STATEMENT_TIMEOUT}'"
-                )
-                await conn.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
-                await _catch_up(conn)  # what was written since the last pass, no more
-                await conn.execute(
-                    f"DROP TABLE visits, {CHANGED}; DROP FUNCTION {_NOTE}();"
-                    f" ALTER TABLE {ASIDE} RENAME TO visits"
-                )
-                for name in indexes:
-                    await conn.execute(f"ALTER INDEX {name}{_SUFFIX} RENAME TO {name}")
-                return
-        except asyncpg.LockNotAvailableError:
-            await asyncio.sleep(0.1 * (attempt + 1))
-    raise TimeoutError("could not lock the visits table to swap it in; nothing was changed")
+
+    async def swap(conn: Connection) -> None:
+        # Held, the lock stops every read of the view: if this process stalls (a paused
+        # pod, Ctrl-Z, a partition), the server ends the session, and the swap.
+        await conn.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE")
+        await _catch_up(conn)  # what was written since the last pass, no more
+        await conn.execute(
+            f"DROP TABLE visits, {CHANGED}; DROP FUNCTION {_NOTE}();"
+            f" ALTER TABLE {ASIDE} RENAME TO visits"
+        )
+        for name in indexes:
+            await conn.execute(f"ALTER INDEX {name}{_SUFFIX} RENAME TO {name}")
+
+    await _locking_briefly(conn, swap, "swap it in")

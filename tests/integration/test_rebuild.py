@@ -235,6 +235,68 @@ async def test_a_rebuild_stalled_in_its_swap_holds_the_view_s_lock_two_seconds_a
     assert await rebuild_visits(pool) == 2  # the stalled one's trigger and table cleared
 
 
+@contextlib.asynccontextmanager
+async def writing_elsewhere(database_url: str) -> AsyncIterator[None]:
+    """A long transaction that has written to ``visits`` (a batch job, say), open inside."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE visits IN ROW EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+async def lock_waits_on_visits(pool: asyncpg.Pool) -> bool:
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE NOT l.granted AND c.relname = 'visits'"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    )
+
+
+async def test_a_rebuild_waiting_behind_a_long_transaction_lets_the_projector_write(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Its trigger's lock (taken before the snapshot) blocks writes to the view, and those
+    queue behind it while it waits: it waits a second at a time, so they pass between."""
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    stream = await lifecycle(store, clinic_id, 0)  # scheduled
+    await project_directly(pool, [stream])
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await store.append(stream, 1, [NewEvent(event_id=uuid.uuid4(), event=cancel, occurred_at=NOW)])
+    async with writing_elsewhere(database_url):
+        rebuilding = asyncio.create_task(rebuild_visits(pool))
+        await eventually(lambda: lock_waits_on_visits(pool), within=10)
+        cancelled = (await store.load(stream))[1].envelope
+        began = time.monotonic()
+        await asyncio.wait_for(PostgresVisits(pool).apply([cancelled], stream_sequence=2), 10)
+        assert time.monotonic() - began < 5
+        assert not rebuilding.done()
+    assert await asyncio.wait_for(rebuilding, 60) == 1
+    (row,) = await view(pool)
+    assert (row["status"], row["version"]) == ("cancelled", 2)
+
+
+async def test_a_rebuild_that_never_gets_the_view_s_lock_gives_up_having_changed_nothing(
+    pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    await project_directly(pool, [await lifecycle(store, clinic_id, 0)])
+    before = await view(pool)
+    monkeypatch.setattr(rebuild, "_LOCK_ATTEMPTS", 2)
+    async with writing_elsewhere(database_url):
+        with pytest.raises(TimeoutError, match="could not lock the visits table"):
+            await asyncio.wait_for(rebuild_visits(pool), 30)
+    assert await pool.fetchval(_TRIGGERS) == 0
+    assert await pool.fetchval("SELECT to_regclass($1) IS NULL", CHANGED)
+    assert await view(pool) == before
+    # And nothing of it holds the rebuild's lock: the next one runs.
+    assert await rebuild_visits(pool) == 1
+
+
 class _Held:
     """The pool, with the ``execute`` of a statement ``holds`` picks held until ``go`` is
     set; ``reached`` is set when one is held."""
@@ -293,12 +355,7 @@ async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
     swapping.go.set()
 
     async def swap_waits_or_done() -> bool:
-        waiting = await pool.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-            " WHERE NOT l.granted AND c.relname = 'visits'"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        return rebuilding.done() or waiting > 0
+        return rebuilding.done() or await lock_waits_on_visits(pool)
 
     await eventually(swap_waits_or_done, within=30)
     writing.go.set()
