@@ -13,6 +13,7 @@ import pytest
 
 from contracts.common import Actor
 from contracts.events import AppointmentCancelled, AppointmentScheduled
+from services.appointments.adapters.postgres import migrate as migrate_module
 from services.appointments.adapters.postgres.event_store import PostgresEventStore
 from services.appointments.adapters.postgres.migrate import migrate, migration_files
 from services.appointments.adapters.system import new_uuid
@@ -150,6 +151,73 @@ async def test_migrations_are_safe_to_run_concurrently_and_again(pg_server_url: 
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+_NEXT_MIGRATION = ("9999_events_note.sql", "ALTER TABLE events ADD COLUMN note text;")
+
+
+async def events_lock_waited_for(pool: asyncpg.Pool) -> bool:
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE NOT l.granted AND c.relname = 'events'"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    )
+
+
+async def test_a_migration_behind_a_long_transaction_lets_appends_through_until_it_can_run(
+    store: PostgresEventStore,
+    pool: asyncpg.Pool,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ``ALTER TABLE`` waits for every transaction that touched the table: appends
+    queued behind it would wait as long. It waits 2 s at a time; they pass between."""
+    shipped = migration_files()
+    monkeypatch.setattr(migrate_module, "migration_files", lambda: [*shipped, _NEXT_MIGRATION])
+    report = await asyncpg.connect(database_url)
+    try:
+        async with report.transaction():
+            await report.fetch("SELECT * FROM events LIMIT 1")  # a long read of the table
+            migrating = asyncio.create_task(migrate(database_url))
+            for _ in range(200):
+                if await events_lock_waited_for(pool):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the migration never waited for its lock")
+            await asyncio.wait_for(
+                store.append(uuid.uuid4(), 0, [new(scheduled(datetime.now(UTC)))]), 10
+            )
+            assert not migrating.done()
+    finally:
+        await report.close()
+    assert await asyncio.wait_for(migrating, 30) == [_NEXT_MIGRATION[0]]
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE note IS NULL") == 1
+
+
+async def test_a_migration_that_never_gets_its_lock_fails_having_applied_nothing(
+    pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = migration_files()
+    monkeypatch.setattr(migrate_module, "migration_files", lambda: [*shipped, _NEXT_MIGRATION])
+    monkeypatch.setattr(migrate_module, "LOCK_ATTEMPTS", 2)
+    monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT", "100ms")
+    report = await asyncpg.connect(database_url)
+    try:
+        async with report.transaction():
+            await report.fetch("SELECT * FROM events LIMIT 1")
+            with pytest.raises(TimeoutError, match=r"9999_events_note\.sql could not lock"):
+                await asyncio.wait_for(migrate(database_url), 30)
+    finally:
+        await report.close()
+    columns = "SELECT count(*) FROM information_schema.columns WHERE table_name = 'events'"
+    assert await pool.fetchval(columns + " AND column_name = 'note'") == 0
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM schema_migrations WHERE name = $1", _NEXT_MIGRATION[0]
+    )
+    assert await migrate(database_url) == [_NEXT_MIGRATION[0]]  # once the table is free
 
 
 async def test_old_schema_version_events_are_upcast_on_load(

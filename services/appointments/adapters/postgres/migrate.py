@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import resources
 
@@ -12,6 +13,12 @@ log = logging.getLogger(__name__)
 #: Any constant shared by every migrator; serialises concurrent ``clinic migrate`` runs,
 #: and keeps them from a ``rebuild-visits`` (which holds it too).
 MIGRATION_LOCK_ID = 0x636C696E6963  # "clinic"
+#: How long a migration waits for a lock on a table before it steps back and tries again
+#: (:data:`LOCK_ATTEMPTS` tries, ~1.5 min): the service's queries of that table would queue
+#: behind a lock waited for, as long as the transaction holding the table (a report, a
+#: dump) lasts. Migrations run while the previous release serves.
+LOCK_TIMEOUT = "2s"
+LOCK_ATTEMPTS = 30
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -54,9 +61,32 @@ async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
     for name, sql in migration_files():
         if name in done:
             continue
-        async with conn.transaction():
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        await _apply(conn, name, sql)
         log.info("migration applied", extra={"migration": name})
         applied.append(name)
     return applied
+
+
+async def _apply(conn: asyncpg.Connection, name: str, sql: str) -> None:
+    """Apply one migration in a transaction that waits :data:`LOCK_TIMEOUT` at most for each
+    lock, again (after a pause) while another transaction holds one, or raise
+    :class:`TimeoutError` with nothing of it applied."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+            return
+        except asyncpg.LockNotAvailableError:
+            log.warning(
+                "migration %s waits for a table another transaction holds; trying again",
+                name,
+                extra={"migration": name, "attempt": attempt + 1},
+            )
+            await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
+    raise TimeoutError(
+        f"migration {name} could not lock its tables in {LOCK_ATTEMPTS} tries of"
+        f" {LOCK_TIMEOUT} (a long transaction holds one); nothing of it was applied:"
+        " run clinic migrate again"
+    )
