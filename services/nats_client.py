@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, Final
 
+import nats.errors
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -30,6 +31,29 @@ from services.logs import dropped_message
 #: The headers of a message whose header block nats-py cannot read, instead of an error out
 #: of its read loop: the NATS service API refuses such a request (``invalid-request``).
 UNREADABLE_HEADERS: Final = "Clinic-Unreadable-Headers"
+
+
+async def server_answers(nc: NATS, within: float) -> bool:
+    """Whether the server answers a ``PING`` on ``nc`` within ``within`` seconds: whether
+    it is up and reading, which a connection that looks up does not say (a server that
+    hangs leaves it connected until ~3 pings go unanswered, ~15 s).
+
+    Not nats-py's ``flush(timeout)``: when that gives up it cancels its future, and the
+    ``PONG`` that comes later (the server back from its hang) fails to resolve it, which
+    raises out of nats-py's read loop and stops it reading for good. Here the wait gives up
+    without cancelling: a late ``PONG`` resolves a future no one waits for any more."""
+    if nc.is_closed or not nc.is_connected:
+        return False  # nothing to ask, or a PING that would sit in the pending buffer
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    try:
+        await nc._send_ping(pong)
+    except (OSError, AssertionError, RuntimeError):  # the transport went away meanwhile
+        return False
+    try:
+        await asyncio.wait_for(asyncio.shield(pong), within)
+    except TimeoutError:
+        return False
+    return True
 
 
 class NatsClosed(Exception):
@@ -48,7 +72,17 @@ class NatsClient(NATS):
         # Hand the buffer to the socket first (the flusher does it; bounded, as the
         # flusher stops while the connection is down), then the PING goes after it.
         await asyncio.wait_for(self._flush_pending(force_flush=True), timeout)
-        await super().flush(timeout)
+        reading = self._reading_task is not None and not self._reading_task.done()
+        flushing = self._flusher_task is not None and not self._flusher_task.done()
+        if not (reading and flushing and self.is_connected):
+            # nats-py's own: a direct flush (no PONG awaited), or a PING left to wait in
+            # the buffer for the reconnect (its futures are dropped with the old socket).
+            return await super().flush(timeout)
+        # Not nats-py's PING wait: on a timeout it cancels its future, and the late PONG
+        # (a server back from a hang) then stops the read loop for good (server_answers).
+        if not await server_answers(self, timeout):
+            raise nats.errors.FlushTimeoutError
+        return None
 
     async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
         try:

@@ -4,12 +4,16 @@ No answer within a second (or no directory subscribed at all) means no address, 
 interfaces.md says. A question that could not be asked at all, because this process's own
 connection to NATS is down (reconnecting, draining, closed) or dropped while it waited, is
 :class:`DirectoryUnavailable` instead: nats-py would only buffer it and time out, which says
-nothing of the directory, so the caller tries again later.
+nothing of the directory, so the caller tries again later. So is one unanswered while the
+server itself does not answer a ping either (it hangs, and the connection only looks up),
+and "no directory listens" within :data:`REJOIN_SECONDS` of our connection coming back
+(the directory's own connection may not be back yet).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Final
 from uuid import UUID
 
@@ -20,11 +24,16 @@ from nats.aio.client import Client as NATS
 from contracts.common import UNREADABLE_JSON
 from contracts.notifications import CLINIC_ID_HEADER, DirectoryContactReply
 from contracts.subjects import directory_contact_subject
+from services.nats_client import server_answers
 
 log = logging.getLogger(__name__)
 
 #: The directory answers within this or not at all (interfaces.md).
 DIRECTORY_TIMEOUT_SECONDS: Final = 1.0
+#: How long after our connection came back (a NATS server restarted, a node lost) "no
+#: directory listens" is taken for a directory whose own connection has not come back yet
+#: (NATS clients wait ~2 s between reconnect attempts), not for one that is not deployed.
+REJOIN_SECONDS: Final = 10.0
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
@@ -60,9 +69,16 @@ def _reconnects(nc: NATS) -> int:
 class Directory:
     """Request/reply on ``directory.v1.contact.<user_id>``."""
 
-    def __init__(self, nc: NATS, timeout: float = DIRECTORY_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, nc: NATS, timeout: float = DIRECTORY_TIMEOUT_SECONDS, rejoin: float = REJOIN_SECONDS
+    ) -> None:
         self._nc = nc
         self._timeout = timeout
+        self._rejoin = rejoin
+        self._reconnects = _reconnects(nc)
+        """The connection's reconnects when last looked at."""
+        self._reconnected_at: float | None = None
+        """When a reconnect was first seen (monotonic seconds), None before any."""
         self._silent = False
         """The directory did not answer the last question (warned once per silence)."""
 
@@ -72,6 +88,20 @@ class Directory:
         level = logging.INFO if self._silent else logging.WARNING
         self._silent = True
         log.log(level, "%s: email skipped", why, extra={"user_id": str(user_id)})
+
+    def _seen_reconnects(self) -> int:
+        """The connection's reconnects, noting when a new one is first seen."""
+        reconnects = _reconnects(self._nc)
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self._reconnected_at = time.monotonic()
+        return reconnects
+
+    def _rejoining(self) -> bool:
+        """Whether our connection came back so lately that the directory's may not have."""
+        self._seen_reconnects()
+        at = self._reconnected_at
+        return at is not None and time.monotonic() - at < self._rejoin
 
     def _answered(self) -> None:
         if self._silent:
@@ -94,13 +124,19 @@ class Directory:
         down = _down(self._nc)
         if down is not None:
             raise DirectoryUnavailable(f"NATS connection {down}")
-        reconnects = _reconnects(self._nc)
+        reconnects = self._seen_reconnects()
         try:
             headers = None if clinic_id is None else {CLINIC_ID_HEADER: str(clinic_id)}
             reply = await self._nc.request(subject, b"", timeout=self._timeout, headers=headers)
         except _NOT_CONNECTED as exc:
             raise DirectoryUnavailable(f"NATS connection down: {exc!r}") from exc
-        except nats.errors.NoRespondersError:
+        except nats.errors.NoRespondersError as exc:
+            if self._rejoining():
+                # Right after a NATS restart the directory's subscription may not be back
+                # yet (its client reconnects on its own schedule): asked again later.
+                raise DirectoryUnavailable(
+                    "no directory listens yet: NATS reconnected moments ago"
+                ) from exc
             self._unanswered("no directory listens on directory.v1.contact.*", user_id)
             return None
         except nats.errors.TimeoutError as exc:
@@ -109,6 +145,10 @@ class Directory:
             down = _down(self._nc)
             if down is None and _reconnects(self._nc) != reconnects:
                 down = "reconnected meanwhile"
+            if down is None and not await server_answers(self._nc, self._timeout):
+                # The server hangs (frozen, or a partition dropping packets) while the
+                # connection still looks up: the question may never have reached it.
+                down = "up, but its server does not answer a ping"
             if down is not None:
                 raise DirectoryUnavailable(f"NATS connection {down}") from exc
             self._unanswered(f"the directory did not answer within {self._timeout}s", user_id)

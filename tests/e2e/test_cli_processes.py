@@ -147,6 +147,14 @@ def test_a_stop_signal_while_the_program_still_imports_stops_it_without_a_traceb
     assert "Traceback" not in result.stderr and "running" not in result.stderr
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """``preexec_fn``: SIGINT at its default disposition, as a shell in a terminal starts a
+    command. The tests may run with SIGINT ignored (a non-interactive shell's ``pytest &``
+    leaves it so, and every child inherits that), and a program started with SIGINT
+    ignored rightly goes on ignoring it: Ctrl-C would stop no ``migrate`` then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_a_one_shot_command_still_imports_exits_130_without_a_traceback(
     database_url: str,
 ) -> None:
@@ -156,6 +164,7 @@ def test_ctrl_c_while_a_one_shot_command_still_imports_exits_130_without_a_trace
         capture_output=True,
         text=True,
         timeout=60,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and "applied" not in result.stdout

@@ -408,6 +408,105 @@ async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_afte
                 await asyncio.wait_for(connection.close(), 2)
 
 
+async def test_an_email_asked_of_the_directory_while_nats_hangs_is_sent_after_it(
+    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
+) -> None:
+    """A server that hangs (frozen, or behind a partition that drops packets) leaves our
+    connection looking up for the ~15 s its pings take to notice: a question asked then
+    times out without ever reaching the directory. That says nothing of the directory, so
+    the email is tried again later, not skipped for good (a 3 s hang of NATS in the chaos
+    soak skipped ~100 confirmations and cancellations, every email claimed meanwhile)."""
+    sink, smtp_url = smtp
+    options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
+    nc = await nats.connect(nats_server.url, **options)
+    directory_nc = await nats.connect(nats_server.url, **options)
+    try:
+
+        async def answer(msg: Any) -> None:
+            user = msg.subject.rsplit(".", 1)[1]
+            await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
+
+        await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
+        await directory_nc.flush()
+        async with _outbox(database_url) as pool:
+            directory = Directory(nc, 0.3)
+            nats_server.pause()
+            try:
+                assert nc.is_connected  # nothing noticed yet: the hang is silent
+                assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            finally:
+                nats_server.resume()
+            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
+            assert row is not None
+            assert row["status"] == "pending", row["last_error"]  # not skipped for good
+            assert "directory not asked" in row["last_error"]
+            assert sink.messages == []
+
+            await directory_nc.flush()
+            later = row["next_attempt_at"]
+            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+            status = await pool.fetchval("SELECT status FROM notification_deliveries")
+            assert status == "sent"
+            assert len(sink.messages) == 1
+    finally:
+        for connection in (nc, directory_nc):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
+
+
+async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_is_sent_after(
+    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
+) -> None:
+    """After a NATS restart each client comes back on its own schedule: ours first, the
+    directory's a moment later. "No directory listens" meanwhile says nothing of the
+    directory, so the email is tried again later, not skipped for good (a restart of NATS
+    in the chaos soak skipped 16 confirmations and cancellations, all claimed within 40 ms
+    of our connection coming back)."""
+    sink, smtp_url = smtp
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    directory_nc = await nats.connect(
+        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=3.0
+    )
+    try:
+
+        async def answer(msg: Any) -> None:
+            user = msg.subject.rsplit(".", 1)[1]
+            await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
+
+        await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
+        await directory_nc.flush()
+        async with _outbox(database_url) as pool:
+            directory = Directory(nc, TEST_TUNING.directory_timeout)
+            await nats_server.astop()
+            await nats_server.astart()
+
+            async def ours_back_first() -> bool:
+                return nc.is_connected and not directory_nc.is_connected
+
+            await eventually(ours_back_first, within=15, what="our connection back first")
+            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
+            assert row is not None
+            assert row["status"] == "pending", row["last_error"]  # not skipped for good
+            assert "directory not asked" in row["last_error"]
+            assert sink.messages == []
+
+            async def directory_back() -> bool:
+                return directory_nc.is_connected
+
+            await eventually(directory_back, within=15, what="the directory back")
+            await directory_nc.flush()  # its subscription is the server's again
+            later = row["next_attempt_at"]
+            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+            status = await pool.fetchval("SELECT status FROM notification_deliveries")
+            assert status == "sent"
+            assert len(sink.messages) == 1
+    finally:
+        for connection in (nc, directory_nc):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
+
+
 @pytest.mark.parametrize(
     "reply",
     [None, b"not json", b'{"email": "\xff@example.test"}', b"[" * 100_000],

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import nats.errors
+import pytest
 from nats.aio.client import Client as NATS
 
-from services.nats_client import NatsClient
+from services.embedded import EmbeddedNats
+from services.nats_client import NatsClient, server_answers
 
 MESSAGES = 400
 PAYLOAD = b"x" * 50_000  # 20 MB in all: a backlog the socket takes a while to pass on
@@ -48,3 +51,33 @@ async def test_flush_returns_once_the_server_has_what_was_published_before(
         assert await _delivered_after_flush(publisher, nats_url) == MESSAGES
     finally:
         await publisher.close()
+
+
+async def test_a_flush_that_timed_out_on_a_hung_server_leaves_the_connection_reading(
+    nats_server: EmbeddedNats,
+) -> None:
+    """nats-py's flush cancels its PONG's future when it gives up; the PONG the server sends
+    once it is back then raises out of the read loop, which stops for good while the
+    connection still looks up: deaf until its pings go unanswered. Not this flush."""
+    client = NatsClient()
+    await client.connect(nats_server.url, ping_interval=60)  # no ping notices the hang
+    other = await nats.connect(nats_server.url)
+    try:
+        sub = await client.subscribe("flush.after-hang")
+        await client.flush()
+        nats_server.pause()
+        try:
+            with pytest.raises(nats.errors.TimeoutError):
+                await client.flush(timeout=1)
+            assert not await server_answers(client, 0.5)
+        finally:
+            nats_server.resume()
+        await other.publish("flush.after-hang", b"still heard")
+        await other.flush()
+        message = await sub.next_msg(timeout=5)
+        assert message.data == b"still heard"
+        assert await server_answers(client, 5)
+        await client.flush(timeout=5)
+    finally:
+        await other.close()
+        await client.close()

@@ -7,6 +7,7 @@ proved on PostgreSQL: tests/integration/test_email_order.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import uuid
@@ -432,6 +433,8 @@ class _Nats:
         self.stats = {"reconnects": 0}
         self.requests: list[str] = []
         self._on_request = on_request
+        self.server_hangs = False
+        """Its server answers no ``PING`` (frozen, or behind a partition)."""
 
     @property
     def is_connected(self) -> bool:
@@ -448,6 +451,10 @@ class _Nats:
     @property
     def is_draining(self) -> bool:
         return self.status == "draining"
+
+    async def _send_ping(self, pong: asyncio.Future[bool]) -> None:
+        if not self.server_hangs:
+            pong.set_result(True)
 
     async def request(self, subject: str, payload: bytes = b"", **_: object) -> Any:
         self.requests.append(subject)
@@ -485,6 +492,28 @@ async def test_a_reconnect_while_waiting_for_the_answer_is_no_answer_of_the_dire
 
     with pytest.raises(DirectoryUnavailable):
         await _directory(_Nats(on_request=blip)).contact(uuid.uuid4())
+
+
+async def test_a_question_unanswered_while_its_server_hangs_is_no_answer_of_the_directory() -> None:
+    async def hang(nc: _Nats) -> Any:
+        nc.server_hangs = True  # the connection still looks up: nothing noticed the hang
+        raise nats.errors.TimeoutError
+
+    with pytest.raises(DirectoryUnavailable):
+        await Directory(cast(Any, _Nats(on_request=hang)), timeout=0.05).contact(uuid.uuid4())
+
+
+async def test_no_directory_listening_just_after_a_reconnect_is_asked_again_later() -> None:
+    async def none_listens(nc: _Nats) -> Any:
+        raise nats.errors.NoRespondersError
+
+    nc = _Nats(on_request=none_listens)
+    directory = Directory(cast(Any, nc), timeout=1.0, rejoin=0.2)
+    nc.stats["reconnects"] += 1  # NATS restarted: the directory's client may not be back
+    with pytest.raises(DirectoryUnavailable):
+        await directory.contact(uuid.uuid4())
+    await asyncio.sleep(0.3)  # long enough for any directory to be back: none is deployed
+    assert await directory.contact(uuid.uuid4()) is None
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,19 @@ ACQUIRE_SECONDS: Final = 2.0
 SPARE_CONNECTIONS: Final = 2
 
 
+def released_already(exc: BaseException) -> bool:
+    """Whether a connection's release failed because the pool had taken it back already:
+    the connection was lost (PostgreSQL killed, a network cut) between asyncpg's
+    ``Pool.release`` checking it and its holder releasing it, and asyncpg's clean-up of the
+    lost connection freed the holder meanwhile. Nothing is left to release; raised out of
+    the ``finally`` that gives the connection back, it would replace what the query itself
+    said (the lost connection, a ``503 unavailable``; or its result) with an error no one
+    expects (logged with its stack, counted as ``error``)."""
+    return type(exc) is asyncpg.InternalClientError and str(exc).startswith(
+        "PoolConnectionHolder.release() called on a free connection holder"
+    )
+
+
 class NoConnectionInTime(TimeoutError):
     """No connection of the pool (or of the share) came free within
     :data:`ACQUIRE_SECONDS`: the query was not sent."""
@@ -39,7 +52,11 @@ class _BoundedAcquire:
             raise NoConnectionInTime() from exc
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._acquiring.__aexit__(*exc_info)
+        try:
+            await self._acquiring.__aexit__(*exc_info)
+        except asyncpg.InternalClientError as exc:
+            if not released_already(exc):
+                raise
 
     def __await__(self) -> Any:
         return self.__aenter__().__await__()
@@ -103,6 +120,9 @@ class PoolShare:
     async def _give_back(self, conn: Any) -> None:
         try:
             await self._pool.release(conn)
+        except asyncpg.InternalClientError as exc:
+            if not released_already(exc):
+                raise
         finally:
             self._turns.release()
 
