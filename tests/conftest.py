@@ -58,6 +58,7 @@ from services.embedded import (
     nats_server_binary,
     pid_alive,
 )
+from services.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,17 @@ def _scratch_base() -> str | None:
         return None
     roomy = st.f_bavail * st.f_frsize >= 2 * 1024**3
     return shm if roomy and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_throttles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees the first of each throttled warning: a throttle remembers for its
+    process, and a worker runs many tests, so a warning a test looks for could be held
+    back by one an earlier test caused (``services.logs.Throttle``)."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for log_filter in getattr(logger, "filters", ()):
+            if isinstance(log_filter, Throttle):
+                monkeypatch.setattr(log_filter, "_seen", {})
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,11 @@ import asyncpg
 import httpx
 import pytest
 
-from services import logs
 from services.appointments.bootstrap import Container, appointments_container
 from services.appointments.main import run_roles
 from services.auth import mint_token
 from services.config import load_settings
 from services.embedded import EmbeddedNats
-from services.logs import ANSWERED_UNAVAILABLE, Throttle
 from tests.e2e.conftest import free_port, wait_until_live
 
 #: The token secret of the processes these tests run.
@@ -99,14 +97,11 @@ async def test_with_the_pool_busy_readiness_holds_and_requests_get_503_in_2_s(
     database_url: str,
     nats_url: str,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A loaded process, or one whose queries wait for a table an operator locked, stays
     ready (readiness asks through a connection of its own) and answers what it cannot serve
     with a quick 503, not after the lock."""
     token = mint_token(SECRET, "patient", uuid.uuid4(), uuid.uuid4())
-    # Said once a minute per process: this test's own throttle.
-    monkeypatch.setattr(logs._answers, "filters", [Throttle([ANSWERED_UNAVAILABLE])])
     caplog.set_level(logging.WARNING, logger="services.unavailable")
     async with serving(database_url, nats_url, ["api"], pool_size=1) as (client, container):
         busy = asyncio.ensure_future(container.pool.execute("SELECT pg_sleep(5)"))
