@@ -7,7 +7,8 @@ connection to NATS is down (reconnecting, draining, closed) or dropped while it 
 nothing of the directory, so the caller tries again later. So is one unanswered while the
 server itself does not answer a ping either (it hangs, and the connection only looks up),
 and "no directory listens" within :data:`REJOIN_SECONDS` of our connection coming back
-(the directory's own connection may not be back yet).
+(the directory's own connection may not be back yet), and one whose timeout fired
+:data:`STALL_SECONDS` late (this process stood still: the answer may be unread).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ DIRECTORY_TIMEOUT_SECONDS: Final = 1.0
 #: directory listens" is taken for a directory whose own connection has not come back yet
 #: (NATS clients wait ~2 s between reconnect attempts), not for one that is not deployed.
 REJOIN_SECONDS: Final = 10.0
+#: A question whose timeout fired this much later than due was not left unanswered by the
+#: directory: this process stood still meanwhile (its answer may be unread in the socket).
+STALL_SECONDS: Final = 0.5
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
@@ -125,6 +129,7 @@ class Directory:
         if down is not None:
             raise DirectoryUnavailable(f"NATS connection {down}")
         reconnects = self._seen_reconnects()
+        asked = time.monotonic()
         try:
             headers = None if clinic_id is None else {CLINIC_ID_HEADER: str(clinic_id)}
             reply = await self._nc.request(subject, b"", timeout=self._timeout, headers=headers)
@@ -145,6 +150,12 @@ class Directory:
             down = _down(self._nc)
             if down is None and _reconnects(self._nc) != reconnects:
                 down = "reconnected meanwhile"
+            if down is None and time.monotonic() - asked > self._timeout + STALL_SECONDS:
+                # This process stood still (CPU throttled, paused) past the timeout: the
+                # answer may be in the socket, unread, as the timer fired.
+                raise DirectoryUnavailable(
+                    "the directory's answer could not be read in time: this process stalled"
+                ) from exc
             if down is None and not await server_answers(self._nc, self._timeout):
                 # The server hangs (frozen, or a partition dropping packets) while the
                 # connection still looks up: the question may never have reached it.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,7 @@ from services.notifications.delivery_store import (
     DeliveryStore,
     abandoned_in_doubt,
 )
-from services.notifications.directory import Directory, DirectoryUnavailable
+from services.notifications.directory import STALL_SECONDS, Directory, DirectoryUnavailable
 from services.notifications.domain import (
     VISIT_ORDER,
     appointment_of,
@@ -501,6 +502,26 @@ async def test_a_question_unanswered_while_its_server_hangs_is_no_answer_of_the_
 
     with pytest.raises(DirectoryUnavailable):
         await Directory(cast(Any, _Nats(on_request=hang)), timeout=0.05).contact(uuid.uuid4())
+
+
+async def test_a_question_timed_out_while_this_process_stood_still_is_asked_again_later() -> None:
+    """The answer may be unread in the socket when the timer fires late (a process
+    CPU-throttled or paused past the timeout): not the directory's silence."""
+
+    async def stalled(nc: _Nats) -> Any:
+        time.sleep(0.05 + STALL_SECONDS + 0.1)  # noqa: ASYNC251 - the event loop stands still
+        raise nats.errors.TimeoutError
+
+    async def silent(nc: _Nats) -> Any:
+        await asyncio.sleep(0.05)
+        raise nats.errors.TimeoutError
+
+    with pytest.raises(DirectoryUnavailable, match="this process stalled"):
+        await Directory(cast(Any, _Nats(on_request=stalled)), timeout=0.05).contact(uuid.uuid4())
+    assert (
+        await Directory(cast(Any, _Nats(on_request=silent)), timeout=0.05).contact(uuid.uuid4())
+        is None
+    )
 
 
 async def test_no_directory_listening_just_after_a_reconnect_is_asked_again_later() -> None:
