@@ -44,13 +44,21 @@ async def server_answers(nc: NATS, within: float) -> bool:
     without cancelling: a late ``PONG`` resolves a future no one waits for any more."""
     if nc.is_closed or not nc.is_connected:
         return False  # nothing to ask, or a PING that would sit in the pending buffer
-    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pong: asyncio.Future[bool] = loop.create_future()
     try:
-        await nc._send_ping(pong)
-    except (OSError, AssertionError, RuntimeError):  # the transport went away meanwhile
+        # Bounded too: sending waits for room in nats-py's flush queue, which a flusher
+        # stuck writing to a hung server's full socket never makes (and nats-py's
+        # _flush_pending swallows the cancellation: the deadline is checked after).
+        async with asyncio.timeout_at(deadline):
+            await nc._send_ping(pong)
+    except (OSError, AssertionError, RuntimeError, TimeoutError):
+        return False  # the transport went away meanwhile, or no room in time
+    if loop.time() >= deadline:
         return False
     try:
-        await asyncio.wait_for(asyncio.shield(pong), within)
+        await asyncio.wait_for(asyncio.shield(pong), deadline - loop.time())
     except TimeoutError:
         return False
     return True
@@ -71,6 +79,9 @@ class NatsClient(NATS):
             return await super().flush(timeout)
         # Hand the buffer to the socket first (the flusher does it; bounded, as the
         # flusher stops while the connection is down), then the PING goes after it.
+        # (nats-py's _flush_pending swallows wait_for's cancellation: no TimeoutError
+        # here, so the PING below gets what is left of ``timeout``, not all of it again.)
+        deadline = asyncio.get_running_loop().time() + timeout
         await asyncio.wait_for(self._flush_pending(force_flush=True), timeout)
         reading = self._reading_task is not None and not self._reading_task.done()
         flushing = self._flusher_task is not None and not self._flusher_task.done()
@@ -80,7 +91,8 @@ class NatsClient(NATS):
             return await super().flush(timeout)
         # Not nats-py's PING wait: on a timeout it cancels its future, and the late PONG
         # (a server back from a hang) then stops the read loop for good (server_answers).
-        if not await server_answers(self, timeout):
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0 or not await server_answers(self, left):
             raise nats.errors.FlushTimeoutError
         return None
 

@@ -144,11 +144,13 @@ async def rebuild_visits(
             return int(await conn.fetchval("SELECT count(*) FROM visits"))
         finally:
             # (A connection the server closed, the swap stalled: its locks went with it.)
-            # A trigger still locked out stays until the next rebuild removes it.
+            # A trigger still locked out stays until the next rebuild removes it; the
+            # advisory locks go in any case (a pool's connection would keep them).
             with contextlib.suppress(
                 asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
             ):
                 await _unwatch(conn, attempts=_CLEAN_UP_ATTEMPTS)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await conn.execute(
                     "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2)",
                     MIGRATION_LOCK_ID,

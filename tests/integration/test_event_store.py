@@ -173,7 +173,7 @@ async def test_a_migration_behind_a_long_transaction_lets_appends_through_until_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An ``ALTER TABLE`` waits for every transaction that touched the table: appends
-    queued behind it would wait as long. It waits 2 s at a time; they pass between."""
+    queued behind it would wait as long. It waits 1 s at a time; they pass between."""
     shipped = migration_files()
     monkeypatch.setattr(migrate_module, "migration_files", lambda: [*shipped, _NEXT_MIGRATION])
     report = await asyncpg.connect(database_url)

@@ -8,6 +8,7 @@ drain stops reading before the server has taken its UNSUB).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats
 import nats.errors
@@ -81,3 +82,47 @@ async def test_a_flush_that_timed_out_on_a_hung_server_leaves_the_connection_rea
     finally:
         await other.close()
         await client.close()
+
+
+async def test_a_flush_or_ping_on_a_hung_server_with_a_full_flush_queue_keeps_its_timeout(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A hung server stops reading: the socket fills, nats-py's flusher waits in
+    ``drain()``, and every publish after that waits for room in its flush queue (1,024).
+    The PING waits there too, and nats-py swallows the cancellation of that wait: the
+    flush (a stopping process's, 2 s) or the directory's ping must still give up in time."""
+    client = NatsClient()
+
+    async def quiet(_: Exception) -> None:
+        pass
+
+    await client.connect(nats_server.url, ping_interval=60, error_cb=quiet)
+    await client.flush()
+    nats_server.pause()
+    publishing: list[asyncio.Task[None]] = []
+    try:
+
+        async def publish() -> None:
+            with contextlib.suppress(Exception):
+                await client.publish("full.queue", b"x" * 20_000)
+
+        publishing = [asyncio.create_task(publish()) for _ in range(1_200)]
+        for _ in range(100):
+            if client._flush_queue is not None and client._flush_queue.full():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.skip("the flush queue never filled")
+        began = asyncio.get_running_loop().time()
+        assert not await asyncio.wait_for(server_answers(client, 0.5), 10)
+        assert asyncio.get_running_loop().time() - began < 3
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(nats.errors.TimeoutError):
+            await asyncio.wait_for(client.flush(timeout=1), 10)
+        assert asyncio.get_running_loop().time() - began < 3
+    finally:
+        nats_server.resume()
+        for task in publishing:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 5)

@@ -422,3 +422,45 @@ async def test_roles_granted_the_view_keep_their_access_after_a_rebuild(
     finally:
         await pool.execute(f"DROP OWNED BY {reader}")
         await pool.execute(f"DROP ROLE {reader}")
+
+
+async def test_a_rebuild_on_a_service_pool_that_never_gets_the_lock_leaves_no_advisory_lock(
+    pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's pools skip asyncpg's reset query (no pg_advisory_unlock_all on
+    release): a rebuild whose clean-up cannot lock ``visits`` (a report began reading it
+    during the build) must still unlock its session's advisory locks, or the pooled
+    connection holds them for good: every later rebuild "already running", every
+    clinic migrate waiting forever."""
+
+    async def keep_session(_conn: asyncpg.Connection) -> None:
+        pass
+
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    await project_directly(pool, [await lifecycle(store, clinic_id, 0)])
+    monkeypatch.setattr(rebuild, "_LOCK_ATTEMPTS", 2)
+    monkeypatch.setattr(rebuild, "_CLEAN_UP_ATTEMPTS", 1)
+    report = await asyncpg.connect(database_url)
+    reading = report.transaction()
+    build = rebuild._build
+
+    async def build_then_a_report_starts(*args: Any) -> None:
+        await build(*args)
+        await reading.start()
+        await report.fetch("SELECT * FROM visits")  # a long report, open past the rebuild
+
+    monkeypatch.setattr(rebuild, "_build", build_then_a_report_starts)
+    service_pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, reset=keep_session
+    )
+    try:
+        with pytest.raises(TimeoutError, match="could not lock the visits table"):
+            await asyncio.wait_for(rebuild_visits(service_pool), 30)
+        await report.close()  # the report ends
+        held = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        assert held == 0, f"{held} advisory locks left on the pooled connection"
+    finally:
+        await service_pool.close()

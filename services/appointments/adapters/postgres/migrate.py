@@ -16,9 +16,11 @@ MIGRATION_LOCK_ID = 0x636C696E6963  # "clinic"
 #: How long a migration waits for a lock on a table before it steps back and tries again
 #: (:data:`LOCK_ATTEMPTS` tries, ~1.5 min): the service's queries of that table would queue
 #: behind a lock waited for, as long as the transaction holding the table (a report, a
-#: dump) lasts. Migrations run while the previous release serves.
-LOCK_TIMEOUT = "2s"
-LOCK_ATTEMPTS = 30
+#: dump) lasts. Migrations run while the previous release serves. Under the service's own
+#: ``lock_timeout`` (2 s, bootstrap.LOCK_TIMEOUT): a query queued behind this wait gets
+#: its lock before it gives up itself.
+LOCK_TIMEOUT = "1s"
+LOCK_ATTEMPTS = 45
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -84,7 +86,8 @@ async def _apply(conn: asyncpg.Connection, name: str, sql: str) -> None:
                 name,
                 extra={"migration": name, "attempt": attempt + 1},
             )
-            await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
+            if attempt + 1 < LOCK_ATTEMPTS:
+                await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
     raise TimeoutError(
         f"migration {name} could not lock its tables in {LOCK_ATTEMPTS} tries of"
         f" {LOCK_TIMEOUT} (a long transaction holds one); nothing of it was applied:"
