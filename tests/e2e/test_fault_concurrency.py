@@ -113,13 +113,18 @@ async def test_racing_cancels_and_starts_leave_exactly_one_terminal_event(
     winner = "cancel" if events[1] == "AppointmentCancelled" else "start"
     loser_code = "409 appointment-cancelled" if winner == "cancel" else "409 appointment-started"
     outcomes = Counter((action, code_of(r)) for action, r in zip(actions, answers, strict=True))
-    assert set(outcomes) <= {
+    # On a machine loaded by more than this test, a write group commit could not take
+    # within its 5 s is refused unsent (503): allowed, as the events above show it wrote
+    # nothing. Every other answer is the winner's 200 or the loser's 409.
+    unsent = {(action, "503 unavailable") for action in ("cancel", "start")}
+    assert set(outcomes) - unsent <= {
         (winner, "200"),
         ("start" if winner == "cancel" else "cancel", loser_code),
     }, outcomes
+    assert outcomes[(winner, "200")] > 0, outcomes
     final = "cancelled" if winner == "cancel" else "started"
     for action, response in zip(actions, answers, strict=True):
-        if action == winner:  # every winner's answer is the same appointment at version 2
+        if (action, code_of(response)) == (winner, "200"):  # the same appointment, version 2
             assert response.json()["status"] == final and response.json()["version"] == 2
             assert response.headers["etag"] == '"2"'
     history = await api.client.get(f"{location}/history", headers=api.auth(staff))
