@@ -583,3 +583,194 @@ async def test_retrying_leaves_no_task_behind(pool: asyncpg.Pool, nats_url: str)
     stop.set()
     await asyncio.wait_for(projector, 10)
     assert during - before <= 1, (before, during)  # the one wait in progress at most
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", ["event", "unreadable"])
+async def test_a_projector_told_to_stop_while_the_database_refuses_hands_its_batch_back(
+    pool: asyncpg.Pool, nc: NATS, database_url: str, kind: str
+) -> None:
+    """Kills dropping ``if stop.is_set(): return None`` from the retry of ``_apply``
+    (``event``), and ``stop.is_set() or`` from the retry of ``_park`` (``unreadable``): a
+    message waiting in place for PostgreSQL to accept writes again is handed back when the
+    process stops, instead of holding the stop until the database comes back."""
+    database = database_url.rsplit("/", 1)[1]
+    clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await pool.expire_connections()
+    await publish(
+        nc, clinic_id, of(stream, 1, scheduled(clinic_id)) if kind == "event" else b"\xff"
+    )
+    stop = asyncio.Event()
+    projector = asyncio.create_task(run_projector(pool, nc, stop))
+    try:
+
+        async def held() -> bool:
+            try:
+                info = await nc.jetstream().consumer_info(EVENTS_STREAM, CONSUMER)
+            except NotFoundError:  # not created yet
+                return False
+            return bool(info.num_ack_pending == 1)
+
+        await eventually(held, within=30)
+        await asyncio.sleep(0.5)  # refused, retried in place
+        stop.set()
+        await asyncio.wait_for(asyncio.shield(projector), 5)
+    finally:
+        stop.set()
+        await _writable(pool, database)
+        await asyncio.wait_for(projector, 15)
+    # Handed back (an event at once, a park after 5 s), not left to the ack wait (10 s and
+    # more): the next projector settles it.
+    done = "SELECT count(*) = 1 FROM " + ("visits" if kind == "event" else "parked_messages")
+    began = time.monotonic()
+    async with running(pool, nc, run_projector):
+        await eventually(lambda: pool.fetchval(done), within=30)
+    assert time.monotonic() - began < 9
+
+
+@pytest.mark.fault
+async def test_a_batch_narrowed_down_while_the_database_turns_away_hands_it_back_on_stop(
+    pool: asyncpg.Pool, nc: NATS, database_url: str
+) -> None:
+    """Kills dropping ``if single is None: return None`` from the narrowing down of a
+    failed batch in ``_apply``: a batch refused for one event's content is applied one by
+    one; when the database then refuses for a reason that passes (read-only here) and the
+    process is stopping, the whole batch is handed back, not lost to a ``TypeError``."""
+    database = database_url.rsplit("/", 1)[1]
+    clinic_id = uuid.uuid4()
+    refused = msgspec.structs.replace(scheduled(clinic_id), visit_reason="a\u0000b")
+    for event in (scheduled(clinic_id), refused, scheduled(clinic_id)):
+        await publish(nc, clinic_id, of(uuid.uuid4(), 1, event))
+    js = nc.jetstream()
+    await js.add_consumer(EVENTS_STREAM, projector_module.consumer_config())
+    subscription = await js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
+    try:
+        msgs = await subscription.fetch(3, timeout=10)
+        assert len(msgs) == 3
+        # The batch's NUL is refused when its statement is bound, before read-only is
+        # checked: each event alone then meets the read-only refusal.
+        await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await pool.expire_connections()
+        stopping = asyncio.Event()
+        stopping.set()
+        await asyncio.wait_for(VisitsProjector(pool, nc).handle(msgs, stopping), 10)
+        # All three handed back (nak): delivered again at once, not after the ack wait.
+        again = await subscription.fetch(3, timeout=5)
+        assert sorted(msg.metadata.num_delivered for msg in again) == [2, 2, 2]
+        for msg in again:
+            await msg.nak()
+    finally:
+        await subscription.unsubscribe()
+        await _writable(pool, database)
+    assert await pool.fetchval("SELECT count(*) FROM visits") == 0
+    assert await pool.fetchval("SELECT count(*) FROM parked_messages") == 0
+
+
+async def test_the_lag_stays_while_an_event_waits_to_be_delivered_again(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    """Kills dropping ``not info.num_ack_pending`` from the caught-up check of
+    ``_consume``: an hour-old event waiting for the one before it (nak-ed, delivered again
+    after a growing delay) leaves nothing pending, but is not applied: the lag stays an
+    hour between its deliveries instead of reading 0 (caught up)."""
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    early = msgspec.structs.replace(of(stream, 2, cancel), occurred_at=an_hour_ago)
+    await publish(nc, clinic_id, early, "cancelled")  # the store lacks it: it waits
+
+    def lag() -> float:
+        return REGISTRY.get_sample_value("clinic_projector_lag_seconds") or 0.0
+
+    async def lagging() -> bool:
+        return lag() >= 3590
+
+    async with running(pool, nc, run_projector):
+        await eventually(lagging, within=30)
+        deadline = time.monotonic() + 5  # deliveries 0.5, 1 and 2 s apart, idle fetches
+        while time.monotonic() < deadline:
+            assert lag() >= 3590, "the lag read 0 while an event was still waiting"
+            await asyncio.sleep(0.05)
+    assert await pool.fetchval("SELECT count(*) FROM visits") == 0
+
+
+async def test_the_back_off_of_an_event_waiting_for_an_earlier_one_is_capped(
+    pool: asyncpg.Pool, nc: NATS
+) -> None:
+    """Kills dropping the cap (``min(..., 30.0)``) of the nak delay in ``_settle``: an early
+    event delivered for the 9th time comes back in 30 s, not in 0.5 * 2**8 = 128 s (the
+    back-off of the consumer's own redeliveries stops at 120 s too)."""
+    stream, clinic_id = uuid.uuid4(), uuid.uuid4()
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await publish(nc, clinic_id, of(stream, 2, cancel), "cancelled")  # the store lacks it
+    js = nc.jetstream()
+    await js.add_consumer(EVENTS_STREAM, projector_module.consumer_config())
+    subscription = await js.pull_subscribe_bind(CONSUMER, EVENTS_STREAM)
+    try:
+        for _ in range(projector_module.PARK_AFTER - 2):  # delivered again at once
+            (msg,) = await subscription.fetch(1, timeout=5)
+            await msg.nak()
+        (msg,) = await subscription.fetch(1, timeout=5)
+        assert msg.metadata.num_delivered == projector_module.PARK_AFTER - 1  # not parked yet
+        delays: list[float | None] = []
+        nak = msg.nak
+
+        async def noted(delay: float | None = None) -> None:
+            delays.append(delay)
+            await nak(delay=delay)
+
+        msg.nak = noted  # type: ignore[method-assign]
+        await VisitsProjector(pool, nc).handle([msg], asyncio.Event())
+        assert delays == [30.0]
+    finally:
+        await subscription.unsubscribe()
+    assert await pool.fetchval("SELECT count(*) FROM parked_messages") == 0
+
+
+@pytest.mark.fault
+async def test_a_deadlock_is_retried_in_place_without_spending_a_delivery(
+    pool: asyncpg.Pool, nc: NATS, database_url: str
+) -> None:
+    """Kills dropping ``or passing_refusal(exc)`` from the retry test of ``_apply``: a
+    deadlock (SQLSTATE 40P01, which the adapter leaves as it is: another order of the
+    writes may not meet it) is retried in place, like an outage, rather than taken for a
+    message that cannot be applied (counted failed, nak-ed, delivered again)."""
+    outcome = {"outcome": "failed"}
+    failed = REGISTRY.get_sample_value("clinic_projector_events_total", outcome) or 0.0
+    clinic_id, stream = uuid.uuid4(), uuid.uuid4()
+    await PostgresVisits(pool).apply([of(stream, 1, scheduled(clinic_id))])
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await publish(nc, clinic_id, of(stream, 2, cancel), "cancelled")
+
+    async def applying_waits() -> bool:
+        return bool(
+            await pool.fetchval(
+                """SELECT count(*) > 0 FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+            )
+        )
+
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute("SET deadlock_timeout = '60s'")  # the projector finds the cycle
+        locking = other.transaction()
+        await locking.start()
+        # Holds the row the projector's apply will wait for...
+        await other.execute("UPDATE visits SET version = version WHERE appointment_id = $1", stream)
+        async with running(pool, nc, run_projector):
+            await eventually(applying_waits, within=30)
+            # ...and wants the table, which the apply's read holds: a deadlock.
+            await asyncio.wait_for(other.execute("LOCK TABLE visits IN ACCESS EXCLUSIVE MODE"), 30)
+            await locking.rollback()  # lets the retry through
+            await eventually(
+                lambda: pool.fetchval(
+                    "SELECT version = 2 FROM visits WHERE appointment_id = $1", stream
+                )
+            )
+            await eventually(lambda: consumer_idle(nc))
+    finally:
+        await other.close()
+    info = await nc.jetstream().consumer_info(EVENTS_STREAM, CONSUMER)
+    assert info.num_redelivered == 0  # retried in place: no delivery spent
+    assert (REGISTRY.get_sample_value("clinic_projector_events_total", outcome) or 0.0) == failed

@@ -366,6 +366,55 @@ async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
     assert row["duration_minutes"] == 45, "the damaged row came back through the held write"
 
 
+async def test_a_write_made_just_before_the_swap_is_in_the_rebuilt_view(
+    pool: asyncpg.Pool,
+) -> None:
+    """Kills dropping the swap's own catch-up (under the lock) from ``_swap``: a write
+    committed after the last unlocked pass, before the swap locks the table, is folded
+    into the new table, not lost with the old one."""
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    stream = await lifecycle(store, clinic_id, 0)  # scheduled
+    await project_directly(pool, [stream])
+    swapping = _Held(pool, lambda query: query.startswith("LOCK TABLE visits"))
+    rebuilding = asyncio.create_task(rebuild_visits(swapping))  # type: ignore[arg-type]
+    await asyncio.wait_for(swapping.reached.wait(), 30)  # its passes are done
+    cancel = AppointmentCancelled(clinic_id=clinic_id, cancelled_by=STAFF, cancelled_at=NOW)
+    await store.append(stream, 1, [NewEvent(event_id=uuid.uuid4(), event=cancel, occurred_at=NOW)])
+    cancelled = (await store.load(stream))[1].envelope
+    await PostgresVisits(pool).apply([cancelled], stream_sequence=2)  # committed
+    swapping.go.set()
+    assert await asyncio.wait_for(rebuilding, 30) == 1
+    (row,) = await view(pool)
+    assert (row["status"], row["version"]) == ("cancelled", 2)
+
+
+async def test_the_swap_folds_again_only_what_changed_since_the_last_pass(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills reading the notes of changed appointments without taking them (``SELECT``
+    for ``DELETE ... RETURNING`` in ``_catch_up``): the view stays right, but the swap,
+    which holds every read of the view, would fold again all that changed since the start
+    instead of what changed since the last pass."""
+    store, clinic_id = PostgresEventStore(pool), uuid.uuid4()
+    await project_directly(pool, [await lifecycle(store, clinic_id, i) for i in range(2)])
+    passes: list[tuple[bool, int]] = []
+    catch_up = rebuild._catch_up
+
+    async def counted(conn: Any) -> int:
+        folded = await catch_up(conn)
+        passes.append((conn.is_in_transaction(), folded))
+        return folded
+
+    monkeypatch.setattr(rebuild, "_catch_up", counted)
+    built = _Held(pool, lambda query: query.startswith("ANALYZE"))
+    rebuilding = asyncio.create_task(rebuild_visits(built))  # type: ignore[arg-type]
+    await asyncio.wait_for(built.reached.wait(), 30)  # its snapshot folded, no pass yet
+    await project_directly(pool, [await lifecycle(store, clinic_id, i) for i in range(2, 5)])
+    built.go.set()
+    assert await asyncio.wait_for(rebuilding, 30) == 5
+    assert passes == [(False, 3), (True, 0)]  # one pass without the lock, none left for it
+
+
 _TRIGGERS = (
     "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'visits'::regclass AND NOT tgisinternal"
 )
@@ -464,3 +513,24 @@ async def test_a_rebuild_on_a_service_pool_that_never_gets_the_lock_leaves_no_ad
         assert held == 0, f"{held} advisory locks left on the pooled connection"
     finally:
         await service_pool.close()
+
+
+async def test_the_rebuilt_view_keeps_the_owner_of_the_live_one(pool: asyncpg.Pool) -> None:
+    """Kills skipping ``ALTER TABLE ... OWNER TO`` in ``_copy_privileges``: a rebuild run as
+    another role (a superuser, an operator's) leaves ``visits`` owned by the role that
+    owned it (the service's, which migrates it), not by whoever ran the rebuild."""
+    owner = f"clinic_owner_{uuid.uuid4().hex[:12]}"  # roles are the server's, not the db's
+    await pool.execute(f"CREATE ROLE {owner}")
+    try:
+        await pool.execute(f"ALTER TABLE visits OWNER TO {owner}")
+        await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
+        assert await rebuild_visits(pool) == 1
+        assert (
+            await pool.fetchval(
+                "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'visits'::regclass"
+            )
+            == owner
+        )
+    finally:
+        await pool.execute(f"REASSIGN OWNED BY {owner} TO current_user")
+        await pool.execute(f"DROP ROLE {owner}")

@@ -240,6 +240,26 @@ async def test_pages_cover_the_tab_once_even_with_equal_start_times(
         assert await walk(query, tab, limit) == everything
 
 
+@pytest.mark.parametrize("tab", ["upcoming", "past"])
+async def test_pages_keep_the_keyset_order_whatever_plan_reads_them(
+    database_url: str, tab: VisitsTab
+) -> None:
+    """Kills dropping ``appointment_id`` from a tab's ORDER BY: the keyset cursor is
+    (starts_at, appointment_id), so the SQL must sort by both. With an index range the
+    rows come out in that order anyway; a plan without one (a small clinic, a seq scan and
+    a sort) returns visits that start at once in any order, and pages skip or repeat them."""
+    no_index = {"enable_indexscan": "off", "enable_bitmapscan": "off"}
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, server_settings=no_index)
+    try:
+        visits = PostgresVisits(pool)
+        query = VisitsQuery(visits, ManualClock(NOW), Rules(), timedelta(seconds=5))
+        at = timedelta(hours=1) if tab == "upcoming" else -timedelta(hours=1)
+        booked = [await book(visits, at) for _ in range(30)]
+        assert await walk(query, tab, 4) == sorted(booked, reverse=tab == "past")
+    finally:
+        await pool.close()
+
+
 async def test_pages_stay_stable_while_visits_are_added(
     visits: PostgresVisits, query: VisitsQuery
 ) -> None:
@@ -312,6 +332,23 @@ async def test_a_consistency_token_not_reached_in_time_answers_stale(
     assert stale
 
 
+async def test_a_token_at_version_0_asks_for_nothing_and_never_waits(
+    visits: PostgresVisits, query: VisitsQuery
+) -> None:
+    """Kills dropping ``version <= 0 or`` in ``PostgresVisits.wait_for_version``: a token
+    at version 0 (a stream before its first write) is reflected by any view, the row there
+    or not; it neither waits out the consistency wait (5 s here) nor answers stale."""
+    stream = await book(visits, timedelta(hours=1))
+    loop = asyncio.get_running_loop()
+    for token in (f"{uuid.uuid4()}.0", f"{stream}.0"):
+        started = loop.time()
+        page, stale = await query.list_visits(PATIENT, consistency_token=token)
+        assert not stale and [v.appointment_id for v in page.items] == [stream]
+        assert loop.time() - started < 2
+    other = Scope(clinic_id=CLINIC, patient_id=uuid.uuid4())  # not the reader's either
+    assert await visits.wait_for_version(other, stream, 0, wait_seconds=5)
+
+
 async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Pool) -> None:
     # 200,000 visits in one clinic: 2,000 patients with 100 visits each over two years.
     await pool.execute(
@@ -331,7 +368,12 @@ async def test_every_page_query_reads_one_index_range_at_scale(pool: asyncpg.Poo
     scopes = [Scope(clinic_id=CLINIC, patient_id=patient), Scope(clinic_id=CLINIC)]
     for scope in scopes:
         for tab in ("upcoming", "past"):
-            for after in (None, PageKey(tab, NOW, uuid.UUID(int=0))):
+            afters = [None, PageKey(tab, NOW, uuid.UUID(int=0))]
+            if tab == "upcoming":
+                # A cursor of a page left open for days: the range still starts at the
+                # first visit not ended (kills dropping ``> low`` from ``page_query``).
+                afters.append(PageKey(tab, NOW - timedelta(days=300), uuid.UUID(int=0)))
+            for after in afters:
                 sql, args = page_query(scope, tab, NOW, after, 21)  # type: ignore[arg-type]
                 plan = json.loads(
                     await pool.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
@@ -349,10 +391,12 @@ class CountingPolls:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.polled = asyncio.Event()
+        self.polls = 0
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         value = await self.pool.fetchval(query, *args)
         if query.startswith("SELECT version FROM visits"):
+            self.polls += 1
             self.polled.set()
         return value
 
@@ -389,6 +433,30 @@ async def test_the_projector_of_this_process_wakes_a_waiting_read(
     assert await asyncio.wait_for(waiting, 30)
 
 
+async def test_a_write_short_of_the_version_wakes_a_waiting_read_once(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills dropping ``written.clear()`` from ``wait_for_version``: a write of the row
+    that is not yet the version waited for wakes the wait for one look, after which it
+    pauses again, rather than leaving it woken and polling the view without a pause until
+    its time runs out."""
+    updates = ViewUpdates()
+    counting = CountingPolls(pool)
+    reader = PostgresVisits(counting, updates=updates)  # type: ignore[arg-type]
+    projector = PostgresVisits(pool, updates=updates)
+    stream = await book(projector, timedelta(hours=1))
+    for pause in ("_WAIT_POLL_FIRST", "_WAIT_POLL_MAX"):  # only a wake-up polls, and the end
+        monkeypatch.setattr(visits_adapter, pause, 3600.0)
+    waiting = asyncio.create_task(
+        reader.wait_for_version(Scope.of(PATIENT), stream, 3, wait_seconds=1.0)
+    )
+    await polled_once(counting)
+    await projector.apply([cancel(stream)])  # version 2 of the 3 waited for
+    assert not await asyncio.wait_for(waiting, 30)
+    # The first look, the wake-up's and the last (a timer may fire a hair early: one more).
+    assert counting.polls <= 4, counting.polls
+
+
 async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
     pool: asyncpg.Pool,
 ) -> None:
@@ -407,6 +475,23 @@ async def test_a_read_waits_by_polling_for_a_projector_of_another_process(
     # Outside the reader's scope it never shows, and the wait ends with the time given.
     other = Scope(clinic_id=CLINIC, patient_id=uuid.uuid4())
     assert not await reader.wait_for_version(other, stream, 2, wait_seconds=0.1)
+
+
+@pytest.mark.parametrize("updates", [None, ViewUpdates()])
+async def test_a_wait_ends_on_time_whatever_its_poll_interval(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, updates: ViewUpdates | None
+) -> None:
+    """Kills ``step = pause`` (for ``min(pause, deadline - now)``) in ``wait_for_version``:
+    a pause between polls never runs past the wait's own deadline (the read's deadline
+    leaves its last look 50 ms; one overslept is cut mid-query)."""
+    reader = PostgresVisits(pool, updates=updates)
+    stream = await book(reader, timedelta(hours=1))
+    monkeypatch.setattr(visits_adapter, "_WAIT_POLL_FIRST", 3600.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = reader.wait_for_version(Scope.of(PATIENT), stream, 2, wait_seconds=0.2)
+    assert not await asyncio.wait_for(waiting, 10)
+    assert 0.2 <= loop.time() - started < 5
 
 
 async def test_repaired_rows_never_go_back_and_wake_a_waiting_read(

@@ -217,6 +217,25 @@ async def test_another_principals_token_reveals_nothing(outsider_role: str) -> N
     assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
 
 
+async def test_another_providers_token_reveals_nothing() -> None:
+    """Kills ``Scope.holds`` without its provider clause: a provider of the same clinic
+    reading with the token of a visit another provider holds must not repair its row (nor
+    be told it is fresh), as for another patient."""
+    clock, store, visits, app, query = _setup(wait=timedelta(milliseconds=30))
+    holder = principal("provider")
+    outsider = principal("provider", clinic_id=holder.clinic_id)
+    staff = principal("staff", clinic_id=holder.clinic_id)
+    booked = await app.schedule(
+        RequestContext(principal=staff), schedule_body(clock.now, provider_id=holder.id)
+    )
+    page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
+    assert stale and _listed(page) == []
+    assert visits.writes == 0  # an outsider's read writes nothing
+    page, stale = await query.list_visits(holder, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [booked.view.appointment_id]
+    assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
+
+
 async def test_a_read_with_no_wait_at_all_answers_at_once_without_repairing() -> None:
     clock, store, visits, app, query = _setup(wait=timedelta(0))
     staff = principal("staff")
@@ -296,6 +315,35 @@ async def test_a_users_reads_past_its_waiting_bound_look_once_and_answer_at_once
     query.stop_waiting()
     assert all(stale for _, stale in await asyncio.wait_for(asyncio.gather(*waiting), 5))
     assert query._waiting == {}  # no place kept by a read that is over
+
+
+async def test_a_users_read_past_its_waiting_bound_starts_no_repair() -> None:
+    """Kills dropping ``if join_only: return _Repaired.FAILED`` in ``_repair_row``: a read
+    past the user's bound only looks (or joins a repair under way); it never loads the
+    stream and writes the row itself, even for a write of its own."""
+    clock, store, visits, app, query = _setup(wait=timedelta(seconds=30))
+    staff = principal("staff")
+    others = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    patient = principal("patient", clinic_id=staff.clinic_id)
+    own = await app.schedule(
+        RequestContext(principal=patient), schedule_body(clock.now, patient_id=patient.id)
+    )
+    waiting = [  # tokens of an appointment not the patient's: they wait out the 30 s
+        asyncio.ensure_future(
+            query.list_visits(patient, consistency_token=others.consistency_token)
+        )
+        for _ in range(MAX_WAITING_READS_PER_USER)
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(read.done() for read in waiting)
+    loads = store.loads
+    page, stale = await asyncio.wait_for(
+        query.list_visits(patient, consistency_token=own.consistency_token), 1
+    )
+    assert stale and _listed(page) == []  # one look: the view lacks the booking
+    assert store.loads == loads and visits.writes == 0
+    query.stop_waiting()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
 
 
 async def test_concurrent_reads_of_one_write_share_one_load_and_one_write() -> None:
@@ -588,6 +636,34 @@ async def test_a_read_that_comes_after_the_stop_answers_within_a_second_of_it() 
     _, stale = await query.list_visits(staff, consistency_token=booked.consistency_token)
     assert stale
     assert loop.time() - stopped < STOP_REPAIR_SECONDS + 0.3
+
+
+class _TimingOut(FakeVisits):
+    """A view whose checks fail with a ``TimeoutError`` of their own (a query timeout, a
+    pool with no connection free in time), long before the read's wait runs out."""
+
+    async def wait_for_version(
+        self, scope: Scope, appointment_id: uuid.UUID, version: int, wait_seconds: float
+    ) -> bool:
+        raise TimeoutError("no connection free in time")
+
+
+@pytest.mark.parametrize("repair", [True, False])
+async def test_a_timeout_of_the_view_itself_is_an_error_not_a_stale_answer(repair: bool) -> None:
+    """Kills dropping ``if not limit.expired(): raise`` in ``_within``: only the read's own
+    deadline makes an answer stale; a ``TimeoutError`` the view raises is a failure (the
+    read is answered as such), not a page presented as merely behind."""
+    clock, store, visits = ManualClock(), FakeEventStore(), _TimingOut()
+    app = Appointments(store, store, clock, uuid.uuid4, Rules())
+    query = VisitsQuery(
+        visits, clock, Rules(), timedelta(seconds=5), repair=(store, visits) if repair else None
+    )
+    staff = principal("staff")
+    booked = await app.schedule(RequestContext(principal=staff), schedule_body(clock.now))
+    with pytest.raises(TimeoutError, match="no connection free in time"):
+        await asyncio.wait_for(
+            query.list_visits(staff, consistency_token=booked.consistency_token), 5
+        )
 
 
 class _CountedPolls(FakeVisits):
