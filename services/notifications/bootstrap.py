@@ -112,7 +112,9 @@ async def notification_service(
         )
     ]
     if smtp is not None:
-        email = EmailChannel(Directory(nc, tuning.directory_timeout), smtp)
+        email = EmailChannel(
+            Directory(nc, tuning.directory_timeout, silence=tuning.directory_silence), smtp
+        )
         workers.append(
             DeliveryWorker(deliveries, email, clock, tuning, hooks, None, nats_connected)
         )

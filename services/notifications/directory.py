@@ -8,7 +8,12 @@ nothing of the directory, so the caller tries again later. So is one unanswered 
 server itself does not answer a ping either (it hangs, and the connection only looks up),
 and "no directory listens" within :data:`REJOIN_SECONDS` of our connection coming back
 (the directory's own connection may not be back yet), and one whose timeout fired
-:data:`STALL_SECONDS` late (this process stood still: the answer may be unread).
+:data:`STALL_SECONDS` late (this process stood still: the answer may be unread). And on a
+cluster the directory's connection may be on another node than ours: that node lost (it
+hangs: the cluster still routes the questions to it; it died: no directory listens until
+its client is on another node), ours and our server are well and the directory is silent
+for the ~20 s its client takes to move. So a silence means no address only once it has
+lasted :data:`SILENCE_SECONDS`; until then its questions are asked again later.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ REJOIN_SECONDS: Final = 10.0
 #: A question whose timeout fired this much later than due was not left unanswered by the
 #: directory: this process stood still meanwhile (its answer may be unread in the socket).
 STALL_SECONDS: Final = 0.5
+#: How long the directory must have been silent (every question since unanswered) before
+#: its silence means no address: longer than its client takes to leave a NATS node that
+#: hangs (pings every 5 s, 3 unanswered) and reconnect to another.
+SILENCE_SECONDS: Final = 30.0
 
 _decoder: Final = msgspec.json.Decoder(DirectoryContactReply)
 
@@ -74,11 +83,19 @@ class Directory:
     """Request/reply on ``directory.v1.contact.<user_id>``."""
 
     def __init__(
-        self, nc: NATS, timeout: float = DIRECTORY_TIMEOUT_SECONDS, rejoin: float = REJOIN_SECONDS
+        self,
+        nc: NATS,
+        timeout: float = DIRECTORY_TIMEOUT_SECONDS,
+        rejoin: float = REJOIN_SECONDS,
+        silence: float = SILENCE_SECONDS,
     ) -> None:
         self._nc = nc
         self._timeout = timeout
         self._rejoin = rejoin
+        self._silence = silence
+        self._silent_since: float | None = None
+        """When the directory's current silence began (monotonic seconds), None while it
+        answers."""
         self._reconnects = _reconnects(nc)
         """The connection's reconnects when last looked at."""
         self._reconnected_at: float | None = None
@@ -87,8 +104,18 @@ class Directory:
         """The directory did not answer the last question (warned once per silence)."""
 
     def _unanswered(self, why: str, user_id: UUID) -> None:
-        """No address for ``user_id``, as no directory answered: a WARNING for the first of
-        a silence (every email is skipped while it lasts), INFO for the others."""
+        """No address for ``user_id``, as no directory answered for :data:`SILENCE_SECONDS`:
+        a WARNING for the first of a silence (every email is skipped while it lasts), INFO
+        for the others. :class:`DirectoryUnavailable` while the silence is shorter (the
+        directory's NATS node lost, its client moving to another)."""
+        now = time.monotonic()
+        if self._silent_since is None:
+            self._silent_since = now
+        if now - self._silent_since < self._silence:
+            raise DirectoryUnavailable(
+                f"{why}, silent for {now - self._silent_since:.1f}s only"
+                " (its NATS node may be lost): asked again later"
+            )
         level = logging.INFO if self._silent else logging.WARNING
         self._silent = True
         log.log(level, "%s: email skipped", why, extra={"user_id": str(user_id)})
@@ -108,6 +135,7 @@ class Directory:
         return at is not None and time.monotonic() - at < self._rejoin
 
     def _answered(self) -> None:
+        self._silent_since = None
         if self._silent:
             log.info("the directory answers again")
         self._silent = False

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from services.notifications.directory import DIRECTORY_TIMEOUT_SECONDS
+from services.notifications.directory import DIRECTORY_TIMEOUT_SECONDS, SILENCE_SECONDS
 from services.pg_errors import is_transient, schema_behind
 from services.waiting import idle
 
@@ -66,6 +66,9 @@ class Tuning:
     retry_cap: timedelta = timedelta(minutes=15)
     max_attempts: int = 8
     directory_timeout: float = DIRECTORY_TIMEOUT_SECONDS
+    #: How long the directory must have been silent before its silence means no address
+    #: (seconds; shorter, its questions are asked again later: its NATS node may be lost).
+    directory_silence: float = SILENCE_SECONDS
     #: How often the service looks for visits past their retention (seconds), and how
     #: many it forgets per statement.
     retention_interval: float = 600.0

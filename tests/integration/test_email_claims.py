@@ -36,6 +36,7 @@ from tests.integration.test_notifications_harness import (
     smtp,
 )
 from tests.support.builders import planned_notification
+from tests.support.cluster import nats_cluster
 
 __all__ = ["clinic", "smtp"]  # fixtures
 
@@ -510,6 +511,67 @@ async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_i
                 await asyncio.wait_for(connection.close(), 2)
 
 
+async def test_an_email_asked_while_the_directorys_nats_node_hangs_is_sent_after_it(
+    database_url: str, smtp: tuple[SmtpSink, str]
+) -> None:
+    """On a cluster the directory may be connected to another node than ours. That node
+    frozen (`SIGSTOP`, a partition dropping packets), the cluster still routes the question
+    to it for as long as the directory's client takes to leave it (~20 s), while our
+    connection and our own server are well: the question goes unanswered, which says
+    nothing of the directory, so the email is tried again later, not skipped for good (a
+    chaos soak on a 3-node cluster skipped 39 reminders and confirmations at one
+    node's `SIGSTOP`)."""
+    sink, smtp_url = smtp
+    with nats_cluster("directory-node") as nodes:
+        for node in nodes:
+            node.start()
+        options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 3.0}
+        nc = await nats.connect(nodes[0].url, **options)
+        directory_nc = await nats.connect(
+            servers=[nodes[1].url, nodes[2].url], dont_randomize=True, **options
+        )
+        try:
+
+            async def answer(msg: Any) -> None:
+                user = msg.subject.rsplit(".", 1)[1]
+                await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
+
+            await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
+            await directory_nc.flush()
+
+            async def routed() -> bool:  # the cluster knows where the directory listens
+                with contextlib.suppress(nats.errors.Error):
+                    await nc.request("directory.v1.contact.probe", b"", timeout=0.5)
+                    return True
+                return False
+
+            await eventually(routed, within=30, what="the directory reachable from node 0")
+            async with _outbox(database_url) as pool:
+                directory = Directory(nc, 0.3)
+                nodes[1].pause()
+                try:
+                    assert nc.is_connected
+                    assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+                finally:
+                    nodes[1].resume()
+                row = await pool.fetchrow("SELECT * FROM notification_deliveries")
+                assert row is not None
+                assert row["status"] == "pending", row["last_error"]  # not skipped for good
+                assert "directory not asked" in row["last_error"]
+                assert sink.messages == []
+
+                await eventually(routed, within=30, what="the directory reachable again")
+                later = row["next_attempt_at"]
+                assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+                status = await pool.fetchval("SELECT status FROM notification_deliveries")
+                assert status == "sent"
+                assert len(sink.messages) == 1
+        finally:
+            for connection in (nc, directory_nc):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 2)
+
+
 @pytest.mark.parametrize(
     "reply",
     [None, b"not json", b'{"email": "\xff@example.test"}', b"[" * 100_000],
@@ -531,7 +593,7 @@ async def test_a_silent_or_unreadable_directory_on_a_connection_that_is_up_means
         await nc.subscribe("directory.v1.contact.*", cb=answer)
         await nc.flush()
         async with _outbox(database_url) as pool:
-            directory = Directory(nc, 0.3)
+            directory = Directory(nc, 0.3, silence=0.0)  # silent for long enough already
             assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
             row = await pool.fetchrow("SELECT status, last_error FROM notification_deliveries")
             assert row is not None

@@ -188,7 +188,8 @@ async def test_a_silent_directory_costs_at_most_a_second_and_push_still_goes_out
 async def test_a_directory_request_without_an_answer_gives_up_after_one_second(
     clinic: Clinic,
 ) -> None:
-    directory = Directory(clinic.nc, Tuning().directory_timeout)  # as the service makes it
+    # As the service makes it, once the directory has been silent for long enough.
+    directory = Directory(clinic.nc, Tuning().directory_timeout, silence=0.0)
     started = time.monotonic()
     assert await directory.contact(uuid.uuid4()) is None  # subscribed, never answers
     assert 0.9 <= time.monotonic() - started < 5  # its 1 s, not less (nor for ever)
@@ -198,7 +199,10 @@ async def test_no_directory_at_all_means_no_email_at_once(nats_url: str) -> None
     nc = await nats.connect(nats_url)
     try:
         # At once: with a 60 s timeout, a request that waited for an answer fails the test.
-        assert await asyncio.wait_for(Directory(nc, timeout=60).contact(uuid.uuid4()), 10) is None
+        assert (
+            await asyncio.wait_for(Directory(nc, timeout=60, silence=0).contact(uuid.uuid4()), 10)
+            is None
+        )
     finally:
         await nc.close()
 
@@ -207,7 +211,7 @@ async def test_a_silent_directory_is_warned_of_once_per_silence(
     nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     nc = await nats.connect(nats_url)
-    directory = Directory(nc, timeout=0.2)
+    directory = Directory(nc, timeout=0.2, silence=0.0)
     try:
         with caplog.at_level(logging.INFO, logger="services.notifications.directory"):
             for _ in range(3):

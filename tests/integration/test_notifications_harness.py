@@ -65,6 +65,7 @@ TEST_TUNING = Tuning(
     lease=timedelta(seconds=30),
     retry_base=timedelta(seconds=30),
     max_attempts=3,
+    directory_silence=0.0,  # a silent directory here is one not deployed
 )
 
 _positions = itertools.count(1)

@@ -28,6 +28,9 @@ FAST_TUNING = Tuning(
     retry_base=timedelta(seconds=0.5),
     retry_cap=timedelta(seconds=90),
     directory_timeout=0.1,
+    # Not shorter: what a silence waits out is a NATS client's own failover (its pings
+    # every 5 s), which no tuning of this service shortens.
+    directory_silence=30.0,
 )
 
 

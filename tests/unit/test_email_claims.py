@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
@@ -464,7 +465,8 @@ class _Nats:
 
 
 def _directory(nc: _Nats) -> Directory:
-    return Directory(cast(Any, nc), timeout=1.0)
+    """A directory whose first silence already means no address."""
+    return Directory(cast(Any, nc), timeout=1.0, silence=0.0)
 
 
 @pytest.mark.parametrize("status", ["reconnecting", "closed", "draining", "disconnected"])
@@ -519,7 +521,9 @@ async def test_a_question_timed_out_while_this_process_stood_still_is_asked_agai
     with pytest.raises(DirectoryUnavailable, match="this process stalled"):
         await Directory(cast(Any, _Nats(on_request=stalled)), timeout=0.05).contact(uuid.uuid4())
     assert (
-        await Directory(cast(Any, _Nats(on_request=silent)), timeout=0.05).contact(uuid.uuid4())
+        await Directory(cast(Any, _Nats(on_request=silent)), timeout=0.05, silence=0.0).contact(
+            uuid.uuid4()
+        )
         is None
     )
 
@@ -529,7 +533,7 @@ async def test_no_directory_listening_just_after_a_reconnect_is_asked_again_late
         raise nats.errors.NoRespondersError
 
     nc = _Nats(on_request=none_listens)
-    directory = Directory(cast(Any, nc), timeout=1.0, rejoin=0.2)
+    directory = Directory(cast(Any, nc), timeout=1.0, rejoin=0.2, silence=0.0)
     nc.stats["reconnects"] += 1  # NATS restarted: the directory's client may not be back
     with pytest.raises(DirectoryUnavailable):
         await directory.contact(uuid.uuid4())
@@ -559,3 +563,30 @@ async def test_a_connected_directory_that_does_not_answer_still_means_no_email(
         raise silence
 
     assert await _directory(_Nats(on_request=unanswered)).contact(uuid.uuid4()) is None
+
+
+@pytest.mark.parametrize("silence", [nats.errors.TimeoutError, nats.errors.NoRespondersError])
+async def test_a_directory_silent_for_moments_only_is_asked_again_later(
+    silence: type[Exception],
+) -> None:
+    """On a cluster the directory's node may be lost while ours is well: its client takes
+    ~20 s to move to another node. A silence means no address only once it has lasted
+    that long; an answer ends it."""
+    answering = True
+
+    async def reply(nc: _Nats) -> Any:
+        if not answering:
+            raise silence
+        return SimpleNamespace(data=b'{"email": "a@example.test"}')
+
+    directory = Directory(cast(Any, _Nats(on_request=reply)), timeout=1.0, silence=0.2)
+    answering = False
+    with pytest.raises(DirectoryUnavailable, match="asked again later"):
+        await directory.contact(uuid.uuid4())
+    answering = True
+    assert await directory.contact(uuid.uuid4()) is not None  # the silence is over
+    answering = False
+    with pytest.raises(DirectoryUnavailable):
+        await directory.contact(uuid.uuid4())
+    await asyncio.sleep(0.3)  # silent for longer than any node's loss lasts: none is there
+    assert await directory.contact(uuid.uuid4()) is None
