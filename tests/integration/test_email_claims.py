@@ -430,7 +430,8 @@ async def test_an_email_asked_of_the_directory_while_nats_hangs_is_sent_after_it
         await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
         await directory_nc.flush()
         async with _outbox(database_url) as pool:
-            directory = Directory(nc, 0.3)
+            # No silence window: the ping after the timeout alone tells the hang.
+            directory = Directory(nc, 0.3, silence=0.0)
             nats_server.pause()
             try:
                 assert nc.is_connected  # nothing noticed yet: the hang is silent
@@ -441,6 +442,7 @@ async def test_an_email_asked_of_the_directory_while_nats_hangs_is_sent_after_it
             assert row is not None
             assert row["status"] == "pending", row["last_error"]  # not skipped for good
             assert "directory not asked" in row["last_error"]
+            assert "does not answer a ping" in row["last_error"]
             assert sink.messages == []
 
             await directory_nc.flush()
@@ -480,7 +482,8 @@ async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_i
         await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
         await directory_nc.flush()
         async with _outbox(database_url) as pool:
-            directory = Directory(nc, TEST_TUNING.directory_timeout)
+            # No silence window: the reconnect alone tells the directory may not be back.
+            directory = Directory(nc, TEST_TUNING.directory_timeout, silence=0.0)
             await nats_server.astop()
             await nats_server.astart()
 
@@ -493,6 +496,7 @@ async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_i
             assert row is not None
             assert row["status"] == "pending", row["last_error"]  # not skipped for good
             assert "directory not asked" in row["last_error"]
+            assert "reconnected moments ago" in row["last_error"]
             assert sink.messages == []
 
             async def directory_back() -> bool:

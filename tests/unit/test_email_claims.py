@@ -502,8 +502,9 @@ async def test_a_question_unanswered_while_its_server_hangs_is_no_answer_of_the_
         nc.server_hangs = True  # the connection still looks up: nothing noticed the hang
         raise nats.errors.TimeoutError
 
-    with pytest.raises(DirectoryUnavailable):
-        await Directory(cast(Any, _Nats(on_request=hang)), timeout=0.05).contact(uuid.uuid4())
+    hanging = Directory(cast(Any, _Nats(on_request=hang)), timeout=0.05, silence=0.0)
+    with pytest.raises(DirectoryUnavailable, match="does not answer a ping"):
+        await hanging.contact(uuid.uuid4())
 
 
 async def test_a_question_timed_out_while_this_process_stood_still_is_asked_again_later() -> None:
