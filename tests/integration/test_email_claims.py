@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from services.embedded import EmbeddedNats
 from services.notifications.delivery_store import DeliveryStore
@@ -360,14 +361,17 @@ async def test_a_worker_whose_lease_ran_out_does_not_skip_what_another_sent(
 
 # ------------------------------------------------------------------- a NATS outage
 
+_RECONNECT: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
 
-async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_after_it(
-    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
-) -> None:
-    sink, smtp_url = smtp
-    options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
-    nc = await nats.connect(nats_server.url, **options)
-    directory_nc = await nats.connect(nats_server.url, **options)
+
+@contextlib.asynccontextmanager
+async def ours_and_the_directorys(
+    ours: dict[str, Any], directorys: dict[str, Any]
+) -> AsyncIterator[tuple[NATS, NATS]]:
+    """Our connection and the directory's (each ``nats.connect(**options)``), the directory
+    answering every question with an address; both closed after."""
+    nc = await nats.connect(**ours)
+    directory_nc = await nats.connect(**directorys)
     try:
 
         async def answer(msg: Any) -> None:
@@ -376,37 +380,64 @@ async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_afte
 
         await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
         await directory_nc.flush()
-        async with _outbox(database_url) as pool:
-            await nats_server.astop()
-
-            async def down() -> bool:
-                return nc.is_reconnecting
-
-            await eventually(down, what="our connection to notice the outage")
-            directory = Directory(nc, TEST_TUNING.directory_timeout)
-            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
-            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
-            assert row is not None
-            assert row["status"] == "pending", row["last_error"]  # not skipped for good
-            assert "directory not asked" in row["last_error"]
-            assert sink.messages == []
-
-            await nats_server.astart()
-
-            async def up() -> bool:
-                return nc.is_connected and directory_nc.is_connected
-
-            await eventually(up, within=15, what="both connections back")
-            await directory_nc.flush()  # its subscription is the server's again
-            later = row["next_attempt_at"]
-            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
-            status = await pool.fetchval("SELECT status FROM notification_deliveries")
-            assert status == "sent"
-            assert len(sink.messages) == 1
+        yield nc, directory_nc
     finally:
         for connection in (nc, directory_nc):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 2)
+
+
+async def not_asked(pool: asyncpg.Pool, sink: SmtpSink, cause: str) -> asyncpg.Record:
+    """The one delivery, after a claim whose question never reached the directory
+    (``cause``): waiting for another attempt, not skipped for good, nothing sent."""
+    row = await pool.fetchrow("SELECT * FROM notification_deliveries")
+    assert row is not None
+    assert row["status"] == "pending", row["last_error"]  # not skipped for good
+    assert "directory not asked" in row["last_error"]
+    assert cause in row["last_error"]
+    assert sink.messages == []
+    return row
+
+
+async def sent_at_the_next_attempt(
+    pool: asyncpg.Pool,
+    directory: Directory,
+    smtp: tuple[SmtpSink, str],
+    held_back: asyncpg.Record,
+) -> None:
+    sink, smtp_url = smtp
+    later = held_back["next_attempt_at"]
+    assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
+    assert await pool.fetchval("SELECT status FROM notification_deliveries") == "sent"
+    assert len(sink.messages) == 1
+
+
+async def test_an_email_asked_of_the_directory_during_a_nats_outage_is_sent_after_it(
+    database_url: str, nats_server: EmbeddedNats, smtp: tuple[SmtpSink, str]
+) -> None:
+    sink, smtp_url = smtp
+    options = {"servers": nats_server.url, **_RECONNECT}
+    async with (
+        ours_and_the_directorys(options, options) as (nc, directory_nc),
+        _outbox(database_url) as pool,
+    ):
+        await nats_server.astop()
+
+        async def down() -> bool:
+            return nc.is_reconnecting
+
+        await eventually(down, what="our connection to notice the outage")
+        directory = Directory(nc, TEST_TUNING.directory_timeout)
+        assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+        row = await not_asked(pool, sink, "NATS connection")
+        await nats_server.astart()
+
+        async def up() -> bool:
+            return nc.is_connected and directory_nc.is_connected
+
+        await eventually(up, within=15, what="both connections back")
+        await directory_nc.flush()  # its subscription is the server's again
+        await sent_at_the_next_attempt(pool, directory, smtp, row)
 
 
 async def test_an_email_asked_of_the_directory_while_nats_hangs_is_sent_after_it(
@@ -418,46 +449,25 @@ async def test_an_email_asked_of_the_directory_while_nats_hangs_is_sent_after_it
     the email is tried again later, not skipped for good (a 3 s hang of NATS in the chaos
     soak skipped ~100 confirmations and cancellations, every email claimed meanwhile)."""
     sink, smtp_url = smtp
-    options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
-    nc = await nats.connect(nats_server.url, **options)
-    directory_nc = await nats.connect(nats_server.url, **options)
-    try:
-
-        async def answer(msg: Any) -> None:
-            user = msg.subject.rsplit(".", 1)[1]
-            await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
-
-        await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
+    options = {"servers": nats_server.url, **_RECONNECT}
+    async with (
+        ours_and_the_directorys(options, options) as (nc, directory_nc),
+        _outbox(database_url) as pool,
+    ):
+        # No silence window: the ping after the timeout alone tells the hang.
+        directory = Directory(nc, 0.3, silence=0.0)
+        nats_server.pause()
+        try:
+            assert nc.is_connected  # nothing noticed yet: the hang is silent
+            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+        finally:
+            nats_server.resume()
+        row = await not_asked(pool, sink, "does not answer a ping")
         await directory_nc.flush()
-        async with _outbox(database_url) as pool:
-            # No silence window: the ping after the timeout alone tells the hang.
-            directory = Directory(nc, 0.3, silence=0.0)
-            nats_server.pause()
-            try:
-                assert nc.is_connected  # nothing noticed yet: the hang is silent
-                assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
-            finally:
-                nats_server.resume()
-            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
-            assert row is not None
-            assert row["status"] == "pending", row["last_error"]  # not skipped for good
-            assert "directory not asked" in row["last_error"]
-            assert "does not answer a ping" in row["last_error"]
-            assert sink.messages == []
-
-            await directory_nc.flush()
-            later = row["next_attempt_at"]
-            # The service's own timeout now: 0.3 s for a round trip just after the server
-            # came back is a coin toss on a loaded machine (a miss records it skipped).
-            directory = Directory(nc, TEST_TUNING.directory_timeout)
-            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
-            status = await pool.fetchval("SELECT status FROM notification_deliveries")
-            assert status == "sent"
-            assert len(sink.messages) == 1
-    finally:
-        for connection in (nc, directory_nc):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 2)
+        # The service's own timeout now: 0.3 s for a round trip just after the server
+        # came back is a coin toss on a loaded machine (a miss records it skipped).
+        directory = Directory(nc, TEST_TUNING.directory_timeout)
+        await sent_at_the_next_attempt(pool, directory, smtp, row)
 
 
 async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_is_sent_after(
@@ -469,50 +479,30 @@ async def test_an_email_asked_before_the_directory_is_back_from_a_nats_restart_i
     in the chaos soak skipped 16 confirmations and cancellations, all claimed within 40 ms
     of our connection coming back)."""
     sink, smtp_url = smtp
-    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
-    directory_nc = await nats.connect(
-        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=3.0
-    )
-    try:
+    ours = {"servers": nats_server.url, **_RECONNECT}
+    directorys = ours | {"reconnect_time_wait": 3.0}
+    async with (
+        ours_and_the_directorys(ours, directorys) as (nc, directory_nc),
+        _outbox(database_url) as pool,
+    ):
+        # No silence window: the reconnect alone tells the directory may not be back.
+        directory = Directory(nc, TEST_TUNING.directory_timeout, silence=0.0)
+        await nats_server.astop()
+        await nats_server.astart()
 
-        async def answer(msg: Any) -> None:
-            user = msg.subject.rsplit(".", 1)[1]
-            await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
+        async def ours_back_first() -> bool:
+            return nc.is_connected and not directory_nc.is_connected
 
-        await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
-        await directory_nc.flush()
-        async with _outbox(database_url) as pool:
-            # No silence window: the reconnect alone tells the directory may not be back.
-            directory = Directory(nc, TEST_TUNING.directory_timeout, silence=0.0)
-            await nats_server.astop()
-            await nats_server.astart()
+        await eventually(ours_back_first, within=15, what="our connection back first")
+        assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
+        row = await not_asked(pool, sink, "reconnected moments ago")
 
-            async def ours_back_first() -> bool:
-                return nc.is_connected and not directory_nc.is_connected
+        async def directory_back() -> bool:
+            return directory_nc.is_connected
 
-            await eventually(ours_back_first, within=15, what="our connection back first")
-            assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
-            row = await pool.fetchrow("SELECT * FROM notification_deliveries")
-            assert row is not None
-            assert row["status"] == "pending", row["last_error"]  # not skipped for good
-            assert "directory not asked" in row["last_error"]
-            assert "reconnected moments ago" in row["last_error"]
-            assert sink.messages == []
-
-            async def directory_back() -> bool:
-                return directory_nc.is_connected
-
-            await eventually(directory_back, within=15, what="the directory back")
-            await directory_nc.flush()  # its subscription is the server's again
-            later = row["next_attempt_at"]
-            assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
-            status = await pool.fetchval("SELECT status FROM notification_deliveries")
-            assert status == "sent"
-            assert len(sink.messages) == 1
-    finally:
-        for connection in (nc, directory_nc):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 2)
+        await eventually(directory_back, within=15, what="the directory back")
+        await directory_nc.flush()  # its subscription is the server's again
+        await sent_at_the_next_attempt(pool, directory, smtp, row)
 
 
 async def test_an_email_asked_while_the_directorys_nats_node_hangs_is_sent_after_it(
@@ -530,18 +520,9 @@ async def test_an_email_asked_while_the_directorys_nats_node_hangs_is_sent_after
         for node in nodes:
             node.start()
         options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 3.0}
-        nc = await nats.connect(nodes[0].url, **options)
-        directory_nc = await nats.connect(
-            servers=[nodes[1].url, nodes[2].url], dont_randomize=True, **options
-        )
-        try:
-
-            async def answer(msg: Any) -> None:
-                user = msg.subject.rsplit(".", 1)[1]
-                await msg.respond(f'{{"email": "{user}@example.test"}}'.encode())
-
-            await directory_nc.subscribe("directory.v1.contact.*", cb=answer)
-            await directory_nc.flush()
+        ours = {"servers": nodes[0].url, **options}
+        directorys = {"servers": [nodes[1].url, nodes[2].url], "dont_randomize": True, **options}
+        async with ours_and_the_directorys(ours, directorys) as (nc, _):
 
             async def routed() -> bool:  # the cluster knows where the directory listens
                 with contextlib.suppress(nats.errors.Error):
@@ -558,22 +539,9 @@ async def test_an_email_asked_while_the_directorys_nats_node_hangs_is_sent_after
                     assert await email_worker(pool, directory, smtp_url, NOW).deliver_due() == 1
                 finally:
                     nodes[1].resume()
-                row = await pool.fetchrow("SELECT * FROM notification_deliveries")
-                assert row is not None
-                assert row["status"] == "pending", row["last_error"]  # not skipped for good
-                assert "directory not asked" in row["last_error"]
-                assert sink.messages == []
-
+                row = await not_asked(pool, sink, "silent for")
                 await eventually(routed, within=30, what="the directory reachable again")
-                later = row["next_attempt_at"]
-                assert await email_worker(pool, directory, smtp_url, later).deliver_due() == 1
-                status = await pool.fetchval("SELECT status FROM notification_deliveries")
-                assert status == "sent"
-                assert len(sink.messages) == 1
-        finally:
-            for connection in (nc, directory_nc):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(connection.close(), 2)
+                await sent_at_the_next_attempt(pool, directory, smtp, row)
 
 
 @pytest.mark.parametrize(
