@@ -28,6 +28,7 @@ from services.appointments.service_layer.ports import (
 from services.errors import ClinicError, SlotTaken
 from tests.support.builders import principal, schedule_body
 from tests.support.clock import ManualClock
+from tests.support.locks import lock_waited_for
 
 
 @pytest.fixture
@@ -156,16 +157,6 @@ async def test_migrations_are_safe_to_run_concurrently_and_again(pg_server_url: 
 _NEXT_MIGRATION = ("9999_events_note.sql", "ALTER TABLE events ADD COLUMN note text;")
 
 
-async def events_lock_waited_for(pool: asyncpg.Pool) -> bool:
-    return bool(
-        await pool.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-            " WHERE NOT l.granted AND c.relname = 'events'"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-    )
-
-
 async def test_a_migration_behind_a_long_transaction_lets_appends_through_until_it_can_run(
     store: PostgresEventStore,
     pool: asyncpg.Pool,
@@ -182,7 +173,7 @@ async def test_a_migration_behind_a_long_transaction_lets_appends_through_until_
             await report.fetch("SELECT * FROM events LIMIT 1")  # a long read of the table
             migrating = asyncio.create_task(migrate(database_url))
             for _ in range(200):
-                if await events_lock_waited_for(pool):
+                if await lock_waited_for(pool, "events"):
                     break
                 await asyncio.sleep(0.05)
             else:

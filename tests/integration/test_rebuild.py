@@ -31,6 +31,7 @@ from services.appointments.rebuild import (
 )
 from services.appointments.relay import run_relay
 from services.appointments.service_layer.ports import NewEvent
+from tests.support.locks import lock_waited_for
 from tests.support.proxy import FreezingProxy
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -247,16 +248,6 @@ async def writing_elsewhere(database_url: str) -> AsyncIterator[None]:
         await conn.close()
 
 
-async def lock_waits_on_visits(pool: asyncpg.Pool) -> bool:
-    return bool(
-        await pool.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-            " WHERE NOT l.granted AND c.relname = 'visits'"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-    )
-
-
 async def test_a_rebuild_waiting_behind_a_long_transaction_lets_the_projector_write(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -269,7 +260,7 @@ async def test_a_rebuild_waiting_behind_a_long_transaction_lets_the_projector_wr
     await store.append(stream, 1, [NewEvent(event_id=uuid.uuid4(), event=cancel, occurred_at=NOW)])
     async with writing_elsewhere(database_url):
         rebuilding = asyncio.create_task(rebuild_visits(pool))
-        await eventually(lambda: lock_waits_on_visits(pool), within=10)
+        await eventually(lambda: lock_waited_for(pool, "visits"), within=10)
         cancelled = (await store.load(stream))[1].envelope
         began = time.monotonic()
         await asyncio.wait_for(PostgresVisits(pool).apply([cancelled], stream_sequence=2), 10)
@@ -355,7 +346,7 @@ async def test_a_projector_write_held_across_the_swap_keeps_the_rebuilt_row(
     swapping.go.set()
 
     async def swap_waits_or_done() -> bool:
-        return rebuilding.done() or await lock_waits_on_visits(pool)
+        return rebuilding.done() or await lock_waited_for(pool, "visits")
 
     await eventually(swap_waits_or_done, within=30)
     writing.go.set()
