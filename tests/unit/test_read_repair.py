@@ -15,7 +15,11 @@ from prometheus_client import REGISTRY
 
 from contracts.common import Principal
 from services.appointments.domain.rules import Rules
-from services.appointments.service_layer.handlers import Appointments, RequestContext
+from services.appointments.service_layer.handlers import (
+    Appointments,
+    CommandOutcome,
+    RequestContext,
+)
 from services.appointments.service_layer.ports import RecordedEvent
 from services.appointments.service_layer.visits import (
     MAX_WAITING_READS_PER_USER,
@@ -199,6 +203,24 @@ async def test_a_hanging_repair_is_bounded_by_the_consistency_wait() -> None:
     assert stale and _listed(page) == [] and visits.writes == 1
 
 
+async def _told_only_to(
+    holder: Principal,
+    outsider: Principal,
+    booked: CommandOutcome,
+    store: FakeEventStore,
+    visits: FakeVisits,
+    query: VisitsQuery,
+) -> None:
+    """``booked``'s token: ``outsider``'s read is stale, lists nothing and writes nothing;
+    ``holder``'s is fresh, lists it and repairs its row."""
+    page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
+    assert stale and _listed(page) == []
+    assert visits.writes == 0  # an outsider's read writes nothing
+    page, stale = await query.list_visits(holder, consistency_token=booked.consistency_token)
+    assert not stale and _listed(page) == [booked.view.appointment_id]
+    assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
+
+
 @pytest.mark.parametrize("outsider_role", ["patient", "staff"])
 async def test_another_principals_token_reveals_nothing(outsider_role: str) -> None:
     clock, store, visits, app, query = _setup(wait=timedelta(milliseconds=30))
@@ -209,12 +231,7 @@ async def test_another_principals_token_reveals_nothing(outsider_role: str) -> N
     # Another patient of the same clinic, or staff of another clinic.
     clinic = owner.clinic_id if outsider_role == "patient" else uuid.uuid4()
     outsider = Principal(id=uuid.uuid4(), role=outsider_role, clinic_id=clinic)  # type: ignore[arg-type]
-    page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
-    assert stale and _listed(page) == []
-    assert visits.writes == 0  # an outsider's read writes nothing
-    page, stale = await query.list_visits(owner, consistency_token=booked.consistency_token)
-    assert not stale and _listed(page) == [booked.view.appointment_id]
-    assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
+    await _told_only_to(owner, outsider, booked, store, visits, query)
 
 
 async def test_another_providers_token_reveals_nothing() -> None:
@@ -228,12 +245,7 @@ async def test_another_providers_token_reveals_nothing() -> None:
     booked = await app.schedule(
         RequestContext(principal=staff), schedule_body(clock.now, provider_id=holder.id)
     )
-    page, stale = await query.list_visits(outsider, consistency_token=booked.consistency_token)
-    assert stale and _listed(page) == []
-    assert visits.writes == 0  # an outsider's read writes nothing
-    page, stale = await query.list_visits(holder, consistency_token=booked.consistency_token)
-    assert not stale and _listed(page) == [booked.view.appointment_id]
-    assert visits.rows[booked.view.appointment_id] == _folded(store, booked.view.appointment_id)
+    await _told_only_to(holder, outsider, booked, store, visits, query)
 
 
 async def test_a_read_with_no_wait_at_all_answers_at_once_without_repairing() -> None:
