@@ -444,12 +444,24 @@ async def test_a_rebuild_removes_what_a_crashed_one_left_on_the_live_table(
     assert await pool.fetchval("SELECT to_regclass($1) IS NULL", CHANGED)
 
 
+@contextlib.asynccontextmanager
+async def scratch_role(pool: asyncpg.Pool, prefix: str) -> AsyncIterator[str]:
+    """A new role's name (roles are the server's, not the database's: a unique one),
+    dropped after with what it owns in this database handed back and its grants gone."""
+    role = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await pool.execute(f"CREATE ROLE {role}")
+    try:
+        yield role
+    finally:
+        await pool.execute(f"REASSIGN OWNED BY {role} TO current_user")
+        await pool.execute(f"DROP OWNED BY {role}")
+        await pool.execute(f"DROP ROLE {role}")
+
+
 async def test_roles_granted_the_view_keep_their_access_after_a_rebuild(
     pool: asyncpg.Pool,
 ) -> None:
-    reader = f"clinic_reader_{uuid.uuid4().hex[:12]}"  # roles are the server's, not the db's
-    await pool.execute(f"CREATE ROLE {reader}")
-    try:
+    async with scratch_role(pool, "clinic_reader") as reader:
         await pool.execute(f"GRANT SELECT, UPDATE ON visits TO {reader}")
         await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
         assert await rebuild_visits(pool) == 1
@@ -459,9 +471,6 @@ async def test_roles_granted_the_view_keep_their_access_after_a_rebuild(
             reader,
         )
         assert [g["privilege_type"] for g in granted] == ["SELECT", "UPDATE"]
-    finally:
-        await pool.execute(f"DROP OWNED BY {reader}")
-        await pool.execute(f"DROP ROLE {reader}")
 
 
 async def test_a_rebuild_on_a_service_pool_that_never_gets_the_lock_leaves_no_advisory_lock(
@@ -510,9 +519,7 @@ async def test_the_rebuilt_view_keeps_the_owner_of_the_live_one(pool: asyncpg.Po
     """Kills skipping ``ALTER TABLE ... OWNER TO`` in ``_copy_privileges``: a rebuild run as
     another role (a superuser, an operator's) leaves ``visits`` owned by the role that
     owned it (the service's, which migrates it), not by whoever ran the rebuild."""
-    owner = f"clinic_owner_{uuid.uuid4().hex[:12]}"  # roles are the server's, not the db's
-    await pool.execute(f"CREATE ROLE {owner}")
-    try:
+    async with scratch_role(pool, "clinic_owner") as owner:
         await pool.execute(f"ALTER TABLE visits OWNER TO {owner}")
         await project_directly(pool, [await lifecycle(PostgresEventStore(pool), uuid.uuid4(), 0)])
         assert await rebuild_visits(pool) == 1
@@ -522,6 +529,3 @@ async def test_the_rebuilt_view_keeps_the_owner_of_the_live_one(pool: asyncpg.Po
             )
             == owner
         )
-    finally:
-        await pool.execute(f"REASSIGN OWNED BY {owner} TO current_user")
-        await pool.execute(f"DROP ROLE {owner}")
